@@ -410,7 +410,8 @@ def setup(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, opt, xs, step
+    return {"model": model, "opt": opt, "xs": xs, "step": step, "fwd": fwd,
+            "autocast_ctx": autocast_ctx}
 
 
 # --------------------------------------------------------------------------------------
@@ -543,23 +544,30 @@ def live_tensors_at(mp, t_us):
     return out, unknown
 
 
-def measure(cfg, keep_timeline=None, top=8):
+def profile_one_step(cfg):
+    """Warm-up step, then one profiled step. Returns (profiler, setup dict)."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    t0 = time.time()
-    model, opt, xs, step = setup(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    step()  # warm-up: creates AdamW state
+    s = setup(cfg)
+    s["step"]()  # warm-up: creates AdamW state
     gc.collect()
-
     with profile(
         activities=[ProfilerActivity.CPU],
         profile_memory=True,
         record_shapes=True,
         with_stack=True,
     ) as prof:
-        step()
+        s["step"]()
+    return prof, s
+
+
+def measure(cfg, keep_timeline=None, top=8):
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    t0 = time.time()
+    prof, s = profile_one_step(cfg)
+    model, opt, xs = s["model"], s["opt"], s["xs"]
+    params = sum(p.numel() for p in model.parameters())
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "timeline.json")

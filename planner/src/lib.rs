@@ -1,0 +1,35 @@
+//! vramplan's memory model: an inventory of the tensors of one training step, played as a
+//! timeline, and the searches built on it (`fit`, `compare`).
+//!
+//! No printing and no file I/O: callers hand in strings and get data back.
+
+mod allocator;
+mod candle_engine;
+mod compare;
+mod config;
+mod error;
+mod fit;
+mod hf;
+mod params;
+mod presets;
+mod report;
+mod spec;
+mod timeline;
+pub mod torch;
+mod units;
+
+pub use allocator::{simulate as simulate_allocator, AllocatorStats};
+pub use compare::{compare, fp32_logits, gib2, Comparison, ComponentDiff, ConfigDiff};
+pub use config::{
+    defaults, raw_from_spec, Context, RawConfig, RawHardware, RawModel, RawTrain, MAX_COUNT,
+    MAX_DIM,
+};
+pub use error::{PlanError, Result};
+pub use fit::{fit, Candidate, FitRequest, FitResult, GlobalBatch};
+pub use hf::hf_config;
+pub use params::{count as param_count, parameters, Param, Role};
+pub use presets::Presets;
+pub use report::{estimate, play, Report};
+pub use spec::*;
+pub use timeline::{Component, Event, Snapshot, Step, Tensor, TensorId, Timeline};
+pub use units::{Bytes, GIB, KIB, MIB};

@@ -1,0 +1,235 @@
+//! Built-in GPU and model presets, embedded from `presets/` at compile time, and
+//! user overrides merged over them.
+//!
+//! An override file is TOML with `[gpus.NAME]` tables (the keys of `presets/gpus.toml`)
+//! and `[models.NAME]` tables (the keys of a `[model]` section).
+
+use crate::config::{Context, RawModel};
+use crate::error::{PlanError, Result};
+use crate::spec::{GpuSpec, ModelSpec};
+use crate::units::{Bytes, MIB};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+const GPUS_TOML: &str = include_str!("../../presets/gpus.toml");
+
+/// Model presets: (name, TOML text with a `[model]` section).
+pub const MODEL_FILES: &[(&str, &str)] = &[
+    (
+        "nanochat-d4",
+        include_str!("../../presets/models/nanochat-d4.toml"),
+    ),
+    (
+        "nanochat-d12",
+        include_str!("../../presets/models/nanochat-d12.toml"),
+    ),
+    (
+        "nanochat-d16",
+        include_str!("../../presets/models/nanochat-d16.toml"),
+    ),
+    (
+        "nanochat-d20",
+        include_str!("../../presets/models/nanochat-d20.toml"),
+    ),
+    (
+        "nanochat-d26",
+        include_str!("../../presets/models/nanochat-d26.toml"),
+    ),
+    (
+        "nanochat-d32",
+        include_str!("../../presets/models/nanochat-d32.toml"),
+    ),
+    (
+        "smollm2-135m",
+        include_str!("../../presets/models/smollm2-135m.toml"),
+    ),
+    (
+        "smollm2-360m",
+        include_str!("../../presets/models/smollm2-360m.toml"),
+    ),
+    (
+        "smollm2-1.7b",
+        include_str!("../../presets/models/smollm2-1.7b.toml"),
+    ),
+    (
+        "qwen2.5-0.5b",
+        include_str!("../../presets/models/qwen2.5-0.5b.toml"),
+    ),
+    (
+        "llama-3.2-1b",
+        include_str!("../../presets/models/llama-3.2-1b.toml"),
+    ),
+    ("gpt2", include_str!("../../presets/models/gpt2.toml")),
+    (
+        "gpt2-medium",
+        include_str!("../../presets/models/gpt2-medium.toml"),
+    ),
+    (
+        "chatlm-mini-chinese",
+        include_str!("../../presets/models/chatlm-mini-chinese.toml"),
+    ),
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    display: String,
+    memory_mib: u64,
+    context_mib: u64,
+    bf16_tflops: f64,
+    bandwidth_gbs: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    model: RawModel,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideFile {
+    #[serde(default)]
+    gpus: BTreeMap<String, RawGpu>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+/// All known GPUs and models.
+#[derive(Debug, Clone)]
+pub struct Presets {
+    gpus: BTreeMap<String, GpuSpec>,
+    models: BTreeMap<String, ModelSpec>,
+}
+
+fn gpu_from_raw(name: &str, r: RawGpu) -> Result<GpuSpec> {
+    let key = |k: &str| format!("gpus.{name}.{k}");
+    if r.memory_mib == 0 || r.memory_mib > 1 << 24 {
+        return Err(PlanError::invalid(
+            &key("memory_mib"),
+            r.memory_mib,
+            "MiB from 1 to 16777216",
+        ));
+    }
+    if r.context_mib >= r.memory_mib {
+        return Err(PlanError::invalid(
+            &key("context_mib"),
+            r.context_mib,
+            "less than memory_mib",
+        ));
+    }
+    for (k, v) in [
+        ("bf16_tflops", r.bf16_tflops),
+        ("bandwidth_gbs", r.bandwidth_gbs),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(PlanError::invalid(&key(k), v, "a positive number"));
+        }
+    }
+    Ok(GpuSpec {
+        name: name.to_string(),
+        display: r.display,
+        capacity: Bytes(r.memory_mib * MIB),
+        context: Bytes(r.context_mib * MIB),
+        bf16_tflops: r.bf16_tflops,
+        bandwidth_gbs: r.bandwidth_gbs,
+    })
+}
+
+impl Presets {
+    /// The embedded presets. They are tested to parse, so failure here is a build defect.
+    pub fn builtin() -> Result<Presets> {
+        let mut p = Presets {
+            gpus: BTreeMap::new(),
+            models: BTreeMap::new(),
+        };
+        let gpus: BTreeMap<String, RawGpu> =
+            toml::from_str(GPUS_TOML).map_err(|e| PlanError::from_toml(GPUS_TOML, &e))?;
+        for (name, raw) in gpus {
+            p.gpus.insert(name.clone(), gpu_from_raw(&name, raw)?);
+        }
+        for (name, text) in MODEL_FILES {
+            let f: ModelFile = toml::from_str(text).map_err(|e| PlanError::from_toml(text, &e))?;
+            let mut raw = f.model;
+            raw.name.get_or_insert_with(|| name.to_string());
+            let spec = raw.resolve(&p, &Context::default())?;
+            p.models.insert(name.to_string(), spec);
+        }
+        Ok(p)
+    }
+
+    /// Merges a user's override file over these presets.
+    pub fn merge_toml(&mut self, src: &str) -> Result<()> {
+        let f: OverrideFile = toml::from_str(src).map_err(|e| PlanError::from_toml(src, &e))?;
+        for (name, raw) in f.gpus {
+            let g = gpu_from_raw(&name, raw)?;
+            self.gpus.insert(name, g);
+        }
+        for (name, mut raw) in f.models {
+            raw.name.get_or_insert_with(|| name.clone());
+            let spec = raw.resolve(self, &Context::default())?;
+            self.models.insert(name, spec);
+        }
+        Ok(())
+    }
+
+    pub fn gpu(&self, name: &str) -> Result<&GpuSpec> {
+        self.gpus.get(name).ok_or_else(|| PlanError::UnknownPreset {
+            key: "hardware.gpu".into(),
+            value: name.into(),
+            known: format!(
+                "{}, auto, cpu",
+                self.gpus.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
+    pub fn model(&self, name: &str) -> Result<&ModelSpec> {
+        self.models
+            .get(name)
+            .ok_or_else(|| PlanError::UnknownPreset {
+                key: "model.preset".into(),
+                value: name.into(),
+                known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    pub fn gpus(&self) -> impl Iterator<Item = &GpuSpec> {
+        self.gpus.values()
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ModelSpec> {
+        self.models.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_preset_parses_and_validates() {
+        let p = Presets::builtin().unwrap();
+        assert_eq!(p.gpus().count(), 15);
+        assert_eq!(p.models().count(), MODEL_FILES.len());
+        // REFERENCES.md: H100 80 GB reports 81,559 MiB through nvidia-smi.
+        assert_eq!(p.gpu("h100-80gb").unwrap().capacity, Bytes(81_559 * MIB));
+    }
+
+    #[test]
+    fn overrides_add_and_replace() {
+        let mut p = Presets::builtin().unwrap();
+        p.merge_toml(
+            "[gpus.my-card]\ndisplay = \"Mine\"\nmemory_mib = 1000\ncontext_mib = 100\nbf16_tflops = 1.0\nbandwidth_gbs = 1.0\n\
+             [models.tiny]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nintermediate_size = 128\nvocab_size = 256\n",
+        )
+        .unwrap();
+        assert_eq!(p.gpu("my-card").unwrap().capacity, Bytes(1000 * MIB));
+        assert_eq!(p.model("tiny").unwrap().head_dim, 16);
+        let err = p.merge_toml("[gpus.bad]\ndisplay = \"x\"\nmemory_mib = 0\ncontext_mib = 0\nbf16_tflops = 1.0\nbandwidth_gbs = 1.0\n");
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .starts_with("gpus.bad.memory_mib = 0"));
+    }
+}

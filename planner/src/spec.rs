@@ -1,0 +1,257 @@
+//! The validated description of a training run: model, training options, hardware.
+//!
+//! Everything here has already been checked (see `config`), so the memory model can
+//! rely on positive sizes and consistent head counts.
+
+use crate::error::{PlanError, Result};
+use crate::units::Bytes;
+use serde::Serialize;
+
+/// An enum whose values are spelled as fixed strings in configs and on the command line.
+pub trait Choice: Sized + Copy + 'static {
+    const ALL: &'static [(&'static str, Self)];
+
+    fn name(self) -> &'static str
+    where
+        Self: PartialEq,
+    {
+        Self::ALL
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    fn accepted() -> String {
+        let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+        format!("expected one of {}", names.join(" | "))
+    }
+
+    fn parse(key: &str, value: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(value.trim()))
+            .map(|(_, v)| *v)
+            .ok_or_else(|| PlanError::invalid(key, format!("\"{value}\""), Self::accepted()))
+    }
+}
+
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vm])* $var),+ }
+        impl Choice for $name {
+            const ALL: &'static [(&'static str, Self)] = &[$(($s, $name::$var)),+];
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+    };
+}
+
+choice!(
+    /// Model family, as the Hugging Face transformers implementation (or nanochat's gpt.py) builds it.
+    Arch { Llama = "llama", Qwen2 = "qwen2", Gpt2 = "gpt2", Nanochat = "nanochat", T5 = "t5" }
+);
+choice!(
+    /// Numeric precision of the step.
+    Precision {
+        Fp32 = "fp32",
+        Bf16Autocast = "bf16-autocast",
+        Fp16Autocast = "fp16-autocast",
+        /// Parameters, gradients and optimizer state in bf16, no fp32 master.
+        Bf16 = "bf16",
+    }
+);
+choice!(
+    Optimizer { AdamW = "adamw", AdamW8bit = "adamw-8bit", Sgd = "sgd", Adafactor = "adafactor", Muon = "muon" }
+);
+choice!(
+    /// Activation checkpointing: `selective` recomputes attention, `full` recomputes each block.
+    Checkpointing { None = "none", Selective = "selective", Full = "full" }
+);
+choice!(
+    /// How the cross-entropy over the vocabulary is computed.
+    LossMode { FloatCast = "float-cast", Chunked = "chunked", Fused = "fused" }
+);
+choice!(Attention { Sdpa = "sdpa", Eager = "eager" });
+choice!(Engine { Torch = "torch", Candle = "candle" });
+choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3" });
+
+impl Precision {
+    /// Bytes per element of the activations the matmuls produce.
+    pub fn compute_bytes(self) -> u64 {
+        match self {
+            Precision::Fp32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Bytes per element of the parameters as stored (the master copy).
+    pub fn param_bytes(self) -> u64 {
+        match self {
+            Precision::Bf16 => 2,
+            _ => 4,
+        }
+    }
+
+    pub fn is_autocast(self) -> bool {
+        matches!(self, Precision::Bf16Autocast | Precision::Fp16Autocast)
+    }
+}
+
+impl Sharding {
+    /// The ZeRO stage: 0 for plain DDP.
+    pub fn stage(self) -> u8 {
+        match self {
+            Sharding::Ddp => 0,
+            Sharding::Zero1 => 1,
+            Sharding::Zero2 => 2,
+            Sharding::Zero3 => 3,
+        }
+    }
+}
+
+/// The shape of a model; enough to list every parameter and every activation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub arch: Arch,
+    pub hidden_size: u64,
+    /// Decoder layers; for T5 the encoder layers.
+    pub num_layers: u64,
+    /// T5 only: decoder layers (0 for decoder-only models).
+    pub num_decoder_layers: u64,
+    pub num_heads: u64,
+    pub num_kv_heads: u64,
+    pub head_dim: u64,
+    pub intermediate_size: u64,
+    pub vocab_size: u64,
+    pub tie_embeddings: bool,
+    /// GPT-2's learned position table; 0 where positions are rotary or relative.
+    pub max_positions: u64,
+    /// T5: gated feed-forward (`gated-gelu`, v1.1) rather than plain ReLU.
+    pub gated_ffn: bool,
+}
+
+/// Training options for one step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainSpec {
+    pub micro_batch: u64,
+    pub seq_len: u64,
+    pub grad_accum: u64,
+    pub precision: Precision,
+    pub optimizer: Optimizer,
+    pub checkpointing: Checkpointing,
+    pub loss: LossMode,
+    /// Rows (tokens) per chunk for the chunked loss.
+    pub loss_chunk: u64,
+    pub attention: Attention,
+    pub engine: Engine,
+}
+
+impl TrainSpec {
+    pub fn tokens_per_micro_batch(&self) -> u64 {
+        self.micro_batch.saturating_mul(self.seq_len)
+    }
+}
+
+/// A GPU as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuSpec {
+    pub name: String,
+    pub display: String,
+    /// Total memory as the driver reports it (nvidia-smi's total).
+    pub capacity: Bytes,
+    /// What the CUDA context and PyTorch's kernels take before the first tensor.
+    pub context: Bytes,
+    /// Dense bf16 tensor-core throughput, TFLOP/s.
+    pub bf16_tflops: f64,
+    /// Memory bandwidth, GB/s.
+    pub bandwidth_gbs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Device {
+    Gpu(GpuSpec),
+    /// Host memory: no CUDA context, no caching allocator.
+    Cpu {
+        capacity: Bytes,
+    },
+}
+
+impl Device {
+    pub fn capacity(&self) -> Bytes {
+        match self {
+            Device::Gpu(g) => g.capacity,
+            Device::Cpu { capacity } => *capacity,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Device::Gpu(g) => &g.name,
+            Device::Cpu { .. } => "cpu",
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Gpu(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HardwareSpec {
+    pub device: Device,
+    pub gpus: u64,
+    pub sharding: Sharding,
+}
+
+/// A whole, validated run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSpec {
+    pub model: ModelSpec,
+    pub train: TrainSpec,
+    pub hardware: HardwareSpec,
+}
+
+impl RunSpec {
+    /// Sequences per optimizer step over all GPUs.
+    pub fn global_batch(&self) -> u64 {
+        self.train
+            .micro_batch
+            .saturating_mul(self.train.grad_accum)
+            .saturating_mul(self.hardware.gpus)
+    }
+
+    pub fn global_batch_tokens(&self) -> u64 {
+        self.global_batch().saturating_mul(self.train.seq_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse_and_name_round_trip() {
+        for (name, v) in Precision::ALL {
+            assert_eq!(Precision::parse("train.precision", name).unwrap(), *v);
+            assert_eq!(v.name(), *name);
+        }
+        let err = Precision::parse("train.precision", "bf8").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "train.precision = \"bf8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! Command-line options and dispatch.
+
+use crate::cmd;
+use crate::load::Env;
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vramplan",
+    version,
+    about = "Predict, fit and explain the GPU memory of LLM training runs, and train with the plan"
+)]
+pub struct Cli {
+    /// A TOML file of extra or replacement presets ([gpus.NAME] and [models.NAME] tables).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub presets: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// How much memory a run takes, where the peak is, and whether it fits.
+    Estimate(cmd::estimate::Args),
+    /// The fastest configuration that fits a GPU, keeping the global batch.
+    Fit(cmd::fit::Args),
+    /// Why one configuration runs out of memory and another does not.
+    Compare(cmd::compare::Args),
+    /// From an out-of-memory message to its cause and a fix.
+    Diagnose(cmd::diagnose::Args),
+    /// Train with a plan on vramplan's candle engine and measure its memory.
+    Train(cmd::train::Args),
+    /// Generate text from a checkpoint written by `train`.
+    Sample(cmd::sample::Args),
+    /// GPU presets, and the GPUs NVML detects.
+    Gpus(cmd::gpus::Args),
+    /// Model presets.
+    Models(cmd::models::Args),
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let env = Env {
+        presets_file: cli.presets,
+    };
+    match cli.command {
+        Command::Estimate(a) => cmd::estimate::run(&env, a),
+        Command::Fit(a) => cmd::fit::run(&env, a),
+        Command::Compare(a) => cmd::compare::run(&env, a),
+        Command::Diagnose(a) => cmd::diagnose::run(&env, a),
+        Command::Train(a) => cmd::train::run(&env, a),
+        Command::Sample(a) => cmd::sample::run(&env, a),
+        Command::Gpus(a) => cmd::gpus::run(&env, a),
+        Command::Models(a) => cmd::models::run(&env, a),
+    }
+}

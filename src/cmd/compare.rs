@@ -1,0 +1,37 @@
+//! `vramplan compare a.toml b.toml [--json]`
+
+use crate::load::{self, Env};
+use crate::render;
+use anyhow::Result;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The first run config (e.g. the one that failed).
+    pub a: PathBuf,
+    /// The second run config (e.g. the stable one).
+    pub b: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let la = load::load(env, Some(&a.a))?;
+    let lb = load::load(env, Some(&a.b))?;
+    let ra = vramplan_planner::estimate(&la.spec);
+    let rb = vramplan_planner::estimate(&lb.spec);
+    let cmp = vramplan_planner::compare(&la.spec, &ra, &lb.spec, &rb);
+    if a.json {
+        println!(
+            "{}",
+            render::json::compare(&la.name, &ra, &lb.name, &rb, &cmp)
+        );
+    } else {
+        print!(
+            "{}",
+            render::table::compare(&la.name, &ra, &lb.name, &rb, &cmp)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

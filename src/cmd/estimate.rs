@@ -1,0 +1,35 @@
+//! `vramplan estimate [run.toml] [--check] [--json]`
+
+use crate::exit::DOES_NOT_FIT;
+use crate::load::{self, Env};
+use crate::render;
+use anyhow::Result;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Run config (TOML). Without one, the built-in example: nanochat d16 on 2 × RTX 5090D (seed 002).
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit with code 3 when the run does not fit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let loaded = load::load(env, a.config.as_deref())?;
+    let report = vramplan_planner::estimate(&loaded.spec);
+    if a.json {
+        println!("{}", render::json::report(&report));
+    } else {
+        print!("{}", render::table::estimate(&loaded.spec, &report));
+    }
+    Ok(if a.check && !report.fits {
+        ExitCode::from(DOES_NOT_FIT)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,185 @@
+//! `vramplan fit --gpu NAME --model NAME [...]`: the fastest configuration that fits.
+
+use crate::exit::bad;
+use crate::load::{self, Env};
+use crate::render;
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vramplan_planner::{
+    fit, raw_from_spec, FitRequest, GlobalBatch, RawConfig, RawHardware, RawModel, RawTrain,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GPU preset (see `vramplan gpus`), "auto" (NVML device 0) or "cpu".
+    #[arg(long)]
+    pub gpu: String,
+    /// Model preset (see `vramplan models`) or a Hugging Face config.json.
+    #[arg(long)]
+    pub model: String,
+    /// Fix the sequence length (otherwise the longest that fits is chosen).
+    #[arg(long)]
+    pub seq_len: Option<u64>,
+    /// Sequences per optimizer step over all GPUs, kept through accumulation.
+    #[arg(long, conflicts_with = "global_batch_tokens")]
+    pub global_batch: Option<u64>,
+    /// Tokens per optimizer step over all GPUs, kept through accumulation.
+    #[arg(long)]
+    pub global_batch_tokens: Option<u64>,
+    #[arg(long, default_value = "bf16-autocast")]
+    pub precision: String,
+    /// Default: adamw (muon for nanochat).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    #[arg(long, default_value = "sdpa")]
+    pub attention: String,
+    #[arg(long, default_value = "torch")]
+    pub engine: String,
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u64,
+    #[arg(long, default_value = "ddp")]
+    pub sharding: String,
+    /// Memory to keep free, as a percentage ("10%") or a fraction ("0.1").
+    #[arg(long, default_value = "10%")]
+    pub margin: String,
+    /// Also consider a fused linear + cross-entropy loss (the training code must provide one).
+    #[arg(long)]
+    pub allow_fused: bool,
+    /// Write the chosen plan as a run config that `estimate` and `train` accept.
+    #[arg(long, value_name = "PLAN.toml")]
+    pub out: Option<PathBuf>,
+    /// How many candidates to show.
+    #[arg(long, default_value_t = 12)]
+    pub top: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_margin(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|x| x / 100.0),
+        None => t.parse::<f64>(),
+    };
+    match v {
+        Ok(x) if (0.0..0.9).contains(&x) => Ok(x),
+        _ => Err(bad(
+            "--margin",
+            format!("\"{s}\": a percentage from 0% to 90% (e.g. 10%) or a fraction (0.1)"),
+        )),
+    }
+}
+
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let margin = parse_margin(&a.margin)?;
+    let model_path = Path::new(&a.model);
+    let is_file = a.model.ends_with(".json") || model_path.is_file();
+    let model = if is_file {
+        RawModel {
+            hf_config: Some(
+                model_path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            ),
+            ..RawModel::default()
+        }
+    } else {
+        RawModel {
+            preset: Some(a.model.clone()),
+            ..RawModel::default()
+        }
+    };
+    let dir = if is_file {
+        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        PathBuf::from(".")
+    };
+    let raw = RawConfig {
+        model,
+        train: RawTrain {
+            seq_len: a.seq_len.or(Some(1024)),
+            precision: Some(a.precision.clone()),
+            optimizer: a.optimizer.clone(),
+            attention: Some(a.attention.clone()),
+            engine: Some(a.engine.clone()),
+            ..RawTrain::default()
+        },
+        hardware: RawHardware {
+            gpu: Some(a.gpu.clone()),
+            gpus: Some(a.gpus),
+            sharding: Some(a.sharding.clone()),
+            memory_gib: None,
+        },
+    };
+    let loaded = load::resolve_raw(env, "command line", raw.clone(), &dir)?;
+    let global = match (a.global_batch, a.global_batch_tokens) {
+        (Some(g), _) => GlobalBatch::Sequences(g),
+        (None, Some(t)) => GlobalBatch::Tokens(t),
+        (None, None) => GlobalBatch::Free,
+    };
+    let req = FitRequest {
+        base: loaded.spec,
+        seq_len: a.seq_len,
+        global,
+        margin,
+        allow_fused: a.allow_fused,
+    };
+    let result = fit(&req).map_err(|e| match e {
+        vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
+        e => bad("command line", e),
+    })?;
+    let mut model_raw = raw.model.clone();
+    if is_file {
+        // Relative to where the plan is written.
+        model_raw.hf_config = Some(
+            std::fs::canonicalize(model_path)
+                .unwrap_or(model_path.to_path_buf())
+                .display()
+                .to_string(),
+        );
+    }
+    let plan = plan_toml(&result, &model_raw);
+    if let Some(out) = &a.out {
+        write_atomic(out, &plan)?;
+    }
+    if a.json {
+        println!("{}", render::json::fit(&result, &plan));
+    } else {
+        print!("{}", render::table::fit(&result, a.top));
+        if let Some(out) = &a.out {
+            println!("plan written to {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plan_toml(r: &vramplan_planner::FitResult, model: &RawModel) -> String {
+    let raw = raw_from_spec(&r.best.spec, model);
+    format!(
+        "# Plan chosen by `vramplan fit`: fits with a {:.0} % margin ({} of {}).\n{}",
+        r.margin * 100.0,
+        vramplan_planner::Bytes(r.best.report.device_bytes),
+        vramplan_planner::Bytes(r.best.report.capacity_bytes),
+        raw.to_toml()
+    )
+}
+
+/// Writes through a temporary file in the same folder, then renames: never a half-written plan.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let name = path.display().to_string();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&tmp, text).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
+    Ok(())
+}

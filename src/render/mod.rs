@@ -1,0 +1,4 @@
+//! Output formats: pure functions from planner data to text.
+
+pub mod json;
+pub mod table;

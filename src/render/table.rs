@@ -1,0 +1,283 @@
+//! Human-readable tables (comfy-table, fixed width so snapshots are stable).
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
+use std::fmt::Write;
+use vramplan_planner::{Bytes, Comparison, Device, FitResult, GpuSpec, ModelSpec, Report, RunSpec};
+
+pub const WIDTH: u16 = 100;
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width(WIDTH)
+        .force_no_tty()
+        .set_header(header.iter().map(|h| Cell::new(h)));
+    t
+}
+
+fn right(t: &mut Table, cols: std::ops::Range<usize>) {
+    for i in cols {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.0} %", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// One line: what is run, where.
+pub fn headline(s: &RunSpec) -> String {
+    let t = &s.train;
+    let dev = match &s.hardware.device {
+        Device::Gpu(g) => format!("{} × {} ({})", s.hardware.gpus, g.name, g.display),
+        Device::Cpu { .. } => "cpu".into(),
+    };
+    format!(
+        "{} on {}, {} engine\nmicro-batch {} × seq {} × accumulation {} × {} GPU(s) = {} tokens per step\n{}, {}, checkpointing {}, loss {}, attention {}, {}\n",
+        s.model.name,
+        dev,
+        t.engine,
+        t.micro_batch,
+        t.seq_len,
+        t.grad_accum,
+        s.hardware.gpus,
+        s.global_batch_tokens(),
+        t.precision,
+        t.optimizer,
+        t.checkpointing,
+        t.loss,
+        t.attention,
+        s.hardware.sharding
+    )
+}
+
+pub fn verdict(r: &Report) -> String {
+    let cap = Bytes(r.capacity_bytes);
+    let dev = Bytes(r.device_bytes);
+    if r.fits {
+        format!(
+            "fits: {dev} of {cap}, {} ({}) to spare",
+            Bytes(r.headroom_bytes.max(0) as u64),
+            pct(r.headroom_bytes.max(0) as u64, r.capacity_bytes)
+        )
+    } else {
+        format!(
+            "does NOT fit: needs {dev} of {cap}, {} over",
+            Bytes(r.headroom_bytes.unsigned_abs())
+        )
+    }
+}
+
+pub fn estimate(s: &RunSpec, r: &Report) -> String {
+    let mut out = headline(s);
+    let mut t = table(&["component at the peak", "memory", "share"]);
+    for (k, v) in &r.components {
+        if *v > 0 {
+            t.add_row(vec![
+                k.replace('_', " "),
+                Bytes(*v).to_string(),
+                pct(*v, r.device_bytes),
+            ]);
+        }
+    }
+    t.add_row(vec![
+        "total".to_string(),
+        Bytes(r.device_bytes).to_string(),
+        "100 %".to_string(),
+    ]);
+    right(&mut t, 1..3);
+    let _ = writeln!(out, "{t}");
+    let _ = writeln!(
+        out,
+        "peak: {} during {} (at: {})",
+        Bytes(r.peak_allocated_bytes),
+        r.peak_phase,
+        r.peak_tensor
+    );
+    if s.hardware.device.is_cuda() {
+        let _ = writeln!(
+            out,
+            "allocated {}, reserved {}, device {} (with the CUDA context) of {}",
+            Bytes(r.peak_allocated_bytes),
+            Bytes(r.peak_reserved_bytes),
+            Bytes(r.device_bytes),
+            Bytes(r.capacity_bytes)
+        );
+    }
+    let _ = writeln!(out, "{}", verdict(r));
+    let _ = writeln!(
+        out,
+        "estimated {:.0} tokens/s over all GPUs ({:.2} s per step; an estimate at an assumed utilization, see docs/model.md)",
+        r.est_tokens_per_second, r.est_step_seconds
+    );
+    out
+}
+
+pub fn compare(na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison) -> String {
+    let mut out = String::new();
+    if !c.config.is_empty() {
+        let mut t = table(&["config", na, nb]);
+        for d in &c.config {
+            t.add_row(vec![d.key.clone(), d.a.clone(), d.b.clone()]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+    let mut t = table(&["component at the peak", "A", "B", "A / B"]);
+    for d in &c.components {
+        if d.a_bytes == 0 && d.b_bytes == 0 {
+            continue;
+        }
+        t.add_row(vec![
+            d.component.replace('_', " "),
+            Bytes(d.a_bytes).to_string(),
+            Bytes(d.b_bytes).to_string(),
+            d.ratio
+                .map(|r| format!("{r:.2}×"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    for (label, x, y) in [
+        ("allocated", a.peak_allocated_bytes, b.peak_allocated_bytes),
+        ("reserved", a.peak_reserved_bytes, b.peak_reserved_bytes),
+        ("device", a.device_bytes, b.device_bytes),
+        ("capacity", a.capacity_bytes, b.capacity_bytes),
+    ] {
+        let ratio = if y > 0 {
+            format!("{:.2}×", x as f64 / y as f64)
+        } else {
+            "-".into()
+        };
+        t.add_row(vec![
+            label.to_string(),
+            Bytes(x).to_string(),
+            Bytes(y).to_string(),
+            ratio,
+        ]);
+    }
+    right(&mut t, 1..4);
+    let _ = writeln!(out, "{t}");
+    let _ = writeln!(
+        out,
+        "A ({na}): {}; peak during {}",
+        verdict(a),
+        a.peak_phase
+    );
+    let _ = writeln!(
+        out,
+        "B ({nb}): {}; peak during {}",
+        verdict(b),
+        b.peak_phase
+    );
+    let _ = writeln!(out, "largest difference — {}", c.why);
+    out
+}
+
+pub fn fit(f: &FitResult, top: usize) -> String {
+    let mut out = headline(&f.best.spec);
+    let mut t = table(&[
+        "micro",
+        "seq",
+        "accum",
+        "checkpointing",
+        "loss",
+        "device",
+        "fits",
+        "est. tokens/s",
+    ]);
+    for c in f.candidates.iter().take(top) {
+        t.add_row(vec![
+            c.micro_batch.to_string(),
+            c.seq_len.to_string(),
+            c.grad_accum.to_string(),
+            c.checkpointing.to_string(),
+            c.loss.to_string(),
+            Bytes(c.report.device_bytes).to_string(),
+            if c.fits { "yes" } else { "no" }.to_string(),
+            format!("{:.0}", c.report.est_tokens_per_second),
+        ]);
+    }
+    right(&mut t, 0..3);
+    right(&mut t, 5..8);
+    let _ = writeln!(out, "{t}");
+    let b = &f.best;
+    let _ = writeln!(
+        out,
+        "choice: micro-batch {} × accumulation {} at seq {}, checkpointing {}, loss {}: {} (margin {:.0} %)",
+        b.micro_batch,
+        b.grad_accum,
+        b.seq_len,
+        b.checkpointing,
+        b.loss,
+        verdict(&b.report),
+        f.margin * 100.0
+    );
+    match (&f.baseline, f.speedup) {
+        (Some(base), Some(s)) => {
+            let _ = writeln!(
+                out,
+                "vs micro-batch 1 with full checkpointing ({:.0} tokens/s, {}): {:.2}× the estimated throughput",
+                base.report.est_tokens_per_second,
+                Bytes(base.report.device_bytes),
+                s
+            );
+        }
+        (Some(base), None) => {
+            let _ = writeln!(
+                out,
+                "micro-batch 1 with full checkpointing does not fit ({})",
+                Bytes(base.report.device_bytes)
+            );
+        }
+        _ => {}
+    }
+    out
+}
+
+pub fn models(ms: &[ModelSpec]) -> String {
+    let mut t = table(&[
+        "name", "arch", "params", "hidden", "layers", "heads/kv", "ffn", "vocab", "tied",
+    ]);
+    for m in ms {
+        let layers = if m.num_decoder_layers > 0 {
+            format!("{}+{}", m.num_layers, m.num_decoder_layers)
+        } else {
+            m.num_layers.to_string()
+        };
+        t.add_row(vec![
+            m.name.clone(),
+            m.arch.to_string(),
+            format!("{:.1} M", vramplan_planner::param_count(m) as f64 / 1e6),
+            m.hidden_size.to_string(),
+            layers,
+            format!("{}/{}", m.num_heads, m.num_kv_heads),
+            m.intermediate_size.to_string(),
+            m.vocab_size.to_string(),
+            if m.tie_embeddings { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    right(&mut t, 2..8);
+    format!("{t}\n")
+}
+
+pub fn gpus(gs: &[GpuSpec]) -> String {
+    let mut t = table(&["name", "gpu", "memory", "context", "bf16 TFLOP/s", "GB/s"]);
+    for g in gs {
+        t.add_row(vec![
+            g.name.clone(),
+            g.display.clone(),
+            format!("{} ({:.1} GB)", g.capacity, g.capacity.gb()),
+            g.context.to_string(),
+            format!("{:.1}", g.bf16_tflops),
+            format!("{:.0}", g.bandwidth_gbs),
+        ]);
+    }
+    right(&mut t, 2..6);
+    format!("{t}\n")
+}
