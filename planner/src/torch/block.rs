@@ -135,12 +135,14 @@ pub fn block(m: &ModelSpec, t: &TrainSpec) -> Block {
 fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: bool) {
     if gqa_copies {
         // repeat_kv expands k and v to all heads with a copy before the attention.
-        blk.keep_core("repeat_kv(k)", d.tok(d.q, d.c.max(d.r)));
+        blk.keep_core("repeat_kv(k)", d.tok(d.q, d.c));
         blk.keep_core("repeat_kv(v)", d.tok(d.q, d.c));
     }
     match attention {
         Attention::Sdpa => {
-            blk.keep_core("attention output", d.tok(d.q, d.c.max(d.r)));
+            // The kernels write the output as (B, T, heads, D): the following
+            // `transpose(1, 2).contiguous()` is free, and o_proj saves this same tensor.
+            blk.keep_core("attention output", d.tok(d.q, d.c));
             blk.keep_core(
                 "log-sum-exp",
                 Bytes::of(d.b.saturating_mul(d.heads).saturating_mul(d.t), 4),
@@ -154,7 +156,8 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
             if d.autocast {
                 blk.keep_core("softmax(scores) bf16", d.scores(2));
             }
-            blk.keep_core("attention output", d.tok(d.q, d.c.max(d.r)));
+            // probs @ v is (B, heads, T, D); its contiguous transpose is a copy o_proj saves.
+            blk.keep("attention output (contiguous)", d.tok(d.q, d.c));
             blk.fwd_transient = blk
                 .fwd_transient
                 .max(d.scores(d.c.max(4)) + d.scores(d.c.max(4)));
@@ -175,17 +178,15 @@ fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     } else {
         blk.keep("input_layernorm output", d.tok(d.h, r));
     }
-    // RoPE: q * cos and rotate_half(q) * sin save q and its rotate_half copy; the sum is
-    // promoted to the dtype of cos/sin (the residual's).
-    blk.keep("q", d.tok(d.q, c));
-    blk.keep("rotate_half(q)", d.tok(d.q, c));
-    blk.keep("k", d.tok(d.k, c));
-    blk.keep("rotate_half(k)", d.tok(d.k, c));
-    blk.keep_core("q rotated", d.tok(d.q, r));
-    blk.keep_core("k rotated", d.tok(d.k, r));
+    // RoPE: `q * cos + rotate_half(q) * sin`; cos and sin need no gradient, so the
+    // multiplications save only them, not q or its rotate_half copy. The sum is promoted
+    // to the dtype of cos/sin (the residual's) and saved by the attention.
+    // The attention runs in compute precision (autocast casts its inputs), so what it
+    // saves is q and k rotated at width c.
+    blk.keep_core("q rotated", d.tok(d.q, c));
+    blk.keep_core("k rotated", d.tok(d.k, c));
     blk.keep_core("v", d.tok(d.k, c));
     attention_core(&mut blk, d, attention, gqa && attention == Attention::Eager);
-    blk.keep("attention output (contiguous)", d.tok(d.q, c));
     blk.keep("residual after attention", d.tok(d.h, r));
     blk.keep("post_attention_layernorm normalized", d.tok(d.h, r));
     if d.autocast {
@@ -215,24 +216,22 @@ fn nanochat(d: &Dims, attention: Attention) -> Block {
         blk.keep("c_k input (bf16 copy)", d.tok(d.h, 2));
         blk.keep("c_v input (bf16 copy)", d.tok(d.h, 2));
     }
-    blk.keep("q", d.tok(d.q, c));
-    blk.keep("k", d.tok(d.k, c));
-    blk.keep("q rotated (cat)", d.tok(d.q, c.max(r)));
-    blk.keep("k rotated (cat)", d.tok(d.k, c.max(r)));
-    blk.keep_core("q normed", d.tok(d.q, c.max(r)));
-    blk.keep_core("k normed", d.tok(d.k, c.max(r)));
+    // RoPE multiplies by cos/sin (no gradient needed): q and k themselves are not saved.
+    // nanochat keeps cos/sin in bf16 and casts the rotated halves back to q's dtype, so
+    // from here to the attention output everything stays in compute precision.
+    blk.keep("q rotated (cat)", d.tok(d.q, c));
+    blk.keep("k rotated (cat)", d.tok(d.k, c));
+    blk.keep_core("q normed", d.tok(d.q, c));
+    blk.keep_core("k normed", d.tok(d.k, c));
     blk.keep_core("v", d.tok(d.k, c));
-    attention_core(&mut blk, d, attention, false);
-    blk.keep("attention output (contiguous)", d.tok(d.q, c.max(r)));
-    if d.autocast {
-        blk.keep("c_proj input (bf16 copy)", d.tok(d.q, 2));
-    }
+    let attn = Dims { r: c, ..*d };
+    attention_core(&mut blk, &attn, attention, false);
     blk.keep("residual after attention", d.tok(d.h, r));
     blk.keep("norm output (mlp)", d.tok(d.h, r));
     if d.autocast {
         blk.keep("c_fc input (bf16 copy)", d.tok(d.h, 2));
     }
-    blk.keep("c_fc output", d.tok(d.i, c));
+    // relu saves its output (which square saves too); c_proj saves relu².
     blk.keep("relu", d.tok(d.i, c));
     blk.keep("relu²", d.tok(d.i, c));
     blk.fwd_transient = d.tok(d.q, r).saturating_mul(3);
@@ -250,7 +249,6 @@ fn gpt2(d: &Dims, attention: Attention) -> Block {
     }
     blk.keep_core("qkv", d.tok(d.q.saturating_add(2 * d.k), c));
     attention_core(&mut blk, d, attention, false);
-    blk.keep("attention output (merged heads)", d.tok(d.q, c));
     blk.keep("residual after attention", d.tok(d.h, r));
     blk.keep("ln_2 output", d.tok(d.h, r));
     if d.autocast {
