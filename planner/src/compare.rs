@@ -29,6 +29,8 @@ pub struct Comparison {
     /// The component whose bytes differ most.
     pub largest: String,
     pub why: String,
+    /// The largest single tensor of each run's step, described.
+    pub largest_tensor: String,
 }
 
 fn fields(s: &RunSpec) -> Vec<(&'static str, String)> {
@@ -122,11 +124,44 @@ pub fn compare(sa: &RunSpec, a: &Report, sb: &RunSpec, b: &Report) -> Comparison
         .map(|c| c.component.clone())
         .unwrap_or_default();
     let why = explain(&largest, sa, a, sb, b);
+    let largest_tensor = largest_tensor(sa, a, sb, b);
     Comparison {
         config,
         components,
         largest,
         why,
+        largest_tensor,
+    }
+}
+
+/// The largest allocation of the step, and how many tensors that large are live at the peak.
+fn biggest(r: &Report) -> (String, u64, usize) {
+    let t = r.timeline.tensors.iter().max_by_key(|t| t.bytes);
+    let (name, bytes) = t.map(|t| (t.name.clone(), t.bytes.0)).unwrap_or_default();
+    let at_peak = r
+        .timeline
+        .live_at_peak()
+        .iter()
+        .filter(|t| t.bytes.0 == bytes)
+        .count();
+    (name, bytes, at_peak)
+}
+
+fn largest_tensor(sa: &RunSpec, a: &Report, sb: &RunSpec, b: &Report) -> String {
+    let (na, ba, ka) = biggest(a);
+    let (nb, bb, kb) = biggest(b);
+    let is_logits =
+        |s: &RunSpec, bytes: u64| s.train.loss == LossMode::FloatCast && bytes == fp32_logits(s).0;
+    if is_logits(sa, ba) && is_logits(sb, bb) {
+        format!(
+            "the fp32 logits (`logits.float()`): {} vs {}; the loss holds {} vs {} tensors of that size at the peak",
+            logits_formula(sa),
+            logits_formula(sb),
+            ka,
+            kb
+        )
+    } else {
+        format!("{na} ({}) vs {nb} ({})", gib2(ba), gib2(bb))
     }
 }
 

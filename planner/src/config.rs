@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_DIM: u64 = 1 << 24;
 /// Upper bound on micro-batch and accumulation steps.
 pub const MAX_COUNT: u64 = 1 << 20;
+/// Upper bound on blocks (the timeline holds a few events per block).
+pub const MAX_LAYERS: u64 = 4096;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -259,10 +261,11 @@ impl RawModel {
             .or(base.as_ref().map(|b| b.tie_embeddings))
             .unwrap_or(!matches!(arch, Arch::Nanochat));
         let decoder_layers = match arch {
-            Arch::T5 => pick(
-                "num_decoder_layers",
+            Arch::T5 => positive(
+                "model.num_decoder_layers",
                 self.num_decoder_layers,
                 base.as_ref().map(|b| b.num_decoder_layers).or(Some(layers)),
+                MAX_LAYERS,
             )?,
             _ => 0,
         };

@@ -175,7 +175,8 @@ pub fn compare(na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison) -> St
         verdict(b),
         b.peak_phase
     );
-    let _ = writeln!(out, "largest difference — {}", c.why);
+    let _ = writeln!(out, "largest single tensor — {}", c.largest_tensor);
+    let _ = writeln!(out, "component that changed most — {}", c.why);
     out
 }
 

@@ -1,0 +1,215 @@
+//! Invariants of the memory model, over generated runs.
+
+use proptest::prelude::*;
+use vramplan_planner::*;
+
+fn presets() -> Presets {
+    Presets::builtin().expect("presets")
+}
+
+/// A small random run: sizes kept small so each estimate is quick.
+fn raw_run() -> impl Strategy<Value = RawConfig> {
+    (
+        prop::sample::select(vec!["llama", "qwen2", "gpt2", "nanochat", "t5"]),
+        1u64..5, // heads/kv multiplier
+        1u64..4, // layers
+        prop::sample::select(vec![256u64, 1000, 4096, 32000]),
+        1u64..6, // micro-batch
+        prop::sample::select(vec![16u64, 64, 128, 256]),
+        prop::sample::select(vec!["fp32", "bf16-autocast", "fp16-autocast", "bf16"]),
+        prop::sample::select(vec!["adamw", "adamw-8bit", "sgd", "adafactor", "muon"]),
+        prop::sample::select(vec!["cpu", "rtx4090-24gb", "h100-80gb"]),
+        prop::sample::select(vec!["sdpa", "eager"]),
+        1u64..3, // grad_accum
+    )
+        .prop_map(
+            |(arch, kvm, layers, vocab, mb, seq, prec, opt, gpu, attn, ga)| {
+                let heads = 2 * kvm;
+                let opt = if arch == "t5" && opt == "muon" {
+                    "adamw"
+                } else {
+                    opt
+                };
+                RawConfig {
+                    model: RawModel {
+                        arch: Some(arch.into()),
+                        hidden_size: Some(32 * heads),
+                        num_layers: Some(layers),
+                        num_heads: Some(heads),
+                        num_kv_heads: Some(if arch == "llama" { 2 } else { heads }),
+                        intermediate_size: Some(96 * heads),
+                        vocab_size: Some(vocab),
+                        ..RawModel::default()
+                    },
+                    train: RawTrain {
+                        micro_batch: Some(mb),
+                        seq_len: Some(seq),
+                        grad_accum: Some(ga),
+                        precision: Some(prec.into()),
+                        optimizer: Some(opt.into()),
+                        attention: Some(attn.into()),
+                        ..RawTrain::default()
+                    },
+                    hardware: RawHardware {
+                        gpu: Some(gpu.into()),
+                        ..RawHardware::default()
+                    },
+                }
+            },
+        )
+}
+
+fn spec(raw: &RawConfig) -> RunSpec {
+    raw.resolve(&presets(), &Context::default())
+        .expect("generated configs are valid")
+}
+
+/// Live tensor bytes at the peak before the allocator's rounding.
+fn live_peak(s: &RunSpec) -> u64 {
+    play(s).peak.total.0
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn peak_never_falls_as_micro_batch_or_sequence_grows(raw in raw_run()) {
+        let s = spec(&raw);
+        let mut bigger_batch = s.clone();
+        bigger_batch.train.micro_batch += 1;
+        let mut longer = s.clone();
+        longer.train.seq_len *= 2;
+        let p = live_peak(&s);
+        prop_assert!(live_peak(&bigger_batch) >= p);
+        prop_assert!(live_peak(&longer) >= p);
+    }
+
+    #[test]
+    fn checkpointing_and_chunked_or_fused_loss_never_raise_the_peak(raw in raw_run()) {
+        let s = spec(&raw);
+        let base = live_peak(&s);
+        for ck in [Checkpointing::Selective, Checkpointing::Full] {
+            let mut c = s.clone();
+            c.train.checkpointing = ck;
+            prop_assert!(live_peak(&c) <= base, "{ck}");
+        }
+        for loss in [LossMode::Chunked, LossMode::Fused] {
+            let mut c = s.clone();
+            c.train.loss = loss;
+            c.train.loss_chunk = 64;
+            prop_assert!(live_peak(&c) <= base, "{loss}");
+        }
+    }
+
+    /// Holds for models of several blocks. With one or two blocks a gathered block can be
+    /// more than (1 − 1/N) of the parameters, and ZeRO-3's shard plus the gathered block
+    /// then really does exceed ZeRO-2's full copy (docs/model.md).
+    #[test]
+    fn each_zero_stage_needs_no_more_per_gpu_than_the_one_before(raw in raw_run(), gpus in 2u64..9, layers in 4u64..8) {
+        let mut raw = raw;
+        raw.model.num_layers = Some(layers);
+        let mut s = spec(&raw);
+        if !s.hardware.device.is_cuda() {
+            return Ok(());
+        }
+        s.hardware.gpus = gpus;
+        let mut last = u64::MAX;
+        for sh in [Sharding::Ddp, Sharding::Zero1, Sharding::Zero2, Sharding::Zero3] {
+            s.hardware.sharding = sh;
+            let p = live_peak(&s);
+            prop_assert!(p <= last, "{sh}: {p} > {last}");
+            last = p;
+        }
+    }
+
+    #[test]
+    fn components_sum_to_the_totals(raw in raw_run()) {
+        let s = spec(&raw);
+        let r = estimate(&s);
+        let sum: u64 = r.components.values().sum();
+        if s.hardware.device.is_cuda() {
+            prop_assert_eq!(sum, r.device_bytes);
+            let allocated: u64 = r.components.iter().filter(|(k, _)| *k != "allocator" && *k != "runtime").map(|(_, v)| v).sum();
+            prop_assert_eq!(allocated, r.peak_allocated_bytes);
+        } else {
+            prop_assert_eq!(sum, r.peak_allocated_bytes);
+        }
+        prop_assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
+        prop_assert!(r.device_bytes >= r.peak_reserved_bytes);
+    }
+
+    #[test]
+    fn every_fit_answer_fits_with_its_margin(
+        model in prop::sample::select(vec!["smollm2-135m", "gpt2", "nanochat-d12"]),
+        gpu in prop::sample::select(vec!["rtx4060-laptop-8gb", "rtx4090-24gb"]),
+        global in prop::sample::select(vec![8u64, 16, 32]),
+        margin in 0.0f64..0.3,
+    ) {
+        let p = presets();
+        let raw = RawConfig {
+            model: RawModel { preset: Some(model.into()), ..RawModel::default() },
+            train: RawTrain { seq_len: Some(512), ..RawTrain::default() },
+            hardware: RawHardware { gpu: Some(gpu.into()), ..RawHardware::default() },
+        };
+        let base = raw.resolve(&p, &Context::default()).unwrap();
+        let req = FitRequest { base, seq_len: Some(512), global: GlobalBatch::Sequences(global), margin, allow_fused: true };
+        if let Ok(f) = fit(&req) {
+            prop_assert!(f.best.report.fits_with_margin(margin));
+            prop_assert_eq!(f.best.micro_batch * f.best.grad_accum, global);
+        }
+    }
+
+    #[test]
+    fn no_input_panics_or_overflows(
+        hidden in any::<u64>(), layers in any::<u64>(), heads in any::<u64>(), vocab in any::<u64>(),
+        mb in any::<u64>(), seq in any::<u64>(), ga in any::<u64>(), text in ".{0,40}",
+    ) {
+        let raw = RawConfig {
+            model: RawModel {
+                arch: Some("llama".into()),
+                hidden_size: Some(hidden),
+                num_layers: Some(layers % 5000),
+                num_heads: Some(heads),
+                intermediate_size: Some(hidden),
+                vocab_size: Some(vocab),
+                ..RawModel::default()
+            },
+            train: RawTrain { micro_batch: Some(mb), seq_len: Some(seq), grad_accum: Some(ga), precision: Some(text.clone()), ..RawTrain::default() },
+            hardware: RawHardware::default(),
+        };
+        // Either a clear error naming a key, or an estimate.
+        match raw.resolve(&presets(), &Context::default()) {
+            Err(e) => prop_assert!(e.to_string().contains("model.") || e.to_string().contains("train.")),
+            Ok(s) => { let _ = estimate(&s); }
+        }
+        let _ = RawConfig::from_toml(&text);
+    }
+}
+
+#[test]
+fn absurd_sizes_are_clear_errors() {
+    let p = presets();
+    let cases = [
+        ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 0\n", "train.seq_len = 0: a whole number from 1 to"),
+        ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 4096\n", "train.seq_len = 4096: at most max_position_embeddings = 1024"),
+        ("[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 99999999999\n", "train.micro_batch = 99999999999"),
+        ("[model]\npreset = \"gpt3\"\n", "model.preset = \"gpt3\": no such preset"),
+        ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 3\nintermediate_size = 8\nvocab_size = 9\n", "model.num_kv_heads = 3: a divisor of num_heads = 4"),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"rtx9090\"\n", "hardware.gpu = \"rtx9090\": no such preset"),
+        ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n", "train.precision = \"fp8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"),
+        ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 3: unknown field `batch`"),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\n", "hardware.gpus = 2: 1 with gpu = \"cpu\""),
+        ("[model]\n", "model is missing"),
+    ];
+    for (src, want) in cases {
+        let err = RawConfig::from_toml(src)
+            .and_then(|r| r.resolve(&p, &Context::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(want),
+            "{src:?}\n  got:  {err}\n  want: {want}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+}

@@ -1,0 +1,242 @@
+//! The real binary, end to end: the seed scenarios, the JSON contract, exit codes.
+
+use std::process::{Command, Output};
+
+pub fn vramplan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vramplan"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let o = vramplan(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("valid JSON")
+}
+
+#[test]
+fn estimate_json_has_the_contract_fields() {
+    let v = json(&["estimate", "--json"]);
+    for key in [
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_bytes",
+        "capacity_bytes",
+        "fits",
+        "peak_phase",
+        "components",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    let sum: u64 = v["components"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, v["device_bytes"].as_u64().unwrap());
+}
+
+#[test]
+fn every_example_config_estimates() {
+    for entry in
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/examples")).unwrap()
+    {
+        let path = entry.unwrap().path();
+        let v = json(&["estimate", "--json", path.to_str().unwrap()]);
+        assert!(
+            v["peak_allocated_bytes"].as_u64().unwrap() > 0,
+            "{}",
+            path.display()
+        );
+    }
+}
+
+/// Seed 000: 20 × 3072 fails on a 32 GB card, 10 × 1536 with checkpointing fits, and the
+/// fp32 logits are 15.0 GiB vs 3.75 GiB.
+#[test]
+fn seed_000_compare_failed_and_stable() {
+    let o = vramplan(&[
+        "compare",
+        "presets/examples/nanochat-d16-failed.toml",
+        "presets/examples/nanochat-d16-stable.toml",
+    ]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.contains("A (presets/examples/nanochat-d16-failed.toml): does NOT fit"),
+        "{out}"
+    );
+    assert!(
+        out.contains("B (presets/examples/nanochat-d16-stable.toml): fits"),
+        "{out}"
+    );
+    assert!(
+        out.contains("20 × 3072 × 65,536 × 4 B = 15.00 GiB vs 10 × 1536 × 65,536 × 4 B = 3.75 GiB"),
+        "{out}"
+    );
+    let v = json(&[
+        "compare",
+        "--json",
+        "presets/examples/nanochat-d16-failed.toml",
+        "presets/examples/nanochat-d16-stable.toml",
+    ]);
+    assert_eq!(v["a"]["fits"], false);
+    assert_eq!(v["b"]["fits"], true);
+}
+
+/// Seed 002 measured a peak of 19.0 GiB (torch.cuda.max_memory_allocated) per card for the stable run.
+#[test]
+fn seed_002_stable_run_is_near_its_measured_peak() {
+    let v = json(&[
+        "estimate",
+        "--json",
+        "presets/examples/nanochat-d16-stable.toml",
+    ]);
+    let gib = v["peak_allocated_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    assert!((gib / 19.0 - 1.0).abs() < 0.10, "predicted {gib:.2} GiB");
+}
+
+/// Seed 004: the fitted plan fits the 8 GB laptop card and beats batch 1 with checkpointing.
+#[test]
+fn seed_004_fit_beats_the_cautious_plan() {
+    let dir = std::env::temp_dir().join(format!("vramplan-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.toml");
+    let v = json(&[
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--seq-len",
+        "1024",
+        "--global-batch",
+        "64",
+        "--json",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let best = &v["best"];
+    assert_eq!(best["fits"], true);
+    assert_eq!(
+        best["micro_batch"].as_u64().unwrap() * best["grad_accum"].as_u64().unwrap(),
+        64
+    );
+    assert!(v["speedup"].as_f64().unwrap() > 1.0);
+    // The plan is a config `estimate` accepts, and it fits.
+    let e = json(&["estimate", "--json", plan.to_str().unwrap()]);
+    assert_eq!(e["fits"], true);
+    let text = stdout(&vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--seq-len",
+        "1024",
+        "--global-batch",
+        "64",
+    ]));
+    assert!(text.contains("× the estimated throughput"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_exits_3_when_the_run_does_not_fit() {
+    let o = vramplan(&[
+        "estimate",
+        "--check",
+        "presets/examples/nanochat-d16-failed.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    let o = vramplan(&[
+        "estimate",
+        "--check",
+        "presets/examples/nanochat-d16-stable.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn bad_input_is_one_line_naming_file_key_and_accepted_values_exit_2() {
+    let dir = std::env::temp_dir().join(format!("vramplan-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n",
+            "train.precision = \"fp8\": expected one of fp32 | bf16-autocast",
+        ),
+        (
+            "[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 0\n",
+            "train.micro_batch = 0: a whole number from 1 to",
+        ),
+        (
+            "[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"rtx9090\"\n",
+            "hardware.gpu = \"rtx9090\": no such preset; known:",
+        ),
+        ("[model\n", "line 1:"),
+    ];
+    for (i, (src, want)) in cases.iter().enumerate() {
+        let f = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&f, src).unwrap();
+        let o = vramplan(&["estimate", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("bad{i}.toml: {want}")), "{err}");
+    }
+    let o = vramplan(&["estimate", "does-not-exist.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--margin",
+        "120%",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn tables_snapshot() {
+    let est = stdout(&vramplan(&[
+        "estimate",
+        "presets/examples/smollm2-135m-sft-4060.toml",
+    ]));
+    insta::assert_snapshot!("estimate_smollm2_4060", est);
+    let cmp = stdout(&vramplan(&[
+        "compare",
+        "presets/examples/chatlm-sft-small.toml",
+        "presets/examples/chatlm-sft-fast.toml",
+    ]));
+    insta::assert_snapshot!("compare_chatlm_sft", cmp);
+    let fit = stdout(&vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--seq-len",
+        "1024",
+        "--global-batch",
+        "64",
+        "--top",
+        "6",
+    ]));
+    insta::assert_snapshot!("fit_smollm2_4060", fit);
+    insta::assert_snapshot!("models", stdout(&vramplan(&["models"])));
+}
