@@ -34,6 +34,8 @@ impl Env {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub name: String,
+    // The config as written: `diagnose --out` and `train` write configs derived from it.
+    #[allow(dead_code)]
     pub raw: RawConfig,
     pub spec: RunSpec,
 }

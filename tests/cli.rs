@@ -240,3 +240,72 @@ fn tables_snapshot() {
     insta::assert_snapshot!("fit_smollm2_4060", fit);
     insta::assert_snapshot!("models", stdout(&vramplan(&["models"])));
 }
+
+/// The plots are well-formed XML with their series in them.
+#[test]
+fn plots_are_valid_svg_with_their_series() {
+    let dir = std::env::temp_dir().join(format!("vramplan-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (e, c, f) = (dir.join("e.svg"), dir.join("c.svg"), dir.join("f.svg"));
+    for args in [
+        vec![
+            "estimate",
+            "presets/examples/nanochat-d16-stable.toml",
+            "--plot",
+            e.to_str().unwrap(),
+        ],
+        vec![
+            "compare",
+            "presets/examples/nanochat-d16-failed.toml",
+            "presets/examples/nanochat-d16-stable.toml",
+            "--plot",
+            c.to_str().unwrap(),
+        ],
+        vec![
+            "fit",
+            "--gpu",
+            "rtx4060-laptop-8gb",
+            "--model",
+            "smollm2-135m",
+            "--seq-len",
+            "1024",
+            "--global-batch",
+            "64",
+            "--plot",
+            f.to_str().unwrap(),
+        ],
+    ] {
+        assert!(vramplan(&args).status.success(), "{args:?}");
+    }
+    let series = |path: &std::path::Path| -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap();
+        let doc = roxmltree::Document::parse(&text)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        assert!(doc
+            .descendants()
+            .any(|n| n.attribute("class") == Some("capacity")));
+        doc.descendants()
+            .filter_map(|n| n.attribute("data-series").map(str::to_string))
+            .collect()
+    };
+    let es = series(&e);
+    for s in [
+        "runtime (CUDA context)",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+    ] {
+        assert!(es.iter().any(|x| x == s), "{s} in {es:?}");
+    }
+    assert!(series(&c).len() >= 2 * 6);
+    let fs = series(&f);
+    assert!(
+        fs.iter()
+            .any(|x| x == "checkpointing full, loss float-cast"),
+        "{fs:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -267,7 +267,7 @@ impl Timeline {
             .zip(live)
             .filter_map(|(t, l)| l.then_some(t))
             .collect();
-        out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        out.sort_by_key(|t| std::cmp::Reverse(t.bytes));
         out
     }
 

@@ -14,6 +14,9 @@ pub struct Args {
     pub b: PathBuf,
     #[arg(long)]
     pub json: bool,
+    /// Draw both steps' memory over time on one scale, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
@@ -22,6 +25,9 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let ra = vramplan_planner::estimate(&la.spec);
     let rb = vramplan_planner::estimate(&lb.spec);
     let cmp = vramplan_planner::compare(&la.spec, &ra, &lb.spec, &rb);
+    if let Some(p) = &a.plot {
+        crate::cmd::fit::write_atomic(p, &render::svg::compare(&ra, &la.name, &rb, &lb.name))?;
+    }
     if a.json {
         println!(
             "{}",

@@ -17,11 +17,17 @@ pub struct Args {
     /// Exit with code 3 when the run does not fit.
     #[arg(long)]
     pub check: bool,
+    /// Draw one step's memory over time, stacked by component, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let loaded = load::load(env, a.config.as_deref())?;
     let report = vramplan_planner::estimate(&loaded.spec);
+    if let Some(p) = &a.plot {
+        crate::cmd::fit::write_atomic(p, &render::svg::timeline(&report, &loaded.name))?;
+    }
     if a.json {
         println!("{}", render::json::report(&report));
     } else {

@@ -49,6 +49,9 @@ pub struct Args {
     /// Write the chosen plan as a run config that `estimate` and `train` accept.
     #[arg(long, value_name = "PLAN.toml")]
     pub out: Option<PathBuf>,
+    /// Draw the device peak against micro-batch for each mode, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// How many candidates to show.
     #[arg(long, default_value_t = 12)]
     pub top: usize,
@@ -143,6 +146,9 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let plan = plan_toml(&result, &model_raw);
     if let Some(out) = &a.out {
         write_atomic(out, &plan)?;
+    }
+    if let Some(p) = &a.plot {
+        write_atomic(p, &render::svg::fit(&result))?;
     }
     if a.json {
         println!("{}", render::json::fit(&result, &plan));

@@ -1,4 +1,5 @@
 //! Output formats: pure functions from planner data to text.
 
 pub mod json;
+pub mod svg;
 pub mod table;
