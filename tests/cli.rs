@@ -309,3 +309,32 @@ fn plots_are_valid_svg_with_their_series() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A Hugging Face config.json, from a run config and from `fit --model`, gives the same
+/// model as the preset (Qwen2.5-0.5B: 494,032,768 parameters).
+#[test]
+fn hugging_face_config_json_is_read() {
+    let v = json(&["estimate", "--json", "tests/data/hf/run.toml"]);
+    assert_eq!(v["params"], 494_032_768u64);
+    let f = json(&[
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "tests/data/hf/qwen2.5-0.5b-config.json",
+        "--seq-len",
+        "1024",
+        "--global-batch",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(f["best"]["report"]["params"], 494_032_768u64);
+    let o = vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "tests/data/hf/missing.json",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -63,6 +63,8 @@ pub struct FitResult {
 const SEQS: [u64; 7] = [256, 512, 1024, 2048, 4096, 8192, 16384];
 const FREE_MICRO: [u64; 16] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256];
 const MAX_CANDIDATE_MICRO: usize = 48;
+/// Relative throughput difference below which candidates count as equally fast.
+const SPEED_TIE: f64 = 0.01;
 
 fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
@@ -183,6 +185,11 @@ pub fn fit(req: &FitRequest) -> Result<FitResult> {
         }
     }
     let seq_fixed = req.seq_len.is_some();
+    // Throughput estimates within about 1 % are a tie, broken by memory: bucketing them on
+    // a log scale keeps the order total.
+    let speed = |c: &Candidate| {
+        (c.report.est_tokens_per_second.max(1.0).ln() / SPEED_TIE.ln_1p()).floor() as i64
+    };
     all.sort_by(|a, b| {
         b.fits
             .cmp(&a.fits)
@@ -193,11 +200,7 @@ pub fn fit(req: &FitRequest) -> Result<FitResult> {
                     b.seq_len.cmp(&a.seq_len)
                 }
             })
-            .then_with(|| {
-                b.report
-                    .est_tokens_per_second
-                    .total_cmp(&a.report.est_tokens_per_second)
-            })
+            .then_with(|| speed(b).cmp(&speed(a)))
             .then_with(|| a.report.device_bytes.cmp(&b.report.device_bytes))
     });
     let best = match all.first() {

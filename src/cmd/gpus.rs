@@ -47,7 +47,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
                     );
                 }
             }
-            Err(e) => println!("\nNo GPU detected: {e:#}. Name a preset, or gpu = \"cpu\"."),
+            Err(e) => println!(
+                "\nNo GPU detected through NVML ({}). Name a preset, or gpu = \"cpu\".",
+                e.root_cause()
+            ),
         }
     }
     Ok(ExitCode::SUCCESS)
