@@ -25,8 +25,6 @@ pub struct AllocatorStats {
     pub peak_reserved: Bytes,
     /// Allocated bytes by component at the allocated peak (rounded sizes).
     pub by_component: BTreeMap<Component, Bytes>,
-    /// The event at the allocated peak.
-    pub peak_event: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -62,9 +60,9 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
     let mut reserved = 0u64;
     let mut where_: Vec<Option<(usize, u64)>> = vec![None; t.tensors.len()];
     let mut live = [0u64; 7];
-    let mut best = (0u64, 0usize, live);
+    let mut best = (0u64, live);
     let mut peak_reserved = 0u64;
-    for (ei, e) in t.events.iter().enumerate() {
+    for e in &t.events {
         let tensor = &t.tensors[e.tensor];
         if tensor.bytes.0 == 0 {
             continue;
@@ -129,7 +127,7 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
             live[ci] = live[ci].saturating_add(taken);
             let total: u64 = live.iter().fold(0, |a, b| a.saturating_add(*b));
             if total > best.0 {
-                best = (total, ei, live);
+                best = (total, live);
             }
             peak_reserved = peak_reserved.max(reserved);
         } else if let Some((si, off)) = where_[e.tensor].take() {
@@ -154,9 +152,8 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
         by_component: Component::ALL
             .iter()
             .enumerate()
-            .map(|(i, c)| (*c, Bytes(best.2[i])))
+            .map(|(i, c)| (*c, Bytes(best.1[i])))
             .collect(),
-        peak_event: best.1,
     }
 }
 

@@ -458,9 +458,11 @@ impl RawConfig {
 /// Builds the raw config that reproduces a resolved run (for `fit --out` and `diagnose --out`).
 pub fn raw_from_spec(spec: &RunSpec, model: &RawModel) -> RawConfig {
     let t = &spec.train;
-    let (gpu, memory_gib) = match &spec.hardware.device {
-        Device::Gpu(g) => (g.name.clone(), None),
-        Device::Cpu { .. } => ("cpu".to_string(), None),
+    let gpu = match &spec.hardware.device {
+        // A detected GPU is written as "auto" so the plan resolves the same way again.
+        Device::Gpu(g) if g.name.starts_with("auto:") => "auto".to_string(),
+        Device::Gpu(g) => g.name.clone(),
+        Device::Cpu { .. } => "cpu".to_string(),
     };
     RawConfig {
         model: model.clone(),
@@ -482,7 +484,7 @@ pub fn raw_from_spec(spec: &RunSpec, model: &RawModel) -> RawConfig {
             gpu: Some(gpu),
             gpus: Some(spec.hardware.gpus),
             sharding: Some(spec.hardware.sharding.name().into()),
-            memory_gib,
+            memory_gib: None,
         },
     }
 }

@@ -15,10 +15,9 @@ mod presets;
 mod report;
 mod spec;
 mod timeline;
-pub mod torch;
+mod torch;
 mod units;
 
-pub use allocator::{simulate as simulate_allocator, AllocatorStats};
 pub use compare::{compare, fp32_logits, gib2, Comparison, ComponentDiff, ConfigDiff};
 pub use config::{
     defaults, raw_from_spec, Context, RawConfig, RawHardware, RawModel, RawTrain, MAX_COUNT,

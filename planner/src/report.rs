@@ -12,7 +12,7 @@
 use crate::allocator;
 use crate::params;
 use crate::spec::{Checkpointing, Device, Engine, LossMode, Precision, RunSpec};
-use crate::timeline::{Component, Timeline};
+use crate::timeline::Timeline;
 use crate::torch;
 use crate::units::Bytes;
 use serde::Serialize;
@@ -136,10 +136,6 @@ impl Report {
     pub fn fits_with_margin(&self, margin: f64) -> bool {
         let limit = self.capacity_bytes as f64 * (1.0 - margin.clamp(0.0, 0.99));
         (self.device_bytes as f64) <= limit
-    }
-
-    pub fn component(&self, c: Component) -> u64 {
-        self.components.get(c.key()).copied().unwrap_or(0)
     }
 }
 

@@ -157,14 +157,6 @@ impl Step {
         self.free(id);
     }
 
-    pub fn is_live(&self, id: TensorId) -> bool {
-        self.live.get(id.0).copied().unwrap_or(false)
-    }
-
-    pub fn bytes(&self, id: TensorId) -> Bytes {
-        self.tensors.get(id.0).map(|t| t.bytes).unwrap_or_default()
-    }
-
     pub fn finish(self) -> Timeline {
         Timeline::new(self.tensors, self.events, self.phases)
     }
@@ -268,22 +260,6 @@ impl Timeline {
             .filter_map(|(t, l)| l.then_some(t))
             .collect();
         out.sort_by_key(|t| std::cmp::Reverse(t.bytes));
-        out
-    }
-
-    /// Live bytes just before each allocation: what the allocator held when it was asked.
-    pub fn live_before_allocs(&self) -> Vec<(usize, Bytes)> {
-        let mut live = 0u64;
-        let mut out = Vec::new();
-        for e in &self.events {
-            let b = self.tensors[e.tensor].bytes.0;
-            if e.alloc {
-                out.push((e.tensor, Bytes(live)));
-                live = live.saturating_add(b);
-            } else {
-                live = live.saturating_sub(b);
-            }
-        }
         out
     }
 }

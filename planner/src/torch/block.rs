@@ -39,10 +39,6 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn saved_bytes(&self) -> Bytes {
-        self.saved.iter().map(|s| s.bytes).sum()
-    }
-
     fn keep(&mut self, name: &'static str, bytes: Bytes) {
         self.saved.push(Saved {
             name,

@@ -12,9 +12,6 @@ mod block;
 mod loss;
 mod optim;
 
-pub use block::{block, Block, Saved};
-pub use loss::fused_rows;
-
 use crate::params::{self, Param, Role};
 use crate::spec::{Arch, Checkpointing, RunSpec};
 use crate::timeline::{Component, Step, TensorId, Timeline};
