@@ -73,22 +73,24 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
             .max()
             .unwrap_or(0)
     };
-    let total = |pred: &dyn Fn(&Param) -> bool| {
-        params
-            .iter()
-            .filter(|p| pred(p))
-            .map(|p| p.numel().div_ceil(shard))
-            .fold(0u64, u64::saturating_add)
-    };
     let adam_like = |p: &Param| effective(t.optimizer, p.role) == Optimizer::AdamW;
     match t.optimizer {
         Optimizer::AdamW | Optimizer::Muon => {
             if cuda {
-                s.transient(
-                    "adamw foreach sqrt(exp_avg_sq)",
-                    Component::Temporaries,
-                    Bytes::of(total(&adam_like), sb),
-                );
+                // `_foreach_sqrt` returns one tensor per parameter, all alive until the
+                // update is done.
+                let ids: Vec<_> = params
+                    .iter()
+                    .filter(|p| adam_like(p))
+                    .map(|p| {
+                        s.alloc(
+                            format!("adamw foreach sqrt(exp_avg_sq) of {}", p.name),
+                            Component::Temporaries,
+                            Bytes::of(p.numel().div_ceil(shard), sb),
+                        )
+                    })
+                    .collect();
+                ids.into_iter().for_each(|id| s.free(id));
             } else {
                 let n = largest(&adam_like);
                 let a = s.alloc(
