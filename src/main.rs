@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod engine;
 mod exit;
 mod load;
 mod nvml;

@@ -1,15 +1,86 @@
-//! `vramplan sample`: being built (see the open issue); reports that instead of pretending.
+//! `vramplan sample --checkpoint DIR --prompt "..."`: generate bytes from a checkpoint
+//! written by `vramplan train`.
 
-use crate::load::Env;
-use anyhow::{bail, Result};
+use crate::engine::{checkpoint, model::Model, rng::Rng, step};
+use crate::exit::bad;
+use crate::load::{self, Env};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
+    /// A checkpoint folder (ckpt-*) or a training output folder (its newest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
-pub fn run(_env: &Env, _a: Args) -> Result<ExitCode> {
-    bail!("`vramplan sample` is not available in this build")
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let name = a.checkpoint.display().to_string();
+    if !a.checkpoint.exists() {
+        return Err(bad(&name, "no such checkpoint folder"));
+    }
+    let l = checkpoint::latest(&a.checkpoint).map_err(|e| bad(&name, format!("{e:#}")))?;
+    let loaded = load::resolve_text(env, &format!("{name} (plan)"), &l.meta.plan, Path::new("."))?;
+    let model = Model::new(&loaded.spec.model, DType::F32, &mut Rng::new(0))?;
+    checkpoint::restore(&l, &model, None)?;
+    let ctx = loaded.spec.train.seq_len as usize;
+    let mut toks: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
+    if toks.is_empty() {
+        toks.push(b'\n' as u32);
+    }
+    let mut rng = Rng::new(a.seed);
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", a.prompt)?;
+    for _ in 0..a.tokens {
+        let window = &toks[toks.len().saturating_sub(ctx)..];
+        let ids = Tensor::from_vec(window.to_vec(), window.len(), &Device::Cpu)?;
+        let z = step::last_logits(&model, &ids)?;
+        let next = pick(&z, a.temperature, &mut rng);
+        toks.push(next);
+        out.write_all(&[next.min(255) as u8])?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Samples from `softmax(z / temperature)` over byte values (greedy at 0).
+fn pick(z: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
+    let z = &z[..z.len().min(256)];
+    let best = z
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    if temperature <= 0.0 {
+        return best as u32;
+    }
+    let m = z[best] as f64;
+    let w: Vec<f64> = z
+        .iter()
+        .map(|v| ((*v as f64 - m) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, x) in w.iter().enumerate() {
+        u -= x;
+        if u <= 0.0 {
+            return i as u32;
+        }
+    }
+    best as u32
 }

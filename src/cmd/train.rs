@@ -1,15 +1,194 @@
-//! `vramplan train`: being built (see the open issue); reports that instead of pretending.
+//! `vramplan train [PLAN.toml] [...]`: train with a plan on the candle engine (CPU, f32),
+//! after checking with the planner that the plan fits, and report predicted vs measured
+//! memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
 
-use crate::load::Env;
-use anyhow::{bail, Result};
+use crate::engine;
+use crate::exit::{bad, DOES_NOT_FIT};
+use crate::load::{self, Env, Loaded};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vramplan_planner::{Bytes, Engine, Precision};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
+    /// Run config (TOML) with `engine = "candle"`, arch llama or nanochat. Without one, the
+    /// built-in run: a small nanochat GPT on a generated corpus.
+    pub plan: Option<PathBuf>,
+    /// Training text: plain text, or JSONL with "text" (or "prompt" and "response"). Default: the built-in corpus.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Optimizer steps (default: the plan's `train.steps`, else 1000).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Folder for checkpoints, metrics.jsonl and summary.json.
+    #[arg(long, default_value = "train-out", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Refuse plans the planner says need more than this many GiB.
+    #[arg(long, value_name = "GiB")]
+    pub memory_limit: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 200)]
+    pub save_every: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// Progress line every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub log_every: u64,
+    /// Learning rate (default: the plan's `train.learning_rate`, else 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
 }
 
-pub fn run(_env: &Env, _a: Args) -> Result<ExitCode> {
-    bail!("`vramplan train` is not available in this build")
+const DEFAULT_STEPS: u64 = 1000;
+const DEFAULT_LR: f64 = 1e-3;
+
+/// Reads the plan and makes it one the engine runs: engine candle, fp32, the memory limit.
+pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result<(Loaded, String)> {
+    let loaded = match path {
+        None => load::resolve_text(
+            env,
+            "built-in train plan",
+            engine::DEFAULT_PLAN,
+            Path::new("."),
+        )?,
+        Some(p) => load::load(env, Some(p))?,
+    };
+    let mut raw = loaded.raw.clone();
+    if loaded.spec.train.engine != Engine::Candle {
+        eprintln!(
+            "note: {}: engine = \"{}\"; training on the candle engine",
+            loaded.name, loaded.spec.train.engine
+        );
+        raw.train.engine = Some("candle".into());
+    }
+    if loaded.spec.train.precision != Precision::Fp32 {
+        eprintln!(
+            "note: {}: precision = \"{}\"; the candle engine trains in fp32 on the CPU",
+            loaded.name, loaded.spec.train.precision
+        );
+        raw.train.precision = Some("fp32".into());
+    }
+    if let Some(gib) = memory_limit {
+        if !(gib.is_finite() && gib > 0.0) {
+            return Err(bad(
+                "--memory-limit",
+                format!("{gib}: a positive number of GiB"),
+            ));
+        }
+        raw.hardware.memory_gib = Some(gib);
+    }
+    let dir = path
+        .and_then(|p| p.parent())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let text = match path {
+        None => engine::DEFAULT_PLAN.to_string(),
+        Some(_) => raw.to_toml(),
+    };
+    let l = load::resolve_raw(env, &loaded.name, raw, &dir)?;
+    Ok((l, text))
+}
+
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.memory_limit)?;
+    let spec = &loaded.spec;
+    engine::check_vocab(spec)?;
+    let report = vramplan_planner::estimate(spec);
+    if !report.fits {
+        println!(
+            "{}: the plan needs {} but {} has {}; it does not fit.",
+            loaded.name,
+            Bytes(report.device_bytes),
+            report.device,
+            Bytes(report.capacity_bytes)
+        );
+        println!("at the peak ({}):", report.peak_phase);
+        for (k, v) in &report.components {
+            if *v > 0 {
+                println!("  {k:<14} {}", Bytes(*v));
+            }
+        }
+        let model = loaded
+            .raw
+            .model
+            .preset
+            .clone()
+            .unwrap_or_else(|| "MODEL (preset or config.json)".into());
+        let gpu = if spec.hardware.device.is_cuda() {
+            spec.hardware.device.name().to_string()
+        } else {
+            "cpu".to_string()
+        };
+        println!(
+            "a plan that fits: vramplan fit --gpu {gpu} --model {model} --engine candle --precision fp32 --seq-len {} --global-batch {} --out plan.toml",
+            spec.train.seq_len,
+            spec.global_batch()
+        );
+        return Ok(ExitCode::from(DOES_NOT_FIT));
+    }
+    let steps = a.steps.or(loaded.raw.train.steps).unwrap_or(DEFAULT_STEPS);
+    if steps == 0 {
+        return Err(bad("--steps", "0: at least one step"));
+    }
+    let lr =
+        a.lr.or(loaded.raw.train.learning_rate)
+            .unwrap_or(DEFAULT_LR);
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(bad(
+            "train.learning_rate",
+            format!("{lr}: a positive number"),
+        ));
+    }
+    let opts = engine::Opts {
+        steps,
+        lr,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        log_every: a.log_every,
+        keep: a.keep.max(1),
+        out: a.out.clone(),
+        resume: a.resume,
+        data: a.data.clone(),
+        plan_toml,
+        predicted_peak: report.peak_allocated_bytes,
+    };
+    let s = engine::train(spec, &opts)?;
+    println!();
+    println!(
+        "done: {} steps, final loss {:.4}, validation loss {:.4} nats/byte ({:.3} bits/byte)",
+        s.steps, s.final_loss, s.val_loss, s.val_bits_per_byte
+    );
+    if let (Some(h), Some(floor)) = (s.entropy_nats_per_byte, s.loss_floor_nats) {
+        println!(
+            "corpus entropy {h:.4} nats/byte ({:.3} bits/byte); best achievable mean loss over a window {floor:.4}: validation is {:.4} nats ({:.1} %) above it",
+            h / std::f64::consts::LN_2,
+            s.val_loss - floor,
+            100.0 * (s.val_loss - floor) / floor
+        );
+    }
+    println!("throughput {:.0} tokens/s", s.tokens_per_second);
+    println!(
+        "peak memory of a step: predicted {} ({} B), measured {} ({} B), error {:+.2} %",
+        Bytes(s.predicted_peak_bytes),
+        s.predicted_peak_bytes,
+        Bytes(s.measured_peak_bytes),
+        s.measured_peak_bytes,
+        100.0 * s.peak_error
+    );
+    println!(
+        "summary written to {}",
+        a.out.join("summary.json").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,255 @@
+//! Training data as bytes (the tokenizer is byte-level, vocabulary 256): the built-in
+//! corpus, plain text, or JSONL (`text`, or `prompt` + `response`), with the last tenth
+//! held out for validation.
+//!
+//! The built-in corpus is a random first-order Markov chain over a small alphabet whose
+//! entropy rate is exact: `H = Σᵢ πᵢ · H(Pᵢ)` with `π` the chain's stationary
+//! distribution, so the validation loss can be compared with the best achievable.
+
+use crate::engine::rng::Rng;
+use crate::exit::bad;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+/// Letters of the built-in corpus.
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz .,\n";
+/// Successors per state.
+const FANOUT: usize = 4;
+pub const CORPUS_BYTES: usize = 400_000;
+
+pub struct Corpus {
+    pub name: String,
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+    /// Entropy rate in nats per byte, known only for the built-in corpus.
+    pub entropy: Option<Entropy>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Entropy {
+    /// Per byte once the previous byte is known.
+    pub rate: f64,
+    /// Of the first byte of a window (the stationary distribution's entropy).
+    pub first: f64,
+}
+
+impl Entropy {
+    /// The lowest expected mean loss over a window of `t` predicted bytes.
+    pub fn floor(&self, t: usize) -> f64 {
+        (self.first + (t.max(1) - 1) as f64 * self.rate) / t.max(1) as f64
+    }
+}
+
+/// The chain: `succ[i]` are `(next state, probability)`.
+struct Chain {
+    succ: Vec<Vec<(usize, f64)>>,
+}
+
+impl Chain {
+    fn new(seed: u64) -> Chain {
+        let n = ALPHABET.len();
+        let mut rng = Rng::new(seed);
+        let succ = (0..n)
+            .map(|_| {
+                let mut next: Vec<usize> = Vec::new();
+                while next.len() < FANOUT {
+                    let j = rng.below(n);
+                    if !next.contains(&j) {
+                        next.push(j);
+                    }
+                }
+                let w: Vec<f64> = (0..FANOUT).map(|_| 0.2 + rng.uniform()).collect();
+                let s: f64 = w.iter().sum();
+                next.into_iter().zip(w.iter().map(|x| x / s)).collect()
+            })
+            .collect();
+        Chain { succ }
+    }
+
+    fn entropy(&self) -> Entropy {
+        let n = self.succ.len();
+        let mut pi = vec![1.0 / n as f64; n];
+        for _ in 0..10_000 {
+            let mut nx = vec![0.0; n];
+            for (i, s) in self.succ.iter().enumerate() {
+                for &(j, p) in s {
+                    nx[j] += pi[i] * p;
+                }
+            }
+            // Averaging makes the iteration converge for periodic chains too.
+            pi = pi.iter().zip(&nx).map(|(a, b)| 0.5 * (a + b)).collect();
+        }
+        let h = |ps: &mut dyn Iterator<Item = f64>| -> f64 {
+            ps.filter(|p| *p > 0.0).map(|p| -p * p.ln()).sum()
+        };
+        let rate = self
+            .succ
+            .iter()
+            .zip(&pi)
+            .map(|(s, w)| w * h(&mut s.iter().map(|x| x.1)))
+            .sum();
+        Entropy {
+            rate,
+            first: h(&mut pi.iter().copied()),
+        }
+    }
+
+    fn generate(&self, len: usize, rng: &mut Rng) -> Vec<u32> {
+        let mut out = Vec::with_capacity(len);
+        let mut s = 0;
+        // Burn in so the text starts near the stationary distribution.
+        for i in 0..len + 1000 {
+            let u = rng.uniform();
+            let mut acc = 0.0;
+            let mut next = self.succ[s][FANOUT - 1].0;
+            for &(j, p) in &self.succ[s] {
+                acc += p;
+                if u < acc {
+                    next = j;
+                    break;
+                }
+            }
+            s = next;
+            if i >= 1000 {
+                out.push(ALPHABET[s] as u32);
+            }
+        }
+        out
+    }
+}
+
+/// The built-in corpus: deterministic, generated in memory, no download.
+pub fn builtin() -> Corpus {
+    let chain = Chain::new(7);
+    let all = chain.generate(CORPUS_BYTES, &mut Rng::new(11));
+    let (train, val) = split(all);
+    Corpus {
+        name: format!(
+            "built-in Markov corpus ({} symbols, {} successors each, {} bytes)",
+            ALPHABET.len(),
+            FANOUT,
+            CORPUS_BYTES
+        ),
+        train,
+        val,
+        entropy: Some(chain.entropy()),
+    }
+}
+
+fn split(mut all: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
+    let cut = all.len() - all.len() / 10;
+    let val = all.split_off(cut);
+    (all, val)
+}
+
+/// Reads a text or JSONL file; `window` is the bytes one sequence needs (`seq_len + 1`).
+pub fn load(path: &Path, window: usize) -> Result<Corpus> {
+    let name = path.display().to_string();
+    let raw = std::fs::read(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
+    let is_jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "ndjson")
+    );
+    let bytes = if is_jsonl { jsonl(&name, &raw)? } else { raw };
+    if bytes.is_empty() {
+        return Err(bad(&name, "the data file is empty"));
+    }
+    let need = 20 * window;
+    if bytes.len() < need {
+        return Err(bad(
+            &name,
+            format!(
+                "{} bytes of text: too little for sequences of {} tokens (at least {need} bytes, 10 % held out for validation)",
+                bytes.len(),
+                window - 1
+            ),
+        ));
+    }
+    let (train, val) = split(bytes.into_iter().map(u32::from).collect());
+    Ok(Corpus {
+        name,
+        train,
+        val,
+        entropy: None,
+    })
+}
+
+/// JSONL: one object per line with `text`, or `prompt` and `response`; documents are
+/// joined with a blank line.
+fn jsonl(name: &str, raw: &[u8]) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(raw).map_err(|e| bad(name, format!("not UTF-8: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| bad(name, format!("line {}: not a JSON object: {e}", i + 1)))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str());
+        let doc = match (s("text"), s("prompt"), s("response")) {
+            (Some(t), _, _) => t.to_string(),
+            (None, Some(p), Some(r)) => format!("{p}\n{r}"),
+            _ => {
+                return Err(bad(
+                    name,
+                    format!(
+                        "line {}: expected a string field \"text\", or \"prompt\" and \"response\"",
+                        i + 1
+                    ),
+                ))
+            }
+        };
+        out.extend_from_slice(doc.as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+    Ok(out)
+}
+
+/// `b` random windows of `t + 1` tokens from `tokens`: inputs and next-token targets, `(b·t,)` u32.
+pub fn batch(
+    tokens: &[u32],
+    b: usize,
+    t: usize,
+    rng: &mut Rng,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(b * t);
+    let mut y = Vec::with_capacity(b * t);
+    let span = tokens.len() - t - 1;
+    for _ in 0..b {
+        let o = rng.below(span + 1);
+        x.extend_from_slice(&tokens[o..o + t]);
+        y.extend_from_slice(&tokens[o + 1..o + t + 1]);
+    }
+    Ok((
+        Tensor::from_vec(x, b * t, &Device::Cpu)?,
+        Tensor::from_vec(y, b * t, &Device::Cpu)?,
+    ))
+}
+
+/// Fixed validation windows: consecutive, non-overlapping, up to `max` of them.
+pub fn val_windows(tokens: &[u32], t: usize, max: usize) -> Vec<usize> {
+    (0..)
+        .map(|i| i * t)
+        .take_while(|o| o + t < tokens.len())
+        .take(max)
+        .collect()
+}
+
+pub fn windows_batch(
+    tokens: &[u32],
+    offsets: &[usize],
+    t: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(offsets.len() * t);
+    let mut y = Vec::with_capacity(offsets.len() * t);
+    for &o in offsets {
+        x.extend_from_slice(&tokens[o..o + t]);
+        y.extend_from_slice(&tokens[o + 1..o + t + 1]);
+    }
+    let n = offsets.len() * t;
+    Ok((
+        Tensor::from_vec(x, n, &Device::Cpu)?,
+        Tensor::from_vec(y, n, &Device::Cpu)?,
+    ))
+}

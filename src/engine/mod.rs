@@ -1,0 +1,327 @@
+//! vramplan's own training engine on candle (CPU, f32): the models, the step with chunked
+//! fp32 logits and block checkpointing, AdamW, checkpoints, and a counting allocator that
+//! measures the step against the planner's `candle` inventory.
+//!
+//! What is measured: the counting allocator's high-water mark during one optimizer step
+//! (all micro-steps and the update) minus the live bytes just before the model was built
+//! (after the data was loaded). So it holds the weights, AdamW's moments, the gradients
+//! and everything the step allocates: exactly what `planner/src/candle_engine.rs` plays.
+//! The first step of a process is a warm-up (it creates the optimizer state) and is not
+//! counted.
+
+pub mod alloc;
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod step;
+
+#[global_allocator]
+static COUNTING: alloc::Counting = alloc::Counting;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use checkpoint::Meta;
+use data::Corpus;
+use model::Model;
+use optim::AdamW;
+use rng::Rng;
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+use vramplan_planner::{Checkpointing, LossMode, RunSpec};
+
+/// The run `vramplan train` does without a plan: a small nanochat GPT on the built-in corpus.
+pub const DEFAULT_PLAN: &str = r#"# vramplan train's built-in run: a small nanochat GPT, byte-level, on the CPU.
+[model]
+name = "nanochat-tiny"
+arch = "nanochat"
+hidden_size = 64
+num_layers = 2
+num_heads = 2
+num_kv_heads = 2
+head_dim = 32
+intermediate_size = 256
+vocab_size = 256
+tie_embeddings = false
+
+[train]
+micro_batch = 16
+seq_len = 64
+grad_accum = 1
+precision = "fp32"
+checkpointing = "full"
+loss = "chunked"
+loss_chunk = 256
+engine = "candle"
+steps = 600
+learning_rate = 0.003
+
+[hardware]
+gpu = "cpu"
+"#;
+
+pub struct Opts {
+    pub steps: u64,
+    pub lr: f64,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub keep: usize,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub data: Option<PathBuf>,
+    /// The plan's TOML, saved with every checkpoint.
+    pub plan_toml: String,
+    /// The planner's predicted peak for one step, bytes.
+    pub predicted_peak: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub val_loss: f64,
+    pub val_bits_per_byte: f64,
+    pub tokens_per_second: f64,
+    pub predicted_peak_bytes: u64,
+    pub measured_peak_bytes: u64,
+    /// (predicted − measured) / measured.
+    pub peak_error: f64,
+    pub params: u64,
+    pub data: String,
+    pub entropy_nats_per_byte: Option<f64>,
+    pub entropy_bits_per_byte: Option<f64>,
+    /// The lowest achievable mean validation loss over a window (first byte has no context).
+    pub loss_floor_nats: Option<f64>,
+    pub seconds: f64,
+}
+
+#[derive(Serialize)]
+struct MetricLine {
+    step: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens_per_second: f64,
+    peak_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+}
+
+/// Step options from the plan.
+pub fn step_opts(spec: &RunSpec) -> step::Opts {
+    let t = &spec.train;
+    let n = t.tokens_per_micro_batch() as usize;
+    step::Opts {
+        chunk: if t.loss == LossMode::Chunked {
+            t.loss_chunk as usize
+        } else {
+            n
+        },
+        checkpoint: t.checkpointing == Checkpointing::Full,
+        scale: 1.0 / (n as f64 * t.grad_accum as f64),
+    }
+}
+
+/// Mean validation loss over up to 32 fixed windows.
+fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
+    let t = spec.train.seq_len as usize;
+    let b = spec.train.micro_batch as usize;
+    let offs = data::val_windows(&corpus.val, t, 32);
+    if offs.is_empty() {
+        bail!("the validation split is shorter than one sequence");
+    }
+    let mut total = 0.0;
+    let mut count = 0;
+    for w in offs.chunks(b.max(1)) {
+        let (x, y) = data::windows_batch(&corpus.val, w, t)?;
+        total += step::eval_loss(model, &x, &y, w.len(), step_opts(spec).chunk)? * w.len() as f64;
+        count += w.len();
+    }
+    Ok(total / count as f64)
+}
+
+pub fn check_vocab(spec: &RunSpec) -> Result<()> {
+    if spec.model.vocab_size < 256 {
+        return Err(crate::exit::bad(
+            "model.vocab_size",
+            format!(
+                "{}: the engine's tokenizer is byte-level and needs a vocabulary of at least 256",
+                spec.model.vocab_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
+pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
+    check_vocab(spec)?;
+    let (b, t) = (spec.train.micro_batch as usize, spec.train.seq_len as usize);
+    let corpus = match &o.data {
+        Some(p) => data::load(p, t + 1)?,
+        None => data::builtin(),
+    };
+    if corpus.train.len() < t + 2 {
+        return Err(crate::exit::bad(
+            &corpus.name,
+            "the training split is shorter than one sequence",
+        ));
+    }
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let baseline = alloc::current();
+    let model = Model::new(&spec.model, DType::F32, &mut Rng::new(o.seed))?;
+    let mut opt = AdamW::new();
+    let mut data_rng = Rng::new(o.seed.wrapping_add(1));
+    let mut start = 0;
+    if o.resume {
+        let l = checkpoint::latest(&o.out).context("--resume")?;
+        checkpoint::restore(&l, &model, Some(&mut opt))?;
+        data_rng = Rng(l.meta.data_rng);
+        start = l.meta.step;
+        println!("resumed from {} (step {start})", l.dir.display());
+    }
+    let params = vramplan_planner::param_count(&spec.model);
+    println!(
+        "training {} ({:.2} M parameters) on {}: {} steps of {} × {} tokens × {} accumulation",
+        spec.model.name,
+        params as f64 / 1e6,
+        corpus.name,
+        o.steps,
+        b,
+        t,
+        spec.train.grad_accum
+    );
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(o.out.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", o.out.join("metrics.jsonl").display()))?;
+    let sopts = step_opts(spec);
+    let mut measured = 0u64;
+    let mut last_loss = f64::NAN;
+    let mut val_loss = f64::NAN;
+    let mut tokens = 0u64;
+    let mut train_secs = 0.0;
+    let began = Instant::now();
+    let meta = |step: u64, rng: &Rng, opt: &AdamW, loss: f64| Meta {
+        step,
+        data_rng: rng.0,
+        adam_t: opt.t,
+        seed: o.seed,
+        plan: o.plan_toml.clone(),
+        data: o
+            .data
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in".into()),
+        total_steps: o.steps,
+        learning_rate: o.lr,
+        last_loss: loss,
+    };
+    for s in start..o.steps {
+        let t0 = Instant::now();
+        alloc::reset_peak();
+        let mut grads = step::Grads::new();
+        let mut loss = 0.0;
+        for _ in 0..spec.train.grad_accum {
+            let (x, y) = data::batch(&corpus.train, b, t, &mut data_rng)?;
+            loss += step::forward_backward(&model, &x, &y, b, sopts, &mut grads)?;
+        }
+        loss /= (b * t) as f64 * spec.train.grad_accum as f64;
+        if !loss.is_finite() {
+            drop(grads);
+            let m = meta(s, &data_rng, &opt, loss);
+            let dir = checkpoint::save(&o.out, &model, &opt, &m, o.keep.max(1) + 1)?;
+            bail!(
+                "the loss became {loss} at step {}: stopped; the weights before this step are saved in {} (lower the learning rate and --resume)",
+                s + 1,
+                dir.display()
+            );
+        }
+        let lr = optim::schedule(s, o.steps, o.lr);
+        let gnorm = opt.step(&model, grads, lr)?;
+        let peak = alloc::peak().saturating_sub(baseline);
+        if s > start {
+            measured = measured.max(peak);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        train_secs += dt;
+        tokens += (b * t) as u64 * spec.train.grad_accum;
+        last_loss = loss;
+        let step_no = s + 1;
+        let mut line = MetricLine {
+            step: step_no,
+            loss,
+            lr,
+            grad_norm: gnorm,
+            tokens_per_second: (b * t) as f64 * spec.train.grad_accum as f64 / dt,
+            peak_bytes: peak,
+            val_loss: None,
+        };
+        if o.eval_every > 0 && (step_no % o.eval_every == 0 || step_no == o.steps) {
+            val_loss = validate(&model, &corpus, spec)?;
+            line.val_loss = Some(val_loss);
+        }
+        writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
+        if step_no % o.log_every.max(1) == 0 || step_no == o.steps || s == start {
+            println!(
+                "step {step_no:>6}/{}  loss {loss:.4}{}  {:>8.0} tok/s  peak {:.1} MiB",
+                o.steps,
+                line.val_loss
+                    .map(|v| format!("  val {v:.4} ({:.3} bits/byte)", v / std::f64::consts::LN_2))
+                    .unwrap_or_default(),
+                tokens as f64 / train_secs.max(1e-9),
+                peak as f64 / (1 << 20) as f64
+            );
+        }
+        if (o.save_every > 0 && step_no % o.save_every == 0) || step_no == o.steps {
+            checkpoint::save(
+                &o.out,
+                &model,
+                &opt,
+                &meta(step_no, &data_rng, &opt, loss),
+                o.keep,
+            )?;
+        }
+    }
+    if val_loss.is_nan() {
+        val_loss = validate(&model, &corpus, spec)?;
+    }
+    let steps_run = o.steps.saturating_sub(start);
+    let error = if measured > 0 {
+        (o.predicted_peak as f64 - measured as f64) / measured as f64
+    } else {
+        0.0
+    };
+    let summary = Summary {
+        steps: o.steps,
+        final_loss: last_loss,
+        val_loss,
+        val_bits_per_byte: val_loss / std::f64::consts::LN_2,
+        tokens_per_second: if train_secs > 0.0 {
+            tokens as f64 / train_secs
+        } else {
+            0.0
+        },
+        predicted_peak_bytes: o.predicted_peak,
+        measured_peak_bytes: measured,
+        peak_error: error,
+        params,
+        data: corpus.name.clone(),
+        entropy_nats_per_byte: corpus.entropy.map(|e| e.rate),
+        entropy_bits_per_byte: corpus.entropy.map(|e| e.rate / std::f64::consts::LN_2),
+        loss_floor_nats: corpus.entropy.map(|e| e.floor(t)),
+        seconds: began.elapsed().as_secs_f64(),
+    };
+    crate::cmd::fit::write_atomic(
+        &o.out.join("summary.json"),
+        &serde_json::to_string_pretty(&summary)?,
+    )?;
+    let _ = steps_run;
+    Ok(summary)
+}

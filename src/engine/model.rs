@@ -1,0 +1,290 @@
+//! The two architectures the engine trains, written with differentiable candle ops only
+//! (CANDLE_NOTES: the fused `rms_norm`, `softmax_last_dim` and `rope` have no backward).
+//!
+//! - `nanochat` (karpathy/nanochat `gpt.py`): `x = norm(wte[ids])`; per block
+//!   `x += attn(norm(x))`, `x += c_proj(relu(c_fc(norm(x)))²)`, parameter-free RMSNorm,
+//!   RoPE then QK-norm, untied `lm_head`, logits `15·tanh(z/15)`.
+//! - `llama` (transformers `modeling_llama.py`): RMSNorm with weights, SwiGLU
+//!   `down(silu(gate(x))·up(x))`, grouped-query attention, logits `h·wteᵀ` (tied).
+//!
+//! Activations are `(N, C)` with `N = batch·seq` rows; attention reshapes to `(B, H, T, D)`.
+//! Parameters are named as [`vramplan_planner::parameters`] lists them.
+
+use crate::engine::rng::Rng;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+use vramplan_planner::{Arch, ModelSpec, Role};
+
+/// RMSNorm epsilon (PyTorch's `F.rms_norm` default for f32 is its machine epsilon; 1e-6 is
+/// Llama's and harmless for both).
+const EPS: f64 = 1e-6;
+/// nanochat's logit soft-cap.
+const SOFTCAP: f64 = 15.0;
+const ROPE_BASE: f64 = 10_000.0;
+
+pub struct Model {
+    pub spec: ModelSpec,
+    pub dtype: DType,
+    pub params: BTreeMap<String, Var>,
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dimension.
+pub fn rms(x: &Tensor) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + EPS)?.sqrt()?)
+}
+
+/// `x · wᵀ`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+/// Rotary tables `(T, D/2)`.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(t: usize, head_dim: usize, dtype: DType) -> Result<Rope> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for i in 0..half {
+                let freq = ROPE_BASE.powf(-(2.0 * i as f64) / head_dim as f64);
+                let a = pos as f64 * freq;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let mk = |v: Vec<f64>| Tensor::from_vec(v, (t, half), &Device::Cpu)?.to_dtype(dtype);
+        Ok(Rope {
+            cos: mk(cos)?,
+            sin: mk(sin)?,
+        })
+    }
+
+    /// `(x1, x2) → (x1·cos + x2·sin, x2·cos − x1·sin)` on `(B, H, T, D)`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(3)?;
+        let x1 = x.narrow(3, 0, d / 2)?;
+        let x2 = x.narrow(3, d / 2, d / 2)?;
+        let y1 = (x1.broadcast_mul(&self.cos)? + x2.broadcast_mul(&self.sin)?)?;
+        let y2 = (x2.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        Tensor::cat(&[y1, y2], 3)
+    }
+}
+
+/// The additive causal mask `(T, T)`: 0 on and below the diagonal, −1e9 above.
+pub fn causal_mask(t: usize, dtype: DType) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t * t)
+        .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
+        .collect();
+    Tensor::from_vec(v, (t, t), &Device::Cpu)?.to_dtype(dtype)
+}
+
+impl Model {
+    /// A freshly initialized model: matrices `N(0, 1/√fan_in)` (output projections halved),
+    /// embeddings `N(0, 1)` (nanochat) or `N(0, 0.02)` (llama, tied), norm weights 1.
+    pub fn new(spec: &ModelSpec, dtype: DType, rng: &mut Rng) -> Result<Model> {
+        let mut params = BTreeMap::new();
+        for p in vramplan_planner::parameters(spec) {
+            let (rows, cols) = (p.rows as usize, p.cols as usize);
+            let std = match p.role {
+                Role::Vector => 0.0,
+                Role::Embedding if spec.arch == Arch::Nanochat => 1.0,
+                Role::Embedding => 0.02,
+                Role::Head => 0.1 / (cols as f64).sqrt(),
+                Role::Matrix if p.name.contains("proj.weight") && !p.name.contains("q_proj") => {
+                    0.5 / (cols as f64).sqrt()
+                }
+                Role::Matrix => 1.0 / (cols as f64).sqrt(),
+            };
+            let t = if p.role == Role::Vector {
+                Tensor::ones(rows * cols, dtype, &Device::Cpu)?
+            } else {
+                let v: Vec<f64> = (0..rows * cols).map(|_| rng.normal() * std).collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?
+            };
+            params.insert(p.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Model {
+            spec: spec.clone(),
+            dtype,
+            params,
+        })
+    }
+
+    pub fn p(&self, name: &str) -> &Tensor {
+        match self.params.get(name) {
+            Some(v) => v.as_tensor(),
+            None => panic!("the model has no parameter {name}"),
+        }
+    }
+
+    pub fn embedding_name(&self) -> &'static str {
+        match self.spec.arch {
+            Arch::Nanochat => "wte.weight",
+            _ => "embed_tokens.weight",
+        }
+    }
+
+    /// Token ids `(N,)` to the first block's input `(N, C)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.p(self.embedding_name()).embedding(ids)?;
+        match self.spec.arch {
+            Arch::Nanochat => rms(&x),
+            _ => Ok(x),
+        }
+    }
+
+    fn norm(&self, x: &Tensor, weight: &str) -> Result<Tensor> {
+        match self.spec.arch {
+            Arch::Nanochat => rms(x),
+            _ => rms(x)?.broadcast_mul(self.p(weight)),
+        }
+    }
+
+    /// Block `l` on `(N, C)` rows of `b` sequences.
+    pub fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        b: usize,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (ln1, ln2) = (
+            format!("layers.{l}.input_layernorm.weight"),
+            format!("layers.{l}.post_attention_layernorm.weight"),
+        );
+        let h = self.norm(x, &ln1)?;
+        let x = (x + self.attention(l, &h, b, rope, mask)?)?;
+        let h = self.norm(&x, &ln2)?;
+        &x + self.mlp(l, &h)?
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        x: &Tensor,
+        b: usize,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let s = &self.spec;
+        let (n, nh, nkv, hd) = (
+            x.dim(0)?,
+            s.num_heads as usize,
+            s.num_kv_heads as usize,
+            s.head_dim as usize,
+        );
+        let t = n / b;
+        let names: [&str; 4] = match s.arch {
+            Arch::Nanochat => ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"],
+            _ => [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ],
+        };
+        let w = |i: usize| self.p(&format!("layers.{l}.{}.weight", names[i])).clone();
+        let heads = |y: Tensor, h: usize| y.reshape((b, t, h, hd))?.transpose(1, 2);
+        let mut q = rope.apply(&heads(linear(x, &w(0))?, nh)?)?;
+        let mut k = rope.apply(&heads(linear(x, &w(1))?, nkv)?)?;
+        let mut v = heads(linear(x, &w(2))?, nkv)?;
+        if s.arch == Arch::Nanochat {
+            q = rms(&q)?;
+            k = rms(&k)?;
+        }
+        if nh != nkv {
+            let rep = nh / nkv;
+            let expand = |y: &Tensor| {
+                y.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, t, hd))?
+                    .reshape((b, nh, t, hd))
+            };
+            k = expand(&k)?;
+            v = expand(&v)?;
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;
+        linear(&y, &w(3))
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let w = |n: &str| self.p(&format!("layers.{l}.{n}")).clone();
+        match self.spec.arch {
+            Arch::Nanochat => {
+                let h = linear(x, &w("mlp.c_fc.weight"))?.relu()?.sqr()?;
+                linear(&h, &w("mlp.c_proj.weight"))
+            }
+            _ => {
+                let g = linear(x, &w("mlp.gate_proj.weight"))?.silu()?;
+                let u = linear(x, &w("mlp.up_proj.weight"))?;
+                linear(&(g * u)?, &w("mlp.down_proj.weight"))
+            }
+        }
+    }
+
+    /// The name of the matrix the head multiplies by (the embedding when tied).
+    pub fn head_name(&self) -> &'static str {
+        if self.spec.tie_embeddings {
+            self.embedding_name()
+        } else {
+            "lm_head.weight"
+        }
+    }
+
+    /// The logits of rows `h` (last block's output), in at least f32.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.norm(h, "norm.weight")?;
+        let z = linear(&h, self.p(self.head_name()))?;
+        let z = match self.spec.arch {
+            Arch::Nanochat => ((z / SOFTCAP)?.tanh()? * SOFTCAP)?,
+            _ => z,
+        };
+        if self.dtype == DType::F64 {
+            Ok(z)
+        } else {
+            z.to_dtype(DType::F32)
+        }
+    }
+
+    /// Sum over rows of the cross-entropy `logsumexp(z) − z[target]`; targets `(R, 1)` u32.
+    pub fn loss_sum(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let z = self.logits(h)?;
+        let m = z.max_keepdim(1)?.detach();
+        let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
+        let picked = z.gather(targets, 1)?;
+        (lse - picked)?.sum_all()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.spec.num_layers as usize
+    }
+
+    /// Names of the parameters that belong to block `l`.
+    pub fn block_params(&self, l: usize) -> Vec<String> {
+        let prefix = format!("layers.{l}.");
+        self.params
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Parameters the loss stage touches: the final norm and the head.
+    pub fn head_params(&self) -> Vec<String> {
+        let mut v = vec![self.head_name().to_string()];
+        if self.params.contains_key("norm.weight") {
+            v.push("norm.weight".into());
+        }
+        v
+    }
+}

@@ -1,0 +1,196 @@
+//! One micro-step's forward and backward, with the memory savers of the plan:
+//!
+//! - chunked loss: the last block's output is split into row chunks; each chunk becomes
+//!   its own leaf, its logits (f32), log-sum-exp and share of the mean loss are computed
+//!   and backpropagated at once, and only the chunk's (detached) input gradient and the
+//!   head's gradient are kept. Peak logits memory is one chunk's, not the batch's.
+//! - full checkpointing: blocks run forward on detached inputs and only each block's input
+//!   is kept; backward recomputes one block from a fresh leaf and backpropagates the
+//!   surrogate `sum(out · grad_out)`, whose gradient with respect to the block's input and
+//!   parameters is the chain rule's (candle has no way to seed `backward` with a gradient).
+//!
+//! Every gradient kept is `detach`ed so no graph outlives its stage (CANDLE_NOTES).
+
+use crate::engine::model::{causal_mask, Model, Rope};
+use candle_core::{Result, Tensor, Var};
+use std::collections::BTreeMap;
+
+/// Parameter gradients by name, accumulated over micro-steps.
+pub type Grads = BTreeMap<String, Tensor>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    /// Rows per loss chunk (at least the batch's rows for the plain loss).
+    pub chunk: usize,
+    pub checkpoint: bool,
+    /// Multiplies the summed token losses: `1 / (tokens per micro-step · accumulation)`.
+    pub scale: f64,
+}
+
+fn accumulate(grads: &mut Grads, name: &str, g: Tensor) -> Result<()> {
+    let g = g.detach();
+    match grads.remove(name) {
+        Some(old) => {
+            let sum = (old + g)?;
+            grads.insert(name.to_string(), sum);
+        }
+        None => {
+            grads.insert(name.to_string(), g);
+        }
+    }
+    Ok(())
+}
+
+fn collect(
+    model: &Model,
+    store: &candle_core::backprop::GradStore,
+    names: &[String],
+    grads: &mut Grads,
+) -> Result<()> {
+    for n in names {
+        if let Some(g) = store.get(model.p(n)) {
+            accumulate(grads, n, g.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs forward and backward on `ids`/`targets` (`(N,)` u32, `N = b·t`), adds the
+/// parameter gradients to `grads` and returns the summed (unscaled) token loss.
+pub fn forward_backward(
+    model: &Model,
+    ids: &Tensor,
+    targets: &Tensor,
+    b: usize,
+    opts: Opts,
+    grads: &mut Grads,
+) -> Result<f64> {
+    let n = ids.dim(0)?;
+    let t = n / b;
+    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
+    let mask = causal_mask(t, model.dtype)?;
+    let layers = model.num_layers();
+    let emb_name = vec![model.embedding_name().to_string()];
+    if opts.checkpoint {
+        let mut inputs = vec![model.embed(ids)?.detach()];
+        for l in 0..layers {
+            let x = model.block(l, &inputs[l], b, &rope, &mask)?.detach();
+            inputs.push(x);
+        }
+        let last = inputs.pop().expect("the embedding output");
+        let (loss, mut g) = loss_stage(model, &last, targets, opts, grads)?;
+        drop(last);
+        for l in (0..layers).rev() {
+            let input = inputs.pop().expect("one input per block");
+            let leaf = Var::from_tensor(&input)?;
+            drop(input);
+            let out = model.block(l, leaf.as_tensor(), b, &rope, &mask)?;
+            let store = (out * &g)?.sum_all()?.backward()?;
+            collect(model, &store, &model.block_params(l), grads)?;
+            g = match store.get(leaf.as_tensor()) {
+                Some(x) => x.detach(),
+                None => candle_core::bail!("block {l} input got no gradient"),
+            };
+        }
+        let e = model.embed(ids)?;
+        let store = (e * &g)?.sum_all()?.backward()?;
+        collect(model, &store, &emb_name, grads)?;
+        Ok(loss)
+    } else {
+        let mut x = model.embed(ids)?;
+        for l in 0..layers {
+            x = model.block(l, &x, b, &rope, &mask)?;
+        }
+        let last = x.detach();
+        let (loss, g) = loss_stage(model, &last, targets, opts, grads)?;
+        drop(last);
+        let store = (x * &g)?.sum_all()?.backward()?;
+        drop(g);
+        let mut names = emb_name;
+        for l in 0..layers {
+            names.extend(model.block_params(l));
+        }
+        collect(model, &store, &names, grads)?;
+        Ok(loss)
+    }
+}
+
+/// The chunked loss: returns the summed token loss and the gradient of `last` (detached).
+fn loss_stage(
+    model: &Model,
+    last: &Tensor,
+    targets: &Tensor,
+    opts: Opts,
+    grads: &mut Grads,
+) -> Result<(f64, Tensor)> {
+    let n = last.dim(0)?;
+    let chunk = opts.chunk.clamp(1, n);
+    let head = model.head_params();
+    let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let leaf = Var::from_tensor(&last.narrow(0, start, len)?)?;
+        let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let ls = model.loss_sum(leaf.as_tensor(), &tg)?;
+        total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let store = (ls * opts.scale)?.backward()?;
+        collect(model, &store, &head, grads)?;
+        match store.get(leaf.as_tensor()) {
+            Some(g) => parts.push(g.detach()),
+            None => candle_core::bail!("loss chunk input got no gradient"),
+        }
+        start += len;
+    }
+    let g = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    Ok((total, g))
+}
+
+/// The mean token loss of `ids`/`targets` without gradients (validation).
+pub fn eval_loss(
+    model: &Model,
+    ids: &Tensor,
+    targets: &Tensor,
+    b: usize,
+    chunk: usize,
+) -> Result<f64> {
+    let n = ids.dim(0)?;
+    let t = n / b;
+    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
+    let mask = causal_mask(t, model.dtype)?;
+    let mut x = model.embed(ids)?.detach();
+    for l in 0..model.num_layers() {
+        x = model.block(l, &x, b, &rope, &mask)?.detach();
+    }
+    let chunk = chunk.clamp(1, n);
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let ls = model.loss_sum(&x.narrow(0, start, len)?.contiguous()?, &tg)?;
+        total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        start += len;
+    }
+    Ok(total / n as f64)
+}
+
+/// The logits of the last position of one sequence `ids` `(T,)`, as f32.
+pub fn last_logits(model: &Model, ids: &Tensor) -> Result<Vec<f32>> {
+    let t = ids.dim(0)?;
+    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
+    let mask = causal_mask(t, model.dtype)?;
+    let mut x = model.embed(ids)?.detach();
+    for l in 0..model.num_layers() {
+        x = model.block(l, &x, 1, &rope, &mask)?.detach();
+    }
+    let z = model.logits(&x.narrow(0, t - 1, 1)?.contiguous()?)?;
+    z.squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()
+}
