@@ -325,3 +325,6 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let _ = steps_run;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! Gradient checks (f64): every parameter of both architectures gets the gradient that
+//! central finite differences of the loss give, and the memory savers (chunked loss,
+//! block checkpointing, accumulation) give the same gradients as the plain backward.
+
+use super::model::Model;
+use super::rng::Rng;
+use super::step::{eval_loss, forward_backward, Grads, Opts};
+use candle_core::{DType, Device, Tensor};
+use vramplan_planner::{Arch, ModelSpec};
+
+fn spec(arch: Arch) -> ModelSpec {
+    ModelSpec {
+        name: format!("tiny-{arch}"),
+        arch,
+        hidden_size: 8,
+        num_layers: 2,
+        num_decoder_layers: 0,
+        num_heads: 2,
+        num_kv_heads: if arch == Arch::Llama { 1 } else { 2 },
+        head_dim: 4,
+        intermediate_size: 12,
+        vocab_size: 16,
+        tie_embeddings: arch == Arch::Llama,
+        max_positions: 0,
+        gated_ffn: false,
+    }
+}
+
+const B: usize = 2;
+const T: usize = 5;
+
+fn batch(seed: u64) -> (Tensor, Tensor) {
+    let mut r = Rng::new(seed);
+    let x: Vec<u32> = (0..B * T).map(|_| r.below(16) as u32).collect();
+    let y: Vec<u32> = (0..B * T).map(|_| r.below(16) as u32).collect();
+    (
+        Tensor::from_vec(x, B * T, &Device::Cpu).unwrap(),
+        Tensor::from_vec(y, B * T, &Device::Cpu).unwrap(),
+    )
+}
+
+fn model(arch: Arch) -> Model {
+    let m = Model::new(&spec(arch), DType::F64, &mut Rng::new(3)).unwrap();
+    // Norm weights start at 1; perturb them so their gradients are not special.
+    let mut r = Rng::new(5);
+    for (n, v) in &m.params {
+        if n.contains("norm") {
+            let k = v.as_tensor().dim(0).unwrap();
+            let w: Vec<f64> = (0..k).map(|_| 1.0 + 0.3 * r.normal()).collect();
+            v.set(&Tensor::from_vec(w, k, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    m
+}
+
+fn grads(m: &Model, opts: Opts, micro: &[u64]) -> Grads {
+    let mut g = Grads::new();
+    for s in micro {
+        let (x, y) = batch(*s);
+        forward_backward(m, &x, &y, B, opts, &mut g).unwrap();
+    }
+    g
+}
+
+fn plain() -> Opts {
+    Opts {
+        chunk: B * T,
+        checkpoint: false,
+        scale: 1.0 / (B * T) as f64,
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+#[test]
+fn every_parameter_matches_finite_differences() {
+    for arch in [Arch::Nanochat, Arch::Llama] {
+        let m = model(arch);
+        let g = grads(&m, plain(), &[1]);
+        let (x, y) = batch(1);
+        assert_eq!(
+            g.len(),
+            m.params.len(),
+            "{arch}: a parameter got no gradient"
+        );
+        for (name, var) in &m.params {
+            let gv = flat(&g[name]);
+            assert!(
+                gv.iter().any(|v| v.abs() > 1e-9),
+                "{arch} {name}: zero gradient"
+            );
+            let mut w = flat(var.as_tensor());
+            let shape = var.as_tensor().shape().clone();
+            // The largest entry and a few spread over the tensor.
+            let big = (0..gv.len())
+                .max_by(|a, b| gv[*a].abs().total_cmp(&gv[*b].abs()))
+                .unwrap();
+            let picks = [big, 0, gv.len() / 3, gv.len() / 2, gv.len() - 1];
+            for &i in &picks {
+                let h = 1e-5;
+                let orig = w[i];
+                let mut at = |v: f64| {
+                    w[i] = v;
+                    var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    eval_loss(&m, &x, &y, B, B * T).unwrap()
+                };
+                let fd = (at(orig + h) - at(orig - h)) / (2.0 * h);
+                at(orig);
+                let err = (fd - gv[i]).abs();
+                assert!(
+                    err <= 1e-6 + 1e-5 * gv[big].abs(),
+                    "{arch} {name}[{i}]: backward {} vs finite difference {fd}",
+                    gv[i]
+                );
+            }
+        }
+    }
+}
+
+fn assert_same(a: &Grads, b: &Grads, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (n, ga) in a {
+        let (va, vb) = (flat(ga), flat(&b[n]));
+        let scale = va.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+        for (p, q) in va.iter().zip(&vb) {
+            assert!((p - q).abs() <= 1e-5 * scale, "{what}: {n}: {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn chunked_loss_and_checkpointing_match_the_plain_backward() {
+    for arch in [Arch::Nanochat, Arch::Llama] {
+        let m = model(arch);
+        let reference = grads(&m, plain(), &[1]);
+        for (chunk, checkpoint) in [(3, false), (4, true), (B * T, true), (1, true)] {
+            let g = grads(
+                &m,
+                Opts {
+                    chunk,
+                    checkpoint,
+                    ..plain()
+                },
+                &[1],
+            );
+            assert_same(
+                &reference,
+                &g,
+                &format!("{arch} chunk {chunk} checkpoint {checkpoint}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn accumulation_sums_micro_steps() {
+    let m = model(Arch::Llama);
+    let half = Opts {
+        scale: 0.5 / (B * T) as f64,
+        ..plain()
+    };
+    let acc = grads(
+        &m,
+        Opts {
+            chunk: 4,
+            checkpoint: true,
+            ..half
+        },
+        &[1, 2],
+    );
+    let (a, b) = (grads(&m, half, &[1]), grads(&m, half, &[2]));
+    let sum: Grads = a
+        .iter()
+        .map(|(n, g)| (n.clone(), (g + &b[n]).unwrap()))
+        .collect();
+    assert_same(&sum, &acc, "accumulation");
+}
+
+#[test]
+fn builtin_corpus_entropy_is_consistent() {
+    let c = super::data::builtin();
+    let e = c.entropy.unwrap();
+    assert!(e.rate > 0.5 && e.rate < (4f64).ln() + 1e-9, "{e:?}");
+    assert!(e.first > e.rate);
+    // Empirical conditional entropy of the generated text is close to the exact rate.
+    let mut counts = std::collections::HashMap::new();
+    for w in c.train.windows(2) {
+        *counts.entry((w[0], w[1])).or_insert(0u64) += 1;
+    }
+    let mut from = std::collections::HashMap::new();
+    for ((a, _), n) in &counts {
+        *from.entry(*a).or_insert(0u64) += n;
+    }
+    let total: u64 = from.values().sum();
+    let h: f64 = counts
+        .iter()
+        .map(|((a, _), n)| {
+            let p = *n as f64 / from[a] as f64;
+            -(*n as f64 / total as f64) * p.ln()
+        })
+        .sum();
+    assert!(
+        (h - e.rate).abs() < 0.01,
+        "empirical {h} vs exact {}",
+        e.rate
+    );
+}
