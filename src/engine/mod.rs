@@ -158,6 +158,16 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
     Ok(())
 }
 
+/// Runs a few matmuls so that the thread pool and gemm's per-thread packing buffers exist
+/// before the baseline is taken: they are the process's, not the step's.
+fn warm_up() -> Result<()> {
+    for n in [64usize, 512] {
+        let a = candle_core::Tensor::ones((n, n), DType::F32, &candle_core::Device::Cpu)?;
+        a.matmul(&a)?.matmul(&a.t()?)?;
+    }
+    Ok(())
+}
+
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     check_vocab(spec)?;
@@ -173,7 +183,12 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         ));
     }
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let before_warm = alloc::current();
+    warm_up()?;
     let baseline = alloc::current();
+    if std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() {
+        eprintln!("mem: before warm-up {before_warm}, baseline {baseline}");
+    }
     let model = Model::new(&spec.model, DType::F32, &mut Rng::new(o.seed))?;
     let mut opt = AdamW::new();
     let mut data_rng = Rng::new(o.seed.wrapping_add(1));
@@ -225,6 +240,11 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     };
     for s in start..o.steps {
         let t0 = Instant::now();
+        let debug = std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() && s == start + 1;
+        if debug {
+            step::PROBES.lock().map(|mut v| v.clear()).ok();
+            step::PROBING.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         alloc::reset_peak();
         let mut grads = step::Grads::new();
         let mut loss = 0.0;
@@ -245,7 +265,18 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         }
         let lr = optim::schedule(s, o.steps, o.lr);
         let gnorm = opt.step(&model, grads, lr)?;
+        step::probe("opt");
         let peak = alloc::peak().saturating_sub(baseline);
+        if debug {
+            step::PROBING.store(false, std::sync::atomic::Ordering::Relaxed);
+            for (l, cur, pk) in step::PROBES.lock().map(|v| v.clone()).unwrap_or_default() {
+                eprintln!(
+                    "mem: {l:>8}: live {} peak {}",
+                    cur - baseline,
+                    pk - baseline
+                );
+            }
+        }
         if s > start {
             measured = measured.max(peak);
         }

@@ -15,6 +15,24 @@ use crate::engine::model::{causal_mask, Model, Rope};
 use candle_core::{Result, Tensor, Var};
 use std::collections::BTreeMap;
 
+/// Stage marks for calibrating the planner's inventory (tests only): `(label, live bytes
+/// at the end of the stage, high-water mark during it)`.
+pub static PROBES: std::sync::Mutex<Vec<(String, u64, u64)>> = std::sync::Mutex::new(Vec::new());
+pub static PROBING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn probe(label: &str) {
+    if PROBING.load(std::sync::atomic::Ordering::Relaxed) {
+        let (cur, peak) = (
+            crate::engine::alloc::current(),
+            crate::engine::alloc::peak(),
+        );
+        if let Ok(mut v) = PROBES.lock() {
+            v.push((label.to_string(), cur, peak));
+        }
+        crate::engine::alloc::reset_peak();
+    }
+}
+
 /// Parameter gradients by name, accumulated over micro-steps.
 pub type Grads = BTreeMap<String, Tensor>;
 
@@ -71,15 +89,18 @@ pub fn forward_backward(
     let mask = causal_mask(t, model.dtype)?;
     let layers = model.num_layers();
     let emb_name = vec![model.embedding_name().to_string()];
+    probe("start");
     if opts.checkpoint {
         let mut inputs = vec![model.embed(ids)?.detach()];
         for l in 0..layers {
             let x = model.block(l, &inputs[l], b, &rope, &mask)?.detach();
             inputs.push(x);
+            probe(&format!("fwd {l}"));
         }
         let last = inputs.pop().expect("the embedding output");
         let (loss, mut g) = loss_stage(model, &last, targets, opts, grads)?;
         drop(last);
+        probe("loss");
         for l in (0..layers).rev() {
             let input = inputs.pop().expect("one input per block");
             let leaf = Var::from_tensor(&input)?;
@@ -91,19 +112,25 @@ pub fn forward_backward(
                 Some(x) => x.detach(),
                 None => candle_core::bail!("block {l} input got no gradient"),
             };
+            drop(store);
+            probe(&format!("bwd {l}"));
         }
         let e = model.embed(ids)?;
         let store = (e * &g)?.sum_all()?.backward()?;
         collect(model, &store, &emb_name, grads)?;
+        drop(store);
+        probe("emb");
         Ok(loss)
     } else {
         let mut x = model.embed(ids)?;
         for l in 0..layers {
             x = model.block(l, &x, b, &rope, &mask)?;
         }
+        probe("fwd");
         let last = x.detach();
         let (loss, g) = loss_stage(model, &last, targets, opts, grads)?;
         drop(last);
+        probe("loss");
         let store = (x * &g)?.sum_all()?.backward()?;
         drop(g);
         let mut names = emb_name;
@@ -111,6 +138,8 @@ pub fn forward_backward(
             names.extend(model.block_params(l));
         }
         collect(model, &store, &names, grads)?;
+        drop(store);
+        probe("bwd");
         Ok(loss)
     }
 }
