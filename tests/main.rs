@@ -1,3 +1,4 @@
 mod accuracy;
 mod cli;
+mod diagnose;
 mod train;

@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod fit;
 mod hf;
+mod oom;
 mod params;
 mod presets;
 mod report;
@@ -26,6 +27,7 @@ pub use config::{
 pub use error::{PlanError, Result};
 pub use fit::{fit, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
+pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::Presets;
 pub use report::{estimate, play, Report};
