@@ -34,8 +34,7 @@ impl Env {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub name: String,
-    // The config as written: `diagnose --out` and `train` write configs derived from it.
-    #[allow(dead_code)]
+    /// The config as written: `diagnose --out` writes configs derived from it.
     pub raw: RawConfig,
     pub spec: RunSpec,
 }
