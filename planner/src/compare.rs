@@ -3,7 +3,7 @@
 
 use crate::report::Report;
 use crate::spec::{LossMode, RunSpec};
-use crate::units::{Bytes, GIB};
+use crate::units::{thousands, Bytes, GIB};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,18 +57,6 @@ pub fn gib2(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / GIB as f64)
 }
 
-fn grouped(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// The full fp32 logits of a run: micro_batch × seq_len × vocab × 4 B.
 pub fn fp32_logits(s: &RunSpec) -> Bytes {
     Bytes::of(
@@ -84,7 +72,7 @@ fn logits_formula(s: &RunSpec) -> String {
         "{} × {} × {} × 4 B = {}",
         s.train.micro_batch,
         s.train.seq_len,
-        grouped(s.model.vocab_size),
+        thousands(s.model.vocab_size),
         gib2(fp32_logits(s).0)
     )
 }

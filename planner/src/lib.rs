@@ -33,4 +33,4 @@ pub use presets::Presets;
 pub use report::{estimate, play, Report};
 pub use spec::*;
 pub use timeline::{Component, Event, Snapshot, Step, Tensor, TensorId, Timeline};
-pub use units::{Bytes, GIB, KIB, MIB};
+pub use units::{thousands, Bytes, GIB, KIB, MIB};

@@ -50,6 +50,19 @@ impl Bytes {
     }
 }
 
+/// A whole number with thousands separators: 65536 → "65,536".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl fmt::Display for Bytes {
     /// GiB with one decimal for anything of a GiB or more; MiB below; bytes below a KiB.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,6 +115,8 @@ mod tests {
         assert_eq!(Bytes(20 * 3072 * 65536 * 4).to_string(), "15.0 GiB");
         assert_eq!(Bytes(3 * MIB / 2).to_string(), "1.5 MiB");
         assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(thousands(65_536), "65,536");
+        assert_eq!(thousands(999), "999");
     }
 
     #[test]

@@ -223,22 +223,14 @@ fn formula(m: &Match, s: &RunSpec) -> String {
                 .and_then(|x| x.checked_mul(w))
                 == Some(m.bytes)
         {
-            return format!(", {mb} × {t} × {} × {w} B = {}", group(v), b(m.bytes));
+            return format!(
+                ", {mb} × {t} × {} × {w} B = {}",
+                vramplan_planner::thousands(v),
+                b(m.bytes)
+            );
         }
     }
     format!(", {}", b(m.bytes))
-}
-
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn generic_fixes(logits: bool, code_hint: Option<&str>) -> Vec<Fix> {

@@ -44,6 +44,18 @@ fn open(out: &mut String, h: f64, title: &str) {
     );
 }
 
+/// The dashed capacity line across the plot at height `y`, labelled at its left end.
+fn capacity_line(out: &mut String, y: f64, capacity: u64) {
+    let _ = writeln!(
+        out,
+        r##"<line class="capacity" x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#222" stroke-width="2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}">capacity {}</text>"##,
+        W - RIGHT,
+        LEFT + 4.0,
+        y - 6.0,
+        esc(&Bytes(capacity).to_string())
+    );
+}
+
 /// A y axis in GiB with about five ticks.
 fn y_axis(out: &mut String, y0: f64, h: f64, max_gib: f64) {
     let step = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
@@ -130,16 +142,7 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
     // Capacity and the peak.
     let cap = r.capacity_bytes as f64;
     if cap * scale <= PANEL_H * 1.05 {
-        let _ = writeln!(
-            out,
-            r##"<line class="capacity" x1="{LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#222" stroke-width="2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}">capacity {}</text>"##,
-            y(cap),
-            W - RIGHT,
-            y(cap),
-            LEFT + 4.0,
-            y(cap) - 6.0,
-            esc(&Bytes(r.capacity_bytes).to_string())
-        );
+        capacity_line(out, y(cap), r.capacity_bytes);
     }
     let device = r.device_bytes as f64;
     if r.peak_reserved_bytes != r.peak_allocated_bytes && device * scale <= PANEL_H * 1.05 {
@@ -320,16 +323,7 @@ pub fn fit(f: &FitResult) -> String {
         );
     }
     let _ = writeln!(out, "</g>");
-    let _ = writeln!(
-        out,
-        r##"<line class="capacity" x1="{LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#222" stroke-width="2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}">capacity {}</text>"##,
-        y(cap),
-        W - RIGHT,
-        y(cap),
-        LEFT + 4.0,
-        y(cap) - 6.0,
-        esc(&Bytes(f.best.report.capacity_bytes).to_string())
-    );
+    capacity_line(&mut out, y(cap), f.best.report.capacity_bytes);
     let mut mb = 1u64;
     while (mb as f64) <= max_mb {
         let _ = writeln!(
