@@ -173,12 +173,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         "done: {} steps, final loss {:.4}, validation loss {:.4} nats/byte ({:.3} bits/byte)",
         s.steps, s.final_loss, s.val_loss, s.val_bits_per_byte
     );
-    if let (Some(h), Some(floor)) = (s.entropy_nats_per_byte, s.loss_floor_nats) {
+    if let (Some(h), Some(excess)) = (s.entropy_nats_per_byte, s.excess_over_entropy_nats) {
         println!(
-            "corpus entropy {h:.4} nats/byte ({:.3} bits/byte); best achievable mean loss over a window {floor:.4}: validation is {:.4} nats ({:.1} %) above it",
+            "corpus entropy rate {h:.4} nats/byte ({:.3} bits/byte), the lowest achievable loss: validation is {excess:.4} nats/byte ({:.3} bits/byte, {:.1} %) above it",
             h / std::f64::consts::LN_2,
-            s.val_loss - floor,
-            100.0 * (s.val_loss - floor) / floor
+            excess / std::f64::consts::LN_2,
+            100.0 * excess / h
         );
     }
     println!("throughput {:.0} tokens/s", s.tokens_per_second);

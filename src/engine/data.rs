@@ -28,17 +28,9 @@ pub struct Corpus {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Entropy {
-    /// Per byte once the previous byte is known.
+    /// Per byte once the previous byte is known: the lowest expected loss, since every
+    /// target follows an input byte.
     pub rate: f64,
-    /// Of the first byte of a window (the stationary distribution's entropy).
-    pub first: f64,
-}
-
-impl Entropy {
-    /// The lowest expected mean loss over a window of `t` predicted bytes.
-    pub fn floor(&self, t: usize) -> f64 {
-        (self.first + (t.max(1) - 1) as f64 * self.rate) / t.max(1) as f64
-    }
 }
 
 /// The chain: `succ[i]` are `(next state, probability)`.
@@ -89,10 +81,7 @@ impl Chain {
             .zip(&pi)
             .map(|(s, w)| w * h(&mut s.iter().map(|x| x.1)))
             .sum();
-        Entropy {
-            rate,
-            first: h(&mut pi.iter().copied()),
-        }
+        Entropy { rate }
     }
 
     fn generate(&self, len: usize, rng: &mut Rng) -> Vec<u32> {

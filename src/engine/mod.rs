@@ -97,8 +97,8 @@ pub struct Summary {
     pub data: String,
     pub entropy_nats_per_byte: Option<f64>,
     pub entropy_bits_per_byte: Option<f64>,
-    /// The lowest achievable mean validation loss over a window (first byte has no context).
-    pub loss_floor_nats: Option<f64>,
+    /// Validation loss minus the corpus's entropy rate (the lowest achievable loss), nats.
+    pub excess_over_entropy_nats: Option<f64>,
     pub seconds: f64,
 }
 
@@ -129,11 +129,11 @@ pub fn step_opts(spec: &RunSpec) -> step::Opts {
     }
 }
 
-/// Mean validation loss over up to 32 fixed windows.
+/// Mean validation loss over up to 256 fixed windows.
 fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
     let t = spec.train.seq_len as usize;
     let b = spec.train.micro_batch as usize;
-    let offs = data::val_windows(&corpus.val, t, 32);
+    let offs = data::val_windows(&corpus.val, t, 256);
     if offs.is_empty() {
         bail!("the validation split is shorter than one sequence");
     }
@@ -348,7 +348,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         data: corpus.name.clone(),
         entropy_nats_per_byte: corpus.entropy.map(|e| e.rate),
         entropy_bits_per_byte: corpus.entropy.map(|e| e.rate / std::f64::consts::LN_2),
-        loss_floor_nats: corpus.entropy.map(|e| e.floor(t)),
+        excess_over_entropy_nats: corpus.entropy.map(|e| val_loss - e.rate),
         seconds: began.elapsed().as_secs_f64(),
     };
     crate::cmd::fit::write_atomic(

@@ -145,7 +145,7 @@ pub fn forward_backward(
 }
 
 /// The chunked loss: returns the summed token loss and the gradient of `last` (detached).
-fn loss_stage(
+pub fn loss_stage(
     model: &Model,
     last: &Tensor,
     targets: &Tensor,

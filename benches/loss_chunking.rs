@@ -1,0 +1,125 @@
+//! CPU benchmark of the loss stage at vocabulary 65,536: the peak memory above the hidden
+//! states and head, and tokens per second, with fp32 logits for the whole micro-batch
+//! (`loss = "float-cast"`) and in row chunks (`loss = "chunked"`), using the engine's own
+//! code (`src/engine/step.rs`) and counting allocator.
+//!
+//! `cargo bench --profile dev --bench loss_chunking [-- TOKENS...]`. Plans whose logits
+//! graph would not fit in this machine's memory are skipped and said so.
+
+#![allow(dead_code)]
+
+#[path = "../src/engine/alloc.rs"]
+mod alloc;
+#[path = "../src/engine/model.rs"]
+mod model;
+#[path = "../src/engine/rng.rs"]
+mod rng;
+#[path = "../src/engine/step.rs"]
+mod step;
+
+/// The engine's modules under the paths they name each other by.
+mod engine {
+    pub(crate) use super::{alloc, model, rng};
+}
+
+#[global_allocator]
+static COUNTING: engine::alloc::Counting = engine::alloc::Counting;
+
+use candle_core::{DType, Device, Tensor};
+use model::Model;
+use rng::Rng;
+use std::time::Instant;
+use vramplan_planner::{Arch, ModelSpec};
+
+const VOCAB: u64 = 65_536;
+const HIDDEN: u64 = 256;
+
+fn available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|k| k * 1024)
+        .unwrap_or(8 << 30)
+}
+
+fn main() -> candle_core::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let tokens_list = if args.is_empty() { vec![8192] } else { args };
+    // nanochat d4's head: width 256, vocabulary 65,536, soft-capped logits.
+    let spec = ModelSpec {
+        name: "nanochat-d4-head".into(),
+        arch: Arch::Nanochat,
+        hidden_size: HIDDEN,
+        num_layers: 0,
+        num_decoder_layers: 0,
+        num_heads: 2,
+        num_kv_heads: 2,
+        head_dim: 128,
+        intermediate_size: 1024,
+        vocab_size: VOCAB,
+        tie_embeddings: false,
+        max_positions: 0,
+        gated_ffn: false,
+    };
+    let model = Model::new(&spec, DType::F32, &mut Rng::new(1))?;
+    println!(
+        "loss stage, vocabulary {VOCAB}, width {HIDDEN}, f32, {} threads",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("| tokens | loss | rows per chunk | peak above inputs | seconds | tokens/s |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for &n in &tokens_list {
+        let mut r = Rng::new(2);
+        let h: Vec<f32> = (0..n * HIDDEN as usize)
+            .map(|_| r.normal() as f32)
+            .collect();
+        let h = Tensor::from_vec(h, (n, HIDDEN as usize), &Device::Cpu)?;
+        let y: Vec<u32> = (0..n).map(|_| r.below(VOCAB as usize) as u32).collect();
+        let y = Tensor::from_vec(y, n, &Device::Cpu)?;
+        let mut chunks = vec![n, 2048, 1024, 256];
+        chunks.retain(|c| *c <= n);
+        chunks.dedup();
+        for chunk in chunks {
+            let label = if chunk == n { "float-cast" } else { "chunked" };
+            // The logits graph holds about 16 f32 copies of a chunk's logits.
+            let need = 17 * chunk as u64 * VOCAB * 4;
+            if need > available() * 8 / 10 {
+                println!(
+                    "| {n} | {label} | {chunk} | skipped: needs about {:.1} GiB | | |",
+                    need as f64 / (1u64 << 30) as f64
+                );
+                continue;
+            }
+            let opts = step::Opts {
+                chunk,
+                checkpoint: true,
+                scale: 1.0 / n as f64,
+            };
+            let mut grads = step::Grads::new();
+            let before = alloc::current();
+            alloc::reset_peak();
+            let t0 = Instant::now();
+            let (loss, g) = step::loss_stage(&model, &h, &y, opts, &mut grads)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let peak = alloc::peak() - before;
+            drop((g, grads));
+            println!(
+                "| {n} | {label} | {chunk} | {:.1} MiB | {secs:.2} | {:.0} |",
+                peak as f64 / (1u64 << 20) as f64,
+                n as f64 / secs
+            );
+            assert!((loss / n as f64).is_finite());
+        }
+    }
+    Ok(())
+}
