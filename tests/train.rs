@@ -479,21 +479,60 @@ fn jsonl_prompt_response_data_trains() {
 fn a_plan_over_the_memory_limit_is_refused() {
     let dir = tmp("limit");
     let plan = small_plan(&dir);
+    let out = dir.join("out");
     let o = run(&[
         "train",
         plan.to_str().unwrap(),
         "--memory-limit",
-        "0.001",
+        "0.0002",
         "--out",
-        dir.join("out").to_str().unwrap(),
+        out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let t = text(&o);
     assert!(
-        t.contains("does not fit") && t.contains("vramplan fit"),
+        t.contains("does not fit") && t.contains("at the peak"),
         "{t}"
     );
-    assert!(!dir.join("out").exists());
+    assert!(t.contains("no configuration of this model fits"), "{t}");
+    // A plan that can be fixed: the planner's fit writes one that fits the limit.
+    let big = dir.join("big.toml");
+    std::fs::write(
+        &big,
+        p(
+            "nanochat",
+            64,
+            2,
+            2,
+            32,
+            256,
+            4096,
+            16,
+            128,
+            "none",
+            "float-cast",
+            1024,
+            2,
+        )
+        .toml(),
+    )
+    .unwrap();
+    let o = run(&[
+        "train",
+        big.to_str().unwrap(),
+        "--memory-limit",
+        "0.2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let fitted = out.join("plan.fit.toml");
+    assert!(text(&o).contains("a plan that fits"), "{}", text(&o));
+    let o = run(&["estimate", "--json", fitted.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["peak_allocated_bytes"].as_u64().unwrap() < (2 << 30) / 10);
+    assert!(checkpoints(&out).is_empty());
 }
 
 #[test]

@@ -8,7 +8,9 @@ use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan_planner::{Bytes, Engine, Precision};
+use vramplan_planner::{
+    raw_from_spec, Bytes, Engine, FitRequest, GlobalBatch, LossMode, Precision,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -81,6 +83,13 @@ pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result
         );
         raw.train.precision = Some("fp32".into());
     }
+    if loaded.spec.train.optimizer != vramplan_planner::Optimizer::AdamW {
+        eprintln!(
+            "note: {}: optimizer = \"{}\"; the candle engine trains with AdamW",
+            loaded.name, loaded.spec.train.optimizer
+        );
+        raw.train.optimizer = Some("adamw".into());
+    }
     if let Some(gib) = memory_limit {
         if !(gib.is_finite() && gib > 0.0) {
             return Err(bad(
@@ -102,6 +111,61 @@ pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result
     Ok((l, text))
 }
 
+/// Searches for a configuration of the same model that fits (the planner's `fit`, keeping
+/// the sequence length and the global batch) and writes it as `OUT/plan.fit.toml`.
+fn suggest(loaded: &Loaded, a: &Args) {
+    let spec = &loaded.spec;
+    let req = FitRequest {
+        base: spec.clone(),
+        seq_len: Some(spec.train.seq_len),
+        global: GlobalBatch::Sequences(spec.global_batch()),
+        margin: 0.0,
+        allow_fused: false,
+    };
+    match vramplan_planner::fit(&req) {
+        Ok(r) => {
+            let t = &r.best.spec.train;
+            let text = raw_from_spec(&r.best.spec, &loaded.raw.model).to_toml();
+            let path = a.out.join("plan.fit.toml");
+            let written = std::fs::create_dir_all(&a.out)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| crate::cmd::fit::write_atomic(&path, &text));
+            println!(
+                "a plan that fits: micro-batch {} × accumulation {}, checkpointing {}, loss {}{} ({} at the peak){}",
+                t.micro_batch,
+                t.grad_accum,
+                t.checkpointing,
+                t.loss,
+                if t.loss == LossMode::Chunked {
+                    format!(" in chunks of {} rows", t.loss_chunk)
+                } else {
+                    String::new()
+                },
+                Bytes(r.best.report.device_bytes),
+                match written {
+                    Ok(()) => format!("; written to {}: vramplan train {}", path.display(), path.display()),
+                    Err(_) => String::new(),
+                }
+            );
+        }
+        Err(e) => println!("no configuration of this model fits: {e}"),
+    }
+    if a.memory_limit.is_none() {
+        let model = loaded
+            .raw
+            .model
+            .preset
+            .clone()
+            .unwrap_or_else(|| "MODEL".into());
+        println!(
+            "to compare the candidates: vramplan fit --gpu {} --model {model} --engine candle --precision fp32 --seq-len {} --global-batch {}",
+            if spec.hardware.device.is_cuda() { spec.hardware.device.name() } else { "cpu" },
+            spec.train.seq_len,
+            spec.global_batch()
+        );
+    }
+}
+
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.memory_limit)?;
     let spec = &loaded.spec;
@@ -121,22 +185,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
                 println!("  {k:<14} {}", Bytes(*v));
             }
         }
-        let model = loaded
-            .raw
-            .model
-            .preset
-            .clone()
-            .unwrap_or_else(|| "MODEL (preset or config.json)".into());
-        let gpu = if spec.hardware.device.is_cuda() {
-            spec.hardware.device.name().to_string()
-        } else {
-            "cpu".to_string()
-        };
-        println!(
-            "a plan that fits: vramplan fit --gpu {gpu} --model {model} --engine candle --precision fp32 --seq-len {} --global-batch {} --out plan.toml",
-            spec.train.seq_len,
-            spec.global_batch()
-        );
+        suggest(&loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
     }
     let steps = a.steps.or(loaded.raw.train.steps).unwrap_or(DEFAULT_STEPS);
