@@ -55,6 +55,7 @@ precision = "fp32"
 checkpointing = "full"
 loss = "chunked"
 loss_chunk = 256
+optimizer = "adamw"
 engine = "candle"
 steps = 600
 learning_rate = 0.003
@@ -196,7 +197,8 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let mut data_rng = Rng::new(o.seed.wrapping_add(1));
     let mut start = 0;
     if o.resume {
-        let l = checkpoint::latest(&o.out).context("--resume")?;
+        let l = checkpoint::latest(&o.out)
+            .map_err(|e| crate::exit::bad("--resume", format!("{e:#}")))?;
         checkpoint::restore(&l, &model, Some(&mut opt))?;
         data_rng = Rng(l.meta.data_rng);
         start = l.meta.step;
