@@ -556,3 +556,80 @@ fn the_built_in_run_learns() {
     // ln 256 = 5.55 at the start; the corpus's entropy rate is about 1.3 nats.
     assert!(l[0].1 > 4.5 && l[39].1 < 3.0, "{l:?}");
 }
+
+#[test]
+fn a_hugging_face_tokenizer_trains_and_samples() {
+    let dir = tmp("tokenizer");
+    let plan = small_plan(&dir);
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"[UNK]":0,"the":1,"cat":2,"sat":3,"on":4,"mat":5,".":6},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let words = ["the", "cat", "sat", "on", "the", "mat", "."];
+    let corpus: Vec<&str> = (0..4000).map(|i| words[i % words.len()]).collect();
+    let data = dir.join("words.txt");
+    std::fs::write(&data, corpus.join(" ")).unwrap();
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "40",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let l = losses(&out);
+    assert!(l[39].1 < l[0].1 - 1.0, "{l:?}");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.starts_with("the cat "), "{s}");
+    // A tokenizer with more ids than the model's vocabulary is refused.
+    let big = dir.join("big.json");
+    let vocab: Vec<String> = (0..300).map(|i| format!("\"w{i}\":{i}")).collect();
+    std::fs::write(
+        &big,
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+            vocab.join(",")
+        ),
+    )
+    .unwrap();
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--tokenizer",
+        big.to_str().unwrap(),
+        "--out",
+        dir.join("out2").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("more than the model's vocab_size"),
+        "{}",
+        text(&o)
+    );
+}

@@ -37,29 +37,63 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let model = Model::new(&loaded.spec.model, DType::F32, &mut Rng::new(0))?;
     checkpoint::restore(&l, &model, None)?;
     let ctx = loaded.spec.train.seq_len as usize;
-    let mut toks: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
+    let hf = if l.meta.tokenizer {
+        let path = l
+            .dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(checkpoint::TOKENIZER);
+        Some(
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| bad(&path.display().to_string(), format!("tokenizer: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let mut toks: Vec<u32> = match &hf {
+        Some(t) => t
+            .encode(a.prompt.as_str(), false)
+            .map_err(|e| bad("--prompt", format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec(),
+        None => a.prompt.bytes().map(u32::from).collect(),
+    };
     if toks.is_empty() {
-        toks.push(b'\n' as u32);
+        toks.push(if hf.is_some() { 0 } else { b'\n' as u32 });
     }
+    let vocab = match &hf {
+        Some(t) => t.get_vocab_size(true),
+        None => 256,
+    };
     let mut rng = Rng::new(a.seed);
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", a.prompt)?;
+    if hf.is_none() {
+        write!(out, "{}", a.prompt)?;
+    }
     for _ in 0..a.tokens {
         let window = &toks[toks.len().saturating_sub(ctx)..];
         let ids = Tensor::from_vec(window.to_vec(), window.len(), &Device::Cpu)?;
         let z = step::last_logits(&model, &ids)?;
-        let next = pick(&z, a.temperature, &mut rng);
+        let next = pick(&z[..z.len().min(vocab)], a.temperature, &mut rng);
         toks.push(next);
-        out.write_all(&[next.min(255) as u8])?;
-        out.flush()?;
+        if hf.is_none() {
+            out.write_all(&[next.min(255) as u8])?;
+            out.flush()?;
+        }
+    }
+    if let Some(t) = &hf {
+        // The whole sequence, so the decoder joins the prompt and the continuation.
+        let text = t
+            .decode(&toks[usize::from(a.prompt.is_empty())..], false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        write!(out, "{text}")?;
     }
     writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Samples from `softmax(z / temperature)` over byte values (greedy at 0).
+/// Samples from `softmax(z / temperature)` (greedy at 0).
 fn pick(z: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
-    let z = &z[..z.len().min(256)];
     let best = z
         .iter()
         .enumerate()

@@ -20,6 +20,10 @@ pub struct Args {
     /// Training text: plain text, or JSONL with "text" (or "prompt" and "response"). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json (default: bytes, vocabulary 256); the model's
+    /// vocab_size must hold its ids.
+    #[arg(long, value_name = "tokenizer.json")]
+    pub tokenizer: Option<PathBuf>,
     /// Optimizer steps (default: the plan's `train.steps`, else 1000).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -169,7 +173,10 @@ fn suggest(loaded: &Loaded, a: &Args) {
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.memory_limit)?;
     let spec = &loaded.spec;
-    engine::check_vocab(spec)?;
+    match &a.tokenizer {
+        Some(p) => drop(engine::load_tokenizer(p, spec)?),
+        None => engine::check_vocab(spec)?,
+    }
     let report = vramplan_planner::estimate(spec);
     if !report.fits {
         println!(
@@ -213,13 +220,14 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         resume: a.resume,
         stop_at: a.stop_at,
         data: a.data.clone(),
+        tokenizer: a.tokenizer.clone(),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,
     };
     let s = engine::train(spec, &opts)?;
     println!();
     println!(
-        "done: {} steps, final loss {:.4}, validation loss {:.4} nats/byte ({:.3} bits/byte)",
+        "done: {} steps, final loss {:.4}, validation loss {:.4} nats/token ({:.3} bits/byte)",
         s.steps, s.final_loss, s.val_loss, s.val_bits_per_byte
     );
     if let (Some(h), Some(excess)) = (s.entropy_nats_per_byte, s.excess_over_entropy_nats) {

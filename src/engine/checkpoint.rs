@@ -27,10 +27,15 @@ pub struct Meta {
     pub total_steps: u64,
     pub learning_rate: f64,
     pub last_loss: f64,
+    /// Whether ids come from `OUT/tokenizer.json` rather than bytes.
+    #[serde(default)]
+    pub tokenizer: bool,
 }
 
 pub const STATE: &str = "state.safetensors";
 pub const META: &str = "meta.json";
+/// The tokenizer a run trained with, copied into its output folder.
+pub const TOKENIZER: &str = "tokenizer.json";
 
 fn dir_name(step: u64) -> String {
     format!("ckpt-{step:08}")

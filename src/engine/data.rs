@@ -1,6 +1,6 @@
-//! Training data as bytes (the tokenizer is byte-level, vocabulary 256): the built-in
-//! corpus, plain text, or JSONL (`text`, or `prompt` + `response`), with the last tenth
-//! held out for validation.
+//! Training data: the built-in corpus, plain text, or JSONL (`text`, or `prompt` +
+//! `response`), with the last tenth held out for validation; as bytes (vocabulary 256) by
+//! default, or as the ids of a Hugging Face `tokenizer.json`.
 //!
 //! The built-in corpus is a random first-order Markov chain over a small alphabet whose
 //! entropy rate is exact: `H = Σᵢ πᵢ · H(Pᵢ)` with `π` the chain's stationary
@@ -22,6 +22,8 @@ pub struct Corpus {
     pub name: String,
     pub train: Vec<u32>,
     pub val: Vec<u32>,
+    /// Bytes of text per token in the validation split (1 for bytes).
+    pub bytes_per_token: f64,
     /// Entropy rate in nats per byte, known only for the built-in corpus.
     pub entropy: Option<Entropy>,
 }
@@ -108,12 +110,53 @@ impl Chain {
     }
 }
 
+/// A Hugging Face tokenizer, or bytes.
+pub enum Tokens<'a> {
+    Bytes,
+    Hf(&'a tokenizers::Tokenizer),
+}
+
+impl Tokens<'_> {
+    fn encode(&self, name: &str, bytes: Vec<u8>) -> Result<Vec<u32>> {
+        match self {
+            Tokens::Bytes => Ok(bytes.into_iter().map(u32::from).collect()),
+            Tokens::Hf(t) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|e| bad(name, format!("not UTF-8 text: {e}")))?;
+                let enc = t
+                    .encode(text.as_str(), false)
+                    .map_err(|e| bad(name, format!("tokenizer: {e}")))?;
+                Ok(enc.get_ids().to_vec())
+            }
+        }
+    }
+}
+
+/// Splits bytes into train and validation text, then tokenizes each.
+fn corpus(name: &str, mut bytes: Vec<u8>, tok: &Tokens) -> Result<(Vec<u32>, Vec<u32>, f64)> {
+    let mut cut = bytes.len() - bytes.len() / 10;
+    // Cut on a character boundary so both halves stay valid UTF-8.
+    while cut < bytes.len() && (bytes[cut] & 0xC0) == 0x80 {
+        cut += 1;
+    }
+    let val_bytes = bytes.split_off(cut);
+    let n_val_bytes = val_bytes.len();
+    let train = tok.encode(name, bytes)?;
+    let val = tok.encode(name, val_bytes)?;
+    let bpt = n_val_bytes as f64 / val.len().max(1) as f64;
+    Ok((train, val, bpt))
+}
+
 /// The built-in corpus: deterministic, generated in memory, no download.
-pub fn builtin() -> Corpus {
+pub fn builtin(tok: &Tokens) -> Result<Corpus> {
     let chain = Chain::new(7);
-    let all = chain.generate(CORPUS_BYTES, &mut Rng::new(11));
-    let (train, val) = split(all);
-    Corpus {
+    let all: Vec<u8> = chain
+        .generate(CORPUS_BYTES, &mut Rng::new(11))
+        .into_iter()
+        .map(|b| b as u8)
+        .collect();
+    let (train, val, bytes_per_token) = corpus("built-in corpus", all, tok)?;
+    Ok(Corpus {
         name: format!(
             "built-in Markov corpus ({} symbols, {} successors each, {} bytes)",
             ALPHABET.len(),
@@ -122,18 +165,13 @@ pub fn builtin() -> Corpus {
         ),
         train,
         val,
+        bytes_per_token,
         entropy: Some(chain.entropy()),
-    }
+    })
 }
 
-fn split(mut all: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
-    let cut = all.len() - all.len() / 10;
-    let val = all.split_off(cut);
-    (all, val)
-}
-
-/// Reads a text or JSONL file; `window` is the bytes one sequence needs (`seq_len + 1`).
-pub fn load(path: &Path, window: usize) -> Result<Corpus> {
+/// Reads a text or JSONL file; `window` is the tokens one sequence needs (`seq_len + 1`).
+pub fn load(path: &Path, window: usize, tok: &Tokens) -> Result<Corpus> {
     let name = path.display().to_string();
     let raw = std::fs::read(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
     let is_jsonl = matches!(
@@ -144,22 +182,24 @@ pub fn load(path: &Path, window: usize) -> Result<Corpus> {
     if bytes.is_empty() {
         return Err(bad(&name, "the data file is empty"));
     }
-    let need = 20 * window;
-    if bytes.len() < need {
+    let n = bytes.len();
+    let (train, val, bytes_per_token) = corpus(&name, bytes, tok)?;
+    if val.len() < window + 1 || train.len() < window + 1 {
         return Err(bad(
             &name,
             format!(
-                "{} bytes of text: too little for sequences of {} tokens (at least {need} bytes, 10 % held out for validation)",
-                bytes.len(),
-                window - 1
+                "{n} bytes of text ({} tokens): too little for sequences of {} tokens with 10 % held out for validation (at least {} tokens)",
+                train.len() + val.len(),
+                window - 1,
+                20 * window
             ),
         ));
     }
-    let (train, val) = split(bytes.into_iter().map(u32::from).collect());
     Ok(Corpus {
         name,
         train,
         val,
+        bytes_per_token,
         entropy: None,
     })
 }

@@ -77,6 +77,8 @@ pub struct Opts {
     /// Stop after this step (as an interruption would), saving a checkpoint.
     pub stop_at: Option<u64>,
     pub data: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json (default: bytes).
+    pub tokenizer: Option<PathBuf>,
     /// The plan's TOML, saved with every checkpoint.
     pub plan_toml: String,
     /// The planner's predicted peak for one step, bytes.
@@ -148,6 +150,25 @@ fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
     Ok(total / count as f64)
 }
 
+/// Reads a tokenizer.json and checks that its ids fit the model's vocabulary.
+pub fn load_tokenizer(path: &std::path::Path, spec: &RunSpec) -> Result<tokenizers::Tokenizer> {
+    let name = path.display().to_string();
+    let t = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| crate::exit::bad(&name, format!("not a tokenizer.json: {e}")))?;
+    let n = t.get_vocab_size(true) as u64;
+    if n > spec.model.vocab_size {
+        return Err(crate::exit::bad(
+            &name,
+            format!(
+                "{n} tokens, more than the model's vocab_size {}",
+                spec.model.vocab_size
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+/// Without a tokenizer the engine is byte-level: the vocabulary must hold 256 ids.
 pub fn check_vocab(spec: &RunSpec) -> Result<()> {
     if spec.model.vocab_size < 256 {
         return Err(crate::exit::bad(
@@ -173,11 +194,21 @@ fn warm_up() -> Result<()> {
 
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
-    check_vocab(spec)?;
     let (b, t) = (spec.train.micro_batch as usize, spec.train.seq_len as usize);
+    let hf = match &o.tokenizer {
+        Some(p) => Some(load_tokenizer(p, spec)?),
+        None => {
+            check_vocab(spec)?;
+            None
+        }
+    };
+    let tok = match &hf {
+        Some(h) => data::Tokens::Hf(h),
+        None => data::Tokens::Bytes,
+    };
     let corpus = match &o.data {
-        Some(p) => data::load(p, t + 1)?,
-        None => data::builtin(),
+        Some(p) => data::load(p, t + 1, &tok)?,
+        None => data::builtin(&tok)?,
     };
     if corpus.train.len() < t + 2 {
         return Err(crate::exit::bad(
@@ -186,6 +217,12 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         ));
     }
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    if let Some(p) = &o.tokenizer {
+        let dst = o.out.join(checkpoint::TOKENIZER);
+        if std::fs::canonicalize(p).ok() != std::fs::canonicalize(&dst).ok() {
+            std::fs::copy(p, &dst).with_context(|| format!("copying {}", p.display()))?;
+        }
+    }
     let before_warm = alloc::current();
     warm_up()?;
     let baseline = alloc::current();
@@ -221,6 +258,8 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         .open(o.out.join("metrics.jsonl"))
         .with_context(|| format!("opening {}", o.out.join("metrics.jsonl").display()))?;
     let sopts = step_opts(spec);
+    let bits_per_byte =
+        |nats_per_token: f64| nats_per_token / corpus.bytes_per_token / std::f64::consts::LN_2;
     let mut measured = 0u64;
     let mut last_loss = f64::NAN;
     let mut val_loss = f64::NAN;
@@ -241,6 +280,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         total_steps: o.steps,
         learning_rate: o.lr,
         last_loss: loss,
+        tokenizer: o.tokenizer.is_some(),
     };
     let end = o.stop_at.unwrap_or(o.steps).min(o.steps);
     for s in start..end {
@@ -309,7 +349,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
                 "step {step_no:>6}/{}  loss {loss:.4}{}  {:>8.0} tok/s  peak {:.1} MiB",
                 o.steps,
                 line.val_loss
-                    .map(|v| format!("  val {v:.4} ({:.3} bits/byte)", v / std::f64::consts::LN_2))
+                    .map(|v| format!("  val {v:.4} ({:.3} bits/byte)", bits_per_byte(v)))
                     .unwrap_or_default(),
                 tokens as f64 / train_secs.max(1e-9),
                 peak as f64 / (1 << 20) as f64
@@ -337,7 +377,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         steps: end,
         final_loss: last_loss,
         val_loss,
-        val_bits_per_byte: val_loss / std::f64::consts::LN_2,
+        val_bits_per_byte: bits_per_byte(val_loss),
         tokens_per_second: if train_secs > 0.0 {
             tokens as f64 / train_secs
         } else {
@@ -350,7 +390,9 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         data: corpus.name.clone(),
         entropy_nats_per_byte: corpus.entropy.map(|e| e.rate),
         entropy_bits_per_byte: corpus.entropy.map(|e| e.rate / std::f64::consts::LN_2),
-        excess_over_entropy_nats: corpus.entropy.map(|e| val_loss - e.rate),
+        excess_over_entropy_nats: corpus
+            .entropy
+            .map(|e| val_loss / corpus.bytes_per_token - e.rate),
         seconds: began.elapsed().as_secs_f64(),
     };
     crate::cmd::fit::write_atomic(

@@ -182,7 +182,7 @@ fn accumulation_sums_micro_steps() {
 
 #[test]
 fn builtin_corpus_entropy_is_consistent() {
-    let c = super::data::builtin();
+    let c = super::data::builtin(&super::data::Tokens::Bytes).unwrap();
     let e = c.entropy.unwrap();
     assert!(e.rate > 0.5 && e.rate < (4f64).ln() + 1e-9, "{e:?}");
     // Empirical conditional entropy of the generated text is close to the exact rate.
