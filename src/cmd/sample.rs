@@ -17,7 +17,7 @@ pub struct Args {
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "")]
     pub prompt: String,
-    /// Bytes to generate.
+    /// Tokens to generate (bytes, unless the run trained with a tokenizer).
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
     /// Sampling temperature (0: greedy).

@@ -1,6 +1,7 @@
 //! `vramplan train [PLAN.toml] [...]`: train with a plan on the candle engine (CPU, f32),
 //! after checking with the planner that the plan fits, and report predicted vs measured
 //! memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
+//! Byte-level by default; `--tokenizer` takes a Hugging Face tokenizer.json.
 
 use crate::engine;
 use crate::exit::{bad, DOES_NOT_FIT};
