@@ -296,6 +296,20 @@ fn resume_continues_exactly() {
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len(), 8);
     assert_eq!(la, lb, "8 steps straight vs 5 steps + resume for 3");
+    // Resuming from an older checkpoint drops the log of the steps after it.
+    let c = dir.join("c");
+    let args = ["--steps", "8", "--eval-every", "0", "--save-every", "4"];
+    let o = run(&[&["train", plan, "--out", c.to_str().unwrap()][..], &args].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(c.join("ckpt-00000008")).unwrap();
+    let o = run(&[
+        &["train", plan, "--out", c.to_str().unwrap(), "--resume"][..],
+        &args,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(step 4)"), "{}", text(&o));
+    assert_eq!(losses(&c), la, "8 steps with a resume from step 4");
 }
 
 #[test]

@@ -192,6 +192,25 @@ fn warm_up() -> Result<()> {
     Ok(())
 }
 
+/// Drops the metrics of steps after `step` (a run that went on past its last checkpoint),
+/// so a resumed run's log reads as one run.
+fn truncate_metrics(path: &std::path::Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::cmd::fit::write_atomic(path, &kept)
+}
+
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let (b, t) = (spec.train.micro_batch as usize, spec.train.seq_len as usize);
@@ -239,6 +258,13 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         checkpoint::restore(&l, &model, Some(&mut opt))?;
         data_rng = Rng(l.meta.data_rng);
         start = l.meta.step;
+        if l.meta.plan.trim() != o.plan_toml.trim() {
+            eprintln!(
+                "warning: {} was written with a different plan; continuing with this one",
+                l.dir.display()
+            );
+        }
+        truncate_metrics(&o.out.join("metrics.jsonl"), start)?;
         println!("resumed from {} (step {start})", l.dir.display());
     }
     let params = vramplan_planner::param_count(&spec.model);
