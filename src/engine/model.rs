@@ -155,14 +155,27 @@ impl Model {
         rope: &Rope,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let (ln1, ln2) = (
-            format!("layers.{l}.input_layernorm.weight"),
-            format!("layers.{l}.post_attention_layernorm.weight"),
-        );
-        let h = self.norm(x, &ln1)?;
-        let x = (x + self.attention(l, &h, b, rope, mask)?)?;
-        let h = self.norm(&x, &ln2)?;
-        &x + self.mlp(l, &h)?
+        let h = self.attention_half(l, x, b, rope, mask)?;
+        self.mlp_half(l, &h)
+    }
+
+    /// `x + attn(norm(x))`: the first half of block `l`.
+    pub fn attention_half(
+        &self,
+        l: usize,
+        x: &Tensor,
+        b: usize,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.norm(x, &format!("layers.{l}.input_layernorm.weight"))?;
+        x + self.attention(l, &h, b, rope, mask)?
+    }
+
+    /// `x + mlp(norm(x))`: the second half of block `l`.
+    pub fn mlp_half(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let h = self.norm(x, &format!("layers.{l}.post_attention_layernorm.weight"))?;
+        x + self.mlp(l, &h)?
     }
 
     fn attention(
@@ -267,6 +280,17 @@ impl Model {
 
     pub fn num_layers(&self) -> usize {
         self.spec.num_layers as usize
+    }
+
+    /// Names of the parameters of block `l`'s attention half (`attn`) or MLP half.
+    pub fn half_params(&self, l: usize, attn: bool) -> Vec<String> {
+        self.block_params(l)
+            .into_iter()
+            .filter(|n| {
+                let is_attn = n.contains("attn") || n.contains("input_layernorm");
+                is_attn == attn
+            })
+            .collect()
     }
 
     /// Names of the parameters that belong to block `l`.
