@@ -422,7 +422,11 @@ pub fn play(spec: &RunSpec) -> Timeline {
             ));
         }
         let last = inputs.pop();
-        s.phase("loss (chunked fp32 logits)");
+        s.phase(if rows < n {
+            format!("loss (fp32 logits in chunks of {rows} rows)")
+        } else {
+            "loss (the whole fp32 logits at once)".to_string()
+        });
         s.transient(
             "loss chunk graph: logits (f32), log-sum-exp, their gradients",
             Component::Logits,
