@@ -1,4 +1,5 @@
 mod accuracy;
 mod cli;
 mod diagnose;
+mod parquet_data;
 mod train;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn run(args: &[&str]) -> Output {
+pub(crate) fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vramplan"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -13,14 +13,14 @@ fn run(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
-fn tmp(name: &str) -> PathBuf {
+pub(crate) fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vramplan-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -28,7 +28,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn summary(out: &Path) -> serde_json::Value {
+pub(crate) fn summary(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
 }
 
@@ -238,7 +238,7 @@ fn candle_inventory_predicts_the_measured_peak() {
     );
 }
 
-fn losses(out: &Path) -> Vec<(u64, f64)> {
+pub(crate) fn losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -249,7 +249,7 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn small_plan(dir: &Path) -> PathBuf {
+pub(crate) fn small_plan(dir: &Path) -> PathBuf {
     let path = dir.join("small.toml");
     std::fs::write(
         &path,

@@ -18,7 +18,7 @@ pub struct Args {
     /// Run config (TOML) with `engine = "candle"`, arch llama or nanochat. Without one, the
     /// built-in run: a small nanochat GPT on a generated corpus.
     pub plan: Option<PathBuf>,
-    /// Training text: plain text, or JSONL with "text" (or "prompt" and "response"). Default: the built-in corpus.
+    /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// A Hugging Face tokenizer.json (default: bytes, vocabulary 256); the model's

@@ -18,6 +18,9 @@ pub struct Meta {
     pub step: u64,
     /// The batch sampler's RNG state after `step` steps: the data position.
     pub data_rng: u64,
+    /// Where a streamed (Parquet) training split stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_position: Option<crate::engine::parquet::Position>,
     pub adam_t: u64,
     pub seed: u64,
     /// The run config (TOML) the model was built from.

@@ -1,11 +1,13 @@
 //! Training data: the built-in corpus, plain text, or JSONL (`text`, or `prompt` +
-//! `response`), with the last tenth held out for validation; as bytes (vocabulary 256) by
-//! default, or as the ids of a Hugging Face `tokenizer.json`.
+//! `response`), read whole, or Parquet, streamed (`engine::parquet`); the last tenth held
+//! out for validation; as bytes (vocabulary 256) by default, or as the ids of a Hugging
+//! Face `tokenizer.json`.
 //!
 //! The built-in corpus is a random first-order Markov chain over a small alphabet whose
 //! entropy rate is exact: `H = Σᵢ πᵢ · H(Pᵢ)` with `π` the chain's stationary
 //! distribution, so the validation loss can be compared with the best achievable.
 
+use crate::engine::parquet::{Position, Stream};
 use crate::engine::rng::Rng;
 use crate::exit::bad;
 use anyhow::Result;
@@ -18,9 +20,12 @@ const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz .,\n";
 const FANOUT: usize = 4;
 pub const CORPUS_BYTES: usize = 400_000;
 
-pub struct Corpus {
+/// Validation windows at the most.
+pub const VAL_WINDOWS: usize = 256;
+
+pub struct Corpus<'a> {
     pub name: String,
-    pub train: Vec<u32>,
+    pub train: Train<'a>,
     pub val: Vec<u32>,
     /// Bytes of text per token in the validation split (1 for bytes).
     pub bytes_per_token: f64,
@@ -110,14 +115,48 @@ impl Chain {
     }
 }
 
+/// The training split.
+pub enum Train<'a> {
+    /// Tokens in memory, drawn as random windows.
+    Tokens(Vec<u32>),
+    /// A Parquet file, read in order.
+    Stream(Box<Stream<'a>>),
+}
+
+impl Train<'_> {
+    /// The next micro-batch: inputs and targets, `(b·t,)` u32.
+    pub fn batch(&mut self, b: usize, t: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        match self {
+            Train::Tokens(v) => Ok(batch(v, b, t, rng)?),
+            Train::Stream(s) => s.batch(b, t),
+        }
+    }
+
+    /// The stream's position (the RNG is the position of in-memory tokens).
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            Train::Tokens(_) => None,
+            Train::Stream(s) => Some(s.position()),
+        }
+    }
+
+    pub fn seek(&mut self, p: Option<Position>) -> Result<()> {
+        match self {
+            Train::Tokens(_) => Ok(()),
+            Train::Stream(s) => s.seek(p.unwrap_or_default()),
+        }
+    }
+}
+
 /// A Hugging Face tokenizer, or bytes.
+#[derive(Clone, Copy)]
 pub enum Tokens<'a> {
     Bytes,
     Hf(&'a tokenizers::Tokenizer),
 }
 
 impl Tokens<'_> {
-    fn encode(&self, name: &str, bytes: Vec<u8>) -> Result<Vec<u32>> {
+    pub(crate) fn encode(&self, name: &str, bytes: Vec<u8>) -> Result<Vec<u32>> {
         match self {
             Tokens::Bytes => Ok(bytes.into_iter().map(u32::from).collect()),
             Tokens::Hf(t) => {
@@ -148,7 +187,7 @@ fn corpus(name: &str, mut bytes: Vec<u8>, tok: &Tokens) -> Result<(Vec<u32>, Vec
 }
 
 /// The built-in corpus: deterministic, generated in memory, no download.
-pub fn builtin(tok: &Tokens) -> Result<Corpus> {
+pub fn builtin<'a>(tok: &Tokens) -> Result<Corpus<'a>> {
     let chain = Chain::new(7);
     let all: Vec<u8> = chain
         .generate(CORPUS_BYTES, &mut Rng::new(11))
@@ -163,16 +202,20 @@ pub fn builtin(tok: &Tokens) -> Result<Corpus> {
             FANOUT,
             CORPUS_BYTES
         ),
-        train,
+        train: Train::Tokens(train),
         val,
         bytes_per_token,
         entropy: Some(chain.entropy()),
     })
 }
 
-/// Reads a text or JSONL file; `window` is the tokens one sequence needs (`seq_len + 1`).
-pub fn load(path: &Path, window: usize, tok: &Tokens) -> Result<Corpus> {
+/// Reads a text, JSONL or Parquet file; `window` is the tokens one sequence needs
+/// (`seq_len + 1`).
+pub fn load<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a>> {
     let name = path.display().to_string();
+    if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
+        return parquet(path, window, tok);
+    }
     let raw = std::fs::read(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
     let is_jsonl = matches!(
         path.extension().and_then(|e| e.to_str()),
@@ -183,7 +226,7 @@ pub fn load(path: &Path, window: usize, tok: &Tokens) -> Result<Corpus> {
         return Err(bad(&name, "the data file is empty"));
     }
     let n = bytes.len();
-    let (train, val, bytes_per_token) = corpus(&name, bytes, tok)?;
+    let (train, val, bytes_per_token) = corpus(&name, bytes, &tok)?;
     if val.len() < window + 1 || train.len() < window + 1 {
         return Err(bad(
             &name,
@@ -197,11 +240,46 @@ pub fn load(path: &Path, window: usize, tok: &Tokens) -> Result<Corpus> {
     }
     Ok(Corpus {
         name,
-        train,
+        train: Train::Tokens(train),
         val,
         bytes_per_token,
         entropy: None,
     })
+}
+
+fn parquet<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a>> {
+    let name = path.display().to_string();
+    let t = window - 1;
+    let (stream, held) = Stream::open(path, window, VAL_WINDOWS * t + 1, tok)?;
+    if held.tokens.len() < window + 1 {
+        return Err(bad(
+            &name,
+            format!(
+                "the held-out rows (the last tenth) hold {} tokens: too few for one sequence of {t}",
+                held.tokens.len()
+            ),
+        ));
+    }
+    Ok(Corpus {
+        name,
+        train: Train::Stream(Box::new(stream)),
+        bytes_per_token: held.bytes as f64 / held.tokens.len() as f64,
+        val: held.tokens,
+        entropy: None,
+    })
+}
+
+/// A document from its fields: `text`, else `prompt` and `response` on two lines.
+pub(crate) fn doc_text(
+    text: Option<&str>,
+    prompt: Option<&str>,
+    response: Option<&str>,
+) -> Option<String> {
+    match (text, prompt, response) {
+        (Some(t), _, _) => Some(t.to_string()),
+        (None, Some(p), Some(r)) => Some(format!("{p}\n{r}")),
+        _ => None,
+    }
 }
 
 /// JSONL: one object per line with `text`, or `prompt` and `response`; documents are
@@ -216,18 +294,14 @@ fn jsonl(name: &str, raw: &[u8]) -> Result<Vec<u8>> {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| bad(name, format!("line {}: not a JSON object: {e}", i + 1)))?;
         let s = |k: &str| v.get(k).and_then(|x| x.as_str());
-        let doc = match (s("text"), s("prompt"), s("response")) {
-            (Some(t), _, _) => t.to_string(),
-            (None, Some(p), Some(r)) => format!("{p}\n{r}"),
-            _ => {
-                return Err(bad(
-                    name,
-                    format!(
-                        "line {}: expected a string field \"text\", or \"prompt\" and \"response\"",
-                        i + 1
-                    ),
-                ))
-            }
+        let Some(doc) = doc_text(s("text"), s("prompt"), s("response")) else {
+            return Err(bad(
+                name,
+                format!(
+                    "line {}: expected a string field \"text\", or \"prompt\" and \"response\"",
+                    i + 1
+                ),
+            ));
         };
         out.extend_from_slice(doc.as_bytes());
         out.extend_from_slice(b"\n\n");

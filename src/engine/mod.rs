@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
+pub mod parquet;
 pub mod rng;
 pub mod step;
 
@@ -96,6 +97,9 @@ pub struct Summary {
     pub measured_peak_bytes: u64,
     /// (predicted − measured) / measured.
     pub peak_error: f64,
+    /// The whole process's heap high-water mark over the run: the data as loaded, the
+    /// model and every step (streamed Parquet data keeps it far below the file's size).
+    pub process_peak_bytes: u64,
     pub params: u64,
     pub data: String,
     pub entropy_nats_per_byte: Option<f64>,
@@ -132,11 +136,11 @@ pub fn step_opts(spec: &RunSpec) -> step::Opts {
     }
 }
 
-/// Mean validation loss over up to 256 fixed windows.
+/// Mean validation loss over up to `VAL_WINDOWS` fixed windows.
 fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
     let t = spec.train.seq_len as usize;
     let b = spec.train.micro_batch as usize;
-    let offs = data::val_windows(&corpus.val, t, 256);
+    let offs = data::val_windows(&corpus.val, t, data::VAL_WINDOWS);
     if offs.is_empty() {
         bail!("the validation split is shorter than one sequence");
     }
@@ -236,11 +240,11 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         Some(h) => data::Tokens::Hf(h),
         None => data::Tokens::Bytes,
     };
-    let corpus = match &o.data {
-        Some(p) => data::load(p, t + 1, &tok)?,
+    let mut corpus = match &o.data {
+        Some(p) => data::load(p, t + 1, tok)?,
         None => data::builtin(&tok)?,
     };
-    if corpus.train.len() < t + 2 {
+    if matches!(&corpus.train, data::Train::Tokens(v) if v.len() < t + 2) {
         return Err(crate::exit::bad(
             &corpus.name,
             "the training split is shorter than one sequence",
@@ -253,6 +257,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
             std::fs::copy(p, &dst).with_context(|| format!("copying {}", p.display()))?;
         }
     }
+    let mut process_peak = alloc::peak();
     let before_warm = alloc::current();
     warm_up()?;
     let baseline = alloc::current();
@@ -268,6 +273,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
             .map_err(|e| crate::exit::bad("--resume", format!("{e:#}")))?;
         checkpoint::restore(&l, &model, Some(&mut opt))?;
         data_rng = Rng(l.meta.data_rng);
+        corpus.train.seek(l.meta.data_position)?;
         start = l.meta.step;
         if l.meta.plan.trim() != o.plan_toml.trim() {
             eprintln!(
@@ -303,9 +309,10 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let mut tokens = 0u64;
     let mut train_secs = 0.0;
     let began = Instant::now();
-    let meta = |step: u64, rng: &Rng, opt: &AdamW, loss: f64| Meta {
+    let meta = |step: u64, rng: &Rng, train: &data::Train, opt: &AdamW, loss: f64| Meta {
         step,
         data_rng: rng.0,
+        data_position: train.position(),
         adam_t: opt.t,
         seed: o.seed,
         plan: o.plan_toml.clone(),
@@ -327,17 +334,18 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
             step::PROBES.lock().map(|mut v| v.clear()).ok();
             step::PROBING.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        process_peak = process_peak.max(alloc::peak());
         alloc::reset_peak();
         let mut grads = step::Grads::new();
         let mut loss = 0.0;
         for _ in 0..spec.train.grad_accum {
-            let (x, y) = data::batch(&corpus.train, b, t, &mut data_rng)?;
+            let (x, y) = corpus.train.batch(b, t, &mut data_rng)?;
             loss += step::forward_backward(&model, &x, &y, b, sopts, &mut grads)?;
         }
         loss /= (b * t) as f64 * spec.train.grad_accum as f64;
         if !loss.is_finite() {
             drop(grads);
-            let m = meta(s, &data_rng, &opt, loss);
+            let m = meta(s, &data_rng, &corpus.train, &opt, loss);
             let dir = checkpoint::save(&o.out, &model, &opt, &m, o.keep.max(1) + 1)?;
             bail!(
                 "the loss became {loss} at step {}: stopped; the weights before this step are saved in {} (lower the learning rate and --resume)",
@@ -397,7 +405,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
                 &o.out,
                 &model,
                 &opt,
-                &meta(step_no, &data_rng, &opt, loss),
+                &meta(step_no, &data_rng, &corpus.train, &opt, loss),
                 o.keep,
             )?;
         }
@@ -422,6 +430,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         },
         predicted_peak_bytes: o.predicted_peak,
         measured_peak_bytes: measured,
+        process_peak_bytes: process_peak.max(alloc::peak()),
         peak_error: error,
         params,
         data: corpus.name.clone(),
