@@ -30,7 +30,7 @@ pub use hf::hf_config;
 pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::Presets;
-pub use report::{estimate, play, Report};
+pub use report::{estimate, model_flops_per_token, play, Report};
 pub use spec::*;
 pub use timeline::{Component, Event, Snapshot, Step, Tensor, TensorId, Timeline};
 pub use units::{thousands, Bytes, GIB, KIB, MIB};

@@ -139,10 +139,9 @@ impl Report {
     }
 }
 
-/// (FLOPs per token, seconds per optimizer step) for one GPU.
-fn throughput(spec: &RunSpec) -> (f64, f64) {
+/// One token's forward FLOPs: `(2·P_matmul + 4·L·Q·T, the attention part 4·L·Q·T)`.
+fn forward_flops(spec: &RunSpec) -> (f64, f64) {
     let m = &spec.model;
-    let t = &spec.train;
     let matmul_params: u64 = params::parameters(m)
         .iter()
         .filter(|p| {
@@ -157,12 +156,26 @@ fn throughput(spec: &RunSpec) -> (f64, f64) {
         };
     let layers = (m.num_layers + m.num_decoder_layers) as f64;
     let q = (m.num_heads * m.head_dim) as f64;
-    let seq = t.seq_len as f64;
-    let fwd = 2.0 * matmul_params as f64 + 4.0 * layers * q * seq;
+    let attention = 4.0 * layers * q * spec.train.seq_len as f64;
+    (2.0 * matmul_params as f64 + attention, attention)
+}
+
+/// The model's FLOPs per trained token, forward and backward, without recomputation
+/// (`6·P_matmul + 12·L·Q·T`): the numerator of MFU.
+pub fn model_flops_per_token(spec: &RunSpec) -> f64 {
+    3.0 * forward_flops(spec).0
+}
+
+/// (FLOPs per token, seconds per optimizer step) for one GPU.
+fn throughput(spec: &RunSpec) -> (f64, f64) {
+    let m = &spec.model;
+    let t = &spec.train;
+    let layers = (m.num_layers + m.num_decoder_layers) as f64;
+    let (fwd, attention) = forward_flops(spec);
     let mut per_token = 3.0 * fwd;
     match t.checkpointing {
         Checkpointing::Full => per_token += fwd,
-        Checkpointing::Selective => per_token += 4.0 * layers * q * seq,
+        Checkpointing::Selective => per_token += attention,
         Checkpointing::None => {}
     }
     if t.loss == LossMode::Chunked {

@@ -239,7 +239,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             100.0 * excess / h
         );
     }
-    println!("throughput {:.0} tokens/s", s.tokens_per_second);
+    println!(
+        "throughput {:.0} tokens/s, MFU {:.1} % of this machine's measured f32 matmul rate ({:.1} GFLOP/s)",
+        s.tokens_per_second,
+        100.0 * s.mfu,
+        s.matmul_flops_per_second / 1e9
+    );
     println!(
         "peak memory of a step: predicted {} ({} B), measured {} ({} B), error {:+.2} %",
         Bytes(s.predicted_peak_bytes),

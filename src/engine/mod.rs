@@ -93,6 +93,10 @@ pub struct Summary {
     pub val_loss: f64,
     pub val_bits_per_byte: f64,
     pub tokens_per_second: f64,
+    /// Model FLOPs (no recomputation) per second over `matmul_flops_per_second`.
+    pub mfu: f64,
+    /// This machine's measured f32 matmul rate on the engine's threads.
+    pub matmul_flops_per_second: f64,
     pub predicted_peak_bytes: u64,
     pub measured_peak_bytes: u64,
     /// (predicted − measured) / measured.
@@ -207,6 +211,21 @@ fn warm_up() -> Result<()> {
     Ok(())
 }
 
+/// This machine's f32 matmul rate on the engine's threads, FLOP/s: the best of eight
+/// 512 × 512 products. MFU is the model's FLOP/s against it, since a CPU has no
+/// rated peak to compare with.
+fn matmul_rate() -> Result<f64> {
+    let n = 512usize;
+    let a = candle_core::Tensor::ones((n, n), DType::F32, &candle_core::Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let t0 = Instant::now();
+        drop(a.matmul(&a)?);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best.max(1e-9))
+}
+
 /// Drops the metrics of steps after `step` (a run that went on past its last checkpoint),
 /// so a resumed run's log reads as one run.
 fn truncate_metrics(path: &std::path::Path, step: u64) -> Result<()> {
@@ -260,6 +279,9 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let mut process_peak = alloc::peak();
     let before_warm = alloc::current();
     warm_up()?;
+    let matmul_flops = matmul_rate()?;
+    let flops_per_token = vramplan_planner::model_flops_per_token(spec);
+    let mfu = |tokens_per_second: f64| flops_per_token * tokens_per_second / matmul_flops;
     let baseline = alloc::current();
     if std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() {
         eprintln!("mem: before warm-up {before_warm}, baseline {baseline}");
@@ -390,13 +412,14 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         }
         writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
         if step_no % o.log_every.max(1) == 0 || step_no == o.steps || s == start {
+            let rate = tokens as f64 / train_secs.max(1e-9);
             println!(
-                "step {step_no:>6}/{}  loss {loss:.4}{}  {:>8.0} tok/s  peak {:.1} MiB",
+                "step {step_no:>6}/{}  loss {loss:.4}{}  {rate:>8.0} tok/s  MFU {:>4.1} %  peak {:.1} MiB",
                 o.steps,
                 line.val_loss
                     .map(|v| format!("  val {v:.4} ({:.3} bits/byte)", bits_per_byte(v)))
                     .unwrap_or_default(),
-                tokens as f64 / train_secs.max(1e-9),
+                100.0 * mfu(rate),
                 peak as f64 / (1 << 20) as f64
             );
         }
@@ -418,16 +441,19 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     } else {
         0.0
     };
+    let tokens_per_second = if train_secs > 0.0 {
+        tokens as f64 / train_secs
+    } else {
+        0.0
+    };
     let summary = Summary {
         steps: end,
         final_loss: last_loss,
         val_loss,
         val_bits_per_byte: bits_per_byte(val_loss),
-        tokens_per_second: if train_secs > 0.0 {
-            tokens as f64 / train_secs
-        } else {
-            0.0
-        },
+        tokens_per_second,
+        mfu: mfu(tokens_per_second),
+        matmul_flops_per_second: matmul_flops,
         predicted_peak_bytes: o.predicted_peak,
         measured_peak_bytes: measured,
         process_peak_bytes: process_peak.max(alloc::peak()),
