@@ -5,7 +5,7 @@ use crate::exit::bad;
 use crate::nvml;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
-use vramplan_planner::{Bytes, Context, Presets, RawConfig, RunSpec};
+use vramplan_planner::{Bytes, Context, Presets, RawConfig, RawModel, RunSpec};
 
 /// The built-in default run: the seed's stable nanochat d16 configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../presets/examples/nanochat-d16-stable.toml");
@@ -82,6 +82,28 @@ pub fn load(env: &Env, path: Option<&Path>) -> Result<Loaded> {
             let text = read_text(p)?;
             let dir = p.parent().unwrap_or(Path::new("."));
             resolve_text(env, &p.display().to_string(), &text, dir)
+        }
+    }
+}
+
+/// `--model`: a preset name, or a Hugging Face config.json, kept by its absolute path so
+/// that a plan written elsewhere still finds it.
+pub fn model_arg(arg: &str) -> RawModel {
+    let p = Path::new(arg);
+    if arg.ends_with(".json") || p.is_file() {
+        RawModel {
+            hf_config: Some(
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+                    .to_string(),
+            ),
+            ..RawModel::default()
+        }
+    } else {
+        RawModel {
+            preset: Some(arg.to_string()),
+            ..RawModel::default()
         }
     }
 }

@@ -645,3 +645,37 @@ fn a_hugging_face_tokenizer_trains_and_samples() {
         text(&o)
     );
 }
+
+#[test]
+fn model_replaces_the_plans_model() {
+    let dir = tmp("model");
+    let cfg = dir.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 64, "vocab_size": 256, "tie_word_embeddings": true,
+            "max_position_embeddings": 128}"#,
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        "--model",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // 256 × 32 tied embedding, 2 blocks of 4·32·32 − 2·32·16 attention + 3·32·64 MLP
+    // + 2·32 norms, and the final norm.
+    let blocks = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32);
+    assert_eq!(summary(&out)["params"], 256 * 32 + blocks + 32);
+    let o = run(&["train", "--model", "no-such-model", "--steps", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no such preset"), "{}", text(&o));
+}

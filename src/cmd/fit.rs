@@ -76,29 +76,7 @@ fn parse_margin(s: &str) -> Result<f64> {
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let margin = parse_margin(&a.margin)?;
-    let model_path = Path::new(&a.model);
-    let is_file = a.model.ends_with(".json") || model_path.is_file();
-    let model = if is_file {
-        RawModel {
-            hf_config: Some(
-                model_path
-                    .file_name()
-                    .map(|f| f.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-            ),
-            ..RawModel::default()
-        }
-    } else {
-        RawModel {
-            preset: Some(a.model.clone()),
-            ..RawModel::default()
-        }
-    };
-    let dir = if is_file {
-        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        PathBuf::from(".")
-    };
+    let model = load::model_arg(&a.model);
     let raw = RawConfig {
         model,
         train: RawTrain {
@@ -116,7 +94,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             memory_gib: None,
         },
     };
-    let loaded = load::resolve_raw(env, "command line", raw.clone(), &dir)?;
+    let loaded = load::resolve_raw(env, "command line", raw.clone(), Path::new("."))?;
     let global = match (a.global_batch, a.global_batch_tokens) {
         (Some(g), _) => GlobalBatch::Sequences(g),
         (None, Some(t)) => GlobalBatch::Tokens(t),
@@ -133,17 +111,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
         e => bad("command line", e),
     })?;
-    let mut model_raw = raw.model.clone();
-    if is_file {
-        // Relative to where the plan is written.
-        model_raw.hf_config = Some(
-            std::fs::canonicalize(model_path)
-                .unwrap_or(model_path.to_path_buf())
-                .display()
-                .to_string(),
-        );
-    }
-    let plan = plan_toml(&result, &model_raw);
+    let plan = plan_toml(&result, &raw.model);
     if let Some(out) = &a.out {
         write_atomic(out, &plan)?;
     }

@@ -18,6 +18,10 @@ pub struct Args {
     /// Run config (TOML) with `engine = "candle"`, arch llama or nanochat. Without one, the
     /// built-in run: a small nanochat GPT on a generated corpus.
     pub plan: Option<PathBuf>,
+    /// A model preset (see `vramplan models`) or a Hugging Face config.json, randomly
+    /// initialized, in place of the plan's [model].
+    #[arg(long, value_name = "NAME|config.json")]
+    pub model: Option<String>,
     /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
@@ -62,8 +66,14 @@ pub struct Args {
 const DEFAULT_STEPS: u64 = 1000;
 const DEFAULT_LR: f64 = 1e-3;
 
-/// Reads the plan and makes it one the engine runs: engine candle, fp32, the memory limit.
-pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result<(Loaded, String)> {
+/// Reads the plan and makes it one the engine runs: the model, engine candle, fp32, the
+/// memory limit.
+pub fn plan(
+    env: &Env,
+    path: Option<&Path>,
+    model: Option<&str>,
+    memory_limit: Option<f64>,
+) -> Result<(Loaded, String)> {
     let loaded = match path {
         None => load::resolve_text(
             env,
@@ -74,6 +84,9 @@ pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result
         Some(p) => load::load(env, Some(p))?,
     };
     let mut raw = loaded.raw.clone();
+    if let Some(m) = model {
+        raw.model = load::model_arg(m);
+    }
     if loaded.spec.train.engine != Engine::Candle {
         eprintln!(
             "note: {}: engine = \"{}\"; training on the candle engine",
@@ -108,9 +121,9 @@ pub fn plan(env: &Env, path: Option<&Path>, memory_limit: Option<f64>) -> Result
         .and_then(|p| p.parent())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let text = match path {
-        None => engine::DEFAULT_PLAN.to_string(),
-        Some(_) => raw.to_toml(),
+    let text = match (path, model) {
+        (None, None) => engine::DEFAULT_PLAN.to_string(),
+        _ => raw.to_toml(),
     };
     let l = load::resolve_raw(env, &loaded.name, raw, &dir)?;
     Ok((l, text))
@@ -172,7 +185,7 @@ fn suggest(loaded: &Loaded, a: &Args) {
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
-    let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.memory_limit)?;
+    let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.model.as_deref(), a.memory_limit)?;
     let spec = &loaded.spec;
     match &a.tokenizer {
         Some(p) => drop(engine::load_tokenizer(p, spec)?),
