@@ -109,79 +109,21 @@ const fn p(
 /// Twelve small configurations over vocabulary, batch, sequence, checkpointing and chunk
 /// size (the test adds two with accumulation). Measured on 2 cores (candle 0.11.1,
 /// Nov 2026, docs/performance.md): all fourteen within 2 %, worst +1.80 % (plan 10).
+#[rustfmt::skip]
 const PLANS: [Plan; 12] = [
-    p(
-        "nanochat", 64, 2, 2, 32, 256, 256, 16, 64, "full", "chunked", 256, 2,
-    ),
-    p(
-        "nanochat", 64, 2, 2, 32, 256, 1024, 16, 64, "full", "chunked", 128, 2,
-    ),
-    p(
-        "nanochat", 64, 2, 2, 32, 256, 4096, 8, 64, "full", "chunked", 128, 2,
-    ),
-    p(
-        "nanochat",
-        64,
-        2,
-        2,
-        32,
-        256,
-        4096,
-        8,
-        64,
-        "full",
-        "float-cast",
-        512,
-        2,
-    ),
-    p(
-        "nanochat", 96, 2, 2, 32, 384, 512, 8, 128, "full", "chunked", 256, 3,
-    ),
-    p(
-        "nanochat",
-        64,
-        2,
-        2,
-        32,
-        256,
-        256,
-        16,
-        64,
-        "none",
-        "float-cast",
-        1024,
-        2,
-    ),
-    p(
-        "nanochat", 64, 2, 2, 32, 256, 2048, 4, 128, "none", "chunked", 128, 2,
-    ),
-    p(
-        "llama", 64, 4, 2, 16, 192, 256, 16, 64, "full", "chunked", 256, 2,
-    ),
-    p(
-        "llama", 64, 4, 2, 16, 192, 2048, 16, 64, "full", "chunked", 256, 2,
-    ),
-    p(
-        "llama", 128, 4, 1, 32, 256, 512, 8, 64, "full", "chunked", 64, 2,
-    ),
-    p(
-        "llama",
-        64,
-        4,
-        2,
-        16,
-        192,
-        256,
-        16,
-        64,
-        "none",
-        "float-cast",
-        1024,
-        2,
-    ),
-    p(
-        "llama", 96, 4, 4, 24, 256, 1024, 8, 128, "none", "chunked", 256, 1,
-    ),
+    // arch, width, heads, kv heads, head dim, MLP, vocab, batch, seq, checkpointing, loss, chunk, layers
+    p("nanochat", 64, 2, 2, 32, 256, 256, 16, 64, "full", "chunked", 256, 2),
+    p("nanochat", 64, 2, 2, 32, 256, 1024, 16, 64, "full", "chunked", 128, 2),
+    p("nanochat", 64, 2, 2, 32, 256, 4096, 8, 64, "full", "chunked", 128, 2),
+    p("nanochat", 64, 2, 2, 32, 256, 4096, 8, 64, "full", "float-cast", 512, 2),
+    p("nanochat", 96, 2, 2, 32, 384, 512, 8, 128, "full", "chunked", 256, 3),
+    p("nanochat", 64, 2, 2, 32, 256, 256, 16, 64, "none", "float-cast", 1024, 2),
+    p("nanochat", 64, 2, 2, 32, 256, 2048, 4, 128, "none", "chunked", 128, 2),
+    p("llama", 64, 4, 2, 16, 192, 256, 16, 64, "full", "chunked", 256, 2),
+    p("llama", 64, 4, 2, 16, 192, 2048, 16, 64, "full", "chunked", 256, 2),
+    p("llama", 128, 4, 1, 32, 256, 512, 8, 64, "full", "chunked", 64, 2),
+    p("llama", 64, 4, 2, 16, 192, 256, 16, 64, "none", "float-cast", 1024, 2),
+    p("llama", 96, 4, 4, 24, 256, 1024, 8, 128, "none", "chunked", 256, 1),
 ];
 
 /// The target: the inventory within 2 % of the counting allocator's peak.
