@@ -13,11 +13,29 @@ pub(crate) fn run(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
-pub(crate) fn tmp(name: &str) -> PathBuf {
+/// A fresh folder for one test, removed when the test passes (kept when it fails).
+pub(crate) struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub(crate) fn tmp(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("vramplan-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 pub(crate) fn text(o: &Output) -> String {
