@@ -1,27 +1,27 @@
 //! Parquet training data, streamed: a string column `text`, or `prompt` and `response`.
 //!
 //! The last tenth of the rows is held out for validation, of which only as many tokens as
-//! the validation windows use are read. The training rows are read in order, row group by
-//! row group, each document tokenized on its own (followed by a blank line) into a buffer
-//! that holds little more than one sequence; consecutive windows of `seq_len + 1` tokens
-//! (overlapping by one) make the micro-batches, and the file starts over at its end. So
-//! memory holds one row group's pages and the buffer, never the file; and the position
-//! (a row and the tokens of it already used) is all a checkpoint needs to resume exactly.
+//! the validation windows use are read. The training rows are read in order with the
+//! column readers of one row group at a time, each document tokenized on its own
+//! (followed by a blank line) into a buffer that holds little more than one sequence;
+//! consecutive windows of `seq_len + 1` tokens (overlapping by one) make the
+//! micro-batches, and the file starts over at its end. So memory holds a page of each
+//! document column and the buffer, never the file; and the position (a row and the
+//! tokens of it already used) is all a checkpoint needs to resume exactly.
 
 use crate::engine::data::{doc_text, Tokens};
 use crate::exit::bad;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use parquet::basic::{Repetition, Type as PhysicalType};
+use parquet::column::reader::ColumnReaderImpl;
+use parquet::data_type::{ByteArray, ByteArrayType, DataType};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::file::serialized_reader::ReadOptionsBuilder;
-use parquet::record::reader::RowIter;
-use parquet::record::{Field, Row};
-use parquet::schema::types::Type;
+use parquet::schema::types::{SchemaDescriptor, Type};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 /// Where the training stream stands: the row whose tokens come next, and how many of
 /// that row's tokens were already used.
@@ -38,15 +38,20 @@ pub struct Held {
 }
 
 pub struct Stream<'a> {
-    path: PathBuf,
     name: String,
-    projection: Type,
+    file: SerializedFileReader<File>,
+    /// The leaf columns documents are read from: `text`, or `prompt` and `response`.
+    cols: Vec<usize>,
     /// Rows per row group, in file order.
     groups: Vec<u64>,
     /// Rows `0..train_rows` are trained on; the rest are held out.
     train_rows: u64,
-    rows: RowIter<'static>,
-    /// The index of the row `rows` yields next.
+    /// The row group being read (`groups.len()` past the end), its rows not yet read,
+    /// and readers of its document columns.
+    group: usize,
+    left: u64,
+    readers: Vec<ColumnReaderImpl<ByteArrayType>>,
+    /// The index of the row read next.
     next_row: u64,
     buf: VecDeque<u32>,
     /// The rows whose tokens are in `buf`, oldest first, with how many of each remain.
@@ -56,60 +61,60 @@ pub struct Stream<'a> {
     tok: Tokens<'a>,
 }
 
-fn reader(path: &Path, name: &str, from_group: usize) -> Result<SerializedFileReader<File>> {
-    let file = File::open(path).map_err(|e| bad(name, format!("cannot read data: {e}")))?;
-    let opts = ReadOptionsBuilder::new()
-        .with_predicate(Box::new(move |_, i| i >= from_group))
-        .build();
-    SerializedFileReader::new_with_options(file, opts)
-        .map_err(|e| bad(name, format!("not a readable Parquet file: {e}")))
+/// Whether a top-level column holds one string (a byte array) a row.
+fn is_string(f: &Type) -> bool {
+    f.is_primitive()
+        && f.get_physical_type() == PhysicalType::BYTE_ARRAY
+        && f.get_basic_info().repetition() != Repetition::REPEATED
 }
 
-/// The columns documents are read from: `text`, else `prompt` and `response`.
-fn projection(root: &Type, name: &str) -> Result<Type> {
-    let strings: Vec<&Arc<Type>> = root
-        .get_fields()
-        .iter()
-        .filter(|f| f.is_primitive() && f.get_physical_type() == parquet::basic::Type::BYTE_ARRAY)
-        .collect();
+/// The leaf columns documents are read from: `text`, else `prompt` and `response`.
+fn columns(schema: &SchemaDescriptor, name: &str) -> Result<Vec<usize>> {
     let pick = |n: &str| {
-        strings
+        schema
+            .columns()
             .iter()
-            .find(|f| f.name() == n)
-            .map(|f| Arc::clone(f))
+            .position(|c| c.path().parts() == [n] && is_string(c.self_type()))
     };
-    let fields = match (pick("text"), pick("prompt"), pick("response")) {
-        (Some(t), _, _) => vec![t],
-        (None, Some(p), Some(r)) => vec![p, r],
+    match (pick("text"), pick("prompt"), pick("response")) {
+        (Some(t), _, _) => Ok(vec![t]),
+        (None, Some(p), Some(r)) => Ok(vec![p, r]),
         _ => {
-            let found: Vec<&str> = root.get_fields().iter().map(|f| f.name()).collect();
-            return Err(bad(
+            let found: Vec<String> = schema
+                .root_schema()
+                .get_fields()
+                .iter()
+                .map(|f| {
+                    if is_string(f) {
+                        f.name().to_string()
+                    } else {
+                        format!("{} (not a string)", f.name())
+                    }
+                })
+                .collect();
+            Err(bad(
                 name,
                 format!(
                     "expected a string column \"text\", or \"prompt\" and \"response\"; found columns: {}",
                     if found.is_empty() { "none".to_string() } else { found.join(", ") }
                 ),
-            ));
+            ))
         }
-    };
-    Type::group_type_builder(root.name())
-        .with_fields(fields)
-        .build()
-        .map_err(|e| bad(name, format!("{e}")))
+    }
 }
 
-/// A row's document text, or `None` when its columns are null.
-fn row_text(row: &Row) -> Option<String> {
-    let mut cols = row.get_column_iter().map(|(_, f)| match f {
-        Field::Str(s) => Some(s.clone()),
-        Field::Bytes(b) => Some(String::from_utf8_lossy(b.data()).into_owned()),
-        _ => None,
-    });
+/// A row's document from its column values (`None` for a null): invalid UTF-8 is
+/// replaced rather than failing a run that may be hours in.
+fn row_text(values: &[Option<ByteArray>]) -> String {
+    let mut cols = values
+        .iter()
+        .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b.data())));
     let first = cols.next().flatten();
-    match cols.next() {
+    let doc = match cols.next() {
         None => doc_text(first.as_deref(), None, None),
         Some(second) => doc_text(None, first.as_deref(), second.as_deref()),
-    }
+    };
+    doc.unwrap_or_default()
 }
 
 impl<'a> Stream<'a> {
@@ -122,8 +127,10 @@ impl<'a> Stream<'a> {
         tok: Tokens<'a>,
     ) -> Result<(Stream<'a>, Held)> {
         let name = path.display().to_string();
-        let r = reader(path, &name, 0)?;
-        let meta = r.metadata();
+        let f = File::open(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
+        let file = SerializedFileReader::new(f)
+            .map_err(|e| bad(&name, format!("not a readable Parquet file: {e}")))?;
+        let meta = file.metadata();
         let groups: Vec<u64> = meta
             .row_groups()
             .iter()
@@ -138,18 +145,17 @@ impl<'a> Stream<'a> {
                 ),
             ));
         }
-        let projection = projection(meta.file_metadata().schema_descr().root_schema(), &name)?;
-        let train_rows = total - (total / 10).max(1);
+        let cols = columns(meta.file_metadata().schema_descr(), &name)?;
         let mut s = Stream {
-            rows: RowIter::from_file_into(Box::new(r))
-                .project(Some(projection.clone()))
-                .map_err(|e| bad(&name, format!("{e}")))?,
-            path: path.to_path_buf(),
             name,
-            projection,
+            file,
+            cols,
+            train_rows: total - (total / 10).max(1),
+            group: groups.len(),
             groups,
-            train_rows,
-            next_row: 0,
+            left: 0,
+            readers: Vec::new(),
+            next_row: total,
             buf: VecDeque::new(),
             docs: VecDeque::new(),
             front_used: 0,
@@ -169,45 +175,77 @@ impl<'a> Stream<'a> {
         Ok((s, held))
     }
 
-    /// Restarts the row iterator at `row`, skipping whole row groups before it.
-    fn restart(&mut self, row: u64) -> Result<()> {
-        let (mut group, mut first) = (0, 0);
-        while group < self.groups.len() && first + self.groups[group] <= row {
-            first += self.groups[group];
-            group += 1;
+    /// Starts reading row group `g` (nothing when `g` is past the last).
+    fn open_group(&mut self, g: usize) -> Result<()> {
+        self.group = g;
+        self.left = self.groups.get(g).copied().unwrap_or(0);
+        self.readers.clear();
+        if g == self.groups.len() {
+            return Ok(());
         }
-        let r = reader(&self.path, &self.name, group)?;
-        self.rows = RowIter::from_file_into(Box::new(r))
-            .project(Some(self.projection.clone()))
-            .map_err(|e| bad(&self.name, format!("{e}")))?;
-        self.next_row = first;
-        while self.next_row < row {
-            if self.next_doc()?.is_none() {
+        let cannot = |e: &dyn std::fmt::Display| bad(&self.name, format!("row group {g}: {e}"));
+        let rg = self.file.get_row_group(g).map_err(|e| cannot(&e))?;
+        for &c in &self.cols {
+            let r = rg.get_column_reader(c).map_err(|e| cannot(&e))?;
+            self.readers.push(
+                ByteArrayType::get_column_reader(r)
+                    .ok_or_else(|| cannot(&"not a string column"))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Moves to `row`, skipping whole row groups before it and the rows of its own.
+    fn restart(&mut self, row: u64) -> Result<()> {
+        let (mut g, mut first) = (0, 0);
+        while g < self.groups.len() && first + self.groups[g] <= row {
+            first += self.groups[g];
+            g += 1;
+        }
+        self.open_group(g)?;
+        let skip = (row - first) as usize;
+        for r in &mut self.readers {
+            if r.skip_records(skip)
+                .map_err(|e| bad(&self.name, format!("row {row}: cannot be read: {e}")))?
+                < skip
+            {
                 return Err(bad(
                     &self.name,
-                    format!(
-                        "ends at row {}, before the {row} its metadata promise",
-                        self.next_row
-                    ),
+                    format!("row group {g} ends before row {row}"),
                 ));
             }
         }
+        self.left -= skip as u64;
+        self.next_row = row;
         Ok(())
     }
 
     /// The next row's text, or `None` at the end of the file.
     fn next_doc(&mut self) -> Result<Option<String>> {
-        match self.rows.next() {
-            None => Ok(None),
-            Some(Err(e)) => Err(bad(
-                &self.name,
-                format!("row {}: cannot be read: {e}", self.next_row),
-            )),
-            Some(Ok(row)) => {
-                self.next_row += 1;
-                Ok(Some(row_text(&row).unwrap_or_default()))
+        while self.left == 0 {
+            if self.group + 1 >= self.groups.len() {
+                return Ok(None);
             }
+            self.open_group(self.group + 1)?;
         }
+        let row = self.next_row;
+        let mut values = Vec::with_capacity(self.readers.len());
+        for r in &mut self.readers {
+            let (mut defs, mut vals) = (Vec::new(), Vec::new());
+            let (records, _, _) = r
+                .read_records(1, Some(&mut defs), None, &mut vals)
+                .map_err(|e| bad(&self.name, format!("row {row}: cannot be read: {e}")))?;
+            if records == 0 {
+                return Err(bad(
+                    &self.name,
+                    format!("row {row}: missing, though the metadata counts it"),
+                ));
+            }
+            values.push(vals.pop());
+        }
+        self.left -= 1;
+        self.next_row += 1;
+        Ok(Some(row_text(&values)))
     }
 
     fn encode(&self, text: String) -> Result<Vec<u32>> {
@@ -342,5 +380,119 @@ impl<'a> Stream<'a> {
             Tensor::from_vec(x, b * t, &Device::Cpu)?,
             Tensor::from_vec(y, b * t, &Device::Cpu)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::basic::Compression;
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+
+    /// Writes nullable string columns `names`, `per_group` rows a row group, gzip.
+    fn write(path: &Path, names: &[&str], rows: &[Vec<Option<Vec<u8>>>], per_group: usize) {
+        let fields: String = names
+            .iter()
+            .map(|n| format!("OPTIONAL BYTE_ARRAY {n} (UTF8);"))
+            .collect();
+        let schema = Arc::new(parse_message_type(&format!("message m {{ {fields} }}")).unwrap());
+        let props = WriterProperties::builder()
+            .set_compression(Compression::GZIP(Default::default()))
+            .build();
+        let mut w =
+            SerializedFileWriter::new(File::create(path).unwrap(), schema, props.into()).unwrap();
+        for group in rows.chunks(per_group) {
+            let mut g = w.next_row_group().unwrap();
+            for i in 0..names.len() {
+                let mut col = g.next_column().unwrap().unwrap();
+                let vals: Vec<ByteArray> = group
+                    .iter()
+                    .filter_map(|r| r[i].clone())
+                    .map(Into::into)
+                    .collect();
+                let defs: Vec<i16> = group.iter().map(|r| r[i].is_some() as i16).collect();
+                col.typed::<ByteArrayType>()
+                    .write_batch(&vals, Some(&defs), None)
+                    .unwrap();
+                col.close().unwrap();
+            }
+            g.close().unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    /// The next `b` windows' inputs, which are the stream's tokens in order.
+    fn inputs(s: &mut Stream, b: usize, t: usize) -> Vec<u32> {
+        s.batch(b, t).unwrap().0.to_vec1().unwrap()
+    }
+
+    #[test]
+    fn the_stream_is_the_training_rows_in_order_round_and_round() {
+        let path =
+            std::env::temp_dir().join(format!("vramplan-stream-{}.parquet", std::process::id()));
+        // `response` before `prompt` in the file; row 4's prompt is null (an empty
+        // document); row 7's response ends in a byte that is not UTF-8; 20 rows in 3 row
+        // groups, the last 2 held out.
+        let rows: Vec<Vec<Option<Vec<u8>>>> = (0..20)
+            .map(|i| {
+                let mut r = format!("r{i}").into_bytes();
+                if i == 7 {
+                    r.push(0xFF);
+                }
+                vec![Some(r), (i != 4).then(|| format!("p{i}").into_bytes())]
+            })
+            .collect();
+        write(&path, &["response", "prompt"], &rows, 8);
+        let doc = |i: usize| -> String {
+            match i {
+                4 => "\n\n".into(),
+                7 => "p7\nr7\u{FFFD}\n\n".into(),
+                _ => format!("p{i}\nr{i}\n\n"),
+            }
+        };
+        let train: Vec<u32> = (0..18)
+            .flat_map(|i| doc(i).into_bytes())
+            .map(u32::from)
+            .collect();
+        let (b, t) = (3, 7);
+        let (mut s, held) = Stream::open(&path, t + 1, 1000, Tokens::Bytes).unwrap();
+        let expect_held: String = (18..20).map(doc).collect();
+        assert_eq!(held.bytes, expect_held.len());
+        assert_eq!(
+            held.tokens,
+            expect_held.bytes().map(u32::from).collect::<Vec<_>>()
+        );
+        // Three passes and a bit: every position reached resumes to the same tokens.
+        let mut seen = Vec::new();
+        while seen.len() < 3 * train.len() + b * t {
+            let p = s.position();
+            let next = inputs(&mut s, b, t);
+            let (mut r, _) = Stream::open(&path, t + 1, 0, Tokens::Bytes).unwrap();
+            r.seek(p).unwrap();
+            assert_eq!(inputs(&mut r, b, t), next, "resumed at {p:?}");
+            seen.extend(next);
+        }
+        let cycle: Vec<u32> = train.iter().cycle().take(seen.len()).copied().collect();
+        assert_eq!(seen, cycle);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn columns_that_are_not_one_string_a_row_are_named_and_refused() {
+        let schema = parse_message_type(
+            "message m { REQUIRED INT64 text; REPEATED BYTE_ARRAY prompt (UTF8); \
+             OPTIONAL BYTE_ARRAY response (UTF8); }",
+        )
+        .unwrap();
+        let e = columns(&SchemaDescriptor::new(schema.into()), "f.parquet")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("found columns: text (not a string), prompt (not a string), response"),
+            "{e}"
+        );
     }
 }
