@@ -639,3 +639,93 @@ fn model_replaces_the_plans_model() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("no such preset"), "{}", text(&o));
 }
+
+#[test]
+fn device_and_precision_choices() {
+    let dir = tmp("device");
+    let plan = small_plan(&dir);
+    let plan = plan.to_str().unwrap();
+    let out = dir.join("out");
+    let common = ["--steps", "2", "--eval-every", "0", "--save-every", "0"];
+    let train = |extra: &[&str]| {
+        run(&[
+            &["train", plan, "--out", out.to_str().unwrap()][..],
+            &common,
+            extra,
+        ]
+        .concat())
+    };
+    let o = train(&["--device", "gpu0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(t.trim().lines().count(), 1, "{t}");
+    assert!(
+        t.contains("--device") && t.contains("auto, cpu, cuda, cuda:N"),
+        "{t}"
+    );
+    if !cfg!(feature = "cuda") {
+        let o = train(&["--device", "cuda"]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("built without CUDA"), "{}", text(&o));
+    }
+    // Mixed precision on the CPU: f16 compute over f32 master weights.
+    let half = dir.join("half.toml");
+    std::fs::write(
+        &half,
+        std::fs::read_to_string(plan)
+            .unwrap()
+            .replace("\"fp32\"", "\"fp16-autocast\""),
+    )
+    .unwrap();
+    let o = run(&[
+        &[
+            "train",
+            half.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ][..],
+        &common,
+        &["--device", "cpu"],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let s = summary(&out);
+    assert_eq!(s["device"], "cpu");
+    assert_eq!(s["compute_dtype"], "f16");
+    assert!(s["final_loss"].as_f64().unwrap().is_finite());
+    let ckpt = checkpoints(&out).pop().unwrap();
+    let st = std::fs::read(ckpt.join("state.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    for (name, t) in header.as_object().unwrap() {
+        if name != "__metadata__" {
+            assert_eq!(
+                t["dtype"], "F32",
+                "{name}: master weights and moments stay f32"
+            );
+        }
+    }
+    // bf16 on the CPU is not run: candle's CPU matmul has no bf16.
+    let bf16 = dir.join("bf16.toml");
+    std::fs::write(
+        &bf16,
+        std::fs::read_to_string(plan)
+            .unwrap()
+            .replace("\"fp32\"", "\"bf16-autocast\""),
+    )
+    .unwrap();
+    let o = run(&[
+        &[
+            "train",
+            bf16.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ][..],
+        &common,
+        &["--device", "cpu"],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no bf16"), "{}", text(&o));
+    assert_eq!(summary(&out)["compute_dtype"], "f32");
+}

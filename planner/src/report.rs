@@ -72,6 +72,14 @@ pub fn play(spec: &RunSpec) -> Timeline {
 pub fn estimate(spec: &RunSpec) -> Report {
     let timeline = play(spec);
     let (allocated, reserved, by_component, context) = match &spec.hardware.device {
+        // The candle engine has no caching allocator: each tensor is its own allocation
+        // from the CUDA pool, so what it holds is what is live.
+        Device::Gpu(g) if spec.train.engine == Engine::Candle => (
+            timeline.peak.total,
+            timeline.peak.total,
+            timeline.peak.by_component.clone(),
+            g.context,
+        ),
         Device::Gpu(g) => {
             let st = allocator::simulate(&timeline);
             (

@@ -34,7 +34,13 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     }
     let l = checkpoint::latest(&a.checkpoint).map_err(|e| bad(&name, format!("{e:#}")))?;
     let loaded = load::resolve_text(env, &format!("{name} (plan)"), &l.meta.plan, Path::new("."))?;
-    let model = Model::new(&loaded.spec.model, DType::F32, &mut Rng::new(0))?;
+    let model = Model::new(
+        &loaded.spec.model,
+        DType::F32,
+        DType::F32,
+        &Device::Cpu,
+        &mut Rng::new(0),
+    )?;
     checkpoint::restore(&l, &model, None)?;
     let ctx = loaded.spec.train.seq_len as usize;
     let hf = if l.meta.tokenizer {

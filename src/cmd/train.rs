@@ -1,9 +1,10 @@
-//! `vramplan train [PLAN.toml] [...]`: train with a plan on the candle engine (CPU, f32),
-//! after checking with the planner that the plan fits, and report predicted vs measured
-//! memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
+//! `vramplan train [PLAN.toml] [...]`: train with a plan on the candle engine (f32 on the
+//! CPU; on CUDA, when built with the `cuda` feature, bf16 compute over f32 master weights
+//! or f32), after checking with the planner that the plan fits, and report predicted vs
+//! measured memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
 //! Byte-level by default; `--tokenizer` takes a Hugging Face tokenizer.json.
 
-use crate::engine;
+use crate::engine::{self, device::Choice};
 use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env, Loaded};
 use anyhow::Result;
@@ -38,6 +39,10 @@ pub struct Args {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Where to train: auto (CUDA when the plan names a GPU and this binary was built with
+    /// the `cuda` feature, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
+    pub device: String,
     /// Refuse plans the planner says need more than this many GiB.
     #[arg(long, value_name = "GiB")]
     pub memory_limit: Option<f64>,
@@ -73,7 +78,8 @@ pub fn plan(
     path: Option<&Path>,
     model: Option<&str>,
     memory_limit: Option<f64>,
-) -> Result<(Loaded, String)> {
+    device: Choice,
+) -> Result<(Loaded, String, Choice)> {
     let loaded = match path {
         None => load::resolve_text(
             env,
@@ -94,12 +100,52 @@ pub fn plan(
         );
         raw.train.engine = Some("candle".into());
     }
-    if loaded.spec.train.precision != Precision::Fp32 {
+    let device = device.resolve(loaded.spec.hardware.device.is_cuda());
+    let on_gpu = matches!(device, Choice::Cuda(_));
+    if on_gpu && !engine::device::CUDA_BUILT {
+        return Err(bad("--device", engine::device::NO_CUDA));
+    }
+    if on_gpu && !loaded.spec.hardware.device.is_cuda() {
+        // The planner checks the plan against the GPU the engine will use.
+        raw.hardware.gpu = Some("auto".into());
+    }
+    let precision = loaded.spec.train.precision;
+    let runs = match precision {
+        Precision::Fp32 | Precision::Fp16Autocast => true,
+        Precision::Bf16Autocast => on_gpu,
+        Precision::Bf16 => false,
+    };
+    let default = if on_gpu { "bf16-autocast" } else { "fp32" };
+    if on_gpu && path.is_none() {
+        raw.train.precision = Some(default.into());
+    } else if !runs {
         eprintln!(
-            "note: {}: precision = \"{}\"; the candle engine trains in fp32 on the CPU",
-            loaded.name, loaded.spec.train.precision
+            "note: {}: precision = \"{precision}\"; the candle engine trains in {}, so this run is {default}",
+            loaded.name,
+            if on_gpu {
+                "fp32, bf16-autocast or fp16-autocast (f32 master weights)"
+            } else {
+                "fp32 or fp16-autocast on the CPU (candle's CPU matmul has no bf16)"
+            }
         );
-        raw.train.precision = Some("fp32".into());
+        raw.train.precision = Some(default.into());
+    } else if precision == Precision::Fp16Autocast {
+        eprintln!(
+            "note: {}: fp16-autocast without loss scaling: gradients under 6e-8 flush to zero",
+            loaded.name
+        );
+    }
+    if !on_gpu && loaded.spec.hardware.device.is_cuda() {
+        eprintln!(
+            "note: {}: gpu = \"{}\", but {}; training on the CPU",
+            loaded.name,
+            loaded.spec.hardware.device.name(),
+            if engine::device::CUDA_BUILT {
+                "--device cpu"
+            } else {
+                "this vramplan was built without the `cuda` feature"
+            }
+        );
     }
     if loaded.spec.train.optimizer != vramplan_planner::Optimizer::AdamW {
         eprintln!(
@@ -122,11 +168,11 @@ pub fn plan(
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let text = match (path, model) {
-        (None, None) => engine::DEFAULT_PLAN.to_string(),
+        (None, None) if !on_gpu => engine::DEFAULT_PLAN.to_string(),
         _ => raw.to_toml(),
     };
     let l = load::resolve_raw(env, &loaded.name, raw, &dir)?;
-    Ok((l, text))
+    Ok((l, text, device))
 }
 
 /// Searches for a configuration of the same model that fits (the planner's `fit`, keeping
@@ -185,7 +231,19 @@ fn suggest(loaded: &Loaded, a: &Args) {
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
-    let (loaded, plan_toml) = plan(env, a.plan.as_deref(), a.model.as_deref(), a.memory_limit)?;
+    let choice = Choice::parse(&a.device).ok_or_else(|| {
+        bad(
+            "--device",
+            format!("{:?}: one of auto, cpu, cuda, cuda:N", a.device),
+        )
+    })?;
+    let (loaded, plan_toml, choice) = plan(
+        env,
+        a.plan.as_deref(),
+        a.model.as_deref(),
+        a.memory_limit,
+        choice,
+    )?;
     let spec = &loaded.spec;
     match &a.tokenizer {
         Some(p) => drop(engine::load_tokenizer(p, spec)?),
@@ -222,6 +280,16 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             format!("{lr}: a positive number"),
         ));
     }
+    let device = engine::device::open(choice).map_err(|e| bad("--device", format!("{e:#}")))?;
+    let compute = match spec.train.precision {
+        Precision::Bf16Autocast => candle_core::DType::BF16,
+        Precision::Fp16Autocast => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    };
+    let rated_flops = match &spec.hardware.device {
+        vramplan_planner::Device::Gpu(g) => Some(g.bf16_tflops * 1e12),
+        _ => None,
+    };
     let opts = engine::Opts {
         steps,
         lr,
@@ -237,6 +305,9 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         tokenizer: a.tokenizer.clone(),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,
+        device,
+        compute,
+        rated_flops,
     };
     let s = engine::train(spec, &opts)?;
     println!();
@@ -253,17 +324,25 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         );
     }
     println!(
-        "throughput {:.0} tokens/s, MFU {:.1} % of this machine's measured f32 matmul rate ({:.1} GFLOP/s)",
+        "throughput {:.0} tokens/s, MFU {:.1} % of {} ({:.1} GFLOP/s)",
         s.tokens_per_second,
         100.0 * s.mfu,
+        if s.device == "cpu" {
+            "this machine's measured f32 matmul rate"
+        } else {
+            "the GPU's rated dense bf16 rate"
+        },
         s.matmul_flops_per_second / 1e9
     );
     println!(
-        "peak memory of a step: predicted {} ({} B), measured {} ({} B), error {:+.2} %",
+        "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}), error {:+.2} %",
+        s.device,
+        s.compute_dtype,
         Bytes(s.predicted_peak_bytes),
         s.predicted_peak_bytes,
         Bytes(s.measured_peak_bytes),
         s.measured_peak_bytes,
+        s.measured_by,
         100.0 * s.peak_error
     );
     println!(

@@ -149,7 +149,7 @@ pub fn restore(l: &Loaded, model: &Model, opt: Option<&mut AdamW>) -> Result<()>
             .tensors
             .get(n)
             .with_context(|| format!("{}: no tensor {n}", l.dir.display()))?;
-        v.set(&t.to_dtype(model.dtype)?)
+        v.set(&t.to_dtype(model.dtype)?.to_device(&model.device)?)
             .with_context(|| format!("{}: tensor {n}", l.dir.display()))?;
     }
     if let Some(opt) = opt {
@@ -159,7 +159,10 @@ pub fn restore(l: &Loaded, model: &Model, opt: Option<&mut AdamW>) -> Result<()>
                 l.tensors.get(&format!("adam.m.{n}")),
                 l.tensors.get(&format!("adam.v.{n}")),
             ) {
-                opt.state.insert(n.clone(), (m.clone(), v.clone()));
+                opt.state.insert(
+                    n.clone(),
+                    (m.to_device(&model.device)?, v.to_device(&model.device)?),
+                );
             }
         }
         opt.t = l.meta.adam_t;

@@ -1,17 +1,20 @@
-//! vramplan's own training engine on candle (CPU, f32): the models, the step with chunked
-//! fp32 logits and block checkpointing, AdamW, checkpoints, and a counting allocator that
-//! measures the step against the planner's `candle` inventory.
+//! vramplan's own training engine on candle (f32 on the CPU; bf16 compute over f32 master
+//! weights on CUDA): the models, the step with chunked fp32 logits and block
+//! checkpointing, AdamW, checkpoints, and a memory meter that measures the step against
+//! the planner's `candle` inventory.
 //!
-//! What is measured: the counting allocator's high-water mark during one optimizer step
-//! (all micro-steps and the update) minus the live bytes just before the model was built
-//! (after the data was loaded). So it holds the weights, AdamW's moments, the gradients
-//! and everything the step allocates: exactly what `planner/src/candle_engine.rs` plays.
-//! The first step of a process is a warm-up (it creates the optimizer state) and is not
-//! counted.
+//! What is measured: the high-water mark of live bytes during one optimizer step (all
+//! micro-steps and the update) minus the live bytes just before the model was built
+//! (after the data was loaded), from the counting allocator on the CPU and from the CUDA
+//! memory pool on a GPU ([`device::Meter`]). So it holds the weights, AdamW's moments, the
+//! gradients and everything the step allocates: exactly what
+//! `planner/src/candle_engine.rs` plays. The first step of a process is a warm-up (it
+//! creates the optimizer state) and is not counted.
 
 pub mod alloc;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod model;
 pub mod optim;
 pub mod parquet;
@@ -22,7 +25,7 @@ pub mod step;
 static COUNTING: alloc::Counting = alloc::Counting;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use checkpoint::Meta;
 use data::Corpus;
 use model::Model;
@@ -84,6 +87,11 @@ pub struct Opts {
     pub plan_toml: String,
     /// The planner's predicted peak for one step, bytes.
     pub predicted_peak: u64,
+    /// Where to train, and the forward's dtype there (f32, or bf16 over f32 master weights).
+    pub device: Device,
+    pub compute: DType,
+    /// Rated dense bf16 FLOP/s of the plan's GPU, for MFU on CUDA.
+    pub rated_flops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,10 +103,16 @@ pub struct Summary {
     pub tokens_per_second: f64,
     /// Model FLOPs (no recomputation) per second over `matmul_flops_per_second`.
     pub mfu: f64,
-    /// This machine's measured f32 matmul rate on the engine's threads.
+    /// What MFU divides by: the GPU's rated dense bf16 rate, or on the CPU this machine's
+    /// measured f32 matmul rate on the engine's threads.
     pub matmul_flops_per_second: f64,
+    /// `cpu` or `cuda:N`, and the forward's dtype (`f32`, `bf16`).
+    pub device: String,
+    pub compute_dtype: String,
     pub predicted_peak_bytes: u64,
     pub measured_peak_bytes: u64,
+    /// What `measured_peak_bytes` counts.
+    pub measured_by: String,
     /// (predicted − measured) / measured.
     pub peak_error: f64,
     /// The whole process's heap high-water mark over the run: the data as loaded, the
@@ -196,14 +210,16 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
 /// the step's. Running them only from the calling thread leaves it to the scheduler which
 /// workers take part, and a worker that first multiplies during the step adds its slab to
 /// the measured peak.
-fn warm_up() -> Result<()> {
-    fn matmuls() -> candle_core::Result<()> {
-        for n in [64usize, 512] {
-            let a = candle_core::Tensor::ones((n, n), DType::F32, &candle_core::Device::Cpu)?;
-            a.matmul(&a)?.matmul(&a.t()?)?;
+fn warm_up(compute: DType) -> Result<()> {
+    let matmuls = || -> candle_core::Result<()> {
+        for dtype in [DType::F32, compute] {
+            for n in [64usize, 512] {
+                let a = candle_core::Tensor::ones((n, n), dtype, &Device::Cpu)?;
+                a.matmul(&a)?.matmul(&a.t()?)?;
+            }
         }
         Ok(())
-    }
+    };
     matmuls()?;
     for r in rayon::broadcast(|_| matmuls()) {
         r?;
@@ -211,19 +227,31 @@ fn warm_up() -> Result<()> {
     Ok(())
 }
 
-/// This machine's f32 matmul rate on the engine's threads, FLOP/s: the best of eight
-/// 512 × 512 products. MFU is the model's FLOP/s against it, since a CPU has no
-/// rated peak to compare with.
-fn matmul_rate() -> Result<f64> {
-    let n = 512usize;
-    let a = candle_core::Tensor::ones((n, n), DType::F32, &candle_core::Device::Cpu)?;
+/// The measured matmul rate on `device` in `dtype`, FLOP/s: the best of eight products
+/// of `n × n` matrices (512 on the CPU, 4,096 on a GPU). On the CPU, MFU is the model's
+/// FLOP/s against it, since a CPU has no rated peak to compare with.
+fn matmul_rate(device: &Device, dtype: DType) -> Result<f64> {
+    let n = if device.is_cpu() { 512usize } else { 4096 };
+    let a = candle_core::Tensor::ones((n, n), dtype, device)?;
+    device.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..8 {
         let t0 = Instant::now();
-        drop(a.matmul(&a)?);
+        let p = a.matmul(&a)?;
+        device.synchronize()?;
         best = best.min(t0.elapsed().as_secs_f64());
+        drop(p);
     }
     Ok(2.0 * (n * n * n) as f64 / best.max(1e-9))
+}
+
+/// `cpu`, or `cuda:N`.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+    }
 }
 
 /// Drops the metrics of steps after `step` (a run that went on past its last checkpoint),
@@ -278,15 +306,27 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     }
     let mut process_peak = alloc::peak();
     let before_warm = alloc::current();
-    warm_up()?;
-    let matmul_flops = matmul_rate()?;
+    if o.device.is_cpu() {
+        warm_up(o.compute)?;
+    }
+    let matmul_flops = match o.rated_flops {
+        Some(f) if !o.device.is_cpu() => f,
+        _ => matmul_rate(&o.device, o.compute)?,
+    };
     let flops_per_token = vramplan_planner::model_flops_per_token(spec);
     let mfu = |tokens_per_second: f64| flops_per_token * tokens_per_second / matmul_flops;
-    let baseline = alloc::current();
+    let meter = device::Meter::new(&o.device)?;
+    let baseline = meter.current()?;
     if std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() {
         eprintln!("mem: before warm-up {before_warm}, baseline {baseline}");
     }
-    let model = Model::new(&spec.model, DType::F32, &mut Rng::new(o.seed))?;
+    let model = Model::new(
+        &spec.model,
+        DType::F32,
+        o.compute,
+        &o.device,
+        &mut Rng::new(o.seed),
+    )?;
     let mut opt = AdamW::new();
     let mut data_rng = Rng::new(o.seed.wrapping_add(1));
     let mut start = 0;
@@ -357,7 +397,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
             step::PROBING.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         process_peak = process_peak.max(alloc::peak());
-        alloc::reset_peak();
+        meter.reset_peak()?;
         let mut grads = step::Grads::new();
         let mut loss = 0.0;
         for _ in 0..spec.train.grad_accum {
@@ -378,7 +418,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         let lr = optim::schedule(s, o.steps, o.lr);
         let gnorm = opt.step(&model, grads, lr)?;
         step::probe("opt");
-        let peak = alloc::peak().saturating_sub(baseline);
+        let peak = meter.peak()?.saturating_sub(baseline);
         if debug {
             step::PROBING.store(false, std::sync::atomic::Ordering::Relaxed);
             for (l, cur, pk) in step::PROBES.lock().map(|v| v.clone()).unwrap_or_default() {
@@ -454,8 +494,11 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         tokens_per_second,
         mfu: mfu(tokens_per_second),
         matmul_flops_per_second: matmul_flops,
+        device: device_name(&o.device),
+        compute_dtype: o.compute.as_str().to_string(),
         predicted_peak_bytes: o.predicted_peak,
         measured_peak_bytes: measured,
+        measured_by: meter.what().to_string(),
         process_peak_bytes: process_peak.max(alloc::peak()),
         peak_error: error,
         params,

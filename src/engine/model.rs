@@ -9,6 +9,13 @@
 //!
 //! Activations are `(N, C)` with `N = batch·seq` rows; attention reshapes to `(B, H, T, D)`.
 //! Parameters are named as [`vramplan_planner::parameters`] lists them.
+//!
+//! Mixed precision: parameters (the master weights) stay in `dtype` (f32); the forward runs
+//! in `compute` (bf16 on CUDA): every use of a weight casts it, so its gradient comes back
+//! through the cast in f32. As under PyTorch's autocast, the RMSNorm statistics, the
+//! attention softmax (after the mask) and the logits with their soft-cap and log-sum-exp
+//! run in f32. With `compute == dtype` every cast is a no-op and the graph is the plain
+//! f32 one.
 
 use crate::engine::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -24,14 +31,28 @@ const ROPE_BASE: f64 = 10_000.0;
 
 pub struct Model {
     pub spec: ModelSpec,
+    /// The parameters' (master weights') dtype: f32, or f64 for gradient checks.
     pub dtype: DType,
+    /// The forward's dtype: `dtype`, or bf16 / f16 over f32 master weights.
+    pub compute: DType,
+    pub device: Device,
     pub params: BTreeMap<String, Var>,
 }
 
-/// `x / sqrt(mean(x²) + eps)` over the last dimension.
+/// `x` in at least f32 (f64 stays f64).
+pub fn wide(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F64 => Ok(x.clone()),
+        _ => x.to_dtype(DType::F32),
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dimension, computed in at least f32 and
+/// returned in `x`'s dtype.
 pub fn rms(x: &Tensor) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + EPS)?.sqrt()?)
+    let xf = wide(x)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    xf.broadcast_div(&(ms + EPS)?.sqrt()?)?.to_dtype(x.dtype())
 }
 
 /// `x · wᵀ`.
@@ -46,7 +67,7 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(t: usize, head_dim: usize, dtype: DType) -> Result<Rope> {
+    pub fn new(t: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Rope> {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -58,7 +79,7 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        let mk = |v: Vec<f64>| Tensor::from_vec(v, (t, half), &Device::Cpu)?.to_dtype(dtype);
+        let mk = |v: Vec<f64>| Tensor::from_vec(v, (t, half), device)?.to_dtype(dtype);
         Ok(Rope {
             cos: mk(cos)?,
             sin: mk(sin)?,
@@ -76,18 +97,31 @@ impl Rope {
     }
 }
 
-/// The additive causal mask `(T, T)`: 0 on and below the diagonal, −1e9 above.
-pub fn causal_mask(t: usize, dtype: DType) -> Result<Tensor> {
+/// The additive causal mask `(T, T)`: 0 on and below the diagonal, −1e9 above; f32 (f64
+/// for an f64 model), added to the scores after they are widened.
+pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = (0..t * t)
         .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
         .collect();
-    Tensor::from_vec(v, (t, t), &Device::Cpu)?.to_dtype(dtype)
+    let wide = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    Tensor::from_vec(v, (t, t), device)?.to_dtype(wide)
 }
 
 impl Model {
     /// A freshly initialized model: matrices `N(0, 1/√fan_in)` (output projections halved),
-    /// embeddings `N(0, 1)` (nanochat) or `N(0, 0.02)` (llama, tied), norm weights 1.
-    pub fn new(spec: &ModelSpec, dtype: DType, rng: &mut Rng) -> Result<Model> {
+    /// embeddings `N(0, 1)` (nanochat) or `N(0, 0.02)` (llama, tied), norm weights 1. The
+    /// same seed gives the same weights on every device and in every compute dtype.
+    pub fn new(
+        spec: &ModelSpec,
+        dtype: DType,
+        compute: DType,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Model> {
         let mut params = BTreeMap::new();
         for p in vramplan_planner::parameters(spec) {
             let (rows, cols) = (p.rows as usize, p.cols as usize);
@@ -102,18 +136,27 @@ impl Model {
                 Role::Matrix => 1.0 / (cols as f64).sqrt(),
             };
             let t = if p.role == Role::Vector {
-                Tensor::ones(rows * cols, dtype, &Device::Cpu)?
+                Tensor::ones(rows * cols, dtype, device)?
             } else {
                 let v: Vec<f64> = (0..rows * cols).map(|_| rng.normal() * std).collect();
-                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?
             };
             params.insert(p.name.clone(), Var::from_tensor(&t)?);
         }
         Ok(Model {
             spec: spec.clone(),
             dtype,
+            compute,
+            device: device.clone(),
             params,
         })
+    }
+
+    /// Parameter `name` in the compute dtype: a cast in the graph, or the parameter itself.
+    pub fn w(&self, name: &str) -> Result<Tensor> {
+        self.p(name).to_dtype(self.compute)
     }
 
     pub fn p(&self, name: &str) -> &Tensor {
@@ -132,7 +175,10 @@ impl Model {
 
     /// Token ids `(N,)` to the first block's input `(N, C)`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = self.p(self.embedding_name()).embedding(ids)?;
+        let x = self
+            .p(self.embedding_name())
+            .embedding(ids)?
+            .to_dtype(self.compute)?;
         match self.spec.arch {
             Arch::Nanochat => rms(&x),
             _ => Ok(x),
@@ -142,7 +188,7 @@ impl Model {
     fn norm(&self, x: &Tensor, weight: &str) -> Result<Tensor> {
         match self.spec.arch {
             Arch::Nanochat => rms(x),
-            _ => rms(x)?.broadcast_mul(self.p(weight)),
+            _ => rms(x)?.broadcast_mul(&self.w(weight)?),
         }
     }
 
@@ -203,11 +249,11 @@ impl Model {
                 "self_attn.o_proj",
             ],
         };
-        let w = |i: usize| self.p(&format!("layers.{l}.{}.weight", names[i])).clone();
+        let w = |i: usize| self.w(&format!("layers.{l}.{}.weight", names[i]));
         let heads = |y: Tensor, h: usize| y.reshape((b, t, h, hd))?.transpose(1, 2);
-        let mut q = rope.apply(&heads(linear(x, &w(0))?, nh)?)?;
-        let mut k = rope.apply(&heads(linear(x, &w(1))?, nkv)?)?;
-        let mut v = heads(linear(x, &w(2))?, nkv)?;
+        let mut q = rope.apply(&heads(linear(x, &w(0)?)?, nh)?)?;
+        let mut k = rope.apply(&heads(linear(x, &w(1)?)?, nkv)?)?;
+        let mut v = heads(linear(x, &w(2)?)?, nkv)?;
         if s.arch == Arch::Nanochat {
             q = rms(&q)?;
             k = rms(&k)?;
@@ -224,23 +270,24 @@ impl Model {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+        let att = candle_nn::ops::softmax(&wide(&att)?.broadcast_add(mask)?, D::Minus1)?
+            .to_dtype(self.compute)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;
-        linear(&y, &w(3))
+        linear(&y, &w(3)?)
     }
 
     fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
-        let w = |n: &str| self.p(&format!("layers.{l}.{n}")).clone();
+        let w = |n: &str| self.w(&format!("layers.{l}.{n}"));
         match self.spec.arch {
             Arch::Nanochat => {
-                let h = linear(x, &w("mlp.c_fc.weight"))?.relu()?.sqr()?;
-                linear(&h, &w("mlp.c_proj.weight"))
+                let h = linear(x, &w("mlp.c_fc.weight")?)?.relu()?.sqr()?;
+                linear(&h, &w("mlp.c_proj.weight")?)
             }
             _ => {
-                let g = linear(x, &w("mlp.gate_proj.weight"))?.silu()?;
-                let u = linear(x, &w("mlp.up_proj.weight"))?;
-                linear(&(g * u)?, &w("mlp.down_proj.weight"))
+                let g = linear(x, &w("mlp.gate_proj.weight")?)?.silu()?;
+                let u = linear(x, &w("mlp.up_proj.weight")?)?;
+                linear(&(g * u)?, &w("mlp.down_proj.weight")?)
             }
         }
     }
@@ -254,18 +301,14 @@ impl Model {
         }
     }
 
-    /// The logits of rows `h` (last block's output), in at least f32.
+    /// The logits of rows `h` (last block's output), in at least f32: the head's matmul
+    /// in the compute dtype, then the cast, then nanochat's soft-cap.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.norm(h, "norm.weight")?;
-        let z = linear(&h, self.p(self.head_name()))?;
-        let z = match self.spec.arch {
-            Arch::Nanochat => ((z / SOFTCAP)?.tanh()? * SOFTCAP)?,
-            _ => z,
-        };
-        if self.dtype == DType::F64 {
-            Ok(z)
-        } else {
-            z.to_dtype(DType::F32)
+        let z = wide(&linear(&h, &self.w(self.head_name())?)?)?;
+        match self.spec.arch {
+            Arch::Nanochat => (z / SOFTCAP)?.tanh()? * SOFTCAP,
+            _ => Ok(z),
         }
     }
 

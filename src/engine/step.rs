@@ -37,6 +37,19 @@ pub fn probe(label: &str) {
     }
 }
 
+/// The rotary tables and the causal mask for sequences of `t`, on the model's device.
+fn tables(model: &Model, t: usize) -> Result<(Rope, Tensor)> {
+    Ok((
+        Rope::new(
+            t,
+            model.spec.head_dim as usize,
+            model.compute,
+            &model.device,
+        )?,
+        causal_mask(t, model.dtype, &model.device)?,
+    ))
+}
+
 /// Parameter gradients by name, accumulated over micro-steps.
 pub type Grads = BTreeMap<String, Tensor>;
 
@@ -87,10 +100,13 @@ pub fn forward_backward(
     opts: Opts,
     grads: &mut Grads,
 ) -> Result<f64> {
+    let (ids, targets) = (
+        &ids.to_device(&model.device)?,
+        &targets.to_device(&model.device)?,
+    );
     let n = ids.dim(0)?;
     let t = n / b;
-    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
-    let mask = causal_mask(t, model.dtype)?;
+    let (rope, mask) = tables(model, t)?;
     let layers = model.num_layers();
     let emb_name = vec![model.embedding_name().to_string()];
     probe("start");
@@ -218,10 +234,13 @@ pub fn eval_loss(
     b: usize,
     chunk: usize,
 ) -> Result<f64> {
+    let (ids, targets) = (
+        &ids.to_device(&model.device)?,
+        &targets.to_device(&model.device)?,
+    );
     let n = ids.dim(0)?;
     let t = n / b;
-    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
-    let mask = causal_mask(t, model.dtype)?;
+    let (rope, mask) = tables(model, t)?;
     let mut x = model.embed(ids)?.detach();
     for l in 0..model.num_layers() {
         x = model.block(l, &x, b, &rope, &mask)?.detach();
@@ -241,9 +260,9 @@ pub fn eval_loss(
 
 /// The logits of the last position of one sequence `ids` `(T,)`, as f32.
 pub fn last_logits(model: &Model, ids: &Tensor) -> Result<Vec<f32>> {
+    let ids = &ids.to_device(&model.device)?;
     let t = ids.dim(0)?;
-    let rope = Rope::new(t, model.spec.head_dim as usize, model.dtype)?;
-    let mask = causal_mask(t, model.dtype)?;
+    let (rope, mask) = tables(model, t)?;
     let mut x = model.embed(ids)?.detach();
     for l in 0..model.num_layers() {
         x = model.block(l, &x, 1, &rope, &mask)?.detach();

@@ -40,7 +40,14 @@ fn batch(seed: u64) -> (Tensor, Tensor) {
 }
 
 fn model(arch: Arch) -> Model {
-    let m = Model::new(&spec(arch), DType::F64, &mut Rng::new(3)).unwrap();
+    let m = Model::new(
+        &spec(arch),
+        DType::F64,
+        DType::F64,
+        &Device::Cpu,
+        &mut Rng::new(3),
+    )
+    .unwrap();
     // Norm weights start at 1; perturb them so their gradients are not special.
     let mut r = Rng::new(5);
     for (n, v) in &m.params {
@@ -156,6 +163,60 @@ fn chunked_loss_and_checkpointing_match_the_plain_backward() {
     }
 }
 
+/// Mixed precision (the CUDA path's bf16 compute, run here in f16 since candle's CPU matmul
+/// has no bf16): the master weights and every gradient stay f32, and the gradients are
+/// the f64 ones to within 16-bit rounding, with and without the memory savers.
+#[test]
+fn mixed_precision_gradients_match_the_f64_ones() {
+    for arch in [Arch::Nanochat, Arch::Llama] {
+        let exact = model(arch);
+        let mixed = Model::new(
+            &spec(arch),
+            DType::F32,
+            DType::F16,
+            &Device::Cpu,
+            &mut Rng::new(3),
+        )
+        .unwrap();
+        for (n, v) in &mixed.params {
+            v.set(&exact.params[n].as_tensor().to_dtype(DType::F32).unwrap())
+                .unwrap();
+        }
+        let reference = grads(&exact, plain(), &[1]);
+        for (chunk, checkpoint) in [(B * T, false), (4, true)] {
+            let what = format!("{arch} chunk {chunk} checkpoint {checkpoint}");
+            let g = grads(
+                &mixed,
+                Opts {
+                    chunk,
+                    checkpoint,
+                    ..plain()
+                },
+                &[1],
+            );
+            assert_eq!(
+                g.len(),
+                mixed.params.len(),
+                "{what}: a parameter got no gradient"
+            );
+            for (n, gm) in &g {
+                assert_eq!(gm.dtype(), DType::F32, "{what}: {n}");
+                let (a, b) = (flat(&gm.to_dtype(DType::F64).unwrap()), flat(&reference[n]));
+                let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+                let err =
+                    norm(&mut a.iter().zip(&b).map(|(p, q)| p - q)) / norm(&mut b.iter().copied());
+                assert!(err < 1e-2, "{what}: {n}: relative error {err:.2e}");
+            }
+        }
+        let mut opt = super::optim::AdamW::new();
+        opt.step(&mixed, grads(&mixed, plain(), &[1]), 1e-3)
+            .unwrap();
+        for (n, v) in &mixed.params {
+            assert_eq!(v.as_tensor().dtype(), DType::F32, "{arch}: master {n}");
+        }
+    }
+}
+
 #[test]
 fn accumulation_sums_micro_steps() {
     let m = model(Arch::Llama);
@@ -242,7 +303,11 @@ fn calibrate() {
             vocab_size: u(8),
             ..spec(arch)
         };
-        let m = Model::new(&spec, DType::F32, &mut Rng::new(1)).unwrap();
+        let compute = match std::env::var("VRAMPLAN_CALIBRATE_DTYPE").as_deref() {
+            Ok("f16") => DType::F16,
+            _ => DType::F32,
+        };
+        let m = Model::new(&spec, DType::F32, compute, &Device::Cpu, &mut Rng::new(1)).unwrap();
         let mut opt = AdamW::new();
         let opts = Opts {
             chunk,

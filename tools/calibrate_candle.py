@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Measures the candle engine's working sets stage by stage and fits the planner's
+`candle` inventory to them (planner/src/candle_engine/).
+
+    python3 tools/calibrate_candle.py measure --dtype f16 --count 300 --out docs/data/candle_f16.tsv
+    python3 tools/calibrate_candle.py fit docs/data/candle_f16.tsv
+
+`measure` draws random small configurations (both architectures, with and without
+checkpointing, at least 256 rows per micro-batch), runs the engine's ignored `calibrate`
+test on them (two steps each; the second is measured with the counting allocator) and
+writes one line per configuration: the configuration, then `stage:working_set:live` for
+every stage (bytes; the working set is the stage's high-water mark above the live bytes
+before it). `fit` fits each stage's working set as a linear form (or the larger of two)
+in the step's tensor sizes, by least squares on the relative error, and prints the
+coefficients with their fit quality. Needs numpy.
+"""
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+FIELDS = "arch ckpt layers hidden heads kv head_dim ffn vocab batch seq chunk".split()
+
+
+def draw(rng, ckpt):
+    arch = rng.choice(["nanochat", "llama"])
+    heads = rng.choice([1, 2, 4])
+    kv = heads if arch == "nanochat" else rng.choice([h for h in (1, 2, 4) if heads % h == 0])
+    head_dim = rng.choice([8, 16, 24, 32, 48])
+    hidden = rng.choice([32, 48, 64, 96, 128, 192])
+    ffn = rng.choice([64, 128, 192, 256, 384, 512])
+    vocab = rng.choice([256, 512, 1024, 2048, 4096])
+    seq = rng.choice([16, 32, 64, 128, 256])
+    batch = rng.choice([b for b in (1, 2, 4, 8, 16, 32) if 256 <= b * seq <= 4096] or [256 // seq])
+    chunk = rng.choice([32, 64, 128, 256, 512, 1024, 4096])
+    layers = rng.choice([1, 2, 3])
+    return [arch, int(ckpt), layers, hidden, heads, kv, head_dim, ffn, vocab, batch, seq, chunk]
+
+
+def measure(args):
+    rng = random.Random(args.seed)
+    configs = [draw(rng, i % 3 != 2) for i in range(args.count)]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        for c in configs:
+            f.write(" ".join(map(str, c)) + "\n")
+        path = f.name
+    env = dict(os.environ, VRAMPLAN_CALIBRATE=path, VRAMPLAN_CALIBRATE_DTYPE=args.dtype)
+    cmd = ["cargo", "test", "--release", "--bin", "vramplan", "calibrate", "--", "--ignored", "--nocapture"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [l[4:] for l in out.stderr.splitlines() if l.startswith("CAL ")]
+    if out.returncode != 0 or len(lines) != len(configs):
+        sys.exit(f"calibrate failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
+    with open(args.out, "w") as f:
+        f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")
+        f.write(f"# compute dtype {args.dtype}; seed {args.seed}\n")
+        for l in lines:
+            f.write(l + "\n")
+    print(f"{len(lines)} configurations written to {args.out}")
+
+
+def parse(path):
+    rows = []
+    for line in open(path):
+        if line.startswith("#") or not line.strip():
+            continue
+        cfg, stages, step = [p.strip() for p in line.split("|")]
+        f = cfg.split()
+        c = {k: (f[i] if k == "arch" else int(f[i])) for i, k in enumerate(FIELDS)}
+        st = {}
+        for s in stages.split():
+            name, ws, live = s.rsplit(":", 2)
+            st[name] = (int(ws), int(live))
+        c["stages"] = st
+        c["step"] = int(step.split()[1])
+        rows.append(c)
+    return rows
+
+
+def units(c):
+    """The planner's units (`Units` in candle_engine), in f32-equivalent bytes."""
+    F = 4.0
+    n = c["batch"] * c["seq"]
+    rows = min(c["chunk"], n)
+    u = dict(
+        nc=n * c["hidden"] * F,
+        nq=n * c["heads"] * c["head_dim"] * F,
+        nkv=n * c["kv"] * c["head_dim"] * F,
+        ni=n * c["ffn"] * F,
+        s=c["batch"] * c["heads"] * c["seq"] ** 2 * F,
+        rv=rows * c["vocab"] * F,
+        rc=rows * c["hidden"] * F,
+        vc=c["vocab"] * c["hidden"] * F,
+        n=n * F,
+        bht=c["batch"] * c["heads"] * c["seq"] * F,
+        td=c["seq"] * c["head_dim"] * F,
+        cq=c["hidden"] * c["heads"] * c["head_dim"] * F,
+        ckv=c["hidden"] * c["kv"] * c["head_dim"] * F,
+        ci=c["hidden"] * c["ffn"] * F,
+        one=1.0,
+    )
+    u["mvc"] = u["vc"] if rows < n else 0.0
+    return u
+
+
+# Stage targets: (name, checkpointed?, how to read it, basis, planes).
+def targets(c):
+    st = c["stages"]
+    L = c["layers"]
+    t = {}
+    if c["ckpt"]:
+        t["fwd_attn"] = st["fwd0attn"][0]
+        t["fwd_mlp"] = st["fwd0"][0]
+        t["loss"] = st["loss"][0]
+        t["bwd_mlp"] = st[f"bwd{L - 1}mlp"][0]
+        t["bwd_attn"] = st[f"bwd{L - 1}"][0]
+        t["emb"] = st["emb"][0]
+    else:
+        t["graph"] = st["fwd"][1] - st["start"][1]
+        t["fwd_peak"] = st["fwd"][0]
+        t["loss_nockpt"] = st["loss"][0]
+        t["bwd_peak"] = st["bwd"][0]
+    t["opt"] = st["opt"][0]
+    return t
+
+
+def basis(stage, c, u):
+    L = c["layers"]
+    l1 = max(L - 1, 0)
+    att = ["nc", "nq", "nkv", "s", "n", "bht", "td", "cq", "ckv"]
+    if stage in ("fwd_attn", "bwd_attn"):
+        return {k: u[k] for k in att}
+    if stage in ("fwd_mlp", "bwd_mlp"):
+        return {k: u[k] for k in ["nc", "ni", "ci"]}
+    if stage in ("loss", "loss_nockpt"):
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
+    if stage == "emb":
+        return {k: u[k] for k in ["vc", "nc", "n"]}
+    if stage in ("graph", "fwd_peak"):
+        b = {f"L*{k}": L * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
+        b["nc"] = u["nc"]
+        return b
+    if stage == "bwd_peak":
+        b = {k: u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
+        b.update({f"L1*{k}": l1 * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]})
+        return b
+    if stage == "opt":
+        w, pmax = c["_w"], c["_pmax"]
+        return {"w": w, "pmax": pmax}
+    raise KeyError(stage)
+
+
+PLANES = {"fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 2, "loss": 2, "loss_nockpt": 2}
+
+
+def params(c):
+    """Total and largest parameter bytes (f32), as `vramplan_planner::parameters` lists them."""
+    C, H, KV, D, I, V, L = (c[k] for k in ["hidden", "heads", "kv", "head_dim", "ffn", "vocab", "layers"])
+    sizes = [V * C]
+    if c["arch"] == "nanochat":
+        sizes.append(V * C)
+        per = [C * H * D, C * KV * D, C * KV * D, H * D * C, C * I, I * C]
+    else:
+        sizes.append(C)
+        per = [C * H * D, C * KV * D, C * KV * D, H * D * C, C * I, C * I, I * C, C, C]
+    sizes += per * L
+    return 4.0 * sum(sizes), 4.0 * max(sizes)
+
+
+def fit(args):
+    import numpy as np
+
+    rows = parse(args.path)
+    for c in rows:
+        c["_w"], c["_pmax"] = params(c)
+    for arch in ["nanochat", "llama"]:
+        print(f"== {arch}")
+        stages = sorted({s for c in rows if c["arch"] == arch for s in targets(c)})
+        for stage in stages:
+            data = [(basis(stage, c, units(c)), targets(c)[stage]) for c in rows
+                    if c["arch"] == arch and stage in targets(c)]
+            keys = list(data[0][0].keys()) + ["one"]
+            X = np.array([[b.get(k, 1.0) for k in keys] for b, _ in data])
+            y = np.array([float(t) for _, t in data])
+            planes = PLANES.get(stage, 1)
+            coef, pred = fit_planes(np, X, y, planes)
+            rel = (pred - y) / y
+            print(f"  {stage:<12} n={len(y):>3} rms {100 * np.sqrt(np.mean(rel ** 2)):.2f} % worst {100 * np.max(np.abs(rel)):.2f} %")
+            for p, cf in enumerate(coef):
+                terms = ", ".join(f"({v:.3f}, {k})" for k, v in zip(keys, cf) if k != "one")
+                print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
+
+
+def fit_planes(np, X, y, planes):
+    w = 1.0 / y
+    def lsq(idx):
+        A = X[idx] * w[idx, None]
+        return np.linalg.lstsq(A, np.ones(idx.sum()), rcond=None)[0]
+    c0 = lsq(np.ones(len(y), bool))
+    if planes == 1:
+        return [c0], X @ c0
+    resid = X @ c0 - y
+    assign = resid < 0  # points the single plane under-predicts start the second plane
+    best = None
+    for _ in range(30):
+        if assign.sum() < X.shape[1] or (~assign).sum() < X.shape[1]:
+            break
+        cs = [lsq(~assign), lsq(assign)]
+        preds = np.stack([X @ cs[0], X @ cs[1]])
+        pred = preds.max(0)
+        err = np.sqrt(np.mean(((pred - y) / y) ** 2))
+        if best is None or err < best[0]:
+            best = (err, cs, pred)
+        new = preds[1] > preds[0]
+        if (new == assign).all():
+            break
+        assign = new
+    if best is None:
+        return [c0], X @ c0
+    return best[1], best[2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--dtype", default="f32", choices=["f32", "f16"])
+    m.add_argument("--count", type=int, default=300)
+    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--out", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("path")
+    args = ap.parse_args()
+    measure(args) if args.cmd == "measure" else fit(args)
+
+
+if __name__ == "__main__":
+    main()
