@@ -69,7 +69,13 @@ fn main() -> candle_core::Result<()> {
         max_positions: 0,
         gated_ffn: false,
     };
-    let model = Model::new(&spec, DType::F32, &mut Rng::new(1))?;
+    let model = Model::new(
+        &spec,
+        DType::F32,
+        DType::F32,
+        &candle_core::Device::Cpu,
+        &mut Rng::new(1),
+    )?;
     println!(
         "loss stage, vocabulary {VOCAB}, width {HIDDEN}, f32, {} threads",
         std::thread::available_parallelism()

@@ -146,25 +146,19 @@ const PLANS: [Plan; 12] = [
 
 /// The target: the inventory within 2 % of the counting allocator's peak.
 const BOUND: f64 = 0.02;
+/// With 16-bit compute (f16 on the CPU) the inventory's working sets fit less well
+/// (planner/src/candle_engine/half.rs): measured on these plans (2 cores, Nov 2026), worst
+/// +14.55 % (plan 0), 8 of 14 within 5 %.
+const HALF_BOUND: f64 = 0.20;
 
-#[test]
-fn candle_inventory_predicts_the_measured_peak() {
-    let dir = tmp("accuracy");
+/// Trains each plan for 3 steps; returns the report and the worst relative error.
+fn inventory_errors(dir: &Path, tomls: &[String], tag: &str) -> (String, f64) {
     let mut report = String::new();
     let mut worst: f64 = 0.0;
-    // The twelve plans, then two of them with gradient accumulation.
-    let mut tomls: Vec<String> = PLANS.iter().map(Plan::toml).collect();
-    for k in [0, 7] {
-        tomls.push(
-            PLANS[k]
-                .toml()
-                .replace("precision", "grad_accum = 2\nprecision"),
-        );
-    }
     for (i, toml) in tomls.iter().enumerate() {
-        let path = dir.join(format!("plan{i}.toml"));
+        let path = dir.join(format!("{tag}{i}.toml"));
         std::fs::write(&path, toml).unwrap();
-        let out = dir.join(format!("out{i}"));
+        let out = dir.join(format!("{tag}out{i}"));
         let o = run(&[
             "train",
             path.to_str().unwrap(),
@@ -177,7 +171,7 @@ fn candle_inventory_predicts_the_measured_peak() {
             "--save-every",
             "0",
         ]);
-        assert!(o.status.success(), "plan {i}: {}", text(&o));
+        assert!(o.status.success(), "{tag} plan {i}: {}", text(&o));
         let s = summary(&out);
         let (pred, meas) = (
             s["predicted_peak_bytes"].as_u64().unwrap(),
@@ -186,13 +180,49 @@ fn candle_inventory_predicts_the_measured_peak() {
         let err = (pred as f64 - meas as f64) / meas as f64;
         worst = worst.max(err.abs());
         report += &format!(
-            "plan {i}: predicted {pred} measured {meas} error {:+.2} %\n",
+            "{tag} plan {i}: predicted {pred} measured {meas} error {:+.2} %\n",
             100.0 * err
         );
     }
+    (report, worst)
+}
+
+/// The twelve plans, then two of them with gradient accumulation.
+fn accuracy_plans() -> Vec<String> {
+    let mut tomls: Vec<String> = PLANS.iter().map(Plan::toml).collect();
+    for k in [0, 7] {
+        tomls.push(
+            PLANS[k]
+                .toml()
+                .replace("precision", "grad_accum = 2\nprecision"),
+        );
+    }
+    tomls
+}
+
+#[test]
+fn candle_inventory_predicts_the_measured_peak() {
+    let dir = tmp("accuracy");
+    let (report, worst) = inventory_errors(&dir, &accuracy_plans(), "fp32");
     println!("{report}");
     assert!(
         worst <= BOUND,
+        "worst error {:.2} %:\n{report}",
+        100.0 * worst
+    );
+}
+
+#[test]
+fn candle_inventory_with_16_bit_compute() {
+    let dir = tmp("accuracy16");
+    let tomls: Vec<String> = accuracy_plans()
+        .iter()
+        .map(|t| t.replace("\"fp32\"", "\"fp16-autocast\""))
+        .collect();
+    let (report, worst) = inventory_errors(&dir, &tomls, "fp16");
+    println!("{report}");
+    assert!(
+        worst <= HALF_BOUND,
         "worst error {:.2} %:\n{report}",
         100.0 * worst
     );

@@ -99,6 +99,13 @@ def units(c):
         cq=c["hidden"] * c["heads"] * c["head_dim"] * F,
         ckv=c["hidden"] * c["kv"] * c["head_dim"] * F,
         ci=c["hidden"] * c["ffn"] * F,
+        # widths alone: a 16-bit matmul on the CPU packs its right-hand side into an f32
+        # buffer of about (a fixed block of rows) × (its width)
+        w_c=c["hidden"] * F,
+        w_q=c["heads"] * c["head_dim"] * F,
+        w_kv=c["kv"] * c["head_dim"] * F,
+        w_i=c["ffn"] * F,
+        w_v=c["vocab"] * F,
         one=1.0,
     )
     u["mvc"] = u["vc"] if rows < n else 0.0
@@ -120,31 +127,41 @@ def targets(c):
     else:
         t["graph"] = st["fwd"][1] - st["start"][1]
         t["fwd_peak"] = st["fwd"][0]
-        t["loss_nockpt"] = st["loss"][0]
+        t["loss"] = st["loss"][0]
         t["bwd_peak"] = st["bwd"][0]
     t["opt"] = st["opt"][0]
     return t
 
 
 def basis(stage, c, u):
+    b = basis_all(stage, c, u)
+    if c["arch"] == "nanochat":  # keys and values have the queries' width
+        b = {k: v for k, v in b.items() if "kv" not in k}
+    return b
+
+
+def basis_all(stage, c, u):
     L = c["layers"]
     l1 = max(L - 1, 0)
+    wide = WIDTHS if c.get("_widths") else []
     att = ["nc", "nq", "nkv", "s", "n", "bht", "td", "cq", "ckv"]
     if stage in ("fwd_attn", "bwd_attn"):
-        return {k: u[k] for k in att}
+        return {k: u[k] for k in att + [w for w in wide if w in ("w_c", "w_q", "w_kv")]}
     if stage in ("fwd_mlp", "bwd_mlp"):
-        return {k: u[k] for k in ["nc", "ni", "ci"]}
-    if stage in ("loss", "loss_nockpt"):
-        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
+        return {k: u[k] for k in ["nc", "ni", "ci"] + [w for w in wide if w in ("w_c", "w_i")]}
+    if stage == "loss":
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
     if stage == "emb":
-        return {k: u[k] for k in ["vc", "nc", "n"]}
+        return {k: u[k] for k in ["vc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
     if stage in ("graph", "fwd_peak"):
         b = {f"L*{k}": L * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
         b["nc"] = u["nc"]
+        b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "bwd_peak":
         b = {k: u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
         b.update({f"L1*{k}": l1 * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]})
+        b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "opt":
         w, pmax = c["_w"], c["_pmax"]
@@ -152,7 +169,9 @@ def basis(stage, c, u):
     raise KeyError(stage)
 
 
-PLANES = {"fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 2, "loss": 2, "loss_nockpt": 2}
+WIDTHS = ["w_c", "w_q", "w_kv", "w_i", "w_v"]
+
+PLANES = {"fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 2, "loss": 2}
 
 
 def params(c):
@@ -175,6 +194,7 @@ def fit(args):
     rows = parse(args.path)
     for c in rows:
         c["_w"], c["_pmax"] = params(c)
+        c["_widths"] = args.widths
     for arch in ["nanochat", "llama"]:
         print(f"== {arch}")
         stages = sorted({s for c in rows if c["arch"] == arch for s in targets(c)})
@@ -189,8 +209,28 @@ def fit(args):
             rel = (pred - y) / y
             print(f"  {stage:<12} n={len(y):>3} rms {100 * np.sqrt(np.mean(rel ** 2)):.2f} % worst {100 * np.max(np.abs(rel)):.2f} %")
             for p, cf in enumerate(coef):
-                terms = ", ".join(f"({v:.3f}, {k})" for k, v in zip(keys, cf) if k != "one")
-                print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
+                if args.rust:
+                    print("    " + rust_plane(keys, cf))
+                else:
+                    terms = ", ".join(f"({v:.3f}, {k})" for k, v in zip(keys, cf) if k != "one")
+                    print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
+
+
+def rust_plane(keys, cf):
+    """A plane as the planner writes it: `lin(&[(c, u.x), (c * l, u.y), ...], constant)`."""
+    terms = []
+    for k, v in zip(keys, cf):
+        if k == "one":
+            continue
+        if k.startswith("L*"):
+            terms.append(f"({v:.3f} * l, u.{k[2:]})")
+        elif k.startswith("L1*"):
+            terms.append(f"({v:.3f} * l1, u.{k[3:]})")
+        elif k in ("w", "pmax"):
+            terms.append(f"({v:.4f}, {k})")
+        else:
+            terms.append(f"({v:.3f}, u.{'multi * u.vc' if k == 'mvc' else k})")
+    return f"lin(&[{', '.join(terms)}], {cf[-1]:.1f}),"
 
 
 def fit_planes(np, X, y, planes):
@@ -232,6 +272,8 @@ def main():
     m.add_argument("--out", required=True)
     f = sub.add_parser("fit")
     f.add_argument("path")
+    f.add_argument("--rust", action="store_true", help="print the planes as the planner's Rust")
+    f.add_argument("--widths", action="store_true", help="add the matrix widths alone to the bases (16-bit matmuls on the CPU)")
     args = ap.parse_args()
     measure(args) if args.cmd == "measure" else fit(args)
 

@@ -8,7 +8,7 @@
 //! (after the data was loaded), from the counting allocator on the CPU and from the CUDA
 //! memory pool on a GPU ([`device::Meter`]). So it holds the weights, AdamW's moments, the
 //! gradients and everything the step allocates: exactly what
-//! `planner/src/candle_engine.rs` plays. The first step of a process is a warm-up (it
+//! `planner/src/candle_engine/` plays. The first step of a process is a warm-up (it
 //! creates the optimizer state) and is not counted.
 
 pub mod alloc;
@@ -210,7 +210,7 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
 /// the step's. Running them only from the calling thread leaves it to the scheduler which
 /// workers take part, and a worker that first multiplies during the step adds its slab to
 /// the measured peak.
-fn warm_up(compute: DType) -> Result<()> {
+pub(crate) fn warm_up(compute: DType) -> Result<()> {
     let matmuls = || -> candle_core::Result<()> {
         for dtype in [DType::F32, compute] {
             for n in [64usize, 512] {

@@ -307,6 +307,9 @@ fn calibrate() {
             Ok("f16") => DType::F16,
             _ => DType::F32,
         };
+        // As `train` does: the pool's threads and gemm's per-thread buffers (for both
+        // dtypes) exist before anything is measured.
+        super::warm_up(compute).unwrap();
         let m = Model::new(&spec, DType::F32, compute, &Device::Cpu, &mut Rng::new(1)).unwrap();
         let mut opt = AdamW::new();
         let opts = Opts {
