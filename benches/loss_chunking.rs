@@ -73,7 +73,7 @@ fn main() -> candle_core::Result<()> {
         &spec,
         DType::F32,
         DType::F32,
-        &candle_core::Device::Cpu,
+        &Device::Cpu,
         &mut Rng::new(1),
     )?;
     println!(
