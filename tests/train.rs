@@ -146,13 +146,14 @@ const PLANS: [Plan; 12] = [
 
 /// The target: the inventory within 2 % of the counting allocator's peak.
 const BOUND: f64 = 0.02;
-/// With 16-bit compute (f16 on the CPU) the inventory's working sets fit less well
-/// (planner/src/candle_engine/half.rs): measured on these plans (2 cores, Nov 2026), worst
-/// +14.55 % (plan 0), 8 of 14 within 5 %.
-const HALF_BOUND: f64 = 0.20;
+/// With 16-bit compute (f16 on the CPU) the inventory predicts the tensors alone (gemm's
+/// CPU packing scratch left out, as on a GPU): measured on these plans (2 cores, Nov 2026)
+/// all fourteen within 0.6 %, worst −0.60 % (plan 12).
+const HALF_BOUND: f64 = 0.02;
 
-/// Trains each plan for 3 steps; returns the report and the worst relative error.
-fn inventory_errors(dir: &Path, tomls: &[String], tag: &str) -> (String, f64) {
+/// Trains each plan for 3 steps; returns the report and the worst relative error of the
+/// prediction against the summary's `measured` field.
+fn inventory_errors(dir: &Path, tomls: &[String], tag: &str, measured: &str) -> (String, f64) {
     let mut report = String::new();
     let mut worst: f64 = 0.0;
     for (i, toml) in tomls.iter().enumerate() {
@@ -175,9 +176,13 @@ fn inventory_errors(dir: &Path, tomls: &[String], tag: &str) -> (String, f64) {
         let s = summary(&out);
         let (pred, meas) = (
             s["predicted_peak_bytes"].as_u64().unwrap(),
-            s["measured_peak_bytes"].as_u64().unwrap(),
+            s[measured].as_u64().unwrap(),
         );
         let err = (pred as f64 - meas as f64) / meas as f64;
+        assert!(
+            (err - s["peak_error"].as_f64().unwrap()).abs() < 1e-9,
+            "{tag} plan {i}: the summary's error is against {measured}"
+        );
         worst = worst.max(err.abs());
         report += &format!(
             "{tag} plan {i}: predicted {pred} measured {meas} error {:+.2} %\n",
@@ -203,7 +208,7 @@ fn accuracy_plans() -> Vec<String> {
 #[test]
 fn candle_inventory_predicts_the_measured_peak() {
     let dir = tmp("accuracy");
-    let (report, worst) = inventory_errors(&dir, &accuracy_plans(), "fp32");
+    let (report, worst) = inventory_errors(&dir, &accuracy_plans(), "fp32", "measured_peak_bytes");
     println!("{report}");
     assert!(
         worst <= BOUND,
@@ -219,7 +224,7 @@ fn candle_inventory_with_16_bit_compute() {
         .iter()
         .map(|t| t.replace("\"fp32\"", "\"fp16-autocast\""))
         .collect();
-    let (report, worst) = inventory_errors(&dir, &tomls, "fp16");
+    let (report, worst) = inventory_errors(&dir, &tomls, "fp16", "measured_tensor_peak_bytes");
     println!("{report}");
     assert!(
         worst <= HALF_BOUND,

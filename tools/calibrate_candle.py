@@ -2,17 +2,20 @@
 """Measures the candle engine's working sets stage by stage and fits the planner's
 `candle` inventory to them (planner/src/candle_engine/).
 
-    python3 tools/calibrate_candle.py measure --dtype f16 --count 300 --out docs/data/candle_f16.tsv
-    python3 tools/calibrate_candle.py fit docs/data/candle_f16.tsv
+    python3 tools/calibrate_candle.py measure --dtype f16 --tensors --count 400 --out docs/data/candle_f16_stages.tsv
+    python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv [--rust]
 
 `measure` draws random small configurations (both architectures, with and without
 checkpointing, at least 256 rows per micro-batch), runs the engine's ignored `calibrate`
 test on them (two steps each; the second is measured with the counting allocator) and
 writes one line per configuration: the configuration, then `stage:working_set:live` for
 every stage (bytes; the working set is the stage's high-water mark above the live bytes
-before it). `fit` fits each stage's working set as a linear form (or the larger of two)
-in the step's tensor sizes, by least squares on the relative error, and prints the
-coefficients with their fit quality. Needs numpy.
+before it). `--tensors` counts tensors alone, leaving out gemm's 64-byte-aligned packing
+scratch: what the same graph allocates on a GPU. `fit` fits each stage's working set as
+a linear form in the step's tensor sizes, or the largest of two or three where the
+stage's peak moves between ops, by least squares on the relative error (the optimizer's
+from the parameters' sizes in update order), and prints the fit quality and, with
+`--rust`, the planner's code (planner/src/candle_engine/half.rs). Needs numpy.
 """
 
 import argparse
@@ -42,12 +45,14 @@ def draw(rng, ckpt):
 
 def measure(args):
     rng = random.Random(args.seed)
-    configs = [draw(rng, i % 3 != 2) for i in range(args.count)]
+    configs = [draw(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         for c in configs:
             f.write(" ".join(map(str, c)) + "\n")
         path = f.name
     env = dict(os.environ, VRAMPLAN_CALIBRATE=path, VRAMPLAN_CALIBRATE_DTYPE=args.dtype)
+    if args.tensors:
+        env["VRAMPLAN_CALIBRATE_TENSORS"] = "1"
     cmd = ["cargo", "test", "--release", "--bin", "vramplan", "calibrate", "--", "--ignored", "--nocapture"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l[4:] for l in out.stderr.splitlines() if l.startswith("CAL ")]
@@ -55,7 +60,8 @@ def measure(args):
         sys.exit(f"calibrate failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
     with open(args.out, "w") as f:
         f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")
-        f.write(f"# compute dtype {args.dtype}; seed {args.seed}\n")
+        f.write(f"# compute dtype {args.dtype}; seed {args.seed}; checkpointed share {args.checkpointed}; "
+                f"{'tensors only (no matmul scratch)' if args.tensors else 'the whole heap'}\n")
         for l in lines:
             f.write(l + "\n")
     print(f"{len(lines)} configurations written to {args.out}")
@@ -153,39 +159,26 @@ def basis_all(stage, c, u):
         return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
     if stage == "emb":
         return {k: u[k] for k in ["vc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
+    # Without checkpointing the graph keeps every block's weights cast to 16 bits.
+    per_block = ["nc", "nq", "nkv", "ni", "s", "cq", "ckv", "ci"]
     if stage in ("graph", "fwd_peak"):
-        b = {f"L*{k}": L * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
+        b = {f"L*{k}": L * u[k] for k in per_block}
         b["nc"] = u["nc"]
         b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "bwd_peak":
-        b = {k: u[k] for k in ["nc", "nq", "nkv", "ni", "s"]}
-        b.update({f"L1*{k}": l1 * u[k] for k in ["nc", "nq", "nkv", "ni", "s"]})
+        b = {k: u[k] for k in per_block + ["vc", "n"]}
+        b.update({f"L1*{k}": l1 * u[k] for k in per_block})
         b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "opt":
-        w, pmax = c["_w"], c["_pmax"]
-        return {"w": w, "pmax": pmax}
+        return {"adam": adam_peak(c)}
     raise KeyError(stage)
 
 
 WIDTHS = ["w_c", "w_q", "w_kv", "w_i", "w_v"]
 
-PLANES = {"fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 2, "loss": 2}
-
-
-def params(c):
-    """Total and largest parameter bytes (f32), as `vramplan_planner::parameters` lists them."""
-    C, H, KV, D, I, V, L = (c[k] for k in ["hidden", "heads", "kv", "head_dim", "ffn", "vocab", "layers"])
-    sizes = [V * C]
-    if c["arch"] == "nanochat":
-        sizes.append(V * C)
-        per = [C * H * D, C * KV * D, C * KV * D, H * D * C, C * I, I * C]
-    else:
-        sizes.append(C)
-        per = [C * H * D, C * KV * D, C * KV * D, H * D * C, C * I, C * I, I * C, C, C]
-    sizes += per * L
-    return 4.0 * sum(sizes), 4.0 * max(sizes)
+PLANES = {"fwd_attn": 2, "fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 3, "loss": 3, "emb": 2, "bwd_peak": 3}
 
 
 def fit(args):
@@ -193,9 +186,10 @@ def fit(args):
 
     rows = parse(args.path)
     for c in rows:
-        c["_w"], c["_pmax"] = params(c)
         c["_widths"] = args.widths
+    fits = {}
     for arch in ["nanochat", "llama"]:
+        fits[arch] = {}
         print(f"== {arch}")
         stages = sorted({s for c in rows if c["arch"] == arch for s in targets(c)})
         for stage in stages:
@@ -206,6 +200,7 @@ def fit(args):
             y = np.array([float(t) for _, t in data])
             planes = PLANES.get(stage, 1)
             coef, pred = fit_planes(np, X, y, planes)
+            fits[arch][stage] = (keys, coef)
             rel = (pred - y) / y
             print(f"  {stage:<12} n={len(y):>3} rms {100 * np.sqrt(np.mean(rel ** 2)):.2f} % worst {100 * np.max(np.abs(rel)):.2f} %")
             for p, cf in enumerate(coef):
@@ -214,6 +209,26 @@ def fit(args):
                 else:
                     terms = ", ".join(f"({v:.3f}, {k})" for k, v in zip(keys, cf) if k != "one")
                     print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
+    if args.rust:
+        print(rust_struct(fits))
+
+
+STAGE_FIELDS = [("fwd_attn", "fwd_attn"), ("fwd_mlp", "fwd_mlp"), ("bwd_mlp", "bwd_mlp"),
+                ("bwd_attn", "bwd_attn"), ("graph", "graph"), ("fwd_peak", "fwd_peak"),
+                ("bwd_peak", "bwd_peak"), ("loss", "loss"), ("emb", "embedding"), ("opt", "optimizer")]
+
+
+def rust_struct(fits):
+    """`match arch { ... WorkingSets { field: plane.max(plane), ... } }` from the fits."""
+    out = []
+    for arch, pat in [("nanochat", "Arch::Nanochat"), ("llama", "_")]:
+        out.append(f"        {pat} => WorkingSets {{")
+        for stage, field in STAGE_FIELDS:
+            keys, planes = fits[arch][stage]
+            exprs = [rust_plane(keys, cf).rstrip(",") for cf in planes]
+            out.append(f"            {field}: " + "".join([exprs[0]] + [f".max({e})" for e in exprs[1:]]) + ",")
+        out.append("        },")
+    return "\n".join(out)
 
 
 def rust_plane(keys, cf):
@@ -226,40 +241,73 @@ def rust_plane(keys, cf):
             terms.append(f"({v:.3f} * l, u.{k[2:]})")
         elif k.startswith("L1*"):
             terms.append(f"({v:.3f} * l1, u.{k[3:]})")
-        elif k in ("w", "pmax"):
-            terms.append(f"({v:.4f}, {k})")
+        elif k == "adam":
+            terms.append(f"({v:.4f}, adam)")
         else:
             terms.append(f"({v:.3f}, u.{'multi * u.vc' if k == 'mvc' else k})")
     return f"lin(&[{', '.join(terms)}], {cf[-1]:.1f}),"
 
 
-def fit_planes(np, X, y, planes):
+def fit_planes(np, X, y, planes, restarts=40):
+    """The larger of `planes` linear forms, by alternating assignment (each point to the
+    plane that is largest there, each plane refitted on its points) from seeded random
+    starts; relative least squares."""
     w = 1.0 / y
+
     def lsq(idx):
         A = X[idx] * w[idx, None]
         return np.linalg.lstsq(A, np.ones(idx.sum()), rcond=None)[0]
-    c0 = lsq(np.ones(len(y), bool))
+
     if planes == 1:
-        return [c0], X @ c0
-    resid = X @ c0 - y
-    assign = resid < 0  # points the single plane under-predicts start the second plane
+        c = lsq(np.ones(len(y), bool))
+        return [c], X @ c
+    rng = np.random.default_rng(0)
     best = None
-    for _ in range(30):
-        if assign.sum() < X.shape[1] or (~assign).sum() < X.shape[1]:
-            break
-        cs = [lsq(~assign), lsq(assign)]
-        preds = np.stack([X @ cs[0], X @ cs[1]])
-        pred = preds.max(0)
-        err = np.sqrt(np.mean(((pred - y) / y) ** 2))
-        if best is None or err < best[0]:
-            best = (err, cs, pred)
-        new = preds[1] > preds[0]
-        if (new == assign).all():
-            break
-        assign = new
-    if best is None:
-        return [c0], X @ c0
+    for _ in range(restarts):
+        assign = rng.integers(0, planes, len(y))
+        for _ in range(50):
+            if any((assign == j).sum() < X.shape[1] for j in range(planes)):
+                break
+            cs = [lsq(assign == j) for j in range(planes)]
+            P = np.stack([X @ c for c in cs])
+            pred = P.max(0)
+            err = np.sqrt(np.mean(((pred - y) / y) ** 2))
+            if best is None or err < best[0]:
+                best = (err, cs, pred)
+            new = P.argmax(0)
+            if (new == assign).all():
+                break
+            assign = new
+    if best is None:  # too few points for this many planes
+        return fit_planes(np, X, y, planes - 1, restarts)
     return best[1], best[2]
+
+
+def adam_peak(c):
+    """AdamW's update runs over the parameters in name order, making about four f32
+    copies of each while the gradients before it are already freed: the largest
+    `4·bytes(p) − bytes(gradients before p)` (what the planner computes exactly)."""
+    C, H, KV, D, I, V, L = (c[k] for k in ["hidden", "heads", "kv", "head_dim", "ffn", "vocab", "layers"])
+    q, kv = H * D, KV * D
+    if c["arch"] == "nanochat":
+        p = [("wte.weight", V * C), ("lm_head.weight", V * C)]
+        for l in range(L):
+            p += [(f"layers.{l}.attn.c_q.weight", q * C), (f"layers.{l}.attn.c_k.weight", kv * C),
+                  (f"layers.{l}.attn.c_v.weight", kv * C), (f"layers.{l}.attn.c_proj.weight", C * q),
+                  (f"layers.{l}.mlp.c_fc.weight", I * C), (f"layers.{l}.mlp.c_proj.weight", C * I)]
+    else:
+        p = [("embed_tokens.weight", V * C), ("norm.weight", C)]
+        for l in range(L):
+            p += [(f"layers.{l}.self_attn.q_proj.weight", q * C), (f"layers.{l}.self_attn.k_proj.weight", kv * C),
+                  (f"layers.{l}.self_attn.v_proj.weight", kv * C), (f"layers.{l}.self_attn.o_proj.weight", C * q),
+                  (f"layers.{l}.mlp.gate_proj.weight", I * C), (f"layers.{l}.mlp.up_proj.weight", I * C),
+                  (f"layers.{l}.mlp.down_proj.weight", C * I), (f"layers.{l}.input_layernorm.weight", C),
+                  (f"layers.{l}.post_attention_layernorm.weight", C)]
+    done, peak = 0, float("-inf")
+    for _, n in sorted(p):
+        peak = max(peak, 4 * 4 * n - done)
+        done += 4 * n
+    return float(peak)
 
 
 def main():
@@ -269,7 +317,10 @@ def main():
     m.add_argument("--dtype", default="f32", choices=["f32", "f16"])
     m.add_argument("--count", type=int, default=300)
     m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--checkpointed", type=float, default=0.5, help="share of checkpointed configurations")
     m.add_argument("--out", required=True)
+    m.add_argument("--tensors", action="store_true",
+                   help="count tensors only, leaving out gemm's 64-byte-aligned packing scratch (what a GPU allocates)")
     f = sub.add_parser("fit")
     f.add_argument("path")
     f.add_argument("--rust", action="store_true", help="print the planes as the planner's Rust")

@@ -328,14 +328,23 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         s.tokens_per_second,
         100.0 * s.mfu,
         if s.device == "cpu" {
-            "this machine's measured f32 matmul rate"
+            format!("this machine's measured {} matmul rate", s.compute_dtype)
         } else {
-            "the GPU's rated dense bf16 rate"
+            "the GPU's rated dense bf16 rate".to_string()
         },
         s.matmul_flops_per_second / 1e9
     );
+    let tensors = if s.measured_tensor_peak_bytes != s.measured_peak_bytes {
+        format!(
+            ", tensors alone {} ({} B)",
+            Bytes(s.measured_tensor_peak_bytes),
+            s.measured_tensor_peak_bytes
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}), error {:+.2} %",
+        "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}){tensors}; error {:+.2} % against {}",
         s.device,
         s.compute_dtype,
         Bytes(s.predicted_peak_bytes),
@@ -343,7 +352,8 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         Bytes(s.measured_peak_bytes),
         s.measured_peak_bytes,
         s.measured_by,
-        100.0 * s.peak_error
+        100.0 * s.peak_error,
+        if s.compute_dtype == "f32" { "the measured peak" } else { "the tensors (the 16-bit inventory leaves out the CPU's matmul scratch, as a GPU has none)" }
     );
     println!(
         "summary written to {}",

@@ -98,6 +98,25 @@ impl Meter {
         }
     }
 
+    /// Live bytes of tensors alone now: on the CPU without gemm's packing scratch (which a
+    /// GPU's matmul does not allocate); on CUDA the pool holds tensors only.
+    pub fn tensors_current(&self) -> Result<u64> {
+        match self {
+            Meter::Cpu => Ok(super::alloc::tensors_current()),
+            #[cfg(feature = "cuda")]
+            Meter::Cuda(p) => p.get(cuda::USED_CURRENT),
+        }
+    }
+
+    /// The most live bytes of tensors since the last [`Meter::reset_peak`].
+    pub fn tensors_peak(&self) -> Result<u64> {
+        match self {
+            Meter::Cpu => Ok(super::alloc::tensors_peak()),
+            #[cfg(feature = "cuda")]
+            Meter::Cuda(p) => p.get(cuda::USED_HIGH),
+        }
+    }
+
     /// Starts a new high-water mark at the current level.
     pub fn reset_peak(&self) -> Result<()> {
         match self {

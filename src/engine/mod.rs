@@ -104,7 +104,7 @@ pub struct Summary {
     /// Model FLOPs (no recomputation) per second over `matmul_flops_per_second`.
     pub mfu: f64,
     /// What MFU divides by: the GPU's rated dense bf16 rate, or on the CPU this machine's
-    /// measured f32 matmul rate on the engine's threads.
+    /// measured matmul rate in the compute dtype on the engine's threads.
     pub matmul_flops_per_second: f64,
     /// `cpu` or `cuda:N`, and the forward's dtype (`f32`, `bf16`).
     pub device: String,
@@ -113,7 +113,12 @@ pub struct Summary {
     pub measured_peak_bytes: u64,
     /// What `measured_peak_bytes` counts.
     pub measured_by: String,
-    /// (predicted − measured) / measured.
+    /// The same for tensors alone: on the CPU without gemm's packing scratch, which a
+    /// GPU's matmul does not allocate; on CUDA equal to `measured_peak_bytes`.
+    pub measured_tensor_peak_bytes: u64,
+    /// (predicted − measured) / measured, against `measured_peak_bytes` in f32 (the f32
+    /// inventory is the CPU's whole heap) and against `measured_tensor_peak_bytes` with
+    /// 16-bit compute (that inventory is the tensors', as on a GPU).
     pub peak_error: f64,
     /// The whole process's heap high-water mark over the run: the data as loaded, the
     /// model and every step (streamed Parquet data keeps it far below the file's size).
@@ -317,6 +322,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let mfu = |tokens_per_second: f64| flops_per_token * tokens_per_second / matmul_flops;
     let meter = device::Meter::new(&o.device)?;
     let baseline = meter.current()?;
+    let tensors_baseline = meter.tensors_current()?;
     if std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some() {
         eprintln!("mem: before warm-up {before_warm}, baseline {baseline}");
     }
@@ -366,6 +372,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     let bits_per_byte =
         |nats_per_token: f64| nats_per_token / corpus.bytes_per_token / std::f64::consts::LN_2;
     let mut measured = 0u64;
+    let mut measured_tensors = 0u64;
     let mut last_loss = f64::NAN;
     let mut val_loss = f64::NAN;
     let mut tokens = 0u64;
@@ -431,6 +438,8 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         }
         if s > start {
             measured = measured.max(peak);
+            measured_tensors =
+                measured_tensors.max(meter.tensors_peak()?.saturating_sub(tensors_baseline));
         }
         let dt = t0.elapsed().as_secs_f64();
         train_secs += dt;
@@ -476,8 +485,13 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     if val_loss.is_nan() {
         val_loss = validate(&model, &corpus, spec)?;
     }
-    let error = if measured > 0 {
-        (o.predicted_peak as f64 - measured as f64) / measured as f64
+    let against = if o.compute == DType::F32 {
+        measured
+    } else {
+        measured_tensors
+    };
+    let error = if against > 0 {
+        (o.predicted_peak as f64 - against as f64) / against as f64
     } else {
         0.0
     };
@@ -499,6 +513,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
         predicted_peak_bytes: o.predicted_peak,
         measured_peak_bytes: measured,
         measured_by: meter.what().to_string(),
+        measured_tensor_peak_bytes: measured_tensors,
         process_peak_bytes: process_peak.max(alloc::peak()),
         peak_error: error,
         params,

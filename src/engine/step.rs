@@ -23,17 +23,22 @@ use std::collections::BTreeMap;
 /// at the end of the stage, high-water mark during it)`.
 pub static PROBES: std::sync::Mutex<Vec<(String, u64, u64)>> = std::sync::Mutex::new(Vec::new());
 pub static PROBING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Probe tensors alone (no matmul scratch) rather than the whole heap.
+pub static PROBE_TENSORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn probe(label: &str) {
-    if PROBING.load(std::sync::atomic::Ordering::Relaxed) {
-        let (cur, peak) = (
-            crate::engine::alloc::current(),
-            crate::engine::alloc::peak(),
-        );
+    use crate::engine::alloc;
+    use std::sync::atomic::Ordering::Relaxed;
+    if PROBING.load(Relaxed) {
+        let (cur, peak) = if PROBE_TENSORS.load(Relaxed) {
+            (alloc::tensors_current(), alloc::tensors_peak())
+        } else {
+            (alloc::current(), alloc::peak())
+        };
         if let Ok(mut v) = PROBES.lock() {
             v.push((label.to_string(), cur, peak));
         }
-        crate::engine::alloc::reset_peak();
+        alloc::reset_peak();
     }
 }
 

@@ -321,14 +321,23 @@ fn calibrate() {
         let toks: Vec<u32> = (0..10_000)
             .map(|_| r.below(spec.vocab_size.min(256) as usize) as u32)
             .collect();
-        let base = alloc::current();
+        let tensors = std::env::var_os("VRAMPLAN_CALIBRATE_TENSORS").is_some();
+        step::PROBE_TENSORS.store(tensors, Ordering::Relaxed);
+        let live = || {
+            if tensors {
+                alloc::tensors_current()
+            } else {
+                alloc::current()
+            }
+        };
+        let base = live();
         for s in 0..2 {
             if s == 1 {
                 step::PROBES.lock().unwrap().clear();
                 step::PROBING.store(true, Ordering::Relaxed);
                 alloc::reset_peak();
             }
-            let before = alloc::current();
+            let before = live();
             let mut g = Grads::new();
             let (x, y) = super::data::batch(&toks, b, t, &mut r).unwrap();
             step::probe("batch");

@@ -91,6 +91,25 @@ pub(super) struct WorkingSets {
     pub optimizer: u64,
 }
 
+/// AdamW's update (`src/engine/optim.rs`) runs over the parameters in name order, making
+/// about four f32 copies of each while the gradients of those before it are already freed:
+/// its peak above the live bytes before it is the largest `4·bytes(p) − bytes(gradients
+/// before p)`.
+fn adam_peak(params: &[params::Param]) -> f64 {
+    let mut sorted: Vec<(&str, f64)> = params
+        .iter()
+        .map(|p| (p.name.as_str(), p.numel() as f64 * F))
+        .collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut done = 0.0;
+    let mut peak = f64::NEG_INFINITY;
+    for (_, bytes) in sorted {
+        peak = peak.max(4.0 * bytes - done);
+        done += bytes;
+    }
+    peak.max(0.0)
+}
+
 /// Plays one optimizer step of `spec` on the candle engine.
 pub fn play(spec: &RunSpec) -> Timeline {
     let m = &spec.model;
@@ -137,7 +156,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let w: u64 = params.iter().map(|p| p.numel() * 4).sum();
     let pmax = params.iter().map(|p| p.numel() * 4).max().unwrap_or(0) as f64;
     let ws = if half {
-        half::working_sets(arch, &u, layers as f64, w as f64, pmax)
+        half::working_sets(arch, &u, layers as f64, adam_peak(&params))
     } else {
         f32::working_sets(arch, &u, layers as f64, w as f64, pmax)
     };
