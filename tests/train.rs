@@ -126,7 +126,7 @@ const fn p(
 
 /// Twelve small configurations over vocabulary, batch, sequence, checkpointing and chunk
 /// size (the test adds two with accumulation). Measured on 2 cores (candle 0.11.1,
-/// Nov 2026, docs/performance.md): all fourteen within 2 %, worst +1.80 % (plan 10).
+/// Nov 2026, docs/performance.md): all fourteen within 0.5 %, worst −0.48 % (plan 5).
 #[rustfmt::skip]
 const PLANS: [Plan; 12] = [
     // arch, width, heads, kv heads, head dim, MLP, vocab, batch, seq, checkpointing, loss, chunk, layers

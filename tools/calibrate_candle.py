@@ -3,7 +3,11 @@
 `candle` inventory to them (planner/src/candle_engine/).
 
     python3 tools/calibrate_candle.py measure --dtype f16 --tensors --count 400 --out docs/data/candle_f16_stages.tsv
-    python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv [--rust]
+    python3 tools/calibrate_candle.py measure --dtype f16 --tensors --count 300 --seed 2 --checkpointed 0 \
+        --append --out docs/data/candle_f16_stages.tsv
+    python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/src/candle_engine/half.rs
+    python3 tools/calibrate_candle.py check docs/data/candle_f16_stages.tsv --binary target/release/vramplan
+    (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and f32.rs)
 
 `measure` draws random small configurations (both architectures, with and without
 checkpointing, at least 256 rows per micro-batch), runs the engine's ignored `calibrate`
@@ -14,8 +18,9 @@ before it). `--tensors` counts tensors alone, leaving out gemm's 64-byte-aligned
 scratch: what the same graph allocates on a GPU. `fit` fits each stage's working set as
 a linear form in the step's tensor sizes, or the largest of two or three where the
 stage's peak moves between ops, by least squares on the relative error (the optimizer's
-from the parameters' sizes in update order), and prints the fit quality and, with
-`--rust`, the planner's code (planner/src/candle_engine/half.rs). Needs numpy.
+from the parameters' sizes in update order), and prints the fit quality; `--write`
+writes the planner's module. `check` compares `vramplan estimate` with every measured
+step. Needs numpy.
 """
 
 import argparse
@@ -58,13 +63,14 @@ def measure(args):
     lines = [l[4:] for l in out.stderr.splitlines() if l.startswith("CAL ")]
     if out.returncode != 0 or len(lines) != len(configs):
         sys.exit(f"calibrate failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
-    with open(args.out, "w") as f:
-        f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")
+    with open(args.out, "a" if args.append else "w") as f:
+        if not args.append:
+            f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")
         f.write(f"# compute dtype {args.dtype}; seed {args.seed}; checkpointed share {args.checkpointed}; "
                 f"{'tensors only (no matmul scratch)' if args.tensors else 'the whole heap'}\n")
         for l in lines:
             f.write(l + "\n")
-    print(f"{len(lines)} configurations written to {args.out}")
+    print(f"{len(lines)} configurations {'added to' if args.append else 'written to'} {args.out}")
 
 
 def parse(path):
@@ -187,9 +193,9 @@ def fit(args):
     rows = parse(args.path)
     for c in rows:
         c["_widths"] = args.widths
-    fits = {}
+    fits, quality = {}, {}
     for arch in ["nanochat", "llama"]:
-        fits[arch] = {}
+        fits[arch], quality[arch] = {}, {}
         print(f"== {arch}")
         stages = sorted({s for c in rows if c["arch"] == arch for s in targets(c)})
         for stage in stages:
@@ -202,6 +208,7 @@ def fit(args):
             coef, pred = fit_planes(np, X, y, planes)
             fits[arch][stage] = (keys, coef)
             rel = (pred - y) / y
+            quality[arch][stage] = (100 * np.sqrt(np.mean(rel ** 2)), 100 * np.max(np.abs(rel)))
             print(f"  {stage:<12} n={len(y):>3} rms {100 * np.sqrt(np.mean(rel ** 2)):.2f} % worst {100 * np.max(np.abs(rel)):.2f} %")
             for p, cf in enumerate(coef):
                 if args.rust:
@@ -211,6 +218,9 @@ def fit(args):
                     print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
     if args.rust:
         print(rust_struct(fits))
+    if args.write:
+        open(args.write, "w").write(rust_module(fits, quality, args))
+        print(f"written to {args.write}")
 
 
 STAGE_FIELDS = [("fwd_attn", "fwd_attn"), ("fwd_mlp", "fwd_mlp"), ("bwd_mlp", "bwd_mlp"),
@@ -229,6 +239,56 @@ def rust_struct(fits):
             out.append(f"            {field}: " + "".join([exprs[0]] + [f".max({e})" for e in exprs[1:]]) + ",")
         out.append("        },")
     return "\n".join(out)
+
+
+STAGE_NAMES = {"fwd_attn": "a half's forward, attention", "fwd_mlp": "MLP",
+               "bwd_attn": "a half's recompute and backward, attention", "bwd_mlp": "MLP",
+               "loss": "the loss stage", "emb": "the embedding's backward",
+               "graph": "without checkpointing, the graph kept", "fwd_peak": "the forward's peak",
+               "bwd_peak": "the whole graph's backward", "opt": "AdamW"}
+
+
+def rust_module(fits, quality, args):
+    """The planner's module for one precision (planner/src/candle_engine/{f32,half}.rs)."""
+    text = open(args.path).read()
+    half = "compute dtype f16" in text[:400]
+    n = len(parse(args.path))
+    data = os.path.relpath(args.path)
+    if half:
+        head = f"""//! The working sets with 16-bit compute over f32 master weights (`precision =
+//! "bf16-autocast"` on CUDA, `"fp16-autocast"`), fitted to the engine run in f16 on the
+//! CPU (candle's CPU matmul has no bf16; both are 2-byte dtypes through the same graph)
+//! over {n} configurations, counting tensors alone: gemm's CPU packing scratch is left
+//! out, since a GPU's matmul has none."""
+        what = "with 16-bit compute"
+    else:
+        head = f"""//! The f32 engine's working sets (`precision = "fp32"`), fitted to the engine on the CPU
+//! over {n} configurations, counting the whole heap: on the CPU gemm's packing scratch is
+//! real memory."""
+        what = "in f32"
+    lines = [head, f"//! Data: `{data}`; this file is written by",
+             f"//! `python3 tools/calibrate_candle.py fit {data} --write <this file>`.",
+             "//! Where a stage's peak moves between ops the working set is the largest of two or",
+             "//! three planes; AdamW's is computed from the parameters' sizes in update order.",
+             "//! Relative rms (worst) over the calibration set:"]
+    for stage in ["fwd_attn", "fwd_mlp", "bwd_attn", "bwd_mlp", "loss", "emb", "graph", "fwd_peak", "bwd_peak", "opt"]:
+        a, b = quality["nanochat"][stage], quality["llama"][stage]
+        lines.append(f"//! - {STAGE_NAMES[stage]}: nanochat {a[0]:.2f} % ({a[1]:.2f} %), llama {b[0]:.2f} % ({b[1]:.2f} %)")
+    return "\n".join(lines) + f"""
+
+use super::{{lin, Units, WorkingSets}};
+use crate::spec::Arch;
+
+/// The working sets of one step {what}; `adam` is AdamW's peak from the parameters'
+/// sizes (see `adam_peak`).
+pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> WorkingSets {{
+    let l = layers;
+    let l1 = (layers - 1.0).max(0.0);
+    match arch {{
+{rust_struct(fits)}
+    }}
+}}
+"""
 
 
 def rust_plane(keys, cf):
@@ -310,6 +370,59 @@ def adam_peak(c):
     return float(peak)
 
 
+def plan_toml(c, precision):
+    return f"""[model]
+name = "calibration"
+arch = "{c['arch']}"
+hidden_size = {c['hidden']}
+num_layers = {c['layers']}
+num_heads = {c['heads']}
+num_kv_heads = {c['kv']}
+head_dim = {c['head_dim']}
+intermediate_size = {c['ffn']}
+vocab_size = {c['vocab']}
+tie_embeddings = {'true' if c['arch'] == 'llama' else 'false'}
+[train]
+micro_batch = {c['batch']}
+seq_len = {c['seq']}
+precision = "{precision}"
+checkpointing = "{'full' if c['ckpt'] else 'none'}"
+loss = "chunked"
+loss_chunk = {c['chunk']}
+optimizer = "adamw"
+engine = "candle"
+[hardware]
+gpu = "cpu"
+"""
+
+
+def check(args):
+    """The planner's step peak (`vramplan estimate`) against each configuration's measured
+    step (its high-water mark above the model, plus the f32 weights)."""
+    import json
+
+    rows = parse(args.path)
+    dtype = "f16" if "compute dtype f16" in open(args.path).read(400) else "f32"
+    precision = "fp16-autocast" if dtype == "f16" else "fp32"
+    errs = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as d:
+        for i, c in enumerate(rows):
+            path = os.path.join(d, f"p{i}.toml")
+            open(path, "w").write(plan_toml(c, precision))
+            out = subprocess.run([args.binary, "estimate", "--json", path], capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(out.stderr)
+            pred = json.loads(out.stdout)["peak_allocated_bytes"]
+            weights = json.loads(out.stdout)["components"].get("weights", 0)
+            meas = c["step"] + weights
+            errs[bool(c["ckpt"])].append((pred - meas) / meas)
+    for ck, e in errs.items():
+        a = [abs(x) for x in e]
+        rms = (sum(x * x for x in e) / len(e)) ** 0.5
+        print(f"{'with' if ck else 'without'} checkpointing: {sum(x <= 0.02 for x in a)} of {len(a)} within 2 %, "
+              f"rms {100 * rms:.2f} %, worst {100 * max(e, key=abs):+.2f} %")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -318,15 +431,20 @@ def main():
     m.add_argument("--count", type=int, default=300)
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--checkpointed", type=float, default=0.5, help="share of checkpointed configurations")
+    m.add_argument("--append", action="store_true", help="add to --out rather than replace it")
     m.add_argument("--out", required=True)
     m.add_argument("--tensors", action="store_true",
                    help="count tensors only, leaving out gemm's 64-byte-aligned packing scratch (what a GPU allocates)")
     f = sub.add_parser("fit")
     f.add_argument("path")
     f.add_argument("--rust", action="store_true", help="print the planes as the planner's Rust")
+    f.add_argument("--write", metavar="FILE", help="write the planner's module (planner/src/candle_engine/f32.rs or half.rs)")
     f.add_argument("--widths", action="store_true", help="add the matrix widths alone to the bases (16-bit matmuls on the CPU)")
+    k = sub.add_parser("check")
+    k.add_argument("path")
+    k.add_argument("--binary", default="target/release/vramplan")
     args = ap.parse_args()
-    measure(args) if args.cmd == "measure" else fit(args)
+    {"measure": measure, "fit": fit, "check": check}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,266 +1,426 @@
-//! The f32 engine's working sets (CPU, `precision = "fp32"`), fitted against the counting
-//! allocator (see the module above for how).
+//! The f32 engine's working sets (`precision = "fp32"`), fitted to the engine on the CPU
+//! over 700 configurations, counting the whole heap: on the CPU gemm's packing scratch is
+//! real memory.
+//! Data: `docs/data/candle_f32_stages.tsv`; this file is written by
+//! `python3 tools/calibrate_candle.py fit docs/data/candle_f32_stages.tsv --write <this file>`.
+//! Where a stage's peak moves between ops the working set is the largest of two or
+//! three planes; AdamW's is computed from the parameters' sizes in update order.
+//! Relative rms (worst) over the calibration set:
+//! - a half's forward, attention: nanochat 0.95 % (2.75 %), llama 1.25 % (3.38 %)
+//! - MLP: nanochat 0.00 % (0.00 %), llama 0.00 % (0.00 %)
+//! - a half's recompute and backward, attention: nanochat 0.32 % (0.91 %), llama 0.39 % (1.31 %)
+//! - MLP: nanochat 0.03 % (0.10 %), llama 0.52 % (3.07 %)
+//! - the loss stage: nanochat 0.35 % (3.57 %), llama 0.86 % (8.66 %)
+//! - the embedding's backward: nanochat 0.00 % (0.00 %), llama 0.00 % (0.00 %)
+//! - without checkpointing, the graph kept: nanochat 1.20 % (4.53 %), llama 1.02 % (3.80 %)
+//! - the forward's peak: nanochat 1.21 % (4.48 %), llama 1.06 % (4.00 %)
+//! - the whole graph's backward: nanochat 2.66 % (10.87 %), llama 1.34 % (8.91 %)
+//! - AdamW: nanochat 2.05 % (25.25 %), llama 0.05 % (0.38 %)
 
 use super::{lin, Units, WorkingSets};
 use crate::spec::Arch;
 
-/// The working sets of one step in f32; `w` and `pmax` are the parameters' total and
-/// largest bytes.
-pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, w: f64, pmax: f64) -> WorkingSets {
-    let h = halves(arch, u);
-    let (graph, fwd_peak, bwd_peak) = whole_graph(arch, u, layers);
-    WorkingSets {
-        fwd_attn: h.fwd_attn,
-        fwd_mlp: h.fwd_mlp,
-        bwd_mlp: h.bwd_mlp,
-        bwd_attn: h.bwd_attn,
-        graph,
-        fwd_peak,
-        bwd_peak,
-        loss: loss_stage(arch, u),
-        embedding: match arch {
-            Arch::Nanochat => lin(&[(2.0, u.vc), (15.0, u.nc), (4.0, u.n)], 6_413.0),
-            _ => lin(&[(2.0, u.vc), (6.0, u.nc)], 2_621.0),
-        },
-        optimizer: match arch {
-            Arch::Nanochat => lin(&[(-0.247, w), (3.424, pmax)], 43_961.0),
-            _ => lin(&[(-0.011, w), (4.041, pmax)], -6_305.0),
-        },
-    }
-}
-
-/// With checkpointing each block runs as two halves, `x + attn(norm(x))` and
-/// `h + mlp(norm(h))`, each built and dropped on its own; these are the working sets of
-/// their forwards and of their recompute-and-backward, above the live bytes before them.
-struct Halves {
-    fwd_attn: u64,
-    fwd_mlp: u64,
-    bwd_mlp: u64,
-    bwd_attn: u64,
-}
-
-fn halves(arch: Arch, u: &Units) -> Halves {
-    match arch {
-        Arch::Nanochat => Halves {
-            fwd_attn: lin(
-                &[
-                    (3.255, u.nc),
-                    (18.131, u.nq),
-                    (6.014, u.s),
-                    (-24.957, u.n),
-                    (37.52, u.bht),
-                    (-3.212, u.td),
-                    (0.955, u.cq),
-                ],
-                122.0,
-            ),
-            fwd_mlp: lin(&[(3.011, u.nc), (3.002, u.ni), (0.007, u.ci)], 124.0)
-                .max(lin(&[(2.005, u.nc), (3.002, u.ni), (1.0, u.ci)], 0.0)),
-            bwd_mlp: lin(&[(20.069, u.nc), (3.995, u.ni), (2.131, u.ci)], 3.0)
-                .max(lin(&[(10.146, u.nc), (12.262, u.ni), (0.95, u.ci)], 43.0)),
-            bwd_attn: lin(
-                &[
-                    (23.796, u.nc),
-                    (36.955, u.nq),
-                    (6.987, u.s),
-                    (41.322, u.bht),
-                    (4.829, u.cq),
-                ],
-                -3.0,
-            )
-            .max(lin(
-                &[
-                    (12.649, u.nc),
-                    (19.983, u.nq),
-                    (16.996, u.s),
-                    (30.571, u.bht),
-                    (5.684, u.cq),
-                ],
-                0.0,
-            )),
-        },
-        _ => Halves {
-            fwd_attn: lin(
-                &[
-                    (4.017, u.nc),
-                    (10.323, u.nq),
-                    (4.075, u.nkv),
-                    (6.007, u.s),
-                    (-11.22, u.n),
-                    (19.792, u.bht),
-                    (-2.327, u.td),
-                    (1.207, u.cq),
-                    (0.152, u.ckv),
-                ],
-                116.0,
-            ),
-            fwd_mlp: lin(&[(4.012, u.nc), (4.003, u.ni), (0.013, u.ci)], 108.0)
-                .max(lin(&[(3.015, u.nc), (4.005, u.ni), (0.994, u.ci)], 0.0)),
-            bwd_mlp: lin(&[(17.116, u.nc), (15.616, u.ni), (4.097, u.ci)], 0.0)
-                .max(lin(&[(14.133, u.nc), (19.022, u.ni), (1.975, u.ci)], 29.0)),
-            bwd_attn: lin(
-                &[
-                    (23.718, u.nc),
-                    (19.03, u.nq),
-                    (13.788, u.nkv),
-                    (6.897, u.s),
-                    (34.844, u.bht),
-                    (3.066, u.cq),
-                    (3.306, u.ckv),
-                ],
-                12.0,
-            )
-            .max(lin(
-                &[
-                    (13.755, u.nc),
-                    (11.471, u.nq),
-                    (5.339, u.nkv),
-                    (17.041, u.s),
-                    (7.859, u.bht),
-                    (1.486, u.cq),
-                    (2.064, u.ckv),
-                ],
-                -3.0,
-            )),
-        },
-    }
-}
-
-/// A whole block's recompute-and-backward working set (both halves in one graph), the
-/// larger of two planes, one where the MLP's backward peaks and one where attention's does:
-/// the unit in which the backward without checkpointing is written.
-fn block_backward(arch: Arch, u: &Units) -> u64 {
-    match arch {
-        Arch::Nanochat => lin(
-            &[(22.587, u.nc), (25.879, u.nq), (10.504, u.ni), (5.178, u.s)],
-            47.0,
-        )
-        .max(lin(
-            &[(22.704, u.nc), (30.872, u.nq), (3.676, u.ni), (14.27, u.s)],
-            5.0,
-        )),
-        _ => lin(
-            &[
-                (20.976, u.nc),
-                (13.002, u.nq),
-                (5.802, u.nkv),
-                (18.78, u.ni),
-                (5.213, u.s),
-            ],
-            4.0,
-        )
-        .max(lin(
-            &[
-                (21.482, u.nc),
-                (12.301, u.nq),
-                (7.797, u.nkv),
-                (3.926, u.ni),
-                (16.501, u.s),
-            ],
-            1.0,
-        )),
-    }
-}
-
-/// Without checkpointing: the forward graph kept for backward, the forward's peak above
-/// the step's start, and the backward's peak above the end of the loss (written with one
-/// checkpointed block's backward, `bb`, and the blocks before the last).
-fn whole_graph(arch: Arch, u: &Units, layers: f64) -> (u64, u64, u64) {
+/// The working sets of one step in f32; `adam` is AdamW's peak from the parameters'
+/// sizes (see `adam_peak`).
+pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> WorkingSets {
     let l = layers;
     let l1 = (layers - 1.0).max(0.0);
-    let bb = block_backward(arch, u) as f64;
     match arch {
-        Arch::Nanochat => (
-            lin(
+        Arch::Nanochat => WorkingSets {
+            fwd_attn: lin(
                 &[
-                    (7.678 * l, u.nc),
-                    (19.644 * l, u.nq),
-                    (2.968 * l, u.ni),
-                    (6.106 * l, u.s),
-                    (3.435, u.nc),
+                    (3.831, u.nc),
+                    (18.885, u.nq),
+                    (6.075, u.s),
+                    (-77.545, u.n),
+                    (34.109, u.bht),
+                    (-3.195, u.td),
+                    (0.409, u.cq),
                 ],
-                7.0,
-            ),
-            lin(
+                46580.6,
+            )
+            .max(lin(
                 &[
-                    (7.658 * l, u.nc),
-                    (19.664 * l, u.nq),
-                    (2.971 * l, u.ni),
-                    (6.105 * l, u.s),
-                    (3.446, u.nc),
+                    (4.006, u.nc),
+                    (16.770, u.nq),
+                    (6.014, u.s),
+                    (-27.009, u.n),
+                    (35.646, u.bht),
+                    (0.260, u.td),
+                    (0.316, u.cq),
                 ],
-                7.0,
-            ),
-            lin(
+                27088.6,
+            )),
+            fwd_mlp: lin(&[(2.002, u.nc), (3.000, u.ni), (0.999, u.ci)], 1330.1)
+                .max(lin(&[(3.000, u.nc), (3.000, u.ni), (-0.000, u.ci)], 2112.0)),
+            bwd_mlp: lin(&[(20.009, u.nc), (4.032, u.ni), (1.918, u.ci)], 13940.1).max(lin(
+                &[(10.017, u.nc), (12.260, u.ni), (0.970, u.ci)],
+                12087.5,
+            )),
+            bwd_attn: lin(
                 &[
-                    (1.116, bb),
-                    (-16.347, u.nc),
-                    (-26.939, u.nq),
-                    (-3.098, u.ni),
-                    (-5.799, u.s),
-                    (4.785 * l1, u.nc),
-                    (18.782 * l1, u.nq),
-                    (-0.165 * l1, u.ni),
-                    (-0.237 * l1, u.s),
+                    (23.446, u.nc),
+                    (37.674, u.nq),
+                    (7.427, u.s),
+                    (-79.371, u.n),
+                    (47.571, u.bht),
+                    (-6.251, u.td),
+                    (3.313, u.cq),
                 ],
-                -14.0,
-            ),
-        ),
-        _ => (
-            lin(
+                74461.8,
+            )
+            .max(lin(
                 &[
-                    (9.839 * l, u.nc),
-                    (11.408 * l, u.nq),
-                    (3.048 * l, u.nkv),
-                    (4.029 * l, u.ni),
-                    (6.037 * l, u.s),
-                    (1.209, u.nc),
+                    (23.940, u.nc),
+                    (36.057, u.nq),
+                    (6.980, u.s),
+                    (-11.908, u.n),
+                    (34.248, u.bht),
+                    (-1.758, u.td),
+                    (6.797, u.cq),
                 ],
-                4.0,
-            ),
-            lin(
+                17254.5,
+            ))
+            .max(lin(
                 &[
-                    (9.845 * l, u.nc),
-                    (11.524 * l, u.nq),
-                    (2.746 * l, u.nkv),
-                    (4.069 * l, u.ni),
-                    (6.013 * l, u.s),
-                    (1.254, u.nc),
+                    (13.050, u.nc),
+                    (20.984, u.nq),
+                    (17.060, u.s),
+                    (-56.073, u.n),
+                    (18.352, u.bht),
+                    (-4.817, u.td),
+                    (3.380, u.cq),
                 ],
-                3.0,
-            ),
-            lin(
+                70200.1,
+            )),
+            graph: lin(
                 &[
-                    (0.858, bb),
-                    (-6.173, u.nc),
-                    (-4.792, u.nq),
-                    (-9.106, u.nkv),
-                    (-1.369, u.ni),
-                    (-5.097, u.s),
-                    (-0.472 * l1, u.nc),
-                    (4.724 * l1, u.nq),
-                    (12.442 * l1, u.nkv),
-                    (0.665 * l1, u.ni),
-                    (1.145 * l1, u.s),
+                    (7.864 * l, u.nc),
+                    (19.101 * l, u.nq),
+                    (2.953 * l, u.ni),
+                    (6.084 * l, u.s),
+                    (0.511 * l, u.cq),
+                    (0.031 * l, u.ci),
+                    (2.976, u.nc),
                 ],
-                16.0,
+                55591.7,
             ),
-        ),
-    }
-}
-
-/// The chunked loss's working set: the larger of the chunk's logits graph (about 16 f32
-/// copies of the chunk's logits for nanochat's soft-capped head, 10 for llama) and the
-/// head-gradient accumulation.
-fn loss_stage(arch: Arch, u: &Units) -> u64 {
-    let common = [(u.multi, u.vc), (1.0, u.nc), (2.0, u.n)];
-    let plane = |rv: f64, rc: f64, vc: f64, c: f64| {
-        let mut t = vec![(rv, u.rv), (rc, u.rc), (vc, u.vc)];
-        t.extend(common.iter().map(|(a, b)| (*a, *b)));
-        lin(&t, c)
-    };
-    match arch {
-        Arch::Nanochat => plane(8.0, 5.0, 5.0, 12_026.0).max(plane(16.0, 2.08, 0.0, 12_613.0)),
-        _ => plane(5.0, 6.0, 5.0, 12_066.0).max(plane(10.0, 3.2, 0.0, 24_512.0)),
+            fwd_peak: lin(
+                &[
+                    (7.793 * l, u.nc),
+                    (19.114 * l, u.nq),
+                    (2.950 * l, u.ni),
+                    (6.091 * l, u.s),
+                    (0.417 * l, u.cq),
+                    (0.181 * l, u.ci),
+                    (3.012, u.nc),
+                ],
+                54982.9,
+            ),
+            bwd_peak: lin(
+                &[
+                    (9.515, u.nc),
+                    (2.551, u.nq),
+                    (-0.100, u.ni),
+                    (10.925, u.s),
+                    (3.874, u.cq),
+                    (1.474, u.ci),
+                    (0.009, u.vc),
+                    (-13.281, u.n),
+                    (-0.155 * l1, u.nc),
+                    (15.748 * l1, u.nq),
+                    (0.088 * l1, u.ni),
+                    (1.007 * l1, u.s),
+                    (2.959 * l1, u.cq),
+                    (2.841 * l1, u.ci),
+                ],
+                25304.6,
+            )
+            .max(lin(
+                &[
+                    (18.598, u.nc),
+                    (17.747, u.nq),
+                    (-0.639, u.ni),
+                    (0.087, u.s),
+                    (4.818, u.cq),
+                    (2.751, u.ci),
+                    (1.405, u.vc),
+                    (148.006, u.n),
+                    (-0.059 * l1, u.nc),
+                    (16.996 * l1, u.nq),
+                    (0.004 * l1, u.ni),
+                    (1.306 * l1, u.s),
+                    (0.836 * l1, u.cq),
+                    (2.219 * l1, u.ci),
+                ],
+                -128069.0,
+            ))
+            .max(lin(
+                &[
+                    (5.987, u.nc),
+                    (0.093, u.nq),
+                    (9.233, u.ni),
+                    (-0.018, u.s),
+                    (0.107, u.cq),
+                    (1.011, u.ci),
+                    (-0.014, u.vc),
+                    (2.287, u.n),
+                    (0.009 * l1, u.nc),
+                    (15.923 * l1, u.nq),
+                    (0.016 * l1, u.ni),
+                    (0.996 * l1, u.s),
+                    (5.667 * l1, u.cq),
+                    (1.935 * l1, u.ci),
+                ],
+                14247.2,
+            )),
+            loss: lin(
+                &[
+                    (15.981, u.rv),
+                    (2.415, u.rc),
+                    (-0.031, u.vc),
+                    (1.040, u.multi * u.vc),
+                    (1.003, u.nc),
+                    (0.183, u.n),
+                ],
+                10024.4,
+            )
+            .max(lin(
+                &[
+                    (8.000, u.rv),
+                    (4.970, u.rc),
+                    (9.065, u.vc),
+                    (-3.065, u.multi * u.vc),
+                    (1.003, u.nc),
+                    (0.848, u.n),
+                ],
+                14248.0,
+            ))
+            .max(lin(
+                &[
+                    (10.444, u.rv),
+                    (-15.966, u.rc),
+                    (-0.819, u.vc),
+                    (-0.819, u.multi * u.vc),
+                    (2.282, u.nc),
+                    (-39.348, u.n),
+                ],
+                354401.4,
+            )),
+            embedding: lin(&[(-0.000, u.vc), (17.000, u.nc), (7.000, u.n)], 7413.0)
+                .max(lin(&[(2.000, u.vc), (16.000, u.nc), (4.000, u.n)], 6669.0)),
+            optimizer: lin(&[(0.9977, adam)], 441.3),
+        },
+        _ => WorkingSets {
+            fwd_attn: lin(
+                &[
+                    (5.127, u.nc),
+                    (10.578, u.nq),
+                    (4.429, u.nkv),
+                    (5.987, u.s),
+                    (-92.604, u.n),
+                    (30.156, u.bht),
+                    (2.268, u.td),
+                    (0.836, u.cq),
+                    (-3.204, u.ckv),
+                ],
+                24093.4,
+            )
+            .max(lin(
+                &[
+                    (5.028, u.nc),
+                    (6.931, u.nq),
+                    (6.592, u.nkv),
+                    (6.011, u.s),
+                    (-45.340, u.n),
+                    (38.103, u.bht),
+                    (1.026, u.td),
+                    (-0.221, u.cq),
+                    (-0.763, u.ckv),
+                ],
+                14622.5,
+            )),
+            fwd_mlp: lin(&[(4.000, u.nc), (4.000, u.ni), (-0.000, u.ci)], 3024.0)
+                .max(lin(&[(3.000, u.nc), (4.000, u.ni), (1.000, u.ci)], 2392.4)),
+            bwd_mlp: lin(&[(14.097, u.nc), (18.967, u.ni), (2.078, u.ci)], 21927.7).max(lin(
+                &[(20.256, u.nc), (10.233, u.ni), (7.523, u.ci)],
+                -122593.2,
+            )),
+            bwd_attn: lin(
+                &[
+                    (14.098, u.nc),
+                    (11.622, u.nq),
+                    (5.250, u.nkv),
+                    (17.049, u.s),
+                    (-63.737, u.n),
+                    (15.652, u.bht),
+                    (-2.097, u.td),
+                    (1.020, u.cq),
+                    (1.059, u.ckv),
+                ],
+                65034.6,
+            )
+            .max(lin(
+                &[
+                    (23.977, u.nc),
+                    (19.007, u.nq),
+                    (16.340, u.nkv),
+                    (6.943, u.s),
+                    (-153.513, u.n),
+                    (13.527, u.bht),
+                    (5.630, u.td),
+                    (6.580, u.cq),
+                    (-6.232, u.ckv),
+                ],
+                66402.2,
+            ))
+            .max(lin(
+                &[
+                    (23.870, u.nc),
+                    (20.249, u.nq),
+                    (13.370, u.nkv),
+                    (7.508, u.s),
+                    (-26.413, u.n),
+                    (4.990, u.bht),
+                    (-29.389, u.td),
+                    (-0.211, u.cq),
+                    (7.553, u.ckv),
+                ],
+                58369.7,
+            )),
+            graph: lin(
+                &[
+                    (10.014 * l, u.nc),
+                    (11.210 * l, u.nq),
+                    (3.657 * l, u.nkv),
+                    (3.958 * l, u.ni),
+                    (6.033 * l, u.s),
+                    (-0.145 * l, u.cq),
+                    (0.207 * l, u.ckv),
+                    (0.117 * l, u.ci),
+                    (0.805, u.nc),
+                ],
+                22251.6,
+            ),
+            fwd_peak: lin(
+                &[
+                    (9.947 * l, u.nc),
+                    (11.237 * l, u.nq),
+                    (3.673 * l, u.nkv),
+                    (3.947 * l, u.ni),
+                    (6.034 * l, u.s),
+                    (-0.357 * l, u.cq),
+                    (-0.004 * l, u.ckv),
+                    (0.369 * l, u.ci),
+                    (0.847, u.nc),
+                ],
+                23480.7,
+            ),
+            bwd_peak: lin(
+                &[
+                    (9.003, u.nc),
+                    (1.070, u.nq),
+                    (0.927, u.nkv),
+                    (-0.022, u.ni),
+                    (11.005, u.s),
+                    (-0.778, u.cq),
+                    (1.812, u.ckv),
+                    (3.036, u.ci),
+                    (0.002, u.vc),
+                    (-1.979, u.n),
+                    (0.059 * l1, u.nc),
+                    (8.054 * l1, u.nq),
+                    (7.937 * l1, u.nkv),
+                    (0.013 * l1, u.ni),
+                    (0.995 * l1, u.s),
+                    (2.816 * l1, u.cq),
+                    (1.688 * l1, u.ckv),
+                    (2.956 * l1, u.ci),
+                ],
+                25788.9,
+            )
+            .max(lin(
+                &[
+                    (8.820, u.nc),
+                    (0.107, u.nq),
+                    (-0.517, u.nkv),
+                    (14.953, u.ni),
+                    (0.025, u.s),
+                    (-3.599, u.cq),
+                    (6.692, u.ckv),
+                    (2.389, u.ci),
+                    (0.010, u.vc),
+                    (15.731, u.n),
+                    (0.222 * l1, u.nc),
+                    (8.316 * l1, u.nq),
+                    (7.982 * l1, u.nkv),
+                    (-0.042 * l1, u.ni),
+                    (0.990 * l1, u.s),
+                    (4.351 * l1, u.cq),
+                    (-2.190 * l1, u.ckv),
+                    (2.928 * l1, u.ci),
+                ],
+                523.6,
+            ))
+            .max(lin(
+                &[
+                    (18.168, u.nc),
+                    (4.319, u.nq),
+                    (18.860, u.nkv),
+                    (0.949, u.ni),
+                    (1.276, u.s),
+                    (16.462, u.cq),
+                    (-37.724, u.ckv),
+                    (3.273, u.ci),
+                    (1.437, u.vc),
+                    (-675.388, u.n),
+                    (1.379 * l1, u.nc),
+                    (6.529 * l1, u.nq),
+                    (11.526 * l1, u.nkv),
+                    (-0.845 * l1, u.ni),
+                    (0.246 * l1, u.s),
+                    (-3.507 * l1, u.cq),
+                    (-3.583 * l1, u.ckv),
+                    (2.453 * l1, u.ci),
+                ],
+                852361.5,
+            )),
+            loss: lin(
+                &[
+                    (10.002, u.rv),
+                    (3.174, u.rc),
+                    (-0.036, u.vc),
+                    (1.023, u.multi * u.vc),
+                    (1.000, u.nc),
+                    (0.769, u.n),
+                ],
+                12420.2,
+            )
+            .max(lin(
+                &[
+                    (5.039, u.rv),
+                    (7.761, u.rc),
+                    (2.975, u.vc),
+                    (2.975, u.multi * u.vc),
+                    (0.939, u.nc),
+                    (4.931, u.n),
+                ],
+                -3541.3,
+            ))
+            .max(lin(
+                &[
+                    (0.093, u.rv),
+                    (16.956, u.rc),
+                    (-1.321, u.vc),
+                    (-8.716, u.multi * u.vc),
+                    (2.549, u.nc),
+                    (-55.173, u.n),
+                ],
+                937046.1,
+            )),
+            embedding: lin(&[(2.000, u.vc), (7.000, u.nc), (0.000, u.n)], 2877.0)
+                .max(lin(&[(-0.000, u.vc), (8.000, u.nc), (0.000, u.n)], 2621.0)),
+            optimizer: lin(&[(1.0000, adam)], 916.2),
+        },
     }
 }

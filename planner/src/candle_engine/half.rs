@@ -1,31 +1,29 @@
 //! The working sets with 16-bit compute over f32 master weights (`precision =
-//! "bf16-autocast"` on CUDA, `"fp16-autocast"`), fitted like the f32 ones to the engine
-//! run in f16 on the CPU (candle's CPU matmul has no bf16; both are 2-byte dtypes through
-//! the same graph) over 400 configurations, counting tensors alone: gemm's CPU packing
-//! scratch is left out, since a GPU's matmul has none (`docs/data/candle_f16_stages.tsv`;
-//! `python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --rust` writes
-//! the `match` below). Where a stage's peak moves between ops the working set is the
-//! largest of two or three planes; AdamW's is computed from the parameters' sizes in
-//! update order. Relative rms (worst) over the calibration set:
+//! "bf16-autocast"` on CUDA, `"fp16-autocast"`), fitted to the engine run in f16 on the
+//! CPU (candle's CPU matmul has no bf16; both are 2-byte dtypes through the same graph)
+//! over 700 configurations, counting tensors alone: gemm's CPU packing scratch is left
+//! out, since a GPU's matmul has none.
+//! Data: `docs/data/candle_f16_stages.tsv`; this file is written by
+//! `python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write <this file>`.
+//! Where a stage's peak moves between ops the working set is the largest of two or
+//! three planes; AdamW's is computed from the parameters' sizes in update order.
+//! Relative rms (worst) over the calibration set:
 //! - a half's forward, attention: nanochat 0.63 % (1.91 %), llama 0.82 % (2.37 %)
 //! - MLP: nanochat 0.00 % (0.00 %), llama 0.00 % (0.02 %)
-//! - its recompute and backward, attention: nanochat 0.20 % (0.60 %), llama 0.26 % (0.86 %)
+//! - a half's recompute and backward, attention: nanochat 0.20 % (0.60 %), llama 0.26 % (0.86 %)
 //! - MLP: nanochat 0.07 % (0.26 %), llama 0.11 % (0.63 %)
-//! - the loss stage: nanochat 0.03 % (0.21 %), llama 0.44 % (2.75 %)
+//! - the loss stage: nanochat 0.04 % (0.32 %), llama 0.38 % (4.10 %)
 //! - the embedding's backward: nanochat 0.00 % (0.00 %), llama 0.00 % (0.00 %)
-//! - without checkpointing, the graph kept: nanochat 0.70 % (2.28 %), llama 0.69 % (2.28 %)
-//! - the forward peak: nanochat 0.70 % (2.28 %), llama 0.69 % (2.28 %)
-//! - the whole graph's backward: nanochat 3.44 % (14.04 %), llama 1.80 % (7.88 %)
-//! - AdamW: nanochat 2.67 % (25.15 %), llama 0.06 % (0.37 %)
-//!
-//! These are the tensors the graph allocates; on CUDA each is one allocation from the
-//! memory pool, which is what the engine measures there (not yet measured on a GPU).
+//! - without checkpointing, the graph kept: nanochat 0.81 % (2.67 %), llama 0.70 % (3.27 %)
+//! - the forward's peak: nanochat 0.81 % (2.67 %), llama 0.70 % (3.27 %)
+//! - the whole graph's backward: nanochat 4.53 % (19.12 %), llama 3.13 % (13.80 %)
+//! - AdamW: nanochat 2.05 % (25.25 %), llama 0.05 % (0.38 %)
 
 use super::{lin, Units, WorkingSets};
 use crate::spec::Arch;
 
-/// The working sets of one step with 16-bit compute; `adam` is AdamW's peak from the
-/// parameters' sizes (see `adam_peak`).
+/// The working sets of one step with 16-bit compute; `adam` is AdamW's peak from the parameters'
+/// sizes (see `adam_peak`).
 pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> WorkingSets {
     let l = layers;
     let l1 = (layers - 1.0).max(0.0);
@@ -97,121 +95,121 @@ pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> Wor
             )),
             graph: lin(
                 &[
-                    (9.088 * l, u.nc),
-                    (14.673 * l, u.nq),
-                    (1.495 * l, u.ni),
-                    (6.551 * l, u.s),
-                    (2.288 * l, u.cq),
-                    (0.926 * l, u.ci),
-                    (4.797, u.nc),
+                    (9.071 * l, u.nc),
+                    (14.687 * l, u.nq),
+                    (1.492 * l, u.ni),
+                    (6.553 * l, u.s),
+                    (2.150 * l, u.cq),
+                    (0.961 * l, u.ci),
+                    (4.816, u.nc),
                 ],
-                71131.0,
+                67978.5,
             ),
             fwd_peak: lin(
                 &[
-                    (9.088 * l, u.nc),
-                    (14.673 * l, u.nq),
-                    (1.495 * l, u.ni),
-                    (6.551 * l, u.s),
-                    (2.288 * l, u.cq),
-                    (0.926 * l, u.ci),
-                    (4.797, u.nc),
+                    (9.071 * l, u.nc),
+                    (14.687 * l, u.nq),
+                    (1.492 * l, u.ni),
+                    (6.553 * l, u.s),
+                    (2.150 * l, u.cq),
+                    (0.961 * l, u.ci),
+                    (4.816, u.nc),
                 ],
-                71131.0,
+                67978.5,
             ),
             bwd_peak: lin(
                 &[
-                    (4.614, u.nc),
-                    (0.512, u.nq),
-                    (0.026, u.ni),
-                    (9.021, u.s),
-                    (1.127, u.cq),
-                    (1.580, u.ci),
-                    (0.052, u.vc),
-                    (-14.660, u.n),
-                    (0.026 * l1, u.nc),
-                    (8.038 * l1, u.nq),
-                    (0.054 * l1, u.ni),
-                    (0.966 * l1, u.s),
-                    (4.348 * l1, u.cq),
-                    (2.032 * l1, u.ci),
+                    (9.970, u.nc),
+                    (9.219, u.nq),
+                    (-0.538, u.ni),
+                    (0.599, u.s),
+                    (5.674, u.cq),
+                    (1.775, u.ci),
+                    (1.289, u.vc),
+                    (55.400, u.n),
+                    (-0.112 * l1, u.nc),
+                    (10.712 * l1, u.nq),
+                    (-0.829 * l1, u.ni),
+                    (1.188 * l1, u.s),
+                    (-3.737 * l1, u.cq),
+                    (3.692 * l1, u.ci),
                 ],
-                35569.2,
+                24772.9,
             )
             .max(lin(
                 &[
-                    (8.163, u.nc),
-                    (13.757, u.nq),
-                    (1.479, u.ni),
-                    (2.884, u.s),
-                    (-17.307, u.cq),
-                    (-13.917, u.ci),
-                    (1.887, u.vc),
-                    (-128.985, u.n),
-                    (-3.570 * l1, u.nc),
-                    (2.640 * l1, u.nq),
-                    (1.312 * l1, u.ni),
-                    (-1.798 * l1, u.s),
-                    (33.715 * l1, u.cq),
-                    (8.786 * l1, u.ci),
+                    (4.533, u.nc),
+                    (0.587, u.nq),
+                    (-0.007, u.ni),
+                    (9.000, u.s),
+                    (1.212, u.cq),
+                    (1.953, u.ci),
+                    (0.028, u.vc),
+                    (0.143, u.n),
+                    (-0.119 * l1, u.nc),
+                    (7.962 * l1, u.nq),
+                    (0.031 * l1, u.ni),
+                    (1.014 * l1, u.s),
+                    (4.857 * l1, u.cq),
+                    (2.092 * l1, u.ci),
                 ],
-                26024.1,
+                15949.3,
             ))
             .max(lin(
                 &[
-                    (13.958, u.nc),
-                    (-38.164, u.nq),
-                    (5.055, u.ni),
-                    (3.937, u.s),
-                    (115.320, u.cq),
-                    (-6.650, u.ci),
-                    (-0.648, u.vc),
-                    (-403.675, u.n),
-                    (-0.185 * l1, u.nc),
-                    (31.386 * l1, u.nq),
-                    (-0.506 * l1, u.ni),
-                    (-0.651 * l1, u.s),
-                    (-46.250 * l1, u.cq),
-                    (-3.991 * l1, u.ci),
+                    (1.960, u.nc),
+                    (-0.768, u.nq),
+                    (5.089, u.ni),
+                    (-0.121, u.s),
+                    (-3.914, u.cq),
+                    (0.973, u.ci),
+                    (-0.099, u.vc),
+                    (-35.342, u.n),
+                    (2.843 * l1, u.nc),
+                    (9.229 * l1, u.nq),
+                    (-0.615 * l1, u.ni),
+                    (1.144 * l1, u.s),
+                    (14.428 * l1, u.cq),
+                    (1.134 * l1, u.ci),
                 ],
-                667343.1,
+                74511.8,
             )),
             loss: lin(
                 &[
-                    (7.978, u.rv),
-                    (5.068, u.rc),
+                    (7.976, u.rv),
+                    (5.059, u.rc),
                     (2.503, u.vc),
                     (2.503, u.multi * u.vc),
-                    (0.484, u.nc),
-                    (4.087, u.n),
+                    (0.485, u.nc),
+                    (3.956, u.n),
                 ],
-                10763.3,
+                11191.3,
             )
             .max(lin(
                 &[
-                    (16.504, u.rv),
-                    (3.665, u.rc),
-                    (0.477, u.vc),
-                    (0.941, u.multi * u.vc),
-                    (0.361, u.nc),
-                    (6.041, u.n),
+                    (16.478, u.rv),
+                    (0.056, u.rc),
+                    (0.677, u.vc),
+                    (-1.697, u.multi * u.vc),
+                    (1.126, u.nc),
+                    (-40.344, u.n),
                 ],
-                15583.8,
+                155962.8,
             ))
             .max(lin(
                 &[
-                    (16.502, u.rv),
-                    (3.538, u.rc),
-                    (0.497, u.vc),
-                    (1.002, u.multi * u.vc),
-                    (0.499, u.nc),
-                    (0.745, u.n),
+                    (16.504, u.rv),
+                    (3.557, u.rc),
+                    (0.493, u.vc),
+                    (1.003, u.multi * u.vc),
+                    (0.494, u.nc),
+                    (1.191, u.n),
                 ],
-                15003.4,
+                14435.7,
             )),
             embedding: lin(&[(-0.000, u.vc), (17.000, u.nc), (4.000, u.n)], 7691.0)
                 .max(lin(&[(2.000, u.vc), (8.500, u.nc), (4.000, u.n)], 5459.0)),
-            optimizer: lin(&[(0.9979, adam)], 581.4),
+            optimizer: lin(&[(0.9977, adam)], 441.3),
         },
         _ => WorkingSets {
             fwd_attn: lin(
@@ -292,137 +290,137 @@ pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> Wor
             )),
             graph: lin(
                 &[
-                    (10.217 * l, u.nc),
-                    (5.909 * l, u.nq),
-                    (1.555 * l, u.nkv),
-                    (1.967 * l, u.ni),
-                    (6.517 * l, u.s),
-                    (0.428 * l, u.cq),
-                    (0.304 * l, u.ckv),
-                    (1.589 * l, u.ci),
-                    (1.262, u.nc),
+                    (10.120 * l, u.nc),
+                    (5.678 * l, u.nq),
+                    (1.801 * l, u.nkv),
+                    (1.986 * l, u.ni),
+                    (6.520 * l, u.s),
+                    (0.866 * l, u.cq),
+                    (1.211 * l, u.ckv),
+                    (1.551 * l, u.ci),
+                    (1.263, u.nc),
                 ],
-                29477.2,
+                33297.5,
             ),
             fwd_peak: lin(
                 &[
-                    (10.217 * l, u.nc),
-                    (5.909 * l, u.nq),
-                    (1.555 * l, u.nkv),
-                    (1.967 * l, u.ni),
-                    (6.517 * l, u.s),
-                    (0.428 * l, u.cq),
-                    (0.304 * l, u.ckv),
-                    (1.589 * l, u.ci),
-                    (1.262, u.nc),
+                    (10.120 * l, u.nc),
+                    (5.678 * l, u.nq),
+                    (1.801 * l, u.nkv),
+                    (1.986 * l, u.ni),
+                    (6.520 * l, u.s),
+                    (0.866 * l, u.cq),
+                    (1.211 * l, u.ckv),
+                    (1.551 * l, u.ci),
+                    (1.263, u.nc),
                 ],
-                29477.2,
+                33297.5,
             ),
             bwd_peak: lin(
                 &[
-                    (4.591, u.nc),
-                    (0.022, u.nq),
-                    (0.096, u.nkv),
-                    (7.444, u.ni),
-                    (0.040, u.s),
-                    (1.722, u.cq),
-                    (-4.255, u.ckv),
-                    (2.044, u.ci),
-                    (-0.006, u.vc),
-                    (1.526, u.n),
-                    (-0.041 * l1, u.nc),
-                    (3.833 * l1, u.nq),
-                    (4.056 * l1, u.nkv),
-                    (0.039 * l1, u.ni),
-                    (0.972 * l1, u.s),
-                    (1.126 * l1, u.cq),
-                    (5.474 * l1, u.ckv),
-                    (2.900 * l1, u.ci),
+                    (10.130, u.nc),
+                    (2.772, u.nq),
+                    (10.295, u.nkv),
+                    (-1.473, u.ni),
+                    (0.726, u.s),
+                    (22.070, u.cq),
+                    (-37.128, u.ckv),
+                    (7.754, u.ci),
+                    (1.285, u.vc),
+                    (-378.297, u.n),
+                    (0.885 * l1, u.nc),
+                    (9.512 * l1, u.nq),
+                    (1.356 * l1, u.nkv),
+                    (-0.394 * l1, u.ni),
+                    (-0.502 * l1, u.s),
+                    (-28.442 * l1, u.cq),
+                    (18.965 * l1, u.ckv),
+                    (4.629 * l1, u.ci),
                 ],
-                25948.6,
+                487503.1,
             )
             .max(lin(
                 &[
-                    (4.479, u.nc),
-                    (0.113, u.nq),
-                    (0.451, u.nkv),
-                    (-0.030, u.ni),
-                    (9.024, u.s),
-                    (-1.516, u.cq),
-                    (1.446, u.ckv),
-                    (3.170, u.ci),
-                    (0.002, u.vc),
-                    (-6.339, u.n),
-                    (0.078 * l1, u.nc),
-                    (4.057 * l1, u.nq),
-                    (3.894 * l1, u.nkv),
-                    (0.016 * l1, u.ni),
-                    (0.996 * l1, u.s),
-                    (2.899 * l1, u.cq),
-                    (2.138 * l1, u.ckv),
-                    (2.873 * l1, u.ci),
+                    (5.217, u.nc),
+                    (0.200, u.nq),
+                    (0.925, u.nkv),
+                    (0.135, u.ni),
+                    (8.961, u.s),
+                    (-0.090, u.cq),
+                    (3.341, u.ckv),
+                    (1.585, u.ci),
+                    (-0.110, u.vc),
+                    (-85.806, u.n),
+                    (1.021 * l1, u.nc),
+                    (3.899 * l1, u.nq),
+                    (3.538 * l1, u.nkv),
+                    (-0.028 * l1, u.ni),
+                    (0.952 * l1, u.s),
+                    (1.606 * l1, u.cq),
+                    (1.426 * l1, u.ckv),
+                    (2.373 * l1, u.ci),
                 ],
-                39023.5,
+                108032.9,
             ))
             .max(lin(
                 &[
-                    (8.843, u.nc),
-                    (8.163, u.nq),
-                    (-16.890, u.nkv),
-                    (0.886, u.ni),
-                    (4.127, u.s),
-                    (0.623, u.cq),
-                    (28.303, u.ckv),
-                    (5.194, u.ci),
-                    (1.222, u.vc),
-                    (446.060, u.n),
-                    (1.048 * l1, u.nc),
-                    (4.639 * l1, u.nq),
-                    (12.656 * l1, u.nkv),
-                    (-1.175 * l1, u.ni),
-                    (-1.732 * l1, u.s),
-                    (0.796 * l1, u.cq),
-                    (-17.083 * l1, u.ckv),
-                    (4.731 * l1, u.ci),
+                    (4.061, u.nc),
+                    (1.892, u.nq),
+                    (-1.693, u.nkv),
+                    (7.357, u.ni),
+                    (-0.018, u.s),
+                    (-23.618, u.cq),
+                    (16.234, u.ckv),
+                    (2.800, u.ci),
+                    (0.084, u.vc),
+                    (54.418, u.n),
+                    (0.468 * l1, u.nc),
+                    (1.229 * l1, u.nq),
+                    (6.354 * l1, u.nkv),
+                    (-0.014 * l1, u.ni),
+                    (1.069 * l1, u.s),
+                    (33.100 * l1, u.cq),
+                    (-22.736 * l1, u.ckv),
+                    (2.038 * l1, u.ci),
                 ],
-                -758119.4,
+                4679.3,
             )),
             loss: lin(
                 &[
-                    (6.223, u.rv),
-                    (10.200, u.rc),
-                    (1.781, u.vc),
-                    (0.836, u.multi * u.vc),
-                    (1.060, u.nc),
-                    (-105.236, u.n),
+                    (0.552, u.rv),
+                    (18.377, u.rc),
+                    (5.448, u.vc),
+                    (0.274, u.multi * u.vc),
+                    (0.431, u.nc),
+                    (57.101, u.n),
                 ],
-                163935.5,
+                -720656.8,
             )
             .max(lin(
                 &[
-                    (4.872, u.rv),
-                    (1.657, u.rc),
-                    (8.140, u.vc),
-                    (-3.084, u.multi * u.vc),
-                    (0.615, u.nc),
-                    (2.000, u.n),
+                    (4.982, u.rv),
+                    (5.542, u.rc),
+                    (2.503, u.vc),
+                    (2.503, u.multi * u.vc),
+                    (0.493, u.nc),
+                    (2.312, u.n),
                 ],
-                30687.4,
+                13548.3,
             ))
             .max(lin(
                 &[
-                    (10.504, u.rv),
-                    (4.077, u.rc),
-                    (0.489, u.vc),
-                    (1.007, u.multi * u.vc),
-                    (0.488, u.nc),
-                    (2.225, u.n),
+                    (10.503, u.rv),
+                    (4.085, u.rc),
+                    (0.490, u.vc),
+                    (1.008, u.multi * u.vc),
+                    (0.481, u.nc),
+                    (2.431, u.n),
                 ],
-                12545.2,
+                12348.7,
             )),
             embedding: lin(&[(-0.000, u.vc), (7.500, u.nc), (0.000, u.n)], 3387.0)
                 .max(lin(&[(2.000, u.vc), (5.000, u.nc), (0.000, u.n)], 3131.0)),
-            optimizer: lin(&[(1.0000, adam)], 893.9),
+            optimizer: lin(&[(1.0000, adam)], 916.2),
         },
     }
 }

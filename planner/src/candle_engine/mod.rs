@@ -1,5 +1,5 @@
 //! The `candle` engine's inventory: what vramplan's own engine (`src/engine`) allocates in
-//! one optimizer step on the CPU, in f32, played as a timeline.
+//! one optimizer step (f32, or 16-bit compute over f32 master weights), played as a timeline.
 //!
 //! The step (`src/engine/step.rs`): token ids and targets, rotary tables and the causal
 //! mask; the blocks forward (with full checkpointing on detached inputs, keeping only each
@@ -12,18 +12,18 @@
 //!
 //! Exact terms: weights, AdamW moments, parameter gradients, ids, targets, rotary tables,
 //! mask, block inputs, the gradient flowing between blocks, and the gradients the loss
-//! keeps. Calibrated terms: candle keeps every intermediate of a graph alive until the
-//! graph is dropped, and its backward allocates a gradient for every input including
-//! constants, plus gemm's packing buffers; these working sets are written as linear forms
-//! in the step's tensor sizes (`N·C`, `N·H·D`, `N·KV·D`, `N·I`, `B·H·T²`, chunk rows × vocab
-//! ...), fitted by least squares (relative error) against the engine's own counting
-//! allocator over 300–400 configurations with at least 256 rows (2 cores, candle 0.11.1;
-//! `src/engine/tests.rs`, `calibrate`). Where the peak inside a stage moves between two
-//! ops (attention's softmax vs its projections, the MLP's wide vs narrow matmuls), the
-//! working set is the larger of two planes. Fit quality: the loss stage 0.3 %, a
-//! checkpointed half's backward 0.2–0.7 % rms (worst 1.9 %), its forward 0.2–2.7 % rms,
-//! the whole graph without checkpointing a few per cent; `tests/train.rs` asserts the
-//! step's peak within 2 % over fourteen plans.
+//! keeps; AdamW's update is computed from the parameters' sizes in update order. Calibrated
+//! terms: candle keeps every intermediate of a graph alive until the graph is dropped, and
+//! its backward allocates a gradient for every input including constants, plus gemm's
+//! packing buffers on the CPU; these working sets are linear forms in the step's tensor
+//! sizes (`N·C`, `N·H·D`, `N·KV·D`, `N·I`, `B·H·T²`, chunk rows × vocab ...), the largest of
+//! two or three where a stage's peak moves between ops, fitted by least squares (relative
+//! error) against the engine's own counting allocator over 700 configurations with at
+//! least 256 rows (2 cores, candle 0.11.1; `tools/calibrate_candle.py`, data in
+//! `docs/data/`). One set per compute precision: `f32` (the CPU's whole heap) and `half`
+//! (16-bit compute over f32 masters; tensors alone, as a GPU allocates them). Over the
+//! calibration set the step's peak is within 2 % for every checkpointed configuration and
+//! for 97–98 % of the others; `tests/train.rs` asserts 2 % over fourteen plans in each.
 
 mod f32;
 mod half;
@@ -153,12 +153,10 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let half = t.precision != Precision::Fp32;
     let act = |x: f64| bytes(if half { x / 2.0 } else { x });
     let layers = m.num_layers;
-    let w: u64 = params.iter().map(|p| p.numel() * 4).sum();
-    let pmax = params.iter().map(|p| p.numel() * 4).max().unwrap_or(0) as f64;
     let ws = if half {
         half::working_sets(arch, &u, layers as f64, adam_peak(&params))
     } else {
-        f32::working_sets(arch, &u, layers as f64, w as f64, pmax)
+        f32::working_sets(arch, &u, layers as f64, adam_peak(&params))
     };
     let mut s = Step::new();
 
