@@ -679,18 +679,28 @@ fn model_replaces_the_plans_model() {
 fn device_and_precision_choices() {
     let dir = tmp("device");
     let plan = small_plan(&dir);
-    let plan = plan.to_str().unwrap();
     let out = dir.join("out");
-    let common = ["--steps", "2", "--eval-every", "0", "--save-every", "0"];
-    let train = |extra: &[&str]| {
+    let train = |plan: &Path, extra: &[&str]| {
         run(&[
-            &["train", plan, "--out", out.to_str().unwrap()][..],
-            &common,
+            &[
+                "train",
+                plan.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ][..],
+            &["--steps", "2", "--eval-every", "0", "--save-every", "0"],
             extra,
         ]
         .concat())
     };
-    let o = train(&["--device", "gpu0"]);
+    // The small plan with another precision, on the CPU.
+    let with_precision = |precision: &str| {
+        let path = dir.join(format!("{precision}.toml"));
+        let toml = std::fs::read_to_string(&plan).unwrap();
+        std::fs::write(&path, toml.replace("\"fp32\"", &format!("\"{precision}\""))).unwrap();
+        train(&path, &["--device", "cpu"])
+    };
+    let o = train(&plan, &["--device", "gpu0"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(t.trim().lines().count(), 1, "{t}");
@@ -699,30 +709,12 @@ fn device_and_precision_choices() {
         "{t}"
     );
     if !cfg!(feature = "cuda") {
-        let o = train(&["--device", "cuda"]);
+        let o = train(&plan, &["--device", "cuda"]);
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
         assert!(text(&o).contains("built without CUDA"), "{}", text(&o));
     }
     // Mixed precision on the CPU: f16 compute over f32 master weights.
-    let half = dir.join("half.toml");
-    std::fs::write(
-        &half,
-        std::fs::read_to_string(plan)
-            .unwrap()
-            .replace("\"fp32\"", "\"fp16-autocast\""),
-    )
-    .unwrap();
-    let o = run(&[
-        &[
-            "train",
-            half.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ][..],
-        &common,
-        &["--device", "cpu"],
-    ]
-    .concat());
+    let o = with_precision("fp16-autocast");
     assert!(o.status.success(), "{}", text(&o));
     let s = summary(&out);
     assert_eq!(s["device"], "cpu");
@@ -741,25 +733,7 @@ fn device_and_precision_choices() {
         }
     }
     // bf16 on the CPU is not run: candle's CPU matmul has no bf16.
-    let bf16 = dir.join("bf16.toml");
-    std::fs::write(
-        &bf16,
-        std::fs::read_to_string(plan)
-            .unwrap()
-            .replace("\"fp32\"", "\"bf16-autocast\""),
-    )
-    .unwrap();
-    let o = run(&[
-        &[
-            "train",
-            bf16.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ][..],
-        &common,
-        &["--device", "cpu"],
-    ]
-    .concat());
+    let o = with_precision("bf16-autocast");
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("no bf16"), "{}", text(&o));
     assert_eq!(summary(&out)["compute_dtype"], "f32");

@@ -30,7 +30,7 @@ mod half;
 
 use crate::params::{self, Role};
 use crate::spec::{Checkpointing, LossMode, Precision, RunSpec};
-use crate::timeline::{Component, Step, Timeline};
+use crate::timeline::{Component, Step, TensorId, Timeline};
 use crate::units::Bytes;
 
 /// Bytes per element of the units (f32), whatever the compute dtype.
@@ -208,6 +208,28 @@ pub fn play(spec: &RunSpec) -> Timeline {
     );
     let ckpt = t.checkpointing == Checkpointing::Full;
     let mut kept = Vec::new();
+    // The loss stage: one chunk's graph at a time, then the head's gradient (kept, unless
+    // accumulating) and the gradient of the last hidden states, which it returns.
+    let loss = |s: &mut Step, kept: &mut Vec<TensorId>| {
+        s.phase(if rows < n {
+            format!("loss (fp32 logits in chunks of {rows} rows)")
+        } else {
+            "loss (the whole fp32 logits at once)".to_string()
+        });
+        s.transient(
+            "loss chunk graph: logits (f32), log-sum-exp, their gradients",
+            Component::Logits,
+            Bytes(ws.loss),
+        );
+        if !accum {
+            kept.push(s.alloc("grad of head", Component::Gradients, Bytes(head_bytes)));
+        }
+        s.alloc(
+            "grad of last hidden states",
+            Component::Activations,
+            act(u.nc),
+        )
+    };
     if ckpt {
         s.phase("forward: embedding");
         let mut inputs = vec![s.alloc("embedding output", Component::Activations, act(u.nc))];
@@ -236,24 +258,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
             ));
         }
         let last = inputs.pop();
-        s.phase(if rows < n {
-            format!("loss (fp32 logits in chunks of {rows} rows)")
-        } else {
-            "loss (the whole fp32 logits at once)".to_string()
-        });
-        s.transient(
-            "loss chunk graph: logits (f32), log-sum-exp, their gradients",
-            Component::Logits,
-            Bytes(ws.loss),
-        );
-        if !accum {
-            kept.push(s.alloc("grad of head", Component::Gradients, Bytes(head_bytes)));
-        }
-        let mut g = s.alloc(
-            "grad of last hidden states",
-            Component::Activations,
-            act(u.nc),
-        );
+        let mut g = loss(&mut s, &mut kept);
         if let Some(x) = last {
             s.free(x);
         }
@@ -327,20 +332,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
             Component::Temporaries,
             Bytes(fwd_peak.saturating_sub(graph)),
         );
-        s.phase("loss (fp32 logits)");
-        s.transient(
-            "loss chunk graph: logits (f32), log-sum-exp, their gradients",
-            Component::Logits,
-            Bytes(ws.loss),
-        );
-        if !accum {
-            kept.push(s.alloc("grad of head", Component::Gradients, Bytes(head_bytes)));
-        }
-        let g = s.alloc(
-            "grad of last hidden states",
-            Component::Activations,
-            act(u.nc),
-        );
+        let g = loss(&mut s, &mut kept);
         s.phase("backward");
         s.transient(
             "backward working set",
