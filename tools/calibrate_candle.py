@@ -111,20 +111,13 @@ def units(c):
         cq=c["hidden"] * c["heads"] * c["head_dim"] * F,
         ckv=c["hidden"] * c["kv"] * c["head_dim"] * F,
         ci=c["hidden"] * c["ffn"] * F,
-        # widths alone: a 16-bit matmul on the CPU packs its right-hand side into an f32
-        # buffer of about (a fixed block of rows) × (its width)
-        w_c=c["hidden"] * F,
-        w_q=c["heads"] * c["head_dim"] * F,
-        w_kv=c["kv"] * c["head_dim"] * F,
-        w_i=c["ffn"] * F,
-        w_v=c["vocab"] * F,
         one=1.0,
     )
     u["mvc"] = u["vc"] if rows < n else 0.0
     return u
 
 
-# Stage targets: (name, checkpointed?, how to read it, basis, planes).
+# The measured working set of each stage (bytes above the live bytes before it).
 def targets(c):
     st = c["stages"]
     L = c["layers"]
@@ -155,34 +148,29 @@ def basis(stage, c, u):
 def basis_all(stage, c, u):
     L = c["layers"]
     l1 = max(L - 1, 0)
-    wide = WIDTHS if c.get("_widths") else []
     att = ["nc", "nq", "nkv", "s", "n", "bht", "td", "cq", "ckv"]
     if stage in ("fwd_attn", "bwd_attn"):
-        return {k: u[k] for k in att + [w for w in wide if w in ("w_c", "w_q", "w_kv")]}
+        return {k: u[k] for k in att}
     if stage in ("fwd_mlp", "bwd_mlp"):
-        return {k: u[k] for k in ["nc", "ni", "ci"] + [w for w in wide if w in ("w_c", "w_i")]}
+        return {k: u[k] for k in ["nc", "ni", "ci"]}
     if stage == "loss":
-        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
     if stage == "emb":
-        return {k: u[k] for k in ["vc", "nc", "n"] + [w for w in wide if w in ("w_c", "w_v")]}
-    # Without checkpointing the graph keeps every block's weights cast to 16 bits.
+        return {k: u[k] for k in ["vc", "nc", "n"]}
+    # Without checkpointing the graph keeps every block's weights (cast to 16 bits, if so).
     per_block = ["nc", "nq", "nkv", "ni", "s", "cq", "ckv", "ci"]
     if stage in ("graph", "fwd_peak"):
         b = {f"L*{k}": L * u[k] for k in per_block}
         b["nc"] = u["nc"]
-        b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "bwd_peak":
         b = {k: u[k] for k in per_block + ["vc", "n"]}
         b.update({f"L1*{k}": l1 * u[k] for k in per_block})
-        b.update({k: u[k] for k in wide if k != "w_v"})
         return b
     if stage == "opt":
         return {"adam": adam_peak(c)}
     raise KeyError(stage)
 
-
-WIDTHS = ["w_c", "w_q", "w_kv", "w_i", "w_v"]
 
 PLANES = {"fwd_attn": 2, "fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 3, "loss": 3, "emb": 2, "bwd_peak": 3}
 
@@ -191,8 +179,6 @@ def fit(args):
     import numpy as np
 
     rows = parse(args.path)
-    for c in rows:
-        c["_widths"] = args.widths
     fits, quality = {}, {}
     for arch in ["nanochat", "llama"]:
         fits[arch], quality[arch] = {}, {}
@@ -439,7 +425,6 @@ def main():
     f.add_argument("path")
     f.add_argument("--rust", action="store_true", help="print the planes as the planner's Rust")
     f.add_argument("--write", metavar="FILE", help="write the planner's module (planner/src/candle_engine/f32.rs or half.rs)")
-    f.add_argument("--widths", action="store_true", help="add the matrix widths alone to the bases (16-bit matmuls on the CPU)")
     k = sub.add_parser("check")
     k.add_argument("path")
     k.add_argument("--binary", default="target/release/vramplan")
