@@ -217,7 +217,12 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
 /// the measured peak.
 pub(crate) fn warm_up(compute: DType) -> Result<()> {
     let matmuls = || -> candle_core::Result<()> {
-        for dtype in [DType::F32, compute] {
+        let dtypes: &[DType] = if compute == DType::F32 {
+            &[DType::F32]
+        } else {
+            &[DType::F32, compute]
+        };
+        for &dtype in dtypes {
             for n in [64usize, 512] {
                 let a = candle_core::Tensor::ones((n, n), dtype, &Device::Cpu)?;
                 a.matmul(&a)?.matmul(&a.t()?)?;

@@ -153,11 +153,12 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let half = t.precision != Precision::Fp32;
     let act = |x: f64| bytes(if half { x / 2.0 } else { x });
     let layers = m.num_layers;
-    let ws = if half {
-        half::working_sets(arch, &u, layers as f64, adam_peak(&params))
+    let working_sets = if half {
+        half::working_sets
     } else {
-        f32::working_sets(arch, &u, layers as f64, adam_peak(&params))
+        f32::working_sets
     };
+    let ws = working_sets(arch, &u, layers as f64, adam_peak(&params));
     let mut s = Step::new();
 
     // Before the step: weights and AdamW's fp32 moments.
