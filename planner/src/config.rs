@@ -5,8 +5,7 @@
 //! names the key and what is accepted. Omitted `[train]` and `[hardware]` keys take the
 //! defaults documented in `docs/config.md`.
 
-use crate::error::{PlanError, Result};
-use crate::presets::Presets;
+use crate::error::{quote, PlanError, Result};
 use crate::spec::*;
 use crate::units::Bytes;
 use serde::{Deserialize, Serialize};
@@ -115,8 +114,12 @@ impl RawConfig {
         toml::from_str(src).map_err(|e| PlanError::from_toml(src, &e))
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    /// The config as TOML. A failure is returned, never an empty plan written in its place.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| PlanError::Syntax {
+            line: String::new(),
+            message: format!("cannot write the plan as TOML: {e}"),
+        })
     }
 }
 
@@ -169,8 +172,118 @@ pub struct Context {
     pub detected_gpu: Option<GpuSpec>,
 }
 
+/// Where named GPUs and models come from. `Presets` implements it; the config layer only
+/// asks by name, so data flows one way: presets are built from configs, never the reverse.
+pub trait PresetSource {
+    fn model(&self, name: &str) -> Result<&ModelSpec>;
+    fn gpu(&self, name: &str) -> Result<&GpuSpec>;
+}
+
 impl RawModel {
-    pub fn resolve(&self, presets: &Presets, ctx: &Context) -> Result<ModelSpec> {
+    /// Validates the model section over `base`, the model it starts from (a preset or a
+    /// config.json, already resolved): keys given here replace the base's.
+    pub fn resolve(&self, base: Option<&ModelSpec>) -> Result<ModelSpec> {
+        let b = |f: fn(&ModelSpec) -> u64| base.map(f);
+        let arch = match (&self.arch, base) {
+            (Some(a), _) => Arch::parse("model.arch", a)?,
+            (None, Some(b)) => b.arch,
+            (None, None) => {
+                return Err(PlanError::Missing {
+                    key: "model".into(),
+                    accepted: "preset = \"NAME\" (see `vramplan models`), hf_config = \"config.json\", or arch = \"llama\" with its sizes".into(),
+                })
+            }
+        };
+        let dim = |key: &str, v: Option<u64>, d: Option<u64>| -> Result<u64> {
+            positive(&format!("model.{key}"), v, d, MAX_DIM)
+        };
+        let hidden = dim("hidden_size", self.hidden_size, b(|m| m.hidden_size))?;
+        // Each block is a few timeline events and inventory entries: bounded like T5's decoder.
+        let layers = positive(
+            "model.num_layers",
+            self.num_layers,
+            b(|m| m.num_layers),
+            MAX_LAYERS,
+        )?;
+        let heads = dim("num_heads", self.num_heads, b(|m| m.num_heads))?;
+        let kv = dim(
+            "num_kv_heads",
+            self.num_kv_heads,
+            b(|m| m.num_kv_heads).or(Some(heads)),
+        )?;
+        if heads % kv != 0 {
+            return Err(PlanError::invalid(
+                "model.num_kv_heads",
+                kv,
+                format!("a divisor of num_heads = {heads}"),
+            ));
+        }
+        // A base's head_dim stands only while the sizes it was derived from do.
+        let default_head_dim = match base {
+            Some(m) if self.hidden_size.is_none() && self.num_heads.is_none() => Some(m.head_dim),
+            _ => (hidden % heads == 0).then(|| hidden / heads),
+        };
+        let head_dim = dim("head_dim", self.head_dim, default_head_dim)?;
+        let default_ffn = matches!(arch, Arch::Gpt2 | Arch::Nanochat | Arch::T5)
+            .then(|| hidden.saturating_mul(4));
+        let inter = dim(
+            "intermediate_size",
+            self.intermediate_size,
+            b(|m| m.intermediate_size).or(default_ffn),
+        )?;
+        let vocab = dim("vocab_size", self.vocab_size, b(|m| m.vocab_size))?;
+        let num_decoder_layers = match arch {
+            Arch::T5 => positive(
+                "model.num_decoder_layers",
+                self.num_decoder_layers,
+                b(|m| m.num_decoder_layers).or(Some(layers)),
+                MAX_LAYERS,
+            )?,
+            _ => 0,
+        };
+        let max_positions = match arch {
+            Arch::Gpt2 => dim(
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                b(|m| m.max_positions).or(Some(1024)),
+            )?,
+            _ => 0,
+        };
+        let name = self
+            .name
+            .clone()
+            .or(self.preset.clone())
+            .or(base.map(|m| m.name.clone()))
+            .unwrap_or_else(|| format!("{arch}-h{hidden}-l{layers}"));
+        Ok(ModelSpec {
+            name,
+            arch,
+            hidden_size: hidden,
+            num_layers: layers,
+            num_decoder_layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            intermediate_size: inter,
+            vocab_size: vocab,
+            tie_embeddings: self
+                .tie_embeddings
+                .or(base.map(|m| m.tie_embeddings))
+                .unwrap_or(!matches!(arch, Arch::Nanochat)),
+            max_positions,
+            gated_ffn: self
+                .gated_ffn
+                .or(base.map(|m| m.gated_ffn))
+                .unwrap_or(false),
+        })
+    }
+
+    /// The model this section starts from: the named preset or the caller's config.json.
+    fn base<'a>(
+        &self,
+        presets: &'a impl PresetSource,
+        ctx: &'a Context,
+    ) -> Result<Option<&'a ModelSpec>> {
         let sources = [
             self.preset.is_some(),
             self.hf_config.is_some(),
@@ -183,217 +296,73 @@ impl RawModel {
                 "give one of preset, hf_config, or arch with its sizes",
             ));
         }
-        let base = if let Some(p) = &self.preset {
-            Some(presets.model(p)?.clone())
-        } else if self.hf_config.is_some() {
-            Some(ctx.hf_model.clone().ok_or_else(|| PlanError::Missing {
-                key: "model.hf_config".into(),
-                accepted: "a readable Hugging Face config.json".into(),
-            })?)
-        } else {
-            None
-        };
-        let arch = match (&self.arch, &base) {
-            (Some(a), _) => Arch::parse("model.arch", a)?,
-            (None, Some(b)) => b.arch,
-            (None, None) => {
-                return Err(PlanError::Missing {
-                    key: "model".into(),
-                    accepted: "preset = \"NAME\" (see `vramplan models`), hf_config = \"config.json\", or arch = \"llama\" with its sizes".into(),
-                })
-            }
-        };
-        let pick = |key: &str, v: Option<u64>, b: Option<u64>| -> Result<u64> {
-            positive(&format!("model.{key}"), v, b, MAX_DIM)
-        };
-        let hidden = pick(
-            "hidden_size",
-            self.hidden_size,
-            base.as_ref().map(|b| b.hidden_size),
-        )?;
-        let layers = pick(
-            "num_layers",
-            self.num_layers,
-            base.as_ref().map(|b| b.num_layers),
-        )?;
-        let heads = pick(
-            "num_heads",
-            self.num_heads,
-            base.as_ref().map(|b| b.num_heads),
-        )?;
-        let kv = pick(
-            "num_kv_heads",
-            self.num_kv_heads,
-            base.as_ref().map(|b| b.num_kv_heads).or(Some(heads)),
-        )?;
-        if heads % kv != 0 {
-            return Err(PlanError::invalid(
-                "model.num_kv_heads",
-                kv,
-                format!("a divisor of num_heads = {heads}"),
-            ));
+        if let Some(p) = &self.preset {
+            return presets.model(p).map(Some);
         }
-        let default_head_dim =
-            if base.is_some() && self.hidden_size.is_none() && self.num_heads.is_none() {
-                base.as_ref().map(|b| b.head_dim)
-            } else if hidden % heads == 0 {
-                Some(hidden / heads)
-            } else {
-                None
-            };
-        let head_dim = pick("head_dim", self.head_dim, default_head_dim)?;
-        let default_ffn = match arch {
-            Arch::Gpt2 | Arch::Nanochat | Arch::T5 => Some(hidden.saturating_mul(4)),
-            _ => None,
-        };
-        let inter = pick(
-            "intermediate_size",
-            self.intermediate_size,
-            base.as_ref().map(|b| b.intermediate_size).or(default_ffn),
-        )?;
-        let vocab = pick(
-            "vocab_size",
-            self.vocab_size,
-            base.as_ref().map(|b| b.vocab_size),
-        )?;
-        let tie = self
-            .tie_embeddings
-            .or(base.as_ref().map(|b| b.tie_embeddings))
-            .unwrap_or(!matches!(arch, Arch::Nanochat));
-        let decoder_layers = match arch {
-            Arch::T5 => positive(
-                "model.num_decoder_layers",
-                self.num_decoder_layers,
-                base.as_ref().map(|b| b.num_decoder_layers).or(Some(layers)),
-                MAX_LAYERS,
-            )?,
-            _ => 0,
-        };
-        let max_positions = match arch {
-            Arch::Gpt2 => pick(
-                "max_position_embeddings",
-                self.max_position_embeddings,
-                base.as_ref().map(|b| b.max_positions).or(Some(1024)),
-            )?,
-            _ => 0,
-        };
-        let name = self
-            .name
-            .clone()
-            .or(self.preset.clone())
-            .or(base.as_ref().map(|b| b.name.clone()))
-            .unwrap_or_else(|| format!("{arch}-h{hidden}-l{layers}"));
-        Ok(ModelSpec {
-            name,
-            arch,
-            hidden_size: hidden,
-            num_layers: layers,
-            num_decoder_layers: decoder_layers,
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim,
-            intermediate_size: inter,
-            vocab_size: vocab,
-            tie_embeddings: tie,
-            max_positions,
-            gated_ffn: self
-                .gated_ffn
-                .or(base.as_ref().map(|b| b.gated_ffn))
-                .unwrap_or(false),
-        })
+        if self.hf_config.is_some() {
+            return ctx
+                .hf_model
+                .as_ref()
+                .map(Some)
+                .ok_or_else(|| PlanError::Missing {
+                    key: "model.hf_config".into(),
+                    accepted: "a readable Hugging Face config.json".into(),
+                });
+        }
+        Ok(None)
     }
 }
 
-impl RawConfig {
-    /// Validates everything and resolves presets. The caller has done any file or device I/O.
-    pub fn resolve(&self, presets: &Presets, ctx: &Context) -> Result<RunSpec> {
-        let model = self.model.resolve(presets, ctx)?;
-        let t = &self.train;
+/// A choice's key, with its default where the config leaves it out.
+fn choice<C: Choice>(key: &str, v: &Option<String>, default: &str) -> Result<C> {
+    C::parse(key, v.as_deref().unwrap_or(default))
+}
+
+impl RawTrain {
+    /// Validates the train section; `model` picks the defaults that depend on it
+    /// (GPT-2's position table caps the sequence, nanochat trains with Muon).
+    pub fn resolve(&self, model: &ModelSpec) -> Result<TrainSpec> {
         let seq_default = match model.arch {
             Arch::Gpt2 => model.max_positions.min(defaults::SEQ_LEN),
             _ => defaults::SEQ_LEN,
         };
-        let seq_len = positive("train.seq_len", t.seq_len, Some(seq_default), MAX_DIM)?;
-        if model.arch == Arch::Gpt2 && seq_len > model.max_positions {
-            return Err(PlanError::invalid(
-                "train.seq_len",
-                seq_len,
-                format!(
-                    "at most max_position_embeddings = {} for gpt2",
-                    model.max_positions
-                ),
-            ));
-        }
-        let optimizer_default = if model.arch == Arch::Nanochat {
-            "muon"
-        } else {
-            defaults::OPTIMIZER
+        let optimizer_default = match model.arch {
+            Arch::Nanochat => "muon",
+            _ => defaults::OPTIMIZER,
         };
-        let optimizer = Optimizer::parse(
-            "train.optimizer",
-            t.optimizer.as_deref().unwrap_or(optimizer_default),
-        )?;
-        let train = TrainSpec {
-            micro_batch: positive(
-                "train.micro_batch",
-                t.micro_batch,
-                Some(defaults::MICRO_BATCH),
-                MAX_COUNT,
-            )?,
-            seq_len,
-            grad_accum: positive(
-                "train.grad_accum",
-                t.grad_accum,
-                Some(defaults::GRAD_ACCUM),
-                MAX_COUNT,
-            )?,
-            precision: Precision::parse(
-                "train.precision",
-                t.precision.as_deref().unwrap_or(defaults::PRECISION),
-            )?,
-            optimizer,
-            checkpointing: Checkpointing::parse(
+        let count = |key: &str, v: Option<u64>, d: u64| positive(key, v, Some(d), MAX_COUNT);
+        Ok(TrainSpec {
+            micro_batch: count("train.micro_batch", self.micro_batch, defaults::MICRO_BATCH)?,
+            seq_len: positive("train.seq_len", self.seq_len, Some(seq_default), MAX_DIM)?,
+            grad_accum: count("train.grad_accum", self.grad_accum, defaults::GRAD_ACCUM)?,
+            precision: choice("train.precision", &self.precision, defaults::PRECISION)?,
+            optimizer: choice("train.optimizer", &self.optimizer, optimizer_default)?,
+            checkpointing: choice(
                 "train.checkpointing",
-                t.checkpointing
-                    .as_deref()
-                    .unwrap_or(defaults::CHECKPOINTING),
+                &self.checkpointing,
+                defaults::CHECKPOINTING,
             )?,
-            loss: LossMode::parse("train.loss", t.loss.as_deref().unwrap_or(defaults::LOSS))?,
+            loss: choice("train.loss", &self.loss, defaults::LOSS)?,
             loss_chunk: positive(
                 "train.loss_chunk",
-                t.loss_chunk,
+                self.loss_chunk,
                 Some(defaults::LOSS_CHUNK),
                 MAX_DIM,
             )?,
-            attention: Attention::parse(
-                "train.attention",
-                t.attention.as_deref().unwrap_or(defaults::ATTENTION),
-            )?,
-            engine: Engine::parse(
-                "train.engine",
-                t.engine.as_deref().unwrap_or(defaults::ENGINE),
-            )?,
-        };
-        if train.optimizer == Optimizer::Muon && model.arch == Arch::T5 {
-            return Err(PlanError::invalid(
-                "train.optimizer",
-                "\"muon\"",
-                "adamw | adamw-8bit | sgd | adafactor for t5",
-            ));
-        }
-        if train.engine == Engine::Candle && !matches!(model.arch, Arch::Llama | Arch::Nanochat) {
-            return Err(PlanError::invalid(
-                "train.engine",
-                "\"candle\"",
-                format!(
-                    "torch for arch {}; the candle engine trains llama and nanochat",
-                    model.arch
-                ),
-            ));
-        }
-        let h = &self.hardware;
-        let gpu_name = h.gpu.as_deref().unwrap_or(defaults::GPU);
-        let memory_override = match h.memory_gib {
+            attention: choice("train.attention", &self.attention, defaults::ATTENTION)?,
+            engine: choice("train.engine", &self.engine, defaults::ENGINE)?,
+        })
+    }
+}
+
+/// Upper bound on GPUs in one run.
+pub const MAX_GPUS: u64 = 1024;
+
+impl RawHardware {
+    /// Validates the hardware section: the device by name (a preset, `auto` from the
+    /// caller's NVML reading, or `cpu`), with `memory_gib` over its capacity.
+    pub fn resolve(&self, presets: &impl PresetSource, ctx: &Context) -> Result<HardwareSpec> {
+        let memory_override = match self.memory_gib {
             Some(g) if !(g.is_finite() && g > 0.0 && g < 1.0e6) => {
                 return Err(PlanError::invalid(
                     "hardware.memory_gib",
@@ -404,87 +373,131 @@ impl RawConfig {
             Some(g) => Some(Bytes((g * crate::units::GIB as f64) as u64)),
             None => None,
         };
-        let device = match gpu_name {
+        let gpu = |mut g: GpuSpec| {
+            if let Some(m) = memory_override {
+                g.capacity = m;
+            }
+            Device::Gpu(g)
+        };
+        let device = match self.gpu.as_deref().unwrap_or(defaults::GPU) {
             "cpu" => Device::Cpu {
                 capacity: memory_override.or(ctx.host_memory).unwrap_or(Bytes(
                     (defaults::CPU_MEMORY_GIB * crate::units::GIB as f64) as u64,
                 )),
             },
-            "auto" => {
-                let mut g = ctx.detected_gpu.clone().ok_or_else(|| {
-                    PlanError::invalid(
-                        "hardware.gpu",
-                        "\"auto\"",
-                        "a GPU visible through NVML; none was found: name a preset (see `vramplan gpus`) or \"cpu\"",
-                    )
-                })?;
-                if let Some(m) = memory_override {
-                    g.capacity = m;
-                }
-                Device::Gpu(g)
-            }
-            name => {
-                let mut g = presets.gpu(name)?.clone();
-                if let Some(m) = memory_override {
-                    g.capacity = m;
-                }
-                Device::Gpu(g)
-            }
+            "auto" => gpu(ctx.detected_gpu.clone().ok_or_else(|| {
+                PlanError::invalid(
+                    "hardware.gpu",
+                    "\"auto\"",
+                    "a GPU visible through NVML; none was found: name a preset (see `vramplan gpus`) or \"cpu\"",
+                )
+            })?),
+            name => gpu(presets.gpu(name)?.clone()),
         };
-        let gpus = positive("hardware.gpus", h.gpus, Some(1), 1024)?;
-        let sharding = Sharding::parse(
-            "hardware.sharding",
-            h.sharding.as_deref().unwrap_or(defaults::SHARDING),
-        )?;
-        if !device.is_cuda() && gpus > 1 {
-            return Err(PlanError::invalid(
-                "hardware.gpus",
-                gpus,
-                "1 with gpu = \"cpu\"",
-            ));
-        }
-        Ok(RunSpec {
-            model,
-            train,
-            hardware: HardwareSpec {
-                device,
-                gpus,
-                sharding,
-            },
+        Ok(HardwareSpec {
+            device,
+            gpus: positive("hardware.gpus", self.gpus, Some(1), MAX_GPUS)?,
+            sharding: choice("hardware.sharding", &self.sharding, defaults::SHARDING)?,
         })
     }
 }
 
-/// Builds the raw config that reproduces a resolved run (for `fit --out` and `diagnose --out`).
-pub fn raw_from_spec(spec: &RunSpec, model: &RawModel) -> RawConfig {
-    let t = &spec.train;
-    let gpu = match &spec.hardware.device {
-        // A detected GPU is written as "auto" so the plan resolves the same way again.
-        Device::Gpu(g) if g.name.starts_with("auto:") => "auto".to_string(),
-        Device::Gpu(g) => g.name.clone(),
-        Device::Cpu { .. } => "cpu".to_string(),
-    };
-    RawConfig {
-        model: model.clone(),
-        train: RawTrain {
-            micro_batch: Some(t.micro_batch),
-            seq_len: Some(t.seq_len),
-            grad_accum: Some(t.grad_accum),
-            precision: Some(t.precision.name().into()),
-            optimizer: Some(t.optimizer.name().into()),
-            checkpointing: Some(t.checkpointing.name().into()),
-            loss: Some(t.loss.name().into()),
-            loss_chunk: (t.loss == LossMode::Chunked).then_some(t.loss_chunk),
-            attention: Some(t.attention.name().into()),
-            engine: Some(t.engine.name().into()),
-            steps: None,
-            learning_rate: None,
-        },
-        hardware: RawHardware {
-            gpu: Some(gpu),
-            gpus: Some(spec.hardware.gpus),
-            sharding: Some(spec.hardware.sharding.name().into()),
-            memory_gib: None,
-        },
+/// The rules that join sections: what one section allows depends on another.
+pub fn check_run(spec: &RunSpec) -> Result<()> {
+    let (m, t, h) = (&spec.model, &spec.train, &spec.hardware);
+    if m.arch == Arch::Gpt2 && t.seq_len > m.max_positions {
+        return Err(PlanError::invalid(
+            "train.seq_len",
+            t.seq_len,
+            format!(
+                "at most max_position_embeddings = {} for gpt2",
+                m.max_positions
+            ),
+        ));
+    }
+    if t.optimizer == Optimizer::Muon && m.arch == Arch::T5 {
+        return Err(PlanError::invalid(
+            "train.optimizer",
+            "\"muon\"",
+            "adamw | adamw-8bit | sgd | adafactor for t5",
+        ));
+    }
+    if t.engine == Engine::Candle && !matches!(m.arch, Arch::Llama | Arch::Nanochat) {
+        return Err(PlanError::invalid(
+            "train.engine",
+            "\"candle\"",
+            format!(
+                "torch for arch {}; the candle engine trains llama and nanochat",
+                m.arch
+            ),
+        ));
+    }
+    if !h.device.is_cuda() && h.gpus > 1 {
+        return Err(PlanError::invalid(
+            "hardware.gpus",
+            h.gpus,
+            "1 with gpu = \"cpu\"",
+        ));
+    }
+    // On one GPU there is nothing to shard over: the planner would model plain DDP while
+    // the config says ZeRO, so the config is refused rather than silently reinterpreted.
+    if h.sharding != Sharding::Ddp && h.gpus == 1 {
+        return Err(PlanError::invalid(
+            "hardware.sharding",
+            quote(h.sharding.name()),
+            "ddp with gpus = 1: ZeRO shards model state over several GPUs; set gpus above 1 or use ddp",
+        ));
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    /// Validates everything and resolves presets. The caller has done any file or device I/O.
+    pub fn resolve(&self, presets: &impl PresetSource, ctx: &Context) -> Result<RunSpec> {
+        let model = self.model.resolve(self.model.base(presets, ctx)?)?;
+        let train = self.train.resolve(&model)?;
+        let hardware = self.hardware.resolve(presets, ctx)?;
+        let spec = RunSpec {
+            model,
+            train,
+            hardware,
+        };
+        check_run(&spec)?;
+        Ok(spec)
+    }
+
+    /// This config with its planned values replaced by `spec`'s (for `fit --out`,
+    /// `diagnose --out` and `train`'s `plan.fit.toml`). The model section and the keys
+    /// the memory model does not read (`steps`, `learning_rate`, `memory_gib`) are kept.
+    pub fn with_spec(&self, spec: &RunSpec) -> RawConfig {
+        let t = &spec.train;
+        let gpu = match &spec.hardware.device {
+            // A detected GPU is written as "auto" so the plan resolves the same way again.
+            Device::Gpu(g) if g.name.starts_with("auto:") => "auto".to_string(),
+            Device::Gpu(g) => g.name.clone(),
+            Device::Cpu { .. } => "cpu".to_string(),
+        };
+        RawConfig {
+            model: self.model.clone(),
+            train: RawTrain {
+                micro_batch: Some(t.micro_batch),
+                seq_len: Some(t.seq_len),
+                grad_accum: Some(t.grad_accum),
+                precision: Some(t.precision.name().into()),
+                optimizer: Some(t.optimizer.name().into()),
+                checkpointing: Some(t.checkpointing.name().into()),
+                loss: Some(t.loss.name().into()),
+                loss_chunk: (t.loss == LossMode::Chunked).then_some(t.loss_chunk),
+                attention: Some(t.attention.name().into()),
+                engine: Some(t.engine.name().into()),
+                ..self.train.clone()
+            },
+            hardware: RawHardware {
+                gpu: Some(gpu),
+                gpus: Some(spec.hardware.gpus),
+                sharding: Some(spec.hardware.sharding.name().into()),
+                ..self.hardware.clone()
+            },
+        }
     }
 }

@@ -1,6 +1,16 @@
 //! Errors with fields that name the culprit: the key, the value, what is accepted.
+//!
+//! Every message is one line: values the user wrote are quoted through [`quote`], which
+//! escapes control characters and keeps at most [`QUOTE_CHARS`] characters, so a value
+//! with newlines or kilobytes of text never floods a terminal or a log.
 
 use thiserror::Error;
+
+/// The most characters of a user's value an error repeats.
+pub const QUOTE_CHARS: usize = 80;
+/// The most characters of a parser's own message an error keeps (its lists of expected
+/// keys can run long).
+const MESSAGE_CHARS: usize = 150;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PlanError {
@@ -18,7 +28,7 @@ pub enum PlanError {
     #[error("{line}{message}")]
     Syntax { line: String, message: String },
     /// An unknown preset name.
-    #[error("{key} = \"{value}\": no such preset; known: {known}")]
+    #[error("{key} = {value}: no such preset; known: {known}")]
     UnknownPreset {
         key: String,
         value: String,
@@ -29,12 +39,45 @@ pub enum PlanError {
     NoSolution(String),
 }
 
+/// `s` as a one-line quoted string: control characters escaped, cut after
+/// [`QUOTE_CHARS`] characters with an ellipsis.
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", one_line(s, QUOTE_CHARS))
+}
+
+/// `s` with control characters escaped and at most `max` characters kept.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl PlanError {
+    /// `value` is shown as given (callers quote strings with [`quote`]); it is cut to one
+    /// short line all the same, since numbers and values come from user input too.
     pub fn invalid(key: &str, value: impl ToString, accepted: impl Into<String>) -> Self {
         PlanError::Invalid {
-            key: key.to_string(),
-            value: value.to_string(),
+            key: one_line(key, QUOTE_CHARS),
+            value: one_line(&value.to_string(), QUOTE_CHARS + 2),
             accepted: accepted.into(),
+        }
+    }
+
+    pub fn unknown_preset(key: &str, value: &str, known: &[&str], more: &str) -> Self {
+        PlanError::UnknownPreset {
+            key: key.to_string(),
+            value: quote(value),
+            known: known_list(known, more),
         }
     }
 
@@ -42,18 +85,63 @@ impl PlanError {
     pub fn from_toml(src: &str, err: &toml::de::Error) -> Self {
         let line = err
             .span()
-            .map(|s| {
-                format!(
-                    "line {}: ",
-                    src[..s.start.min(src.len())].lines().count().max(1)
-                )
-            })
+            .map(|s| format!("line {}: ", line_of(src, s.start)))
             .unwrap_or_default();
         PlanError::Syntax {
             line,
-            message: err.message().trim().replace('\n', " "),
+            message: one_line(err.message().trim(), MESSAGE_CHARS),
         }
     }
 }
 
+/// The 1-based line holding byte `offset` of `src`: newlines before it, plus one.
+/// (Counting `lines()` of the text before it is one short when it starts a line.)
+pub(crate) fn line_of(src: &str, offset: usize) -> usize {
+    let end = offset.min(src.len());
+    src.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Names in a list short enough for one line; past that, how many more and where to look.
+fn known_list(names: &[&str], more: &str) -> String {
+    const LIST_CHARS: usize = 90;
+    let mut out = String::new();
+    for (i, n) in names.iter().enumerate() {
+        if out.len() + n.len() > LIST_CHARS {
+            let sep = if out.is_empty() { "" } else { ", " };
+            return format!("{out}{sep}… {} more ({more})", names.len() - i);
+        }
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(n);
+    }
+    out
+}
+
 pub type Result<T> = std::result::Result<T, PlanError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_one_short_line() {
+        assert_eq!(quote("bf8"), "\"bf8\"");
+        assert_eq!(quote("a\nb"), "\"a\\nb\"");
+        let long = quote(&"x".repeat(10_000));
+        assert_eq!(long.chars().count(), QUOTE_CHARS + 3);
+        assert!(long.ends_with("…\""));
+    }
+
+    #[test]
+    fn line_numbers_count_the_line_the_offset_is_on() {
+        let src = "a\nb\nc";
+        assert_eq!(line_of(src, 0), 1);
+        assert_eq!(line_of(src, 2), 2);
+        assert_eq!(line_of(src, 4), 3);
+    }
+}

@@ -148,7 +148,11 @@ pub fn fit(req: &FitRequest) -> Result<FitResult> {
         };
         let micros: Vec<u64> = match per_gpu {
             Some(0) => continue,
-            Some(g) => divisors(g).into_iter().take(MAX_CANDIDATE_MICRO).collect(),
+            Some(g) => divisors(g)
+                .into_iter()
+                .filter(|mb| g / mb <= crate::config::MAX_COUNT)
+                .take(MAX_CANDIDATE_MICRO)
+                .collect(),
             None => FREE_MICRO.to_vec(),
         };
         for &ck in &[

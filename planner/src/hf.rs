@@ -2,8 +2,7 @@
 //! T5 architectures (keys as their `Config` classes name them in transformers).
 
 use crate::config::RawModel;
-use crate::error::{PlanError, Result};
-use crate::presets::Presets;
+use crate::error::{quote, PlanError, Result};
 use crate::spec::ModelSpec;
 use serde_json::Value;
 
@@ -26,7 +25,7 @@ pub fn hf_config(text: &str) -> Result<ModelSpec> {
         other => {
             return Err(PlanError::invalid(
                 "model_type",
-                format!("\"{other}\""),
+                quote(other),
                 "llama | mistral | qwen2 | gpt2 | t5",
             ))
         }
@@ -76,8 +75,7 @@ pub fn hf_config(text: &str) -> Result<ModelSpec> {
             raw.tie_embeddings = raw.tie_embeddings.or(Some(false));
         }
     }
-    let presets = Presets::builtin()?;
-    raw.resolve(&presets, &crate::config::Context::default())
+    raw.resolve(None)
 }
 
 #[cfg(test)]

@@ -21,15 +21,15 @@ mod units;
 
 pub use compare::{compare, fp32_logits, gib2, Comparison, ComponentDiff, ConfigDiff};
 pub use config::{
-    defaults, raw_from_spec, Context, RawConfig, RawHardware, RawModel, RawTrain, MAX_COUNT,
-    MAX_DIM,
+    check_run, defaults, Context, PresetSource, RawConfig, RawHardware, RawModel, RawTrain,
+    MAX_COUNT, MAX_DIM, MAX_GPUS, MAX_LAYERS,
 };
-pub use error::{PlanError, Result};
+pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
 pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};
-pub use presets::Presets;
+pub use presets::{Presets, GPUS_TOML, MODEL_FILES};
 pub use report::{estimate, model_flops_per_token, play, Report};
 pub use spec::*;
 pub use timeline::{Component, Event, Snapshot, Step, Tensor, TensorId, Timeline};

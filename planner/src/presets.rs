@@ -4,14 +4,15 @@
 //! An override file is TOML with `[gpus.NAME]` tables (the keys of `presets/gpus.toml`)
 //! and `[models.NAME]` tables (the keys of a `[model]` section).
 
-use crate::config::{Context, RawModel};
+use crate::config::{PresetSource, RawModel};
 use crate::error::{PlanError, Result};
 use crate::spec::{GpuSpec, ModelSpec};
 use crate::units::{Bytes, MIB};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
-const GPUS_TOML: &str = include_str!("../../presets/gpus.toml");
+pub const GPUS_TOML: &str = include_str!("../../presets/gpus.toml");
 
 /// Model presets: (name, TOML text with a `[model]` section).
 pub const MODEL_FILES: &[(&str, &str)] = &[
@@ -136,26 +137,30 @@ fn gpu_from_raw(name: &str, r: RawGpu) -> Result<GpuSpec> {
     })
 }
 
+/// The embedded presets, parsed and validated once per process.
+static BUILTIN: LazyLock<Result<Presets>> = LazyLock::new(parse_builtin);
+
+fn parse_builtin() -> Result<Presets> {
+    let mut p = Presets {
+        gpus: BTreeMap::new(),
+        models: BTreeMap::new(),
+    };
+    let gpus: BTreeMap<String, RawGpu> =
+        toml::from_str(GPUS_TOML).map_err(|e| PlanError::from_toml(GPUS_TOML, &e))?;
+    for (name, raw) in gpus {
+        p.gpus.insert(name.clone(), gpu_from_raw(&name, raw)?);
+    }
+    for (name, text) in MODEL_FILES {
+        let f: ModelFile = toml::from_str(text).map_err(|e| PlanError::from_toml(text, &e))?;
+        p.add_model(name, f.model)?;
+    }
+    Ok(p)
+}
+
 impl Presets {
     /// The embedded presets. They are tested to parse, so failure here is a build defect.
     pub fn builtin() -> Result<Presets> {
-        let mut p = Presets {
-            gpus: BTreeMap::new(),
-            models: BTreeMap::new(),
-        };
-        let gpus: BTreeMap<String, RawGpu> =
-            toml::from_str(GPUS_TOML).map_err(|e| PlanError::from_toml(GPUS_TOML, &e))?;
-        for (name, raw) in gpus {
-            p.gpus.insert(name.clone(), gpu_from_raw(&name, raw)?);
-        }
-        for (name, text) in MODEL_FILES {
-            let f: ModelFile = toml::from_str(text).map_err(|e| PlanError::from_toml(text, &e))?;
-            let mut raw = f.model;
-            raw.name.get_or_insert_with(|| name.to_string());
-            let spec = raw.resolve(&p, &Context::default())?;
-            p.models.insert(name.to_string(), spec);
-        }
-        Ok(p)
+        BUILTIN.clone()
     }
 
     /// Merges a user's override file over these presets.
@@ -165,33 +170,38 @@ impl Presets {
             let g = gpu_from_raw(&name, raw)?;
             self.gpus.insert(name, g);
         }
-        for (name, mut raw) in f.models {
-            raw.name.get_or_insert_with(|| name.clone());
-            let spec = raw.resolve(self, &Context::default())?;
-            self.models.insert(name, spec);
+        for (name, raw) in f.models {
+            self.add_model(&name, raw)?;
         }
         Ok(())
     }
 
+    /// Resolves a model section (over the preset it names, if any) and stores it as `name`.
+    fn add_model(&mut self, name: &str, mut raw: RawModel) -> Result<()> {
+        raw.name.get_or_insert_with(|| name.to_string());
+        let base = match &raw.preset {
+            Some(p) => Some(self.model(p)?),
+            None => None,
+        };
+        let spec = raw.resolve(base)?;
+        self.models.insert(name.to_string(), spec);
+        Ok(())
+    }
+
     pub fn gpu(&self, name: &str) -> Result<&GpuSpec> {
-        self.gpus.get(name).ok_or_else(|| PlanError::UnknownPreset {
-            key: "hardware.gpu".into(),
-            value: name.into(),
-            known: format!(
-                "{}, auto, cpu",
-                self.gpus.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+        self.gpus.get(name).ok_or_else(|| {
+            // The two names that are not presets first, so a cut list still shows them.
+            let mut known = vec!["auto", "cpu"];
+            known.extend(self.gpus.keys().map(String::as_str));
+            PlanError::unknown_preset("hardware.gpu", name, &known, "`vramplan gpus`")
         })
     }
 
     pub fn model(&self, name: &str) -> Result<&ModelSpec> {
-        self.models
-            .get(name)
-            .ok_or_else(|| PlanError::UnknownPreset {
-                key: "model.preset".into(),
-                value: name.into(),
-                known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
-            })
+        self.models.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            PlanError::unknown_preset("model.preset", name, &known, "`vramplan models`")
+        })
     }
 
     pub fn gpus(&self) -> impl Iterator<Item = &GpuSpec> {
@@ -203,15 +213,70 @@ impl Presets {
     }
 }
 
+impl PresetSource for Presets {
+    fn model(&self, name: &str) -> Result<&ModelSpec> {
+        Presets::model(self, name)
+    }
+
+    fn gpu(&self, name: &str) -> Result<&GpuSpec> {
+        Presets::gpu(self, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The `.toml` file names in a folder of the repository, without the extension.
+    fn preset_files(dir: &str) -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../presets")
+            .join(dir);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn every_builtin_preset_parses_and_validates() {
+    fn every_model_file_is_embedded_and_every_embedded_one_exists() {
+        let files = preset_files("models");
+        let mut embedded: Vec<String> = MODEL_FILES.iter().map(|(n, _)| n.to_string()).collect();
+        embedded.sort();
+        assert_eq!(embedded, files, "presets/models/*.toml vs MODEL_FILES");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets/models");
+        for (name, text) in MODEL_FILES {
+            let on_disk = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+            assert_eq!(
+                *text, on_disk,
+                "{name}: embedded text differs from the file"
+            );
+        }
         let p = Presets::builtin().unwrap();
-        assert_eq!(p.gpus().count(), 15);
-        assert_eq!(p.models().count(), MODEL_FILES.len());
+        let mut resolved: Vec<String> = p.models.keys().cloned().collect();
+        resolved.sort();
+        assert_eq!(resolved, files);
+    }
+
+    #[test]
+    fn every_gpu_in_gpus_toml_is_a_preset() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets/gpus.toml");
+        let on_disk = std::fs::read_to_string(path).unwrap();
+        assert_eq!(GPUS_TOML, on_disk);
+        // The tables of the file, counted from its text rather than from the parsed map.
+        let tables: Vec<&str> = on_disk
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+            .collect();
+        let p = Presets::builtin().unwrap();
+        assert_eq!(p.gpus().count(), tables.len());
+        for t in tables {
+            assert!(p.gpu(t.trim_matches('"')).is_ok(), "{t}");
+        }
         // REFERENCES.md: H100 80 GB reports 81,559 MiB through nvidia-smi.
         assert_eq!(p.gpu("h100-80gb").unwrap().capacity, Bytes(81_559 * MIB));
     }

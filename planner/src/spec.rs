@@ -3,7 +3,7 @@
 //! Everything here has already been checked (see `config`), so the memory model can
 //! rely on positive sizes and consistent head counts.
 
-use crate::error::{PlanError, Result};
+use crate::error::{quote, PlanError, Result};
 use crate::units::Bytes;
 use serde::Serialize;
 
@@ -32,7 +32,7 @@ pub trait Choice: Sized + Copy + 'static {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(value.trim()))
             .map(|(_, v)| *v)
-            .ok_or_else(|| PlanError::invalid(key, format!("\"{value}\""), Self::accepted()))
+            .ok_or_else(|| PlanError::invalid(key, quote(value), Self::accepted()))
     }
 }
 

@@ -197,7 +197,7 @@ fn absurd_sizes_are_clear_errors() {
         ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 3\nintermediate_size = 8\nvocab_size = 9\n", "model.num_kv_heads = 3: a divisor of num_heads = 4"),
         ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"rtx9090\"\n", "hardware.gpu = \"rtx9090\": no such preset"),
         ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n", "train.precision = \"fp8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"),
-        ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 3: unknown field `batch`"),
+        ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 4: unknown field `batch`"),
         ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\n", "hardware.gpus = 2: 1 with gpu = \"cpu\""),
         ("[model]\n", "model is missing"),
     ];

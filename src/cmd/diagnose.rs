@@ -10,8 +10,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vramplan_planner::{
-    classify, estimate, match_tensor, parse_log, raw_from_spec, Bytes, Cause, Checkpointing,
-    Component, LossMode, Match, OomReport, RunSpec, Sharding,
+    classify, estimate, match_tensor, parse_log, Bytes, Cause, Checkpointing, Component, LossMode,
+    Match, OomReport, RunSpec, Sharding,
 };
 
 #[derive(Debug, clap::Args)]
@@ -84,7 +84,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             .flat_map(|d| d.fixes.iter())
             .find_map(|f| f.spec.as_ref());
         if let Some(spec) = best {
-            write_atomic(out, &raw_from_spec(spec, &l.raw.model).to_toml())?;
+            write_atomic(out, &l.raw.with_spec(spec).to_toml()?)?;
         }
     }
     if a.json {

@@ -6,9 +6,7 @@ use crate::render;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan_planner::{
-    fit, raw_from_spec, FitRequest, GlobalBatch, RawConfig, RawHardware, RawModel, RawTrain,
-};
+use vramplan_planner::{fit, FitRequest, GlobalBatch, RawConfig, RawHardware, RawTrain};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -111,7 +109,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
         e => bad("command line", e),
     })?;
-    let plan = plan_toml(&result, &raw.model);
+    let plan = plan_toml(&result, &raw)?;
     if let Some(out) = &a.out {
         write_atomic(out, &plan)?;
     }
@@ -129,15 +127,14 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn plan_toml(r: &vramplan_planner::FitResult, model: &RawModel) -> String {
-    let raw = raw_from_spec(&r.best.spec, model);
-    format!(
+fn plan_toml(r: &vramplan_planner::FitResult, raw: &RawConfig) -> Result<String> {
+    Ok(format!(
         "# Plan chosen by `vramplan fit`: fits with a {:.0} % margin ({} of {}).\n{}",
         r.margin * 100.0,
         vramplan_planner::Bytes(r.best.report.device_bytes),
         vramplan_planner::Bytes(r.best.report.capacity_bytes),
-        raw.to_toml()
-    )
+        raw.with_spec(&r.best.spec).to_toml()?
+    ))
 }
 
 /// Writes through a temporary file in the same folder, then renames: never a half-written plan.

@@ -10,9 +10,7 @@ use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan_planner::{
-    raw_from_spec, Bytes, Engine, FitRequest, GlobalBatch, LossMode, Precision,
-};
+use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Precision};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -169,7 +167,9 @@ pub fn plan(
         .to_path_buf();
     let text = match (path, model) {
         (None, None) if !on_gpu => engine::DEFAULT_PLAN.to_string(),
-        _ => raw.to_toml(),
+        _ => raw
+            .to_toml()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.name))?,
     };
     let l = load::resolve_raw(env, &loaded.name, raw, &dir)?;
     Ok((l, text, device))
@@ -189,11 +189,16 @@ fn suggest(loaded: &Loaded, a: &Args) {
     match vramplan_planner::fit(&req) {
         Ok(r) => {
             let t = &r.best.spec.train;
-            let text = raw_from_spec(&r.best.spec, &loaded.raw.model).to_toml();
             let path = a.out.join("plan.fit.toml");
-            let written = std::fs::create_dir_all(&a.out)
+            let written = loaded
+                .raw
+                .with_spec(&r.best.spec)
+                .to_toml()
                 .map_err(anyhow::Error::from)
-                .and_then(|_| crate::cmd::fit::write_atomic(&path, &text));
+                .and_then(|text| {
+                    std::fs::create_dir_all(&a.out)?;
+                    crate::cmd::fit::write_atomic(&path, &text)
+                });
             println!(
                 "a plan that fits: micro-batch {} × accumulation {}, checkpointing {}, loss {}{} ({} at the peak){}",
                 t.micro_batch,
