@@ -114,12 +114,20 @@ impl RawConfig {
         toml::from_str(src).map_err(|e| PlanError::from_toml(src, &e))
     }
 
-    /// The config as TOML. A failure is returned, never an empty plan written in its place.
+    /// The config as TOML. A failure is returned, never an empty plan written in its place;
+    /// so is a text that would not read back as this config (TOML integers are signed, so
+    /// a `u64` past `i64::MAX` is written but refused on reading).
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| PlanError::Syntax {
+        let failed = |why: String| PlanError::Syntax {
             line: String::new(),
-            message: format!("cannot write the plan as TOML: {e}"),
-        })
+            message: format!("cannot write the plan as TOML: {why}"),
+        };
+        let text = toml::to_string(self).map_err(|e| failed(e.to_string()))?;
+        match RawConfig::from_toml(&text) {
+            Ok(back) if back == *self => Ok(text),
+            Ok(_) => Err(failed("it would not read back the same".into())),
+            Err(e) => Err(failed(format!("it would not read back ({e})"))),
+        }
     }
 }
 

@@ -8,6 +8,8 @@ use thiserror::Error;
 
 /// The most characters of a user's value an error repeats.
 pub const QUOTE_CHARS: usize = 80;
+/// The longest error line the planner writes.
+pub const LINE_CHARS: usize = 200;
 /// The most characters of a parser's own message an error keeps (its lists of expected
 /// keys can run long).
 const MESSAGE_CHARS: usize = 150;
@@ -73,11 +75,16 @@ impl PlanError {
         }
     }
 
+    /// `known` is listed as far as the line has room (at most [`LINE_CHARS`] in all),
+    /// then `more` says where the rest are.
     pub fn unknown_preset(key: &str, value: &str, known: &[&str], more: &str) -> Self {
+        let value = quote(value);
+        // The fixed words of the message and the "… N more (…)" tail take the rest.
+        let room = LINE_CHARS.saturating_sub(60 + key.len() + value.chars().count());
         PlanError::UnknownPreset {
             key: key.to_string(),
-            value: quote(value),
-            known: known_list(known, more),
+            known: known_list(known, room, more),
+            value,
         }
     }
 
@@ -106,11 +113,10 @@ pub(crate) fn line_of(src: &str, offset: usize) -> usize {
 }
 
 /// Names in a list short enough for one line; past that, how many more and where to look.
-fn known_list(names: &[&str], more: &str) -> String {
-    const LIST_CHARS: usize = 90;
+fn known_list(names: &[&str], room: usize, more: &str) -> String {
     let mut out = String::new();
     for (i, n) in names.iter().enumerate() {
-        if out.len() + n.len() > LIST_CHARS {
+        if out.len() + n.len() > room {
             let sep = if out.is_empty() { "" } else { ", " };
             return format!("{out}{sep}… {} more ({more})", names.len() - i);
         }

@@ -1,0 +1,246 @@
+//! Config validation as tables: (input TOML, expected error or expected resolved value),
+//! covering each key's accepted values and bounds, and the rewrites that must resolve again.
+
+use vramplan_planner::*;
+
+fn resolve(src: &str) -> Result<RunSpec> {
+    let p = Presets::builtin().expect("presets");
+    let ctx = Context {
+        host_memory: Some(Bytes(16 * GIB)),
+        ..Context::default()
+    };
+    RawConfig::from_toml(src).and_then(|r| r.resolve(&p, &ctx))
+}
+
+const GPT2: &str = "[model]\npreset = \"gpt2\"\n";
+
+/// (config text, what the error starts with).
+const ERRORS: &[(&str, &str)] = &[
+    // [model]
+    ("[model]\n", "model is missing: preset = \"NAME\""),
+    ("[model]\npreset = \"gpt2\"\narch = \"llama\"\n", "model = several sources"),
+    ("[model]\npreset = \"gpt3\"\n", "model.preset = \"gpt3\": no such preset; known:"),
+    ("[model]\nhf_config = \"c.json\"\n", "model.hf_config is missing: a readable"),
+    ("[model]\narch = \"bert\"\n", "model.arch = \"bert\": expected one of llama | qwen2 | gpt2 | nanochat | t5"),
+    ("[model]\narch = \"llama\"\n", "model.hidden_size is missing: a whole number from 1 to 16777216"),
+    ("[model]\narch = \"llama\"\nhidden_size = 0\n", "model.hidden_size = 0: a whole number from 1 to 16777216"),
+    ("[model]\narch = \"llama\"\nhidden_size = 16777217\n", "model.hidden_size = 16777217: a whole number from 1 to 16777216"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\n", "model.num_layers is missing: a whole number from 1 to 4096"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 0\n", "model.num_layers = 0: a whole number from 1 to 4096"),
+    // Regression: num_layers had only MAX_DIM as its bound (20,000 layers took 85 s).
+    ("[model]\npreset = \"gpt2\"\nnum_layers = 20000\n", "model.num_layers = 20000: a whole number from 1 to 4096"),
+    ("[model]\npreset = \"gpt2\"\nnum_layers = 4097\n", "model.num_layers = 4097: a whole number from 1 to 4096"),
+    ("[model]\narch = \"t5\"\nhidden_size = 64\nnum_layers = 2\nnum_decoder_layers = 4097\nnum_heads = 4\nvocab_size = 9\n", "model.num_decoder_layers = 4097: a whole number from 1 to 4096"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\n", "model.num_heads is missing"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 3\n", "model.num_kv_heads = 3: a divisor of num_heads = 4"),
+    ("[model]\narch = \"llama\"\nhidden_size = 65\nnum_layers = 2\nnum_heads = 4\n", "model.head_dim is missing"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\n", "model.intermediate_size is missing"),
+    ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nintermediate_size = 8\n", "model.vocab_size is missing"),
+    ("[model]\npreset = \"gpt2\"\nmax_position_embeddings = 0\n", "model.max_position_embeddings = 0"),
+    ("[model]\npreset = \"gpt2\"\nhidden_size = -1\n", "line 3: invalid value: integer `-1`"),
+    ("[model]\npreset = \"gpt2\"\ntie_embeddings = \"yes\"\n", "line 3: invalid type: string \"yes\", expected a boolean"),
+    // [train]
+    ("[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 0\n", "train.micro_batch = 0: a whole number from 1 to 1048576"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 1048577\n", "train.micro_batch = 1048577: a whole number from 1 to 1048576"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ngrad_accum = 0\n", "train.grad_accum = 0: a whole number from 1 to 1048576"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ngrad_accum = 1048577\n", "train.grad_accum = 1048577: a whole number from 1 to 1048576"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 0\n", "train.seq_len = 0: a whole number from 1 to 16777216"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 1025\n", "train.seq_len = 1025: at most max_position_embeddings = 1024 for gpt2"),
+    ("[model]\npreset = \"nanochat-d4\"\n[train]\nseq_len = 16777217\n", "train.seq_len = 16777217: a whole number from 1 to 16777216"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n", "train.precision = \"fp8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"lion\"\n", "train.optimizer = \"lion\": expected one of adamw | adamw-8bit | sgd | adafactor | muon"),
+    ("[model]\narch = \"t5\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nvocab_size = 9\n[train]\noptimizer = \"muon\"\n", "train.optimizer = \"muon\": adamw | adamw-8bit | sgd | adafactor for t5"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"half\"\n", "train.checkpointing = \"half\": expected one of none | selective | full"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nloss = \"cast\"\n", "train.loss = \"cast\": expected one of float-cast | chunked | fused"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nloss_chunk = 0\n", "train.loss_chunk = 0: a whole number from 1 to 16777216"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nattention = \"flash\"\n", "train.attention = \"flash\": expected one of sdpa | eager"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"jax\"\n", "train.engine = \"jax\": expected one of torch | candle"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"candle\"\n", "train.engine = \"candle\": torch for arch gpt2; the candle engine trains llama and nanochat"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nsteps = \"many\"\n", "line 4: invalid type: string \"many\", expected u64"),
+    // Regression: unknown keys were reported one line early (line 3 here).
+    ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 4: unknown field `batch`, expected one of `micro_batch`"),
+    ("[model]\npreset = \"gpt2\"\n\n\n[hardware]\ngpu = \"cpu\"\ncards = 2\n", "line 7: unknown field `cards`"),
+    ("[model]\npreset = \"gpt2\"\n[trian]\n", "line 3: unknown field `trian`, expected one of `model`, `train`, `hardware`"),
+    ("[model\n", "line 1: "),
+    // [hardware]
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"rtx9090\"\n", "hardware.gpu = \"rtx9090\": no such preset; known: auto, cpu, "),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"auto\"\n", "hardware.gpu = \"auto\": a GPU visible through NVML; none was found"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpus = 0\n", "hardware.gpus = 0: a whole number from 1 to 1024"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 1025\n", "hardware.gpus = 1025: a whole number from 1 to 1024"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\n", "hardware.gpus = 2: 1 with gpu = \"cpu\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nsharding = \"fsdp\"\n", "hardware.sharding = \"fsdp\": expected one of ddp | zero1 | zero2 | zero3"),
+    // Regression: ZeRO on one GPU was accepted and planned as plain DDP.
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero3\"\n", "hardware.sharding = \"zero3\": ddp with gpus = 1: ZeRO shards model state over several GPUs"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 1\nsharding = \"zero1\"\n", "hardware.sharding = \"zero1\": ddp with gpus = 1"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = 0.0\n", "hardware.memory_gib = 0: a positive number of GiB"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = -1.0\n", "hardware.memory_gib = -1: a positive number of GiB"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = nan\n", "hardware.memory_gib = NaN: a positive number of GiB"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = 1e7\n", "hardware.memory_gib = 10000000: a positive number of GiB"),
+];
+
+#[test]
+fn each_bad_value_names_its_key_and_what_is_accepted() {
+    for (src, want) in ERRORS {
+        let err = resolve(src).expect_err(src).to_string();
+        assert!(
+            err.starts_with(want),
+            "{src:?}\n  got:  {err}\n  want: {want}"
+        );
+        assert!(!err.contains('\n') && err.chars().count() <= 200, "{err}");
+    }
+}
+
+/// (config text, what the resolved run must say).
+type Check = fn(&RunSpec) -> bool;
+const ACCEPTED: &[(&str, Check)] = &[
+    // Omitted keys take the defaults of docs/config.md.
+    (GPT2, |s| {
+        let t = &s.train;
+        (t.micro_batch, t.seq_len, t.grad_accum, t.loss_chunk) == (1, 1024, 1, 1024)
+            && t.precision == Precision::Bf16Autocast
+            && t.optimizer == Optimizer::AdamW
+            && t.checkpointing == Checkpointing::None
+            && t.loss == LossMode::FloatCast
+            && t.attention == Attention::Sdpa
+            && t.engine == Engine::Torch
+            && s.hardware.device
+                == Device::Cpu {
+                    capacity: Bytes(16 * GIB),
+                }
+            && (s.hardware.gpus, s.hardware.sharding) == (1, Sharding::Ddp)
+    }),
+    ("[model]\npreset = \"nanochat-d4\"\n", |s| {
+        s.train.seq_len == 2048 && s.train.optimizer == Optimizer::Muon && !s.model.tie_embeddings
+    }),
+];
+
+#[test]
+fn omitted_keys_take_their_defaults() {
+    for (src, check) in ACCEPTED {
+        let s = resolve(src).expect(src);
+        assert!(check(&s), "{src:?}: {s:?}");
+    }
+}
+
+#[test]
+fn bounds_are_inclusive_and_choices_case_blind() {
+    let rows: &[(&str, Check)] = &[
+        ("[model]\npreset = \"gpt2\"\nnum_layers = 4096\n", |s| s.model.num_layers == 4096),
+        ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 1024\nmicro_batch = 1048576\ngrad_accum = 1048576\n", |s| {
+            (s.train.micro_batch, s.train.grad_accum) == (1 << 20, 1 << 20)
+        }),
+        ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \" FP32 \"\n", |s| s.train.precision == Precision::Fp32),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 1024\nsharding = \"zero3\"\n", |s| {
+            s.hardware.gpus == 1024 && s.hardware.sharding == Sharding::Zero3
+        }),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nmemory_gib = 40.0\n", |s| {
+            s.hardware.device.capacity() == Bytes(40 * GIB)
+        }),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = 0.5\n", |s| {
+            s.hardware.device.capacity() == Bytes(GIB / 2)
+        }),
+        // A preset's head_dim holds while hidden_size and num_heads do; either one re-derives it.
+        ("[model]\npreset = \"gpt2\"\nhidden_size = 1536\n", |s| s.model.head_dim == 128),
+        ("[model]\npreset = \"gpt2\"\nnum_layers = 2\n", |s| s.model.head_dim == 64 && s.model.name == "gpt2"),
+        (LLAMA_2, |s| s.model.head_dim == 16 && s.model.num_kv_heads == 4 && s.model.tie_embeddings),
+        ("[model]\narch = \"t5\"\nhidden_size = 64\nnum_layers = 3\nnum_heads = 4\nvocab_size = 9\n", |s| {
+            s.model.num_decoder_layers == 3 && s.model.intermediate_size == 256
+        }),
+        ("[model]\npreset = \"gpt2\"\n[train]\nsteps = 5\nlearning_rate = 0.01\n", |s| s.train.seq_len == 1024),
+    ];
+    for (src, check) in rows {
+        let s = resolve(src).expect(src);
+        assert!(check(&s), "{src:?}: {s:?}");
+    }
+}
+
+const LLAMA_2: &str = "[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nintermediate_size = 128\nvocab_size = 256\n";
+
+#[test]
+fn errors_quote_at_most_a_short_line_of_a_value() {
+    // Regression: values were echoed whole, newlines and all.
+    let long = "x".repeat(10_000);
+    for src in [
+        format!("{GPT2}[train]\nprecision = \"{long}\"\n"),
+        format!("{GPT2}[train]\nprecision = \"bf16\\nfp32\\n\"\n"),
+        format!("[model]\npreset = \"{long}\"\n"),
+        format!("{GPT2}[hardware]\ngpu = \"a\\nb{long}\"\n"),
+        format!("{GPT2}[train]\n{long} = 1\n"),
+    ] {
+        let err = resolve(&src).unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.chars().count() <= 200,
+            "{} chars: {err}",
+            err.chars().count()
+        );
+    }
+    let err = resolve(&format!("{GPT2}[train]\noptimizer = \"a\\nb\"\n")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("train.optimizer = \"a\\nb\": expected one of"),
+        "{err}"
+    );
+}
+
+/// A run config with every engine-only key set, as `vramplan train` reads it.
+const WITH_ENGINE_KEYS: &str = "[model]\npreset = \"nanochat-d4\"\n[train]\nmicro_batch = 2\nseq_len = 256\nengine = \"candle\"\nsteps = 300\nlearning_rate = 0.003\n[hardware]\ngpu = \"cpu\"\nmemory_gib = 12.5\n";
+
+#[test]
+fn rewriting_a_plan_keeps_the_keys_the_memory_model_does_not_read() {
+    // Regression: the rewrite behind `fit --out`, `diagnose --out` and `plan.fit.toml`
+    // dropped `steps` and `learning_rate` (and the memory limit).
+    let raw = RawConfig::from_toml(WITH_ENGINE_KEYS).unwrap();
+    let mut spec = resolve(WITH_ENGINE_KEYS).unwrap();
+    spec.train.micro_batch = 1;
+    spec.train.grad_accum = 2;
+    let text = raw.with_spec(&spec).to_toml().unwrap();
+    let again = RawConfig::from_toml(&text).unwrap();
+    assert_eq!(again.train.steps, Some(300), "{text}");
+    assert_eq!(again.train.learning_rate, Some(0.003), "{text}");
+    assert_eq!(again.hardware.memory_gib, Some(12.5), "{text}");
+    assert_eq!(again.model, raw.model);
+    assert_eq!(resolve(&text).unwrap(), spec);
+}
+
+#[test]
+fn to_toml_returns_its_error_instead_of_an_empty_plan() {
+    // NaN is written as `nan` but never reads back equal: the plan is refused, not written.
+    let mut raw = RawConfig::from_toml(GPT2).unwrap();
+    raw.hardware.memory_gib = Some(f64::NAN);
+    let err = raw.to_toml().unwrap_err().to_string();
+    assert!(err.starts_with("cannot write the plan as TOML"), "{err}");
+    raw.hardware.memory_gib = Some(8.0);
+    raw.train.steps = Some(u64::MAX);
+    assert_eq!(RawConfig::from_toml(&raw.to_toml().unwrap()).unwrap(), raw);
+}
+
+#[test]
+fn every_plan_fit_writes_resolves_to_the_same_run() {
+    // Regression: fit offered accumulation past MAX_COUNT, which estimate then refused.
+    let cases = [
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\n", GlobalBatch::Sequences(1 << 21)),
+        ("[model]\npreset = \"smollm2-135m\"\n[hardware]\ngpu = \"rtx4060-laptop-8gb\"\n", GlobalBatch::Sequences(64)),
+        ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero2\"\n", GlobalBatch::Sequences(3 << 20)),
+        (WITH_ENGINE_KEYS, GlobalBatch::Free),
+    ];
+    let mut checked = 0;
+    for (src, global) in cases {
+        let raw = RawConfig::from_toml(src).unwrap();
+        let req = FitRequest {
+            base: resolve(src).unwrap(),
+            seq_len: Some(256),
+            global,
+            margin: 0.0,
+            allow_fused: false,
+        };
+        let r = fit(&req).unwrap_or_else(|e| panic!("{src}: {e}"));
+        for c in &r.candidates {
+            let text = raw.with_spec(&c.spec).to_toml().unwrap();
+            let again = resolve(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(again, c.spec, "{text}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "only {checked} plans checked");
+}
