@@ -90,13 +90,19 @@ impl PlanError {
 
     /// Turns a `toml` error into one line with its line number (the snippet toml prints is dropped).
     pub fn from_toml(src: &str, err: &toml::de::Error) -> Self {
+        let message = err.message().trim();
+        // An unknown-field message names the key itself; others name only a type.
+        let names_key = message.starts_with("unknown field");
         let line = err
             .span()
-            .map(|s| format!("line {}: ", line_of(src, s.start)))
+            .map(|s| match key_at(src, s.start).filter(|_| !names_key) {
+                Some(key) => format!("line {}: {}: ", line_of(src, s.start), quote_key(&key)),
+                None => format!("line {}: ", line_of(src, s.start)),
+            })
             .unwrap_or_default();
         PlanError::Syntax {
             line,
-            message: one_line(err.message().trim(), MESSAGE_CHARS),
+            message: one_line(message, MESSAGE_CHARS),
         }
     }
 }
@@ -110,6 +116,42 @@ pub(crate) fn line_of(src: &str, offset: usize) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+/// The dotted key written on the line holding `offset` (`train.seq_len`), or the table a
+/// header there opens; toml's own messages name the type it expected but not the key.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let end = offset.min(src.len());
+    let start = src[..end].rfind('\n').map_or(0, |i| i + 1);
+    let line = src[start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        l.strip_prefix('[')
+            .and_then(|h| h.split(']').next())
+            .map(|h| h.trim_matches(['[', ' ']).to_string())
+    };
+    if let Some(h) = header(line) {
+        return Some(h);
+    }
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let table = src[..start].lines().rev().find_map(header);
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// A key from the user's text: kept short, and quoted only when it holds odd characters.
+fn quote_key(key: &str) -> String {
+    let plain = key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if plain && key.len() <= QUOTE_CHARS {
+        key.to_string()
+    } else {
+        quote(key)
+    }
 }
 
 /// Names in a list short enough for one line; past that, how many more and where to look.
@@ -149,5 +191,17 @@ mod tests {
         assert_eq!(line_of(src, 0), 1);
         assert_eq!(line_of(src, 2), 2);
         assert_eq!(line_of(src, 4), 3);
+    }
+
+    #[test]
+    fn toml_errors_name_the_key_of_their_line() {
+        let src = "[model]\npreset = \"gpt2\"\n[train]\nsteps = \"many\"\n";
+        assert_eq!(
+            key_at(src, src.find("\"many").unwrap()).as_deref(),
+            Some("train.steps")
+        );
+        assert_eq!(key_at(src, 2).as_deref(), Some("model"));
+        assert_eq!(key_at("x = 1", 4).as_deref(), Some("x"));
+        assert_eq!(key_at("oops", 1), None);
     }
 }

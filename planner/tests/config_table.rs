@@ -37,8 +37,8 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\n", "model.intermediate_size is missing"),
     ("[model]\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nintermediate_size = 8\n", "model.vocab_size is missing"),
     ("[model]\npreset = \"gpt2\"\nmax_position_embeddings = 0\n", "model.max_position_embeddings = 0"),
-    ("[model]\npreset = \"gpt2\"\nhidden_size = -1\n", "line 3: invalid value: integer `-1`"),
-    ("[model]\npreset = \"gpt2\"\ntie_embeddings = \"yes\"\n", "line 3: invalid type: string \"yes\", expected a boolean"),
+    ("[model]\npreset = \"gpt2\"\nhidden_size = -1\n", "line 3: model.hidden_size: invalid value: integer `-1`"),
+    ("[model]\npreset = \"gpt2\"\ntie_embeddings = \"yes\"\n", "line 3: model.tie_embeddings: invalid type: string \"yes\", expected a boolean"),
     // [train]
     ("[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 0\n", "train.micro_batch = 0: a whole number from 1 to 1048576"),
     ("[model]\npreset = \"gpt2\"\n[train]\nmicro_batch = 1048577\n", "train.micro_batch = 1048577: a whole number from 1 to 1048576"),
@@ -56,7 +56,7 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\nattention = \"flash\"\n", "train.attention = \"flash\": expected one of sdpa | eager"),
     ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"jax\"\n", "train.engine = \"jax\": expected one of torch | candle"),
     ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"candle\"\n", "train.engine = \"candle\": torch for arch gpt2; the candle engine trains llama and nanochat"),
-    ("[model]\npreset = \"gpt2\"\n[train]\nsteps = \"many\"\n", "line 4: invalid type: string \"many\", expected u64"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nsteps = \"many\"\n", "line 4: train.steps: invalid type: string \"many\", expected u64"),
     // Regression: unknown keys were reported one line early (line 3 here).
     ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 4: unknown field `batch`, expected one of `micro_batch`"),
     ("[model]\npreset = \"gpt2\"\n\n\n[hardware]\ngpu = \"cpu\"\ncards = 2\n", "line 7: unknown field `cards`"),
