@@ -169,6 +169,11 @@ fn positive(key: &str, v: Option<u64>, default: Option<u64>, max: u64) -> Result
     }
 }
 
+/// A model size: the value given, else the default, from 1 to [`MAX_DIM`].
+fn dim(key: &str, v: Option<u64>, default: Option<u64>) -> Result<u64> {
+    positive(&format!("model.{key}"), v, default, MAX_DIM)
+}
+
 /// What the caller resolved outside the planner (files and devices are I/O).
 #[derive(Debug, Clone, Default)]
 pub struct Context {
@@ -202,9 +207,6 @@ impl RawModel {
                 })
             }
         };
-        let dim = |key: &str, v: Option<u64>, d: Option<u64>| -> Result<u64> {
-            positive(&format!("model.{key}"), v, d, MAX_DIM)
-        };
         let hidden = dim("hidden_size", self.hidden_size, b(|m| m.hidden_size))?;
         // Each block is a few timeline events and inventory entries: bounded like T5's decoder.
         let layers = positive(
@@ -213,25 +215,7 @@ impl RawModel {
             b(|m| m.num_layers),
             MAX_LAYERS,
         )?;
-        let heads = dim("num_heads", self.num_heads, b(|m| m.num_heads))?;
-        let kv = dim(
-            "num_kv_heads",
-            self.num_kv_heads,
-            b(|m| m.num_kv_heads).or(Some(heads)),
-        )?;
-        if heads % kv != 0 {
-            return Err(PlanError::invalid(
-                "model.num_kv_heads",
-                kv,
-                format!("a divisor of num_heads = {heads}"),
-            ));
-        }
-        // A base's head_dim stands only while the sizes it was derived from do.
-        let default_head_dim = match base {
-            Some(m) if self.hidden_size.is_none() && self.num_heads.is_none() => Some(m.head_dim),
-            _ => (hidden % heads == 0).then(|| hidden / heads),
-        };
-        let head_dim = dim("head_dim", self.head_dim, default_head_dim)?;
+        let (heads, kv, head_dim) = self.attention_shape(base, hidden)?;
         let default_ffn = matches!(arch, Arch::Gpt2 | Arch::Nanochat | Arch::T5)
             .then(|| hidden.saturating_mul(4));
         let inter = dim(
@@ -284,6 +268,31 @@ impl RawModel {
                 .or(base.map(|m| m.gated_ffn))
                 .unwrap_or(false),
         })
+    }
+
+    /// Query heads, key/value heads and head width, over `base` where given.
+    fn attention_shape(&self, base: Option<&ModelSpec>, hidden: u64) -> Result<(u64, u64, u64)> {
+        let b = |f: fn(&ModelSpec) -> u64| base.map(f);
+        let heads = dim("num_heads", self.num_heads, b(|m| m.num_heads))?;
+        let kv = dim(
+            "num_kv_heads",
+            self.num_kv_heads,
+            b(|m| m.num_kv_heads).or(Some(heads)),
+        )?;
+        if heads % kv != 0 {
+            return Err(PlanError::invalid(
+                "model.num_kv_heads",
+                kv,
+                format!("a divisor of num_heads = {heads}"),
+            ));
+        }
+        // A base's head_dim stands only while the sizes it was derived from do.
+        let default_head_dim = match base {
+            Some(m) if self.hidden_size.is_none() && self.num_heads.is_none() => Some(m.head_dim),
+            _ => (hidden % heads == 0).then(|| hidden / heads),
+        };
+        let head_dim = dim("head_dim", self.head_dim, default_head_dim)?;
+        Ok((heads, kv, head_dim))
     }
 
     /// The model this section starts from: the named preset or the caller's config.json.
