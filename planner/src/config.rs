@@ -289,7 +289,7 @@ impl RawModel {
         // A base's head_dim stands only while the sizes it was derived from do.
         let default_head_dim = match base {
             Some(m) if self.hidden_size.is_none() && self.num_heads.is_none() => Some(m.head_dim),
-            _ => (hidden % heads == 0).then(|| hidden / heads),
+            _ => hidden.is_multiple_of(heads).then(|| hidden / heads),
         };
         let head_dim = dim("head_dim", self.head_dim, default_head_dim)?;
         Ok((heads, kv, head_dim))

@@ -70,7 +70,8 @@ impl PlanError {
     pub fn invalid(key: &str, value: impl ToString, accepted: impl Into<String>) -> Self {
         PlanError::Invalid {
             key: one_line(key, QUOTE_CHARS),
-            value: one_line(&value.to_string(), QUOTE_CHARS + 2),
+            // Room for a value already quoted: two quotes and an ellipsis.
+            value: one_line(&value.to_string(), QUOTE_CHARS + 3),
             accepted: accepted.into(),
         }
     }

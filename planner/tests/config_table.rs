@@ -175,6 +175,12 @@ fn errors_quote_at_most_a_short_line_of_a_value() {
             err.chars().count()
         );
     }
+    let err = resolve(&format!("{GPT2}[train]\nprecision = \"{long}\"\n")).unwrap_err();
+    let want = format!(
+        "train.precision = \"{}…\": expected one of",
+        "x".repeat(QUOTE_CHARS)
+    );
+    assert!(err.to_string().starts_with(&want), "{err}");
     let err = resolve(&format!("{GPT2}[train]\noptimizer = \"a\\nb\"\n")).unwrap_err();
     assert!(
         err.to_string()
