@@ -424,3 +424,54 @@ fn optimizer(s: &mut Step, plan: &Plan, grads: impl Iterator<Item = TensorId>) {
         s.free(id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Context, RawConfig};
+    use crate::presets::Presets;
+
+    /// Plan 0 of `tests/train.rs` (measured within 0.5 % there), at `batch` sequences.
+    fn plan(batch: u64, precision: &str) -> RunSpec {
+        let text = format!(
+            "[model]\nname = \"t\"\narch = \"nanochat\"\nhidden_size = 64\nnum_layers = 2\n\
+             num_heads = 2\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 256\n\
+             vocab_size = 256\ntie_embeddings = false\n[train]\nmicro_batch = {batch}\n\
+             seq_len = 64\nprecision = \"{precision}\"\ncheckpointing = \"full\"\n\
+             loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n"
+        );
+        RawConfig::from_toml(&text)
+            .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
+            .expect("valid plan")
+    }
+
+    /// Inside the calibrated domain there is nothing to warn about; at 128 rows (below the
+    /// 256 the calibration starts at) the report says so, with the domain and the value.
+    #[test]
+    fn a_run_below_the_calibrated_rows_is_reported() {
+        for precision in ["fp32", "fp16-autocast"] {
+            assert_eq!(warnings(&plan(16, precision)), Vec::<String>::new());
+            let w = warnings(&plan(2, precision));
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].contains("rows (micro_batch × seq_len) from 256 to 4096; this run has 128"),
+                "{w:?}"
+            );
+            assert_eq!(crate::report::estimate(&plan(2, precision)).warnings, w);
+        }
+    }
+
+    /// A model far above the calibration set's sizes is reported as extrapolated, once.
+    #[test]
+    fn a_run_above_the_calibrated_sizes_is_reported_once() {
+        let mut s = plan(16, "fp32");
+        s.model.hidden_size = 2048;
+        s.model.intermediate_size = 8192;
+        let w = warnings(&s);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("extrapolated above the calibrated sizes: rows × hidden_size 2097152 (calibrated up to 786432), rows × intermediate_size 8388608"),
+            "{w:?}"
+        );
+    }
+}

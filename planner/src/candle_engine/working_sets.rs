@@ -340,7 +340,12 @@ fn domain(arch: &str, value: Option<&toml::Value>) -> Result<Vec<Range>, String>
             }
             Ok(Range { unit, min, max })
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()
+        .map(|mut d| {
+            // In the order of `UNITS` (rows first), for warnings that read well.
+            d.sort_by_key(|r| UNITS.iter().position(|u| u.0 == r.unit));
+            d
+        })
 }
 
 fn arch_fit(arch: &str, mut t: BTreeMap<String, toml::Value>) -> Result<ArchFit, String> {
