@@ -19,8 +19,9 @@ scratch: what the same graph allocates on a GPU. `fit` fits each stage's working
 a linear form in the step's tensor sizes, or the largest of two or three where the
 stage's peak moves between ops, by least squares on the relative error (the optimizer's
 from the parameters' sizes in update order), and prints the fit quality; `--write`
-writes the planner's data file (planes, fit quality, calibrated domain). `check` compares `vramplan estimate` with every measured
-step. Needs numpy.
+writes the planner's data file: the planes, their quality and the calibrated domain (each
+unit's min and max over the set), which the planner embeds and interprets. `check`
+compares `vramplan estimate` with every measured step. Needs numpy.
 """
 
 import argparse
