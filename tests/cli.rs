@@ -338,3 +338,36 @@ fn hugging_face_config_json_is_read() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A candle plan below the calibrated rows (128 rows; calibrated from 256) says so in
+/// `--json` and under the table; a torch plan has an empty `warnings` list.
+#[test]
+fn candle_outside_the_calibrated_domain_warns() {
+    let path = std::env::temp_dir().join(format!("vramplan-warn-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[model]\nname = \"t\"\narch = \"nanochat\"\nhidden_size = 64\nnum_layers = 2\n\
+         num_heads = 2\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 256\nvocab_size = 256\n\
+         [train]\nmicro_batch = 2\nseq_len = 64\nprecision = \"fp32\"\ncheckpointing = \"full\"\n\
+         loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let want = "rows (micro_batch × seq_len) from 256 to 4096; this run has 128";
+    let v = json(&["estimate", "--json", p]);
+    let w = v["warnings"].as_array().expect("warnings list");
+    assert!(
+        w.iter().any(|w| w.as_str().unwrap().contains(want)),
+        "{w:?}"
+    );
+    let table = stdout(&vramplan(&["estimate", p]));
+    assert!(
+        table.contains("warning: candle working sets (f32 compute, nanochat) are calibrated"),
+        "{table}"
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        json(&["estimate", "--json"])["warnings"],
+        serde_json::json!([])
+    );
+}

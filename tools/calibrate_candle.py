@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Measures the candle engine's working sets stage by stage and fits the planner's
-`candle` inventory to them (planner/src/candle_engine/).
+`candle` inventory to them (planner/data/candle_*.toml, read by planner/src/candle_engine/).
 
     python3 tools/calibrate_candle.py measure --dtype f16 --tensors --count 400 --out docs/data/candle_f16_stages.tsv
     python3 tools/calibrate_candle.py measure --dtype f16 --tensors --count 300 --seed 2 --checkpointed 0 \
         --append --out docs/data/candle_f16_stages.tsv
-    python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/src/candle_engine/half.rs
+    python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/data/candle_f16.toml
     python3 tools/calibrate_candle.py check docs/data/candle_f16_stages.tsv --binary target/release/vramplan
-    (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and f32.rs)
+    (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml)
 
 `measure` draws random small configurations (both architectures, with and without
 checkpointing, at least 256 rows per micro-batch), runs the engine's ignored `calibrate`
@@ -19,8 +19,9 @@ scratch: what the same graph allocates on a GPU. `fit` fits each stage's working
 a linear form in the step's tensor sizes, or the largest of two or three where the
 stage's peak moves between ops, by least squares on the relative error (the optimizer's
 from the parameters' sizes in update order), and prints the fit quality; `--write`
-writes the planner's module. `check` compares `vramplan estimate` with every measured
-step. Needs numpy.
+writes the planner's data file: the planes, their quality and the calibrated domain (each
+unit's min and max over the set), which the planner embeds and interprets. `check`
+compares `vramplan estimate` with every measured step. Needs numpy.
 """
 
 import argparse
@@ -196,102 +197,79 @@ def fit(args):
             rel = (pred - y) / y
             quality[arch][stage] = (100 * np.sqrt(np.mean(rel ** 2)), 100 * np.max(np.abs(rel)))
             print(f"  {stage:<12} n={len(y):>3} rms {100 * np.sqrt(np.mean(rel ** 2)):.2f} % worst {100 * np.max(np.abs(rel)):.2f} %")
-            for p, cf in enumerate(coef):
-                if args.rust:
-                    print("    " + rust_plane(keys, cf))
-                else:
-                    terms = ", ".join(f"({v:.3f}, {k})" for k, v in zip(keys, cf) if k != "one")
-                    print(f"    plane {p}: [{terms}] + {cf[-1]:.0f}")
-    if args.rust:
-        print(rust_struct(fits))
+            for cf in coef:
+                print("    " + toml_plane(keys, cf))
     if args.write:
-        open(args.write, "w").write(rust_module(fits, quality, args))
+        open(args.write, "w").write(data_file(fits, quality, rows, args))
         print(f"written to {args.write}")
 
 
-STAGE_FIELDS = [("fwd_attn", "fwd_attn"), ("fwd_mlp", "fwd_mlp"), ("bwd_mlp", "bwd_mlp"),
-                ("bwd_attn", "bwd_attn"), ("graph", "graph"), ("fwd_peak", "fwd_peak"),
-                ("bwd_peak", "bwd_peak"), ("loss", "loss"), ("emb", "embedding"), ("opt", "optimizer")]
-
-
-def rust_struct(fits):
-    """`match arch { ... WorkingSets { field: plane.max(plane), ... } }` from the fits."""
-    out = []
-    for arch, pat in [("nanochat", "Arch::Nanochat"), ("llama", "_")]:
-        out.append(f"        {pat} => WorkingSets {{")
-        for stage, field in STAGE_FIELDS:
-            keys, planes = fits[arch][stage]
-            exprs = [rust_plane(keys, cf).rstrip(",") for cf in planes]
-            out.append(f"            {field}: " + "".join([exprs[0]] + [f".max({e})" for e in exprs[1:]]) + ",")
-        out.append("        },")
-    return "\n".join(out)
-
-
-STAGE_NAMES = {"fwd_attn": "a half's forward, attention", "fwd_mlp": "MLP",
-               "bwd_attn": "a half's recompute and backward, attention", "bwd_mlp": "MLP",
+STAGE_NAMES = {"fwd_attn": "a half's forward, attention", "fwd_mlp": "a half's forward, MLP",
+               "bwd_attn": "a half's recompute and backward, attention",
+               "bwd_mlp": "a half's recompute and backward, MLP",
                "loss": "the loss stage", "emb": "the embedding's backward",
                "graph": "without checkpointing, the graph kept", "fwd_peak": "the forward's peak",
                "bwd_peak": "the whole graph's backward", "opt": "AdamW"}
 
+# The variables whose calibrated range the data file records, in f32 elements (the
+# units' bytes / 4): the planner warns when a run falls outside it.
+DOMAIN = ["n", "nc", "nq", "nkv", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam"]
 
-def rust_module(fits, quality, args):
-    """The planner's module for one precision (planner/src/candle_engine/{f32,half}.rs)."""
+
+def domain(rows, arch):
+    """Min and max of each unit (and of the layer count) over one arch's calibration set."""
+    cs = [c for c in rows if c["arch"] == arch]
+    vals = {"layers": [c["layers"] for c in cs]}
+    for k in DOMAIN:
+        vals[k] = [(adam_peak(c) if k == "adam" else units(c)[k]) / 4.0 for c in cs]
+    return {k: (min(v), max(v)) for k, v in vals.items()}
+
+
+def toml_plane(keys, cf):
+    """One plane: the intercept and its (coefficient, unit) terms, rounded as the planner
+    has always used them (three decimals, four for AdamW's, the intercept to 0.1 byte)."""
+    terms = ", ".join(f'[{v:.4f}, "{k}"]' if k == "adam" else f'[{v:.3f}, "{k}"]'
+                      for k, v in zip(keys, cf) if k != "one")
+    return f"{{ intercept = {cf[-1]:.1f}, terms = [{terms}] }}"
+
+
+def data_file(fits, quality, rows, args):
+    """The planner's data file for one precision (planner/data/candle_{f32,f16}.toml)."""
     text = open(args.path).read()
     half = "compute dtype f16" in text[:400]
-    n = len(parse(args.path))
     data = os.path.relpath(args.path)
     if half:
-        head = f"""//! The working sets with 16-bit compute over f32 master weights (`precision =
-//! "bf16-autocast"` on CUDA, `"fp16-autocast"`), fitted to the engine run in f16 on the
-//! CPU (candle's CPU matmul has no bf16; both are 2-byte dtypes through the same graph)
-//! over {n} configurations, counting tensors alone: gemm's CPU packing scratch is left
-//! out, since a GPU's matmul has none."""
-        what = "with 16-bit compute"
+        head = ["The candle engine's working sets with 16-bit compute over f32 master weights",
+                '(precision = "bf16-autocast" on CUDA, "fp16-autocast"), fitted to the engine run in',
+                "f16 on the CPU (candle's CPU matmul has no bf16; both are 2-byte dtypes through the",
+                f"same graph) over {len(rows)} configurations, counting tensors alone: gemm's CPU packing",
+                "scratch is left out, since a GPU's matmul has none."]
     else:
-        head = f"""//! The f32 engine's working sets (`precision = "fp32"`), fitted to the engine on the CPU
-//! over {n} configurations, counting the whole heap: on the CPU gemm's packing scratch is
-//! real memory."""
-        what = "in f32"
-    lines = [head, f"//! Data: `{data}`; this file is written by",
-             f"//! `python3 tools/calibrate_candle.py fit {data} --write <this file>`.",
-             "//! Where a stage's peak moves between ops the working set is the largest of two or",
-             "//! three planes; AdamW's is computed from the parameters' sizes in update order.",
-             "//! Relative rms (worst) over the calibration set:"]
-    for stage in ["fwd_attn", "fwd_mlp", "bwd_attn", "bwd_mlp", "loss", "emb", "graph", "fwd_peak", "bwd_peak", "opt"]:
-        a, b = quality["nanochat"][stage], quality["llama"][stage]
-        lines.append(f"//! - {STAGE_NAMES[stage]}: nanochat {a[0]:.2f} % ({a[1]:.2f} %), llama {b[0]:.2f} % ({b[1]:.2f} %)")
-    return "\n".join(lines) + f"""
-
-use super::{{lin, Units, WorkingSets}};
-use crate::spec::Arch;
-
-/// The working sets of one step {what}; `adam` is AdamW's peak from the parameters'
-/// sizes (see `adam_peak`).
-pub(super) fn working_sets(arch: Arch, u: &Units, layers: f64, adam: f64) -> WorkingSets {{
-    let l = layers;
-    let l1 = (layers - 1.0).max(0.0);
-    match arch {{
-{rust_struct(fits)}
-    }}
-}}
-"""
-
-
-def rust_plane(keys, cf):
-    """A plane as the planner writes it: `lin(&[(c, u.x), (c * l, u.y), ...], constant)`."""
-    terms = []
-    for k, v in zip(keys, cf):
-        if k == "one":
-            continue
-        if k.startswith("L*"):
-            terms.append(f"({v:.3f} * l, u.{k[2:]})")
-        elif k.startswith("L1*"):
-            terms.append(f"({v:.3f} * l1, u.{k[3:]})")
-        elif k == "adam":
-            terms.append(f"({v:.4f}, adam)")
-        else:
-            terms.append(f"({v:.3f}, u.{'multi * u.vc' if k == 'mvc' else k})")
-    return f"lin(&[{', '.join(terms)}], {cf[-1]:.1f}),"
+        head = ['The candle engine\'s working sets in f32 (precision = "fp32"), fitted to the engine',
+                f"on the CPU over {len(rows)} configurations, counting the whole heap: on the CPU gemm's",
+                "packing scratch is real memory."]
+    head += [f"Written by `python3 tools/calibrate_candle.py fit {data} --write <this file>`.",
+             "Each stage's working set (bytes above the live bytes before it) is the largest of its",
+             "planes; a plane is an intercept plus (coefficient, unit) terms over the step's sizes",
+             "in f32 bytes (`Units` in planner/src/candle_engine/working_sets.rs); `L*x` is the",
+             "layer count times x, `L1*x` (layers - 1) times x, `mvc` the head matrix when the loss",
+             "runs in more than one chunk, `adam` AdamW's peak from the parameters' sizes in update",
+             "order. rms and worst: the fit's relative error over the calibration set, in percent.",
+             "domain: each unit's min and max over the calibration set, in f32 elements (bytes / 4)."]
+    out = ["# " + l for l in head]
+    out += ["", f'compute = "{"f16" if half else "f32"}"', f'data = "{data}"', f"configurations = {len(rows)}"]
+    for arch in ["nanochat", "llama"]:
+        out += ["", f"[{arch}.domain]"]
+        for k, (lo, hi) in domain(rows, arch).items():
+            out.append(f"{k} = [{lo:.0f}, {hi:.0f}]")
+        for stage in STAGE_NAMES:
+            keys, planes = fits[arch][stage]
+            rms, worst = quality[arch][stage]
+            out += ["", f"# {STAGE_NAMES[stage]}", f"[{arch}.{stage}]", f"rms = {rms:.2f}", f"worst = {worst:.2f}",
+                    "planes = ["]
+            out += [f"    {toml_plane(keys, cf)}," for cf in planes]
+            out.append("]")
+    return "\n".join(out) + "\n"
 
 
 def fit_planes(np, X, y, planes, restarts=40):
@@ -423,8 +401,7 @@ def main():
                    help="count tensors only, leaving out gemm's 64-byte-aligned packing scratch (what a GPU allocates)")
     f = sub.add_parser("fit")
     f.add_argument("path")
-    f.add_argument("--rust", action="store_true", help="print the planes as the planner's Rust")
-    f.add_argument("--write", metavar="FILE", help="write the planner's module (planner/src/candle_engine/f32.rs or half.rs)")
+    f.add_argument("--write", metavar="FILE", help="write the planner's data file (planner/data/candle_f32.toml or candle_f16.toml)")
     k = sub.add_parser("check")
     k.add_argument("path")
     k.add_argument("--binary", default="target/release/vramplan")

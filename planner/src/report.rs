@@ -56,6 +56,9 @@ pub struct Report {
     pub flops_per_token: f64,
     pub est_step_seconds: f64,
     pub est_tokens_per_second: f64,
+    /// Where the prediction is less sure than the model's tests say: the run is outside
+    /// the domain a fitted part of it was calibrated on (today the candle engine's).
+    pub warnings: Vec<String>,
     #[serde(skip)]
     pub timeline: Timeline,
 }
@@ -134,6 +137,10 @@ pub fn estimate(spec: &RunSpec) -> Report {
             tokens_per_step as f64 / step_seconds
         } else {
             0.0
+        },
+        warnings: match spec.train.engine {
+            Engine::Candle => crate::candle_engine::warnings(spec),
+            Engine::Torch => Vec::new(),
         },
         timeline,
     }

@@ -117,6 +117,9 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
         "estimated {:.0} tokens/s over all GPUs ({:.2} s per step; an estimate at an assumed utilization, see docs/model.md)",
         r.est_tokens_per_second, r.est_step_seconds
     );
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     out
 }
 

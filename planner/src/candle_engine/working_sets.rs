@@ -1,0 +1,520 @@
+//! The candle engine's fitted working sets: data, not code. `planner/data/candle_f32.toml`
+//! and `candle_f16.toml` (written by `tools/calibrate_candle.py fit --write`) hold, per
+//! arch and stage, the planes of a fit — each an intercept plus (coefficient, unit) terms
+//! over the step's tensor sizes — and the stage's working set is the largest plane,
+//! `max_k (c_k + Σ a_ki · u_i)`, clamped at zero. Each file also records the domain it
+//! was calibrated on (every unit's min and max over the calibration set), so a run
+//! outside it is reported as extrapolated rather than trusted silently.
+//!
+//! The files are parsed once (`LazyLock`); a unit test proves both parse and name only
+//! known units, so the `expect` on the embedded text cannot fire at run time.
+
+use crate::spec::{Arch, Precision};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+/// Bytes per element of the units (f32), whatever the compute dtype.
+pub(super) const F: f64 = 4.0;
+
+/// Sizes of the step, in bytes of f32 tensors (`layers` is a count).
+pub(super) struct Units {
+    /// rows × width
+    pub nc: f64,
+    /// rows × query width
+    pub nq: f64,
+    /// rows × key/value width
+    pub nkv: f64,
+    /// rows × MLP width
+    pub ni: f64,
+    /// attention scores `B·H·T·T`
+    pub s: f64,
+    /// loss chunk rows × vocab, rows × width
+    pub rv: f64,
+    pub rc: f64,
+    /// head (or embedding) matrix
+    pub vc: f64,
+    /// 1 when the loss runs in more than one chunk
+    pub multi: f64,
+    /// rows (u32 ids; also one f32 per row)
+    pub n: f64,
+    /// softmax rows `B·H·T`, rotary tables `T·D`, block weights `C·H·D`, `C·KV·D`, `C·I`
+    pub bht: f64,
+    pub td: f64,
+    pub cq: f64,
+    pub ckv: f64,
+    pub ci: f64,
+    /// AdamW's peak from the parameters' sizes in update order (`adam_peak`)
+    pub adam: f64,
+    pub layers: f64,
+}
+
+/// The calibrated working sets of one step, each above the live bytes before its stage.
+pub(super) struct WorkingSets {
+    /// With checkpointing: each half's forward, and its recompute-and-backward.
+    pub fwd_attn: u64,
+    pub fwd_mlp: u64,
+    pub bwd_mlp: u64,
+    pub bwd_attn: u64,
+    /// Without: the forward graph kept for backward, the forward's peak above the step's
+    /// start, and the backward's peak above the end of the loss.
+    pub graph: u64,
+    pub fwd_peak: u64,
+    pub bwd_peak: u64,
+    /// One loss chunk's graph and the head-gradient accumulation.
+    pub loss: u64,
+    /// The embedding's graph and backward (with checkpointing).
+    pub embedding: u64,
+    /// AdamW's update temporaries.
+    pub optimizer: u64,
+}
+
+/// A unit a plane's term multiplies: its name in the data files, what it measures (for
+/// warnings) and its value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unit {
+    N,
+    Nc,
+    Nq,
+    Nkv,
+    Ni,
+    S,
+    Rv,
+    Rc,
+    Vc,
+    Bht,
+    Td,
+    Cq,
+    Ckv,
+    Ci,
+    /// The head matrix when the loss runs in more than one chunk.
+    Mvc,
+    Adam,
+    Layers,
+}
+
+/// (name in the files, what users would call it).
+const UNITS: [(Unit, &str, &str); 17] = [
+    (Unit::N, "n", "rows (micro_batch × seq_len)"),
+    (Unit::Nc, "nc", "rows × hidden_size"),
+    (Unit::Nq, "nq", "rows × query width"),
+    (Unit::Nkv, "nkv", "rows × key/value width"),
+    (Unit::Ni, "ni", "rows × intermediate_size"),
+    (
+        Unit::S,
+        "s",
+        "attention scores (micro_batch × heads × seq_len²)",
+    ),
+    (Unit::Rv, "rv", "loss chunk rows × vocab_size"),
+    (Unit::Rc, "rc", "loss chunk rows × hidden_size"),
+    (Unit::Vc, "vc", "vocab_size × hidden_size"),
+    (Unit::Bht, "bht", "micro_batch × heads × seq_len"),
+    (Unit::Td, "td", "seq_len × head_dim"),
+    (Unit::Cq, "cq", "the query projection"),
+    (Unit::Ckv, "ckv", "a key/value projection"),
+    (Unit::Ci, "ci", "an MLP projection"),
+    (Unit::Mvc, "mvc", "the head matrix, with a chunked loss"),
+    (Unit::Adam, "adam", "AdamW's largest update"),
+    (Unit::Layers, "layers", "num_layers"),
+];
+
+impl Unit {
+    fn parse(name: &str) -> Option<Unit> {
+        UNITS.iter().find(|u| u.1 == name).map(|u| u.0)
+    }
+
+    fn label(self) -> &'static str {
+        UNITS.iter().find(|u| u.0 == self).map_or("", |u| u.2)
+    }
+
+    fn value(self, u: &Units) -> f64 {
+        match self {
+            Unit::N => u.n,
+            Unit::Nc => u.nc,
+            Unit::Nq => u.nq,
+            Unit::Nkv => u.nkv,
+            Unit::Ni => u.ni,
+            Unit::S => u.s,
+            Unit::Rv => u.rv,
+            Unit::Rc => u.rc,
+            Unit::Vc => u.vc,
+            Unit::Bht => u.bht,
+            Unit::Td => u.td,
+            Unit::Cq => u.cq,
+            Unit::Ckv => u.ckv,
+            Unit::Ci => u.ci,
+            Unit::Mvc => u.multi * u.vc,
+            Unit::Adam => u.adam,
+            Unit::Layers => u.layers,
+        }
+    }
+
+    /// The value in the domain's terms: f32 elements, or a count of layers.
+    fn size(self, u: &Units) -> f64 {
+        match self {
+            Unit::Layers => u.layers,
+            _ => self.value(u) / F,
+        }
+    }
+}
+
+/// What multiplies a term's coefficient: 1, the layer count (`L*x`: one per block's
+/// graph kept) or one fewer (`L1*x`: the blocks behind the one being differentiated).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scale {
+    One,
+    Layers,
+    LayersBelow,
+}
+
+#[derive(Debug, Clone)]
+struct Term {
+    coefficient: f64,
+    scale: Scale,
+    unit: Unit,
+}
+
+#[derive(Debug, Clone)]
+struct Plane {
+    intercept: f64,
+    terms: Vec<Term>,
+}
+
+impl Plane {
+    /// `c + Σ a·u` in bytes, clamped at zero. The coefficient is scaled by the layers
+    /// before it meets its unit, in the order the fits were always evaluated in, so the
+    /// predictions stay bit for bit what they were.
+    fn eval(&self, u: &Units) -> u64 {
+        let l1 = (u.layers - 1.0).max(0.0);
+        let v: f64 = self
+            .terms
+            .iter()
+            .map(|t| {
+                let c = match t.scale {
+                    Scale::One => t.coefficient,
+                    Scale::Layers => t.coefficient * u.layers,
+                    Scale::LayersBelow => t.coefficient * l1,
+                };
+                c * t.unit.value(u)
+            })
+            .sum::<f64>()
+            + self.intercept;
+        v.max(0.0).round() as u64
+    }
+}
+
+/// One stage's fit: the largest of its planes.
+#[derive(Debug, Clone)]
+struct Stage {
+    planes: Vec<Plane>,
+}
+
+impl Stage {
+    fn eval(&self, u: &Units) -> u64 {
+        self.planes.iter().map(|p| p.eval(u)).max().unwrap_or(0)
+    }
+}
+
+/// A unit's calibrated range, in f32 elements (layers as a count).
+#[derive(Debug, Clone)]
+struct Range {
+    unit: Unit,
+    min: f64,
+    max: f64,
+}
+
+/// One arch's fits and domain.
+#[derive(Debug, Clone)]
+struct ArchFit {
+    domain: Vec<Range>,
+    stages: [Stage; STAGES.len()],
+}
+
+/// The stages a data file must fit, in `WorkingSets` order.
+const STAGES: [&str; 10] = [
+    "fwd_attn", "fwd_mlp", "bwd_mlp", "bwd_attn", "graph", "fwd_peak", "bwd_peak", "loss", "emb",
+    "opt",
+];
+
+/// One precision's data file, validated.
+#[derive(Debug, Clone)]
+pub(super) struct Fits {
+    /// The compute dtype it was measured in (`f32` or `f16`).
+    compute: String,
+    nanochat: ArchFit,
+    llama: ArchFit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFits {
+    compute: String,
+    #[allow(dead_code)] // provenance, read by people
+    data: String,
+    #[allow(dead_code)]
+    configurations: u64,
+    nanochat: BTreeMap<String, toml::Value>,
+    llama: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    #[allow(dead_code)] // the fit's quality, read by people
+    rms: f64,
+    #[allow(dead_code)]
+    worst: f64,
+    planes: Vec<RawPlane>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlane {
+    intercept: f64,
+    terms: Vec<(f64, String)>,
+}
+
+fn term(coefficient: f64, name: &str) -> Option<Term> {
+    let (scale, unit) = if let Some(u) = name.strip_prefix("L1*") {
+        (Scale::LayersBelow, u)
+    } else if let Some(u) = name.strip_prefix("L*") {
+        (Scale::Layers, u)
+    } else {
+        (Scale::One, name)
+    };
+    Some(Term {
+        coefficient,
+        scale,
+        unit: Unit::parse(unit)?,
+    })
+}
+
+fn stage(arch: &str, name: &str, value: Option<&toml::Value>) -> Result<Stage, String> {
+    let value = value.ok_or_else(|| format!("{arch}.{name}: missing"))?;
+    let raw: RawStage = value
+        .clone()
+        .try_into()
+        .map_err(|e| format!("{arch}.{name}: {}", e.message()))?;
+    if raw.planes.is_empty() {
+        return Err(format!("{arch}.{name}.planes: at least one plane"));
+    }
+    let planes = raw
+        .planes
+        .into_iter()
+        .map(|p| {
+            let terms = p
+                .terms
+                .iter()
+                .map(|(c, u)| {
+                    term(*c, u).ok_or_else(|| {
+                        let known: Vec<&str> = UNITS.iter().map(|u| u.1).collect();
+                        format!(
+                            "{arch}.{name}: unknown unit {u:?}; expected one of {} (optionally L*x or L1*x)",
+                            known.join(", ")
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Plane {
+                intercept: p.intercept,
+                terms,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Stage { planes })
+}
+
+fn domain(arch: &str, value: Option<&toml::Value>) -> Result<Vec<Range>, String> {
+    let value = value.ok_or_else(|| format!("{arch}.domain: missing"))?;
+    let raw: BTreeMap<String, [f64; 2]> = value
+        .clone()
+        .try_into()
+        .map_err(|e| format!("{arch}.domain: {}", e.message()))?;
+    raw.into_iter()
+        .map(|(name, [min, max])| {
+            let unit = Unit::parse(&name)
+                .filter(|u| *u != Unit::Mvc)
+                .ok_or_else(|| format!("{arch}.domain: unknown unit {name:?}"))?;
+            if min > max {
+                return Err(format!("{arch}.domain.{name}: min {min} above max {max}"));
+            }
+            Ok(Range { unit, min, max })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(|mut d| {
+            // In the order of `UNITS` (rows first), for warnings that read well.
+            d.sort_by_key(|r| UNITS.iter().position(|u| u.0 == r.unit));
+            d
+        })
+}
+
+fn arch_fit(arch: &str, mut t: BTreeMap<String, toml::Value>) -> Result<ArchFit, String> {
+    let domain = domain(arch, t.remove("domain").as_ref())?;
+    let mut stages = Vec::with_capacity(STAGES.len());
+    for name in STAGES {
+        stages.push(stage(arch, name, t.remove(name).as_ref())?);
+    }
+    if let Some(extra) = t.keys().next() {
+        return Err(format!(
+            "{arch}.{extra}: unknown stage; expected domain, {}",
+            STAGES.join(", ")
+        ));
+    }
+    let stages = stages
+        .try_into()
+        .map_err(|_| format!("{arch}: {} stages", STAGES.len()))?;
+    Ok(ArchFit { domain, stages })
+}
+
+/// Parses and validates one data file.
+pub(super) fn parse(text: &str) -> Result<Fits, String> {
+    let raw: RawFits = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    Ok(Fits {
+        compute: raw.compute,
+        nanochat: arch_fit("nanochat", raw.nanochat)?,
+        llama: arch_fit("llama", raw.llama)?,
+    })
+}
+
+pub(super) const F32_TEXT: &str = include_str!("../../data/candle_f32.toml");
+pub(super) const F16_TEXT: &str = include_str!("../../data/candle_f16.toml");
+
+static F32: LazyLock<Fits> =
+    LazyLock::new(|| parse(F32_TEXT).expect("candle_f32.toml parses (unit-tested)"));
+static HALF: LazyLock<Fits> =
+    LazyLock::new(|| parse(F16_TEXT).expect("candle_f16.toml parses (unit-tested)"));
+
+/// The fits for a run's precision: f32, or 16-bit compute over f32 masters.
+pub(super) fn fits(precision: Precision) -> &'static Fits {
+    if precision == Precision::Fp32 {
+        &F32
+    } else {
+        &HALF
+    }
+}
+
+impl Fits {
+    /// Only nanochat and llama run on the candle engine (validated with the config);
+    /// llama's block is the general one.
+    fn arch(&self, arch: Arch) -> &ArchFit {
+        match arch {
+            Arch::Nanochat => &self.nanochat,
+            _ => &self.llama,
+        }
+    }
+
+    pub fn working_sets(&self, arch: Arch, u: &Units) -> WorkingSets {
+        let [fwd_attn, fwd_mlp, bwd_mlp, bwd_attn, graph, fwd_peak, bwd_peak, loss, embedding, optimizer] =
+            self.arch(arch).stages.each_ref().map(|s| s.eval(u));
+        WorkingSets {
+            fwd_attn,
+            fwd_mlp,
+            bwd_mlp,
+            bwd_attn,
+            graph,
+            fwd_peak,
+            bwd_peak,
+            loss,
+            embedding,
+            optimizer,
+        }
+    }
+
+    /// One line for each size of the run below its calibrated range, and one for all
+    /// those above it: there the fitted planes are extrapolated (below, the intercepts
+    /// dominate and the error grows; the planner does not claim the calibrated accuracy).
+    pub fn warnings(&self, arch: Arch, u: &Units) -> Vec<String> {
+        let what = format!("candle working sets ({} compute, {arch})", self.compute);
+        let mut out = Vec::new();
+        let mut above = Vec::new();
+        for r in &self.arch(arch).domain {
+            let v = r.unit.size(u);
+            if v < r.min {
+                out.push(format!(
+                    "{what} are calibrated for {} from {} to {}; this run has {}: the prediction is extrapolated",
+                    r.unit.label(),
+                    r.min,
+                    r.max,
+                    v
+                ));
+            } else if v > r.max {
+                above.push(format!(
+                    "{} {v} (calibrated up to {})",
+                    r.unit.label(),
+                    r.max
+                ));
+            }
+        }
+        if !above.is_empty() {
+            out.push(format!(
+                "{what} are extrapolated above the calibrated sizes: {}",
+                above.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both embedded files parse, fit every stage of both archs and record the domain of
+    /// every unit the planes use.
+    #[test]
+    fn both_data_files_parse_and_cover_every_stage() {
+        for (name, text) in [("f32", F32_TEXT), ("f16", F16_TEXT)] {
+            let f = parse(text).unwrap_or_else(|e| panic!("candle_{name}.toml: {e}"));
+            assert_eq!(f.compute, name);
+            for (arch, a) in [("nanochat", &f.nanochat), ("llama", &f.llama)] {
+                for (stage, s) in STAGES.iter().zip(&a.stages) {
+                    assert!(!s.planes.is_empty(), "{name} {arch} {stage}");
+                    for t in s.planes.iter().flat_map(|p| &p.terms) {
+                        let u = if t.unit == Unit::Mvc {
+                            Unit::Vc
+                        } else {
+                            t.unit
+                        };
+                        assert!(
+                            a.domain.iter().any(|r| r.unit == u),
+                            "{name} {arch} {stage}: no domain for {u:?}"
+                        );
+                    }
+                }
+                let rows = a.domain.iter().find(|r| r.unit == Unit::N).unwrap();
+                // The calibration draws at least 256 rows per micro-batch
+                // (tools/calibrate_candle.py, `draw`).
+                assert_eq!(rows.min, 256.0, "{name} {arch}");
+            }
+        }
+    }
+
+    /// Bad data files are refused with the key that is wrong.
+    #[test]
+    fn bad_data_files_name_the_key() {
+        let good = F32_TEXT;
+        let cases = [
+            (
+                good.replacen("\"nc\"]", "\"nx\"]", 1),
+                "nanochat.fwd_attn: unknown unit \"nx\"",
+            ),
+            (
+                good.replacen("[nanochat.opt]", "[nanochat.optimiser]", 1),
+                "nanochat.opt: missing",
+            ),
+            (
+                good.replacen("n = [256,", "rows = [256,", 1),
+                "nanochat.domain: unknown unit \"rows\"",
+            ),
+            (
+                good.replacen("n = [256, 4096]", "n = [4096, 256]", 1),
+                "nanochat.domain.n: min 4096 above max 256",
+            ),
+            (good.replacen("compute", "computed", 1), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text).expect_err(want);
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
+}
