@@ -375,12 +375,21 @@ mod tests {
     /// `estimate` refuses (`train.grad_accum` is at most `MAX_COUNT`).
     #[test]
     fn no_micro_batch_needs_accumulation_above_the_config_bound() {
-        for n in [MAX_COUNT + 1, 2 * MAX_COUNT, 3 * MAX_COUNT + 3, MAX_COUNT * 12] {
+        for n in [
+            MAX_COUNT + 1,
+            2 * MAX_COUNT,
+            3 * MAX_COUNT + 3,
+            MAX_COUNT * 12,
+        ] {
             let m = micro_batches(n);
             assert!(!m.is_empty(), "{n}");
             for mb in m {
                 assert_eq!(n % mb, 0);
-                assert!(mb <= MAX_COUNT && n / mb <= MAX_COUNT, "{n} = {mb} × {}", n / mb);
+                assert!(
+                    mb <= MAX_COUNT && n / mb <= MAX_COUNT,
+                    "{n} = {mb} × {}",
+                    n / mb
+                );
             }
         }
         assert_eq!(micro_batches(2 * MAX_COUNT)[0], 2);
@@ -403,7 +412,9 @@ mod tests {
         };
         let presets = crate::Presets::builtin().expect("presets");
         FitRequest {
-            base: raw.resolve(&presets, &crate::Context::default()).expect("valid"),
+            base: raw
+                .resolve(&presets, &crate::Context::default())
+                .expect("valid"),
             seq_len: Some(256),
             global,
             margin: 0.1,
@@ -417,7 +428,8 @@ mod tests {
         let start = std::time::Instant::now();
         let err = fit(&request(GlobalBatch::Sequences(u64::MAX))).unwrap_err();
         assert!(
-            err.to_string().starts_with("--global-batch = 18446744073709551615: "),
+            err.to_string()
+                .starts_with("--global-batch = 18446744073709551615: "),
             "{err}"
         );
         assert!(start.elapsed() < std::time::Duration::from_secs(1));

@@ -185,12 +185,27 @@ fn fit_request() -> impl Strategy<Value = FitRequest> {
     )
         .prop_map(|(model, gpu, global, margin, fused)| {
             let raw = RawConfig {
-                model: RawModel { preset: Some(model.into()), ..RawModel::default() },
-                train: RawTrain { seq_len: Some(512), ..RawTrain::default() },
-                hardware: RawHardware { gpu: Some(gpu.into()), ..RawHardware::default() },
+                model: RawModel {
+                    preset: Some(model.into()),
+                    ..RawModel::default()
+                },
+                train: RawTrain {
+                    seq_len: Some(512),
+                    ..RawTrain::default()
+                },
+                hardware: RawHardware {
+                    gpu: Some(gpu.into()),
+                    ..RawHardware::default()
+                },
             };
             let base = raw.resolve(&presets(), &Context::default()).unwrap();
-            FitRequest { base, seq_len: Some(512), global: GlobalBatch::Sequences(global), margin, allow_fused: fused }
+            FitRequest {
+                base,
+                seq_len: Some(512),
+                global: GlobalBatch::Sequences(global),
+                margin,
+                allow_fused: fused,
+            }
         })
 }
 
@@ -201,7 +216,9 @@ fn every_fit_answer_fits_with_its_margin() {
     let cases = 32;
     let answered = count_cases(cases, fit_request(), |req| {
         let f = fit(&req).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let GlobalBatch::Sequences(global) = req.global else { unreachable!() };
+        let GlobalBatch::Sequences(global) = req.global else {
+            unreachable!()
+        };
         prop_assert!(f.best.report.fits_with_margin(req.margin));
         prop_assert_eq!(f.best.micro_batch * f.best.grad_accum, global);
         Ok(true)
@@ -217,7 +234,14 @@ fn the_pruned_fit_finds_the_exhaustive_best() {
         let (pruned, all) = (fit(&req), fit_exhaustive(&req));
         let key = |f: &FitResult| {
             let b = &f.best;
-            (b.micro_batch, b.seq_len, b.grad_accum, b.checkpointing, b.loss, b.report.device_bytes)
+            (
+                b.micro_batch,
+                b.seq_len,
+                b.grad_accum,
+                b.checkpointing,
+                b.loss,
+                b.report.device_bytes,
+            )
         };
         match (pruned, all) {
             (Ok(p), Ok(a)) => {
@@ -231,7 +255,10 @@ fn the_pruned_fit_finds_the_exhaustive_best() {
             }
         }
     });
-    assert!(same >= 12, "only {same} of 24 requests had an answer to compare");
+    assert!(
+        same >= 12,
+        "only {same} of 24 requests had an answer to compare"
+    );
 }
 
 /// Mostly plausible sizes, now and then any `u64`: most cases pass validation and are
@@ -249,36 +276,52 @@ fn no_input_panics_or_overflows() {
         prop_oneof![3 => prop::sample::select(vec!["bf16-autocast".to_string(), "fp32".into(), "bf16".into()]), 1 => ".{0,40}"],
         ".{0,40}",
     );
-    let estimated = count_cases(cases, strategy, |((heads, head_dim, layers, vocab), (mb, seq, ga), precision, text)| {
-        let hidden = heads.saturating_mul(head_dim);
-        let raw = RawConfig {
-            model: RawModel {
-                arch: Some("llama".into()),
-                hidden_size: Some(hidden),
-                num_layers: Some(layers % 5000),
-                num_heads: Some(heads),
-                intermediate_size: Some(hidden),
-                vocab_size: Some(vocab),
-                ..RawModel::default()
-            },
-            train: RawTrain { micro_batch: Some(mb), seq_len: Some(seq), grad_accum: Some(ga), precision: Some(precision), ..RawTrain::default() },
-            hardware: RawHardware::default(),
-        };
-        let _ = RawConfig::from_toml(&text);
-        // Either a clear error naming a key, or an estimate.
-        match raw.resolve(&presets(), &Context::default()) {
-            Err(e) => {
-                prop_assert!(e.to_string().contains("model.") || e.to_string().contains("train."), "{e}");
-                Ok(false)
+    let estimated = count_cases(
+        cases,
+        strategy,
+        |((heads, head_dim, layers, vocab), (mb, seq, ga), precision, text)| {
+            let hidden = heads.saturating_mul(head_dim);
+            let raw = RawConfig {
+                model: RawModel {
+                    arch: Some("llama".into()),
+                    hidden_size: Some(hidden),
+                    num_layers: Some(layers % 5000),
+                    num_heads: Some(heads),
+                    intermediate_size: Some(hidden),
+                    vocab_size: Some(vocab),
+                    ..RawModel::default()
+                },
+                train: RawTrain {
+                    micro_batch: Some(mb),
+                    seq_len: Some(seq),
+                    grad_accum: Some(ga),
+                    precision: Some(precision),
+                    ..RawTrain::default()
+                },
+                hardware: RawHardware::default(),
+            };
+            let _ = RawConfig::from_toml(&text);
+            // Either a clear error naming a key, or an estimate.
+            match raw.resolve(&presets(), &Context::default()) {
+                Err(e) => {
+                    prop_assert!(
+                        e.to_string().contains("model.") || e.to_string().contains("train."),
+                        "{e}"
+                    );
+                    Ok(false)
+                }
+                Ok(s) => {
+                    let r = estimate(&s);
+                    prop_assert!(r.device_bytes >= r.peak_allocated_bytes);
+                    Ok(true)
+                }
             }
-            Ok(s) => {
-                let r = estimate(&s);
-                prop_assert!(r.device_bytes >= r.peak_allocated_bytes);
-                Ok(true)
-            }
-        }
-    });
-    assert!(estimated * 3 >= cases, "only {estimated} of {cases} configs were estimated");
+        },
+    );
+    assert!(
+        estimated * 3 >= cases,
+        "only {estimated} of {cases} configs were estimated"
+    );
 }
 
 #[test]
