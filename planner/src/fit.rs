@@ -6,9 +6,11 @@
 //! checkpointing and the loss mode. Every candidate is a full estimate; those that fit
 //! with the margin are ranked by estimated tokens per second.
 
+use crate::config::MAX_COUNT;
 use crate::error::{PlanError, Result};
 use crate::report::{estimate, Report};
 use crate::spec::{Arch, Checkpointing, Choice, Engine, LossMode, RunSpec};
+use crate::timeline::Step;
 use serde::Serialize;
 
 /// What the user fixed about the global batch.
@@ -66,15 +68,23 @@ const MAX_CANDIDATE_MICRO: usize = 48;
 /// Relative throughput difference below which candidates count as equally fast.
 const SPEED_TIE: f64 = 0.01;
 
-fn divisors(n: u64) -> Vec<u64> {
+/// The micro-batches that split a per-GPU batch of `n` sequences with both the micro-batch
+/// and the accumulation within the config's bound (`MAX_COUNT`), ascending: what `fit`
+/// writes, `estimate` reads. Trial division up to `min(√n, MAX_COUNT)` finds each such
+/// divisor or its co-divisor, so even `n` near `u64::MAX` costs at most 2^20 steps.
+fn micro_batches(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();
     let mut i = 1u64;
-    while i.saturating_mul(i) <= n {
+    // `i <= n / i` is `i² <= n` without the overflow.
+    while i <= MAX_COUNT && i <= n / i {
         if n.is_multiple_of(i) {
-            small.push(i);
-            if i != n / i {
-                large.push(n / i);
+            let j = n / i;
+            if j <= MAX_COUNT {
+                small.push(i);
+            }
+            if j != i && j <= MAX_COUNT {
+                large.push(j);
             }
         }
         i += 1;
@@ -101,15 +111,93 @@ fn seq_candidates(req: &FitRequest) -> Vec<u64> {
     v
 }
 
-pub fn fit(req: &FitRequest) -> Result<FitResult> {
-    if !(0.0..0.9).contains(&req.margin) {
-        return Err(PlanError::invalid(
-            "--margin",
-            req.margin,
-            "a fraction from 0 to 0.9 (e.g. 10%)",
-        ));
-    }
+/// Sequences per GPU per optimizer step at `seq`, `Ok(None)` when the batch is free, or
+/// `Err(None)` when this sequence length cannot hold the requested tokens exactly.
+fn per_gpu_batch(
+    req: &FitRequest,
+    seq: u64,
+) -> std::result::Result<Option<u64>, Option<PlanError>> {
     let gpus = req.base.hardware.gpus.max(1);
+    let per = match req.global {
+        GlobalBatch::Sequences(g) => {
+            if g % gpus != 0 {
+                return Err(Some(PlanError::invalid(
+                    "--global-batch",
+                    g,
+                    format!("a multiple of --gpus = {gpus}"),
+                )));
+            }
+            g / gpus
+        }
+        GlobalBatch::Tokens(t) => {
+            let per = seq.saturating_mul(gpus);
+            if t % per != 0 {
+                return Err(req.seq_len.map(|_| {
+                    PlanError::invalid(
+                        "--global-batch-tokens",
+                        t,
+                        format!("a multiple of seq_len × gpus = {per}"),
+                    )
+                }));
+            }
+            t / per
+        }
+        GlobalBatch::Free => return Ok(None),
+    };
+    Ok(Some(per))
+}
+
+/// A global batch no micro-batch × accumulation within the config's bounds makes up.
+fn unsplittable(req: &FitRequest) -> PlanError {
+    let (key, value) = match req.global {
+        GlobalBatch::Tokens(t) => ("--global-batch-tokens", t),
+        GlobalBatch::Sequences(g) => ("--global-batch", g),
+        GlobalBatch::Free => ("--global-batch", 0),
+    };
+    PlanError::invalid(
+        key,
+        value,
+        format!(
+            "a batch per GPU that splits into micro-batch × accumulation, each at most {MAX_COUNT}"
+        ),
+    )
+}
+
+/// Whether the search may stop a mode at its first micro-batch that does not fit. The
+/// torch engine's peak never falls as the micro-batch grows (a property test holds it to
+/// that); the candle engine's fitted working sets can fall below their calibrated domain,
+/// so every micro-batch is tried.
+fn stops_at_first_miss(spec: &RunSpec) -> bool {
+    spec.train.engine == Engine::Torch
+}
+
+/// Estimates one candidate. Only the numbers are kept: the timeline of a step is most of
+/// an estimate's memory, and only the best candidate's is ever shown.
+fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u64) -> Candidate {
+    let mut spec = req.base.clone();
+    spec.train.seq_len = seq;
+    spec.train.micro_batch = mb;
+    spec.train.grad_accum = per_gpu.map(|g| g / mb).unwrap_or(1);
+    spec.train.checkpointing = mode.0;
+    spec.train.loss = mode.1;
+    let mut report = estimate(&spec);
+    report.timeline = Step::new().finish();
+    Candidate {
+        micro_batch: mb,
+        seq_len: seq,
+        grad_accum: spec.train.grad_accum,
+        checkpointing: mode.0,
+        loss: mode.1,
+        fits: report.fits_with_margin(req.margin),
+        report,
+        spec,
+    }
+}
+
+/// (checkpointing, loss) of a candidate.
+type Mode = (Checkpointing, LossMode);
+
+fn modes(req: &FitRequest) -> Vec<Mode> {
     let losses: Vec<LossMode> = LossMode::ALL
         .iter()
         .map(|(_, l)| *l)
@@ -117,80 +205,67 @@ pub fn fit(req: &FitRequest) -> Result<FitResult> {
             *l != LossMode::Fused || (req.allow_fused && req.base.train.engine == Engine::Torch)
         })
         .collect();
+    [
+        Checkpointing::None,
+        Checkpointing::Selective,
+        Checkpointing::Full,
+    ]
+    .iter()
+    .flat_map(|ck| losses.iter().map(move |l| (*ck, *l)))
+    .collect()
+}
+
+/// Every candidate the search estimates, in search order. With `prune`, a mode stops at
+/// its first micro-batch that does not fit where the engine's peak is monotone.
+fn search(req: &FitRequest, prune: bool) -> Result<Vec<Candidate>> {
+    if !(0.0..0.9).contains(&req.margin) {
+        return Err(PlanError::invalid(
+            "--margin",
+            req.margin,
+            "a fraction from 0 to 0.9 (e.g. 10%)",
+        ));
+    }
+    let prune = prune && stops_at_first_miss(&req.base);
+    let modes = modes(req);
     let mut all = Vec::new();
     for seq in seq_candidates(req) {
-        let per_gpu = match req.global {
-            GlobalBatch::Sequences(g) => {
-                if g % gpus != 0 {
-                    return Err(PlanError::invalid(
-                        "--global-batch",
-                        g,
-                        format!("a multiple of --gpus = {gpus}"),
-                    ));
-                }
-                Some(g / gpus)
-            }
-            GlobalBatch::Tokens(t) => {
-                let per = seq.saturating_mul(gpus);
-                if t % per != 0 {
-                    if req.seq_len.is_some() {
-                        return Err(PlanError::invalid(
-                            "--global-batch-tokens",
-                            t,
-                            format!("a multiple of seq_len × gpus = {per}"),
-                        ));
-                    }
-                    continue;
-                }
-                Some(t / per)
-            }
-            GlobalBatch::Free => None,
+        let per_gpu = match per_gpu_batch(req, seq) {
+            Ok(p) => p,
+            Err(Some(e)) => return Err(e),
+            Err(None) => continue,
         };
         let micros: Vec<u64> = match per_gpu {
             Some(0) => continue,
-            Some(g) => divisors(g)
+            Some(g) => micro_batches(g)
                 .into_iter()
-                .filter(|mb| g / mb <= crate::config::MAX_COUNT)
                 .take(MAX_CANDIDATE_MICRO)
                 .collect(),
             None => FREE_MICRO.to_vec(),
         };
-        for &ck in &[
-            Checkpointing::None,
-            Checkpointing::Selective,
-            Checkpointing::Full,
-        ] {
-            for &loss in &losses {
-                for &mb in &micros {
-                    let mut spec = req.base.clone();
-                    spec.train.seq_len = seq;
-                    spec.train.micro_batch = mb;
-                    spec.train.grad_accum = per_gpu.map(|g| g / mb).unwrap_or(1);
-                    spec.train.checkpointing = ck;
-                    spec.train.loss = loss;
-                    let report = estimate(&spec);
-                    let fits = report.fits_with_margin(req.margin);
-                    all.push(Candidate {
-                        micro_batch: mb,
-                        seq_len: seq,
-                        grad_accum: spec.train.grad_accum,
-                        checkpointing: ck,
-                        loss,
-                        fits,
-                        report,
-                        spec,
-                    });
-                    // Memory never falls as the micro-batch grows: stop at the first miss.
-                    if !fits {
-                        break;
-                    }
+        if micros.is_empty() {
+            if req.seq_len.is_none() && matches!(req.global, GlobalBatch::Tokens(_)) {
+                continue;
+            }
+            return Err(unsplittable(req));
+        }
+        for &mode in &modes {
+            for &mb in &micros {
+                let c = candidate(req, seq, per_gpu, mode, mb);
+                let fits = c.fits;
+                all.push(c);
+                if prune && !fits {
+                    break;
                 }
             }
         }
     }
-    let seq_fixed = req.seq_len.is_some();
-    // Throughput estimates within about 1 % are a tie, broken by memory: bucketing them on
-    // a log scale keeps the order total.
+    Ok(all)
+}
+
+/// Best first: fitting, then the longest sequence (when it is searched), then the fastest,
+/// then the smallest. Throughput estimates within about 1 % are a tie, broken by memory:
+/// bucketing them on a log scale keeps the order total.
+fn rank(all: &mut [Candidate], seq_fixed: bool) {
     let speed = |c: &Candidate| {
         (c.report.est_tokens_per_second.max(1.0).ln() / SPEED_TIE.ln_1p()).floor() as i64
     };
@@ -207,30 +282,50 @@ pub fn fit(req: &FitRequest) -> Result<FitResult> {
             .then_with(|| speed(b).cmp(&speed(a)))
             .then_with(|| a.report.device_bytes.cmp(&b.report.device_bytes))
     });
-    let best = match all.first() {
+}
+
+fn no_solution(req: &FitRequest, all: &[Candidate]) -> PlanError {
+    let smallest = all.iter().min_by_key(|c| c.report.device_bytes);
+    let detail = smallest
+        .map(|c| {
+            format!(
+                "; the smallest candidate (micro-batch {}, seq {}, checkpointing {}, loss {}) needs {} of {}",
+                c.micro_batch,
+                c.seq_len,
+                c.checkpointing,
+                c.loss,
+                crate::Bytes(c.report.device_bytes),
+                crate::Bytes(c.report.capacity_bytes)
+            )
+        })
+        .unwrap_or_default();
+    PlanError::NoSolution(format!(
+        "nothing fits {} with a {:.0} % margin{detail}; try more GPUs with sharding, a smaller model, or a shorter sequence",
+        req.base.hardware.device.name(),
+        req.margin * 100.0
+    ))
+}
+
+/// The fastest configuration that fits, with every candidate estimated on the way.
+pub fn fit(req: &FitRequest) -> Result<FitResult> {
+    conclude(req, search(req, true)?)
+}
+
+/// `fit` without pruning: every micro-batch of every mode is estimated. The reference the
+/// property tests hold the pruned search to; not meant for callers.
+#[doc(hidden)]
+pub fn fit_exhaustive(req: &FitRequest) -> Result<FitResult> {
+    conclude(req, search(req, false)?)
+}
+
+fn conclude(req: &FitRequest, mut all: Vec<Candidate>) -> Result<FitResult> {
+    rank(&mut all, req.seq_len.is_some());
+    let mut best = match all.first() {
         Some(c) if c.fits => c.clone(),
-        _ => {
-            let smallest = all.iter().min_by_key(|c| c.report.device_bytes);
-            let detail = smallest
-                .map(|c| {
-                    format!(
-                        "; the smallest candidate (micro-batch {}, seq {}, checkpointing {}, loss {}) needs {} of {}",
-                        c.micro_batch,
-                        c.seq_len,
-                        c.checkpointing,
-                        c.loss,
-                        crate::Bytes(c.report.device_bytes),
-                        crate::Bytes(c.report.capacity_bytes)
-                    )
-                })
-                .unwrap_or_default();
-            return Err(PlanError::NoSolution(format!(
-                "nothing fits {} with a {:.0} % margin{detail}; try more GPUs with sharding, a smaller model, or a shorter sequence",
-                req.base.hardware.device.name(),
-                req.margin * 100.0
-            )));
-        }
+        _ => return Err(no_solution(req, &all)),
     };
+    // The one timeline worth keeping: callers may show where the chosen plan peaks.
+    best.report = estimate(&best.spec);
     let baseline = all
         .iter()
         .find(|c| {
@@ -258,8 +353,96 @@ mod tests {
 
     #[test]
     fn divisors_in_order() {
-        assert_eq!(divisors(64), vec![1, 2, 4, 8, 16, 32, 64]);
-        assert_eq!(divisors(12), vec![1, 2, 3, 4, 6, 12]);
-        assert_eq!(divisors(1), vec![1]);
+        assert_eq!(micro_batches(64), vec![1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(micro_batches(12), vec![1, 2, 3, 4, 6, 12]);
+        assert_eq!(micro_batches(1), vec![1]);
+        assert_eq!(micro_batches(49), vec![1, 7, 49]);
+    }
+
+    /// Regression: the old loop compared `i.saturating_mul(i) <= n`, which stays true once
+    /// `i²` saturates, so `u64::MAX` (and anything above (2^32 − 1)²) never finished.
+    #[test]
+    fn micro_batches_finish_near_u64_max() {
+        let start = std::time::Instant::now();
+        // u64::MAX = 3 · 5 · 17 · 257 · 641 · 65537 · 6700417: no divisor pair within 2^20.
+        assert!(micro_batches(u64::MAX).is_empty());
+        // 2^40 splits only as 2^20 × 2^20 within the bound.
+        assert_eq!(micro_batches(1 << 40), vec![1 << 20]);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// Regression: a per-GPU batch of 2^21 gave micro-batch 1 × accumulation 2^21, a plan
+    /// `estimate` refuses (`train.grad_accum` is at most `MAX_COUNT`).
+    #[test]
+    fn no_micro_batch_needs_accumulation_above_the_config_bound() {
+        for n in [
+            MAX_COUNT + 1,
+            2 * MAX_COUNT,
+            3 * MAX_COUNT + 3,
+            MAX_COUNT * 12,
+        ] {
+            let m = micro_batches(n);
+            assert!(!m.is_empty(), "{n}");
+            for mb in m {
+                assert_eq!(n % mb, 0);
+                assert!(
+                    mb <= MAX_COUNT && n / mb <= MAX_COUNT,
+                    "{n} = {mb} × {}",
+                    n / mb
+                );
+            }
+        }
+        assert_eq!(micro_batches(2 * MAX_COUNT)[0], 2);
+    }
+
+    fn request(global: GlobalBatch) -> FitRequest {
+        let raw = crate::RawConfig {
+            model: crate::RawModel {
+                preset: Some("smollm2-135m".into()),
+                ..crate::RawModel::default()
+            },
+            train: crate::RawTrain {
+                seq_len: Some(256),
+                ..crate::RawTrain::default()
+            },
+            hardware: crate::RawHardware {
+                gpu: Some("h100-80gb".into()),
+                ..crate::RawHardware::default()
+            },
+        };
+        let presets = crate::Presets::builtin().expect("presets");
+        FitRequest {
+            base: raw
+                .resolve(&presets, &crate::Context::default())
+                .expect("valid"),
+            seq_len: Some(256),
+            global,
+            margin: 0.1,
+            allow_fused: false,
+        }
+    }
+
+    /// Regression: `fit --global-batch 18446744073709551615` never returned.
+    #[test]
+    fn a_global_batch_of_u64_max_is_refused_at_once() {
+        let start = std::time::Instant::now();
+        let err = fit(&request(GlobalBatch::Sequences(u64::MAX))).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--global-batch = 18446744073709551615: "),
+            "{err}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// Regression: the plan written for a global batch of 2^21 had `grad_accum` = 2^21.
+    #[test]
+    fn every_candidate_is_a_plan_the_config_accepts() {
+        let f = fit(&request(GlobalBatch::Sequences(2 * MAX_COUNT))).unwrap();
+        assert!(!f.candidates.is_empty());
+        for c in &f.candidates {
+            assert!(c.grad_accum <= MAX_COUNT && c.micro_batch <= MAX_COUNT);
+            assert_eq!(c.micro_batch * c.grad_accum, 2 * MAX_COUNT);
+        }
     }
 }

@@ -25,7 +25,7 @@ pub use config::{
     MAX_COUNT, MAX_DIM, MAX_GPUS, MAX_LAYERS,
 };
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
-pub use fit::{fit, Candidate, FitRequest, FitResult, GlobalBatch};
+pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
 pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};

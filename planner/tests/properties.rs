@@ -138,52 +138,190 @@ proptest! {
         prop_assert!(r.device_bytes >= r.peak_reserved_bytes);
     }
 
+    /// The caching allocator's reserved bytes, not only the live peak, never fall as the
+    /// micro-batch grows: `fit` stops a mode at its first miss on the device total.
     #[test]
-    fn every_fit_answer_fits_with_its_margin(
-        model in prop::sample::select(vec!["smollm2-135m", "gpt2", "nanochat-d12"]),
-        gpu in prop::sample::select(vec!["rtx4060-laptop-8gb", "rtx4090-24gb"]),
-        global in prop::sample::select(vec![8u64, 16, 32]),
-        margin in 0.0f64..0.3,
-    ) {
-        let p = presets();
-        let raw = RawConfig {
-            model: RawModel { preset: Some(model.into()), ..RawModel::default() },
-            train: RawTrain { seq_len: Some(512), ..RawTrain::default() },
-            hardware: RawHardware { gpu: Some(gpu.into()), ..RawHardware::default() },
-        };
-        let base = raw.resolve(&p, &Context::default()).unwrap();
-        let req = FitRequest { base, seq_len: Some(512), global: GlobalBatch::Sequences(global), margin, allow_fused: true };
-        if let Ok(f) = fit(&req) {
-            prop_assert!(f.best.report.fits_with_margin(margin));
-            prop_assert_eq!(f.best.micro_batch * f.best.grad_accum, global);
-        }
+    fn device_bytes_never_fall_as_micro_batch_grows(raw in raw_run()) {
+        let s = spec(&raw);
+        let mut bigger = s.clone();
+        bigger.train.micro_batch += 1;
+        let (a, b) = (estimate(&s), estimate(&bigger));
+        prop_assert!(b.device_bytes >= a.device_bytes, "{} > {}", a.device_bytes, b.device_bytes);
     }
+}
 
-    #[test]
-    fn no_input_panics_or_overflows(
-        hidden in any::<u64>(), layers in any::<u64>(), heads in any::<u64>(), vocab in any::<u64>(),
-        mb in any::<u64>(), seq in any::<u64>(), ga in any::<u64>(), text in ".{0,40}",
-    ) {
-        let raw = RawConfig {
-            model: RawModel {
-                arch: Some("llama".into()),
-                hidden_size: Some(hidden),
-                num_layers: Some(layers % 5000),
-                num_heads: Some(heads),
-                intermediate_size: Some(hidden),
-                vocab_size: Some(vocab),
-                ..RawModel::default()
-            },
-            train: RawTrain { micro_batch: Some(mb), seq_len: Some(seq), grad_accum: Some(ga), precision: Some(text.clone()), ..RawTrain::default() },
-            hardware: RawHardware::default(),
+/// Runs `check` over `cases` generated values and returns how many of them it counted.
+fn count_cases<S: Strategy>(
+    cases: u32,
+    strategy: S,
+    check: impl Fn(S::Value) -> std::result::Result<bool, TestCaseError>,
+) -> u32
+where
+    S::Value: std::fmt::Debug,
+{
+    let counted = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&strategy, |v| {
+            if check(v)? {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    counted.into_inner()
+}
+
+fn fit_request() -> impl Strategy<Value = FitRequest> {
+    (
+        prop::sample::select(vec!["smollm2-135m", "gpt2", "nanochat-d12"]),
+        prop::sample::select(vec!["rtx4060-laptop-8gb", "rtx4090-24gb"]),
+        prop::sample::select(vec![8u64, 16, 32]),
+        0.0f64..0.3,
+        any::<bool>(),
+    )
+        .prop_map(|(model, gpu, global, margin, fused)| {
+            let raw = RawConfig {
+                model: RawModel {
+                    preset: Some(model.into()),
+                    ..RawModel::default()
+                },
+                train: RawTrain {
+                    seq_len: Some(512),
+                    ..RawTrain::default()
+                },
+                hardware: RawHardware {
+                    gpu: Some(gpu.into()),
+                    ..RawHardware::default()
+                },
+            };
+            let base = raw.resolve(&presets(), &Context::default()).unwrap();
+            FitRequest {
+                base,
+                seq_len: Some(512),
+                global: GlobalBatch::Sequences(global),
+                margin,
+                allow_fused: fused,
+            }
+        })
+}
+
+/// Every answer fits with its margin and keeps the global batch; and the answers exist:
+/// these models all fit these cards at seq 512, so an error is a failure.
+#[test]
+fn every_fit_answer_fits_with_its_margin() {
+    let cases = 32;
+    let answered = count_cases(cases, fit_request(), |req| {
+        let f = fit(&req).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let GlobalBatch::Sequences(global) = req.global else {
+            unreachable!()
         };
-        // Either a clear error naming a key, or an estimate.
-        match raw.resolve(&presets(), &Context::default()) {
-            Err(e) => prop_assert!(e.to_string().contains("model.") || e.to_string().contains("train.")),
-            Ok(s) => { let _ = estimate(&s); }
+        prop_assert!(f.best.report.fits_with_margin(req.margin));
+        prop_assert_eq!(f.best.micro_batch * f.best.grad_accum, global);
+        Ok(true)
+    });
+    assert_eq!(answered, cases);
+}
+
+/// Stopping each mode at its first micro-batch that does not fit finds the same best as
+/// estimating every micro-batch.
+#[test]
+fn the_pruned_fit_finds_the_exhaustive_best() {
+    let same = count_cases(24, fit_request(), |req| {
+        let (pruned, all) = (fit(&req), fit_exhaustive(&req));
+        let key = |f: &FitResult| {
+            let b = &f.best;
+            (
+                b.micro_batch,
+                b.seq_len,
+                b.grad_accum,
+                b.checkpointing,
+                b.loss,
+                b.report.device_bytes,
+            )
+        };
+        match (pruned, all) {
+            (Ok(p), Ok(a)) => {
+                prop_assert_eq!(key(&p), key(&a));
+                prop_assert!(p.candidates.len() <= a.candidates.len());
+                Ok(true)
+            }
+            (p, a) => {
+                prop_assert_eq!(p.is_err(), a.is_err());
+                Ok(false)
+            }
         }
-        let _ = RawConfig::from_toml(&text);
-    }
+    });
+    assert!(
+        same >= 12,
+        "only {same} of 24 requests had an answer to compare"
+    );
+}
+
+/// Mostly plausible sizes, now and then any `u64`: most cases pass validation and are
+/// really estimated, the rest must be clear errors.
+fn size(plausible: std::ops::Range<u64>) -> impl Strategy<Value = u64> {
+    prop_oneof![9 => plausible, 1 => any::<u64>()]
+}
+
+#[test]
+fn no_input_panics_or_overflows() {
+    let cases = 64;
+    let strategy = (
+        (size(1..16), size(1..64), size(1..9), size(1..70_000)),
+        (size(1..64), size(1..4096), size(1..64)),
+        prop_oneof![3 => prop::sample::select(vec!["bf16-autocast".to_string(), "fp32".into(), "bf16".into()]), 1 => ".{0,40}"],
+        ".{0,40}",
+    );
+    let estimated = count_cases(
+        cases,
+        strategy,
+        |((heads, head_dim, layers, vocab), (mb, seq, ga), precision, text)| {
+            let hidden = heads.saturating_mul(head_dim);
+            let raw = RawConfig {
+                model: RawModel {
+                    arch: Some("llama".into()),
+                    hidden_size: Some(hidden),
+                    num_layers: Some(layers % 5000),
+                    num_heads: Some(heads),
+                    intermediate_size: Some(hidden),
+                    vocab_size: Some(vocab),
+                    ..RawModel::default()
+                },
+                train: RawTrain {
+                    micro_batch: Some(mb),
+                    seq_len: Some(seq),
+                    grad_accum: Some(ga),
+                    precision: Some(precision),
+                    ..RawTrain::default()
+                },
+                hardware: RawHardware::default(),
+            };
+            let _ = RawConfig::from_toml(&text);
+            // Either a clear error naming a key, or an estimate.
+            match raw.resolve(&presets(), &Context::default()) {
+                Err(e) => {
+                    prop_assert!(
+                        e.to_string().contains("model.") || e.to_string().contains("train."),
+                        "{e}"
+                    );
+                    Ok(false)
+                }
+                Ok(s) => {
+                    let r = estimate(&s);
+                    prop_assert!(r.device_bytes >= r.peak_allocated_bytes);
+                    Ok(true)
+                }
+            }
+        },
+    );
+    assert!(
+        estimated * 3 >= cases,
+        "only {estimated} of {cases} configs were estimated"
+    );
 }
 
 #[test]
