@@ -4,15 +4,13 @@
 //! measured memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
 //! Byte-level by default; `--tokenizer` takes a Hugging Face tokenizer.json.
 
-use crate::engine::{self, device::Choice};
 use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan_planner::{
-    raw_from_spec, Bytes, Engine, FitRequest, GlobalBatch, LossMode, Precision,
-};
+use vramplan::engine::{self, capability, device::Choice};
+use vramplan_planner::{raw_from_spec, Bytes, Engine, FitRequest, GlobalBatch, LossMode};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -100,52 +98,25 @@ pub fn plan(
         );
         raw.train.engine = Some("candle".into());
     }
-    let device = device.resolve(loaded.spec.hardware.device.is_cuda());
+    let plan_gpu = &loaded.spec.hardware.device;
+    let device = device.resolve(plan_gpu.is_cuda());
     let on_gpu = matches!(device, Choice::Cuda(_));
-    if on_gpu && !engine::device::CUDA_BUILT {
-        return Err(bad("--device", engine::device::NO_CUDA));
+    let runs = capability::resolve(capability::Ask {
+        on_gpu,
+        plan_gpu: plan_gpu.is_cuda().then(|| plan_gpu.name()),
+        precision: loaded.spec.train.precision,
+        builtin: path.is_none(),
+        cuda_built: engine::device::CUDA_BUILT,
+    })?;
+    for note in &runs.notes {
+        eprintln!("note: {}: {note}", loaded.name);
     }
-    if on_gpu && !loaded.spec.hardware.device.is_cuda() {
+    if runs.precision != loaded.spec.train.precision {
+        raw.train.precision = Some(runs.precision.to_string());
+    }
+    if on_gpu && !plan_gpu.is_cuda() {
         // The planner checks the plan against the GPU the engine will use.
         raw.hardware.gpu = Some("auto".into());
-    }
-    let precision = loaded.spec.train.precision;
-    let runs = match precision {
-        Precision::Fp32 | Precision::Fp16Autocast => true,
-        Precision::Bf16Autocast => on_gpu,
-        Precision::Bf16 => false,
-    };
-    let default = if on_gpu { "bf16-autocast" } else { "fp32" };
-    if on_gpu && path.is_none() {
-        raw.train.precision = Some(default.into());
-    } else if !runs {
-        eprintln!(
-            "note: {}: precision = \"{precision}\"; the candle engine trains in {}, so this run is {default}",
-            loaded.name,
-            if on_gpu {
-                "fp32, bf16-autocast or fp16-autocast (f32 master weights)"
-            } else {
-                "fp32 or fp16-autocast on the CPU (candle's CPU matmul has no bf16)"
-            }
-        );
-        raw.train.precision = Some(default.into());
-    } else if precision == Precision::Fp16Autocast {
-        eprintln!(
-            "note: {}: fp16-autocast without loss scaling: gradients under 6e-8 flush to zero",
-            loaded.name
-        );
-    }
-    if !on_gpu && loaded.spec.hardware.device.is_cuda() {
-        eprintln!(
-            "note: {}: gpu = \"{}\", but {}; training on the CPU",
-            loaded.name,
-            loaded.spec.hardware.device.name(),
-            if engine::device::CUDA_BUILT {
-                "--device cpu"
-            } else {
-                "this vramplan was built without the `cuda` feature"
-            }
-        );
     }
     if loaded.spec.train.optimizer != vramplan_planner::Optimizer::AdamW {
         eprintln!(
@@ -191,9 +162,8 @@ fn suggest(loaded: &Loaded, a: &Args) {
             let t = &r.best.spec.train;
             let text = raw_from_spec(&r.best.spec, &loaded.raw.model).to_toml();
             let path = a.out.join("plan.fit.toml");
-            let written = std::fs::create_dir_all(&a.out)
-                .map_err(anyhow::Error::from)
-                .and_then(|_| crate::cmd::fit::write_atomic(&path, &text));
+            let written = std::fs::create_dir_all(&a.out).is_ok()
+                && vramplan::write_atomic(&path, &text).is_ok();
             println!(
                 "a plan that fits: micro-batch {} × accumulation {}, checkpointing {}, loss {}{} ({} at the peak){}",
                 t.micro_batch,
@@ -206,9 +176,10 @@ fn suggest(loaded: &Loaded, a: &Args) {
                     String::new()
                 },
                 Bytes(r.best.report.device_bytes),
-                match written {
-                    Ok(()) => format!("; written to {}: vramplan train {}", path.display(), path.display()),
-                    Err(_) => String::new(),
+                if written {
+                    format!("; written to {}: vramplan train {}", path.display(), path.display())
+                } else {
+                    String::new()
                 }
             );
         }
@@ -250,14 +221,8 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => engine::check_vocab(spec)?,
     }
     let report = vramplan_planner::estimate(spec);
-    if !report.fits {
-        println!(
-            "{}: the plan needs {} but {} has {}; it does not fit.",
-            loaded.name,
-            Bytes(report.device_bytes),
-            report.device,
-            Bytes(report.capacity_bytes)
-        );
+    if let Err(e) = engine::check_fits(&loaded.name, &report) {
+        println!("{e}.");
         println!("at the peak ({}):", report.peak_phase);
         for (k, v) in &report.components {
             if *v > 0 {
@@ -281,11 +246,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         ));
     }
     let device = engine::device::open(choice).map_err(|e| bad("--device", format!("{e:#}")))?;
-    let compute = match spec.train.precision {
-        Precision::Bf16Autocast => candle_core::DType::BF16,
-        Precision::Fp16Autocast => candle_core::DType::F16,
-        _ => candle_core::DType::F32,
-    };
+    let compute = capability::compute(spec.train.precision);
     let rated_flops = match &spec.hardware.device {
         vramplan_planner::Device::Gpu(g) => Some(g.bf16_tflops * 1e12),
         _ => None,
