@@ -201,6 +201,18 @@ fn suggest(loaded: &Loaded, a: &Args) {
     }
 }
 
+/// Says why the plan does not fit, what is live at its peak, and a plan that fits.
+fn refuse(e: &vramplan::Error, report: &vramplan_planner::Report, loaded: &Loaded, a: &Args) {
+    println!("{e}.");
+    println!("at the peak ({}):", report.peak_phase);
+    for (k, v) in &report.components {
+        if *v > 0 {
+            println!("  {k:<14} {}", Bytes(*v));
+        }
+    }
+    suggest(loaded, a);
+}
+
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let choice = Choice::parse(&a.device).ok_or_else(|| {
         bad(
@@ -222,14 +234,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     }
     let report = vramplan_planner::estimate(spec);
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
-        println!("{e}.");
-        println!("at the peak ({}):", report.peak_phase);
-        for (k, v) in &report.components {
-            if *v > 0 {
-                println!("  {k:<14} {}", Bytes(*v));
-            }
-        }
-        suggest(&loaded, &a);
+        refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
     }
     let steps = a.steps.or(loaded.raw.train.steps).unwrap_or(DEFAULT_STEPS);
@@ -271,20 +276,31 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         rated_flops,
     };
     let s = engine::train(spec, &opts)?;
-    println!();
-    println!(
+    print!("{}", render_summary(&s, &a.out));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The closing lines of a run: losses against the corpus's entropy, speed, and the
+/// measured peak against the prediction.
+fn render_summary(s: &engine::Summary, out: &Path) -> String {
+    let mut text = String::from("\n");
+    let mut line = |l: String| {
+        text += &l;
+        text.push('\n');
+    };
+    line(format!(
         "done: {} steps, final loss {:.4}, validation loss {:.4} nats/token ({:.3} bits/byte)",
         s.steps, s.final_loss, s.val_loss, s.val_bits_per_byte
-    );
+    ));
     if let (Some(h), Some(excess)) = (s.entropy_nats_per_byte, s.excess_over_entropy_nats) {
-        println!(
+        line(format!(
             "corpus entropy rate {h:.4} nats/byte ({:.3} bits/byte), the lowest achievable loss: validation is {excess:.4} nats/byte ({:.3} bits/byte, {:.1} %) above it",
             h / std::f64::consts::LN_2,
             excess / std::f64::consts::LN_2,
             100.0 * excess / h
-        );
+        ));
     }
-    println!(
+    line(format!(
         "throughput {:.0} tokens/s, MFU {:.1} % of {} ({:.1} GFLOP/s)",
         s.tokens_per_second,
         100.0 * s.mfu,
@@ -294,7 +310,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             "the GPU's rated dense bf16 rate".to_string()
         },
         s.matmul_flops_per_second / 1e9
-    );
+    ));
     let tensors = if s.measured_tensor_peak_bytes != s.measured_peak_bytes {
         format!(
             ", tensors alone {} ({} B)",
@@ -304,7 +320,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     } else {
         String::new()
     };
-    println!(
+    line(format!(
         "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}){tensors}; error {:+.2} % against {}",
         s.device,
         s.compute_dtype,
@@ -315,10 +331,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         s.measured_by,
         100.0 * s.peak_error,
         if s.compute_dtype == "f32" { "the measured peak" } else { "the tensors (the 16-bit inventory leaves out the CPU's matmul scratch, as a GPU has none)" }
-    );
-    println!(
+    ));
+    line(format!(
         "summary written to {}",
-        a.out.join("summary.json").display()
-    );
-    Ok(ExitCode::SUCCESS)
+        out.join("summary.json").display()
+    ));
+    text
 }
