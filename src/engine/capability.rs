@@ -107,11 +107,22 @@ mod tests {
 
     /// (on GPU, plan's GPU, precision, built-in plan, cuda built) → (precision, compute, notes
     /// that start so).
+    type Case<'a> = (
+        bool,
+        Option<&'a str>,
+        Precision,
+        bool,
+        bool,
+        Precision,
+        DType,
+        &'a [&'a str],
+    );
+
     #[test]
     fn precision_by_device_and_build() {
         let gpu = Some("h100-80gb");
         #[rustfmt::skip]
-        let cases: &[(bool, Option<&str>, Precision, bool, bool, Precision, DType, &[&str])] = &[
+        let cases: &[Case] = &[
             (false, None, Fp32, false, false, Fp32, DType::F32, &[]),
             (false, None, Fp16Autocast, false, false, Fp16Autocast, DType::F16, &["fp16-autocast without loss scaling"]),
             (false, None, Bf16Autocast, false, false, Fp32, DType::F32, &["precision = \"bf16-autocast\"; the candle engine trains in fp32 or fp16-autocast on the CPU"]),

@@ -416,7 +416,7 @@ struct Validator {
 
 impl Validator {
     fn due(&self, step_no: u64) -> bool {
-        self.every > 0 && (step_no % self.every == 0 || step_no == self.total)
+        self.every > 0 && (step_no.is_multiple_of(self.every) || step_no == self.total)
     }
 }
 
@@ -446,7 +446,7 @@ struct Checkpointer<'o> {
 
 impl Checkpointer<'_> {
     fn due(&self, step_no: u64) -> bool {
-        (self.o.save_every > 0 && step_no % self.o.save_every == 0) || step_no == self.end
+        (self.o.save_every > 0 && step_no.is_multiple_of(self.o.save_every)) || step_no == self.end
     }
 
     /// Saves `run` after `step` steps and keeps the newest `keep` checkpoints.
@@ -541,7 +541,7 @@ impl Progress {
             self.val_loss = v;
         }
         writeln!(self.metrics, "{}", serde_json::to_string(line)?)?;
-        if line.step % self.log_every == 0 || line.step == self.steps || first {
+        if line.step.is_multiple_of(self.log_every) || line.step == self.steps || first {
             let rate = self.tokens as f64 / self.seconds.max(1e-9);
             println!(
                 "step {:>6}/{}  loss {:.4}{}  {rate:>8.0} tok/s  MFU {:>4.1} %  peak {:.1} MiB",
