@@ -355,6 +355,35 @@ impl<'a, 'c> Run<'a, 'c> {
         self.spec.train.tokens_per_micro_batch() * self.spec.train.grad_accum
     }
 
+    /// The micro-steps' forward and backward: the mean token loss and the summed gradients.
+    fn micro_steps(&mut self, probe: &dyn Probe) -> Result<(f64, step::Grads)> {
+        let (b, t) = (
+            self.spec.train.micro_batch as usize,
+            self.spec.train.seq_len as usize,
+        );
+        let mut grads = step::Grads::new();
+        let mut loss = 0.0;
+        for _ in 0..self.spec.train.grad_accum {
+            let (x, y) = self.corpus.train.batch(b, t, &mut self.data_rng)?;
+            loss += step::forward_backward(&self.model, &x, &y, b, self.sopts, &mut grads, probe)?;
+        }
+        Ok((loss / self.tokens() as f64, grads))
+    }
+
+    /// Saves the weights from before step `s`, whose loss is `loss` (not a number), beside
+    /// the checkpoints kept, and says so.
+    fn diverged(&self, s: u64, loss: f64, checkpointer: &Checkpointer) -> anyhow::Error {
+        match checkpointer.save(self, s, loss, checkpointer.o.keep.max(1) + 1) {
+            Ok(dir) => Error::Diverged {
+                loss,
+                step: s + 1,
+                saved: dir.display().to_string(),
+            }
+            .into(),
+            Err(e) => e,
+        }
+    }
+
     /// Optimizer step `s` (0-based): the micro-steps' forward and backward, then AdamW.
     /// A loss that is not a number stops the run, with the weights before the step saved.
     fn step(
@@ -365,29 +394,12 @@ impl<'a, 'c> Run<'a, 'c> {
         probe: &dyn Probe,
         counted: bool,
     ) -> Result<MetricLine> {
-        let (b, t) = (
-            self.spec.train.micro_batch as usize,
-            self.spec.train.seq_len as usize,
-        );
         let t0 = Instant::now();
         meter.begin()?;
-        let mut grads = step::Grads::new();
-        let mut loss = 0.0;
-        for _ in 0..self.spec.train.grad_accum {
-            let (x, y) = self.corpus.train.batch(b, t, &mut self.data_rng)?;
-            loss += step::forward_backward(&self.model, &x, &y, b, self.sopts, &mut grads, probe)?;
-        }
-        loss /= self.tokens() as f64;
+        let (loss, grads) = self.micro_steps(probe)?;
         if !loss.is_finite() {
             drop(grads);
-            let dir = checkpointer.save(self, s, loss, checkpointer.o.keep.max(1) + 1)?;
-            let saved = dir.display().to_string();
-            return Err(Error::Diverged {
-                loss,
-                step: s + 1,
-                saved,
-            }
-            .into());
+            return Err(self.diverged(s, loss, checkpointer));
         }
         let lr = optim::schedule(s, self.total_steps, self.lr);
         let grad_norm = self.opt.step(&self.model, grads, lr)?;
