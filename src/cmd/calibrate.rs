@@ -7,6 +7,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vramplan::engine::calibrate::{self, Config};
+use vramplan::engine::probe::Recorder;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,9 +38,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "f16" => candle_core::DType::F16,
         _ => candle_core::DType::F32,
     };
+    let recorder = Recorder::new(a.tensors);
     let mut out = String::new();
     for c in &configs {
-        out += &calibrate::measure(c, compute, a.tensors)?;
+        out += &calibrate::measure(c, compute, &recorder)?;
         out.push('\n');
     }
     vramplan::write_atomic(&a.out, &out)?;

@@ -88,9 +88,11 @@ impl Config {
     }
 }
 
-/// Measures `c` on the CPU with `compute` as the forward's dtype, counting tensors alone
-/// (no matmul scratch) when `tensors`, and returns its measurement line.
-pub fn measure(c: &Config, compute: DType, tensors: bool) -> Result<String> {
+/// Measures `c` on the CPU with `compute` as the forward's dtype, counting as `recorder`
+/// counts, and returns its measurement line. Measure a file's configurations with one
+/// recorder: its buffer for the marks then exists before the baseline, as it did when the
+/// committed data was measured.
+pub fn measure(c: &Config, compute: DType, recorder: &Recorder) -> Result<String> {
     // As `train` does: the pool's threads and gemm's per-thread buffers (for both dtypes)
     // exist before anything is measured.
     warm_up(compute)?;
@@ -115,13 +117,12 @@ pub fn measure(c: &Config, compute: DType, tensors: bool) -> Result<String> {
         probe.mark("opt");
         Ok(())
     };
-    let recorder = Recorder::new(tensors);
     let base = recorder.live();
     // The first step creates AdamW's state and is not recorded.
     step(&NoProbe)?;
     alloc::reset_peak();
     let before = recorder.live();
-    step(&recorder)?;
+    step(recorder)?;
     let mut prev = before;
     let mut out = format!("{} |", c.line);
     let mut top = 0;
@@ -184,7 +185,7 @@ mod tests {
     fn a_measurement_lists_every_stage() {
         let line = "nanochat 1 2 8 2 2 4 12 256 2 5 4";
         let c = Config::parse("cfgs.txt", 1, line).unwrap();
-        let out = measure(&c, DType::F32, false).unwrap();
+        let out = measure(&c, DType::F32, &Recorder::new(false)).unwrap();
         let (head, rest) = out.split_once(" | ").unwrap();
         assert_eq!(head, line);
         let (stages, step) = rest.split_once(" | STEP ").unwrap();
