@@ -1,34 +1,16 @@
 //! CPU benchmark of the loss stage at vocabulary 65,536: the peak memory above the hidden
 //! states and head, and tokens per second, with fp32 logits for the whole micro-batch
 //! (`loss = "float-cast"`) and in row chunks (`loss = "chunked"`), using the engine's own
-//! code (`src/engine/step.rs`) and counting allocator.
+//! code (`vramplan::engine::step`) and counting allocator (the library's global allocator).
 //!
 //! `cargo bench --profile dev --bench loss_chunking [-- TOKENS...]`. Plans whose logits
 //! graph would not fit in this machine's memory are skipped and said so.
 
-#![allow(dead_code)]
-
-#[path = "../src/engine/alloc.rs"]
-mod alloc;
-#[path = "../src/engine/model.rs"]
-mod model;
-#[path = "../src/engine/rng.rs"]
-mod rng;
-#[path = "../src/engine/step.rs"]
-mod step;
-
-/// The engine's modules under the paths they name each other by.
-mod engine {
-    pub(crate) use super::{alloc, model, rng};
-}
-
-#[global_allocator]
-static COUNTING: engine::alloc::Counting = engine::alloc::Counting;
-
 use candle_core::{DType, Device, Tensor};
-use model::Model;
-use rng::Rng;
 use std::time::Instant;
+use vramplan::engine::model::Model;
+use vramplan::engine::rng::Rng;
+use vramplan::engine::{alloc, step};
 use vramplan_planner::{Arch, ModelSpec};
 
 const VOCAB: u64 = 65_536;

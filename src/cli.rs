@@ -34,13 +34,19 @@ pub enum Command {
     /// From an out-of-memory message to its cause and a fix.
     Diagnose(cmd::diagnose::Args),
     /// Train with a plan on vramplan's candle engine and measure its memory.
+    #[cfg(feature = "engine")]
     Train(cmd::train::Args),
     /// Generate text from a checkpoint written by `train`.
+    #[cfg(feature = "engine")]
     Sample(cmd::sample::Args),
     /// GPU presets, and the GPUs NVML detects.
     Gpus(cmd::gpus::Args),
     /// Model presets.
     Models(cmd::models::Args),
+    /// Stage-by-stage memory of the engine's step, for tools/calibrate_candle.py.
+    #[cfg(feature = "engine")]
+    #[command(hide = true)]
+    CalibrateCandle(cmd::calibrate::Args),
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -60,9 +66,13 @@ pub fn run() -> Result<ExitCode> {
         Command::Fit(a) => cmd::fit::run(&env, a),
         Command::Compare(a) => cmd::compare::run(&env, a),
         Command::Diagnose(a) => cmd::diagnose::run(&env, a),
+        #[cfg(feature = "engine")]
         Command::Train(a) => cmd::train::run(&env, a),
+        #[cfg(feature = "engine")]
         Command::Sample(a) => cmd::sample::run(&env, a),
         Command::Gpus(a) => cmd::gpus::run(&env, a),
         Command::Models(a) => cmd::models::run(&env, a),
+        #[cfg(feature = "engine")]
+        Command::CalibrateCandle(a) => cmd::calibrate::run(a),
     }
 }

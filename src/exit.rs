@@ -2,30 +2,51 @@
 
 use std::fmt;
 use std::process::ExitCode;
+use vramplan::Error;
 
-/// Bad input: one line naming the file, the key and what is accepted. Exit code 2.
-#[derive(Debug)]
-pub struct BadInput(pub String);
-
-impl fmt::Display for BadInput {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadInput {}
-
-/// A bad-input error for `file`.
+/// A bad-input error for `file`: one line naming the file, the key and what is accepted.
 pub fn bad(file: &str, what: impl fmt::Display) -> anyhow::Error {
-    anyhow::Error::new(BadInput(format!("{file}: {what}")))
+    anyhow::Error::new(Error::bad(file, what))
 }
 
 pub const DOES_NOT_FIT: u8 = 3;
 
+/// The exit code of the first typed error in the chain.
 pub fn code_for(e: &anyhow::Error) -> ExitCode {
-    if e.chain().any(|c| c.is::<BadInput>()) {
-        ExitCode::from(2)
-    } else {
-        ExitCode::from(1)
+    let code = e.chain().find_map(|c| match c.downcast_ref::<Error>() {
+        Some(Error::BadInput { .. }) => Some(2),
+        Some(Error::DoesNotFit { .. }) => Some(DOES_NOT_FIT),
+        Some(Error::Diverged { .. }) | None => None,
+    });
+    ExitCode::from(code.unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_error_has_its_code() {
+        let fits = Error::DoesNotFit {
+            name: "run.toml".into(),
+            needs: vramplan_planner::Bytes(2),
+            device: "cpu".into(),
+            capacity: vramplan_planner::Bytes(1),
+        };
+        let diverged = Error::Diverged {
+            loss: f64::NAN,
+            step: 3,
+            saved: "out/ckpt-00000002".into(),
+        };
+        let cases: [(anyhow::Error, u8); 5] = [
+            (bad("run.toml", "train.steps: 0"), 2),
+            (bad("--device", "x").context("opening the device"), 2),
+            (anyhow::Error::new(fits), DOES_NOT_FIT),
+            (anyhow::Error::new(diverged), 1),
+            (anyhow::anyhow!("anything else"), 1),
+        ];
+        for (e, code) in cases {
+            assert_eq!(code_for(&e), ExitCode::from(code), "{e:#}");
+        }
     }
 }

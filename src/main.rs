@@ -2,7 +2,6 @@
 
 mod cli;
 mod cmd;
-mod engine;
 mod exit;
 mod load;
 mod nvml;

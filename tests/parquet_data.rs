@@ -1,6 +1,8 @@
 //! `vramplan train --data FILE.parquet`: streamed training, exact resume, bounded memory,
 //! and bad files.
 
+#![cfg(feature = "engine")]
+
 use crate::train::{losses, run, small_plan, summary, text, tmp};
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType};

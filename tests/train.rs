@@ -2,6 +2,8 @@
 //! engine's counting allocator, exact resume, damaged checkpoints, bad data, plans that
 //! do not fit.
 
+#![cfg(feature = "engine")]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

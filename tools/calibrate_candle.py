@@ -10,8 +10,8 @@
     (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml)
 
 `measure` draws random small configurations (both architectures, with and without
-checkpointing, at least 256 rows per micro-batch), runs the engine's ignored `calibrate`
-test on them (two steps each; the second is measured with the counting allocator) and
+checkpointing, at least 256 rows per micro-batch), runs `vramplan calibrate-candle` (a
+hidden subcommand) on them (two steps each; the second is measured with the counting allocator) and
 writes one line per configuration: the configuration, then `stage:working_set:live` for
 every stage (bytes; the working set is the stage's high-water mark above the live bytes
 before it). `--tensors` counts tensors alone, leaving out gemm's 64-byte-aligned packing
@@ -52,18 +52,17 @@ def draw(rng, ckpt):
 def measure(args):
     rng = random.Random(args.seed)
     configs = [draw(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        for c in configs:
-            f.write(" ".join(map(str, c)) + "\n")
-        path = f.name
-    env = dict(os.environ, VRAMPLAN_CALIBRATE=path, VRAMPLAN_CALIBRATE_DTYPE=args.dtype)
-    if args.tensors:
-        env["VRAMPLAN_CALIBRATE_TENSORS"] = "1"
-    cmd = ["cargo", "test", "--release", "--bin", "vramplan", "calibrate", "--", "--ignored", "--nocapture"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [l[4:] for l in out.stderr.splitlines() if l.startswith("CAL ")]
-    if out.returncode != 0 or len(lines) != len(configs):
-        sys.exit(f"calibrate failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path, measured = os.path.join(tmp, "configs.txt"), os.path.join(tmp, "measured.txt")
+        with open(path, "w") as f:
+            for c in configs:
+                f.write(" ".join(map(str, c)) + "\n")
+        cmd = ["cargo", "run", "--release", "--quiet", "--", "calibrate-candle", path,
+               "--out", measured, "--dtype", args.dtype] + (["--tensors"] if args.tensors else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = open(measured).read().splitlines() if out.returncode == 0 else []
+    if len(lines) != len(configs):
+        sys.exit(f"calibrate-candle failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
     with open(args.out, "a" if args.append else "w") as f:
         if not args.append:
             f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")

@@ -26,7 +26,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let rb = vramplan_planner::estimate(&lb.spec);
     let cmp = vramplan_planner::compare(&la.spec, &ra, &lb.spec, &rb);
     if let Some(p) = &a.plot {
-        crate::cmd::fit::write_atomic(p, &render::svg::compare(&ra, &la.name, &rb, &lb.name))?;
+        vramplan::write_atomic(p, &render::svg::compare(&ra, &la.name, &rb, &lb.name))?;
     }
     if a.json {
         println!(

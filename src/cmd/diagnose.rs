@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vramplan::write_atomic;
 use vramplan_planner::{
     classify, estimate, match_tensor, parse_log, Bytes, Cause, Checkpointing, Component, LossMode,
     Match, OomReport, RunSpec, Sharding,
@@ -107,14 +108,6 @@ fn read_stdin() -> Result<Vec<u8>> {
         .read_to_end(&mut v)
         .map_err(|e| bad("standard input", format!("cannot read: {e}")))?;
     Ok(v)
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let name = path.display().to_string();
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, text).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
-    Ok(())
 }
 
 /// What the failing code line says about the tensor, without a config.

@@ -26,7 +26,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let loaded = load::load(env, a.config.as_deref())?;
     let report = vramplan_planner::estimate(&loaded.spec);
     if let Some(p) = &a.plot {
-        crate::cmd::fit::write_atomic(p, &render::svg::timeline(&report, &loaded.name))?;
+        vramplan::write_atomic(p, &render::svg::timeline(&report, &loaded.name))?;
     }
     if a.json {
         println!("{}", render::json::report(&report));

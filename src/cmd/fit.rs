@@ -6,6 +6,7 @@ use crate::render;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vramplan::write_atomic;
 use vramplan_planner::{fit, FitRequest, GlobalBatch, RawConfig, RawHardware, RawTrain};
 
 #[derive(Debug, clap::Args)]
@@ -135,22 +136,4 @@ fn plan_toml(r: &vramplan_planner::FitResult, raw: &RawConfig) -> Result<String>
         vramplan_planner::Bytes(r.best.report.capacity_bytes),
         raw.with_spec(&r.best.spec).to_toml()?
     ))
-}
-
-/// Writes through a temporary file in the same folder, then renames: never a half-written plan.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let name = path.display().to_string();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|f| f.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    std::fs::write(&tmp, text).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| bad(&name, format!("cannot write: {e}")))?;
-    Ok(())
 }

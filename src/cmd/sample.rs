@@ -1,7 +1,6 @@
 //! `vramplan sample --checkpoint DIR --prompt "..."`: generate bytes from a checkpoint
 //! written by `vramplan train`.
 
-use crate::engine::{checkpoint, model::Model, rng::Rng, step};
 use crate::exit::bad;
 use crate::load::{self, Env};
 use anyhow::Result;
@@ -9,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vramplan::engine::{checkpoint, model::Model, rng::Rng, step};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -4,13 +4,13 @@
 //! measured memory. Without a plan: a small nanochat GPT on a built-in corpus of known entropy.
 //! Byte-level by default; `--tokenizer` takes a Hugging Face tokenizer.json.
 
-use crate::engine::{self, device::Choice};
 use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Precision};
+use vramplan::engine::{self, capability, device::Choice};
+use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -98,52 +98,25 @@ pub fn plan(
         );
         raw.train.engine = Some("candle".into());
     }
-    let device = device.resolve(loaded.spec.hardware.device.is_cuda());
+    let plan_gpu = &loaded.spec.hardware.device;
+    let device = device.resolve(plan_gpu.is_cuda());
     let on_gpu = matches!(device, Choice::Cuda(_));
-    if on_gpu && !engine::device::CUDA_BUILT {
-        return Err(bad("--device", engine::device::NO_CUDA));
+    let runs = capability::resolve(capability::Ask {
+        on_gpu,
+        plan_gpu: plan_gpu.is_cuda().then(|| plan_gpu.name()),
+        precision: loaded.spec.train.precision,
+        builtin: path.is_none(),
+        cuda_built: engine::device::CUDA_BUILT,
+    })?;
+    for note in &runs.notes {
+        eprintln!("note: {}: {note}", loaded.name);
     }
-    if on_gpu && !loaded.spec.hardware.device.is_cuda() {
+    if runs.precision != loaded.spec.train.precision {
+        raw.train.precision = Some(runs.precision.to_string());
+    }
+    if on_gpu && !plan_gpu.is_cuda() {
         // The planner checks the plan against the GPU the engine will use.
         raw.hardware.gpu = Some("auto".into());
-    }
-    let precision = loaded.spec.train.precision;
-    let runs = match precision {
-        Precision::Fp32 | Precision::Fp16Autocast => true,
-        Precision::Bf16Autocast => on_gpu,
-        Precision::Bf16 => false,
-    };
-    let default = if on_gpu { "bf16-autocast" } else { "fp32" };
-    if on_gpu && path.is_none() {
-        raw.train.precision = Some(default.into());
-    } else if !runs {
-        eprintln!(
-            "note: {}: precision = \"{precision}\"; the candle engine trains in {}, so this run is {default}",
-            loaded.name,
-            if on_gpu {
-                "fp32, bf16-autocast or fp16-autocast (f32 master weights)"
-            } else {
-                "fp32 or fp16-autocast on the CPU (candle's CPU matmul has no bf16)"
-            }
-        );
-        raw.train.precision = Some(default.into());
-    } else if precision == Precision::Fp16Autocast {
-        eprintln!(
-            "note: {}: fp16-autocast without loss scaling: gradients under 6e-8 flush to zero",
-            loaded.name
-        );
-    }
-    if !on_gpu && loaded.spec.hardware.device.is_cuda() {
-        eprintln!(
-            "note: {}: gpu = \"{}\", but {}; training on the CPU",
-            loaded.name,
-            loaded.spec.hardware.device.name(),
-            if engine::device::CUDA_BUILT {
-                "--device cpu"
-            } else {
-                "this vramplan was built without the `cuda` feature"
-            }
-        );
     }
     if loaded.spec.train.optimizer != vramplan_planner::Optimizer::AdamW {
         eprintln!(
@@ -197,7 +170,7 @@ fn suggest(loaded: &Loaded, a: &Args) {
                 .map_err(anyhow::Error::from)
                 .and_then(|text| {
                     std::fs::create_dir_all(&a.out)?;
-                    crate::cmd::fit::write_atomic(&path, &text)
+                    Ok(vramplan::write_atomic(&path, &text)?)
                 });
             println!(
                 "a plan that fits: micro-batch {} × accumulation {}, checkpointing {}, loss {}{} ({} at the peak){}",
@@ -213,7 +186,7 @@ fn suggest(loaded: &Loaded, a: &Args) {
                 Bytes(r.best.report.device_bytes),
                 match written {
                     Ok(()) => format!("; written to {}: vramplan train {}", path.display(), path.display()),
-                    Err(_) => String::new(),
+                    Err(e) => format!("; not written: {e:#}"),
                 }
             );
         }
@@ -233,6 +206,18 @@ fn suggest(loaded: &Loaded, a: &Args) {
             spec.global_batch()
         );
     }
+}
+
+/// Says why the plan does not fit, what is live at its peak, and a plan that fits.
+fn refuse(e: &vramplan::Error, report: &vramplan_planner::Report, loaded: &Loaded, a: &Args) {
+    println!("{e}.");
+    println!("at the peak ({}):", report.peak_phase);
+    for (k, v) in &report.components {
+        if *v > 0 {
+            println!("  {k:<14} {}", Bytes(*v));
+        }
+    }
+    suggest(loaded, a);
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
@@ -255,21 +240,8 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => engine::check_vocab(spec)?,
     }
     let report = vramplan_planner::estimate(spec);
-    if !report.fits {
-        println!(
-            "{}: the plan needs {} but {} has {}; it does not fit.",
-            loaded.name,
-            Bytes(report.device_bytes),
-            report.device,
-            Bytes(report.capacity_bytes)
-        );
-        println!("at the peak ({}):", report.peak_phase);
-        for (k, v) in &report.components {
-            if *v > 0 {
-                println!("  {k:<14} {}", Bytes(*v));
-            }
-        }
-        suggest(&loaded, &a);
+    if let Err(e) = engine::check_fits(&loaded.name, &report) {
+        refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
     }
     let steps = a.steps.or(loaded.raw.train.steps).unwrap_or(DEFAULT_STEPS);
@@ -286,11 +258,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         ));
     }
     let device = engine::device::open(choice).map_err(|e| bad("--device", format!("{e:#}")))?;
-    let compute = match spec.train.precision {
-        Precision::Bf16Autocast => candle_core::DType::BF16,
-        Precision::Fp16Autocast => candle_core::DType::F16,
-        _ => candle_core::DType::F32,
-    };
+    let compute = capability::compute(spec.train.precision);
     let rated_flops = match &spec.hardware.device {
         vramplan_planner::Device::Gpu(g) => Some(g.bf16_tflops * 1e12),
         _ => None,
@@ -315,20 +283,31 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         rated_flops,
     };
     let s = engine::train(spec, &opts)?;
-    println!();
-    println!(
+    print!("{}", render_summary(&s, &a.out));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The closing lines of a run: losses against the corpus's entropy, speed, and the
+/// measured peak against the prediction.
+fn render_summary(s: &engine::Summary, out: &Path) -> String {
+    let mut text = String::from("\n");
+    let mut line = |l: String| {
+        text += &l;
+        text.push('\n');
+    };
+    line(format!(
         "done: {} steps, final loss {:.4}, validation loss {:.4} nats/token ({:.3} bits/byte)",
         s.steps, s.final_loss, s.val_loss, s.val_bits_per_byte
-    );
+    ));
     if let (Some(h), Some(excess)) = (s.entropy_nats_per_byte, s.excess_over_entropy_nats) {
-        println!(
+        line(format!(
             "corpus entropy rate {h:.4} nats/byte ({:.3} bits/byte), the lowest achievable loss: validation is {excess:.4} nats/byte ({:.3} bits/byte, {:.1} %) above it",
             h / std::f64::consts::LN_2,
             excess / std::f64::consts::LN_2,
             100.0 * excess / h
-        );
+        ));
     }
-    println!(
+    line(format!(
         "throughput {:.0} tokens/s, MFU {:.1} % of {} ({:.1} GFLOP/s)",
         s.tokens_per_second,
         100.0 * s.mfu,
@@ -338,7 +317,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             "the GPU's rated dense bf16 rate".to_string()
         },
         s.matmul_flops_per_second / 1e9
-    );
+    ));
     let tensors = if s.measured_tensor_peak_bytes != s.measured_peak_bytes {
         format!(
             ", tensors alone {} ({} B)",
@@ -348,7 +327,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     } else {
         String::new()
     };
-    println!(
+    line(format!(
         "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}){tensors}; error {:+.2} % against {}",
         s.device,
         s.compute_dtype,
@@ -359,10 +338,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         s.measured_by,
         100.0 * s.peak_error,
         if s.compute_dtype == "f32" { "the measured peak" } else { "the tensors (the 16-bit inventory leaves out the CPU's matmul scratch, as a GPU has none)" }
-    );
-    println!(
+    ));
+    line(format!(
         "summary written to {}",
-        a.out.join("summary.json").display()
-    );
-    Ok(ExitCode::SUCCESS)
+        out.join("summary.json").display()
+    ));
+    text
 }

@@ -7,9 +7,9 @@
 //! entropy rate is exact: `H = Σᵢ πᵢ · H(Pᵢ)` with `π` the chain's stationary
 //! distribution, so the validation loss can be compared with the best achievable.
 
+use crate::engine::bad;
 use crate::engine::parquet::{Position, Stream};
 use crate::engine::rng::Rng;
-use crate::exit::bad;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;

@@ -39,6 +39,12 @@ pub fn schedule(step: u64, total: u64, lr: f64) -> f64 {
     lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
 }
 
+impl Default for AdamW {
+    fn default() -> AdamW {
+        AdamW::new()
+    }
+}
+
 impl AdamW {
     pub fn new() -> AdamW {
         AdamW {

@@ -9,8 +9,8 @@
 //! document column and the buffer, never the file; and the position (a row and the
 //! tokens of it already used) is all a checkpoint needs to resume exactly.
 
+use crate::engine::bad;
 use crate::engine::data::{doc_text, Tokens};
-use crate::exit::bad;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use parquet::basic::{Repetition, Type as PhysicalType};

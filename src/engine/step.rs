@@ -16,31 +16,9 @@
 //! Every gradient kept is `detach`ed so no graph outlives its stage (CANDLE_NOTES).
 
 use crate::engine::model::{causal_mask, Model, Rope};
+use crate::engine::probe::Probe;
 use candle_core::{Result, Tensor, Var};
 use std::collections::BTreeMap;
-
-/// Stage marks for calibrating the planner's inventory (tests only): `(label, live bytes
-/// at the end of the stage, high-water mark during it)`.
-pub static PROBES: std::sync::Mutex<Vec<(String, u64, u64)>> = std::sync::Mutex::new(Vec::new());
-pub static PROBING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// Probe tensors alone (no matmul scratch) rather than the whole heap.
-pub static PROBE_TENSORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-pub fn probe(label: &str) {
-    use crate::engine::alloc;
-    use std::sync::atomic::Ordering::Relaxed;
-    if PROBING.load(Relaxed) {
-        let (cur, peak) = if PROBE_TENSORS.load(Relaxed) {
-            (alloc::tensors_current(), alloc::tensors_peak())
-        } else {
-            (alloc::current(), alloc::peak())
-        };
-        if let Ok(mut v) = PROBES.lock() {
-            v.push((label.to_string(), cur, peak));
-        }
-        alloc::reset_peak();
-    }
-}
 
 /// The rotary tables and the causal mask for sequences of `t`, on the model's device.
 fn tables(model: &Model, t: usize) -> Result<(Rope, Tensor)> {
@@ -96,7 +74,8 @@ fn collect(
 }
 
 /// Runs forward and backward on `ids`/`targets` (`(N,)` u32, `N = b·t`), adds the
-/// parameter gradients to `grads` and returns the summed (unscaled) token loss.
+/// parameter gradients to `grads` and returns the summed (unscaled) token loss. `probe` is
+/// told the end of each stage.
 pub fn forward_backward(
     model: &Model,
     ids: &Tensor,
@@ -104,6 +83,7 @@ pub fn forward_backward(
     b: usize,
     opts: Opts,
     grads: &mut Grads,
+    probe: &dyn Probe,
 ) -> Result<f64> {
     let (ids, targets) = (
         &ids.to_device(&model.device)?,
@@ -114,7 +94,7 @@ pub fn forward_backward(
     let (rope, mask) = tables(model, t)?;
     let layers = model.num_layers();
     let emb_name = vec![model.embedding_name().to_string()];
-    probe("start");
+    probe.mark("start");
     if opts.checkpoint {
         // Saved: each block's input and the output of its attention half.
         let mut inputs = vec![model.embed(ids)?.detach()];
@@ -123,44 +103,44 @@ pub fn forward_backward(
             let h = model
                 .attention_half(l, &inputs[l], b, &rope, &mask)?
                 .detach();
-            probe(&format!("fwd {l} attn"));
+            probe.mark(&format!("fwd {l} attn"));
             let x = model.mlp_half(l, &h)?.detach();
             mids.push(h);
             inputs.push(x);
-            probe(&format!("fwd {l}"));
+            probe.mark(&format!("fwd {l}"));
         }
         let last = inputs.pop().expect("the embedding output");
         let (loss, mut g) = loss_stage(model, &last, targets, opts, grads)?;
         drop(last);
-        probe("loss");
+        probe.mark("loss");
         for l in (0..layers).rev() {
             let mid = mids.pop().expect("one mid per block");
             g = half_backward(model, mid, &g, &model.half_params(l, false), grads, |x| {
                 model.mlp_half(l, x)
             })?;
-            probe(&format!("bwd {l} mlp"));
+            probe.mark(&format!("bwd {l} mlp"));
             let input = inputs.pop().expect("one input per block");
             g = half_backward(model, input, &g, &model.half_params(l, true), grads, |x| {
                 model.attention_half(l, x, b, &rope, &mask)
             })?;
-            probe(&format!("bwd {l}"));
+            probe.mark(&format!("bwd {l}"));
         }
         let e = model.embed(ids)?;
         let store = (e * &g)?.sum_all()?.backward()?;
         collect(model, &store, &emb_name, grads)?;
         drop(store);
-        probe("emb");
+        probe.mark("emb");
         Ok(loss)
     } else {
         let mut x = model.embed(ids)?;
         for l in 0..layers {
             x = model.block(l, &x, b, &rope, &mask)?;
         }
-        probe("fwd");
+        probe.mark("fwd");
         let last = x.detach();
         let (loss, g) = loss_stage(model, &last, targets, opts, grads)?;
         drop(last);
-        probe("loss");
+        probe.mark("loss");
         let store = (x * &g)?.sum_all()?.backward()?;
         drop(g);
         let mut names = emb_name;
@@ -169,7 +149,7 @@ pub fn forward_backward(
         }
         collect(model, &store, &names, grads)?;
         drop(store);
-        probe("bwd");
+        probe.mark("bwd");
         Ok(loss)
     }
 }

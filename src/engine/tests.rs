@@ -3,6 +3,7 @@
 //! block checkpointing, accumulation) give the same gradients as the plain backward.
 
 use super::model::Model;
+use super::probe::NoProbe;
 use super::rng::Rng;
 use super::step::{eval_loss, forward_backward, Grads, Opts};
 use candle_core::{DType, Device, Tensor};
@@ -65,7 +66,7 @@ fn grads(m: &Model, opts: Opts, micro: &[u64]) -> Grads {
     let mut g = Grads::new();
     for s in micro {
         let (x, y) = batch(*s);
-        forward_backward(m, &x, &y, B, opts, &mut g).unwrap();
+        forward_backward(m, &x, &y, B, opts, &mut g, &NoProbe).unwrap();
     }
     g
 }
@@ -271,94 +272,4 @@ fn builtin_corpus_entropy_is_consistent() {
         "empirical {h} vs exact {}",
         e.rate
     );
-}
-
-/// Prints stage-by-stage memory for calibration:
-/// `VRAMPLAN_CALIBRATE=cfgs.txt cargo test --bin vramplan calibrate -- --ignored --nocapture --test-threads=1`,
-/// one config per line: `arch ckpt L C H KV D I V B T chunk`.
-#[test]
-#[ignore]
-fn calibrate() {
-    use super::{alloc, optim::AdamW, step};
-    use std::sync::atomic::Ordering;
-    let path = std::env::var("VRAMPLAN_CALIBRATE").unwrap();
-    let text = std::fs::read_to_string(path).unwrap();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let u = |i: usize| f[i].parse::<u64>().unwrap();
-        let arch = if f[0] == "llama" {
-            Arch::Llama
-        } else {
-            Arch::Nanochat
-        };
-        let ckpt = f[1] == "1";
-        let (b, t, chunk) = (u(9) as usize, u(10) as usize, u(11) as usize);
-        let spec = ModelSpec {
-            num_layers: u(2),
-            hidden_size: u(3),
-            num_heads: u(4),
-            num_kv_heads: u(5),
-            head_dim: u(6),
-            intermediate_size: u(7),
-            vocab_size: u(8),
-            ..spec(arch)
-        };
-        let compute = match std::env::var("VRAMPLAN_CALIBRATE_DTYPE").as_deref() {
-            Ok("f16") => DType::F16,
-            _ => DType::F32,
-        };
-        // As `train` does: the pool's threads and gemm's per-thread buffers (for both
-        // dtypes) exist before anything is measured.
-        super::warm_up(compute).unwrap();
-        let m = Model::new(&spec, DType::F32, compute, &Device::Cpu, &mut Rng::new(1)).unwrap();
-        let mut opt = AdamW::new();
-        let opts = Opts {
-            chunk,
-            checkpoint: ckpt,
-            scale: 1.0 / (b * t) as f64,
-        };
-        let mut r = Rng::new(2);
-        let toks: Vec<u32> = (0..10_000)
-            .map(|_| r.below(spec.vocab_size.min(256) as usize) as u32)
-            .collect();
-        let tensors = std::env::var_os("VRAMPLAN_CALIBRATE_TENSORS").is_some();
-        step::PROBE_TENSORS.store(tensors, Ordering::Relaxed);
-        let live = || {
-            if tensors {
-                alloc::tensors_current()
-            } else {
-                alloc::current()
-            }
-        };
-        let base = live();
-        for s in 0..2 {
-            if s == 1 {
-                step::PROBES.lock().unwrap().clear();
-                step::PROBING.store(true, Ordering::Relaxed);
-                alloc::reset_peak();
-            }
-            let before = live();
-            let mut g = Grads::new();
-            let (x, y) = super::data::batch(&toks, b, t, &mut r).unwrap();
-            step::probe("batch");
-            forward_backward(&m, &x, &y, b, opts, &mut g).unwrap();
-            step::probe("fb");
-            opt.step(&m, g, 1e-3).unwrap();
-            step::probe("opt");
-            drop((x, y));
-            step::PROBING.store(false, Ordering::Relaxed);
-            if s == 1 {
-                let p = step::PROBES.lock().unwrap().clone();
-                let mut prev = before;
-                let mut out = format!("{line} |");
-                let mut top = 0;
-                for (l, cur, peak) in p {
-                    out += &format!(" {}:{}:{}", l.replace(' ', ""), peak - prev, cur - base);
-                    top = top.max(peak - base);
-                    prev = cur;
-                }
-                eprintln!("CAL {out} | STEP {top}");
-            }
-        }
-    }
 }

@@ -1,0 +1,78 @@
+//! Stage marks inside a step, for calibrating the planner's inventory: the step calls
+//! [`Probe::mark`] at the end of each stage, and a probe decides what to do with it.
+//! Training passes [`NoProbe`]; calibration and `VRAMPLAN_MEM_DEBUG` pass a [`Recorder`].
+
+use crate::engine::alloc;
+use std::cell::RefCell;
+
+/// Told the end of each stage of a step (`"fwd 0 attn"`, `"loss"`, `"opt"`, ...).
+pub trait Probe {
+    fn mark(&self, label: &str);
+}
+
+/// Ignores every mark: what a training step runs with.
+pub struct NoProbe;
+
+impl Probe for NoProbe {
+    fn mark(&self, _: &str) {}
+}
+
+/// One stage: its label, the live bytes at its end and the high-water mark during it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub label: String,
+    pub live: u64,
+    pub peak: u64,
+}
+
+/// Records each stage from the counting allocator (the CPU heap) and starts a new
+/// high-water mark for the next stage.
+pub struct Recorder {
+    /// Tensors alone (no matmul scratch) rather than the whole heap.
+    tensors: bool,
+    marks: RefCell<Vec<Mark>>,
+}
+
+impl Recorder {
+    pub fn new(tensors: bool) -> Recorder {
+        Recorder {
+            tensors,
+            marks: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Live bytes now, counted as this recorder counts.
+    pub fn live(&self) -> u64 {
+        if self.tensors {
+            alloc::tensors_current()
+        } else {
+            alloc::current()
+        }
+    }
+
+    /// The marks so far, oldest first, leaving the recorder empty. It keeps its buffer, so
+    /// a recorder used again (calibration measures many configurations with one) does not
+    /// allocate for its marks inside a measured step once it has held as many.
+    pub fn take(&self) -> Vec<Mark> {
+        let mut marks = self.marks.borrow_mut();
+        let out = marks.clone();
+        marks.clear();
+        out
+    }
+}
+
+impl Probe for Recorder {
+    fn mark(&self, label: &str) {
+        let (live, peak) = if self.tensors {
+            (alloc::tensors_current(), alloc::tensors_peak())
+        } else {
+            (alloc::current(), alloc::peak())
+        };
+        self.marks.borrow_mut().push(Mark {
+            label: label.to_string(),
+            live,
+            peak,
+        });
+        alloc::reset_peak();
+    }
+}
