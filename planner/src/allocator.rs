@@ -202,10 +202,13 @@ mod tests {
 
     /// The first port, kept as the reference the indexed pools must agree with: every
     /// block of every segment in a vector, best fit by a linear scan.
+    /// A block as (offset, size, free).
+    type LinearBlock = (u64, u64, bool);
+
     #[derive(Default)]
     struct LinearPools {
-        /// (small pool?, blocks as (offset, size, free) in address order).
-        segs: Vec<(bool, Vec<(u64, u64, bool)>)>,
+        /// (small pool?, its blocks in address order).
+        segs: Vec<(bool, Vec<LinearBlock>)>,
         reserved: u64,
     }
 
