@@ -99,3 +99,6 @@ mod tests {
         assert!(write_quietly(&mut Full, "x").is_err());
     }
 }
+
+#[cfg(test)]
+mod fixtures;
