@@ -290,7 +290,7 @@ fn many_reports(n: usize, nonsense: bool) -> String {
         let req = if bad && i % 4 == 1 {
             "-3.00 GiB"
         } else {
-            "3.75 GiB"
+            "15.00 GiB"
         };
         let alloc = if bad { "900.00 GiB" } else { "12.10 GiB" };
         log.push_str(&format!(
