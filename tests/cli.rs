@@ -351,7 +351,12 @@ fn a_closed_stdout_is_a_quiet_exit() {
         "smollm2-135m",
         "--json",
     ];
-    for args in [&["estimate", "--json"][..], &["estimate"], &fit, &["models"]] {
+    for args in [
+        &["estimate", "--json"][..],
+        &["estimate"],
+        &fit,
+        &["models"],
+    ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vramplan"))
             .args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))

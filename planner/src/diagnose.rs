@@ -115,13 +115,17 @@ pub enum Edit {
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum FixKind {
     /// Config edits, applied together.
-    Edits { edits: Vec<Edit> },
+    Edits {
+        edits: Vec<Edit>,
+    },
     /// `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`.
     ExpandableSegments {
         reserved_unallocated_bytes: u64,
         request_bytes: u64,
     },
-    FreeGpu { other_processes_bytes: u64 },
+    FreeGpu {
+        other_processes_bytes: u64,
+    },
     /// Without a config: halve the micro-batch, double the accumulation.
     HalveMicroBatch,
     /// Without a config: shard the optimizer state (or an 8-bit optimizer).
@@ -507,7 +511,10 @@ mod tests {
         for (code, hint) in [
             ("logits = logits.float()", Some(Hint::Logits)),
             ("F.cross_entropy(x, y)", Some(Hint::Logits)),
-            ("F.scaled_dot_product_attention(q, k, v)", Some(Hint::Attention)),
+            (
+                "F.scaled_dot_product_attention(q, k, v)",
+                Some(Hint::Attention),
+            ),
             ("optimizer.step()", Some(Hint::OptimizerState)),
             ("x = y + 1", None),
         ] {

@@ -78,10 +78,9 @@ fn parse_margin(s: &str) -> Result<f64> {
 /// A count flag: 0 and values past the planner's bounds are bad input, named by the flag.
 fn count_flag(flag: &str, v: Option<u64>, max: u64) -> Result<Option<u64>> {
     match v {
-        Some(n) if n == 0 || n > max => Err(bad(
-            flag,
-            format!("{n}: a whole number from 1 to {max}"),
-        )),
+        Some(n) if n == 0 || n > max => {
+            Err(bad(flag, format!("{n}: a whole number from 1 to {max}")))
+        }
         v => Ok(v),
     }
 }
@@ -137,12 +136,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     if let Some(p) = &a.plot {
         write_atomic(p, &render::svg::fit(&result))?;
     }
-    let text = Format::from_json_flag(a.json).renderer().fit(
-        &result,
-        &plan,
-        a.top,
-        a.out.as_deref(),
-    )?;
+    let text =
+        Format::from_json_flag(a.json)
+            .renderer()
+            .fit(&result, &plan, a.top, a.out.as_deref())?;
     render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

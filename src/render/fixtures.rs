@@ -23,10 +23,7 @@ fn diagnoses(with_config: bool) -> Vec<Diagnosis> {
 }
 
 fn both(f: impl Fn(&dyn Render) -> String) -> (String, String) {
-    (
-        f(Format::Table.renderer()),
-        f(Format::Json.renderer()),
-    )
+    (f(Format::Table.renderer()), f(Format::Json.renderer()))
 }
 
 #[test]

@@ -49,8 +49,7 @@ pub trait Render {
     fn compare(&self, na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison)
         -> Result<String>;
     /// `plan` is the plan's TOML; `written` the file it was written to, if any.
-    fn fit(&self, f: &FitResult, plan: &str, top: usize, written: Option<&Path>)
-        -> Result<String>;
+    fn fit(&self, f: &FitResult, plan: &str, top: usize, written: Option<&Path>) -> Result<String>;
     /// `written`: the file the best fix was written to, if any.
     fn diagnose(&self, ds: &[Diagnosis], written: Option<&Path>) -> Result<String>;
     fn models(&self, ms: &[ModelSpec]) -> Result<String>;

@@ -388,7 +388,11 @@ fn diagnosis_numbers(r: &vramplan_planner::OomReport, out: &mut String) {
     opt("free", r.free_bytes, out);
     opt("allocated by PyTorch", r.allocated_bytes, out);
     opt("reserved by PyTorch", r.reserved_bytes, out);
-    opt("reserved but unallocated", r.reserved_unallocated_bytes, out);
+    opt(
+        "reserved but unallocated",
+        r.reserved_unallocated_bytes,
+        out,
+    );
     opt("this process", r.process_in_use_bytes, out);
     opt("other processes", r.other_processes_bytes, out);
     if let Some(c) = &r.code_line {
