@@ -371,3 +371,66 @@ fn candle_outside_the_calibrated_domain_warns() {
         serde_json::json!([])
     );
 }
+
+/// Regression: `estimate --json | head -c 100` panicked on the closed pipe (exit 101).
+#[test]
+fn a_closed_stdout_is_a_quiet_exit() {
+    use std::process::Stdio;
+    let fit = [
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--json",
+    ];
+    for args in [
+        &["estimate", "--json"][..],
+        &["estimate"],
+        &fit,
+        &["models"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vramplan"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary runs");
+        drop(child.stdout.take());
+        let o = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Regression: `--global-batch 0` exited 1; every count flag of `fit` at 0 or past its
+/// bound is bad input, one line naming the flag.
+#[test]
+fn fit_count_flags_are_bad_input() {
+    for (flag, v) in [
+        ("--global-batch", "0"),
+        ("--global-batch", "18446744073709551615"),
+        ("--global-batch-tokens", "0"),
+        ("--global-batch-tokens", "18446744073709551615"),
+        ("--seq-len", "0"),
+        ("--seq-len", "18446744073709551615"),
+        ("--gpus", "0"),
+        ("--gpus", "100000"),
+    ] {
+        let o = vramplan(&[
+            "fit",
+            "--gpu",
+            "rtx4060-laptop-8gb",
+            "--model",
+            "smollm2-135m",
+            flag,
+            v,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {v}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{flag} {v}: {err}");
+        assert!(err.contains(flag) && err.contains("from 1 to"), "{err}");
+    }
+}

@@ -280,3 +280,54 @@ fn unreadable_log_is_bad_input() {
     assert_eq!(code, 2);
     assert!(err.contains("no-such.log"), "{err}");
 }
+
+/// A log of `n` reports after the PyTorch 1.x message, every other one with nonsense
+/// numbers when asked (tools/oom_log.py writes the same for timing by hand).
+fn many_reports(n: usize, nonsense: bool) -> String {
+    let mut log = String::new();
+    for i in 0..n {
+        let bad = nonsense && i % 2 == 1;
+        let req = if bad && i % 4 == 1 {
+            "-3.00 GiB"
+        } else {
+            "15.00 GiB"
+        };
+        let alloc = if bad { "900.00 GiB" } else { "12.10 GiB" };
+        log.push_str(&format!(
+            "step {i}\n  File \"gpt.py\", line 301, in forward\n    logits = logits.float()\nRuntimeError: CUDA out of memory. Tried to allocate {req} (GPU 0; 31.84 GiB total capacity; {alloc} already allocated; 3.20 GiB free; 14.00 GiB reserved in total by PyTorch)\n"
+        ));
+    }
+    log
+}
+
+/// Regression: re-planning the config's fixes for every report cost 15–30 ms a report
+/// (and a nonsense report took over 5 s); the fixes are planned once per config.
+#[test]
+fn many_reports_against_a_config_finish_fast() {
+    let log = many_reports(400, true);
+    let start = std::time::Instant::now();
+    let (code, out, err) = run(
+        &[
+            "-",
+            "--json",
+            "--config",
+            "presets/examples/nanochat-d16-failed.toml",
+        ],
+        log.as_bytes(),
+    );
+    let took = start.elapsed();
+    assert_eq!(code, 0, "{err}");
+    // The old code needed about 150 ms a report in a debug build: 60 s for these 400.
+    assert!(took.as_secs() < 15, "took {took:?}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    let r = v["reports"].as_array().expect("reports");
+    assert_eq!(r.len(), 400);
+    assert_eq!(r[0]["fixes"], r[398]["fixes"]);
+    assert!(r[0]["implausible"].is_null());
+    assert!(r[0]["tensor"].is_string(), "{}", r[0]);
+    for bad in [&r[1], &r[3]] {
+        let why = bad["implausible"].as_str().expect("the nonsense is named");
+        assert!(why.contains("not matched"), "{why}");
+        assert!(bad["tensor"].is_null());
+    }
+}

@@ -1,5 +1,6 @@
 mod accuracy;
 mod cli;
 mod diagnose;
+mod fuzz_cli;
 mod parquet_data;
 mod train;

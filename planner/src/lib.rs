@@ -7,6 +7,7 @@ mod allocator;
 mod candle_engine;
 mod compare;
 mod config;
+mod diagnose;
 mod error;
 mod fit;
 mod hf;
@@ -23,6 +24,10 @@ pub use compare::{compare, fp32_logits, gib2, Comparison, ComponentDiff, ConfigD
 pub use config::{
     check_run, defaults, Context, PresetSource, RawConfig, RawHardware, RawModel, RawTrain,
     MAX_COUNT, MAX_DIM, MAX_GPUS, MAX_LAYERS,
+};
+pub use diagnose::{
+    best_fix, diagnose, generic_fixes, implausible, logits_shape, planned_fixes, Diagnosis, Edit,
+    Explanation, Fix, FixKind, FixPlan, Hint, Implausible, LogitsShape,
 };
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};

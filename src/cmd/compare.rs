@@ -1,7 +1,7 @@
 //! `vramplan compare a.toml b.toml [--json]`
 
 use crate::load::{self, Env};
-use crate::render;
+use crate::render::{self, Format};
 use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,16 +28,9 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     if let Some(p) = &a.plot {
         vramplan::write_atomic(p, &render::svg::compare(&ra, &la.name, &rb, &lb.name))?;
     }
-    if a.json {
-        println!(
-            "{}",
-            render::json::compare(&la.name, &ra, &lb.name, &rb, &cmp)
-        );
-    } else {
-        print!(
-            "{}",
-            render::table::compare(&la.name, &ra, &lb.name, &rb, &cmp)
-        );
-    }
+    let text = Format::from_json_flag(a.json)
+        .renderer()
+        .compare(&la.name, &ra, &lb.name, &rb, &cmp)?;
+    render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

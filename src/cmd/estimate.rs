@@ -2,7 +2,7 @@
 
 use crate::exit::DOES_NOT_FIT;
 use crate::load::{self, Env};
-use crate::render;
+use crate::render::{self, Format};
 use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,11 +28,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     if let Some(p) = &a.plot {
         vramplan::write_atomic(p, &render::svg::timeline(&report, &loaded.name))?;
     }
-    if a.json {
-        println!("{}", render::json::report(&report));
-    } else {
-        print!("{}", render::table::estimate(&loaded.spec, &report));
-    }
+    let text = Format::from_json_flag(a.json)
+        .renderer()
+        .estimate(&loaded.spec, &report)?;
+    render::emit(&text)?;
     Ok(if a.check && !report.fits {
         ExitCode::from(DOES_NOT_FIT)
     } else {

@@ -2,12 +2,14 @@
 
 use crate::exit::bad;
 use crate::load::{self, Env};
-use crate::render;
+use crate::render::{self, Format};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vramplan::write_atomic;
-use vramplan_planner::{fit, FitRequest, GlobalBatch, RawConfig, RawHardware, RawTrain};
+use vramplan_planner::{
+    fit, FitRequest, GlobalBatch, RawConfig, RawHardware, RawTrain, MAX_COUNT, MAX_DIM,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -73,8 +75,25 @@ fn parse_margin(s: &str) -> Result<f64> {
     }
 }
 
+/// A count flag: 0 and values past the planner's bounds are bad input, named by the flag.
+fn count_flag(flag: &str, v: Option<u64>, max: u64) -> Result<Option<u64>> {
+    match v {
+        Some(n) if n == 0 || n > max => {
+            Err(bad(flag, format!("{n}: a whole number from 1 to {max}")))
+        }
+        v => Ok(v),
+    }
+}
+
+/// The largest global batch in tokens: the most sequences of the longest length.
+const MAX_TOKENS: u64 = MAX_COUNT * MAX_DIM;
+
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let margin = parse_margin(&a.margin)?;
+    count_flag("--seq-len", a.seq_len, MAX_DIM)?;
+    count_flag("--global-batch", a.global_batch, MAX_COUNT)?;
+    count_flag("--global-batch-tokens", a.global_batch_tokens, MAX_TOKENS)?;
+    count_flag("--gpus", Some(a.gpus), 1024)?;
     let model = load::model_arg(&a.model);
     let raw = RawConfig {
         model,
@@ -117,14 +136,11 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     if let Some(p) = &a.plot {
         write_atomic(p, &render::svg::fit(&result))?;
     }
-    if a.json {
-        println!("{}", render::json::fit(&result, &plan));
-    } else {
-        print!("{}", render::table::fit(&result, a.top));
-        if let Some(out) = &a.out {
-            println!("plan written to {}", out.display());
-        }
-    }
+    let text =
+        Format::from_json_flag(a.json)
+            .renderer()
+            .fit(&result, &plan, a.top, a.out.as_deref())?;
+    render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,7 +1,7 @@
 //! `vramplan models [--json]`
 
 use crate::load::Env;
-use crate::render;
+use crate::render::{self, Format};
 use anyhow::Result;
 use std::process::ExitCode;
 
@@ -14,10 +14,7 @@ pub struct Args {
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let presets = env.presets()?;
     let models: Vec<_> = presets.models().cloned().collect();
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&models)?);
-    } else {
-        print!("{}", render::table::models(&models));
-    }
+    let text = Format::from_json_flag(a.json).renderer().models(&models)?;
+    render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,28 +1,120 @@
 //! JSON output (the contract of DESIGN.md: `peak_allocated_bytes`, `peak_reserved_bytes`,
-//! `device_bytes`, `capacity_bytes`, `fits`, `peak_phase`, `components`).
+//! `device_bytes`, `capacity_bytes`, `fits`, `peak_phase`, `components`). A value that
+//! cannot be serialized is an error, never a `null`.
 
+use super::{prose, Render};
+use crate::nvml::Detected;
+use anyhow::{Context, Result};
+use serde::Serialize;
 use serde_json::{json, Value};
-use vramplan_planner::{Comparison, FitResult, Report};
+use std::path::Path;
+use vramplan_planner::{
+    Cause, Comparison, Diagnosis, FitResult, GpuSpec, Implausible, ModelSpec, OomReport, Report,
+    RunSpec,
+};
 
-fn value<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
+pub struct Json;
+
+fn value<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).context("cannot write the output as JSON")
 }
 
-pub fn report(r: &Report) -> String {
-    serde_json::to_string_pretty(&value(r)).unwrap_or_default()
+fn text(v: &Value) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(v).context("cannot write the output as JSON")?;
+    s.push('\n');
+    Ok(s)
 }
 
-pub fn compare(na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison) -> String {
-    let mut va = value(a);
-    let mut vb = value(b);
-    va["config"] = json!(na);
-    vb["config"] = json!(nb);
-    serde_json::to_string_pretty(&json!({ "a": va, "b": vb, "comparison": value(c) }))
-        .unwrap_or_default()
+/// A diagnosis as `diagnose --json` has always written it: the report's fields at the top
+/// level, the explanation and each fix's change as sentences.
+#[derive(Serialize)]
+struct DiagnosisView<'a> {
+    cause: Cause,
+    #[serde(flatten)]
+    report: &'a OomReport,
+    tensor: Option<&'a str>,
+    explanation: String,
+    implausible: Option<String>,
+    implausible_kind: Option<&'a Implausible>,
+    fixes: Vec<FixView>,
 }
 
-pub fn fit(f: &FitResult, plan_toml: &str) -> String {
-    let mut v = value(f);
-    v["plan_toml"] = json!(plan_toml);
-    serde_json::to_string_pretty(&v).unwrap_or_default()
+#[derive(Serialize)]
+struct FixView {
+    change: String,
+    predicted_peak_bytes: Option<u64>,
+    fits: Option<bool>,
+    keeps_global_batch: bool,
+}
+
+fn view(d: &Diagnosis) -> DiagnosisView<'_> {
+    DiagnosisView {
+        cause: d.cause,
+        report: &d.report,
+        tensor: d.tensor.as_deref(),
+        explanation: prose::explanation(&d.explanation),
+        implausible: d.implausible.as_ref().map(prose::implausible),
+        implausible_kind: d.implausible.as_ref(),
+        fixes: d
+            .fixes
+            .iter()
+            .map(|f| FixView {
+                change: prose::change(&f.kind),
+                predicted_peak_bytes: f.predicted_peak_bytes,
+                fits: f.fits,
+                keeps_global_batch: f.keeps_global_batch,
+            })
+            .collect(),
+    }
+}
+
+fn detected_value(detected: &Result<Vec<Detected>>) -> Value {
+    match detected {
+        Ok(d) => json!(d
+            .iter()
+            .map(|d| json!({"index": d.index, "name": d.spec.display, "total_bytes": d.spec.capacity.0,
+                "used_bytes": d.used.0, "free_bytes": d.free.0, "nearest_preset": d.preset}))
+            .collect::<Vec<_>>()),
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
+}
+
+impl Render for Json {
+    fn estimate(&self, _: &RunSpec, r: &Report) -> Result<String> {
+        text(&value(r)?)
+    }
+
+    fn compare(
+        &self,
+        na: &str,
+        a: &Report,
+        nb: &str,
+        b: &Report,
+        c: &Comparison,
+    ) -> Result<String> {
+        let mut va = value(a)?;
+        let mut vb = value(b)?;
+        va["config"] = json!(na);
+        vb["config"] = json!(nb);
+        text(&json!({ "a": va, "b": vb, "comparison": value(c)? }))
+    }
+
+    fn fit(&self, f: &FitResult, plan: &str, _: usize, _: Option<&Path>) -> Result<String> {
+        let mut v = value(f)?;
+        v["plan_toml"] = json!(plan);
+        text(&v)
+    }
+
+    fn diagnose(&self, ds: &[Diagnosis], _: Option<&Path>) -> Result<String> {
+        let views: Vec<DiagnosisView> = ds.iter().map(view).collect();
+        text(&json!({ "reports": value(&views)? }))
+    }
+
+    fn models(&self, ms: &[ModelSpec]) -> Result<String> {
+        text(&value(ms)?)
+    }
+
+    fn gpus(&self, gs: &[GpuSpec], detected: &Result<Vec<Detected>>) -> Result<String> {
+        text(&json!({"presets": value(gs)?, "detected": detected_value(detected)}))
+    }
 }

@@ -76,30 +76,45 @@ fn y_axis(out: &mut String, y0: f64, h: f64, max_gib: f64) {
     }
 }
 
-/// One panel: the step's live bytes by component, stacked, sampled to one column per pixel
-/// (each column shows the highest state inside it, so the peak is never lost).
-fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
-    let curve = r.timeline.curve();
-    let plot_w = W - LEFT - RIGHT;
-    let cols = (plot_w as usize).min(curve.len().max(1));
-    let runtime = r.components.get("runtime").copied().unwrap_or(0) as f64;
-    let scale = PANEL_H / (max_gib * GIB as f64);
-    let mut samples: Vec<[u64; 7]> = Vec::with_capacity(cols);
-    for c in 0..cols {
-        let lo = c * curve.len() / cols;
-        let hi = ((c + 1) * curve.len() / cols).max(lo + 1).min(curve.len());
-        let best = curve[lo..hi]
-            .iter()
-            .max_by_key(|s| s.iter().sum::<u64>())
-            .copied()
-            .unwrap_or([0; 7]);
-        samples.push(best);
+/// Where a panel's columns and bytes land on the canvas.
+struct Frame {
+    y0: f64,
+    plot_w: f64,
+    cols: usize,
+    scale: f64,
+}
+
+impl Frame {
+    fn x(&self, i: usize) -> f64 {
+        LEFT + (i as f64 + 0.5) * self.plot_w / self.cols.max(1) as f64
     }
-    let x = |i: usize| LEFT + (i as f64 + 0.5) * plot_w / cols.max(1) as f64;
-    let y = |bytes: f64| y0 + PANEL_H - bytes * scale;
-    // Bands from the bottom: the CUDA context, then each component.
-    let mut below = vec![0.0f64; cols];
-    let mut bands: Vec<(&str, String, Vec<f64>)> = Vec::new();
+
+    fn y(&self, bytes: f64) -> f64 {
+        self.y0 + PANEL_H - bytes * self.scale
+    }
+}
+
+/// A stacked band: its name, colour and bytes per column.
+type Band<'a> = (&'a str, String, Vec<f64>);
+
+/// One column per pixel, each the highest state inside it, so the peak is never lost.
+fn sample(curve: &[[u64; 7]], cols: usize) -> Vec<[u64; 7]> {
+    (0..cols)
+        .map(|c| {
+            let lo = c * curve.len() / cols;
+            let hi = ((c + 1) * curve.len() / cols).max(lo + 1).min(curve.len());
+            curve[lo..hi]
+                .iter()
+                .max_by_key(|s| s.iter().sum::<u64>())
+                .copied()
+                .unwrap_or([0; 7])
+        })
+        .collect()
+}
+
+/// Bands from the bottom: the CUDA context, then each component that holds memory.
+fn bands(runtime: f64, samples: &[[u64; 7]], cols: usize) -> Vec<Band<'static>> {
+    let mut bands = Vec::new();
     if runtime > 0.0 {
         bands.push((
             "runtime (CUDA context)",
@@ -113,20 +128,26 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
             bands.push((c.key(), color(*c).to_string(), vals));
         }
     }
+    bands
+}
+
+/// Draws the bands stacked; returns the stack's top per column.
+fn draw_bands(out: &mut String, f: &Frame, bands: &[Band]) -> Vec<f64> {
+    let mut below = vec![0.0f64; f.cols];
     let _ = writeln!(out, r#"<g class="series">"#);
-    for (name, col, vals) in &bands {
+    for (name, col, vals) in bands {
         let mut d = String::new();
-        for i in 0..cols {
+        for i in 0..f.cols {
             let _ = write!(
                 d,
                 "{}{:.1},{:.1} ",
                 if i == 0 { "M" } else { "L" },
-                x(i),
-                y(below[i] + vals[i])
+                f.x(i),
+                f.y(below[i] + vals[i])
             );
         }
-        for i in (0..cols).rev() {
-            let _ = write!(d, "L{:.1},{:.1} ", x(i), y(below[i]));
+        for i in (0..f.cols).rev() {
+            let _ = write!(d, "L{:.1},{:.1} ", f.x(i), f.y(below[i]));
         }
         let _ = writeln!(
             out,
@@ -134,30 +155,34 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
             esc(name),
             d.trim_end()
         );
-        for i in 0..cols {
+        for i in 0..f.cols {
             below[i] += vals[i];
         }
     }
     let _ = writeln!(out, "</g>");
-    // Capacity and the peak.
+    below
+}
+
+/// The capacity line, the device peak when it differs, and the live peak's dot.
+fn marks(out: &mut String, f: &Frame, r: &Report, top: &[f64]) {
     let cap = r.capacity_bytes as f64;
-    if cap * scale <= PANEL_H * 1.05 {
-        capacity_line(out, y(cap), r.capacity_bytes);
+    if cap * f.scale <= PANEL_H * 1.05 {
+        capacity_line(out, f.y(cap), r.capacity_bytes);
     }
     let device = r.device_bytes as f64;
-    if r.peak_reserved_bytes != r.peak_allocated_bytes && device * scale <= PANEL_H * 1.05 {
+    if r.peak_reserved_bytes != r.peak_allocated_bytes && device * f.scale <= PANEL_H * 1.05 {
         let _ = writeln!(
             out,
             r##"<line class="device" x1="{LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#777" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">device peak {} (reserved + context)</text>"##,
-            y(device),
+            f.y(device),
             W - RIGHT,
-            y(device),
+            f.y(device),
             W - RIGHT - 4.0,
-            y(device) - 5.0,
+            f.y(device) - 5.0,
             esc(&Bytes(r.device_bytes).to_string())
         );
     }
-    let (pi, ptotal) = below
+    let (pi, ptotal) = top
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
@@ -166,13 +191,45 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
     let _ = writeln!(
         out,
         r##"<circle class="peak" cx="{:.1}" cy="{:.1}" r="4" fill="#000"/><text x="{:.1}" y="{:.1}" text-anchor="middle">peak {} live, during {}</text>"##,
-        x(pi),
-        y(ptotal),
-        x(pi),
-        (y(ptotal) - 8.0).max(y0 - 4.0),
+        f.x(pi),
+        f.y(ptotal),
+        f.x(pi),
+        (f.y(ptotal) - 8.0).max(f.y0 - 4.0),
         esc(&Bytes(ptotal as u64).to_string()),
         esc(&r.peak_phase)
     );
+}
+
+fn legend(out: &mut String, y0: f64, bands: &[Band]) {
+    for (k, (name, col, _)) in bands.iter().enumerate() {
+        let ly = y0 + 10.0 + k as f64 * 18.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{:.1}" y="{:.1}" width="12" height="12" fill="{col}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            W - RIGHT + 16.0,
+            ly,
+            W - RIGHT + 32.0,
+            ly + 10.0,
+            esc(&name.replace('_', " "))
+        );
+    }
+}
+
+/// One panel: the step's live bytes by component, stacked, sampled to one column per pixel.
+fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
+    let curve = r.timeline.curve();
+    let plot_w = W - LEFT - RIGHT;
+    let cols = (plot_w as usize).min(curve.len().max(1));
+    let runtime = r.components.get("runtime").copied().unwrap_or(0) as f64;
+    let f = Frame {
+        y0,
+        plot_w,
+        cols,
+        scale: PANEL_H / (max_gib * GIB as f64),
+    };
+    let bands = bands(runtime, &sample(&curve, cols), cols);
+    let top = draw_bands(out, &f, &bands);
+    marks(out, &f, r, &top);
     let _ = writeln!(
         out,
         r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text>"#,
@@ -186,19 +243,7 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
         LEFT + plot_w / 2.0,
         y0 + PANEL_H + 20.0
     );
-    // Legend.
-    for (k, (name, col, _)) in bands.iter().enumerate() {
-        let ly = y0 + 10.0 + k as f64 * 18.0;
-        let _ = writeln!(
-            out,
-            r#"<rect x="{:.1}" y="{:.1}" width="12" height="12" fill="{col}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            W - RIGHT + 16.0,
-            ly,
-            W - RIGHT + 32.0,
-            ly + 10.0,
-            esc(&name.replace('_', " "))
-        );
-    }
+    legend(out, y0, &bands);
 }
 
 fn top_gib(rs: &[&Report]) -> f64 {

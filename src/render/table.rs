@@ -1,8 +1,70 @@
 //! Human-readable tables (comfy-table, fixed width so snapshots are stable).
 
+use super::{prose, Render};
+use crate::nvml::Detected;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
 use std::fmt::Write;
-use vramplan_planner::{Bytes, Comparison, Device, FitResult, GpuSpec, ModelSpec, Report, RunSpec};
+use std::path::Path;
+use vramplan_planner::{
+    Bytes, Comparison, Device, Diagnosis, FitResult, GpuSpec, ModelSpec, Report, RunSpec,
+};
+
+/// The human-readable format.
+pub struct Text;
+
+impl Render for Text {
+    fn estimate(&self, s: &RunSpec, r: &Report) -> anyhow::Result<String> {
+        Ok(estimate(s, r))
+    }
+
+    fn compare(
+        &self,
+        na: &str,
+        a: &Report,
+        nb: &str,
+        b: &Report,
+        c: &Comparison,
+    ) -> anyhow::Result<String> {
+        Ok(compare(na, a, nb, b, c))
+    }
+
+    fn fit(
+        &self,
+        f: &FitResult,
+        _: &str,
+        top: usize,
+        written: Option<&Path>,
+    ) -> anyhow::Result<String> {
+        let mut out = fit(f, top);
+        if let Some(p) = written {
+            let _ = writeln!(out, "plan written to {}", p.display());
+        }
+        Ok(out)
+    }
+
+    fn diagnose(&self, ds: &[Diagnosis], written: Option<&Path>) -> anyhow::Result<String> {
+        if ds.is_empty() {
+            return Ok("no CUDA out-of-memory report found\n".to_string());
+        }
+        let mut out = diagnose(ds);
+        if let Some(p) = written {
+            let _ = writeln!(out, "wrote the best fix to {}", p.display());
+        }
+        Ok(out)
+    }
+
+    fn models(&self, ms: &[ModelSpec]) -> anyhow::Result<String> {
+        Ok(models(ms))
+    }
+
+    fn gpus(
+        &self,
+        gs: &[GpuSpec],
+        detected: &anyhow::Result<Vec<Detected>>,
+    ) -> anyhow::Result<String> {
+        Ok(gpus(gs) + &detected_gpus(detected))
+    }
+}
 
 pub const WIDTH: u16 = 100;
 
@@ -284,4 +346,108 @@ pub fn gpus(gs: &[GpuSpec]) -> String {
     }
     right(&mut t, 2..6);
     format!("{t}\n")
+}
+
+/// What NVML found, after the preset table.
+pub fn detected_gpus(detected: &anyhow::Result<Vec<Detected>>) -> String {
+    let mut out = String::new();
+    match detected {
+        Ok(d) if d.is_empty() => out.push_str("\nNVML found no GPU.\n"),
+        Ok(d) => {
+            out.push_str("\nDetected through NVML (use gpu = \"auto\" for device 0):\n");
+            for g in d {
+                let _ = writeln!(
+                    out,
+                    "  {}: {}: {} total, {} used, {} free (nearest preset: {})",
+                    g.index,
+                    g.spec.display,
+                    g.spec.capacity,
+                    g.used,
+                    g.free,
+                    g.preset.as_deref().unwrap_or("none")
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "\nNo GPU detected through NVML ({}). Name a preset, or gpu = \"cpu\".",
+                e.root_cause()
+            );
+        }
+    }
+    out
+}
+
+fn opt(label: &str, v: Option<u64>, out: &mut String) {
+    if let Some(x) = v {
+        let _ = writeln!(out, "  {label:<28} {}", Bytes(x));
+    }
+}
+
+fn diagnosis_numbers(r: &vramplan_planner::OomReport, out: &mut String) {
+    opt("requested", r.request_bytes, out);
+    opt("capacity", r.capacity_bytes, out);
+    opt("free", r.free_bytes, out);
+    opt("allocated by PyTorch", r.allocated_bytes, out);
+    opt("reserved by PyTorch", r.reserved_bytes, out);
+    opt(
+        "reserved but unallocated",
+        r.reserved_unallocated_bytes,
+        out,
+    );
+    opt("this process", r.process_in_use_bytes, out);
+    opt("other processes", r.other_processes_bytes, out);
+    if let Some(c) = &r.code_line {
+        let _ = writeln!(out, "  {:<28} {c}", "failed at");
+    }
+}
+
+fn fix_line(k: usize, f: &vramplan_planner::Fix) -> String {
+    let pred = match (f.predicted_peak_bytes, f.fits) {
+        (Some(p), Some(fits)) => format!(
+            " → predicted peak {}, {}{}",
+            Bytes(p),
+            if fits { "fits" } else { "does not fit" },
+            if f.keeps_global_batch {
+                ""
+            } else {
+                " (changes the global batch)"
+            }
+        ),
+        _ => String::new(),
+    };
+    format!("  {}. {}{pred}\n", k + 1, prose::change(&f.kind))
+}
+
+/// Each report: where it is, its numbers, the cause and the fixes, best first.
+pub fn diagnose(ds: &[Diagnosis]) -> String {
+    let mut out = String::new();
+    for (i, d) in ds.iter().enumerate() {
+        let r = &d.report;
+        let who = match (r.rank, r.gpu) {
+            (Some(rank), _) => format!(" on rank {rank}"),
+            (None, Some(g)) => format!(" on GPU {g}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "out-of-memory {} of {} (log line {}){who}: {}",
+            i + 1,
+            ds.len(),
+            r.line,
+            d.cause
+        );
+        diagnosis_numbers(r, &mut out);
+        if let Some(why) = &d.implausible {
+            let _ = writeln!(out, "note: {}", prose::implausible(why));
+        }
+        let _ = writeln!(out, "cause: {}", prose::explanation(&d.explanation));
+        out.push_str("fixes, best first:\n");
+        for (k, f) in d.fixes.iter().enumerate() {
+            out.push_str(&fix_line(k, f));
+        }
+        out.push('\n');
+    }
+    out
 }

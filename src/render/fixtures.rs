@@ -1,0 +1,60 @@
+//! Snapshots of the pure renderers on fixture reports: the seed scenario (nanochat d16 on
+//! two RTX 5090D, seed 002) and its out-of-memory log, in both formats.
+
+use super::{Format, Render};
+use vramplan_planner::{
+    diagnose, estimate, parse_log, Context, Diagnosis, FixPlan, Presets, RawConfig, RunSpec,
+};
+
+fn seed() -> RunSpec {
+    let text = include_str!("../../presets/examples/nanochat-d16-failed.toml");
+    let raw = RawConfig::from_toml(text).expect("the seed config parses");
+    let presets = Presets::builtin().expect("the built-in presets load");
+    raw.resolve(&presets, &Context::default())
+        .expect("the seed config resolves")
+}
+
+fn diagnoses(with_config: bool) -> Vec<Diagnosis> {
+    let plan = with_config.then(|| FixPlan::new(&seed()));
+    parse_log(include_str!("../../tests/data/oom/seed_nanochat_d16.log"))
+        .into_iter()
+        .map(|r| diagnose(r, plan.as_ref()))
+        .collect()
+}
+
+fn both(f: impl Fn(&dyn Render) -> String) -> (String, String) {
+    (f(Format::Table.renderer()), f(Format::Json.renderer()))
+}
+
+#[test]
+fn estimate_seed() {
+    let s = seed();
+    let r = estimate(&s);
+    let (table, json) = both(|x| x.estimate(&s, &r).expect("renders"));
+    insta::assert_snapshot!("estimate_table", table);
+    insta::assert_snapshot!("estimate_json", json);
+}
+
+#[test]
+fn diagnose_seed_with_config() {
+    let ds = diagnoses(true);
+    assert_eq!(ds.len(), 1);
+    let (table, json) = both(|x| x.diagnose(&ds, None).expect("renders"));
+    insta::assert_snapshot!("diagnose_config_table", table);
+    insta::assert_snapshot!("diagnose_config_json", json);
+}
+
+#[test]
+fn diagnose_seed_without_config() {
+    let ds = diagnoses(false);
+    let (table, json) = both(|x| x.diagnose(&ds, None).expect("renders"));
+    insta::assert_snapshot!("diagnose_table", table);
+    insta::assert_snapshot!("diagnose_json", json);
+}
+
+#[test]
+fn diagnose_nothing_found() {
+    let (table, json) = both(|x| x.diagnose(&[], None).expect("renders"));
+    assert_eq!(table, "no CUDA out-of-memory report found\n");
+    assert_eq!(json, "{\n  \"reports\": []\n}\n");
+}
