@@ -63,4 +63,3 @@ fn read_stdin() -> Result<Vec<u8>> {
         .map_err(|e| bad("standard input", format!("cannot read: {e}")))?;
     Ok(v)
 }
-
