@@ -8,7 +8,7 @@
 //! neighbours merge; segments are never returned during a step. `max_memory_allocated`
 //! counts the rounded block sizes; `max_memory_reserved` the segments.
 
-use crate::timeline::{Component, Timeline};
+use crate::timeline::{ByComponent, Component, Timeline};
 use crate::units::{Bytes, MIB};
 use std::collections::BTreeMap;
 
@@ -59,8 +59,8 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
     let mut segs: Vec<Segment> = Vec::new();
     let mut reserved = 0u64;
     let mut where_: Vec<Option<(usize, u64)>> = vec![None; t.tensors.len()];
-    let mut live = [0u64; 7];
-    let mut best = (0u64, live);
+    let mut live = ByComponent::default();
+    let mut best = (Bytes(0), live);
     let mut peak_reserved = 0u64;
     for e in &t.events {
         let tensor = &t.tensors[e.tensor];
@@ -68,10 +68,7 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
             continue;
         }
         let size = round_size(tensor.bytes.0);
-        let ci = Component::ALL
-            .iter()
-            .position(|c| *c == tensor.component)
-            .unwrap_or(0);
+        let c = tensor.component;
         if e.alloc {
             let small = size <= SMALL;
             // Best fit among free blocks of the pool.
@@ -124,8 +121,8 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
                 );
             }
             where_[e.tensor] = Some((si, b.offset));
-            live[ci] = live[ci].saturating_add(taken);
-            let total: u64 = live.iter().fold(0, |a, b| a.saturating_add(*b));
+            live.add(c, Bytes(taken));
+            let total = live.total();
             if total > best.0 {
                 best = (total, live);
             }
@@ -133,7 +130,7 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
         } else if let Some((si, off)) = where_[e.tensor].take() {
             let seg = &mut segs[si];
             if let Some(bi) = seg.blocks.iter().position(|b| b.offset == off) {
-                live[ci] = live[ci].saturating_sub(seg.blocks[bi].size);
+                live.sub(c, Bytes(seg.blocks[bi].size));
                 seg.blocks[bi].free = true;
                 if bi + 1 < seg.blocks.len() && seg.blocks[bi + 1].free {
                     let n = seg.blocks.remove(bi + 1);
@@ -147,13 +144,9 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
         }
     }
     AllocatorStats {
-        peak_allocated: Bytes(best.0),
-        peak_reserved: Bytes(peak_reserved.max(best.0)),
-        by_component: Component::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (*c, Bytes(best.1[i])))
-            .collect(),
+        peak_allocated: best.0,
+        peak_reserved: Bytes(peak_reserved.max(best.0 .0)),
+        by_component: best.1.to_map(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! Plain SVG 1.1 that opens in any browser; every text is XML-escaped.
 
 use std::fmt::Write;
-use vramplan_planner::{Bytes, Candidate, Component, FitResult, Report, GIB};
+use vramplan_planner::{ByComponent, Bytes, Candidate, Component, FitResult, Report, GIB};
 
 const W: f64 = 1040.0;
 const PANEL_H: f64 = 340.0;
@@ -84,15 +84,15 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
     let cols = (plot_w as usize).min(curve.len().max(1));
     let runtime = r.components.get("runtime").copied().unwrap_or(0) as f64;
     let scale = PANEL_H / (max_gib * GIB as f64);
-    let mut samples: Vec<[u64; 7]> = Vec::with_capacity(cols);
+    let mut samples: Vec<ByComponent> = Vec::with_capacity(cols);
     for c in 0..cols {
         let lo = c * curve.len() / cols;
         let hi = ((c + 1) * curve.len() / cols).max(lo + 1).min(curve.len());
         let best = curve[lo..hi]
             .iter()
-            .max_by_key(|s| s.iter().sum::<u64>())
+            .max_by_key(|s| s.total())
             .copied()
-            .unwrap_or([0; 7]);
+            .unwrap_or_default();
         samples.push(best);
     }
     let x = |i: usize| LEFT + (i as f64 + 0.5) * plot_w / cols.max(1) as f64;
@@ -107,8 +107,8 @@ fn panel(out: &mut String, r: &Report, y0: f64, max_gib: f64, label: &str) {
             vec![runtime; cols],
         ));
     }
-    for (ci, c) in Component::ALL.iter().enumerate() {
-        let vals: Vec<f64> = samples.iter().map(|s| s[ci] as f64).collect();
+    for c in Component::ALL.iter() {
+        let vals: Vec<f64> = samples.iter().map(|s| s.get(*c).0 as f64).collect();
         if vals.iter().any(|v| *v > 0.0) {
             bands.push((c.key(), color(*c).to_string(), vals));
         }
