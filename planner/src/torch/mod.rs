@@ -524,3 +524,80 @@ impl Grads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Context, RawConfig};
+    use crate::presets::Presets;
+
+    fn spec(train: &str, hardware: &str, layers: u64) -> RunSpec {
+        let toml = format!(
+            "[model]\npreset = \"smollm2-135m\"\n[train]\nmicro_batch = 2\nseq_len = 256\n{train}\n[hardware]\ngpu = \"h100-80gb\"\n{hardware}\n"
+        );
+        let presets = Presets::builtin().unwrap();
+        let mut s = RawConfig::from_toml(&toml)
+            .unwrap()
+            .resolve(&presets, &Context::default())
+            .unwrap();
+        s.model.num_layers = layers;
+        s
+    }
+
+    #[test]
+    fn the_inventory_is_linear_in_layers() {
+        // 1,024 layers took 82 s when every block searched all parameters (issue 9).
+        let full = "checkpointing = \"full\"";
+        let zero3 = "gpus = 2\nsharding = \"zero3\"";
+        let start = std::time::Instant::now();
+        let big = play(&spec(full, zero3, 4096)).events.len();
+        assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+        let half = play(&spec(full, zero3, 2048)).events.len();
+        assert!(big as f64 <= 2.1 * half as f64, "{big} vs {half}");
+    }
+
+    #[test]
+    fn every_torch_tensor_has_a_shape_and_dtype_that_give_its_bytes() {
+        let runs = [
+            (
+                "precision = \"bf16-autocast\"\noptimizer = \"muon\"",
+                "gpus = 3\nsharding = \"zero3\"",
+            ),
+            (
+                "precision = \"fp32\"\nloss = \"chunked\"\ngrad_accum = 2",
+                "gpus = 2",
+            ),
+            ("precision = \"bf16\"\noptimizer = \"adafactor\"", ""),
+        ];
+        for (train, hardware) in runs {
+            let t = play(&spec(train, hardware, 2));
+            for x in &t.tensors {
+                let l = x.layout.as_ref().unwrap_or_else(|| panic!("{}", x.name));
+                // A ZeRO shard rounds the bytes up, the element count of its flat shard
+                // may be rounded up one element further.
+                let from_shape = l.bytes().0;
+                let ok = x.bytes.0 == from_shape
+                    || (x.bytes.0 < from_shape && from_shape - x.bytes.0 < l.dtype.bytes());
+                assert!(ok, "{}: {} B vs {l}", x.name, x.bytes.0);
+            }
+        }
+    }
+
+    #[test]
+    fn the_fp32_logits_of_seed_000_read_as_their_shape() {
+        // nanochat d16, 20 × 3072 tokens, vocab 65,536: `logits.float()` is 15.0 GiB.
+        let toml = include_str!("../../../presets/examples/nanochat-d16-failed.toml");
+        let presets = Presets::builtin().unwrap();
+        let spec = RawConfig::from_toml(toml)
+            .unwrap()
+            .resolve(&presets, &Context::default())
+            .unwrap();
+        let t = play(&spec);
+        let copy = t
+            .tensors
+            .iter()
+            .find(|x| x.name == "logits.float() (fp32 copy)")
+            .unwrap();
+        assert_eq!(copy.describe().as_deref(), Some("[20, 3072, 65536] f32"));
+    }
+}
