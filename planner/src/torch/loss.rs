@@ -38,52 +38,56 @@ pub fn fused_rows(m: &ModelSpec, n: u64) -> u64 {
     n.div_ceil(inc).max(1).next_power_of_two().min(n.max(1))
 }
 
+/// `float-cast`: the logits, nanochat's softcap, the fp32 copy and log_softmax's output.
+fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+    let v = m.vocab_size;
+    let logits = s.alloc("logits", Component::Logits, bv(t, v, c));
+    let mut saved = Vec::new();
+    let capped = if m.arch == Arch::Nanochat {
+        // logits / 15 → tanh (saved) → × 15
+        let scaled = s.alloc("logits / softcap", Component::Logits, bv(t, v, c));
+        s.free(logits);
+        let tanh = s.alloc(
+            "tanh(logits / softcap) (saved)",
+            Component::Logits,
+            bv(t, v, c),
+        );
+        s.free(scaled);
+        saved.push(tanh);
+        s.alloc("softcapped logits", Component::Logits, bv(t, v, c))
+    } else {
+        logits
+    };
+    let f32_copy = (c != DType::F32).then(|| {
+        s.alloc(
+            "logits.float() (fp32 copy)",
+            Component::Logits,
+            bv(t, v, DType::F32),
+        )
+    });
+    let lsm = s.alloc(
+        "log_softmax (fp32, saved)",
+        Component::Logits,
+        bv(t, v, DType::F32),
+    );
+    saved.push(lsm);
+    if let Some(f) = f32_copy {
+        s.free(f);
+    }
+    s.free(capped);
+    LossState {
+        saved,
+        grad_hidden: None,
+    }
+}
+
 /// Plays the loss forward. `c` is the logits' dtype.
 pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("loss");
     match t.loss {
-        LossMode::FloatCast => {
-            let logits = s.alloc("logits", Component::Logits, bv(t, v, c));
-            let mut saved = Vec::new();
-            let capped = if m.arch == Arch::Nanochat {
-                // logits / 15 → tanh (saved) → × 15
-                let scaled = s.alloc("logits / softcap", Component::Logits, bv(t, v, c));
-                s.free(logits);
-                let tanh = s.alloc(
-                    "tanh(logits / softcap) (saved)",
-                    Component::Logits,
-                    bv(t, v, c),
-                );
-                s.free(scaled);
-                saved.push(tanh);
-                s.alloc("softcapped logits", Component::Logits, bv(t, v, c))
-            } else {
-                logits
-            };
-            let f32_copy = (c != DType::F32).then(|| {
-                s.alloc(
-                    "logits.float() (fp32 copy)",
-                    Component::Logits,
-                    bv(t, v, DType::F32),
-                )
-            });
-            let lsm = s.alloc(
-                "log_softmax (fp32, saved)",
-                Component::Logits,
-                bv(t, v, DType::F32),
-            );
-            saved.push(lsm);
-            if let Some(f) = f32_copy {
-                s.free(f);
-            }
-            s.free(capped);
-            LossState {
-                saved,
-                grad_hidden: None,
-            }
-        }
+        LossMode::FloatCast => float_cast(s, m, t, c),
         LossMode::Chunked | LossMode::Fused => {
             let rows = match t.loss {
                 LossMode::Chunked => t.loss_chunk.min(n).max(1),
