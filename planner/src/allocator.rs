@@ -8,7 +8,7 @@
 //! neighbours merge; segments are never returned during a step. `max_memory_allocated`
 //! counts the rounded block sizes; `max_memory_reserved` the segments.
 
-use crate::timeline::{Component, Timeline};
+use crate::timeline::{ByComponent, Component, Timeline};
 use crate::units::{Bytes, MIB};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -156,41 +156,34 @@ impl Pools {
 pub fn simulate(t: &Timeline) -> AllocatorStats {
     let mut pools = Pools::default();
     let mut where_: Vec<Option<(usize, u64)>> = vec![None; t.tensors.len()];
-    let mut live = [0u64; 7];
-    let mut best = (0u64, live);
+    let mut live = ByComponent::default();
+    let mut best = (Bytes(0), live);
     let mut peak_reserved = 0u64;
     for e in &t.events {
         let tensor = &t.tensors[e.tensor];
         if tensor.bytes.0 == 0 {
             continue;
         }
-        let ci = Component::ALL
-            .iter()
-            .position(|c| *c == tensor.component)
-            .unwrap_or(0);
+        let c = tensor.component;
         if e.alloc {
             let (si, off, taken) = pools.alloc(round_size(tensor.bytes.0));
             where_[e.tensor] = Some((si, off));
-            live[ci] = live[ci].saturating_add(taken);
-            let total: u64 = live.iter().fold(0, |a, b| a.saturating_add(*b));
+            live.add(c, Bytes(taken));
+            let total = live.total();
             if total > best.0 {
                 best = (total, live);
             }
             peak_reserved = peak_reserved.max(pools.reserved);
         } else if let Some((si, off)) = where_[e.tensor].take() {
             if let Some(held) = pools.free(si, off) {
-                live[ci] = live[ci].saturating_sub(held);
+                live.sub(c, Bytes(held));
             }
         }
     }
     AllocatorStats {
-        peak_allocated: Bytes(best.0),
-        peak_reserved: Bytes(peak_reserved.max(best.0)),
-        by_component: Component::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (*c, Bytes(best.1[i])))
-            .collect(),
+        peak_allocated: best.0,
+        peak_reserved: Bytes(peak_reserved.max(best.0 .0)),
+        by_component: best.1.to_map(),
     }
 }
 

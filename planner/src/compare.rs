@@ -122,17 +122,25 @@ pub fn compare(sa: &RunSpec, a: &Report, sb: &RunSpec, b: &Report) -> Comparison
     }
 }
 
-/// The largest allocation of the step, and how many tensors that large are live at the peak.
+/// The largest allocation of the step, labelled with its shape and dtype where known
+/// (`logits ([20, 3072, 65536] f32, 15.00 GiB)`), its bytes, and how many tensors that
+/// large are live at the peak.
 fn biggest(r: &Report) -> (String, u64, usize) {
     let t = r.timeline.tensors.iter().max_by_key(|t| t.bytes);
-    let (name, bytes) = t.map(|t| (t.name.clone(), t.bytes.0)).unwrap_or_default();
+    let bytes = t.map(|t| t.bytes.0).unwrap_or(0);
+    let label = t
+        .map(|t| match t.describe() {
+            Some(d) => format!("{} ({d}, {})", t.name, gib2(bytes)),
+            None => format!("{} ({})", t.name, gib2(bytes)),
+        })
+        .unwrap_or_default();
     let at_peak = r
         .timeline
         .live_at_peak()
         .iter()
         .filter(|t| t.bytes.0 == bytes)
         .count();
-    (name, bytes, at_peak)
+    (label, bytes, at_peak)
 }
 
 fn largest_tensor(sa: &RunSpec, a: &Report, sb: &RunSpec, b: &Report) -> String {
@@ -149,7 +157,7 @@ fn largest_tensor(sa: &RunSpec, a: &Report, sb: &RunSpec, b: &Report) -> String 
             kb
         )
     } else {
-        format!("{na} ({}) vs {nb} ({})", gib2(ba), gib2(bb))
+        format!("{na} vs {nb}")
     }
 }
 

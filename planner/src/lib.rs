@@ -37,5 +37,7 @@ pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};
 pub use report::{estimate, model_flops_per_token, play, Report};
 pub use spec::*;
-pub use timeline::{Component, Event, Snapshot, Step, Tensor, TensorId, Timeline};
-pub use units::{thousands, Bytes, GIB, KIB, MIB};
+pub use timeline::{
+    ByComponent, Component, Event, Extent, Layout, Snapshot, Step, Tensor, TensorId, Timeline,
+};
+pub use units::{thousands, Bytes, DType, GIB, KIB, MIB};

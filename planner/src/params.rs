@@ -31,6 +31,26 @@ impl Param {
     pub fn numel(&self) -> u64 {
         self.rows.saturating_mul(self.cols)
     }
+
+    /// As registered: vectors are 1-D.
+    pub fn shape(&self) -> Vec<u64> {
+        if self.rows == 1 {
+            vec![self.cols]
+        } else {
+            vec![self.rows, self.cols]
+        }
+    }
+}
+
+/// Indices into a parameter list, by block, built in one pass.
+pub fn by_layer(params: &[Param], layers: u64) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); layers as usize];
+    for (i, p) in params.iter().enumerate() {
+        if let Some(l) = p.layer.and_then(|l| out.get_mut(l as usize)) {
+            l.push(i);
+        }
+    }
+    out
 }
 
 struct List<'a> {

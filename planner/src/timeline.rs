@@ -4,10 +4,15 @@
 //! creates with its owner (a [`Component`]) and the phase it was created in. The peak is
 //! the maximum of live bytes over the event sequence, so "where is the peak" and "what was
 //! live" are read off the same data that `diagnose` searches and the plots draw.
+//!
+//! A tensor is allocated either by bytes (`Step::alloc`) or by shape and dtype
+//! (`Step::tensor`, or any allocation given a [`Layout`]); the bytes are then the
+//! element count times the width, and `Tensor::describe` prints `[20, 3072, 65536] f32`.
 
-use crate::units::Bytes;
+use crate::units::{Bytes, DType};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::fmt;
 
 /// Who owns a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -54,16 +59,135 @@ impl Component {
     }
 }
 
+/// Bytes per component, in [`Component::ALL`] order: the live state of a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByComponent([u64; Component::ALL.len()]);
+
+impl ByComponent {
+    pub fn get(&self, c: Component) -> Bytes {
+        Bytes(self.0[c.index()])
+    }
+
+    /// Adds, saturating: the planner never overflows.
+    pub fn add(&mut self, c: Component, b: Bytes) {
+        let v = &mut self.0[c.index()];
+        *v = v.saturating_add(b.0);
+    }
+
+    pub fn sub(&mut self, c: Component, b: Bytes) {
+        let v = &mut self.0[c.index()];
+        *v = v.saturating_sub(b.0);
+    }
+
+    pub fn total(&self) -> Bytes {
+        Bytes(self.0.iter().fold(0, |a, b| a.saturating_add(*b)))
+    }
+
+    /// Every component with its bytes, in [`Component::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Component, Bytes)> + '_ {
+        Component::ALL.iter().map(|c| (*c, self.get(*c)))
+    }
+
+    pub fn to_map(&self) -> BTreeMap<Component, Bytes> {
+        self.iter().collect()
+    }
+}
+
+/// A tensor's shape and element type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+}
+
+impl Layout {
+    pub fn new(shape: &[u64], dtype: DType) -> Layout {
+        Layout {
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
+    pub fn bytes(&self) -> Bytes {
+        self.dtype.size(&self.shape)
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().fold(1, |a, d| a.saturating_mul(*d))
+    }
+
+    /// Several buffers counted as one allocation (a block's workspace): flat, in their
+    /// common dtype, or as raw `u8` bytes when their dtypes differ.
+    pub fn concat(parts: &[Layout]) -> Layout {
+        match parts.first() {
+            Some(p) if parts.iter().all(|q| q.dtype == p.dtype) => {
+                let n = parts.iter().fold(0u64, |a, q| a.saturating_add(q.numel()));
+                Layout::new(&[n], p.dtype)
+            }
+            _ => Layout::new(
+                &[parts.iter().map(Layout::bytes).sum::<Bytes>().0],
+                DType::U8,
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {}", self.shape, self.dtype)
+    }
+}
+
+/// What an allocation is given: bare bytes, or a layout whose bytes follow from it.
+#[derive(Debug, Clone)]
+pub enum Extent {
+    Bytes(Bytes),
+    Layout(Layout),
+    /// This rank's part of a tensor split over `ranks` (ZeRO): the full tensor's bytes
+    /// over the ranks, rounded up, described as a flat shard.
+    Shard(Layout, u64),
+}
+
+impl From<Bytes> for Extent {
+    fn from(b: Bytes) -> Extent {
+        Extent::Bytes(b)
+    }
+}
+
+impl From<Layout> for Extent {
+    fn from(l: Layout) -> Extent {
+        Extent::Layout(l)
+    }
+}
+
 /// A tensor (or buffer) of the step.
 #[derive(Debug, Clone, Serialize)]
 pub struct Tensor {
     pub name: String,
     pub component: Component,
     pub bytes: Bytes,
+    /// Shape and dtype, where the inventory knows them (`bytes` follows from them).
+    #[serde(flatten)]
+    pub layout: Option<Layout>,
     /// Index into [`Timeline::phases`] at allocation.
     pub phase: usize,
     /// True for tensors that exist before the step and outlive it.
     pub persistent: bool,
+}
+
+impl Tensor {
+    pub fn shape(&self) -> Option<&[u64]> {
+        self.layout.as_ref().map(|l| l.shape.as_slice())
+    }
+
+    pub fn dtype(&self) -> Option<DType> {
+        self.layout.as_ref().map(|l| l.dtype)
+    }
+
+    /// Shape and dtype as `[20, 3072, 65536] f32`, when known.
+    pub fn describe(&self) -> Option<String> {
+        self.layout.as_ref().map(Layout::to_string)
+    }
 }
 
 /// Handle to a tensor in a [`Step`].
@@ -102,14 +226,24 @@ impl Step {
         &mut self,
         name: String,
         component: Component,
-        bytes: Bytes,
+        extent: Extent,
         persistent: bool,
     ) -> TensorId {
         let id = self.tensors.len();
+        let (bytes, layout) = match extent {
+            Extent::Bytes(b) => (b, None),
+            Extent::Layout(l) => (l.bytes(), Some(l)),
+            Extent::Shard(l, ranks) if ranks > 1 => (
+                Bytes(l.bytes().0.div_ceil(ranks)),
+                Some(Layout::new(&[l.numel().div_ceil(ranks)], l.dtype)),
+            ),
+            Extent::Shard(l, _) => (l.bytes(), Some(l)),
+        };
         self.tensors.push(Tensor {
             name,
             component,
             bytes,
+            layout,
             phase: self.phases.len() - 1,
             persistent,
         });
@@ -126,18 +260,30 @@ impl Step {
         &mut self,
         name: impl Into<String>,
         component: Component,
-        bytes: Bytes,
+        size: impl Into<Extent>,
     ) -> TensorId {
-        self.push(name.into(), component, bytes, true)
+        self.push(name.into(), component, size.into(), true)
     }
 
+    /// A tensor of the step, given its bytes or its [`Layout`].
     pub fn alloc(
         &mut self,
         name: impl Into<String>,
         component: Component,
-        bytes: Bytes,
+        size: impl Into<Extent>,
     ) -> TensorId {
-        self.push(name.into(), component, bytes, false)
+        self.push(name.into(), component, size.into(), false)
+    }
+
+    /// A tensor of the step by shape and dtype.
+    pub fn tensor(
+        &mut self,
+        name: impl Into<String>,
+        component: Component,
+        shape: &[u64],
+        dtype: DType,
+    ) -> TensorId {
+        self.alloc(name, component, Layout::new(shape, dtype))
     }
 
     /// Frees a tensor; freeing twice is a no-op so inventories can release defensively.
@@ -152,8 +298,13 @@ impl Step {
     }
 
     /// Allocates and frees at once: a transient buffer inside one op.
-    pub fn transient(&mut self, name: impl Into<String>, component: Component, bytes: Bytes) {
-        let id = self.alloc(name, component, bytes);
+    pub fn transient(
+        &mut self,
+        name: impl Into<String>,
+        component: Component,
+        size: impl Into<Extent>,
+    ) {
+        let id = self.alloc(name, component, size);
         self.free(id);
     }
 
@@ -186,19 +337,18 @@ pub struct Timeline {
 
 impl Timeline {
     fn new(tensors: Vec<Tensor>, events: Vec<Event>, phases: Vec<String>) -> Timeline {
-        let mut live = [0u64; 7];
-        let mut best = (0u64, 0usize, live);
+        let mut live = ByComponent::default();
+        let mut best = (Bytes(0), 0usize, live);
         for (i, e) in events.iter().enumerate() {
             let t = &tensors[e.tensor];
-            let c = t.component.index();
             if e.alloc {
-                live[c] = live[c].saturating_add(t.bytes.0);
-                let total = live.iter().fold(0u64, |a, b| a.saturating_add(*b));
+                live.add(t.component, t.bytes);
+                let total = live.total();
                 if total > best.0 {
                     best = (total, i, live);
                 }
             } else {
-                live[c] = live[c].saturating_sub(t.bytes.0);
+                live.sub(t.component, t.bytes);
             }
         }
         let (total, event, by) = best;
@@ -206,11 +356,8 @@ impl Timeline {
             Some(e) => Snapshot {
                 event,
                 phase: phases[tensors[e.tensor].phase].clone(),
-                total: Bytes(total),
-                by_component: Component::ALL
-                    .iter()
-                    .map(|c| (*c, Bytes(by[c.index()])))
-                    .collect(),
+                total,
+                by_component: by.to_map(),
                 tensor: tensors[e.tensor].name.clone(),
             },
             None => Snapshot {
@@ -230,17 +377,16 @@ impl Timeline {
     }
 
     /// Live bytes by component after every event: the curve the plots draw.
-    pub fn curve(&self) -> Vec<[u64; 7]> {
-        let mut live = [0u64; 7];
+    pub fn curve(&self) -> Vec<ByComponent> {
+        let mut live = ByComponent::default();
         self.events
             .iter()
             .map(|e| {
                 let t = &self.tensors[e.tensor];
-                let c = t.component.index();
                 if e.alloc {
-                    live[c] = live[c].saturating_add(t.bytes.0);
+                    live.add(t.component, t.bytes);
                 } else {
-                    live[c] = live[c].saturating_sub(t.bytes.0);
+                    live.sub(t.component, t.bytes);
                 }
                 live
             })
@@ -285,6 +431,51 @@ mod tests {
         assert_eq!(t.peak.phase, "loss");
         assert_eq!(t.peak.tensor, "logits");
         assert_eq!(t.live_at_peak().len(), 3);
-        assert_eq!(t.curve().last().unwrap().iter().sum::<u64>(), 100);
+        assert_eq!(t.curve().last().unwrap().total(), Bytes(100));
+    }
+
+    #[test]
+    fn tensors_by_shape_carry_it_and_bytes_follow() {
+        let mut s = Step::new();
+        // nanochat's fp32 logits at seed 000: 20 × 3072 × 65,536 × 4 B.
+        let l = s.tensor("logits", Component::Logits, &[20, 3072, 65536], DType::F32);
+        s.free(l);
+        s.alloc("by bytes", Component::Temporaries, Bytes(10));
+        let t = s.finish();
+        assert_eq!(t.tensors[0].bytes, Bytes(20 * 3072 * 65536 * 4));
+        assert_eq!(
+            t.tensors[0].describe().as_deref(),
+            Some("[20, 3072, 65536] f32")
+        );
+        assert_eq!(t.tensors[1].describe(), None);
+        let json = serde_json::to_value(&t.tensors[0]).unwrap();
+        assert_eq!(json["shape"], serde_json::json!([20, 3072, 65536]));
+        assert_eq!(json["dtype"], "f32");
+    }
+
+    #[test]
+    fn by_component_adds_subtracts_and_saturates() {
+        let mut b = ByComponent::default();
+        b.add(Component::Weights, Bytes(u64::MAX));
+        b.add(Component::Weights, Bytes(1));
+        b.add(Component::Logits, Bytes(5));
+        b.sub(Component::Logits, Bytes(7));
+        assert_eq!(b.get(Component::Weights), Bytes(u64::MAX));
+        assert_eq!(b.get(Component::Logits), Bytes(0));
+        assert_eq!(b.total(), Bytes(u64::MAX));
+        let order: Vec<Component> = b.iter().map(|(c, _)| c).collect();
+        assert_eq!(order, Component::ALL);
+    }
+
+    #[test]
+    fn mixed_workspaces_are_raw_bytes() {
+        let a = Layout::new(&[3, 4], DType::Bf16);
+        let b = Layout::new(&[5], DType::F32);
+        assert_eq!(
+            Layout::concat(&[a.clone(), a.clone()]),
+            Layout::new(&[24], DType::Bf16)
+        );
+        let m = Layout::concat(&[a.clone(), b.clone()]);
+        assert_eq!((m.dtype, m.bytes()), (DType::U8, a.bytes() + b.bytes()));
     }
 }

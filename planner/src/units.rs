@@ -1,8 +1,8 @@
-//! Byte counts with one formatter.
+//! Byte counts with one formatter, and the element types tensors are made of.
 //!
 //! Memory is counted in whole bytes (`u64`). Users read binary GiB with one decimal
 //! (what `torch.cuda.max_memory_allocated() / 2**30` prints); GPU makers quote decimal GB,
-//! so both are offered.
+//! so both are offered. A tensor's bytes are its element count times [`DType::bytes`].
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -47,6 +47,57 @@ impl Bytes {
     pub fn round_up(self, unit: u64) -> Bytes {
         let unit = unit.max(1);
         Bytes(self.0.div_ceil(unit).saturating_mul(unit))
+    }
+}
+
+/// An element type, named as PyTorch prints it without the `torch.` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+    I64,
+    U32,
+    /// Also raw byte buffers: a workspace that holds several tensors of mixed types is a
+    /// flat `u8` buffer, as PyTorch allocates its own workspaces.
+    U8,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+            DType::I64 => 8,
+            DType::U8 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+            DType::I64 => "i64",
+            DType::U32 => "u32",
+            DType::U8 => "u8",
+        }
+    }
+
+    /// Saturating bytes of a tensor of `shape` (row-major product, then the width).
+    pub fn size(self, shape: &[u64]) -> Bytes {
+        Bytes::of(
+            shape.iter().fold(1, |a, d| a.saturating_mul(*d)),
+            self.bytes(),
+        )
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -117,6 +168,22 @@ mod tests {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(thousands(65_536), "65,536");
         assert_eq!(thousands(999), "999");
+    }
+
+    #[test]
+    fn dtypes_have_torch_widths_and_names() {
+        // torch.finfo/iinfo bits / 8: float32 4, bfloat16 2, float16 2, int64 8, uint8 1.
+        let widths: Vec<(String, u64)> =
+            [DType::F32, DType::Bf16, DType::F16, DType::I64, DType::U8]
+                .iter()
+                .map(|d| (d.to_string(), d.bytes()))
+                .collect();
+        let expected = [("f32", 4), ("bf16", 2), ("f16", 2), ("i64", 8), ("u8", 1)];
+        assert_eq!(widths, expected.map(|(n, b)| (n.to_string(), b)));
+        // nanochat's fp32 logits, seed 000: [20, 3072, 65536] f32 = 15.0 GiB.
+        assert_eq!(DType::F32.size(&[20, 3072, 65536]).to_string(), "15.0 GiB");
+        assert_eq!(DType::F32.size(&[u64::MAX, 2]), Bytes(u64::MAX));
+        assert_eq!(DType::I64.size(&[]), Bytes(8));
     }
 
     #[test]

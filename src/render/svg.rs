@@ -3,7 +3,7 @@
 //! Plain SVG 1.1 that opens in any browser; every text is XML-escaped.
 
 use std::fmt::Write;
-use vramplan_planner::{Bytes, Candidate, Component, FitResult, Report, GIB};
+use vramplan_planner::{ByComponent, Bytes, Candidate, Component, FitResult, Report, GIB};
 
 const W: f64 = 1040.0;
 const PANEL_H: f64 = 340.0;
@@ -98,22 +98,22 @@ impl Frame {
 type Band<'a> = (&'a str, String, Vec<f64>);
 
 /// One column per pixel, each the highest state inside it, so the peak is never lost.
-fn sample(curve: &[[u64; 7]], cols: usize) -> Vec<[u64; 7]> {
+fn sample(curve: &[ByComponent], cols: usize) -> Vec<ByComponent> {
     (0..cols)
         .map(|c| {
             let lo = c * curve.len() / cols;
             let hi = ((c + 1) * curve.len() / cols).max(lo + 1).min(curve.len());
             curve[lo..hi]
                 .iter()
-                .max_by_key(|s| s.iter().sum::<u64>())
+                .max_by_key(|s| s.total())
                 .copied()
-                .unwrap_or([0; 7])
+                .unwrap_or_default()
         })
         .collect()
 }
 
 /// Bands from the bottom: the CUDA context, then each component that holds memory.
-fn bands(runtime: f64, samples: &[[u64; 7]], cols: usize) -> Vec<Band<'static>> {
+fn bands(runtime: f64, samples: &[ByComponent], cols: usize) -> Vec<Band<'static>> {
     let mut bands = Vec::new();
     if runtime > 0.0 {
         bands.push((
@@ -122,8 +122,8 @@ fn bands(runtime: f64, samples: &[[u64; 7]], cols: usize) -> Vec<Band<'static>> 
             vec![runtime; cols],
         ));
     }
-    for (ci, c) in Component::ALL.iter().enumerate() {
-        let vals: Vec<f64> = samples.iter().map(|s| s[ci] as f64).collect();
+    for c in Component::ALL.iter() {
+        let vals: Vec<f64> = samples.iter().map(|s| s.get(*c).0 as f64).collect();
         if vals.iter().any(|v| *v > 0.0) {
             bands.push((c.key(), color(*c).to_string(), vals));
         }

@@ -12,8 +12,8 @@
 //!   of two of N / ⌈V/H⌉ rows) that never materializes the full logits.
 
 use crate::spec::{Arch, LossMode, ModelSpec, TrainSpec};
-use crate::timeline::{Component, Step, TensorId};
-use crate::units::Bytes;
+use crate::timeline::{Component, Layout, Step, TensorId};
+use crate::units::DType;
 
 /// What the loss forward leaves for its backward.
 pub struct LossState {
@@ -22,8 +22,14 @@ pub struct LossState {
     pub grad_hidden: Option<TensorId>,
 }
 
-fn nv(n: u64, v: u64, bytes: u64) -> Bytes {
-    Bytes::of(n.saturating_mul(v), bytes)
+/// The full logits (or a tensor of their size): B × T × V.
+fn bv(t: &TrainSpec, v: u64, dtype: DType) -> Layout {
+    Layout::new(&[t.micro_batch, t.seq_len, v], dtype)
+}
+
+/// One chunk of `rows` rows of the logits.
+fn rv(rows: u64, v: u64, dtype: DType) -> Layout {
+    Layout::new(&[rows, v], dtype)
 }
 
 /// Rows per chunk for the fused kernel.
@@ -32,43 +38,56 @@ pub fn fused_rows(m: &ModelSpec, n: u64) -> u64 {
     n.div_ceil(inc).max(1).next_power_of_two().min(n.max(1))
 }
 
-/// Plays the loss forward. `c` is the logits' byte width.
-pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: u64) -> LossState {
+/// `float-cast`: the logits, nanochat's softcap, the fp32 copy and log_softmax's output.
+fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+    let v = m.vocab_size;
+    let logits = s.alloc("logits", Component::Logits, bv(t, v, c));
+    let mut saved = Vec::new();
+    let capped = if m.arch == Arch::Nanochat {
+        // logits / 15 → tanh (saved) → × 15
+        let scaled = s.alloc("logits / softcap", Component::Logits, bv(t, v, c));
+        s.free(logits);
+        let tanh = s.alloc(
+            "tanh(logits / softcap) (saved)",
+            Component::Logits,
+            bv(t, v, c),
+        );
+        s.free(scaled);
+        saved.push(tanh);
+        s.alloc("softcapped logits", Component::Logits, bv(t, v, c))
+    } else {
+        logits
+    };
+    let f32_copy = (c != DType::F32).then(|| {
+        s.alloc(
+            "logits.float() (fp32 copy)",
+            Component::Logits,
+            bv(t, v, DType::F32),
+        )
+    });
+    let lsm = s.alloc(
+        "log_softmax (fp32, saved)",
+        Component::Logits,
+        bv(t, v, DType::F32),
+    );
+    saved.push(lsm);
+    if let Some(f) = f32_copy {
+        s.free(f);
+    }
+    s.free(capped);
+    LossState {
+        saved,
+        grad_hidden: None,
+    }
+}
+
+/// Plays the loss forward. `c` is the logits' dtype.
+pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("loss");
     match t.loss {
-        LossMode::FloatCast => {
-            let logits = s.alloc("logits", Component::Logits, nv(n, v, c));
-            let mut saved = Vec::new();
-            let capped = if m.arch == Arch::Nanochat {
-                // logits / 15 → tanh (saved) → × 15
-                let scaled = s.alloc("logits / softcap", Component::Logits, nv(n, v, c));
-                s.free(logits);
-                let tanh = s.alloc(
-                    "tanh(logits / softcap) (saved)",
-                    Component::Logits,
-                    nv(n, v, c),
-                );
-                s.free(scaled);
-                saved.push(tanh);
-                s.alloc("softcapped logits", Component::Logits, nv(n, v, c))
-            } else {
-                logits
-            };
-            let f32_copy = (c != 4)
-                .then(|| s.alloc("logits.float() (fp32 copy)", Component::Logits, nv(n, v, 4)));
-            let lsm = s.alloc("log_softmax (fp32, saved)", Component::Logits, nv(n, v, 4));
-            saved.push(lsm);
-            if let Some(f) = f32_copy {
-                s.free(f);
-            }
-            s.free(capped);
-            LossState {
-                saved,
-                grad_hidden: None,
-            }
-        }
+        LossMode::FloatCast => float_cast(s, m, t, c),
         LossMode::Chunked | LossMode::Fused => {
             let rows = match t.loss {
                 LossMode::Chunked => t.loss_chunk.min(n).max(1),
@@ -77,7 +96,7 @@ pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: u64) -> LossState 
             let gh = s.alloc(
                 "grad of final hidden states (fp32)",
                 Component::Logits,
-                Bytes::of(n.saturating_mul(m.hidden_size), 4),
+                Layout::new(&[t.micro_batch, t.seq_len, m.hidden_size], DType::F32),
             );
             let what = if t.loss == LossMode::Chunked {
                 "chunk"
@@ -87,19 +106,19 @@ pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: u64) -> LossState 
             let a = s.alloc(
                 format!("logits {what} ({rows} rows)"),
                 Component::Logits,
-                nv(rows, v, c),
+                rv(rows, v, c),
             );
-            let b = (c != 4).then(|| {
+            let b = (c != DType::F32).then(|| {
                 s.alloc(
                     format!("logits {what} fp32"),
                     Component::Logits,
-                    nv(rows, v, 4),
+                    rv(rows, v, DType::F32),
                 )
             });
             s.transient(
                 format!("logits {what} gradient"),
                 Component::Logits,
-                nv(rows, v, 4),
+                rv(rows, v, DType::F32),
             );
             if let Some(b) = b {
                 s.free(b);
@@ -119,28 +138,35 @@ pub fn backward(
     s: &mut Step,
     m: &ModelSpec,
     t: &TrainSpec,
-    c: u64,
+    c: DType,
     st: LossState,
 ) -> Option<TensorId> {
-    let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("backward: loss");
     if t.loss != LossMode::FloatCast {
         return None;
     }
-    let g_lp = s.alloc("grad of log_softmax (fp32)", Component::Logits, nv(n, v, 4));
-    let g32 = s.alloc("grad of logits (fp32)", Component::Logits, nv(n, v, 4));
+    let g_lp = s.alloc(
+        "grad of log_softmax (fp32)",
+        Component::Logits,
+        bv(t, v, DType::F32),
+    );
+    let g32 = s.alloc(
+        "grad of logits (fp32)",
+        Component::Logits,
+        bv(t, v, DType::F32),
+    );
     s.free(g_lp);
     let mut saved = st.saved.into_iter();
     if let Some(lsm) = saved.next_back() {
         s.free(lsm);
     }
     let mut g = g32;
-    if c != 4 {
+    if c != DType::F32 {
         let gc = s.alloc(
             "grad of logits (compute dtype)",
             Component::Logits,
-            nv(n, v, c),
+            bv(t, v, c),
         );
         s.free(g);
         g = gc;
@@ -152,12 +178,12 @@ pub fn backward(
             "grad through tanh",
             "grad through /15",
         ] {
-            let next = s.alloc(step, Component::Logits, nv(n, v, c));
+            let next = s.alloc(step, Component::Logits, bv(t, v, c));
             s.free(g);
             g = next;
         }
-        for t in saved {
-            s.free(t);
+        for id in saved {
+            s.free(id);
         }
     }
     Some(g)

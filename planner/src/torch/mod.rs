@@ -7,150 +7,269 @@
 //! `opt.zero_grad(set_to_none=True)`. With accumulation the modelled micro-step is a later
 //! one, when the gradients already exist. Weights, optimizer state and (DDP) gradient
 //! buckets exist before the step.
+//!
+//! `play` runs the phases in that order: model state, forward, loss, backward, optimizer.
+//! The phases are shared; what an implementation's code saves is a `recipe::Recipe`
+//! (the extension point: another framework's block is one new file implementing
+//! `recipe::Implementation`, see `docs/model.md`). Parameters are indexed by block once,
+//! so the whole inventory is linear in layers.
 
 mod block;
 mod loss;
 mod optim;
+mod recipe;
 
 use crate::params::{self, Param, Role};
-use crate::spec::{Arch, Checkpointing, RunSpec};
-use crate::timeline::{Component, Step, TensorId, Timeline};
-use crate::units::Bytes;
+use crate::spec::{Checkpointing, ModelSpec, RunSpec, TrainSpec};
+use crate::timeline::{Component, Extent, Layout, Step, TensorId, Timeline};
+use crate::units::DType;
+use block::{Block, Dims, Saved};
+use recipe::{Implementation, Recipe};
+use std::collections::HashMap;
+
+/// The implementation whose code the run follows.
+fn implementation(_spec: &RunSpec) -> &'static dyn Implementation {
+    &block::Transformers
+}
+
+/// Everything the phases read, computed once.
+struct Run<'a> {
+    m: &'a ModelSpec,
+    t: &'a TrainSpec,
+    cuda: bool,
+    stage: u8,
+    shards: u64,
+    params: Vec<Param>,
+    /// Parameter indices per block.
+    by_layer: Vec<Vec<usize>>,
+    layers: u64,
+    d: Dims,
+    recipe: Recipe,
+}
+
+impl Run<'_> {
+    fn new(spec: &RunSpec) -> Run<'_> {
+        let (m, t, hw) = (&spec.model, &spec.train, &spec.hardware);
+        let params = params::parameters(m);
+        let layers = m.num_layers.saturating_add(m.num_decoder_layers);
+        Run {
+            m,
+            t,
+            cuda: hw.device.is_cuda(),
+            stage: if hw.gpus > 1 { hw.sharding.stage() } else { 0 },
+            shards: hw.gpus.max(1),
+            by_layer: params::by_layer(&params, layers),
+            params,
+            layers,
+            d: Dims::new(m, t),
+            recipe: implementation(spec).recipe(m, t),
+        }
+    }
+
+    fn block(&self, l: u64) -> &Block {
+        self.recipe.block(l, self.m.num_layers)
+    }
+
+    /// Ranks the optimizer state is split over (ZeRO stage ≥ 1).
+    fn optimizer_shards(&self) -> u64 {
+        if self.stage >= 1 {
+            self.shards
+        } else {
+            1
+        }
+    }
+
+    fn layer_params(&self, l: u64) -> impl Iterator<Item = &Param> + '_ {
+        self.by_layer[l as usize].iter().map(|i| &self.params[*i])
+    }
+}
 
 /// Plays one step of `spec` on the torch engine.
 pub fn play(spec: &RunSpec) -> Timeline {
-    let m = &spec.model;
-    let t = &spec.train;
-    let hw = &spec.hardware;
-    let cuda = hw.device.is_cuda();
-    let stage = if hw.gpus > 1 { hw.sharding.stage() } else { 0 };
-    let n_shards = hw.gpus.max(1);
-    let params = params::parameters(m);
-    let pb = t.precision.param_bytes();
-    let d = block::Dims::new(m, t);
+    let run = Run::new(spec);
     let mut s = Step::new();
+    let mut grads = model_state(&mut s, &run);
+    let fwd = forward(&mut s, &run);
+    let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
+    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads);
+    s.phase("backward: embedding");
+    let emb = run
+        .params
+        .iter()
+        .filter(|p| p.role == Role::Embedding || (p.layer.is_none() && p.role == Role::Vector));
+    grads.for_params(&mut s, emb, false, &run.d);
+    s.free(g);
+    for id in fwd.stem.into_iter().chain(fwd.inputs) {
+        s.free(id);
+    }
+    // Optimizer step, then zero_grad(set_to_none=True).
+    s.phase("optimizer step");
+    optim::step(&mut s, &run.params, run.t, run.cuda, run.optimizer_shards());
+    grads.free_all(&mut s);
+    s.finish()
+}
 
-    // Before the step: weights, optimizer state, DDP's gradient buckets.
-    let shard = |b: Bytes, on: bool| if on { Bytes(b.0.div_ceil(n_shards)) } else { b };
-    for p in &params {
+/// Before the step: weights, optimizer state, DDP's gradient buckets, and with
+/// accumulation the gradients earlier micro-steps made.
+fn model_state(s: &mut Step, run: &Run) -> Grads {
+    let p = run.d.p;
+    let weight_shards = if run.stage >= 3 { run.shards } else { 1 };
+    for w in &run.params {
         s.persistent(
-            p.name.clone(),
+            w.name.clone(),
             Component::Weights,
-            shard(Bytes::of(p.numel(), pb), stage >= 3),
+            Extent::Shard(Layout::new(&w.shape(), p), weight_shards),
         );
     }
-    optim::states(&mut s, &params, t, if stage >= 1 { n_shards } else { 1 });
-    let all_grads = Bytes::of(params::count(m), pb);
-    if hw.gpus > 1 && stage <= 1 {
-        s.persistent("DDP gradient buckets", Component::Gradients, all_grads);
+    optim::states(s, &run.params, run.t, run.optimizer_shards());
+    if run.shards > 1 && run.stage <= 1 {
+        let all = Layout::new(&[params::count(run.m)], p);
+        s.persistent("DDP gradient buckets", Component::Gradients, all);
     }
-    // With accumulation, earlier micro-steps already made the gradients.
-    let mut grads = Grads::new(&params, pb, stage >= 2, n_shards);
-    if t.grad_accum > 1 {
-        grads.all_persistent(&mut s);
+    let mut grads = Grads::new(&run.params, p, run.stage >= 2, run.shards);
+    if run.t.grad_accum > 1 {
+        grads.all_persistent(s);
     }
+    grads
+}
 
-    // Forward.
+/// What a block's forward leaves for its backward.
+struct Frame {
+    input: TensorId,
+    saved: Vec<TensorId>,
+    copies: Vec<TensorId>,
+}
+
+/// What the forward leaves for backward.
+struct Forward {
+    /// input_ids, labels and the rotary tables: freed last.
+    inputs: Vec<TensorId>,
+    /// The embedding's saved tensors before the first block's input.
+    stem: Vec<TensorId>,
+    frames: Vec<Frame>,
+    /// The last block's output.
+    x: TensorId,
+    head: Head,
+}
+
+/// What the final norm, the head and the loss leave for backward.
+struct Head {
+    saved: Vec<TensorId>,
+    copy: Option<TensorId>,
+    loss: loss::LossState,
+}
+
+fn forward(s: &mut Step, run: &Run) -> Forward {
+    let d = &run.d;
     s.phase("forward: embedding");
-    let ids = s.alloc("input_ids", Component::Activations, Bytes::of(d.n, 8));
-    let labels = s.alloc("labels", Component::Activations, Bytes::of(d.n, 8));
-    let head_dim = m.head_dim;
-    let rope = matches!(m.arch, Arch::Llama | Arch::Qwen2 | Arch::Nanochat).then(|| {
-        s.alloc(
-            "rotary cos/sin",
-            Component::Activations,
-            Bytes::of(d.t.saturating_mul(head_dim), 8),
-        )
-    });
-    let mut x = s.alloc("embedding output", Component::Activations, d.tok(d.h, d.r));
-    let mut pre = Vec::new();
-    if m.arch == Arch::Nanochat {
-        pre.push(x);
-        x = s.alloc("norm(embedding)", Component::Activations, d.tok(d.h, d.r));
+    let mut inputs = vec![
+        s.alloc("input_ids", Component::Activations, d.tok(1, DType::I64)),
+        s.alloc("labels", Component::Activations, d.tok(1, DType::I64)),
+    ];
+    if let Some(rope) = &run.recipe.rope {
+        inputs.push(s.alloc("rotary cos/sin", Component::Activations, rope.clone()));
     }
-    let (enc_blk, dec_blk) = match m.arch {
-        Arch::T5 => {
-            let (e, dd) = block::t5_blocks(m, t);
-            (e, Some(dd))
-        }
-        _ => (block::block(m, t), None),
-    };
-    let layers = m.num_layers.saturating_add(m.num_decoder_layers);
-    let block_params: Vec<Vec<&Param>> = (0..layers)
-        .map(|l| params.iter().filter(|p| p.layer == Some(l)).collect())
+    let mut stem: Vec<TensorId> = run
+        .recipe
+        .stem
+        .iter()
+        .map(|(name, l)| s.alloc(*name, Component::Activations, l.clone()))
         .collect();
-    let mut frames = Vec::with_capacity(layers as usize);
-    for l in 0..layers {
-        let blk = if l >= m.num_layers {
-            dec_blk.as_ref().unwrap_or(&enc_blk)
-        } else {
-            &enc_blk
-        };
+    let mut x = stem
+        .pop()
+        .expect("the embedding makes the first block's input");
+    let mut frames = Vec::with_capacity(run.layers as usize);
+    for l in 0..run.layers {
         s.phase(format!("forward: block {l}"));
-        let copies = weight_copies(
-            &mut s,
-            &d,
-            &block_params[l as usize],
-            stage,
-            n_shards,
-            pb,
-            l,
-        );
-        let saved: Vec<TensorId> = match t.checkpointing {
-            Checkpointing::Full => {
-                let tmp: Vec<TensorId> = blk
-                    .saved
-                    .iter()
-                    .map(|sv| {
-                        s.alloc(
-                            format!("block {l} {}", sv.name),
-                            Component::Activations,
-                            sv.bytes,
-                        )
-                    })
-                    .collect();
-                tmp.into_iter().for_each(|id| s.free(id));
-                vec![]
-            }
-            _ => blk
-                .saved
-                .iter()
-                .filter(|sv| !(t.checkpointing == Checkpointing::Selective && sv.attention_core))
-                .map(|sv| {
-                    s.alloc(
-                        format!("block {l} {}", sv.name),
-                        Component::Activations,
-                        sv.bytes,
-                    )
-                })
-                .collect(),
-        };
-        s.transient(
-            format!("block {l} forward temporaries"),
-            Component::Temporaries,
-            blk.fwd_transient,
-        );
-        let out = s.alloc(
-            format!("block {l} output"),
-            Component::Activations,
-            d.tok(d.h, d.r),
-        );
-        // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done.
-        let copies = if stage >= 3 || t.checkpointing == Checkpointing::Full {
-            copies.into_iter().for_each(|c| s.free(c));
-            vec![]
-        } else {
-            copies
-        };
-        frames.push(Frame {
-            input: x,
-            saved,
-            copies,
-        });
+        let (frame, out) = block_forward(s, run, l, x);
+        frames.push(frame);
         x = out;
     }
+    let head = head_forward(s, run);
+    Forward {
+        inputs,
+        stem,
+        frames,
+        x,
+        head,
+    }
+}
+
+fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, TensorId) {
+    let (d, ck) = (&run.d, run.t.checkpointing);
+    let blk = run.block(l);
+    let copies = weight_copies(s, run, l);
+    // Full checkpointing runs the forward as usual and drops what it made.
+    let made = save(s, blk, l, "", |sv| {
+        ck == Checkpointing::Full || kept(ck, sv)
+    });
+    let saved = if ck == Checkpointing::Full {
+        made.into_iter().for_each(|id| s.free(id));
+        vec![]
+    } else {
+        made
+    };
+    s.transient(
+        format!("block {l} forward temporaries"),
+        Component::Temporaries,
+        blk.fwd_transient.clone(),
+    );
+    let out = s.alloc(
+        format!("block {l} output"),
+        Component::Activations,
+        d.tok(d.h, d.r),
+    );
+    // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done.
+    let copies = if run.stage >= 3 || ck == Checkpointing::Full {
+        copies.into_iter().for_each(|c| s.free(c));
+        vec![]
+    } else {
+        copies
+    };
+    let frame = Frame {
+        input,
+        saved,
+        copies,
+    };
+    (frame, out)
+}
+
+/// Whether forward keeps `sv` for backward (selective checkpointing drops the attention core).
+fn kept(ck: Checkpointing, sv: &Saved) -> bool {
+    match ck {
+        Checkpointing::None => true,
+        Checkpointing::Selective => !sv.attention_core,
+        Checkpointing::Full => false,
+    }
+}
+
+/// Allocates block `l`'s saved tensors that `which` selects: in forward, and again when
+/// backward recomputes them.
+fn save(
+    s: &mut Step,
+    blk: &Block,
+    l: u64,
+    suffix: &str,
+    which: impl Fn(&Saved) -> bool,
+) -> Vec<TensorId> {
+    blk.saved
+        .iter()
+        .filter(|sv| which(sv))
+        .map(|sv| {
+            s.alloc(
+                format!("block {l} {}{suffix}", sv.name),
+                Component::Activations,
+                sv.layout.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The final norm, autocast's copy of the head weight, and the loss forward.
+fn head_forward(s: &mut Step, run: &Run) -> Head {
+    let d = &run.d;
     s.phase("forward: final norm and head");
-    let norm_saved = vec![
+    let saved = vec![
         s.alloc(
             "final norm normalized",
             Component::Activations,
@@ -163,58 +282,57 @@ pub fn play(spec: &RunSpec) -> Timeline {
                 "final norm output"
             },
             Component::Activations,
-            d.tok(d.h, if d.autocast { 2 } else { d.r }),
+            d.tok(d.h, if d.autocast { d.c } else { d.r }),
         ),
     ];
-    let head_copy = d.autocast.then(|| {
+    let copy = d.autocast.then(|| {
         s.alloc(
             "lm_head weight (bf16 copy)",
             Component::WeightCopies,
-            Bytes::of(m.vocab_size.saturating_mul(m.hidden_size), 2),
+            Layout::new(&[run.m.vocab_size, run.m.hidden_size], d.c),
         )
     });
-    let loss_state = loss::forward(&mut s, m, t, d.c);
-    let grad_hidden_fwd = loss_state.grad_hidden;
-    if t.checkpointing == Checkpointing::Full && d.autocast {
+    let loss = loss::forward(s, run.m, run.t, d.c);
+    if run.t.checkpointing == Checkpointing::Full && d.autocast {
         // Leaving autocast clears its cache (the forward's weight copies) before backward.
         s.phase("leaving autocast");
     }
+    Head { saved, copy, loss }
+}
 
-    // Backward.
-    let g_logits = loss::backward(&mut s, m, t, d.c, loss_state);
+/// The loss backward, the head's gradients and the final norm's backward; returns the
+/// gradient flowing into the last block.
+fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut Grads) -> TensorId {
+    let d = &run.d;
+    let grad_hidden_fwd = head.loss.grad_hidden;
+    let g_logits = loss::backward(s, run.m, run.t, d.c, head.loss);
     s.phase("backward: head");
-    let head = params.iter().find(|p| p.role == Role::Head);
-    let mut g = match g_logits {
+    let head_params = run
+        .params
+        .iter()
+        .find(|p| p.role == Role::Head)
+        .into_iter()
+        .chain(tied_embedding(&run.params, run.m));
+    let grad_hidden = |s: &mut Step| {
+        s.alloc(
+            "grad of final hidden states",
+            Component::Activations,
+            d.tok(d.h, d.c),
+        )
+    };
+    let g = match g_logits {
         Some(gl) => {
-            let gh = s.alloc(
-                "grad of final hidden states",
-                Component::Activations,
-                d.tok(d.h, d.c),
-            );
-            grads.for_params(
-                &mut s,
-                head.into_iter().chain(tied_embedding(&params, m)),
-                d.autocast,
-            );
+            let gh = grad_hidden(s);
+            grads.for_params(s, head_params, d.autocast, d);
             s.free(gl);
             gh
         }
         None => {
-            grads.for_params(
-                &mut s,
-                head.into_iter().chain(tied_embedding(&params, m)),
-                d.autocast,
-            );
-            grad_hidden_fwd.unwrap_or_else(|| {
-                s.alloc(
-                    "grad of final hidden states",
-                    Component::Activations,
-                    d.tok(d.h, d.c),
-                )
-            })
+            grads.for_params(s, head_params, d.autocast, d);
+            grad_hidden_fwd.unwrap_or_else(|| grad_hidden(s))
         }
     };
-    if let Some(c) = head_copy {
+    if let Some(c) = head.copy {
         s.free(c);
     }
     let gn = s.alloc(
@@ -223,63 +341,43 @@ pub fn play(spec: &RunSpec) -> Timeline {
         d.tok(d.h, d.r),
     );
     s.free(g);
-    g = gn;
-    norm_saved.into_iter().for_each(|id| s.free(id));
+    head.saved.into_iter().for_each(|id| s.free(id));
     s.free(x);
-    for l in (0..layers).rev() {
-        let blk = if l >= m.num_layers {
-            dec_blk.as_ref().unwrap_or(&enc_blk)
-        } else {
-            &enc_blk
-        };
+    gn
+}
+
+/// Backward through the blocks, last first; returns the gradient of the embedding output.
+fn blocks_backward(
+    s: &mut Step,
+    run: &Run,
+    mut frames: Vec<Frame>,
+    mut g: TensorId,
+    grads: &mut Grads,
+) -> TensorId {
+    let (d, ck) = (&run.d, run.t.checkpointing);
+    for l in (0..run.layers).rev() {
+        let blk = run.block(l);
         let frame = frames.pop().expect("one frame per block");
         s.phase(format!("backward: block {l}"));
-        let mut recomputed = Vec::new();
         let mut copies = frame.copies;
-        if t.checkpointing == Checkpointing::Full || stage >= 3 {
-            copies.extend(weight_copies(
-                &mut s,
-                &d,
-                &block_params[l as usize],
-                stage,
-                n_shards,
-                pb,
-                l,
-            ));
+        if ck == Checkpointing::Full || run.stage >= 3 {
+            copies.extend(weight_copies(s, run, l));
         }
-        match t.checkpointing {
-            Checkpointing::Full => {
-                for sv in &blk.saved {
-                    recomputed.push(s.alloc(
-                        format!("block {l} {} (recomputed)", sv.name),
-                        Component::Activations,
-                        sv.bytes,
-                    ));
-                }
-            }
-            Checkpointing::Selective => {
-                for sv in blk.saved.iter().filter(|sv| sv.attention_core) {
-                    recomputed.push(s.alloc(
-                        format!("block {l} {} (recomputed)", sv.name),
-                        Component::Activations,
-                        sv.bytes,
-                    ));
-                }
-            }
-            Checkpointing::None => {}
-        }
+        let recomputed = save(s, blk, l, " (recomputed)", |sv| {
+            ck != Checkpointing::None && !kept(ck, sv)
+        });
         s.transient(
             format!("block {l} backward temporaries"),
             Component::Temporaries,
-            blk.bwd_transient,
+            blk.bwd_transient.clone(),
         );
-        grads.for_params(&mut s, block_params[l as usize].iter().copied(), d.autocast);
+        grads.for_params(s, run.layer_params(l), d.autocast, d);
         frame
             .saved
             .into_iter()
             .chain(recomputed)
+            .chain(copies)
             .for_each(|id| s.free(id));
-        copies.into_iter().for_each(|id| s.free(id));
         let gi = s.alloc(
             format!("grad of block {l} input"),
             Component::Activations,
@@ -289,39 +387,11 @@ pub fn play(spec: &RunSpec) -> Timeline {
         g = gi;
         s.free(frame.input);
     }
-    s.phase("backward: embedding");
-    let emb: Vec<&Param> = params
-        .iter()
-        .filter(|p| p.role == Role::Embedding || (p.layer.is_none() && p.role == Role::Vector))
-        .collect();
-    grads.for_params(&mut s, emb.into_iter(), false);
-    s.free(g);
-    pre.into_iter().for_each(|id| s.free(id));
-    for id in [Some(ids), Some(labels), rope].into_iter().flatten() {
-        s.free(id);
-    }
-
-    // Optimizer step, then zero_grad(set_to_none=True).
-    s.phase("optimizer step");
-    optim::step(
-        &mut s,
-        &params,
-        t,
-        cuda,
-        if stage >= 1 { n_shards } else { 1 },
-    );
-    grads.free_all(&mut s);
-    s.finish()
-}
-
-struct Frame {
-    input: TensorId,
-    saved: Vec<TensorId>,
-    copies: Vec<TensorId>,
+    g
 }
 
 /// Under tied embeddings the head's gradient lands on the embedding weight.
-fn tied_embedding<'a>(params: &'a [Param], m: &crate::spec::ModelSpec) -> Option<&'a Param> {
+fn tied_embedding<'a>(params: &'a [Param], m: &ModelSpec) -> Option<&'a Param> {
     m.tie_embeddings
         .then(|| params.iter().find(|p| p.role == Role::Embedding))
         .flatten()
@@ -329,34 +399,29 @@ fn tied_embedding<'a>(params: &'a [Param], m: &crate::spec::ModelSpec) -> Option
 
 /// The block's weights as its matmuls use them: autocast's bf16 copies (saved for
 /// backward), and under ZeRO-3 the gathered full weights.
-fn weight_copies(
-    s: &mut Step,
-    d: &block::Dims,
-    ps: &[&Param],
-    stage: u8,
-    shards: u64,
-    pb: u64,
-    l: u64,
-) -> Vec<TensorId> {
+fn weight_copies(s: &mut Step, run: &Run, l: u64) -> Vec<TensorId> {
+    let d = &run.d;
     let mut out = Vec::new();
-    let matrices: u64 = ps
-        .iter()
-        .filter(|p| p.role == Role::Matrix)
-        .map(|p| p.numel())
-        .fold(0, u64::saturating_add);
-    if stage >= 3 && shards > 1 {
-        let all: u64 = ps.iter().map(|p| p.numel()).fold(0, u64::saturating_add);
+    let sum = |pred: &dyn Fn(&Param) -> bool| {
+        run.layer_params(l)
+            .filter(|p| pred(p))
+            .map(Param::numel)
+            .fold(0, u64::saturating_add)
+    };
+    let matrices = sum(&|p| p.role == Role::Matrix);
+    if run.stage >= 3 && run.shards > 1 {
+        // The gathered layer is one flat buffer of all its parameters.
         out.push(s.alloc(
             format!("block {l} gathered weights (ZeRO-3)"),
             Component::WeightCopies,
-            Bytes::of(all, pb),
+            Layout::new(&[sum(&|_| true)], d.p),
         ));
     }
     if d.autocast && matrices > 0 {
         out.push(s.alloc(
             format!("block {l} weights (bf16 copies)"),
             Component::WeightCopies,
-            Bytes::of(matrices, 2),
+            Layout::new(&[matrices], d.c),
         ));
     }
     out
@@ -366,32 +431,37 @@ fn weight_copies(
 /// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
 struct Grads {
     ids: Vec<Option<TensorId>>,
+    /// Position of each parameter by name (the first of a name), found in constant time so
+    /// that backward stays linear in layers.
+    index: HashMap<String, usize>,
+    layouts: Vec<Layout>,
     names: Vec<String>,
-    numel: Vec<u64>,
-    pb: u64,
     sharded: bool,
     shards: u64,
 }
 
 impl Grads {
-    fn new(params: &[Param], pb: u64, sharded: bool, shards: u64) -> Grads {
+    fn new(params: &[Param], dtype: DType, sharded: bool, shards: u64) -> Grads {
+        let mut index = HashMap::with_capacity(params.len());
+        for (i, p) in params.iter().enumerate() {
+            index.entry(p.name.clone()).or_insert(i);
+        }
         Grads {
             ids: vec![None; params.len()],
+            index,
+            layouts: params
+                .iter()
+                .map(|p| Layout::new(&p.shape(), dtype))
+                .collect(),
             names: params.iter().map(|p| p.name.clone()).collect(),
-            numel: params.iter().map(|p| p.numel()).collect(),
-            pb,
             sharded,
             shards: shards.max(1),
         }
     }
 
-    fn size(&self, i: usize) -> Bytes {
-        let b = Bytes::of(self.numel[i], self.pb);
-        if self.sharded {
-            Bytes(b.0.div_ceil(self.shards))
-        } else {
-            b
-        }
+    fn size(&self, i: usize) -> Extent {
+        let ranks = if self.sharded { self.shards } else { 1 };
+        Extent::Shard(self.layouts[i].clone(), ranks)
     }
 
     fn all_persistent(&mut self, s: &mut Step) {
@@ -404,27 +474,24 @@ impl Grads {
         }
     }
 
-    fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
-    }
-
     fn for_params<'a>(
         &mut self,
         s: &mut Step,
         ps: impl Iterator<Item = &'a Param>,
         autocast: bool,
+        d: &Dims,
     ) {
         for p in ps {
-            let Some(i) = self.index(&p.name) else {
+            let Some(&i) = self.index.get(&p.name) else {
                 continue;
             };
-            let full = Bytes::of(self.numel[i], self.pb);
+            let full = self.layouts[i].clone();
             if autocast && p.role != Role::Vector && p.role != Role::Embedding {
                 // The matmul's gradient is bf16; `to` backward casts it to the fp32 parameter.
                 s.transient(
                     format!("grad of {} (bf16)", p.name),
                     Component::Temporaries,
-                    Bytes::of(self.numel[i], 2),
+                    Layout::new(&full.shape, d.c),
                 );
             }
             match self.ids[i] {
@@ -455,5 +522,82 @@ impl Grads {
         for id in self.ids.iter_mut().filter_map(Option::take) {
             s.free(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Context, RawConfig};
+    use crate::presets::Presets;
+
+    fn spec(train: &str, hardware: &str, layers: u64) -> RunSpec {
+        let toml = format!(
+            "[model]\npreset = \"smollm2-135m\"\n[train]\nmicro_batch = 2\nseq_len = 256\n{train}\n[hardware]\ngpu = \"h100-80gb\"\n{hardware}\n"
+        );
+        let presets = Presets::builtin().unwrap();
+        let mut s = RawConfig::from_toml(&toml)
+            .unwrap()
+            .resolve(&presets, &Context::default())
+            .unwrap();
+        s.model.num_layers = layers;
+        s
+    }
+
+    #[test]
+    fn the_inventory_is_linear_in_layers() {
+        // 1,024 layers took 82 s when every block searched all parameters (issue 9).
+        let full = "checkpointing = \"full\"";
+        let zero3 = "gpus = 2\nsharding = \"zero3\"";
+        let start = std::time::Instant::now();
+        let big = play(&spec(full, zero3, 4096)).events.len();
+        assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+        let half = play(&spec(full, zero3, 2048)).events.len();
+        assert!(big as f64 <= 2.1 * half as f64, "{big} vs {half}");
+    }
+
+    #[test]
+    fn every_torch_tensor_has_a_shape_and_dtype_that_give_its_bytes() {
+        let runs = [
+            (
+                "precision = \"bf16-autocast\"\noptimizer = \"muon\"",
+                "gpus = 3\nsharding = \"zero3\"",
+            ),
+            (
+                "precision = \"fp32\"\nloss = \"chunked\"\ngrad_accum = 2",
+                "gpus = 2",
+            ),
+            ("precision = \"bf16\"\noptimizer = \"adafactor\"", ""),
+        ];
+        for (train, hardware) in runs {
+            let t = play(&spec(train, hardware, 2));
+            for x in &t.tensors {
+                let l = x.layout.as_ref().unwrap_or_else(|| panic!("{}", x.name));
+                // A ZeRO shard rounds the bytes up, the element count of its flat shard
+                // may be rounded up one element further.
+                let from_shape = l.bytes().0;
+                let ok = x.bytes.0 == from_shape
+                    || (x.bytes.0 < from_shape && from_shape - x.bytes.0 < l.dtype.bytes());
+                assert!(ok, "{}: {} B vs {l}", x.name, x.bytes.0);
+            }
+        }
+    }
+
+    #[test]
+    fn the_fp32_logits_of_seed_000_read_as_their_shape() {
+        // nanochat d16, 20 × 3072 tokens, vocab 65,536: `logits.float()` is 15.0 GiB.
+        let toml = include_str!("../../../presets/examples/nanochat-d16-failed.toml");
+        let presets = Presets::builtin().unwrap();
+        let spec = RawConfig::from_toml(toml)
+            .unwrap()
+            .resolve(&presets, &Context::default())
+            .unwrap();
+        let t = play(&spec);
+        let copy = t
+            .tensors
+            .iter()
+            .find(|x| x.name == "logits.float() (fp32 copy)")
+            .unwrap();
+        assert_eq!(copy.describe().as_deref(), Some("[20, 3072, 65536] f32"));
     }
 }

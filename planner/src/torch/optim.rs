@@ -12,37 +12,56 @@
 
 use crate::params::{Param, Role};
 use crate::spec::{Optimizer, Precision, TrainSpec};
-use crate::timeline::{Component, Step};
-use crate::units::Bytes;
+use crate::timeline::{Component, Extent, Layout, Step};
+use crate::units::DType;
 
 /// Allocates the optimizer state; `shard` divides it (ZeRO stage ≥ 1).
 pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) {
-    let sb = state_bytes(t.precision);
-    let per = |n: u64, bytes: u64| Bytes::of(n, bytes).0.div_ceil(shard.max(1));
+    let sd = state_dtype(t.precision);
+    let shard = shard.max(1);
+    let sharded = |l: Layout| Extent::Shard(l, shard);
     for p in params {
         let n = p.numel();
         let opt = effective(t.optimizer, p.role);
-        let bytes = match opt {
-            Optimizer::AdamW => per(n, 2 * sb),
-            Optimizer::AdamW8bit => per(n, 2) + per(n.div_ceil(256), 8),
-            Optimizer::Sgd | Optimizer::Muon => per(n, sb),
-            Optimizer::Adafactor => {
-                if p.rows > 1 {
-                    per(p.rows.saturating_add(p.cols), 4)
-                } else {
-                    per(n, 4)
-                }
+        let extent = match opt {
+            // exp_avg and exp_avg_sq, kept as one entry.
+            Optimizer::AdamW => sharded(Layout::new(&[2, p.rows, p.cols], sd)),
+            Optimizer::AdamW8bit => {
+                // Two uint8 states and two fp32 absmax per block, each split over the
+                // ranks on its own: one flat byte buffer.
+                let per = |b: u64| b.div_ceil(shard);
+                let states = per(n.saturating_mul(2));
+                let absmax = per(DType::F32.size(&[2, n.div_ceil(ABSMAX_BLOCK)]).0);
+                Extent::Layout(Layout::new(&[states.saturating_add(absmax)], DType::U8))
             }
+            Optimizer::Sgd | Optimizer::Muon => sharded(Layout::new(&p.shape(), sd)),
+            Optimizer::Adafactor => {
+                // Row and column statistics for matrices, a full second moment for vectors.
+                let len = if p.rows > 1 {
+                    p.rows.saturating_add(p.cols)
+                } else {
+                    n
+                };
+                sharded(Layout::new(&[len], DType::F32))
+            }
+        };
+        let bytes = match &extent {
+            Extent::Shard(l, r) => l.bytes().0.div_ceil(*r),
+            Extent::Layout(l) => l.bytes().0,
+            Extent::Bytes(b) => b.0,
         };
         if bytes > 0 {
             s.persistent(
                 format!("{} state of {}", opt, p.name),
                 Component::Optimizer,
-                Bytes(bytes),
+                extent,
             );
         }
     }
 }
+
+/// Elements per absmax in bitsandbytes' blockwise 8-bit optimizers.
+const ABSMAX_BLOCK: u64 = 256;
 
 /// The optimizer that actually updates a parameter (Muon hands embeddings, the head and
 /// vectors to AdamW, as nanochat's setup_optimizers does).
@@ -54,16 +73,25 @@ fn effective(opt: Optimizer, role: Role) -> Optimizer {
     }
 }
 
-fn state_bytes(p: Precision) -> u64 {
+fn state_dtype(p: Precision) -> DType {
     match p {
-        Precision::Bf16 => 2,
-        _ => 4,
+        Precision::Bf16 => DType::Bf16,
+        _ => DType::F32,
+    }
+}
+
+/// This rank's part of `p`: its own shape when whole, a flat shard otherwise.
+fn part(p: &Param, shard: u64, dtype: DType) -> Layout {
+    if shard > 1 {
+        Layout::new(&[p.numel().div_ceil(shard)], dtype)
+    } else {
+        Layout::new(&p.shape(), dtype)
     }
 }
 
 /// The step's temporaries, played into the timeline.
 pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u64) {
-    let sb = state_bytes(t.precision);
+    let sd = state_dtype(t.precision);
     let shard = shard.max(1);
     let largest = |pred: &dyn Fn(&Param) -> bool| {
         params
@@ -86,7 +114,7 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
                         s.alloc(
                             format!("adamw foreach sqrt(exp_avg_sq) of {}", p.name),
                             Component::Temporaries,
-                            Bytes::of(p.numel().div_ceil(shard), sb),
+                            part(p, shard, sd),
                         )
                     })
                     .collect();
@@ -96,12 +124,12 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
                 let a = s.alloc(
                     "adamw exp_avg_sq.sqrt()",
                     Component::Temporaries,
-                    Bytes::of(n, sb),
+                    Layout::new(&[n], sd),
                 );
                 s.transient(
                     "adamw denominator",
                     Component::Temporaries,
-                    Bytes::of(n, sb),
+                    Layout::new(&[n], sd),
                 );
                 s.free(a);
             }
@@ -113,12 +141,12 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
                     .max_by_key(|p| p.numel());
                 if let Some(m) = m {
                     let side = m.rows.min(m.cols);
-                    let x = Bytes::of(m.numel(), 2);
-                    let gram = Bytes::of(side.saturating_mul(side), 2);
+                    let x = Layout::new(&[m.rows, m.cols], DType::Bf16);
+                    let gram = Layout::new(&[side, side], DType::Bf16);
                     s.transient(
                         "muon newton-schulz",
                         Component::Temporaries,
-                        x + x + gram + gram,
+                        Layout::concat(&[x.clone(), x, gram.clone(), gram]),
                     );
                 }
             }
@@ -126,10 +154,11 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
         Optimizer::AdamW8bit | Optimizer::Sgd => {}
         Optimizer::Adafactor => {
             let n = largest(&|_| true);
+            // The update, its square and the factored estimate, in fp32.
             s.transient(
                 "adafactor update",
                 Component::Temporaries,
-                Bytes::of(n, 4 * 3),
+                Layout::new(&[3, n], DType::F32),
             );
         }
     }
