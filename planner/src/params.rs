@@ -99,114 +99,140 @@ impl List<'_> {
 /// The parameters of `m`, in registration order.
 pub fn parameters(m: &ModelSpec) -> Vec<Param> {
     let mut p = List { out: Vec::new(), m };
-    let (h, i) = (m.hidden_size, m.intermediate_size);
-    let q = m.num_heads.saturating_mul(m.head_dim);
-    let kv = m.num_kv_heads.saturating_mul(m.head_dim);
     match m.arch {
-        Arch::Llama | Arch::Qwen2 => {
-            p.embedding("embed_tokens.weight");
-            for l in 0..m.num_layers {
-                p.mat(l, "self_attn.q_proj.weight", q, h);
-                p.mat(l, "self_attn.k_proj.weight", kv, h);
-                p.mat(l, "self_attn.v_proj.weight", kv, h);
-                if m.arch == Arch::Qwen2 {
-                    p.vec(Some(l), "self_attn.q_proj.bias", q);
-                    p.vec(Some(l), "self_attn.k_proj.bias", kv);
-                    p.vec(Some(l), "self_attn.v_proj.bias", kv);
-                }
-                p.mat(l, "self_attn.o_proj.weight", h, q);
-                p.mat(l, "mlp.gate_proj.weight", i, h);
-                p.mat(l, "mlp.up_proj.weight", i, h);
-                p.mat(l, "mlp.down_proj.weight", h, i);
-                p.vec(Some(l), "input_layernorm.weight", h);
-                p.vec(Some(l), "post_attention_layernorm.weight", h);
-            }
-            p.vec(None, "norm.weight", h);
-            p.head();
-        }
-        Arch::Gpt2 => {
-            p.embedding("wte.weight");
-            p.vec(None, "wpe.weight", m.max_positions.saturating_mul(h));
-            for l in 0..m.num_layers {
-                p.vec(Some(l), "ln_1.weight", h);
-                p.vec(Some(l), "ln_1.bias", h);
-                p.mat(l, "attn.c_attn.weight", h, q.saturating_add(2 * kv));
-                p.vec(Some(l), "attn.c_attn.bias", q.saturating_add(2 * kv));
-                p.mat(l, "attn.c_proj.weight", q, h);
-                p.vec(Some(l), "attn.c_proj.bias", h);
-                p.vec(Some(l), "ln_2.weight", h);
-                p.vec(Some(l), "ln_2.bias", h);
-                p.mat(l, "mlp.c_fc.weight", h, i);
-                p.vec(Some(l), "mlp.c_fc.bias", i);
-                p.mat(l, "mlp.c_proj.weight", i, h);
-                p.vec(Some(l), "mlp.c_proj.bias", h);
-            }
-            p.vec(None, "ln_f.weight", h);
-            p.vec(None, "ln_f.bias", h);
-            p.head();
-        }
-        Arch::Nanochat => {
-            p.embedding("wte.weight");
-            for l in 0..m.num_layers {
-                p.mat(l, "attn.c_q.weight", q, h);
-                p.mat(l, "attn.c_k.weight", kv, h);
-                p.mat(l, "attn.c_v.weight", kv, h);
-                p.mat(l, "attn.c_proj.weight", h, q);
-                p.mat(l, "mlp.c_fc.weight", i, h);
-                p.mat(l, "mlp.c_proj.weight", h, i);
-            }
-            p.head();
-        }
-        Arch::T5 => {
-            p.embedding("shared.weight");
-            let buckets = 32u64;
-            let ffn = |p: &mut List, l: u64| {
-                if m.gated_ffn {
-                    p.mat(l, "ffn.wi_0.weight", i, h);
-                    p.mat(l, "ffn.wi_1.weight", i, h);
-                } else {
-                    p.mat(l, "ffn.wi.weight", i, h);
-                }
-                p.mat(l, "ffn.wo.weight", h, i);
-                p.vec(Some(l), "ffn.layer_norm.weight", h);
-            };
-            let attn = |p: &mut List, l: u64, which: &str| {
-                for w in ["q", "k", "v"] {
-                    p.mat(l, &format!("{which}.{w}.weight"), q, h);
-                }
-                p.mat(l, &format!("{which}.o.weight"), h, q);
-                p.vec(Some(l), &format!("{which}.layer_norm.weight"), h);
-            };
-            for l in 0..m.num_layers {
-                attn(&mut p, l, "self_attn");
-                if l == 0 {
-                    p.vec(
-                        Some(l),
-                        "self_attn.relative_attention_bias",
-                        buckets * m.num_heads,
-                    );
-                }
-                ffn(&mut p, l);
-            }
-            p.vec(None, "encoder.final_layer_norm.weight", h);
-            for d in 0..m.num_decoder_layers {
-                let l = m.num_layers + d;
-                attn(&mut p, l, "self_attn");
-                if d == 0 {
-                    p.vec(
-                        Some(l),
-                        "self_attn.relative_attention_bias",
-                        buckets * m.num_heads,
-                    );
-                }
-                attn(&mut p, l, "cross_attn");
-                ffn(&mut p, l);
-            }
-            p.vec(None, "decoder.final_layer_norm.weight", h);
-            p.head();
-        }
+        Arch::Llama | Arch::Qwen2 => p.llama(),
+        Arch::Gpt2 => p.gpt2(),
+        Arch::Nanochat => p.nanochat(),
+        Arch::T5 => p.t5(),
     }
     p.out
+}
+
+/// Each architecture's parameters, named as its reference implementation registers them.
+impl List<'_> {
+    fn widths(&self) -> (u64, u64, u64, u64) {
+        let m = self.m;
+        let q = m.num_heads.saturating_mul(m.head_dim);
+        let kv = m.num_kv_heads.saturating_mul(m.head_dim);
+        (m.hidden_size, m.intermediate_size, q, kv)
+    }
+
+    /// transformers' `LlamaForCausalLM` (Qwen2 adds q/k/v biases).
+    fn llama(&mut self) {
+        let (h, i, q, kv) = self.widths();
+        let qwen2 = self.m.arch == Arch::Qwen2;
+        self.embedding("embed_tokens.weight");
+        for l in 0..self.m.num_layers {
+            self.mat(l, "self_attn.q_proj.weight", q, h);
+            self.mat(l, "self_attn.k_proj.weight", kv, h);
+            self.mat(l, "self_attn.v_proj.weight", kv, h);
+            if qwen2 {
+                self.vec(Some(l), "self_attn.q_proj.bias", q);
+                self.vec(Some(l), "self_attn.k_proj.bias", kv);
+                self.vec(Some(l), "self_attn.v_proj.bias", kv);
+            }
+            self.mat(l, "self_attn.o_proj.weight", h, q);
+            self.mat(l, "mlp.gate_proj.weight", i, h);
+            self.mat(l, "mlp.up_proj.weight", i, h);
+            self.mat(l, "mlp.down_proj.weight", h, i);
+            self.vec(Some(l), "input_layernorm.weight", h);
+            self.vec(Some(l), "post_attention_layernorm.weight", h);
+        }
+        self.vec(None, "norm.weight", h);
+        self.head();
+    }
+
+    /// transformers' `GPT2LMHeadModel`.
+    fn gpt2(&mut self) {
+        let (h, i, q, kv) = self.widths();
+        self.embedding("wte.weight");
+        self.vec(None, "wpe.weight", self.m.max_positions.saturating_mul(h));
+        for l in 0..self.m.num_layers {
+            self.vec(Some(l), "ln_1.weight", h);
+            self.vec(Some(l), "ln_1.bias", h);
+            self.mat(l, "attn.c_attn.weight", h, q.saturating_add(2 * kv));
+            self.vec(Some(l), "attn.c_attn.bias", q.saturating_add(2 * kv));
+            self.mat(l, "attn.c_proj.weight", q, h);
+            self.vec(Some(l), "attn.c_proj.bias", h);
+            self.vec(Some(l), "ln_2.weight", h);
+            self.vec(Some(l), "ln_2.bias", h);
+            self.mat(l, "mlp.c_fc.weight", h, i);
+            self.vec(Some(l), "mlp.c_fc.bias", i);
+            self.mat(l, "mlp.c_proj.weight", i, h);
+            self.vec(Some(l), "mlp.c_proj.bias", h);
+        }
+        self.vec(None, "ln_f.weight", h);
+        self.vec(None, "ln_f.bias", h);
+        self.head();
+    }
+
+    /// nanochat's `GPT` (parameter-free norms).
+    fn nanochat(&mut self) {
+        let (h, i, q, kv) = self.widths();
+        self.embedding("wte.weight");
+        for l in 0..self.m.num_layers {
+            self.mat(l, "attn.c_q.weight", q, h);
+            self.mat(l, "attn.c_k.weight", kv, h);
+            self.mat(l, "attn.c_v.weight", kv, h);
+            self.mat(l, "attn.c_proj.weight", h, q);
+            self.mat(l, "mlp.c_fc.weight", i, h);
+            self.mat(l, "mlp.c_proj.weight", h, i);
+        }
+        self.head();
+    }
+
+    /// transformers' `T5ForConditionalGeneration`: encoder blocks, then decoder blocks
+    /// numbered after them; the first block of each stack holds the relative position bias.
+    fn t5(&mut self) {
+        let h = self.m.hidden_size;
+        self.embedding("shared.weight");
+        for l in 0..self.m.num_layers {
+            self.t5_attention(l, "self_attn");
+            if l == 0 {
+                self.t5_position_bias(l);
+            }
+            self.t5_ffn(l);
+        }
+        self.vec(None, "encoder.final_layer_norm.weight", h);
+        for d in 0..self.m.num_decoder_layers {
+            let l = self.m.num_layers + d;
+            self.t5_attention(l, "self_attn");
+            if d == 0 {
+                self.t5_position_bias(l);
+            }
+            self.t5_attention(l, "cross_attn");
+            self.t5_ffn(l);
+        }
+        self.vec(None, "decoder.final_layer_norm.weight", h);
+        self.head();
+    }
+
+    fn t5_attention(&mut self, l: u64, which: &str) {
+        let (h, _, q, _) = self.widths();
+        for w in ["q", "k", "v"] {
+            self.mat(l, &format!("{which}.{w}.weight"), q, h);
+        }
+        self.mat(l, &format!("{which}.o.weight"), h, q);
+        self.vec(Some(l), &format!("{which}.layer_norm.weight"), h);
+    }
+
+    fn t5_position_bias(&mut self, l: u64) {
+        const BUCKETS: u64 = 32;
+        let n = BUCKETS * self.m.num_heads;
+        self.vec(Some(l), "self_attn.relative_attention_bias", n);
+    }
+
+    fn t5_ffn(&mut self, l: u64) {
+        let (h, i, _, _) = self.widths();
+        if self.m.gated_ffn {
+            self.mat(l, "ffn.wi_0.weight", i, h);
+            self.mat(l, "ffn.wi_1.weight", i, h);
+        } else {
+            self.mat(l, "ffn.wi.weight", i, h);
+        }
+        self.mat(l, "ffn.wo.weight", h, i);
+        self.vec(Some(l), "ffn.layer_norm.weight", h);
+    }
 }
 
 /// Total parameter count.

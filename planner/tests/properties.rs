@@ -138,15 +138,20 @@ proptest! {
         prop_assert!(r.device_bytes >= r.peak_reserved_bytes);
     }
 
-    /// The caching allocator's reserved bytes, not only the live peak, never fall as the
-    /// micro-batch grows: `fit` stops a mode at its first miss on the device total.
+    /// The caching allocator's reserved bytes can fall as the micro-batch grows, because
+    /// other sizes land in other free blocks (found: qwen2 3 layers, 5 → 6 × 16 tokens,
+    /// 2 MiB less reserved), but never by more than one large segment (`LARGE_BUFFER`,
+    /// 20 MiB, in `allocator.rs`): `fit` stops a mode at its first miss on the device
+    /// total, so it can only pass over a micro-batch that fits within that much of the
+    /// capacity.
     #[test]
-    fn device_bytes_never_fall_as_micro_batch_grows(raw in raw_run()) {
+    fn device_bytes_fall_by_at_most_one_segment_as_micro_batch_grows(raw in raw_run()) {
         let s = spec(&raw);
         let mut bigger = s.clone();
         bigger.train.micro_batch += 1;
         let (a, b) = (estimate(&s), estimate(&bigger));
-        prop_assert!(b.device_bytes >= a.device_bytes, "{} > {}", a.device_bytes, b.device_bytes);
+        let slack = 20 * 1024 * 1024;
+        prop_assert!(b.device_bytes + slack >= a.device_bytes, "{} > {}", a.device_bytes, b.device_bytes);
     }
 }
 
