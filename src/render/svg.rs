@@ -293,6 +293,24 @@ pub fn fit(f: &FitResult) -> String {
     let mut out = String::new();
     let title = format!("peak memory vs micro-batch at seq {}", f.best.seq_len);
     open(&mut out, h, &title);
+    let modes = fit_modes(f);
+    let axes = FitAxes::new(f);
+    y_axis(&mut out, TOP, PANEL_H, axes.max_gib);
+    let _ = writeln!(out, r#"<g class="series">"#);
+    for (k, (name, cs)) in modes.iter().enumerate() {
+        fit_series(&mut out, &axes, k, name, cs);
+    }
+    let _ = writeln!(out, "</g>");
+    let cap = f.best.report.capacity_bytes;
+    capacity_line(&mut out, axes.y(cap as f64), cap);
+    fit_x_axis(&mut out, &axes, &title);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The candidates at the best's sequence length, by mode in first-seen order, each
+/// sorted by micro-batch.
+fn fit_modes(f: &FitResult) -> Vec<(String, Vec<&Candidate>)> {
     let mut modes: Vec<(String, Vec<&Candidate>)> = Vec::new();
     for c in f.candidates.iter().filter(|c| c.seq_len == f.best.seq_len) {
         let key = format!("checkpointing {}, loss {}", c.checkpointing, c.loss);
@@ -304,77 +322,99 @@ pub fn fit(f: &FitResult) -> String {
     for (_, v) in modes.iter_mut() {
         v.sort_by_key(|c| c.micro_batch);
     }
-    let max_mb = f
-        .candidates
-        .iter()
-        .map(|c| c.micro_batch)
-        .max()
-        .unwrap_or(1)
-        .max(2) as f64;
-    let cap = f.best.report.capacity_bytes as f64;
-    let max_bytes = f
-        .candidates
-        .iter()
-        .map(|c| c.report.device_bytes as f64)
-        .fold(cap, f64::max)
-        .min(cap * 2.0);
-    let max_gib = max_bytes / GIB as f64 * 1.08;
-    let plot_w = W - LEFT - RIGHT;
-    let x = |mb: u64| LEFT + (mb as f64).log2() / max_mb.log2() * plot_w;
-    let y = |b: f64| TOP + PANEL_H - (b / GIB as f64).min(max_gib) / max_gib * PANEL_H;
-    y_axis(&mut out, TOP, PANEL_H, max_gib);
-    let palette = [
-        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-        "#9c755f",
-    ];
-    let _ = writeln!(out, r#"<g class="series">"#);
-    for (k, (name, cs)) in modes.iter().enumerate() {
-        let col = palette[k % palette.len()];
-        let pts: Vec<String> = cs
+    modes
+}
+
+/// Micro-batch on a log scale across the plot; device bytes up to twice the capacity.
+struct FitAxes {
+    max_mb: f64,
+    max_gib: f64,
+    plot_w: f64,
+}
+
+impl FitAxes {
+    fn new(f: &FitResult) -> FitAxes {
+        let max_mb = f
+            .candidates
             .iter()
-            .map(|c| {
-                format!(
-                    "{:.1},{:.1}",
-                    x(c.micro_batch),
-                    y(c.report.device_bytes as f64)
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            r#"<polyline data-series="{}" points="{}" fill="none" stroke="{col}" stroke-width="2"/>"#,
-            esc(name),
-            pts.join(" ")
-        );
-        for c in cs {
-            let _ = writeln!(
-                out,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{col}"><title>micro-batch {}: {}</title></circle>"#,
-                x(c.micro_batch),
-                y(c.report.device_bytes as f64),
-                c.micro_batch,
-                esc(&Bytes(c.report.device_bytes).to_string())
-            );
+            .map(|c| c.micro_batch)
+            .max()
+            .unwrap_or(1)
+            .max(2) as f64;
+        let cap = f.best.report.capacity_bytes as f64;
+        let max_bytes = f
+            .candidates
+            .iter()
+            .map(|c| c.report.device_bytes as f64)
+            .fold(cap, f64::max)
+            .min(cap * 2.0);
+        FitAxes {
+            max_mb,
+            max_gib: max_bytes / GIB as f64 * 1.08,
+            plot_w: W - LEFT - RIGHT,
         }
-        let ly = TOP + 10.0 + k as f64 * 18.0;
+    }
+
+    fn x(&self, mb: u64) -> f64 {
+        LEFT + (mb as f64).log2() / self.max_mb.log2() * self.plot_w
+    }
+
+    fn y(&self, bytes: f64) -> f64 {
+        TOP + PANEL_H - (bytes / GIB as f64).min(self.max_gib) / self.max_gib * PANEL_H
+    }
+}
+
+const PALETTE: [&str; 9] = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f",
+];
+
+/// One mode: its line, a point per candidate with its peak, and its legend entry.
+fn fit_series(out: &mut String, a: &FitAxes, k: usize, name: &str, cs: &[&Candidate]) {
+    let col = PALETTE[k % PALETTE.len()];
+    let at = |c: &Candidate| (a.x(c.micro_batch), a.y(c.report.device_bytes as f64));
+    let pts: Vec<String> = cs
+        .iter()
+        .map(|c| {
+            let (x, y) = at(c);
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        r#"<polyline data-series="{}" points="{}" fill="none" stroke="{col}" stroke-width="2"/>"#,
+        esc(name),
+        pts.join(" ")
+    );
+    for c in cs {
+        let (x, y) = at(c);
         let _ = writeln!(
             out,
-            r#"<rect x="{:.1}" y="{:.1}" width="12" height="3" fill="{col}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
-            W - RIGHT + 6.0,
-            ly + 4.0,
-            W - RIGHT + 22.0,
-            ly + 8.0,
-            esc(name)
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{col}"><title>micro-batch {}: {}</title></circle>"#,
+            c.micro_batch,
+            esc(&Bytes(c.report.device_bytes).to_string())
         );
     }
-    let _ = writeln!(out, "</g>");
-    capacity_line(&mut out, y(cap), f.best.report.capacity_bytes);
+    let ly = TOP + 10.0 + k as f64 * 18.0;
+    let _ = writeln!(
+        out,
+        r#"<rect x="{:.1}" y="{:.1}" width="12" height="3" fill="{col}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
+        W - RIGHT + 6.0,
+        ly + 4.0,
+        W - RIGHT + 22.0,
+        ly + 8.0,
+        esc(name)
+    );
+}
+
+/// Powers of two along the micro-batch axis, the axis label and the title.
+fn fit_x_axis(out: &mut String, a: &FitAxes, title: &str) {
     let mut mb = 1u64;
-    while (mb as f64) <= max_mb {
+    while (mb as f64) <= a.max_mb {
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{mb}</text>"#,
-            x(mb),
+            a.x(mb),
             TOP + PANEL_H + 16.0
         );
         mb *= 2;
@@ -382,11 +422,9 @@ pub fn fit(f: &FitResult) -> String {
     let _ = writeln!(
         out,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">micro-batch (log scale); device peak per mode</text><text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text>"#,
-        LEFT + plot_w / 2.0,
+        LEFT + a.plot_w / 2.0,
         TOP + PANEL_H + 34.0,
         TOP - 12.0,
-        esc(&title)
+        esc(title)
     );
-    out.push_str("</svg>\n");
-    out
 }
