@@ -104,6 +104,11 @@ fn seed_scenario_text_and_out() {
         text.contains("20 × 3072 × 65,536 × 4 B = 15.0 GiB"),
         "{text}"
     );
+    // The matched tensor with the shape and dtype the inventory gives it.
+    assert!(
+        text.contains("logits.float() (fp32 copy) [20, 3072, 65536] f32"),
+        "{text}"
+    );
     let fixed = std::fs::read_to_string(&out).expect("--out written");
     assert!(fixed.contains("chunked"), "{fixed}");
     // The written plan is accepted by `estimate`.

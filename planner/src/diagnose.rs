@@ -166,6 +166,8 @@ pub struct Diagnosis {
     pub cause: Cause,
     pub report: OomReport,
     pub tensor: Option<String>,
+    /// The matched tensor's shape and dtype, e.g. `[20, 3072, 65536] f32`.
+    pub tensor_layout: Option<String>,
     pub explanation: Explanation,
     /// Set when the report's numbers are nonsense: it was not matched against the plan.
     pub implausible: Option<Implausible>,
@@ -217,6 +219,7 @@ pub fn diagnose(report: OomReport, plan: Option<&FixPlan>) -> Diagnosis {
     }
     Diagnosis {
         cause,
+        tensor_layout: matched.as_ref().and_then(|m| m.layout.clone()),
         tensor: matched.map(|m| m.name),
         report,
         explanation,

@@ -108,6 +108,8 @@ pub struct Match {
     pub component: Component,
     pub phase: String,
     pub bytes: u64,
+    /// Its shape and dtype, e.g. `[20, 3072, 65536] f32`, where the inventory knows them.
+    pub layout: Option<String>,
 }
 
 /// The timeline tensor whose size is closest to the request, within 3 % (PyTorch prints
@@ -147,6 +149,7 @@ pub fn match_tensor(report: &OomReport, timeline: &Timeline) -> Option<Match> {
         component: best.component,
         phase: timeline.phases.get(best.phase).cloned().unwrap_or_default(),
         bytes: best.bytes.0,
+        layout: best.describe(),
     })
 }
 

@@ -33,6 +33,7 @@ struct DiagnosisView<'a> {
     #[serde(flatten)]
     report: &'a OomReport,
     tensor: Option<&'a str>,
+    tensor_layout: Option<&'a str>,
     explanation: String,
     implausible: Option<String>,
     implausible_kind: Option<&'a Implausible>,
@@ -52,6 +53,7 @@ fn view(d: &Diagnosis) -> DiagnosisView<'_> {
         cause: d.cause,
         report: &d.report,
         tensor: d.tensor.as_deref(),
+        tensor_layout: d.tensor_layout.as_deref(),
         explanation: prose::explanation(&d.explanation),
         implausible: d.implausible.as_ref().map(prose::implausible),
         implausible_kind: d.implausible.as_ref(),

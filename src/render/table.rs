@@ -439,6 +439,9 @@ pub fn diagnose(ds: &[Diagnosis]) -> String {
             d.cause
         );
         diagnosis_numbers(r, &mut out);
+        if let (Some(t), Some(l)) = (&d.tensor, &d.tensor_layout) {
+            let _ = writeln!(out, "  {:<28} {t} {l}", "tensor");
+        }
         if let Some(why) = &d.implausible {
             let _ = writeln!(out, "note: {}", prose::implausible(why));
         }
