@@ -8,6 +8,7 @@
 //! report), so a [`FixPlan`] plans them once per config and every report of a log reuses
 //! it: the work per report is one scan of the planned timeline's tensors.
 
+use crate::config::{check_run, MAX_COUNT};
 use crate::oom::{classify, match_tensor, Cause, Match, OomReport};
 use crate::report::estimate;
 use crate::spec::{Checkpointing, LossMode, RunSpec, Sharding};
@@ -342,6 +343,12 @@ pub fn generic_fixes(logits: bool, hint: Option<Hint>) -> Vec<Fix> {
     v
 }
 
+/// Whether a changed run stays within what a config may say (halving the micro-batch
+/// doubles the accumulation, which has its own bound).
+fn writable(s: &RunSpec) -> bool {
+    s.train.grad_accum <= MAX_COUNT && check_run(s).is_ok()
+}
+
 /// A candidate change: its edits, the run it gives, and whether it keeps the global batch.
 type Candidate = (Vec<Edit>, RunSpec, bool);
 
@@ -448,6 +455,8 @@ pub fn planned_fixes(spec: &RunSpec) -> Vec<Fix> {
     }
     let mut fixes: Vec<Fix> = cands
         .into_iter()
+        // A fix is a plan `--out` may write: it must be one `estimate` reads back.
+        .filter(|(_, s, _)| writable(s))
         .map(|(edits, s, keeps)| {
             let r = estimate(&s);
             Fix {
@@ -484,6 +493,24 @@ mod tests {
         let presets = Presets::builtin().expect("presets");
         raw.resolve(&presets, &crate::config::Context::default())
             .expect("resolves")
+    }
+
+    /// Regression: halving the micro-batch doubled an accumulation already at its bound,
+    /// so `diagnose --out` could write a plan that `estimate` refuses.
+    #[test]
+    fn every_planned_fix_is_a_plan_the_config_accepts() {
+        let mut spec = seed_spec();
+        spec.train.grad_accum = MAX_COUNT;
+        let fixes = planned_fixes(&spec);
+        assert!(!fixes.is_empty());
+        for f in &fixes {
+            let s = f.spec.as_ref().expect("planned fixes carry their run");
+            assert!(s.train.grad_accum <= MAX_COUNT, "{:?}", f.kind);
+        }
+        assert!(!fixes.iter().any(|f| matches!(
+            &f.kind,
+            FixKind::Edits { edits } if edits.iter().any(|e| matches!(e, Edit::MicroBatch { .. }))
+        )));
     }
 
     #[test]
