@@ -8,7 +8,7 @@
 //! unallocated.") and candle/cudarc (`CUDA_ERROR_OUT_OF_MEMORY`, no numbers). The scan is
 //! line by line with plain `str` searches, so it is linear in the log and never panics.
 
-use crate::timeline::{Component, Timeline};
+use crate::timeline::{Component, Name, Timeline};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -141,13 +141,22 @@ pub fn match_tensor(report: &OomReport, timeline: &Timeline) -> Option<Match> {
         .filter(|(_, t)| t.bytes.0.abs_diff(req) <= tol)
         .min_by_key(|(i, t)| {
             let preferred = matches!(t.component, Component::Logits | Component::Activations);
-            (!preferred, !hinted(&t.name), t.bytes.0.abs_diff(req), *i)
+            (
+                !preferred,
+                !hinted(&t.name.text()),
+                t.bytes.0.abs_diff(req),
+                *i,
+            )
         })?
         .1;
     Some(Match {
-        name: best.name.clone(),
+        name: best.name.to_string(),
         component: best.component,
-        phase: timeline.phases.get(best.phase).cloned().unwrap_or_default(),
+        phase: timeline
+            .phases
+            .get(best.phase)
+            .map(Name::to_string)
+            .unwrap_or_default(),
         bytes: best.bytes.0,
         layout: best.describe(),
     })

@@ -157,7 +157,7 @@ impl Report {
 /// One token's forward FLOPs: `(2·P_matmul + 4·L·Q·T, the attention part 4·L·Q·T)`.
 fn forward_flops(spec: &RunSpec) -> (f64, f64) {
     let m = &spec.model;
-    let matmul_params: u64 = params::parameters(m)
+    let matmul_params: u64 = params::shared(m)
         .iter()
         .filter(|p| {
             p.role != crate::params::Role::Vector && p.role != crate::params::Role::Embedding

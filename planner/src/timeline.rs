@@ -13,6 +13,7 @@ use crate::units::{Bytes, DType};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::rc::Rc;
 
 /// Who owns a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -93,17 +94,75 @@ impl ByComponent {
     }
 }
 
+/// Dimensions a [`Shape`] holds without a heap allocation.
+const INLINE_DIMS: usize = 6;
+
+/// A tensor's dimensions: inline up to [`INLINE_DIMS`] (every shape the inventories
+/// make), on the heap beyond. Compares, prints (`{:?}`) and serializes as a list.
+#[derive(Clone)]
+pub enum Shape {
+    Inline(u8, [u64; INLINE_DIMS]),
+    Heap(Vec<u64>),
+}
+
+impl Shape {
+    pub fn new(dims: &[u64]) -> Shape {
+        if dims.len() <= INLINE_DIMS {
+            let mut a = [0; INLINE_DIMS];
+            a[..dims.len()].copy_from_slice(dims);
+            Shape::Inline(dims.len() as u8, a)
+        } else {
+            Shape::Heap(dims.to_vec())
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u64] {
+        match self {
+            Shape::Inline(n, a) => &a[..usize::from(*n)],
+            Shape::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::Deref for Shape {
+    type Target = [u64];
+
+    fn deref(&self) -> &[u64] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Shape {
+    fn eq(&self, other: &Shape) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Shape {}
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_slice(), f)
+    }
+}
+
+impl Serialize for Shape {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.as_slice())
+    }
+}
+
 /// A tensor's shape and element type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Layout {
-    pub shape: Vec<u64>,
+    pub shape: Shape,
     pub dtype: DType,
 }
 
 impl Layout {
     pub fn new(shape: &[u64], dtype: DType) -> Layout {
         Layout {
-            shape: shape.to_vec(),
+            shape: Shape::new(shape),
             dtype,
         }
     }
@@ -138,6 +197,94 @@ impl fmt::Display for Layout {
     }
 }
 
+/// A tensor's name, formatted only when shown: a fixed name, one built from a block
+/// index (`block 3 output` is `"block "`, 3, then the pieces), or any other text.
+/// Prints, compares and serializes as the text it stands for.
+#[derive(Clone)]
+pub enum Name {
+    Static(&'static str),
+    Block(&'static str, u64, [&'static str; 3]),
+    /// `{pre}{name}{post}`: a tensor named after a parameter.
+    Of(&'static str, Rc<str>, &'static str),
+    Owned(String),
+}
+
+impl Name {
+    /// `{pre}{l}` followed by `rest`.
+    pub fn block(pre: &'static str, l: u64, rest: [&'static str; 3]) -> Name {
+        Name::Block(pre, l, rest)
+    }
+
+    /// `{pre}{name}{post}`, `name` shared.
+    pub fn of(pre: &'static str, name: &Rc<str>, post: &'static str) -> Name {
+        Name::Of(pre, Rc::clone(name), post)
+    }
+
+    /// The text, borrowed where it is stored as such.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Name::Static(s) => (*s).into(),
+            Name::Owned(s) => s.as_str().into(),
+            Name::Of("", s, "") => (**s).into(),
+            Name::Block(..) | Name::Of(..) => self.to_string().into(),
+        }
+    }
+}
+
+impl From<&'static str> for Name {
+    fn from(s: &'static str) -> Name {
+        Name::Static(s)
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name::Owned(s)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Name::Static(s) => f.write_str(s),
+            Name::Owned(s) => f.write_str(s),
+            Name::Of(pre, s, post) => {
+                f.write_str(pre)?;
+                f.write_str(s)?;
+                f.write_str(post)
+            }
+            Name::Block(pre, l, rest) => {
+                write!(f, "{pre}{l}")?;
+                rest.iter().try_for_each(|r| f.write_str(r))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text(), f)
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.text() == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.text() == *other
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
+    }
+}
+
 /// What an allocation is given: bare bytes, or a layout whose bytes follow from it.
 #[derive(Debug, Clone)]
 pub enum Extent {
@@ -163,7 +310,7 @@ impl From<Layout> for Extent {
 /// A tensor (or buffer) of the step.
 #[derive(Debug, Clone, Serialize)]
 pub struct Tensor {
-    pub name: String,
+    pub name: Name,
     pub component: Component,
     pub bytes: Bytes,
     /// Shape and dtype, where the inventory knows them (`bytes` follows from them).
@@ -205,26 +352,36 @@ pub struct Event {
 pub struct Step {
     tensors: Vec<Tensor>,
     events: Vec<Event>,
-    phases: Vec<String>,
+    phases: Vec<Name>,
     live: Vec<bool>,
 }
 
 impl Step {
     pub fn new() -> Step {
+        Step::with_capacity(0, 0)
+    }
+
+    /// A step with room for about `tensors` tensors and `phases` phases, so that playing
+    /// it does not grow its vectors over and over.
+    pub fn with_capacity(tensors: usize, phases: usize) -> Step {
+        let mut p = Vec::with_capacity(phases + 1);
+        p.push("before the step".into());
         Step {
-            phases: vec!["before the step".into()],
-            ..Step::default()
+            tensors: Vec::with_capacity(tensors),
+            events: Vec::with_capacity(tensors.saturating_mul(2)),
+            phases: p,
+            live: Vec::with_capacity(tensors),
         }
     }
 
     /// Starts a new phase (e.g. "forward: layer 3").
-    pub fn phase(&mut self, label: impl Into<String>) {
+    pub fn phase(&mut self, label: impl Into<Name>) {
         self.phases.push(label.into());
     }
 
     fn push(
         &mut self,
-        name: String,
+        name: Name,
         component: Component,
         extent: Extent,
         persistent: bool,
@@ -258,7 +415,7 @@ impl Step {
     /// A tensor that lives through the whole step (weights, optimizer state).
     pub fn persistent(
         &mut self,
-        name: impl Into<String>,
+        name: impl Into<Name>,
         component: Component,
         size: impl Into<Extent>,
     ) -> TensorId {
@@ -268,7 +425,7 @@ impl Step {
     /// A tensor of the step, given its bytes or its [`Layout`].
     pub fn alloc(
         &mut self,
-        name: impl Into<String>,
+        name: impl Into<Name>,
         component: Component,
         size: impl Into<Extent>,
     ) -> TensorId {
@@ -278,7 +435,7 @@ impl Step {
     /// A tensor of the step by shape and dtype.
     pub fn tensor(
         &mut self,
-        name: impl Into<String>,
+        name: impl Into<Name>,
         component: Component,
         shape: &[u64],
         dtype: DType,
@@ -300,7 +457,7 @@ impl Step {
     /// Allocates and frees at once: a transient buffer inside one op.
     pub fn transient(
         &mut self,
-        name: impl Into<String>,
+        name: impl Into<Name>,
         component: Component,
         size: impl Into<Extent>,
     ) {
@@ -330,13 +487,13 @@ pub struct Snapshot {
 pub struct Timeline {
     pub tensors: Vec<Tensor>,
     pub events: Vec<Event>,
-    pub phases: Vec<String>,
+    pub phases: Vec<Name>,
     /// The state at the peak of live bytes (the first event that reaches the maximum).
     pub peak: Snapshot,
 }
 
 impl Timeline {
-    fn new(tensors: Vec<Tensor>, events: Vec<Event>, phases: Vec<String>) -> Timeline {
+    fn new(tensors: Vec<Tensor>, events: Vec<Event>, phases: Vec<Name>) -> Timeline {
         let mut live = ByComponent::default();
         let mut best = (Bytes(0), 0usize, live);
         for (i, e) in events.iter().enumerate() {
@@ -355,10 +512,10 @@ impl Timeline {
         let peak = match events.get(event) {
             Some(e) => Snapshot {
                 event,
-                phase: phases[tensors[e.tensor].phase].clone(),
+                phase: phases[tensors[e.tensor].phase].to_string(),
                 total,
                 by_component: by.to_map(),
-                tensor: tensors[e.tensor].name.clone(),
+                tensor: tensors[e.tensor].name.to_string(),
             },
             None => Snapshot {
                 event: 0,

@@ -143,7 +143,7 @@ impl Model {
                     .to_dtype(dtype)?
                     .to_device(device)?
             };
-            params.insert(p.name.clone(), Var::from_tensor(&t)?);
+            params.insert(p.name.to_string(), Var::from_tensor(&t)?);
         }
         Ok(Model {
             spec: spec.clone(),

@@ -36,8 +36,9 @@ mod working_sets;
 
 use crate::params::{self, Role};
 use crate::spec::{Checkpointing, LossMode, Precision, RunSpec};
-use crate::timeline::{Component, Step, TensorId, Timeline};
+use crate::timeline::{Component, Name, Step, TensorId, Timeline};
 use crate::units::Bytes;
+use std::rc::Rc;
 use working_sets::{Units, WorkingSets, F};
 
 /// AdamW's update (`src/engine/optim.rs`) runs over the parameters in name order, making
@@ -47,7 +48,7 @@ use working_sets::{Units, WorkingSets, F};
 fn adam_peak(params: &[params::Param]) -> f64 {
     let mut sorted: Vec<(&str, f64)> = params
         .iter()
-        .map(|p| (p.name.as_str(), p.numel() as f64 * F))
+        .map(|p| (&*p.name, p.numel() as f64 * F))
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut done = 0.0;
@@ -105,7 +106,7 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
 
 /// Where the run leaves the domain the working sets were calibrated on (empty inside it).
 pub fn warnings(spec: &RunSpec) -> Vec<String> {
-    let params = params::parameters(&spec.model);
+    let params = params::shared(&spec.model);
     working_sets::fits(spec.train.precision).warnings(spec.model.arch, &units(spec, &params))
 }
 
@@ -124,7 +125,7 @@ struct BlockBytes {
 /// block once.
 struct Plan<'a> {
     spec: &'a RunSpec,
-    params: Vec<params::Param>,
+    params: Rc<Vec<params::Param>>,
     u: Units,
     ws: WorkingSets,
     /// Activations the step keeps between stages are in the compute dtype: f32, or 16-bit
@@ -141,11 +142,11 @@ struct Plan<'a> {
 impl<'a> Plan<'a> {
     fn new(spec: &'a RunSpec) -> Plan<'a> {
         let m = &spec.model;
-        let params = params::parameters(m);
+        let params = params::shared(m);
         let u = units(spec, &params);
         let ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
         let mut blocks = vec![BlockBytes::default(); m.num_layers as usize];
-        for p in &params {
+        for p in params.iter() {
             let Some(b) = p.layer.and_then(|l| blocks.get_mut(l as usize)) else {
                 continue;
             };
@@ -158,7 +159,7 @@ impl<'a> Plan<'a> {
         let head_bytes = params
             .iter()
             .filter(|p| p.role == Role::Head || (m.tie_embeddings && p.role == Role::Embedding))
-            .chain(params.iter().filter(|p| p.name == "norm.weight"))
+            .chain(params.iter().filter(|p| &*p.name == "norm.weight"))
             .map(|p| p.numel() * 4)
             .sum();
         Plan {
@@ -186,7 +187,9 @@ impl<'a> Plan<'a> {
 /// Plays one optimizer step of `spec` on the candle engine.
 pub fn play(spec: &RunSpec) -> Timeline {
     let plan = Plan::new(spec);
-    let mut s = Step::new();
+    // Two or three tensors a parameter (weight, moments, gradient), a dozen a block.
+    let layers = plan.blocks.len();
+    let mut s = Step::with_capacity(plan.params.len() * 3 + layers * 16 + 64, layers * 3 + 16);
     let grads = model_state(&mut s, &plan);
     let inputs = micro_step_inputs(&mut s, &plan);
     let mut kept = Vec::new();
@@ -205,12 +208,16 @@ pub fn play(spec: &RunSpec) -> Timeline {
 /// Before the step: weights and AdamW's fp32 moments, and with accumulation the
 /// gradients of the earlier micro-steps.
 fn model_state(s: &mut Step, plan: &Plan) -> Vec<TensorId> {
-    for p in &plan.params {
-        s.persistent(p.name.clone(), Component::Weights, Bytes::of(p.numel(), 4));
-    }
-    for p in &plan.params {
+    for p in plan.params.iter() {
         s.persistent(
-            format!("AdamW m, v of {}", p.name),
+            Name::of("", &p.name, ""),
+            Component::Weights,
+            Bytes::of(p.numel(), 4),
+        );
+    }
+    for p in plan.params.iter() {
+        s.persistent(
+            Name::of("AdamW m, v of ", &p.name, ""),
             Component::Optimizer,
             Bytes::of(p.numel(), 8),
         );
@@ -222,7 +229,7 @@ fn model_state(s: &mut Step, plan: &Plan) -> Vec<TensorId> {
         .iter()
         .map(|p| {
             s.persistent(
-                format!("grad of {}", p.name),
+                Name::of("grad of ", &p.name, ""),
                 Component::Gradients,
                 Bytes::of(p.numel(), 4),
             )
@@ -315,7 +322,7 @@ fn forward_checkpointed(s: &mut Step, plan: &Plan) -> (Vec<TensorId>, Vec<Tensor
     )];
     let mut mids = Vec::new();
     for l in 0..plan.layers() {
-        s.phase(format!("forward: block {l}"));
+        s.phase(Name::block("forward: block ", l, ["", "", ""]));
         for (half, ws, saved, out) in [
             (
                 "attention",
@@ -326,12 +333,12 @@ fn forward_checkpointed(s: &mut Step, plan: &Plan) -> (Vec<TensorId>, Vec<Tensor
             ("MLP", plan.ws.fwd_mlp, &mut inputs, "output"),
         ] {
             s.transient(
-                format!("block {l} {half} half graph (dropped after it)"),
+                Name::block("block ", l, [" ", half, " half graph (dropped after it)"]),
                 Component::Activations,
                 Bytes(ws),
             );
             saved.push(s.alloc(
-                format!("block {l} {out} (saved)"),
+                Name::block("block ", l, [" ", out, " (saved)"]),
                 Component::Activations,
                 plan.act(plan.u.nc),
             ));
@@ -346,30 +353,38 @@ fn recompute_half(
     s: &mut Step,
     plan: &Plan,
     kept: &mut Vec<TensorId>,
-    (l, half, ws, grads): (u64, &str, u64, u64),
+    (l, half, ws, grads): (u64, &'static str, u64, u64),
     g: TensorId,
 ) -> TensorId {
-    s.phase(format!("backward: block {l} {half} half (recomputed)"));
+    s.phase(Name::block(
+        "backward: block ",
+        l,
+        [" ", half, " half (recomputed)"],
+    ));
     s.transient(
-        format!("block {l} {half} half recomputed and its backward"),
+        Name::block(
+            "block ",
+            l,
+            [" ", half, " half recomputed and its backward"],
+        ),
         Component::Temporaries,
         Bytes(ws),
     );
     if plan.accum {
         s.transient(
-            format!("block {l} {half} gradients (to accumulate)"),
+            Name::block("block ", l, [" ", half, " gradients (to accumulate)"]),
             Component::Temporaries,
             Bytes(grads),
         );
     } else {
         kept.push(s.alloc(
-            format!("grads of block {l} {half} half"),
+            Name::block("grads of block ", l, [" ", half, " half"]),
             Component::Gradients,
             Bytes(grads),
         ));
     }
     let gi = s.alloc(
-        format!("grad of block {l} {half} half input"),
+        Name::block("grad of block ", l, [" ", half, " half input"]),
         Component::Activations,
         plan.act(plan.u.nc),
     );

@@ -21,11 +21,12 @@ mod recipe;
 
 use crate::params::{self, Param, Role};
 use crate::spec::{Checkpointing, ModelSpec, RunSpec, TrainSpec};
-use crate::timeline::{Component, Extent, Layout, Step, TensorId, Timeline};
+use crate::timeline::{Component, Extent, Layout, Name, Step, TensorId, Timeline};
 use crate::units::DType;
 use block::{Block, Dims, Saved};
 use recipe::{Implementation, Recipe};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// The implementation whose code the run follows.
 fn implementation(_spec: &RunSpec) -> &'static dyn Implementation {
@@ -39,7 +40,7 @@ struct Run<'a> {
     cuda: bool,
     stage: u8,
     shards: u64,
-    params: Vec<Param>,
+    params: Rc<Vec<Param>>,
     /// Parameter indices per block.
     by_layer: Vec<Vec<usize>>,
     layers: u64,
@@ -50,7 +51,7 @@ struct Run<'a> {
 impl Run<'_> {
     fn new(spec: &RunSpec) -> Run<'_> {
         let (m, t, hw) = (&spec.model, &spec.train, &spec.hardware);
-        let params = params::parameters(m);
+        let params = params::shared(m);
         let layers = m.num_layers.saturating_add(m.num_decoder_layers);
         Run {
             m,
@@ -87,7 +88,10 @@ impl Run<'_> {
 /// Plays one step of `spec` on the torch engine.
 pub fn play(spec: &RunSpec) -> Timeline {
     let run = Run::new(spec);
-    let mut s = Step::new();
+    // About six tensors a parameter (weight, gradients, optimizer state) and forty a
+    // block (saved activations, temporaries, recomputation).
+    let layers = run.layers as usize;
+    let mut s = Step::with_capacity(run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let mut grads = model_state(&mut s, &run);
     let fwd = forward(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
@@ -114,9 +118,9 @@ pub fn play(spec: &RunSpec) -> Timeline {
 fn model_state(s: &mut Step, run: &Run) -> Grads {
     let p = run.d.p;
     let weight_shards = if run.stage >= 3 { run.shards } else { 1 };
-    for w in &run.params {
+    for w in run.params.iter() {
         s.persistent(
-            w.name.clone(),
+            Name::of("", &w.name, ""),
             Component::Weights,
             Extent::Shard(Layout::new(&w.shape(), p), weight_shards),
         );
@@ -180,7 +184,7 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
         .expect("the embedding makes the first block's input");
     let mut frames = Vec::with_capacity(run.layers as usize);
     for l in 0..run.layers {
-        s.phase(format!("forward: block {l}"));
+        s.phase(Name::block("forward: block ", l, ["", "", ""]));
         let (frame, out) = block_forward(s, run, l, x);
         frames.push(frame);
         x = out;
@@ -210,12 +214,12 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         made
     };
     s.transient(
-        format!("block {l} forward temporaries"),
+        Name::block("block ", l, [" forward temporaries", "", ""]),
         Component::Temporaries,
         blk.fwd_transient.clone(),
     );
     let out = s.alloc(
-        format!("block {l} output"),
+        Name::block("block ", l, [" output", "", ""]),
         Component::Activations,
         d.tok(d.h, d.r),
     );
@@ -249,7 +253,7 @@ fn save(
     s: &mut Step,
     blk: &Block,
     l: u64,
-    suffix: &str,
+    suffix: &'static str,
     which: impl Fn(&Saved) -> bool,
 ) -> Vec<TensorId> {
     blk.saved
@@ -257,7 +261,7 @@ fn save(
         .filter(|sv| which(sv))
         .map(|sv| {
             s.alloc(
-                format!("block {l} {}{suffix}", sv.name),
+                Name::block("block ", l, [" ", sv.name, suffix]),
                 Component::Activations,
                 sv.layout.clone(),
             )
@@ -358,7 +362,7 @@ fn blocks_backward(
     for l in (0..run.layers).rev() {
         let blk = run.block(l);
         let frame = frames.pop().expect("one frame per block");
-        s.phase(format!("backward: block {l}"));
+        s.phase(Name::block("backward: block ", l, ["", "", ""]));
         let mut copies = frame.copies;
         if ck == Checkpointing::Full || run.stage >= 3 {
             copies.extend(weight_copies(s, run, l));
@@ -367,7 +371,7 @@ fn blocks_backward(
             ck != Checkpointing::None && !kept(ck, sv)
         });
         s.transient(
-            format!("block {l} backward temporaries"),
+            Name::block("block ", l, [" backward temporaries", "", ""]),
             Component::Temporaries,
             blk.bwd_transient.clone(),
         );
@@ -379,7 +383,7 @@ fn blocks_backward(
             .chain(copies)
             .for_each(|id| s.free(id));
         let gi = s.alloc(
-            format!("grad of block {l} input"),
+            Name::block("grad of block ", l, [" input", "", ""]),
             Component::Activations,
             d.tok(d.h, d.r),
         );
@@ -412,14 +416,14 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64) -> Vec<TensorId> {
     if run.stage >= 3 && run.shards > 1 {
         // The gathered layer is one flat buffer of all its parameters.
         out.push(s.alloc(
-            format!("block {l} gathered weights (ZeRO-3)"),
+            Name::block("block ", l, [" gathered weights (ZeRO-3)", "", ""]),
             Component::WeightCopies,
             Layout::new(&[sum(&|_| true)], d.p),
         ));
     }
     if d.autocast && matrices > 0 {
         out.push(s.alloc(
-            format!("block {l} weights (bf16 copies)"),
+            Name::block("block ", l, [" weights (bf16 copies)", "", ""]),
             Component::WeightCopies,
             Layout::new(&[matrices], d.c),
         ));
@@ -433,9 +437,9 @@ struct Grads {
     ids: Vec<Option<TensorId>>,
     /// Position of each parameter by name (the first of a name), found in constant time so
     /// that backward stays linear in layers.
-    index: HashMap<String, usize>,
+    index: HashMap<Rc<str>, usize>,
     layouts: Vec<Layout>,
-    names: Vec<String>,
+    names: Vec<Rc<str>>,
     sharded: bool,
     shards: u64,
 }
@@ -467,7 +471,7 @@ impl Grads {
     fn all_persistent(&mut self, s: &mut Step) {
         for i in 0..self.ids.len() {
             self.ids[i] = Some(s.persistent(
-                format!("grad of {}", self.names[i]),
+                Name::of("grad of ", &self.names[i], ""),
                 Component::Gradients,
                 self.size(i),
             ));
@@ -489,27 +493,27 @@ impl Grads {
             if autocast && p.role != Role::Vector && p.role != Role::Embedding {
                 // The matmul's gradient is bf16; `to` backward casts it to the fp32 parameter.
                 s.transient(
-                    format!("grad of {} (bf16)", p.name),
+                    Name::of("grad of ", &p.name, " (bf16)"),
                     Component::Temporaries,
                     Layout::new(&full.shape, d.c),
                 );
             }
             match self.ids[i] {
                 Some(_) => s.transient(
-                    format!("grad of {} (to accumulate)", p.name),
+                    Name::of("grad of ", &p.name, " (to accumulate)"),
                     Component::Temporaries,
                     full,
                 ),
                 None => {
                     if self.sharded {
                         s.transient(
-                            format!("grad of {} (before reduce-scatter)", p.name),
+                            Name::of("grad of ", &p.name, " (before reduce-scatter)"),
                             Component::Temporaries,
                             full,
                         );
                     }
                     self.ids[i] = Some(s.alloc(
-                        format!("grad of {}", p.name),
+                        Name::of("grad of ", &p.name, ""),
                         Component::Gradients,
                         self.size(i),
                     ));

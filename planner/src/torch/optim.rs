@@ -12,7 +12,7 @@
 
 use crate::params::{Param, Role};
 use crate::spec::{Optimizer, Precision, TrainSpec};
-use crate::timeline::{Component, Extent, Layout, Step};
+use crate::timeline::{Component, Extent, Layout, Name, Step};
 use crate::units::DType;
 
 /// Allocates the optimizer state; `shard` divides it (ZeRO stage ≥ 1).
@@ -112,7 +112,7 @@ pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u6
                     .filter(|p| adam_like(p))
                     .map(|p| {
                         s.alloc(
-                            format!("adamw foreach sqrt(exp_avg_sq) of {}", p.name),
+                            Name::of("adamw foreach sqrt(exp_avg_sq) of ", &p.name, ""),
                             Component::Temporaries,
                             part(p, shard, sd),
                         )
