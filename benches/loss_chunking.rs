@@ -35,24 +35,8 @@ fn main() -> candle_core::Result<()> {
         .filter_map(|a| a.parse().ok())
         .collect();
     let tokens_list = if args.is_empty() { vec![8192] } else { args };
-    // nanochat d4's head: width 256, vocabulary 65,536, soft-capped logits.
-    let spec = ModelSpec {
-        name: "nanochat-d4-head".into(),
-        arch: Arch::Nanochat,
-        hidden_size: HIDDEN,
-        num_layers: 0,
-        num_decoder_layers: 0,
-        num_heads: 2,
-        num_kv_heads: 2,
-        head_dim: 128,
-        intermediate_size: 1024,
-        vocab_size: VOCAB,
-        tie_embeddings: false,
-        max_positions: 0,
-        gated_ffn: false,
-    };
     let model = Model::new(
-        &spec,
+        &head_spec(),
         DType::F32,
         DType::F32,
         &Device::Cpu,
@@ -67,47 +51,78 @@ fn main() -> candle_core::Result<()> {
     println!("| tokens | loss | rows per chunk | peak above inputs | seconds | tokens/s |");
     println!("|---:|---|---:|---:|---:|---:|");
     for &n in &tokens_list {
-        let mut r = Rng::new(2);
-        let h: Vec<f32> = (0..n * HIDDEN as usize)
-            .map(|_| r.normal() as f32)
-            .collect();
-        let h = Tensor::from_vec(h, (n, HIDDEN as usize), &Device::Cpu)?;
-        let y: Vec<u32> = (0..n).map(|_| r.below(VOCAB as usize) as u32).collect();
-        let y = Tensor::from_vec(y, n, &Device::Cpu)?;
+        let (h, y) = batch(n)?;
         let mut chunks = vec![n, 2048, 1024, 256];
         chunks.retain(|c| *c <= n);
         chunks.dedup();
         for chunk in chunks {
-            let label = if chunk == n { "float-cast" } else { "chunked" };
-            // The logits graph holds about 16 f32 copies of a chunk's logits.
-            let need = 17 * chunk as u64 * VOCAB * 4;
-            if need > available() * 8 / 10 {
-                println!(
-                    "| {n} | {label} | {chunk} | skipped: needs about {:.1} GiB | | |",
-                    need as f64 / (1u64 << 30) as f64
-                );
-                continue;
-            }
-            let opts = step::Opts {
-                chunk,
-                checkpoint: true,
-                scale: 1.0 / n as f64,
-            };
-            let mut grads = step::Grads::new();
-            let before = alloc::current();
-            alloc::reset_peak();
-            let t0 = Instant::now();
-            let (loss, g) = step::loss_stage(&model, &h, &y, opts, &mut grads)?;
-            let secs = t0.elapsed().as_secs_f64();
-            let peak = alloc::peak() - before;
-            drop((g, grads));
-            println!(
-                "| {n} | {label} | {chunk} | {:.1} MiB | {secs:.2} | {:.0} |",
-                peak as f64 / (1u64 << 20) as f64,
-                n as f64 / secs
-            );
-            assert!((loss / n as f64).is_finite());
+            row(&model, &h, &y, n, chunk)?;
         }
     }
+    Ok(())
+}
+
+/// nanochat d4's head: width 256, vocabulary 65,536, soft-capped logits.
+fn head_spec() -> ModelSpec {
+    ModelSpec {
+        name: "nanochat-d4-head".into(),
+        arch: Arch::Nanochat,
+        hidden_size: HIDDEN,
+        num_layers: 0,
+        num_decoder_layers: 0,
+        num_heads: 2,
+        num_kv_heads: 2,
+        head_dim: 128,
+        intermediate_size: 1024,
+        vocab_size: VOCAB,
+        tie_embeddings: false,
+        max_positions: 0,
+        gated_ffn: false,
+    }
+}
+
+/// `n` random hidden states and targets.
+fn batch(n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut r = Rng::new(2);
+    let h: Vec<f32> = (0..n * HIDDEN as usize)
+        .map(|_| r.normal() as f32)
+        .collect();
+    let h = Tensor::from_vec(h, (n, HIDDEN as usize), &Device::Cpu)?;
+    let y: Vec<u32> = (0..n).map(|_| r.below(VOCAB as usize) as u32).collect();
+    Ok((h, Tensor::from_vec(y, n, &Device::Cpu)?))
+}
+
+/// One table row: the loss stage over `n` tokens in chunks of `chunk` rows (the whole
+/// micro-batch at once when `chunk == n`), or a note that it would not fit.
+fn row(model: &Model, h: &Tensor, y: &Tensor, n: usize, chunk: usize) -> candle_core::Result<()> {
+    let label = if chunk == n { "float-cast" } else { "chunked" };
+    // The logits graph holds about 16 f32 copies of a chunk's logits.
+    let need = 17 * chunk as u64 * VOCAB * 4;
+    if need > available() * 8 / 10 {
+        println!(
+            "| {n} | {label} | {chunk} | skipped: needs about {:.1} GiB | | |",
+            need as f64 / (1u64 << 30) as f64
+        );
+        return Ok(());
+    }
+    let opts = step::Opts {
+        chunk,
+        checkpoint: true,
+        scale: 1.0 / n as f64,
+    };
+    let mut grads = step::Grads::new();
+    let before = alloc::current();
+    alloc::reset_peak();
+    let t0 = Instant::now();
+    let (loss, g) = step::loss_stage(model, h, y, opts, &mut grads)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let peak = alloc::peak() - before;
+    drop((g, grads));
+    println!(
+        "| {n} | {label} | {chunk} | {:.1} MiB | {secs:.2} | {:.0} |",
+        peak as f64 / (1u64 << 20) as f64,
+        n as f64 / secs
+    );
+    assert!((loss / n as f64).is_finite());
     Ok(())
 }
