@@ -10,7 +10,7 @@ use crate::config::MAX_COUNT;
 use crate::error::{PlanError, Result};
 use crate::report::{estimate, Report};
 use crate::spec::{Arch, Checkpointing, Choice, Engine, LossMode, RunSpec};
-use crate::timeline::Step;
+use crate::timeline::{Step, Timeline};
 use serde::Serialize;
 
 /// What the user fixed about the global batch.
@@ -172,8 +172,7 @@ fn stops_at_first_miss(spec: &RunSpec) -> bool {
     spec.train.engine == Engine::Torch
 }
 
-/// Estimates one candidate. Only the numbers are kept: the timeline of a step is most of
-/// an estimate's memory, and only the best candidate's is ever shown.
+/// Estimates one candidate, with its step's timeline still in its report.
 fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u64) -> Candidate {
     let mut spec = req.base.clone();
     spec.train.seq_len = seq;
@@ -181,8 +180,7 @@ fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u
     spec.train.grad_accum = per_gpu.map(|g| g / mb).unwrap_or(1);
     spec.train.checkpointing = mode.0;
     spec.train.loss = mode.1;
-    let mut report = estimate(&spec);
-    report.timeline = Step::new().finish();
+    let report = estimate(&spec);
     Candidate {
         micro_batch: mb,
         seq_len: seq,
@@ -216,9 +214,33 @@ fn modes(req: &FitRequest) -> Vec<Mode> {
     .collect()
 }
 
+/// What the search found: every candidate it estimated, in search order, and the timeline
+/// of the best so far (the first that [`order`] puts before all others). Only the numbers
+/// of the rest are kept: the timeline of a step is most of an estimate's memory, and only
+/// the best candidate's is ever shown.
+#[derive(Default)]
+struct Searched {
+    all: Vec<Candidate>,
+    /// The best fitting candidate so far (an index into `all`) and its timeline.
+    best: Option<(usize, Timeline)>,
+}
+
+impl Searched {
+    /// Keeps `c`, and its timeline when it is the new best: ranking sorts stably, so the
+    /// best is the first candidate no later one is strictly before.
+    fn push(&mut self, mut c: Candidate, seq_fixed: bool) {
+        let timeline = std::mem::replace(&mut c.report.timeline, Step::new().finish());
+        let before = |b: &(usize, Timeline)| order(&c, &self.all[b.0], seq_fixed).is_lt();
+        if c.fits && self.best.as_ref().is_none_or(before) {
+            self.best = Some((self.all.len(), timeline));
+        }
+        self.all.push(c);
+    }
+}
+
 /// Every candidate the search estimates, in search order. With `prune`, a mode stops at
 /// its first micro-batch that does not fit where the engine's peak is monotone.
-fn search(req: &FitRequest, prune: bool) -> Result<Vec<Candidate>> {
+fn search(req: &FitRequest, prune: bool) -> Result<Searched> {
     if !(0.0..0.9).contains(&req.margin) {
         return Err(PlanError::invalid(
             "--margin",
@@ -228,7 +250,7 @@ fn search(req: &FitRequest, prune: bool) -> Result<Vec<Candidate>> {
     }
     let prune = prune && stops_at_first_miss(&req.base);
     let modes = modes(req);
-    let mut all = Vec::new();
+    let mut found = Searched::default();
     for seq in seq_candidates(req) {
         let per_gpu = match per_gpu_batch(req, seq) {
             Ok(p) => p,
@@ -253,36 +275,39 @@ fn search(req: &FitRequest, prune: bool) -> Result<Vec<Candidate>> {
             for &mb in &micros {
                 let c = candidate(req, seq, per_gpu, mode, mb);
                 let fits = c.fits;
-                all.push(c);
+                found.push(c, req.seq_len.is_some());
                 if prune && !fits {
                     break;
                 }
             }
         }
     }
-    Ok(all)
+    Ok(found)
 }
 
 /// Best first: fitting, then the longest sequence (when it is searched), then the fastest,
 /// then the smallest. Throughput estimates within about 1 % are a tie, broken by memory:
 /// bucketing them on a log scale keeps the order total.
-fn rank(all: &mut [Candidate], seq_fixed: bool) {
+fn order(a: &Candidate, b: &Candidate, seq_fixed: bool) -> std::cmp::Ordering {
     let speed = |c: &Candidate| {
         (c.report.est_tokens_per_second.max(1.0).ln() / SPEED_TIE.ln_1p()).floor() as i64
     };
-    all.sort_by(|a, b| {
-        b.fits
-            .cmp(&a.fits)
-            .then_with(|| {
-                if seq_fixed {
-                    std::cmp::Ordering::Equal
-                } else {
-                    b.seq_len.cmp(&a.seq_len)
-                }
-            })
-            .then_with(|| speed(b).cmp(&speed(a)))
-            .then_with(|| a.report.device_bytes.cmp(&b.report.device_bytes))
-    });
+    b.fits
+        .cmp(&a.fits)
+        .then_with(|| {
+            if seq_fixed {
+                std::cmp::Ordering::Equal
+            } else {
+                b.seq_len.cmp(&a.seq_len)
+            }
+        })
+        .then_with(|| speed(b).cmp(&speed(a)))
+        .then_with(|| a.report.device_bytes.cmp(&b.report.device_bytes))
+}
+
+/// Sorts best first by [`order`], stably: equals keep their search order.
+fn rank(all: &mut [Candidate], seq_fixed: bool) {
+    all.sort_by(|a, b| order(a, b, seq_fixed));
 }
 
 fn no_solution(req: &FitRequest, all: &[Candidate]) -> PlanError {
@@ -319,14 +344,15 @@ pub fn fit_exhaustive(req: &FitRequest) -> Result<FitResult> {
     conclude(req, search(req, false)?)
 }
 
-fn conclude(req: &FitRequest, mut all: Vec<Candidate>) -> Result<FitResult> {
+fn conclude(req: &FitRequest, found: Searched) -> Result<FitResult> {
+    let Searched { mut all, best } = found;
     rank(&mut all, req.seq_len.is_some());
-    let mut best = match all.first() {
-        Some(c) if c.fits => c.clone(),
+    let (mut best, timeline) = match (all.first(), best) {
+        (Some(c), Some((_, t))) if c.fits => (c.clone(), t),
         _ => return Err(no_solution(req, &all)),
     };
     // The one timeline worth keeping: callers may show where the chosen plan peaks.
-    best.report = estimate(&best.spec);
+    best.report.timeline = timeline;
     let baseline = all
         .iter()
         .find(|c| {
@@ -394,6 +420,26 @@ mod tests {
             }
         }
         assert_eq!(micro_batches(2 * MAX_COUNT)[0], 2);
+    }
+
+    /// The best keeps the timeline of its own estimate (kept during the search, not
+    /// estimated again).
+    #[test]
+    fn the_best_keeps_its_own_timeline() {
+        for global in [GlobalBatch::Sequences(64), GlobalBatch::Free] {
+            let f = fit(&request(global)).unwrap();
+            let (kept, again) = (&f.best.report.timeline, estimate(&f.best.spec).timeline);
+            assert!(!kept.events.is_empty());
+            let bytes = |t: &Timeline| t.tensors.iter().map(|x| x.bytes).collect::<Vec<_>>();
+            assert_eq!(bytes(kept), bytes(&again));
+            assert_eq!(kept.events.len(), again.events.len());
+            assert_eq!(kept.peak.event, again.peak.event);
+            // The candidates (the best among them) keep only their numbers.
+            assert!(f
+                .candidates
+                .iter()
+                .all(|c| c.report.timeline.events.is_empty()));
+        }
     }
 
     fn request(global: GlobalBatch) -> FitRequest {
