@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Whole-process speed of two vramplan builds, side by side in one run:
-#   tools/bench_fit.sh BASE_BINARY NEW_BINARY [RUNS] [-- COMMAND ARGS...]
-# Alternates the two binaries RUNS times (default 20) on the command (default: the fit
+# Whole-process speed of two or more vramplan builds, side by side in one run:
+#   tools/bench_fit.sh BASE_BINARY NEW_BINARY [MORE_BINARIES...] [RUNS] [-- COMMAND ARGS...]
+# Runs the binaries in turn, RUNS rounds (default 20), on the command (default: the fit
 # of docs/performance.md, "planner speed"), and prints each one's median wall time and
-# median peak RSS, and the ratios. Wall time includes process start; RSS is GNU time's
-# maximum resident set size. Then checks that both give the same answer on every request
-# of tools/fit_cases.txt (the whole `--json` output and the full table).
+# median peak RSS, and their ratios to the first (BASE). Wall time includes process start;
+# RSS is GNU time's maximum resident set size; the load average is printed before and
+# after. Then, for a `fit` command, checks that each binary gives the same answer as BASE
+# on every request of tools/fit_cases.txt (the whole `--json` output and the full table).
 set -euo pipefail
-base=${1:?usage: tools/bench_fit.sh BASE_BINARY NEW_BINARY [RUNS] [-- ARGS...]}
-new=${2:?usage: tools/bench_fit.sh BASE_BINARY NEW_BINARY [RUNS] [-- ARGS...]}
-shift 2
+usage="usage: tools/bench_fit.sh BASE_BINARY NEW_BINARY [MORE_BINARIES...] [RUNS] [-- ARGS...]"
+bins=()
+while [[ $# -gt 0 && $1 != -- && ! $1 =~ ^[0-9]+$ ]]; do bins+=("$1"); shift; done
+[[ ${#bins[@]} -ge 2 ]] || { echo "$usage" >&2; exit 2; }
 runs=20
 if [[ $# -gt 0 && $1 != -- ]]; then runs=$1; shift; fi
 [[ $# -gt 0 && $1 == -- ]] && shift
@@ -29,20 +31,27 @@ one() { # binary, label: appends "seconds kib" to $tmp/label
 median() { # column of a file
     sort -g -k"$2" "$1" | awk -v c="$2" '{ v[NR] = $c } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'
 }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "load average before: $(load)"
 for _ in $(seq "$runs"); do
-    one "$base" base
-    one "$new" new
+    for i in "${!bins[@]}"; do one "${bins[$i]}" "t$i"; done
 done
-bt=$(median "$tmp/base" 1) nt=$(median "$tmp/new" 1)
-br=$(median "$tmp/base" 2) nr=$(median "$tmp/new" 2)
+echo "load average after:  $(load)"
 echo "command: vramplan ${args[*]}"
-printf 'base: median %.1f ms, peak RSS %.1f MiB (%d runs)\n' "$(echo "$bt * 1000" | bc -l)" "$(echo "$br / 1024" | bc -l)" "$runs"
-printf 'new:  median %.1f ms, peak RSS %.1f MiB (%d runs)\n' "$(echo "$nt * 1000" | bc -l)" "$(echo "$nr / 1024" | bc -l)" "$runs"
-printf 'new/base: %.3f × the time, %.3f × the memory\n' "$(echo "$nt / $bt" | bc -l)" "$(echo "$nr / $br" | bc -l)"
+bt=$(median "$tmp/t0" 1) br=$(median "$tmp/t0" 2)
+for i in "${!bins[@]}"; do
+    t=$(median "$tmp/t$i" 1) r=$(median "$tmp/t$i" 2)
+    printf '%d %s: median %.1f ms, peak RSS %.1f MiB (%d runs); %.3f × the time, %.3f × the memory of binary 0\n' \
+        "$i" "$(basename "${bins[$i]}")" "$(echo "$t * 1000" | bc -l)" "$(echo "$r / 1024" | bc -l)" "$runs" \
+        "$(echo "$t / $bt" | bc -l)" "$(echo "$r / $br" | bc -l)"
+done
+[[ ${args[0]} == fit ]] || exit 0
 
 # The same answer: the best candidate with its report and the plan written (`--json`); and
 # whether the rest of the output (every candidate, the full table) is the same too.
 best_differ=0
+base=${bins[0]}
+for new in "${bins[@]:1}"; do
 while read -r line; do
     [[ -z $line || $line == \#* ]] && continue
     read -ra a <<<"$line"
@@ -64,6 +73,7 @@ print(("same" if same else "BEST DIFFERS") + ("" if rest else f"; candidates {le
 PY
 )
     [[ $verdict == BEST* ]] && best_differ=$((best_differ + 1))
-    echo "$verdict: fit $line"
+    echo "$(basename "$new") vs $(basename "$base"): $verdict: fit $line"
 done <"$cases"
+done
 echo "requests whose best differs: $best_differ"

@@ -68,7 +68,9 @@ impl FreeBlocks {
         let g = self.by_size.partition_point(|(s, _)| *s < size);
         let (_, blocks) = self.by_size.get_mut(g)?;
         let found = blocks.pop().map(|(_, _, b)| b);
-        self.drop_if_empty(g);
+        if blocks.is_empty() {
+            self.retire(g);
+        }
         found
     }
 
@@ -94,14 +96,16 @@ impl FreeBlocks {
         if let Ok(at) = blocks.binary_search_by(|(s, o, _)| (seg, off).cmp(&(*s, *o))) {
             blocks.remove(at);
         }
-        self.drop_if_empty(g);
+        if blocks.is_empty() {
+            self.retire(g);
+        }
     }
 
-    fn drop_if_empty(&mut self, g: usize) {
-        if self.by_size[g].1.is_empty() {
-            let (_, v) = self.by_size.remove(g);
-            self.spare.push(v);
-        }
+    /// Drops the emptied group `g`, keeping its vector for the next new size.
+    #[cold]
+    fn retire(&mut self, g: usize) {
+        let (_, v) = self.by_size.remove(g);
+        self.spare.push(v);
     }
 }
 
