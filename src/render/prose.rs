@@ -217,7 +217,13 @@ pub fn fact(f: &Fact) -> String {
         Fact::RequestAboveFree { request_bytes: q, free_bytes: f } => {
             format!("the request, {}, is more than the {} free", b(*q), b(*f))
         }
-        Fact::HostKilled { how } => host_oom(*how, None, None, None),
+        Fact::HostKilled { how } => match how {
+            HostSignal::OomKiller => "the kernel's OOM killer names the killed process".to_string(),
+            HostSignal::Sigkill => "the launcher reports SIGKILL (exit code -9), the OOM killer's signal".to_string(),
+            HostSignal::Exit137 => "exit code 137 is 128 + SIGKILL, the OOM killer's signal".to_string(),
+            HostSignal::WorkerKilled => "a data loader worker was killed by a signal".to_string(),
+            HostSignal::ShellKilled => "the shell printed \"Killed\": the process got SIGKILL".to_string(),
+        },
         Fact::NoSizes { source: s } => format!("{} prints no sizes", source(*s)),
     }
 }

@@ -103,14 +103,19 @@ fn processes(m: &str) -> Vec<ProcessUse> {
 /// PID), the listed process that holds what PyTorch reserved — allocated plus cached,
 /// within the CUDA context's size — is this one.
 fn attribute_processes(r: &mut OomReport, this_process_line: bool) {
-    let listed: u64 = r.processes.iter().map(|p| p.bytes).sum();
+    let listed = r
+        .processes
+        .iter()
+        .fold(0u64, |a, p| a.saturating_add(p.bytes));
     if !r.processes.is_empty() && !this_process_line {
         if let Some(res) = r.reserved_total() {
             let slack = (res / 10).max(1536 << 20);
             let me = r
                 .processes
                 .iter()
-                .filter(|p| p.bytes + (64 << 20) >= res && p.bytes <= res.saturating_add(slack))
+                .filter(|p| {
+                    p.bytes.saturating_add(64 << 20) >= res && p.bytes <= res.saturating_add(slack)
+                })
                 .min_by_key(|p| p.bytes.abs_diff(res));
             if let Some(me) = me {
                 r.self_pid = Some(me.pid);
@@ -182,6 +187,15 @@ fn amount_before(s: &str, key: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::units::{GIB, MIB};
+
+    /// Regression (found by the CLI fuzz test): sums of huge listed amounts overflowed.
+    #[test]
+    fn huge_amounts_saturate() {
+        let m = "CUDA out of memory. Tried to allocate 1 GiB. GPU 0 has a total capacity of 2 GiB of which 1 GiB is free. Process 1 has 99999999999999999999 TiB memory in use. Process 2 has 99999999999999999999 TiB memory in use. Of the allocated memory 99999999999999999999 TiB is allocated by PyTorch, and 99999999999999999999 TiB is reserved by PyTorch but unallocated.";
+        let r = parse(m, Source::PytorchCuda);
+        assert_eq!(r.processes.len(), 2);
+        let _ = crate::diagnose::assess(&r);
+    }
 
     #[test]
     fn mps_units_are_binary_and_in_use_is_the_sum() {

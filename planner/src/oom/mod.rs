@@ -676,6 +676,23 @@ mod tests {
             let _ = parse_log(&s);
         }
 
+        /// Any amounts in any wording: parsed and diagnosed without a panic.
+        #[test]
+        fn diagnosing_any_amounts_never_panics(v in proptest::collection::vec(any::<u64>(), 8), k in 0usize..6) {
+            let a = |i: usize| format!("{} B", v[i]);
+            let msgs = [
+                format!("CUDA out of memory. Tried to allocate {}. GPU 0 has a total capacity of {} of which {} is free. Process 7 has {} memory in use. Process 8 has {} memory in use. Of the allocated memory {} is allocated by PyTorch, and {} is reserved by PyTorch but unallocated.", a(0), a(1), a(2), a(3), a(4), a(5), a(6)),
+                format!("RuntimeError: CUDA out of memory. Tried to allocate {} (GPU 0; {} total capacity; {} already allocated; {} free; {} cached)", a(0), a(1), a(2), a(3), a(4)),
+                format!("MPS backend out of memory (MPS allocated: {}, other allocations: {}, max allowed: {}). Tried to allocate {} on private pool.", a(0), a(1), a(2), a(3)),
+                format!("GPU has {} total, {} free, {} in use by this process. torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {}", a(0), a(1), a(2), a(3)),
+                format!("Out of memory: Killed process {} (python3) anon-rss:{}kB", v[0], v[1]),
+                format!("buf = empty_strided_cuda(({}, {}), (1, 1), torch.float32)\nRuntimeError: CUDA out of memory. Tried to allocate {}", v[0], v[1], a(2)),
+            ];
+            for r in parse_log(&msgs[k]) {
+                let _ = crate::diagnose::diagnose(r, None);
+            }
+        }
+
         #[test]
         fn pytorch_2_round_trips(req in 0u64..100_000, cap in 0u64..100_000, free in 0u64..100_000,
                                  used in 0u64..100_000, alloc in 0u64..100_000, ru in 0u64..100_000,
