@@ -336,3 +336,34 @@ fn many_reports_against_a_config_finish_fast() {
         assert!(bad["tensor"].is_null());
     }
 }
+
+#[test]
+fn host_kills_and_sizeless_errors_are_explained_without_zeros() {
+    let (code, out, err) = run(
+        &[
+            "tests/data/oom/real/039-tranx-dmesg-oom-killer.log",
+            "--config",
+            "presets/examples/nanochat-d16-failed.toml",
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("host-oom"), "{out}");
+    assert!(out.contains("no host-RAM estimate"), "{out}");
+    assert!(out.contains("pin_memory = False"), "{out}");
+    assert!(
+        !out.contains("predicted peak"),
+        "GPU fixes for a host kill: {out}"
+    );
+    let r = one("real/008-iim-cuda-error-no-sizes.log");
+    assert_eq!(r["cause"], "unknown");
+    assert_eq!(r["source"], "cuda-error");
+    assert!(r["request_bytes"].is_null());
+    let (code, out, _) = run(
+        &["tests/data/oom/real/016-qwen-cublas-alloc-failed.log"],
+        b"",
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("none printed"), "{out}");
+    assert!(!out.contains(" 0 B"), "{out}");
+}

@@ -26,13 +26,18 @@ pub use config::{
     MAX_COUNT, MAX_DIM, MAX_GPUS, MAX_LAYERS,
 };
 pub use diagnose::{
-    best_fix, diagnose, generic_fixes, implausible, logits_shape, planned_fixes, Diagnosis, Edit,
-    Explanation, Fix, FixKind, FixPlan, Hint, Implausible, LogitsShape,
+    assess, best_fix, diagnose, diagnose_log, generic_fixes, implausible, logits_shape,
+    plan_checks, planned_fixes, Assessment, Confidence, DiagnosedLog, Diagnosis, Edit, Evidence,
+    Explanation, Fact, Fix, FixKind, FixPlan, Hint, HostChange, Implausible, LogitsShape,
+    PlanCheck, Predicted,
 };
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
-pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
+pub use oom::{
+    classify, match_tensor, parse_amount, parse_log, Cause, HostKill, HostSignal, Match, OomReport,
+    PrintedShape, ProcessUse, Source,
+};
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};
 pub use report::{estimate, model_flops_per_token, play, Report};

@@ -10,7 +10,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vramplan::write_atomic;
-use vramplan_planner::{best_fix, diagnose, parse_log, FixPlan};
+use vramplan_planner::{best_fix, diagnose_log, parse_log, FixPlan};
+
+/// Reports diagnosed and shown in full; the rest of a log are only counted by cause.
+const SHOWN: usize = 1000;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,18 +43,15 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     };
     // Planned once for the config, reused by every report of the log.
     let plan = loaded.as_ref().map(|l| FixPlan::new(&l.spec));
-    let diagnoses: Vec<_> = parse_log(&text)
-        .into_iter()
-        .map(|r| diagnose(r, plan.as_ref()))
-        .collect();
+    let log = diagnose_log(parse_log(&text), plan.as_ref(), SHOWN);
     let mut written = None;
-    if let (Some(out), Some(l), Some(spec)) = (&a.out, &loaded, best_fix(&diagnoses)) {
+    if let (Some(out), Some(l), Some(spec)) = (&a.out, &loaded, best_fix(&log.diagnoses)) {
         write_atomic(out, &l.raw.with_spec(spec).to_toml()?)?;
         written = Some(out.as_path());
     }
     let text = Format::from_json_flag(a.json)
         .renderer()
-        .diagnose(&diagnoses, written)?;
+        .diagnose(&log, written)?;
     render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,7 @@
 
 use super::{Format, Render};
 use vramplan_planner::{
-    diagnose, estimate, parse_log, Context, Diagnosis, FixPlan, Presets, RawConfig, RunSpec,
+    diagnose_log, estimate, parse_log, Context, DiagnosedLog, FixPlan, Presets, RawConfig, RunSpec,
 };
 
 fn seed() -> RunSpec {
@@ -14,12 +14,10 @@ fn seed() -> RunSpec {
         .expect("the seed config resolves")
 }
 
-fn diagnoses(with_config: bool) -> Vec<Diagnosis> {
+fn diagnoses(with_config: bool) -> DiagnosedLog {
     let plan = with_config.then(|| FixPlan::new(&seed()));
-    parse_log(include_str!("../../tests/data/oom/seed_nanochat_d16.log"))
-        .into_iter()
-        .map(|r| diagnose(r, plan.as_ref()))
-        .collect()
+    let reports = parse_log(include_str!("../../tests/data/oom/seed_nanochat_d16.log"));
+    diagnose_log(reports, plan.as_ref(), 1000)
 }
 
 fn both(f: impl Fn(&dyn Render) -> String) -> (String, String) {
@@ -38,7 +36,7 @@ fn estimate_seed() {
 #[test]
 fn diagnose_seed_with_config() {
     let ds = diagnoses(true);
-    assert_eq!(ds.len(), 1);
+    assert_eq!(ds.diagnoses.len(), 1);
     let (table, json) = both(|x| x.diagnose(&ds, None).expect("renders"));
     insta::assert_snapshot!("diagnose_config_table", table);
     insta::assert_snapshot!("diagnose_config_json", json);
@@ -54,7 +52,14 @@ fn diagnose_seed_without_config() {
 
 #[test]
 fn diagnose_nothing_found() {
-    let (table, json) = both(|x| x.diagnose(&[], None).expect("renders"));
-    assert_eq!(table, "no CUDA out-of-memory report found\n");
-    assert_eq!(json, "{\n  \"reports\": []\n}\n");
+    let none = diagnose_log(Vec::new(), None, 1000);
+    let (table, json) = both(|x| x.diagnose(&none, None).expect("renders"));
+    assert_eq!(
+        table,
+        "no CUDA out-of-memory report found (nor ROCm, MPS, cuBLAS, candle or a host OOM kill)\n"
+    );
+    assert_eq!(
+        json,
+        "{\n  \"by_cause\": {},\n  \"report_count\": 0,\n  \"reports\": []\n}\n"
+    );
 }

@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
 use vramplan_planner::{
-    Cause, Comparison, Diagnosis, FitResult, GpuSpec, Implausible, ModelSpec, OomReport, Report,
-    RunSpec,
+    Cause, Comparison, Confidence, DiagnosedLog, Diagnosis, Fact, FitResult, GpuSpec, Implausible,
+    ModelSpec, OomReport, PlanCheck, Report, RunSpec,
 };
 
 pub struct Json;
@@ -38,6 +38,27 @@ struct DiagnosisView<'a> {
     implausible: Option<String>,
     implausible_kind: Option<&'a Implausible>,
     fixes: Vec<FixView>,
+    confidence: Confidence,
+    second_cause: Option<Cause>,
+    evidence: Vec<EvidenceView<'a>>,
+    plan_checks: Vec<CheckView<'a>>,
+}
+
+/// One fact weighed for a cause, with its sentence.
+#[derive(Serialize)]
+struct EvidenceView<'a> {
+    cause: Cause,
+    weight: u8,
+    fact: &'a Fact,
+    text: String,
+}
+
+/// One finding of the log against the plan, with its sentence.
+#[derive(Serialize)]
+struct CheckView<'a> {
+    #[serde(flatten)]
+    check: &'a PlanCheck,
+    text: String,
 }
 
 #[derive(Serialize)]
@@ -65,6 +86,26 @@ fn view(d: &Diagnosis) -> DiagnosisView<'_> {
                 predicted_peak_bytes: f.predicted_peak_bytes,
                 fits: f.fits,
                 keeps_global_batch: f.keeps_global_batch,
+            })
+            .collect(),
+        confidence: d.confidence,
+        second_cause: d.second_cause,
+        evidence: d
+            .evidence
+            .iter()
+            .map(|e| EvidenceView {
+                cause: e.cause,
+                weight: e.weight,
+                fact: &e.fact,
+                text: prose::fact(&e.fact),
+            })
+            .collect(),
+        plan_checks: d
+            .plan_checks
+            .iter()
+            .map(|c| CheckView {
+                check: c,
+                text: prose::plan_check(c),
             })
             .collect(),
     }
@@ -107,9 +148,18 @@ impl Render for Json {
         text(&v)
     }
 
-    fn diagnose(&self, ds: &[Diagnosis], _: Option<&Path>) -> Result<String> {
-        let views: Vec<DiagnosisView> = ds.iter().map(view).collect();
-        text(&json!({ "reports": value(&views)? }))
+    fn diagnose(&self, log: &DiagnosedLog, _: Option<&Path>) -> Result<String> {
+        let views: Vec<DiagnosisView> = log.diagnoses.iter().map(view).collect();
+        let by_cause: serde_json::Map<String, Value> = log
+            .by_cause
+            .iter()
+            .map(|(c, n)| (c.name().to_string(), json!(n)))
+            .collect();
+        text(&json!({
+            "reports": value(&views)?,
+            "report_count": log.reports,
+            "by_cause": by_cause,
+        }))
     }
 
     fn models(&self, ms: &[ModelSpec]) -> Result<String> {

@@ -17,7 +17,7 @@ use crate::nvml::Detected;
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Write};
 use std::path::Path;
-use vramplan_planner::{Comparison, Diagnosis, FitResult, GpuSpec, ModelSpec, Report, RunSpec};
+use vramplan_planner::{Comparison, DiagnosedLog, FitResult, GpuSpec, ModelSpec, Report, RunSpec};
 
 /// The output format, chosen on the command line (`--json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub trait Render {
     /// `plan` is the plan's TOML; `written` the file it was written to, if any.
     fn fit(&self, f: &FitResult, plan: &str, top: usize, written: Option<&Path>) -> Result<String>;
     /// `written`: the file the best fix was written to, if any.
-    fn diagnose(&self, ds: &[Diagnosis], written: Option<&Path>) -> Result<String>;
+    fn diagnose(&self, log: &DiagnosedLog, written: Option<&Path>) -> Result<String>;
     fn models(&self, ms: &[ModelSpec]) -> Result<String>;
     fn gpus(&self, gs: &[GpuSpec], detected: &Result<Vec<Detected>>) -> Result<String>;
 }

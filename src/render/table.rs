@@ -6,7 +6,8 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArra
 use std::fmt::Write;
 use std::path::Path;
 use vramplan_planner::{
-    Bytes, Comparison, Device, Diagnosis, FitResult, GpuSpec, ModelSpec, Report, RunSpec,
+    thousands, Bytes, Comparison, Device, DiagnosedLog, Diagnosis, FitResult, GpuSpec, ModelSpec,
+    Report, RunSpec,
 };
 
 /// The human-readable format.
@@ -42,11 +43,26 @@ impl Render for Text {
         Ok(out)
     }
 
-    fn diagnose(&self, ds: &[Diagnosis], written: Option<&Path>) -> anyhow::Result<String> {
+    fn diagnose(&self, log: &DiagnosedLog, written: Option<&Path>) -> anyhow::Result<String> {
+        let ds = &log.diagnoses;
         if ds.is_empty() {
-            return Ok("no CUDA out-of-memory report found\n".to_string());
+            return Ok("no CUDA out-of-memory report found (nor ROCm, MPS, cuBLAS, candle or a host OOM kill)\n".to_string());
         }
         let mut out = diagnose(ds);
+        if log.reports > ds.len() {
+            let counts: Vec<String> = log
+                .by_cause
+                .iter()
+                .map(|(c, n)| format!("{c} {}", thousands(*n as u64)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{} more reports not shown; all {} by cause: {}",
+                thousands((log.reports - ds.len()) as u64),
+                thousands(log.reports as u64),
+                counts.join(", ")
+            );
+        }
         if let Some(p) = written {
             let _ = writeln!(out, "wrote the best fix to {}", p.display());
         }
@@ -386,6 +402,22 @@ fn opt(label: &str, v: Option<u64>, out: &mut String) {
 }
 
 fn diagnosis_numbers(r: &vramplan_planner::OomReport, out: &mut String) {
+    if let Some(h) = &r.host {
+        if let Some(pid) = h.pid {
+            let _ = writeln!(out, "  {:<28} {pid}", "killed process");
+        }
+        opt("host memory (anon-rss)", h.anon_rss_bytes, out);
+        if let Some(c) = h.exit_code {
+            let _ = writeln!(out, "  {:<28} {c}", "exit code");
+        }
+    } else if !r.has_sizes() {
+        let _ = writeln!(
+            out,
+            "  {:<28} none printed ({})",
+            "sizes",
+            prose::source(r.source)
+        );
+    }
     opt("requested", r.request_bytes, out);
     opt("capacity", r.capacity_bytes, out);
     opt("free", r.free_bytes, out);
@@ -397,9 +429,36 @@ fn diagnosis_numbers(r: &vramplan_planner::OomReport, out: &mut String) {
         out,
     );
     opt("this process", r.process_in_use_bytes, out);
+    if let Some(pid) = r.self_pid {
+        let _ = writeln!(out, "  {:<28} {pid}", "this process is listed as");
+    }
     opt("other processes", r.other_processes_bytes, out);
+    opt("other allocations (MPS)", r.other_allocations_bytes, out);
+    if let Some(s) = &r.shape {
+        let _ = writeln!(out, "  {:<28} {}", "printed shape", s.describe());
+    }
     if let Some(c) = &r.code_line {
         let _ = writeln!(out, "  {:<28} {c}", "failed at");
+    }
+}
+
+/// The facts weighed, strongest first; context (weight 0) last.
+fn evidence_lines(d: &Diagnosis, out: &mut String) {
+    let mut ev: Vec<_> = d.evidence.iter().collect();
+    ev.sort_by_key(|e| std::cmp::Reverse(e.weight));
+    out.push_str("evidence:\n");
+    for e in ev {
+        let mark = if e.weight == 0 {
+            "·".to_string()
+        } else {
+            format!("+{}", e.weight)
+        };
+        let _ = writeln!(
+            out,
+            "  {mark:<3} {:<16} {}",
+            e.cause.name(),
+            prose::fact(&e.fact)
+        );
     }
 }
 
@@ -420,6 +479,14 @@ fn fix_line(k: usize, f: &vramplan_planner::Fix) -> String {
     format!("  {}. {}{pred}\n", k + 1, prose::change(&f.kind))
 }
 
+fn confidence(c: vramplan_planner::Confidence) -> &'static str {
+    match c {
+        vramplan_planner::Confidence::High => "high",
+        vramplan_planner::Confidence::Medium => "medium",
+        vramplan_planner::Confidence::Low => "low",
+    }
+}
+
 /// Each report: where it is, its numbers, the cause and the fixes, best first.
 pub fn diagnose(ds: &[Diagnosis]) -> String {
     let mut out = String::new();
@@ -432,11 +499,12 @@ pub fn diagnose(ds: &[Diagnosis]) -> String {
         };
         let _ = writeln!(
             out,
-            "out-of-memory {} of {} (log line {}){who}: {}",
+            "out-of-memory {} of {} (log line {}){who}: {} (confidence {})",
             i + 1,
             ds.len(),
             r.line,
-            d.cause
+            d.cause,
+            confidence(d.confidence)
         );
         diagnosis_numbers(r, &mut out);
         if let (Some(t), Some(l)) = (&d.tensor, &d.tensor_layout) {
@@ -446,6 +514,13 @@ pub fn diagnose(ds: &[Diagnosis]) -> String {
             let _ = writeln!(out, "note: {}", prose::implausible(why));
         }
         let _ = writeln!(out, "cause: {}", prose::explanation(&d.explanation));
+        if let Some(c) = d.second_cause {
+            let _ = writeln!(out, "also consistent with: {c}");
+        }
+        evidence_lines(d, &mut out);
+        for c in &d.plan_checks {
+            let _ = writeln!(out, "against the plan: {}", prose::plan_check(c));
+        }
         out.push_str("fixes, best first:\n");
         for (k, f) in d.fixes.iter().enumerate() {
             out.push_str(&fix_line(k, f));

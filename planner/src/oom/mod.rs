@@ -1,16 +1,64 @@
-//! CUDA out-of-memory reports read from training logs, classified, and matched to a
-//! tensor of the planned step.
+//! Out-of-memory reports read from training logs, and matched to a tensor of the planned
+//! step.
 //!
-//! Understands PyTorch 1.x ("Tried to allocate X (GPU 0; C total capacity; A already
-//! allocated; F free; R reserved in total by PyTorch)"), PyTorch 2.x ("GPU 0 has a total
-//! capacity of C of which F is free. ... this process has P memory in use. Of the
-//! allocated memory A is allocated by PyTorch, and U is reserved by PyTorch but
-//! unallocated.") and candle/cudarc (`CUDA_ERROR_OUT_OF_MEMORY`, no numbers). The scan is
-//! line by line with plain `str` searches, so it is linear in the log and never panics.
+//! Understands PyTorch's caching allocator in each of its wordings (1.x, 2.x, ROCm's HIP,
+//! XPU, MPS, a reporter's condensed one: see [`message`]), errors without sizes (`CUDA
+//! error: out of memory`, `torch.AcceleratorError`, cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`,
+//! candle/cudarc's `CUDA_ERROR_OUT_OF_MEMORY`), the host's OOM killer (see [`host`]) and
+//! the shapes printed near the error (see [`shape`]). The scan is line by line with plain
+//! `str` searches, so it is linear in the log and never panics.
+
+mod host;
+mod message;
+mod shape;
+
+pub use host::{HostKill, HostSignal};
+pub use shape::PrintedShape;
 
 use crate::timeline::{Component, Name, Timeline};
 use serde::Serialize;
 use std::collections::HashMap;
+
+/// What printed the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// PyTorch's CUDA caching allocator: `CUDA out of memory. Tried to allocate …`.
+    #[default]
+    PytorchCuda,
+    /// The same allocator on ROCm: `HIP out of memory`.
+    PytorchHip,
+    /// Intel GPUs: `XPU out of memory`.
+    PytorchXpu,
+    /// Apple GPUs: `MPS backend out of memory`.
+    Mps,
+    /// The CUDA runtime outside the caching allocator: `CUDA error: out of memory`
+    /// (`RuntimeError`, or `torch.AcceleratorError` since PyTorch 2.8). No sizes.
+    CudaError,
+    /// cuBLAS could not allocate its handle or workspace: `CUBLAS_STATUS_ALLOC_FAILED`.
+    Cublas,
+    /// candle/cudarc's `DriverError(CUDA_ERROR_OUT_OF_MEMORY, …)`. No sizes.
+    Cudarc,
+    /// The host: the kernel's OOM killer or a SIGKILL.
+    Host,
+}
+
+impl Source {
+    /// Whether this kind of report ever prints sizes.
+    pub fn has_sizes(self) -> bool {
+        matches!(
+            self,
+            Source::PytorchCuda | Source::PytorchHip | Source::PytorchXpu | Source::Mps
+        )
+    }
+}
+
+/// A process the allocator lists: `Process 1734 has 41.20 GiB memory in use`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProcessUse {
+    pub pid: u64,
+    pub bytes: u64,
+}
 
 /// One out-of-memory report found in a log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -18,6 +66,7 @@ pub struct OomReport {
     /// 1-based line of the log where the report starts.
     pub line: usize,
     pub request_bytes: Option<u64>,
+    /// The device's capacity (MPS: the allocator's limit, "max allowed").
     pub capacity_bytes: Option<u64>,
     pub free_bytes: Option<u64>,
     /// Allocated by PyTorch (live tensors).
@@ -38,6 +87,45 @@ pub struct OomReport {
     pub code_line: Option<String>,
     /// True for candle/cudarc's `CUDA_ERROR_OUT_OF_MEMORY`.
     pub driver_error: bool,
+    /// What printed the report.
+    pub source: Source,
+    /// The processes the allocator lists with their memory.
+    pub processes: Vec<ProcessUse>,
+    /// The listed process that is this one (in a container the process sees itself under
+    /// another PID, and PyTorch lists it like any other).
+    pub self_pid: Option<u64>,
+    /// MPS: memory of this process outside the MPS allocator ("other allocations").
+    pub other_allocations_bytes: Option<u64>,
+    /// A shape printed in the traceback or next to the error.
+    pub shape: Option<PrintedShape>,
+    /// The host kill, for `source = host`.
+    pub host: Option<HostKill>,
+}
+
+impl OomReport {
+    /// Allocated plus cached: all this process's PyTorch holds.
+    pub fn reserved_total(&self) -> Option<u64> {
+        match (self.allocated_bytes, self.reserved_unallocated_bytes) {
+            (Some(a), Some(u)) => Some(a.saturating_add(u)),
+            _ => self.reserved_bytes,
+        }
+    }
+
+    /// Memory in use on the device that this process's PyTorch does not hold, when the
+    /// report says nothing about processes (1.x, ROCm): the CUDA context, other libraries,
+    /// other processes.
+    pub fn outside_pytorch_bytes(&self) -> Option<u64> {
+        if self.process_in_use_bytes.is_some() || !self.processes.is_empty() {
+            return None;
+        }
+        let used = self.capacity_bytes?.checked_sub(self.free_bytes?)?;
+        Some(used.saturating_sub(self.reserved_total()?))
+    }
+
+    /// The sizes a renderer can show: none for errors that print none.
+    pub fn has_sizes(&self) -> bool {
+        self.request_bytes.is_some() || self.capacity_bytes.is_some()
+    }
 }
 
 /// Why the allocation failed.
@@ -52,6 +140,27 @@ pub enum Cause {
     OtherProcesses,
     /// Many ordinary tensors together exceed the GPU.
     DoesNotFit,
+    /// The host ran out of memory: the kernel killed the process.
+    HostOom,
+    /// The report prints no sizes and nothing else tells the cause.
+    Unknown,
+}
+
+impl Cause {
+    /// Every cause, in the order reports list them.
+    pub const ALL: [Cause; 6] = [
+        Cause::HugeTensor,
+        Cause::Fragmentation,
+        Cause::OtherProcesses,
+        Cause::DoesNotFit,
+        Cause::HostOom,
+        Cause::Unknown,
+    ];
+
+    /// Reads a name as [`Cause::name`] writes it.
+    pub fn from_name(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.name() == s)
+    }
 }
 
 impl Cause {
@@ -61,6 +170,8 @@ impl Cause {
             Cause::Fragmentation => "fragmentation",
             Cause::OtherProcesses => "other-processes",
             Cause::DoesNotFit => "does-not-fit",
+            Cause::HostOom => "host-oom",
+            Cause::Unknown => "unknown",
         }
     }
 }
@@ -71,34 +182,9 @@ impl std::fmt::Display for Cause {
     }
 }
 
-/// Classifies a report, checking in this order:
-/// - fragmentation: reserved-but-unallocated ≥ the request, or ≥ 25 % of capacity and more
-///   than the free memory (the allocator holds the memory but cannot split it);
-/// - other-processes: other processes hold ≥ 20 % of capacity, or ≥ the request;
-/// - huge-tensor: the request alone is ≥ 25 % of capacity;
-/// - does-not-fit: otherwise.
-///
-/// Unknown numbers never trigger a rule.
+/// The cause the report's evidence points to (see [`crate::diagnose::assess`]).
 pub fn classify(r: &OomReport) -> Cause {
-    let req = r.request_bytes.filter(|&b| b > 0);
-    let cap = r.capacity_bytes.filter(|&b| b > 0);
-    if let Some(ru) = r.reserved_unallocated_bytes.filter(|&b| b > 0) {
-        let big = cap.is_some_and(|c| ru >= c / 4 && r.free_bytes.is_none_or(|f| ru > f));
-        if req.is_some_and(|q| ru >= q) || big {
-            return Cause::Fragmentation;
-        }
-    }
-    if let Some(o) = r.other_processes_bytes.filter(|&b| b > 0) {
-        if cap.is_some_and(|c| o >= c / 5) || req.is_some_and(|q| o >= q) {
-            return Cause::OtherProcesses;
-        }
-    }
-    if let (Some(q), Some(c)) = (req, cap) {
-        if q >= c / 4 {
-            return Cause::HugeTensor;
-        }
-    }
-    Cause::DoesNotFit
+    crate::diagnose::assess(r).cause
 }
 
 /// A tensor of the planned step that matches the failed request.
@@ -162,61 +248,158 @@ pub fn match_tensor(report: &OomReport, timeline: &Timeline) -> Option<Match> {
     })
 }
 
+/// Lines after a report that may still belong to it: a shape printed below the error.
+const TRAILER_LINES: usize = 12;
+/// Host-kill lines this close to the previous one describe the same kill.
+const HOST_EPISODE_LINES: usize = 60;
+
+/// The scan's state: the last frame and shape seen per rank prefix, and the reports.
+#[derive(Default)]
+struct Scan {
+    frames: HashMap<Option<u32>, (Option<String>, Option<String>)>,
+    shapes: HashMap<Option<u32>, PrintedShape>,
+    out: Vec<OomReport>,
+    /// Index in `out` and end line of the last host report.
+    last_host: Option<(usize, usize)>,
+}
+
 /// Every out-of-memory report in a log, in order.
 pub fn parse_log(text: &str) -> Vec<OomReport> {
     let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::new();
-    // The last frame seen per rank prefix: (frame, code line).
-    let mut frames: HashMap<Option<u32>, (Option<String>, Option<String>)> = HashMap::new();
+    let mut st = Scan::default();
     let mut i = 0;
     while i < lines.len() {
-        let (prefix_rank, body) = strip_prefix(lines[i]);
-        let trimmed = body.trim();
-        if trimmed.starts_with("Traceback (most recent call last)") {
-            frames.remove(&prefix_rank);
-        } else if trimmed.starts_with("File \"") && trimmed.contains(", line ") {
-            // The code line is the next line of the same rank (ranks interleave).
-            let code = lines[i + 1..]
-                .iter()
-                .take(8)
-                .map(|l| strip_prefix(l))
-                .find(|(r, _)| *r == prefix_rank)
-                .map(|(_, c)| c.trim())
-                .filter(|c| !c.is_empty() && !is_oom(c) && !c.starts_with("File \""))
-                .map(|c| clip(c, 300));
-            frames.insert(prefix_rank, (Some(clip(trimmed, 300)), code));
-        } else if is_oom(trimmed) {
-            let mut joined = trimmed.to_string();
-            let mut j = i + 1;
-            while j < lines.len() && j <= i + 4 {
-                let (r, b) = strip_prefix(lines[j]);
-                let b = b.trim();
-                if r != prefix_rank
-                    || b.is_empty()
-                    || is_oom(b)
-                    || b.starts_with("Traceback")
-                    || b.starts_with("File \"")
-                {
-                    break;
-                }
-                joined.push(' ');
-                joined.push_str(b);
-                j += 1;
+        let (rank, body) = strip_prefix(lines[i]);
+        let t = body.trim();
+        if t.starts_with("Traceback (most recent call last)") {
+            st.frames.remove(&rank);
+            st.shapes.remove(&rank);
+        } else if t.starts_with("File \"") && t.contains(", line ") {
+            let code = code_after(&lines[i + 1..], rank);
+            if let Some(s) = code.as_deref().and_then(shape::find) {
+                st.shapes.insert(rank, s);
             }
-            let mut r = parse_message(&joined);
-            r.line = i + 1;
-            r.rank = prefix_rank.or(r.gpu);
-            if let Some((f, c)) = frames.remove(&prefix_rank) {
-                r.frame = f;
-                r.code_line = c;
-            }
-            out.push(r);
-            i = j;
+            st.frames.insert(rank, (Some(clip(t, 300)), code));
+        } else if let Some(src) = source_of(t) {
+            i = st.gpu_report(&lines, i, rank, t, src);
             continue;
+        } else if let Some(h) = host::line(t) {
+            st.host_report(i, rank, h);
+        } else if let Some(s) = shape::find(t) {
+            st.shape_line(i, rank, s);
         }
         i += 1;
     }
-    out
+    st.out
+}
+
+/// The code line of a frame: the next line of the same rank (ranks interleave).
+fn code_after(next: &[&str], rank: Option<u32>) -> Option<String> {
+    next.iter()
+        .take(8)
+        .map(|l| strip_prefix(l))
+        .find(|(r, _)| *r == rank)
+        .map(|(_, c)| c.trim())
+        .filter(|c| !c.is_empty() && source_of(c).is_none() && !c.starts_with("File \""))
+        .map(|c| clip(c, 300))
+}
+
+impl Scan {
+    /// Reads the report starting at line `i` (joined with its continuation lines) and
+    /// returns the line after it.
+    fn gpu_report(
+        &mut self,
+        lines: &[&str],
+        i: usize,
+        rank: Option<u32>,
+        t: &str,
+        src: Source,
+    ) -> usize {
+        let mut joined = t.to_string();
+        let mut j = i + 1;
+        // A message with sizes may wrap; one without has nothing to continue.
+        let last = if src.has_sizes() { i + 4 } else { i };
+        while j < lines.len() && j <= last {
+            let (r, b) = strip_prefix(lines[j]);
+            let b = b.trim();
+            if r != rank
+                || b.is_empty()
+                || source_of(b).is_some()
+                || host::line(b).is_some()
+                || b.starts_with("Traceback")
+                || b.starts_with("File \"")
+            {
+                break;
+            }
+            joined.push(' ');
+            joined.push_str(b);
+            j += 1;
+        }
+        let mut r = message::parse(&joined, src);
+        r.line = i + 1;
+        r.rank = rank.or(r.gpu);
+        if let Some((f, c)) = self.frames.remove(&rank) {
+            r.frame = f;
+            r.code_line = c;
+        }
+        r.shape = self.shapes.remove(&rank);
+        if !self.repeats(&r) {
+            self.out.push(r);
+        }
+        j
+    }
+
+    /// The same failure printed again (a logger echoing the exception, a re-raise).
+    fn repeats(&self, r: &OomReport) -> bool {
+        self.out.last().is_some_and(|p| {
+            let same = OomReport {
+                line: p.line,
+                frame: p.frame.clone(),
+                code_line: p.code_line.clone(),
+                shape: p.shape.clone(),
+                ..r.clone()
+            };
+            r.line <= p.line + 50 && same == *p
+        })
+    }
+
+    fn host_report(&mut self, i: usize, rank: Option<u32>, mut h: HostKill) {
+        h.rank = h.rank.or(rank);
+        if let Some((k, end)) = self.last_host {
+            if i <= end + HOST_EPISODE_LINES {
+                if let Some(prev) = self.out.get_mut(k).and_then(|r| r.host.as_mut()) {
+                    prev.merge(h);
+                    self.last_host = Some((k, i));
+                    return;
+                }
+            }
+        }
+        let r = OomReport {
+            line: i + 1,
+            rank: h.rank,
+            source: Source::Host,
+            host: Some(h),
+            ..OomReport::default()
+        };
+        self.last_host = Some((self.out.len(), i));
+        self.out.push(r);
+    }
+
+    /// A shape below the error belongs to it; above, to the next one of the rank.
+    fn shape_line(&mut self, i: usize, rank: Option<u32>, s: PrintedShape) {
+        if let Some(last) = self.out.last_mut() {
+            let near = i < last.line + TRAILER_LINES;
+            if near
+                && last.rank == rank.or(last.rank)
+                && last.shape.is_none()
+                && last.source.has_sizes()
+            {
+                last.shape = Some(s);
+                return;
+            }
+        }
+        self.shapes.insert(rank, s);
+    }
 }
 
 fn clip(s: &str, n: usize) -> String {
@@ -224,17 +407,40 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 /// An error line, not a mere mention: PyTorch's message carries an exception name or the
-/// request; cudarc's carries the driver's error code.
-fn is_oom(s: &str) -> bool {
-    s.contains("CUDA_ERROR_OUT_OF_MEMORY")
-        || (s.contains("CUDA out of memory")
-            && (s.contains("Error") || s.contains("Tried to allocate")))
+/// request; the others carry their error code.
+fn source_of(s: &str) -> Option<Source> {
+    if s.contains("CUDA_ERROR_OUT_OF_MEMORY") {
+        return Some(Source::Cudarc);
+    }
+    if s.contains("MPS backend out of memory") {
+        return Some(Source::Mps);
+    }
+    let error = s.contains("Error") || s.contains("Tried to allocate");
+    for (what, src) in [
+        ("CUDA out of memory", Source::PytorchCuda),
+        ("HIP out of memory", Source::PytorchHip),
+        ("XPU out of memory", Source::PytorchXpu),
+    ] {
+        if s.contains(what) && error {
+            return Some(src);
+        }
+    }
+    if s.contains("CUDA error: out of memory") || s.contains("CUDA error:out of memory") {
+        return Some(Source::CudaError);
+    }
+    if s.contains("CUBLAS_STATUS_ALLOC_FAILED") {
+        return Some(Source::Cublas);
+    }
+    None
 }
 
-/// Splits `[rank1]: ` / `[default0]:` prefixes off a line.
+/// Splits `[rank1]: ` / `[default0]:` / `rank4]: ` / a DeepSpeed `host: ` prefix off a line.
 fn strip_prefix(line: &str) -> (Option<u32>, &str) {
     let t = line.trim_start();
-    if let Some(rest) = t.strip_prefix('[') {
+    let inner_rest = t
+        .strip_prefix('[')
+        .or_else(|| t.starts_with("rank").then_some(t));
+    if let Some(rest) = inner_rest {
         if let Some(end) = rest.find(']') {
             let inner = &rest[..end];
             let digits = inner
@@ -249,80 +455,28 @@ fn strip_prefix(line: &str) -> (Option<u32>, &str) {
             }
         }
     }
-    (None, line)
+    (None, host_prefix(line))
 }
 
-/// Reads the numbers of one (joined) error message.
-fn parse_message(m: &str) -> OomReport {
-    let mut r = OomReport {
-        driver_error: m.contains("CUDA_ERROR_OUT_OF_MEMORY"),
-        request_bytes: amount_after(m, "Tried to allocate "),
-        gpu: after(m, "GPU ").and_then(leading_u32),
-        ..OomReport::default()
+/// DeepSpeed's multi-node launcher prefixes each line with `hostname: `.
+fn host_prefix(line: &str) -> &str {
+    let Some(p) = line.find(": ") else {
+        return line;
     };
-    if m.contains("total capacity of ") {
-        // PyTorch 2.x
-        r.capacity_bytes = amount_after(m, "total capacity of ");
-        r.free_bytes = amount_after(m, "of which ");
-        r.process_in_use_bytes = amount_after(m, "this process has ");
-        r.allocated_bytes = amount_after(m, "Of the allocated memory ");
-        r.reserved_unallocated_bytes = amount_before(m, " is reserved by PyTorch but unallocated");
+    let host = &line[..p];
+    let plain = !host.is_empty()
+        && host.len() <= 64
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && host.bytes().any(|b| b == b'-')
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    if plain {
+        &line[p + 2..]
     } else {
-        r.capacity_bytes = amount_before(m, " total capacity");
-        r.allocated_bytes = amount_before(m, " already allocated");
-        r.free_bytes = amount_before(m, " free;").or_else(|| amount_before(m, " free)"));
-        r.reserved_bytes = amount_before(m, " reserved in total");
-        if let (Some(res), Some(a)) = (r.reserved_bytes, r.allocated_bytes) {
-            r.reserved_unallocated_bytes = Some(res.saturating_sub(a));
-        }
+        line
     }
-    let mut others: Option<u64> = None;
-    let mut rest = m;
-    while let Some(p) = rest.find("Process ") {
-        rest = &rest[p + "Process ".len()..];
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            continue;
-        }
-        if let Some(tail) = rest[digits..].strip_prefix(" has ") {
-            if let Some(b) = parse_amount(tail) {
-                others = Some(others.unwrap_or(0).saturating_add(b));
-            }
-        }
-    }
-    r.other_processes_bytes = others.or(
-        match (r.capacity_bytes, r.free_bytes, r.process_in_use_bytes) {
-            (Some(c), Some(f), Some(p)) => Some(c.saturating_sub(f).saturating_sub(p)),
-            _ => None,
-        },
-    );
-    r
 }
-
-fn after<'a>(s: &'a str, key: &str) -> Option<&'a str> {
-    s.find(key).map(|p| &s[p + key.len()..])
-}
-
-fn leading_u32(s: &str) -> Option<u32> {
-    let n = s.bytes().take_while(u8::is_ascii_digit).count();
-    s[..n].parse().ok()
-}
-
-fn amount_after(s: &str, key: &str) -> Option<u64> {
-    parse_amount(after(s, key)?)
-}
-
-/// The amount written just before `key`, as in "31.84 GiB total capacity".
-fn amount_before(s: &str, key: &str) -> Option<u64> {
-    let head = &s[..s.find(key)?];
-    let head = head.trim_end();
-    let mut it = head.rsplitn(3, char::is_whitespace);
-    let unit = it.next()?;
-    let num = it.next()?;
-    let num = num.trim_start_matches(['(', ';', ',']);
-    parse_amount(&format!("{num} {unit}"))
-}
-
 /// Bytes in a unit: binary for KiB/MiB/GiB/TiB, decimal for KB/MB/GB/TB.
 fn unit_bytes(u: &str) -> Option<u128> {
     Some(match u {
@@ -448,8 +602,9 @@ mod tests {
             free_bytes: Some(GIB / 2),
             ..OomReport::default()
         };
+        // The cache holds 30 % of the device: more than the request, but not in one piece.
         let frag = OomReport {
-            reserved_unallocated_bytes: Some(2 * GIB),
+            reserved_unallocated_bytes: Some(12 * GIB),
             ..base.clone()
         };
         let other = OomReport {
@@ -489,6 +644,22 @@ mod tests {
         assert_eq!(match_tensor(&r, &t), None);
     }
 
+    /// Regression: a kill right after a sizeless error was read as its continuation.
+    #[test]
+    fn a_kill_after_a_sizeless_error_is_its_own_report() {
+        let log = "RuntimeError: CUDA error: out of memory\nstep 5 | loss 2.31\n[5.49] Out of memory: Killed process 1005 (python3) total-vm:1kB, anon-rss:2kB\n";
+        let v = parse_log(log);
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].source, v[1].source),
+            (Source::CudaError, Source::Host)
+        );
+        assert_eq!(
+            v[1].host.as_ref().and_then(|h| h.anon_rss_bytes),
+            Some(2048)
+        );
+    }
+
     #[test]
     fn interleaved_ranks_and_big_logs() {
         let log = "[rank1]:   File \"a.py\", line 1, in f\n[rank0]:   File \"b.py\", line 2, in g\n[rank1]:     x = y.float()\n[rank0]:     z = w\n[rank0]: RuntimeError: CUDA out of memory. Tried to allocate 1.00 GiB\n";
@@ -503,6 +674,23 @@ mod tests {
         #[test]
         fn never_panics(s in "\\PC*") {
             let _ = parse_log(&s);
+        }
+
+        /// Any amounts in any wording: parsed and diagnosed without a panic.
+        #[test]
+        fn diagnosing_any_amounts_never_panics(v in proptest::collection::vec(any::<u64>(), 8), k in 0usize..6) {
+            let a = |i: usize| format!("{} B", v[i]);
+            let msgs = [
+                format!("CUDA out of memory. Tried to allocate {}. GPU 0 has a total capacity of {} of which {} is free. Process 7 has {} memory in use. Process 8 has {} memory in use. Of the allocated memory {} is allocated by PyTorch, and {} is reserved by PyTorch but unallocated.", a(0), a(1), a(2), a(3), a(4), a(5), a(6)),
+                format!("RuntimeError: CUDA out of memory. Tried to allocate {} (GPU 0; {} total capacity; {} already allocated; {} free; {} cached)", a(0), a(1), a(2), a(3), a(4)),
+                format!("MPS backend out of memory (MPS allocated: {}, other allocations: {}, max allowed: {}). Tried to allocate {} on private pool.", a(0), a(1), a(2), a(3)),
+                format!("GPU has {} total, {} free, {} in use by this process. torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {}", a(0), a(1), a(2), a(3)),
+                format!("Out of memory: Killed process {} (python3) anon-rss:{}kB", v[0], v[1]),
+                format!("buf = empty_strided_cuda(({}, {}), (1, 1), torch.float32)\nRuntimeError: CUDA out of memory. Tried to allocate {}", v[0], v[1], a(2)),
+            ];
+            for r in parse_log(&msgs[k]) {
+                let _ = crate::diagnose::diagnose(r, None);
+            }
         }
 
         #[test]

@@ -1,42 +1,84 @@
 //! From an out-of-memory report to its cause, the tensor behind it and ranked fixes.
 //!
-//! The planner returns data: a [`Diagnosis`] names the cause, the numbers that support it
-//! ([`Explanation`]) and each fix as the config edits it makes ([`Edit`]) with the peak the
-//! planner predicts for it. The sentences are written by the binary's renderers.
+//! The planner returns data: a [`Diagnosis`] names the cause with the evidence for it and
+//! a confidence ([`evidence`]), the numbers that support it ([`Explanation`]), what the log
+//! says against the plan ([`PlanCheck`]) and each fix as the config edits it makes
+//! ([`Edit`]) with the peak the planner predicts for it. The sentences are written by the
+//! binary's renderers.
 //!
 //! Fixes depend on the run config, not on the report (only the tensor match reads the
 //! report), so a [`FixPlan`] plans them once per config and every report of a log reuses
 //! it: the work per report is one scan of the planned timeline's tensors.
 
-use crate::config::{check_run, MAX_COUNT};
-use crate::oom::{classify, match_tensor, Cause, Match, OomReport};
+mod evidence;
+mod fixes;
+mod plan_check;
+
+pub use evidence::{assess, Assessment, Confidence, Evidence, Fact};
+pub use fixes::planned_fixes;
+pub use plan_check::{plan_checks, PlanCheck, Predicted};
+
+use crate::oom::{match_tensor, Cause, HostSignal, Match, OomReport, Source};
 use crate::report::estimate;
 use crate::spec::{Checkpointing, LossMode, RunSpec, Sharding};
 use crate::timeline::{Component, Timeline};
 use serde::Serialize;
 
-/// What the failing code line says about the tensor, when no config names it.
+/// What the failing frame and code line say about the tensor, when no config names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hint {
     Logits,
     Attention,
     OptimizerState,
+    /// A ZeRO-3/FSDP all-gather of sharded parameters.
+    AllGather,
+    /// Weights moved to the device (`.to(device)`, `from_pretrained`, `torch.load`).
+    Loading,
 }
 
 impl Hint {
     /// Reads the frame and code line: `.float()`, `cross_entropy`, `lm_head` are the logits.
     pub fn from_code(code: &str) -> Option<Hint> {
         let c = code.to_ascii_lowercase();
-        if c.contains(".float()") || c.contains("cross_entropy") || c.contains("lm_head") {
+        let any = |words: &[&str]| words.iter().any(|w| c.contains(w));
+        if any(&[
+            ".float()",
+            "cross_entropy",
+            "lm_head",
+            "log_softmax",
+            "log_prob",
+            "logprob",
+        ]) {
             Some(Hint::Logits)
-        } else if c.contains("scaled_dot_product_attention") || c.contains("softmax") {
+        } else if any(&["scaled_dot_product_attention", "softmax", "attn"]) {
             Some(Hint::Attention)
-        } else if c.contains("optimizer.step") || c.contains("adam") {
+        } else if any(&["optimizer.step", "adam", "_foreach_"]) {
             Some(Hint::OptimizerState)
+        } else if any(&["all_gather", "allgather", "fetch_sub_module"]) {
+            Some(Hint::AllGather)
+        } else if any(&[
+            ".to(device",
+            "from_pretrained",
+            "load_state_dict",
+            "set_module_tensor_to_device",
+            "torch.load",
+            "_move_model_to_device",
+            "create_weights",
+        ]) {
+            Some(Hint::Loading)
         } else {
             None
         }
+    }
+
+    /// The hint of a report's last frame and its code line.
+    pub fn from_report(r: &OomReport) -> Option<Hint> {
+        Hint::from_code(&format!(
+            "{} {}",
+            r.frame.as_deref().unwrap_or(""),
+            r.code_line.as_deref().unwrap_or("")
+        ))
     }
 
     pub fn name(self) -> &'static str {
@@ -44,6 +86,8 @@ impl Hint {
             Hint::Logits => "logits",
             Hint::Attention => "attention",
             Hint::OptimizerState => "optimizer state",
+            Hint::AllGather => "parameter all-gather",
+            Hint::Loading => "weight loading",
         }
     }
 }
@@ -67,7 +111,7 @@ pub enum Implausible {
     AboveCapacity { field: &'static str, bytes: u64 },
 }
 
-/// The numbers behind the cause.
+/// The numbers behind the cause; `None` where the report does not print one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Explanation {
@@ -86,6 +130,8 @@ pub enum Explanation {
         reserved_unallocated_bytes: u64,
         request_bytes: u64,
     },
+    /// The device reports the request as free and still refuses it.
+    FreeButRefused { free_bytes: u64, request_bytes: u64 },
     OtherProcesses {
         other_processes_bytes: u64,
         capacity_bytes: u64,
@@ -93,11 +139,20 @@ pub enum Explanation {
     /// candle/cudarc: no sizes in the message.
     DriverError,
     DoesNotFit {
-        allocated_bytes: u64,
-        free_bytes: u64,
-        request_bytes: u64,
+        allocated_bytes: Option<u64>,
+        free_bytes: Option<u64>,
+        request_bytes: Option<u64>,
         hint: Option<Hint>,
     },
+    /// The kernel killed the process for host memory.
+    HostOom {
+        how: HostSignal,
+        process: Option<String>,
+        anon_rss_bytes: Option<u64>,
+        rank: Option<u32>,
+    },
+    /// An error without sizes: where it failed is all it says.
+    NoSizes { source: Source, hint: Option<Hint> },
 }
 
 /// One change to the run config.
@@ -109,6 +164,21 @@ pub enum Edit {
     Checkpointing { checkpointing: Checkpointing },
     SeqLen { seq_len: u64 },
     Sharding { sharding: Sharding },
+}
+
+/// A change on the host side, for a process the kernel killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostChange {
+    /// Fewer data loader workers (each one is a copy of the dataset's state).
+    FewerWorkers,
+    /// No pinned (page-locked) host buffers.
+    NoPinnedMemory,
+    /// Memory-mapped datasets and weights instead of reading them into RAM (one copy for
+    /// all ranks; `low_cpu_mem_usage`, safetensors).
+    MmapLoading,
+    /// A smaller shuffle buffer.
+    SmallerShuffleBuffer,
 }
 
 /// What a fix does.
@@ -131,6 +201,11 @@ pub enum FixKind {
     HalveMicroBatch,
     /// Without a config: shard the optimizer state (or an 8-bit optimizer).
     ShardOptimizer,
+    /// No sizes: look at what holds the device (nvidia-smi, rocm-smi) before changing the run.
+    CheckDevice,
+    Host {
+        change: HostChange,
+    },
 }
 
 /// One suggested change, with the planner's prediction when a config was given.
@@ -173,6 +248,14 @@ pub struct Diagnosis {
     /// Set when the report's numbers are nonsense: it was not matched against the plan.
     pub implausible: Option<Implausible>,
     pub fixes: Vec<Fix>,
+    /// How sure the evidence makes the cause.
+    pub confidence: Confidence,
+    /// A second cause the evidence also supports.
+    pub second_cause: Option<Cause>,
+    /// The facts weighed, for and against.
+    pub evidence: Vec<Evidence>,
+    /// With a config: the log's numbers against the plan.
+    pub plan_checks: Vec<PlanCheck>,
 }
 
 /// A run config's planned step and its fixes, ranked: computed once, used for every report.
@@ -181,13 +264,17 @@ pub struct FixPlan {
     pub spec: RunSpec,
     pub timeline: Timeline,
     pub fixes: Vec<Fix>,
+    /// The plan's own peak, to check the log against.
+    pub predicted: Predicted,
 }
 
 impl FixPlan {
     pub fn new(spec: &RunSpec) -> FixPlan {
+        let r = estimate(spec);
         FixPlan {
             spec: spec.clone(),
-            timeline: estimate(spec).timeline,
+            predicted: Predicted::of(&r),
+            timeline: r.timeline,
             fixes: planned_fixes(spec),
         }
     }
@@ -195,20 +282,18 @@ impl FixPlan {
 
 /// Diagnoses one report, against a planned config when there is one.
 pub fn diagnose(report: OomReport, plan: Option<&FixPlan>) -> Diagnosis {
-    let cause = classify(&report);
+    let a = assess(&report);
+    let cause = a.cause;
     let implausible = implausible(&report);
     let matched = match (plan, implausible) {
-        (Some(p), None) => match_tensor(&report, &p.timeline),
+        (Some(p), None) if report.source.has_sizes() => match_tensor(&report, &p.timeline),
         _ => None,
     };
-    let hint = Hint::from_code(&format!(
-        "{} {}",
-        report.frame.as_deref().unwrap_or(""),
-        report.code_line.as_deref().unwrap_or("")
-    ));
+    let hint = Hint::from_report(&report);
     let explanation = explain(&report, cause, matched.as_ref(), plan, hint);
     let mut fixes = cause_fixes(&report, cause);
     match plan {
+        _ if cause == Cause::HostOom => {}
         Some(p) => fixes.extend(p.fixes.iter().cloned()),
         None => {
             let logits = matched
@@ -218,6 +303,9 @@ pub fn diagnose(report: OomReport, plan: Option<&FixPlan>) -> Diagnosis {
             fixes.extend(generic_fixes(logits, hint));
         }
     }
+    let checks = plan
+        .map(|p| plan_checks(&report, cause, &p.predicted))
+        .unwrap_or_default();
     Diagnosis {
         cause,
         tensor_layout: matched.as_ref().and_then(|m| m.layout.clone()),
@@ -226,6 +314,50 @@ pub fn diagnose(report: OomReport, plan: Option<&FixPlan>) -> Diagnosis {
         explanation,
         implausible,
         fixes,
+        confidence: a.confidence,
+        second_cause: a.second,
+        evidence: a.evidence,
+        plan_checks: checks,
+    }
+}
+
+/// A log's reports: the first ones diagnosed in full, every one counted by cause.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiagnosedLog {
+    pub diagnoses: Vec<Diagnosis>,
+    /// Every report of the log, diagnosed in full or only counted.
+    pub reports: usize,
+    /// Every report's cause, counted, in the order of [`Cause::ALL`] (causes with none left out).
+    pub by_cause: Vec<(Cause, usize)>,
+}
+
+/// Diagnoses the first `shown` reports in full and only classifies the rest: a log with
+/// hundreds of thousands of reports is summarized, not rendered whole.
+pub fn diagnose_log(reports: Vec<OomReport>, plan: Option<&FixPlan>, shown: usize) -> DiagnosedLog {
+    let total = reports.len();
+    let mut counts = [0usize; Cause::ALL.len()];
+    let mut diagnoses = Vec::with_capacity(total.min(shown));
+    for (i, r) in reports.into_iter().enumerate() {
+        let cause = if i < shown {
+            let d = diagnose(r, plan);
+            let c = d.cause;
+            diagnoses.push(d);
+            c
+        } else {
+            assess(&r).cause
+        };
+        if let Some(k) = Cause::ALL.iter().position(|&c| c == cause) {
+            counts[k] += 1;
+        }
+    }
+    DiagnosedLog {
+        diagnoses,
+        reports: total,
+        by_cause: Cause::ALL
+            .into_iter()
+            .zip(counts)
+            .filter(|&(_, n)| n > 0)
+            .collect(),
     }
 }
 
@@ -276,22 +408,49 @@ fn explain(
                 hint,
             },
         },
-        Cause::Fragmentation => Explanation::Fragmentation {
-            reserved_unallocated_bytes: r.reserved_unallocated_bytes.unwrap_or(0),
-            request_bytes: req,
+        Cause::Fragmentation => match r.free_bytes.filter(|&f| f >= req) {
+            Some(free_bytes) => Explanation::FreeButRefused {
+                free_bytes,
+                request_bytes: req,
+            },
+            None => Explanation::Fragmentation {
+                reserved_unallocated_bytes: r.reserved_unallocated_bytes.unwrap_or(0),
+                request_bytes: req,
+            },
         },
         Cause::OtherProcesses => Explanation::OtherProcesses {
-            other_processes_bytes: r.other_processes_bytes.unwrap_or(0),
+            other_processes_bytes: held_elsewhere(r),
             capacity_bytes: r.capacity_bytes.unwrap_or(0),
         },
         Cause::DoesNotFit if r.driver_error => Explanation::DriverError,
         Cause::DoesNotFit => Explanation::DoesNotFit {
-            allocated_bytes: r.allocated_bytes.unwrap_or(0),
-            free_bytes: r.free_bytes.unwrap_or(0),
-            request_bytes: req,
+            allocated_bytes: r.allocated_bytes,
+            free_bytes: r.free_bytes,
+            request_bytes: r.request_bytes,
+            hint,
+        },
+        Cause::HostOom => {
+            let h = r.host.clone();
+            Explanation::HostOom {
+                how: h.as_ref().map_or(HostSignal::Sigkill, |h| h.how),
+                process: h.as_ref().and_then(|h| h.process.clone()),
+                anon_rss_bytes: h.as_ref().and_then(|h| h.anon_rss_bytes),
+                rank: r.rank,
+            }
+        }
+        Cause::Unknown => Explanation::NoSizes {
+            source: r.source,
             hint,
         },
     }
+}
+
+/// Memory on the device held by others: listed processes, or what PyTorch does not hold.
+fn held_elsewhere(r: &OomReport) -> u64 {
+    r.other_processes_bytes
+        .filter(|&b| b > 0)
+        .or_else(|| r.outside_pytorch_bytes())
+        .unwrap_or(0)
 }
 
 /// The shape of a logits tensor that is exactly micro-batch × seq × vocab × 4 (or 2) bytes.
@@ -319,8 +478,18 @@ fn cause_fixes(r: &OomReport, cause: Cause) -> Vec<Fix> {
             request_bytes: r.request_bytes.unwrap_or(0),
         })],
         Cause::OtherProcesses => vec![Fix::advice(FixKind::FreeGpu {
-            other_processes_bytes: r.other_processes_bytes.unwrap_or(0),
+            other_processes_bytes: held_elsewhere(r),
         })],
+        Cause::HostOom => [
+            HostChange::FewerWorkers,
+            HostChange::NoPinnedMemory,
+            HostChange::MmapLoading,
+            HostChange::SmallerShuffleBuffer,
+        ]
+        .into_iter()
+        .map(|change| Fix::advice(FixKind::Host { change }))
+        .collect(),
+        Cause::Unknown => vec![Fix::advice(FixKind::CheckDevice)],
         _ => Vec::new(),
     }
 }
@@ -343,144 +512,10 @@ pub fn generic_fixes(logits: bool, hint: Option<Hint>) -> Vec<Fix> {
     v
 }
 
-/// Whether a changed run stays within what a config may say (halving the micro-batch
-/// doubles the accumulation, which has its own bound).
-fn writable(s: &RunSpec) -> bool {
-    s.train.grad_accum <= MAX_COUNT && check_run(s).is_ok()
-}
-
-/// A candidate change: its edits, the run it gives, and whether it keeps the global batch.
-type Candidate = (Vec<Edit>, RunSpec, bool);
-
-fn halve_micro_batch(s: &mut RunSpec) -> Edit {
-    s.train.micro_batch /= 2;
-    s.train.grad_accum = s.train.grad_accum.saturating_mul(2);
-    Edit::MicroBatch {
-        micro_batch: s.train.micro_batch,
-        grad_accum: s.train.grad_accum,
-    }
-}
-
-/// Each saver alone.
-fn single_changes(spec: &RunSpec) -> Vec<Candidate> {
-    let mut cands = Vec::new();
-    let t = &spec.train;
-    let with = |f: &dyn Fn(&mut RunSpec) -> Edit| {
-        let mut s = spec.clone();
-        let e = f(&mut s);
-        (vec![e], s)
-    };
-    if t.micro_batch >= 2 {
-        let (e, s) = with(&halve_micro_batch);
-        cands.push((e, s, t.micro_batch.is_multiple_of(2)));
-    }
-    for loss in [LossMode::Chunked, LossMode::Fused] {
-        if t.loss != loss {
-            let (e, s) = with(&|s| {
-                s.train.loss = loss;
-                Edit::Loss { loss }
-            });
-            cands.push((e, s, true));
-        }
-    }
-    if t.checkpointing != Checkpointing::Full {
-        let (e, s) = with(&|s| {
-            s.train.checkpointing = Checkpointing::Full;
-            Edit::Checkpointing {
-                checkpointing: Checkpointing::Full,
-            }
-        });
-        cands.push((e, s, true));
-    }
-    if t.seq_len >= 2 {
-        let (e, s) = with(&|s| {
-            s.train.seq_len /= 2;
-            Edit::SeqLen {
-                seq_len: s.train.seq_len,
-            }
-        });
-        cands.push((e, s, false));
-    }
-    if spec.hardware.gpus > 1 {
-        for sharding in [Sharding::Zero2, Sharding::Zero3] {
-            if spec.hardware.sharding.stage() < sharding.stage() {
-                let (e, s) = with(&|s| {
-                    s.hardware.sharding = sharding;
-                    Edit::Sharding { sharding }
-                });
-                cands.push((e, s, true));
-            }
-        }
-    }
-    cands
-}
-
-/// Single changes rarely suffice for a run far over: also the smallest-loss setups,
-/// halving the micro-batch (accumulating more) until the plan fits.
-fn combined(spec: &RunSpec, full: bool) -> Candidate {
-    let t = &spec.train;
-    let mut s = spec.clone();
-    let mut edits = Vec::new();
-    if t.loss == LossMode::FloatCast {
-        s.train.loss = LossMode::Chunked;
-        edits.push(Edit::Loss {
-            loss: LossMode::Chunked,
-        });
-    }
-    if full && t.checkpointing != Checkpointing::Full {
-        s.train.checkpointing = Checkpointing::Full;
-        edits.push(Edit::Checkpointing {
-            checkpointing: Checkpointing::Full,
-        });
-    }
-    let mut keeps = true;
-    let mut last = None;
-    while !estimate(&s).fits && s.train.micro_batch >= 2 {
-        keeps &= s.train.micro_batch.is_multiple_of(2);
-        last = Some(halve_micro_batch(&mut s));
-    }
-    edits.extend(last);
-    (edits, s, keeps)
-}
-
-/// Re-plans the run with each candidate change; fitting first, then those keeping the
-/// global batch, then by predicted peak.
-pub fn planned_fixes(spec: &RunSpec) -> Vec<Fix> {
-    let mut cands = single_changes(spec);
-    for full in [false, true] {
-        let c = combined(spec, full);
-        if c.0.len() >= 2 && !cands.iter().any(|x| x.1 == c.1) {
-            cands.push(c);
-        }
-    }
-    let mut fixes: Vec<Fix> = cands
-        .into_iter()
-        // A fix is a plan `--out` may write: it must be one `estimate` reads back.
-        .filter(|(_, s, _)| writable(s))
-        .map(|(edits, s, keeps)| {
-            let r = estimate(&s);
-            Fix {
-                kind: FixKind::Edits { edits },
-                predicted_peak_bytes: Some(r.device_bytes),
-                fits: Some(r.fits),
-                keeps_global_batch: keeps,
-                spec: Some(s),
-            }
-        })
-        .collect();
-    fixes.sort_by_key(|f| {
-        (
-            f.fits != Some(true),
-            !f.keeps_global_batch,
-            f.predicted_peak_bytes.unwrap_or(u64::MAX),
-        )
-    });
-    fixes
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MAX_COUNT;
     use crate::oom::parse_log;
     use crate::presets::Presets;
     use crate::units::GIB;
@@ -488,7 +523,7 @@ mod tests {
     const V1: &str = "  File \"gpt.py\", line 301, in forward\n    logits = logits.float()\nRuntimeError: CUDA out of memory. Tried to allocate 15.00 GiB (GPU 0; 31.84 GiB total capacity; 12.10 GiB already allocated; 3.20 GiB free; 14.00 GiB reserved in total by PyTorch)";
 
     fn seed_spec() -> RunSpec {
-        let text = include_str!("../../presets/examples/nanochat-d16-failed.toml");
+        let text = include_str!("../../../presets/examples/nanochat-d16-failed.toml");
         let raw = crate::config::RawConfig::from_toml(text).expect("parses");
         let presets = Presets::builtin().expect("presets");
         raw.resolve(&presets, &crate::config::Context::default())
