@@ -2,5 +2,6 @@ mod accuracy;
 mod cli;
 mod diagnose;
 mod fuzz_cli;
+mod launch;
 mod parquet_data;
 mod train;

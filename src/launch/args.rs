@@ -33,6 +33,8 @@ pub fn words(text: &str) -> Result<Vec<String>, String> {
                 Some('\n') | None => {}
                 Some(n) => cur.get_or_insert_with(String::new).push(n),
             },
+            // PowerShell's line continuation (seed 004's command).
+            (None, '`') if chars.peek().is_some_and(|n| *n == '\n' || *n == '\r') => {}
             (None, '#') if cur.is_none() => {
                 for n in chars.by_ref() {
                     if n == '\n' {

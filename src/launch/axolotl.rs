@@ -160,8 +160,6 @@ const TABLE: &[Row] = &[
     ("debug", Rule::Ignore),
 ];
 
-const DEFAULTS: &[KeyDefault] = &[("optimizer", "\"adamw_torch_fused\"")];
-
 fn set_bf16(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     if v.as_str() == Some("auto") {
         d.assumed
@@ -202,7 +200,9 @@ fn set_optimizer(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
-    let mut applied = apply(TABLE, DEFAULTS, &flatten(&v), &mut d, ctx)?;
+    let keys = flatten(&v);
+    let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
+    assume_foreach(&mut d, &keys, "optimizer", "axolotl");
     if d.precision.is_none() {
         d.precision = Some("fp32".into());
     }

@@ -162,6 +162,9 @@ const TABLE: &[Row] = &[
     ("dataset_mixer.*", Rule::Ignore),
     ("dataset_mixture.*", Rule::Ignore),
     ("dataset_splits", Rule::Ignore),
+    ("dataset_config", Rule::Ignore),
+    ("dataset_train_split", Rule::Ignore),
+    ("dataset_test_split", Rule::Ignore),
     ("train_file", Rule::Ignore),
     ("validation_file", Rule::Ignore),
     ("preprocessing_num_workers", Rule::Ignore),
@@ -257,19 +260,19 @@ fn keys(text: &str) -> Result<(Keys, Option<u64>), String> {
     ))
 }
 
-/// transformers 5's defaults that change memory (`training_args.py`).
-const DEFAULTS: &[KeyDefault] = &[("optim", "\"adamw_torch_fused\"")];
-
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let (keys, gpus) = keys(text)?;
     let mut d = Draft {
         gpus,
         ..Draft::default()
     };
-    let mut applied = apply(TABLE, DEFAULTS, &keys, &mut d, ctx)?;
+    let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
+    assume_foreach(&mut d, &keys, "optim", "transformers 5");
     if d.extra("bf16-weights").is_some() {
         d.precision = Some("bf16".into());
     }
+    // Without bf16/fp16 the Trainer trains in fp32.
+    d.precision.get_or_insert("fp32".into());
     if d.seq_len.is_none() {
         d.seq_len = Some(1024);
         d.assumed.push("seq_len 1024 (block_size / max_length not set: run_clm.py and TRL's SFTConfig default to 1024)".into());

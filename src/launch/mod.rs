@@ -455,6 +455,17 @@ pub fn set_hub_model(d: &mut Draft, key: &str, v: &Value, ctx: &Ctx) -> Result<(
 }
 
 /// The finished launch from a draft and the table's outcome.
+/// An optimizer key the file leaves out whose launcher default is the fused AdamW: planned
+/// as the foreach AdamW, whose extra `sqrt(exp_avg_sq)` makes it an upper bound.
+pub fn assume_foreach(d: &mut Draft, keys: &[(String, Value)], key: &str, launcher: &str) {
+    if d.optimizer.is_none() && !keys.iter().any(|(k, _)| k == key) {
+        d.optimizer = Some("adamw".into());
+        d.assumed.push(format!(
+            "optimizer adamw (foreach): {key} is not set and {launcher} defaults to the fused AdamW, not modelled yet; the foreach step's extra buffer makes this an upper bound"
+        ));
+    }
+}
+
 pub fn finish(format: Format, d: Draft, applied: Applied) -> Launch {
     let model_resolved = d.model.is_some();
     let model_ref = d.model_ref.clone();

@@ -208,7 +208,6 @@ const TABLE: &[Row] = &[
 
 /// torchtitan's `job_config.py` defaults that change memory.
 const DEFAULTS: &[KeyDefault] = &[
-    ("optimizer.implementation", "\"fused\""),
     ("activation_checkpoint.mode", "\"selective\""),
     ("training.local_batch_size", "8"),
     ("training.seq_len", "2048"),
@@ -266,8 +265,9 @@ fn checkpointing(d: &mut Draft) -> Result<(), String> {
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = toml::from_str(text).map_err(|e| format!("not valid TOML: {}", e.message()))?;
     let mut d = Draft::default();
+    let keys = flatten(&v);
     let applied = match (
-        apply(TABLE, DEFAULTS, &flatten(&v), &mut d, ctx),
+        apply(TABLE, DEFAULTS, &keys, &mut d, ctx),
         checkpointing(&mut d),
     ) {
         (Ok(a), Ok(())) => a,
@@ -275,6 +275,7 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         (Err(a), Err(b)) => return Err(format!("{a}; {b}")),
     };
     d.precision.get_or_insert("bf16-autocast".into());
+    assume_foreach(&mut d, &keys, "optimizer.implementation", "torchtitan");
     if let Some(g) = d.global_batch {
         d.grad_accum = Some(
             d.accum_for(g, "training.global_batch_size")

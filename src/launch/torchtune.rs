@@ -4,6 +4,7 @@
 //! and its fusing, `optimizer_in_bwd`, the loss and `compile`.
 
 use super::*;
+use vramplan_planner::RawModel;
 
 /// torchtune model builders with a vramplan preset of the same shape
 /// (`torchtune/models/*/_model_builders.py`).
@@ -11,6 +12,34 @@ const BUILDERS: &[(&str, &str)] = &[
     ("llama3_2_1b", "llama-3.2-1b"),
     ("qwen2_5_0_5b", "qwen2.5-0.5b"),
 ];
+
+/// Builders without a preset: width, layers, heads, kv heads, MLP width, vocabulary, from
+/// `models/llama2/_model_builders.py` (`llama2_7b`, MLP by `scale_hidden_dim_for_mlp`)
+/// and `models/llama3/_model_builders.py` (`llama3_8b`). Embeddings untied.
+const SIZES: &[(&str, [u64; 6])] = &[
+    ("llama2_7b", [4096, 32, 32, 32, 11008, 32000]),
+    ("llama3_8b", [4096, 32, 32, 8, 14336, 128256]),
+];
+
+fn builder_model(builder: &str) -> Option<RawModel> {
+    if let Some((_, p)) = BUILDERS.iter().find(|(b, _)| *b == builder) {
+        return Some(preset(p));
+    }
+    let (name, [h, l, n, kv, i, v]) = SIZES.iter().find(|(b, _)| *b == builder)?;
+    Some(RawModel {
+        name: Some(format!("torchtune-{name}")),
+        arch: Some("llama".into()),
+        hidden_size: Some(*h),
+        num_layers: Some(*l),
+        num_heads: Some(*n),
+        num_kv_heads: Some(*kv),
+        head_dim: Some(h / n),
+        intermediate_size: Some(*i),
+        vocab_size: Some(*v),
+        tie_embeddings: Some(false),
+        ..RawModel::default()
+    })
+}
 
 const TABLE: &[Row] = &[
     ("model._component_", Rule::Set(set_model)),
@@ -81,6 +110,7 @@ const TABLE: &[Row] = &[
         Rule::Unmodelled("FSDP keeps parameters on the host"),
     ),
     ("fsdp_reshard_after_forward", Rule::Ignore),
+    ("memory_efficient_fsdp_wrap", Rule::Ignore),
     ("custom_sharded_layers", Rule::Ignore),
     ("tokenizer.*", Rule::Ignore),
     ("dataset.*", Rule::Ignore),
@@ -110,10 +140,7 @@ fn set_model(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
         return Err(Refusal::Unmodelled("QLoRA's 4-bit NF4 base weights".into()));
     }
     let base = builder.strip_prefix("lora_").unwrap_or(builder);
-    d.model = BUILDERS
-        .iter()
-        .find(|(b, _)| *b == base)
-        .map(|(_, p)| preset(p));
+    d.model = builder_model(base);
     Ok(())
 }
 
