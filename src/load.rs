@@ -155,6 +155,25 @@ pub fn load_raw(env: &Env, path: &Path, ov: &Overrides) -> Result<(String, RawCo
     Ok((name, raw, dir))
 }
 
+/// `--emit FORMAT`: the plan `spec` in that format, over `input` where it is in it.
+pub fn emit(format: &str, input: Option<&Path>, spec: &RunSpec) -> Result<String> {
+    let f = launch::Format::parse(format).ok_or_else(|| {
+        bad(
+            "--emit",
+            format!("\"{format}\": one of {}", launch::EMITTED.join(" | ")),
+        )
+    })?;
+    let text = match input {
+        Some(p) => Some(read_text(p)?),
+        None => None,
+    };
+    let source = input.zip(text.as_deref()).and_then(|(p, t)| {
+        let format = launch::detect(&p.display().to_string(), t).ok()?;
+        Some(launch::Source { format, text: t })
+    });
+    launch::emit(f, source.as_ref(), spec).map_err(|e| bad(&format!("--emit {format}"), e))
+}
+
 /// What a launcher's file cannot say for itself: the model when its reference does not
 /// resolve, the GPU, and FSDP on several GPUs.
 fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides) -> Result<()> {

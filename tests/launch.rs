@@ -363,3 +363,106 @@ fn compare_and_fit_read_launchers_too() {
     assert_eq!(m * acc * 2, 20, "{best}");
     assert_eq!(best["seq_len"], 1536, "{best}");
 }
+
+/// `estimate FILE --emit X`, then `estimate` of what it wrote: the same plan. accelerate's
+/// file holds only processes, precision and sharding (the batch is on the script's
+/// command line it prints) and DeepSpeed's no sequence length, so for them the model and
+/// settings lines are compared.
+#[test]
+fn emitted_plans_read_back_the_same() {
+    let dir = std::env::temp_dir().join(format!("vramplan-emit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let qwen = "hf/trl_cli_example_config.yaml";
+    let cases: [(&str, &str, &[&str], &str); 9] = [
+        (qwen, "hf-args", &[], "yaml"),
+        ("hf/run_clm_gpt2.sh", "hf-args", &[], "sh"),
+        (qwen, "accelerate", &["--model", "qwen2.5-0.5b"], "yaml"),
+        (qwen, "deepspeed", &["--model", "qwen2.5-0.5b"], "json"),
+        (qwen, "torchtune", &[], "yaml"),
+        (qwen, "torchtitan", &["--model", "qwen2.5-0.5b"], "toml"),
+        (qwen, "axolotl", &[], "yml"),
+        (
+            "torchtune/llama3_8B_full_2024-06.yaml",
+            "torchtune",
+            &[],
+            "yaml",
+        ),
+        ("nanochat/seed002_d16_stable.sh", "nanochat", &[], "sh"),
+    ];
+    for (i, (file, format, back_args, ext)) in cases.into_iter().enumerate() {
+        let gpu = if format == "nanochat" {
+            "rtx5090d-32gb"
+        } else {
+            "a100-80gb"
+        };
+        let (_, before, _) = estimate(file, &["--gpu", gpu]);
+        let path = format!("{DIR}/{file}");
+        let o = vramplan(&["estimate", &path, "--gpu", gpu, "--emit", format]);
+        assert!(
+            o.status.success(),
+            "{file} → {format}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let out = dir.join(format!("plan{i}.{ext}"));
+        std::fs::write(&out, &o.stdout).unwrap();
+        let mut args = vec!["estimate", out.to_str().unwrap(), "--gpu", gpu];
+        args.extend_from_slice(back_args);
+        let back = vramplan(&args);
+        let text = String::from_utf8_lossy(&back.stdout);
+        let after: Vec<&str> = text.lines().take(3).collect();
+        let before: Vec<&str> = before.lines().collect();
+        let emitted = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            back.status.success(),
+            "{file} → {format}: {}\n{emitted}",
+            String::from_utf8_lossy(&back.stderr)
+        );
+        if format == "accelerate" || format == "deepspeed" {
+            assert_eq!(
+                (before[0], before[2]),
+                (after[0], after[2]),
+                "{file} → {format}\n{emitted}"
+            );
+        }
+        if format == "accelerate" {
+            assert!(emitted.contains("--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_length 1024"), "{emitted}");
+        } else if format != "deepspeed" {
+            assert_eq!(before, after, "{file} → {format}\n{emitted}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn emit_refuses_what_the_launcher_cannot_run() {
+    let path = format!("{DIR}/hf/run_clm_gpt2.sh");
+    let o = vramplan(&[
+        "estimate",
+        &path,
+        "--gpu",
+        "a100-80gb",
+        "--emit",
+        "nanochat",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("error: --emit nanochat: the plan's adamw, fp32"),
+        "{err}"
+    );
+    // A multi-GPU nanochat plan is the whole torchrun command.
+    let path = format!("{DIR}/nanochat/speedrun_base_train_d20.sh");
+    let o = vramplan(&[
+        "estimate",
+        &path,
+        "--gpu",
+        "h100-80gb",
+        "--emit",
+        "nanochat",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- \\\n    --depth=20 \\\n"), "{out}");
+}

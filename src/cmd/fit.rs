@@ -59,6 +59,10 @@ pub struct Args {
     /// Write the chosen plan as a run config that `estimate` and `train` accept.
     #[arg(long, value_name = "PLAN.toml")]
     pub out: Option<PathBuf>,
+    /// Print the chosen plan as this launcher's file or command line (over the --from
+    /// file's settings when it is in that format) instead of the table.
+    #[arg(long, value_name = "FORMAT", value_parser = crate::launch::EMITTED)]
+    pub emit: Option<String>,
     /// Draw the device peak against micro-batch for each mode, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
@@ -134,6 +138,10 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     }
     if let Some(p) = &a.plot {
         write_atomic(p, &render::svg::fit(&result))?;
+    }
+    if let Some(f) = &a.emit {
+        render::emit(&load::emit(f, a.from.as_deref(), &result.best.spec)?)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let text =
         Format::from_json_flag(a.json)

@@ -33,6 +33,33 @@ impl Format {
     }
 }
 
+/// The formats `--emit` writes.
+pub const EMITTED: [&str; 7] = [
+    "hf-args",
+    "accelerate",
+    "deepspeed",
+    "torchtune",
+    "torchtitan",
+    "axolotl",
+    "nanochat",
+];
+
+impl Format {
+    pub fn parse(name: &str) -> Option<Format> {
+        [
+            Format::HfArgs,
+            Format::Accelerate,
+            Format::DeepSpeed,
+            Format::Torchtune,
+            Format::Torchtitan,
+            Format::Axolotl,
+            Format::Nanochat,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
+}
+
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

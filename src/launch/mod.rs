@@ -14,12 +14,14 @@ mod args;
 mod axolotl;
 mod deepspeed;
 mod detect;
+mod emit;
 mod hf;
 mod nanochat;
 mod torchtitan;
 mod torchtune;
 
-pub use detect::{detect, Format};
+pub use detect::{detect, Format, EMITTED};
+pub use emit::{emit, Source};
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -21,6 +21,18 @@ const SIZES: &[(&str, [u64; 6])] = &[
     ("llama3_8b", [4096, 32, 32, 8, 14336, 128256]),
 ];
 
+/// The builder of a preset, for `--emit torchtune`.
+pub fn builder_of(preset: &str) -> Option<String> {
+    let (b, _) = BUILDERS.iter().find(|(_, p)| *p == preset)?;
+    let family = b.rsplit_once('_').map_or(*b, |(f, _)| f);
+    // llama3_2_1b → torchtune.models.llama3_2; qwen2_5_0_5b → torchtune.models.qwen2_5.
+    let family = match family {
+        "qwen2_5_0" => "qwen2_5",
+        f => f,
+    };
+    Some(format!("torchtune.models.{family}.{b}"))
+}
+
 fn builder_model(builder: &str) -> Option<RawModel> {
     if let Some((_, p)) = BUILDERS.iter().find(|(b, _)| *b == builder) {
         return Some(preset(p));
