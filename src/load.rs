@@ -174,6 +174,34 @@ pub fn emit(format: &str, input: Option<&Path>, spec: &RunSpec) -> Result<String
     launch::emit(f, source.as_ref(), spec).map_err(|e| bad(&format!("--emit {format}"), e))
 }
 
+/// `fit --emit FORMAT`: the fastest fitting candidate the launcher can run (fit may prefer
+/// a loss or checkpointing it has no setting for), in its format; the first refusal when
+/// none can run.
+pub fn emit_fit(
+    format: &str,
+    input: Option<&Path>,
+    r: &vramplan_planner::FitResult,
+) -> Result<String> {
+    let mut first = None;
+    for (i, c) in r.candidates.iter().filter(|c| c.fits).enumerate() {
+        match emit(format, input, &c.spec) {
+            Ok(text) => {
+                if i > 0 {
+                    let why = first
+                        .map(|e: anyhow::Error| e.to_string())
+                        .unwrap_or_default();
+                    eprintln!("note: fit's fastest plan cannot be written ({why}); this is the fastest {format} runs");
+                }
+                return Ok(text);
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(first.unwrap_or_else(|| bad("--emit", "no candidate fits the GPU")))
+}
+
 /// What a launcher's file cannot say for itself: the model when its reference does not
 /// resolve, the GPU, and FSDP on several GPUs.
 fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides) -> Result<()> {

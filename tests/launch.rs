@@ -466,3 +466,46 @@ fn emit_refuses_what_the_launcher_cannot_run() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- \\\n    --depth=20 \\\n"), "{out}");
 }
+
+/// Seed 004 through `fit --from ... --emit hf-args`: the fastest plan the Trainer can run
+/// (fit's fastest uses a chunked loss the script does not have, said on stderr), written
+/// over the seed's own command with its script's flags and sequence key kept; read back,
+/// it is the same plan and keeps the global batch of 64.
+#[test]
+fn fit_emits_the_fastest_plan_the_launcher_runs() {
+    let path = format!("{DIR}/hf/seed004_smollm2_135m.ps1");
+    let gpu = ["--gpu", "rtx4060-laptop-8gb"];
+    let o = vramplan(&["fit", "--from", &path, gpu[0], gpu[1], "--emit", "hf-args"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("note: fit's fastest plan cannot be written (--emit hf-args: the plan's loss = \"chunked\""), "{err}");
+    for kept in [
+        "python train_hw_parallel.py \\",
+        "--data_path smol-smoltalk-6k.json",
+        "--max_rounds 6",
+        "--model_max_length 1024",
+        "--fp16 true",
+        "--optim adamw_torch",
+    ] {
+        assert!(out.contains(kept), "{kept}: {out}");
+    }
+    let dir = std::env::temp_dir().join(format!("vramplan-fit-emit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.sh");
+    std::fs::write(&plan, out.as_bytes()).unwrap();
+    let back = vramplan(&["estimate", plan.to_str().unwrap(), gpu[0], gpu[1], "--json"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
+    let global = v["micro_batch"].as_u64().unwrap() * v["grad_accum"].as_u64().unwrap();
+    assert_eq!(global, 64, "{v}");
+    assert_eq!(v["seq_len"], 1024);
+    assert_eq!(v["fits"], true);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -140,7 +140,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         write_atomic(p, &render::svg::fit(&result))?;
     }
     if let Some(f) = &a.emit {
-        render::emit(&load::emit(f, a.from.as_deref(), &result.best.spec)?)?;
+        render::emit(&load::emit_fit(f, a.from.as_deref(), &result)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let text =

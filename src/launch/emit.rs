@@ -318,11 +318,12 @@ pub fn emit(format: Format, base: Option<&Source>, s: &RunSpec) -> Result<String
         (Format::DeepSpeed, Some(t)) => serde_json::from_str(t).map_err(|e| e.to_string())?,
         (_, Some(t)) => serde_norway::from_str(t).map_err(|e| e.to_string())?,
     };
-    if format == Format::HfArgs {
-        rename_seq_key(&mut tree);
-    }
+    let input = tree.clone();
     for (path, put) in rows(format) {
         set(&mut tree, path, put(s)?);
+    }
+    if format == Format::HfArgs {
+        keep_seq_key(&mut tree, &input);
     }
     if tree.get("model_name_or_path").is_none() && format == Format::HfArgs {
         set(
@@ -347,13 +348,17 @@ pub fn emit(format: Format, base: Option<&Source>, s: &RunSpec) -> Result<String
     Ok(format!("{}{text}", launch_comment(format, s)))
 }
 
-/// Hugging Face's sequence key: the one the input used, else `max_length`.
-fn rename_seq_key(tree: &mut Value) {
+/// Hugging Face's sequence key: the one the input used (scripts define their own:
+/// `block_size`, `model_max_length`), else `max_length`; `max_length` is what HF's row
+/// wrote.
+fn keep_seq_key(tree: &mut Value, input: &Value) {
+    let keys = ["max_seq_length", "block_size", "model_max_length"];
+    let Some(k) = keys.iter().find(|k| input.get(**k).is_some()) else {
+        return;
+    };
     if let Some(m) = tree.as_object_mut() {
-        for k in ["max_seq_length", "block_size", "model_max_length"] {
-            if let Some(v) = m.remove(k) {
-                m.insert("max_length".into(), v);
-            }
+        if let Some(v) = m.remove("max_length") {
+            m.insert(k.to_string(), v);
         }
     }
 }
@@ -387,11 +392,12 @@ fn emit_command(format: Format, base: Option<&str>, s: &RunSpec) -> Result<Strin
         None => ("train.py".to_string(), Default::default()),
     };
     let mut tree = Value::Object(std::mem::take(&mut flags));
-    if format == Format::HfArgs {
-        rename_seq_key(&mut tree);
-    }
+    let input = tree.clone();
     for (path, put) in rows(format) {
         set(&mut tree, path, put(s)?);
+    }
+    if format == Format::HfArgs {
+        keep_seq_key(&mut tree, &input);
     }
     if format == Format::Nanochat {
         if let Some(depth) = s.model.name.strip_prefix("nanochat-d") {
