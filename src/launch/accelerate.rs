@@ -6,7 +6,7 @@
 use super::deepspeed;
 use super::*;
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     ("distributed_type", Rule::Set(set_distributed)),
     (
         "num_processes",

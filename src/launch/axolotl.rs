@@ -8,7 +8,7 @@
 use super::deepspeed;
 use super::*;
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     (
         "base_model",
         Rule::Set(|d, v, c| set_hub_model(d, "base_model", v, c)),

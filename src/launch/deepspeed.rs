@@ -9,7 +9,7 @@
 
 use super::*;
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     (
         "train_micro_batch_size_per_gpu",
         Rule::Set(|d, v, _| auto_or(v, |n| d.micro_batch = Some(n))),

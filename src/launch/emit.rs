@@ -450,3 +450,39 @@ fn quote_word(s: &str) -> String {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn set_creates_tables_and_removes_keys() {
+        let mut t = json!({"optimizer": {"fused": true, "lr": 1}});
+        set(&mut t, "optimizer.fused", None);
+        set(&mut t, "training.seq_len", Some(json!(2048)));
+        assert_eq!(
+            t,
+            json!({"optimizer": {"lr": 1}, "training": {"seq_len": 2048}})
+        );
+    }
+
+    #[test]
+    fn the_inputs_sequence_key_is_kept() {
+        let input = json!({"block_size": 512});
+        let mut t = json!({"max_length": 1024});
+        keep_seq_key(&mut t, &input);
+        assert_eq!(t, json!({"block_size": 1024}));
+        let mut t = json!({"max_length": 1024});
+        keep_seq_key(&mut t, &json!({}));
+        assert_eq!(t, json!({"max_length": 1024}));
+    }
+
+    #[test]
+    fn command_words_are_quoted_for_the_shell() {
+        assert_eq!(quote_word("Qwen/Qwen2-0.5B"), "Qwen/Qwen2-0.5B");
+        assert_eq!(quote_word("<|im_end|>"), "'<|im_end|>'");
+        assert_eq!(quote_word("it's"), "'it'\\''s'");
+        assert_eq!(quote_word(""), "''");
+    }
+}

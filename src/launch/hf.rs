@@ -7,7 +7,7 @@ use super::args;
 use super::deepspeed;
 use super::*;
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     (
         "model_name_or_path",
         Rule::Set(|d, v, c| set_hub_model(d, "model_name_or_path", v, c)),

@@ -512,6 +512,28 @@ mod tests {
         assert_eq!(keys, ["a.b", "a.c", "d"]);
     }
 
+    /// A row after a wildcard that covers it would never be read.
+    #[test]
+    fn no_row_is_shadowed_by_an_earlier_one() {
+        let tables: [(&str, &[Row]); 7] = [
+            ("hf", hf::TABLE),
+            ("accelerate", accelerate::TABLE),
+            ("deepspeed", deepspeed::TABLE),
+            ("torchtune", torchtune::TABLE),
+            ("torchtitan", torchtitan::TABLE),
+            ("axolotl", axolotl::TABLE),
+            ("nanochat", nanochat::TABLE),
+        ];
+        for (name, table) in tables {
+            for (i, (key, _)) in table.iter().enumerate() {
+                let probe = key.strip_suffix(".*").unwrap_or(key);
+                if let Some((earlier, _)) = table[..i].iter().find(|(p, _)| matches(p, probe)) {
+                    panic!("{name}: {key} is shadowed by {earlier}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn patterns_match_the_key_and_what_is_under_it() {
         assert!(matches("profiler.*", "profiler.enabled"));

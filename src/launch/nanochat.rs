@@ -10,7 +10,7 @@ use super::args;
 use super::*;
 use vramplan_planner::RawModel;
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     ("depth", Rule::Set(|d, v, _| keep(d, "depth", v))),
     (
         "aspect_ratio",

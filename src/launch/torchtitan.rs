@@ -48,7 +48,7 @@ fn flavor(name: &str) -> Option<RawModel> {
     })
 }
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     (
         "model.name",
         Rule::Set(|_, v, _| {

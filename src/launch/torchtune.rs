@@ -53,7 +53,7 @@ fn builder_model(builder: &str) -> Option<RawModel> {
     })
 }
 
-const TABLE: &[Row] = &[
+pub(super) const TABLE: &[Row] = &[
     ("model._component_", Rule::Set(set_model)),
     ("model.lora_attn_modules", Rule::Waits("lora")),
     ("model.lora_rank", Rule::Waits("lora")),
