@@ -2,6 +2,7 @@
 //! presets, host memory and NVML: the I/O the planner leaves to its caller.
 
 use crate::exit::bad;
+use crate::launch;
 use crate::nvml;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// Parses and resolves a config text; `name` is what errors call the file, `dir` where
 /// relative `hf_config` paths start.
+#[cfg_attr(not(feature = "engine"), allow(dead_code))]
 pub fn resolve_text(env: &Env, name: &str, text: &str, dir: &Path) -> Result<Loaded> {
     let raw = RawConfig::from_toml(text).map_err(|e| bad(name, e))?;
     resolve_raw(env, name, raw, dir)
@@ -76,12 +78,171 @@ pub fn resolve_raw(env: &Env, name: &str, raw: RawConfig, dir: &Path) -> Result<
 }
 
 pub fn load(env: &Env, path: Option<&Path>) -> Result<Loaded> {
+    load_with(env, path, &Overrides::default())
+}
+
+/// Flags that replace what a config file says (`--model`, `--gpu`, `--gpus`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub model: Option<String>,
+    pub gpu: Option<String>,
+    pub gpus: Option<u64>,
+}
+
+/// `--model`, `--gpu` and `--gpus` for commands that read a config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OverrideArgs {
+    /// The model, replacing the file's (a preset or a Hugging Face config.json); needed
+    /// when a launcher's file names none vramplan knows.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The GPU (a preset, "auto" or "cpu"), replacing the file's; launchers' files name none.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// GPUs, replacing the file's (launchers take it from their command line).
+    #[arg(long)]
+    pub gpus: Option<u64>,
+}
+
+impl OverrideArgs {
+    pub fn get(&self) -> Overrides {
+        Overrides {
+            model: self.model.clone(),
+            gpu: self.gpu.clone(),
+            gpus: self.gpus,
+        }
+    }
+}
+
+impl Overrides {
+    fn apply(&self, raw: &mut RawConfig) {
+        if let Some(m) = &self.model {
+            raw.model = model_arg(m);
+        }
+        if let Some(g) = &self.gpu {
+            raw.hardware.gpu = Some(g.clone());
+        }
+        if let Some(n) = self.gpus {
+            raw.hardware.gpus = Some(n);
+        }
+    }
+}
+
+/// A config file in any format (`docs/launchers.md`), with `ov` applied: its name, the
+/// run as written, and the folder its relative paths start from.
+pub fn load_raw(env: &Env, path: &Path, ov: &Overrides) -> Result<(String, RawConfig, PathBuf)> {
+    let text = read_text(path)?;
+    let name = path.display().to_string();
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let format = launch::detect(&name, &text).map_err(|e| bad(&name, e))?;
+    if format == launch::Format::Vramplan {
+        let mut raw = RawConfig::from_toml(&text).map_err(|e| bad(&name, e))?;
+        ov.apply(&mut raw);
+        return Ok((name, raw, dir));
+    }
+    let presets = env.presets()?;
+    let ctx = launch::Ctx {
+        dir: &dir,
+        presets: &presets,
+    };
+    let l = launch::read(format, &text, &ctx).map_err(|e| bad(&name, e))?;
+    if let Some(w) = l.warning(&name) {
+        eprintln!("{w}");
+    }
+    let mut raw = l.raw.clone();
+    ov.apply(&mut raw);
+    check_launch(&name, &l, &raw, ov)?;
+    Ok((name, raw, dir))
+}
+
+/// `--emit FORMAT`: the plan `spec` in that format, over `input` where it is in it.
+pub fn emit(format: &str, input: Option<&Path>, spec: &RunSpec) -> Result<String> {
+    let f = launch::Format::parse(format).ok_or_else(|| {
+        bad(
+            "--emit",
+            format!("\"{format}\": one of {}", launch::EMITTED.join(" | ")),
+        )
+    })?;
+    let text = match input {
+        Some(p) => Some(read_text(p)?),
+        None => None,
+    };
+    let source = input.zip(text.as_deref()).and_then(|(p, t)| {
+        let format = launch::detect(&p.display().to_string(), t).ok()?;
+        Some(launch::Source { format, text: t })
+    });
+    launch::emit(f, source.as_ref(), spec).map_err(|e| bad(&format!("--emit {format}"), e))
+}
+
+/// `fit --emit FORMAT`: the fastest fitting candidate the launcher can run (fit may prefer
+/// a loss or checkpointing it has no setting for), in its format; the first refusal when
+/// none can run.
+pub fn emit_fit(
+    format: &str,
+    input: Option<&Path>,
+    r: &vramplan_planner::FitResult,
+) -> Result<String> {
+    let mut first = None;
+    for (i, c) in r.candidates.iter().filter(|c| c.fits).enumerate() {
+        match emit(format, input, &c.spec) {
+            Ok(text) => {
+                if i > 0 {
+                    let why = first
+                        .map(|e: anyhow::Error| e.to_string())
+                        .unwrap_or_default();
+                    eprintln!("note: fit's fastest plan cannot be written ({why}); this is the fastest {format} runs");
+                }
+                return Ok(text);
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(first.unwrap_or_else(|| bad("--emit", "no candidate fits the GPU")))
+}
+
+/// What a launcher's file cannot say for itself: the model when its reference does not
+/// resolve, the GPU, and FSDP on several GPUs.
+fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides) -> Result<()> {
+    let pass = "pass --model PRESET (see `vramplan models`) or --model path/to/config.json";
+    if !l.model_resolved && ov.model.is_none() {
+        return Err(bad(
+            name,
+            match &l.model_ref {
+                Some(r) => {
+                    format!("{r}: no vramplan preset or local config.json of that name; {pass}")
+                }
+                None => format!("the {} config names no model; {pass}", l.format),
+            },
+        ));
+    }
+    if raw.hardware.gpu.is_none() {
+        return Err(bad(
+            name,
+            format!("the {} config names no GPU; pass --gpu PRESET (see `vramplan gpus`), --gpu auto or --gpu cpu", l.format),
+        ));
+    }
+    let gpus = raw.hardware.gpus.unwrap_or(1);
+    if l.fsdp && gpus > 1 {
+        return Err(bad(
+            name,
+            format!("on {gpus} GPUs {} shards with FSDP, which changes memory and is not modelled yet (waits for vramplan's fsdp2)", l.format),
+        ));
+    }
+    Ok(())
+}
+
+pub fn load_with(env: &Env, path: Option<&Path>, ov: &Overrides) -> Result<Loaded> {
     match path {
-        None => resolve_text(env, DEFAULT_NAME, DEFAULT_CONFIG, Path::new(".")),
+        None => {
+            let mut raw = RawConfig::from_toml(DEFAULT_CONFIG).map_err(|e| bad(DEFAULT_NAME, e))?;
+            ov.apply(&mut raw);
+            resolve_raw(env, DEFAULT_NAME, raw, Path::new("."))
+        }
         Some(p) => {
-            let text = read_text(p)?;
-            let dir = p.parent().unwrap_or(Path::new("."));
-            resolve_text(env, &p.display().to_string(), &text, dir)
+            let (name, raw, dir) = load_raw(env, p, ov)?;
+            resolve_raw(env, &name, raw, &dir)
         }
     }
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod cmd;
 mod exit;
+mod launch;
 mod load;
 mod nvml;
 mod render;

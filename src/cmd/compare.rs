@@ -1,4 +1,4 @@
-//! `vramplan compare a.toml b.toml [--json]`
+//! `vramplan compare A B [--json]`: either file in any format `estimate` reads.
 
 use crate::load::{self, Env};
 use crate::render::{self, Format};
@@ -12,6 +12,8 @@ pub struct Args {
     pub a: PathBuf,
     /// The second run config (e.g. the stable one).
     pub b: PathBuf,
+    #[command(flatten)]
+    pub over: load::OverrideArgs,
     #[arg(long)]
     pub json: bool,
     /// Draw both steps' memory over time on one scale, as SVG.
@@ -20,8 +22,9 @@ pub struct Args {
 }
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
-    let la = load::load(env, Some(&a.a))?;
-    let lb = load::load(env, Some(&a.b))?;
+    let over = a.over.get();
+    let la = load::load_with(env, Some(&a.a), &over)?;
+    let lb = load::load_with(env, Some(&a.b), &over)?;
     let ra = vramplan_planner::estimate(&la.spec);
     let rb = vramplan_planner::estimate(&lb.spec);
     let cmp = vramplan_planner::compare(&la.spec, &ra, &lb.spec, &rb);

@@ -4,7 +4,7 @@ use crate::exit::bad;
 use crate::load::{self, Env};
 use crate::render::{self, Format};
 use anyhow::Result;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use vramplan::write_atomic;
 use vramplan_planner::{
@@ -13,12 +13,16 @@ use vramplan_planner::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Take the run from a config file in any format `estimate` reads (docs/launchers.md):
+    /// its model, sequence length, global batch and settings; the flags below override.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
     /// GPU preset (see `vramplan gpus`), "auto" (NVML device 0) or "cpu".
-    #[arg(long)]
-    pub gpu: String,
+    #[arg(long, required_unless_present = "from")]
+    pub gpu: Option<String>,
     /// Model preset (see `vramplan models`) or a Hugging Face config.json.
-    #[arg(long)]
-    pub model: String,
+    #[arg(long, required_unless_present = "from")]
+    pub model: Option<String>,
     /// Fix the sequence length (otherwise the longest that fits is chosen).
     #[arg(long)]
     pub seq_len: Option<u64>,
@@ -28,19 +32,24 @@ pub struct Args {
     /// Tokens per optimizer step over all GPUs, kept through accumulation.
     #[arg(long)]
     pub global_batch_tokens: Option<u64>,
-    #[arg(long, default_value = "bf16-autocast")]
-    pub precision: String,
+    /// Default: bf16-autocast (or the --from file's).
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Default: adamw (muon for nanochat).
     #[arg(long)]
     pub optimizer: Option<String>,
-    #[arg(long, default_value = "sdpa")]
-    pub attention: String,
-    #[arg(long, default_value = "torch")]
-    pub engine: String,
-    #[arg(long, default_value_t = 1)]
-    pub gpus: u64,
-    #[arg(long, default_value = "ddp")]
-    pub sharding: String,
+    /// Default: sdpa (or the --from file's).
+    #[arg(long)]
+    pub attention: Option<String>,
+    /// Default: torch (or the --from file's).
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Default: 1 (or the --from file's).
+    #[arg(long)]
+    pub gpus: Option<u64>,
+    /// Default: ddp (or the --from file's).
+    #[arg(long)]
+    pub sharding: Option<String>,
     /// Memory to keep free, as a percentage ("10%") or a fraction ("0.1").
     #[arg(long, default_value = "10%")]
     pub margin: String,
@@ -50,6 +59,10 @@ pub struct Args {
     /// Write the chosen plan as a run config that `estimate` and `train` accept.
     #[arg(long, value_name = "PLAN.toml")]
     pub out: Option<PathBuf>,
+    /// Print the chosen plan as this launcher's file or command line (over the --from
+    /// file's settings when it is in that format) instead of the table.
+    #[arg(long, value_name = "FORMAT", value_parser = crate::launch::EMITTED)]
+    pub emit: Option<String>,
     /// Draw the device peak against micro-batch for each mode, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
@@ -93,41 +106,31 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     count_flag("--seq-len", a.seq_len, MAX_DIM)?;
     count_flag("--global-batch", a.global_batch, MAX_COUNT)?;
     count_flag("--global-batch-tokens", a.global_batch_tokens, MAX_TOKENS)?;
-    count_flag("--gpus", Some(a.gpus), 1024)?;
-    let model = load::model_arg(&a.model);
-    let raw = RawConfig {
-        model,
-        train: RawTrain {
-            seq_len: a.seq_len.or(Some(1024)),
-            precision: Some(a.precision.clone()),
-            optimizer: a.optimizer.clone(),
-            attention: Some(a.attention.clone()),
-            engine: Some(a.engine.clone()),
-            ..RawTrain::default()
-        },
-        hardware: RawHardware {
-            gpu: Some(a.gpu.clone()),
-            gpus: Some(a.gpus),
-            sharding: Some(a.sharding.clone()),
-            memory_gib: None,
-        },
+    count_flag("--gpus", a.gpus, 1024)?;
+    let (name, raw, dir) = base_run(env, &a)?;
+    let loaded = load::resolve_raw(env, &name, raw.clone(), &dir)?;
+    let t = &loaded.spec.train;
+    let from_file = (
+        t.micro_batch * t.grad_accum * loaded.spec.hardware.gpus,
+        t.seq_len,
+    );
+    let global = match (a.global_batch, a.global_batch_tokens, &a.from) {
+        (Some(g), _, _) => GlobalBatch::Sequences(g),
+        (None, Some(t), _) => GlobalBatch::Tokens(t),
+        (None, None, Some(_)) => GlobalBatch::Sequences(from_file.0),
+        (None, None, None) => GlobalBatch::Free,
     };
-    let loaded = load::resolve_raw(env, "command line", raw.clone(), Path::new("."))?;
-    let global = match (a.global_batch, a.global_batch_tokens) {
-        (Some(g), _) => GlobalBatch::Sequences(g),
-        (None, Some(t)) => GlobalBatch::Tokens(t),
-        (None, None) => GlobalBatch::Free,
-    };
+    let seq_len = a.seq_len.or(a.from.as_ref().map(|_| from_file.1));
     let req = FitRequest {
         base: loaded.spec,
-        seq_len: a.seq_len,
+        seq_len,
         global,
         margin,
         allow_fused: a.allow_fused,
     };
     let result = fit(&req).map_err(|e| match e {
         vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
-        e => bad("command line", e),
+        e => bad(&name, e),
     })?;
     let plan = plan_toml(&result, &raw)?;
     if let Some(out) = &a.out {
@@ -136,12 +139,60 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     if let Some(p) = &a.plot {
         write_atomic(p, &render::svg::fit(&result))?;
     }
+    if let Some(f) = &a.emit {
+        render::emit(&load::emit_fit(f, a.from.as_deref(), &result)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let text =
         Format::from_json_flag(a.json)
             .renderer()
             .fit(&result, &plan, a.top, a.out.as_deref())?;
     render::emit(&text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run before the search: the --from file's with the flags over it, or the flags
+/// alone; its name for errors and the folder its relative paths start from.
+fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
+    let over = load::Overrides {
+        model: a.model.clone(),
+        gpu: a.gpu.clone(),
+        gpus: a.gpus,
+    };
+    let (name, mut raw, dir) = match &a.from {
+        Some(f) => load::load_raw(env, f, &over)?,
+        None => {
+            let raw = RawConfig {
+                model: load::model_arg(a.model.as_deref().unwrap_or_default()),
+                train: RawTrain {
+                    seq_len: a.seq_len.or(Some(1024)),
+                    ..RawTrain::default()
+                },
+                hardware: RawHardware {
+                    gpu: a.gpu.clone(),
+                    gpus: Some(a.gpus.unwrap_or(1)),
+                    ..RawHardware::default()
+                },
+            };
+            ("command line".to_string(), raw, PathBuf::from("."))
+        }
+    };
+    let flag = |v: &Option<String>, d: &str, file: &Option<String>| match (v, &a.from) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(_)) => file.clone(),
+        (None, None) => Some(d.to_string()),
+    };
+    let t = &mut raw.train;
+    t.precision = flag(&a.precision, "bf16-autocast", &t.precision);
+    t.attention = flag(&a.attention, "sdpa", &t.attention);
+    t.engine = flag(&a.engine, "torch", &t.engine);
+    t.optimizer = a.optimizer.clone().or(t.optimizer.take());
+    if let Some(s) = a.seq_len {
+        t.seq_len = Some(s);
+    }
+    let h = &mut raw.hardware;
+    h.sharding = flag(&a.sharding, "ddp", &h.sharding);
+    Ok((name, raw, dir))
 }
 
 fn plan_toml(r: &vramplan_planner::FitResult, raw: &RawConfig) -> Result<String> {

@@ -1,0 +1,210 @@
+//! A DeepSpeed config JSON (`ds_config.json`): ZeRO stage, offload, precision, micro-batch
+//! and accumulation. The GPU count is the launcher's (`deepspeed --num_gpus N`), so it is
+//! derived from `train_batch_size = micro × accumulation × GPUs` where all three are given.
+//! `"auto"` leaves a value to the Hugging Face Trainer or accelerate that passes the file.
+//!
+//! DeepSpeed's `bf16`/`fp16` modes keep 16-bit weights beside fp32 master copies in the
+//! optimizer, unlike autocast over fp32 weights; its default `Adam`/`AdamW` is the fused
+//! multi-tensor `FusedAdam` unless `torch_adam` is set (`deepspeed/ops/adam/fused_adam.py`).
+
+use super::*;
+
+pub(super) const TABLE: &[Row] = &[
+    (
+        "train_micro_batch_size_per_gpu",
+        Rule::Set(|d, v, _| auto_or(v, |n| d.micro_batch = Some(n))),
+    ),
+    (
+        "gradient_accumulation_steps",
+        Rule::Set(|d, v, _| auto_or(v, |n| d.grad_accum = Some(n))),
+    ),
+    (
+        "train_batch_size",
+        Rule::Set(|d, v, _| auto_or(v, |n| d.global_batch = Some(n))),
+    ),
+    ("fp16.enabled", Rule::Set(|d, v, _| mode(d, v))),
+    ("bf16.enabled", Rule::Set(|d, v, _| mode(d, v))),
+    ("fp16.*", Rule::Ignore),
+    ("bf16.*", Rule::Ignore),
+    ("zero_optimization.stage", Rule::Set(set_stage)),
+    (
+        "zero_optimization.offload_optimizer.device",
+        Rule::Set(offload),
+    ),
+    ("zero_optimization.offload_param.device", Rule::Set(offload)),
+    ("zero_optimization.offload_optimizer.*", Rule::Ignore),
+    ("zero_optimization.offload_param.*", Rule::Ignore),
+    (
+        "zero_optimization.cpu_offload",
+        Rule::Unmodelled("ZeRO-Offload moves the optimizer state to the host"),
+    ),
+    // Communication buckets: DeepSpeed's buffers, outside vramplan's ZeRO inventory.
+    ("zero_optimization.*", Rule::Ignore),
+    (
+        "optimizer.type",
+        Rule::Set(|d, v, _| keep(d, "optimizer.type", v)),
+    ),
+    (
+        "optimizer.params.torch_adam",
+        Rule::Set(|d, v, _| keep(d, "torch_adam", v)),
+    ),
+    ("optimizer.params.*", Rule::Ignore),
+    ("scheduler.*", Rule::Ignore),
+    (
+        "activation_checkpointing.partition_activations",
+        Rule::Unmodelled("activation partitioning across model-parallel ranks"),
+    ),
+    (
+        "activation_checkpointing.cpu_checkpointing",
+        Rule::Unmodelled("checkpoints kept on the host"),
+    ),
+    ("activation_checkpointing.*", Rule::Ignore),
+    ("amp.enabled", Rule::Unmodelled("apex AMP")),
+    (
+        "data_types.grad_accum_dtype",
+        Rule::Unmodelled("a gradient accumulation dtype of its own"),
+    ),
+    ("gradient_clipping", Rule::Ignore),
+    ("steps_per_print", Rule::Ignore),
+    ("wall_clock_breakdown", Rule::Ignore),
+    ("prescale_gradients", Rule::Ignore),
+    ("gradient_predivide_factor", Rule::Ignore),
+    ("zero_allow_untested_optimizer", Rule::Ignore),
+    ("flops_profiler.*", Rule::Ignore),
+    ("tensorboard.*", Rule::Ignore),
+    ("wandb.*", Rule::Ignore),
+    ("csv_monitor.*", Rule::Ignore),
+    ("comms_logger.*", Rule::Ignore),
+    ("autotuning.*", Rule::Ignore),
+];
+
+fn auto_or(v: &Value, set: impl FnOnce(u64)) -> Result<(), Refusal> {
+    if v.as_str() != Some("auto") {
+        set(count(v).map_err(|_| Refusal::Bad("a whole number above 0, or \"auto\"".into()))?);
+    }
+    Ok(())
+}
+
+fn keep(d: &mut Draft, key: &str, v: &Value) -> Result<(), Refusal> {
+    d.extra.push((key.to_string(), v.clone()));
+    Ok(())
+}
+
+/// `fp16.enabled` / `bf16.enabled`: true is DeepSpeed's 16-bit mode; "auto" follows the
+/// caller's mixed precision, which then is that mode too.
+fn mode(d: &mut Draft, v: &Value) -> Result<(), Refusal> {
+    if v.as_str() == Some("auto") {
+        return keep(d, "precision auto", v);
+    }
+    if flag(v)? {
+        return Err(Refusal::Waits("bf16-mixed"));
+    }
+    Ok(())
+}
+
+fn set_stage(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    let s = pick(
+        v,
+        &[("0", "ddp"), ("1", "zero1"), ("2", "zero2"), ("3", "zero3")],
+    )?;
+    d.sharding = Some(s.into());
+    Ok(())
+}
+
+fn offload(_: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    match pick(v, &[("none", false), ("cpu", true), ("nvme", true)])? {
+        true => Err(Refusal::Unmodelled(
+            "ZeRO-Offload keeps this state on the host".into(),
+        )),
+        false => Ok(()),
+    }
+}
+
+/// The JSON behind `v`: a dict, or a path (relative to the file that names it).
+fn json_of(v: &Value, ctx: &Ctx, key: &str) -> Result<(Value, String), String> {
+    match v {
+        Value::Object(_) => Ok((v.clone(), key.to_string())),
+        Value::String(p) => {
+            let path = ctx.dir.join(p);
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{key} = \"{p}\": cannot read {name}: {e}"))?;
+            let v = serde_json::from_str(&text)
+                .map_err(|e| format!("{key} = \"{p}\": not valid JSON ({e})"))?;
+            Ok((v, p.clone()))
+        }
+        _ => Err(format!(
+            "{key} = {}: a DeepSpeed config path or dict",
+            show(v)
+        )),
+    }
+}
+
+/// Reads a DeepSpeed config named by another launcher's key into `d`; its keys' outcome
+/// comes back prefixed with the key.
+pub fn merge(v: &Value, d: &mut Draft, ctx: &Ctx, key: &str) -> Result<Applied, String> {
+    let (json, name) = json_of(v, ctx, key)?;
+    let applied = apply(TABLE, &[], &flatten(&json), d, ctx).map_err(|e| format!("{name}: {e}"))?;
+    settle(d).map_err(|e| format!("{name}: {e}"))?;
+    let tag = |k: String| format!("{key}:{k}");
+    Ok(Applied {
+        ignored: applied.ignored.into_iter().map(tag).collect(),
+        unknown: applied.unknown.into_iter().map(tag).collect(),
+    })
+}
+
+/// The optimizer, precision and batch arithmetic once every key is read.
+fn settle(d: &mut Draft) -> Result<(), String> {
+    if d.extra("precision auto").is_some() && d.precision.is_some() {
+        let r = Refusal::Waits("bf16-mixed");
+        return Err(refusal_text("bf16.enabled", &Value::from("auto"), &r));
+    }
+    if let Some(t) = d.extra("optimizer.type").cloned() {
+        let torch = d.extra("torch_adam").is_some_and(on);
+        match text(&t).unwrap_or_default().to_ascii_lowercase().as_str() {
+            "adam" | "adamw" if torch => d.optimizer = Some("adamw".into()),
+            "adam" | "adamw" => {
+                let r = Refusal::Waits("adamw-fused");
+                return Err(refusal_text("optimizer.type", &t, &r));
+            }
+            _ => {
+                let r = Refusal::Unmodelled("only Adam/AdamW with torch_adam are modelled".into());
+                return Err(refusal_text("optimizer.type", &t, &r));
+            }
+        }
+    }
+    if let (Some(g), Some(m)) = (d.global_batch, d.micro_batch) {
+        match (d.grad_accum, d.gpus) {
+            (Some(a), None) if g.is_multiple_of(m * a) => d.gpus = Some(g / (m * a)),
+            (Some(a), None) => {
+                return Err(format!(
+                    "train_batch_size = {g}: a multiple of micro-batch × accumulation = {}",
+                    m * a
+                ))
+            }
+            (None, _) => {
+                d.grad_accum = Some(d.accum_for(g, "train_batch_size").map_err(|r| match r {
+                    Refusal::Bad(s) => s,
+                    other => format!("{other:?}"),
+                })?)
+            }
+            (Some(_), Some(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
+    let json: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let mut d = Draft::default();
+    let applied = apply(TABLE, &[], &flatten(&json), &mut d, ctx)?;
+    settle(&mut d)?;
+    // Neither fp16 nor bf16 enabled: DeepSpeed trains in fp32.
+    d.precision.get_or_insert("fp32".into());
+    if d.micro_batch.is_none() {
+        d.assumed.push(
+            "micro-batch 1 (train_micro_batch_size_per_gpu is \"auto\": the Trainer's)".into(),
+        );
+    }
+    Ok(finish(Format::DeepSpeed, d, applied))
+}

@@ -1,0 +1,3 @@
+# speedrun.sh (October 2025): supervised finetuning
+# From https://github.com/karpathy/nanochat/blob/fe5aed940baefa7c5d1ca9b27d3c68e1f5e52a8c/speedrun.sh#L116
+torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=$WANDB_RUN

@@ -1,0 +1,511 @@
+//! Launchers' own configs (tests/data/launch, each file from its project's repository; see
+//! the README there): the RunSpec each becomes, printed as `estimate`'s three summary
+//! lines (model and GPUs; micro-batch, sequence, accumulation; precision, optimizer,
+//! checkpointing, loss, attention, sharding), the one warning line, and the one error
+//! line with exit code 2 for what is not modelled.
+
+use crate::cli::vramplan;
+
+const DIR: &str = "tests/data/launch";
+
+/// `estimate FILE ARGS`: (exit code, stdout's first three lines, stderr).
+fn estimate(file: &str, args: &[&str]) -> (i32, String, String) {
+    let path = format!("{DIR}/{file}");
+    let mut all = vec!["estimate", path.as_str()];
+    all.extend_from_slice(args);
+    let o = vramplan(&all);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let head: Vec<&str> = out.lines().take(3).collect();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    (o.status.code().unwrap_or(-1), head.join("\n"), err)
+}
+
+/// A config that plans: its summary, and (part of) its warning line.
+fn plans(file: &str, args: &[&str], summary: &str, warning: &str) {
+    let (code, head, err) = estimate(file, args);
+    assert_eq!(code, 0, "{file}: {err}");
+    assert_eq!(head, summary, "{file}");
+    assert_eq!(
+        err.lines().count(),
+        usize::from(!warning.is_empty()),
+        "{file}: {err}"
+    );
+    assert!(err.contains(warning), "{file}: {err}");
+    if !warning.is_empty() {
+        assert!(
+            err.starts_with(&format!("warning: {DIR}/{file} (")),
+            "{err}"
+        );
+    }
+}
+
+/// A config refused: exit 2 and one line, `error: FILE: ...` containing `what`.
+fn refused(file: &str, args: &[&str], what: &str) {
+    let (code, head, err) = estimate(file, args);
+    assert_eq!(code, 2, "{file}: {head} {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with(&format!("error: {DIR}/{file}: ")), "{err}");
+    assert!(last.contains(what), "{file}: {last}");
+}
+
+const A100: &[&str] = &["--gpu", "a100-80gb"];
+
+fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = A100.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn hf_training_arguments_dicts_and_command_lines() {
+    plans(
+        "hf/alignment-handbook_smollm2_sft.yaml",
+        A100,
+        "smollm2-1.7b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 4 × seq 8192 × accumulation 4 × 1 GPU(s) = 131072 tokens per step\n\
+         bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
+        "assumed: optimizer adamw (foreach): optim is not set and transformers 5 defaults to the fused AdamW",
+    );
+    plans(
+        "hf/run_clm_gpt2.sh",
+        A100,
+        "gpt2 on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 8 × seq 1024 × accumulation 1 × 1 GPU(s) = 8192 tokens per step\n\
+         fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "not modelled, no effect on GPU memory: dataset_config_name, dataset_name, do_eval, do_train, output_dir, per_device_eval_batch_size; assumed: optimizer adamw (foreach): optim is not set",
+    );
+    // Seed 004's PowerShell command: fp16, 1024 tokens, batch 1 × 64, checkpointing.
+    plans(
+        "hf/seed004_smollm2_135m.ps1",
+        &["--gpu", "rtx4060-laptop-8gb"],
+        "smollm2-135m on 1 × rtx4060-laptop-8gb (GeForce RTX 4060 Laptop 8 GB), torch engine\n\
+         micro-batch 1 × seq 1024 × accumulation 64 × 1 GPU(s) = 65536 tokens per step\n\
+         fp16-autocast, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
+        "unknown to vramplan, not read: data_path, max_rounds",
+    );
+    plans(
+        "hf/trl_cli_example_config.yaml",
+        A100,
+        "qwen2.5-0.5b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 1 × seq 1024 × accumulation 1 × 1 GPU(s) = 1024 tokens per step\n\
+         fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "dataset_name, learning_rate, lr_scheduler_type, report_to",
+    );
+    // Qwen2-0.5B has no preset: one line saying what to pass, then --model.
+    refused(
+        "hf/trl_sft_full.sh",
+        A100,
+        "model_name_or_path = \"Qwen/Qwen2-0.5B\": no vramplan preset or local config.json of that name; pass --model PRESET",
+    );
+    plans(
+        "hf/trl_sft_full.sh",
+        &with(&["--model", "tests/data/hf/qwen2.5-0.5b-config.json"]),
+        "qwen2 (config.json) on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 2 × seq 1024 × accumulation 8 × 1 GPU(s) = 16384 tokens per step\n\
+         fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "packing, push_to_hub",
+    );
+    refused(
+        "hf/trl_sft_lora.sh",
+        A100,
+        "lora_alpha = \"16\", lora_r = \"32\", use_peft = true change memory and are not modelled yet (waits for vramplan's lora)",
+    );
+}
+
+#[test]
+fn accelerate_configs() {
+    plans(
+        "accelerate/multi_gpu.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "smollm2-360m on 2 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 1 × seq 2048 × accumulation 1 × 2 GPU(s) = 4096 tokens per step\n\
+         bf16-autocast, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "assumed: micro-batch, sequence length and accumulation: the script's",
+    );
+    plans(
+        "accelerate/trl_single_gpu.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "smollm2-360m on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 1 × seq 2048 × accumulation 1 × 1 GPU(s) = 2048 tokens per step\n\
+         bf16-autocast, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "not modelled, no effect on GPU memory: compute_environment, debug, downcast_bf16, gpu_ids",
+    );
+    refused(
+        "accelerate/trl_single_gpu.yaml",
+        A100,
+        "the accelerate config names no model; pass --model PRESET (see `vramplan models`) or --model path/to/config.json",
+    );
+    refused(
+        "accelerate/fsdp.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "distributed_type = \"FSDP\" changes memory and is not modelled yet (waits for vramplan's fsdp2)",
+    );
+    refused(
+        "accelerate/trl_fsdp2.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "(waits for vramplan's fsdp2)",
+    );
+    refused(
+        "accelerate/trl_deepspeed_zero3.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "mixed_precision = \"bf16\" changes memory and is not modelled yet (waits for vramplan's bf16-mixed)",
+    );
+    // The DeepSpeed file it names is read, relative to the YAML.
+    refused(
+        "accelerate/deepspeed.yaml",
+        &with(&["--model", "smollm2-360m"]),
+        "../deepspeed_config_templates/zero_stage1_config.json: fp16.enabled = true changes memory and is not modelled yet (waits for vramplan's bf16-mixed)",
+    );
+}
+
+#[test]
+fn deepspeed_configs() {
+    plans(
+        "deepspeed/ds_config_z3.json",
+        &with(&["--model", "llama-3.2-1b", "--gpus", "4"]),
+        "llama-3.2-1b on 4 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 1 × seq 2048 × accumulation 1 × 4 GPU(s) = 8192 tokens per step\n\
+         fp32, adamw, checkpointing none, loss float-cast, attention sdpa, zero3",
+        "assumed: micro-batch 1 (train_micro_batch_size_per_gpu is \"auto\": the Trainer's)",
+    );
+    refused(
+        "deepspeed/pipeline_ds_config.json",
+        &with(&["--model", "gpt2"]),
+        "optimizer.type = \"Adam\" changes memory and is not modelled yet (waits for vramplan's adamw-fused)",
+    );
+    for f in ["zero_stage1_config.json", "zero_stage2_config.json"] {
+        refused(
+            &format!("deepspeed/{f}"),
+            &with(&["--model", "gpt2", "--gpus", "2"]),
+            "fp16.enabled = true changes memory and is not modelled yet (waits for vramplan's bf16-mixed)",
+        );
+    }
+    refused(
+        "deepspeed/zero_stage3_offload_config.json",
+        &with(&["--model", "gpt2", "--gpus", "2"]),
+        "zero_optimization.offload_optimizer.device = \"cpu\", zero_optimization.offload_param.device = \"cpu\" change memory and are not modelled: ZeRO-Offload keeps this state on the host",
+    );
+}
+
+#[test]
+fn torchtune_recipes() {
+    plans(
+        "torchtune/llama2_7B_full_2024-06.yaml",
+        A100,
+        "torchtune-llama2_7b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 2 × seq 2048 × accumulation 1 × 1 GPU(s) = 4096 tokens per step\n\
+         bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
+        "assumed: seq_len 2048 (tokenizer.max_seq_len is null: samples are not truncated)",
+    );
+    plans(
+        "torchtune/llama3_8B_full_2024-06.yaml",
+        A100,
+        "torchtune-llama3_8b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 2 × seq 2048 × accumulation 1 × 1 GPU(s) = 4096 tokens per step\n\
+         bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
+        "checkpointer, dataset, device, epochs",
+    );
+    refused(
+        "torchtune/llama3_8B_full_2024-06.yaml",
+        &with(&["--gpus", "2"]),
+        "on 2 GPUs torchtune shards with FSDP, which changes memory and is not modelled yet (waits for vramplan's fsdp2)",
+    );
+    refused(
+        "torchtune/llama3_2_1B_full_single_device.yaml",
+        A100,
+        "optimizer._component_ = \"bitsandbytes.optim.PagedAdamW8bit\" changes memory and is not modelled yet (waits for vramplan's paged-adamw-8bit); optimizer_in_bwd = true changes memory and is not modelled yet (waits for vramplan's optimizer_in_backward)",
+    );
+    refused(
+        "torchtune/qwen2_5_0.5B_full_single_device.yaml",
+        A100,
+        "loss._component_ = \"torchtune.modules.loss.LinearCrossEntro… changes memory and is not modelled: LinearCrossEntropyLoss",
+    );
+    refused(
+        "torchtune/llama3_2_1B_lora_single_device.yaml",
+        A100,
+        "model.apply_lora_to_mlp = true, model.lora_alpha = 128, model.lora_attn_modules = [\"q_proj\",\"v_proj\",\"output_proj\"], model.lora_rank = 64 change memory and are not modelled yet (waits for vramplan's lora)",
+    );
+}
+
+#[test]
+fn torchtitan_train_configs() {
+    refused(
+        "torchtitan/debug_model.toml",
+        A100,
+        "activation_checkpoint.selective_ac_option = \"2\" changes memory and is not modelled yet (waits for vramplan's every-N)",
+    );
+    refused(
+        "torchtitan/llama3_8b.toml",
+        A100,
+        "activation_checkpoint.selective_ac_option = \"op\" changes memory and is not modelled yet (waits for vramplan's selective-op)",
+    );
+    refused(
+        "torchtitan/llama3_70b.toml",
+        A100,
+        "parallelism.tensor_parallel_degree = 8 changes memory and is not modelled: tensor parallelism",
+    );
+}
+
+#[test]
+fn axolotl_configs() {
+    refused(
+        "axolotl/llama-3_fft-8b.yaml",
+        A100,
+        "optimizer = \"paged_adamw_8bit\" changes memory and is not modelled yet (waits for vramplan's paged-adamw-8bit)",
+    );
+    refused(
+        "axolotl/llama-3_lora-1b.yml",
+        A100,
+        "adapter = \"lora\", lora_alpha = 32, lora_dropout = 0.05, lora_r = 16, lora_target_modules = ",
+    );
+    refused(
+        "axolotl/llama-3_qlora-1b.yml",
+        A100,
+        "adapter = \"qlora\" changes memory and is not modelled: QLoRA's 4-bit NF4 base weights; load_in_4bit = true",
+    );
+}
+
+#[test]
+fn nanochat_command_lines() {
+    plans(
+        "nanochat/speedrun_base_train_d20.sh",
+        A100,
+        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 32 × seq 2048 × accumulation 1 × 8 GPU(s) = 524288 tokens per step\n\
+         bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "not modelled, no effect on GPU memory: run",
+    );
+    // Seed 002's stable run: 10 × 1536 on two GPUs is its 30,720 tokens per step.
+    plans(
+        "nanochat/seed002_d16_stable.sh",
+        &["--gpu", "rtx5090d-32gb"],
+        "nanochat-d16 on 2 × rtx5090d-32gb (GeForce RTX 5090D 32 GB), torch engine\n\
+         micro-batch 10 × seq 1536 × accumulation 1 × 2 GPU(s) = 30720 tokens per step\n\
+         bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "run",
+    );
+    plans(
+        "nanochat/runcpu_base_train.sh",
+        A100,
+        "nanochat-d6 on 1 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 32 × seq 512 × accumulation 1 × 1 GPU(s) = 16384 tokens per step\n\
+         bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "window_pattern",
+    );
+    refused(
+        "nanochat/speedrun_mid_train.sh",
+        A100,
+        "mid_train loads the base checkpoint, whose depth this command line does not give",
+    );
+    plans(
+        "nanochat/speedrun_chat_sft.sh",
+        &with(&["--model", "nanochat-d20"]),
+        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine\n\
+         micro-batch 4 × seq 2048 × accumulation 1 × 8 GPU(s) = 65536 tokens per step\n\
+         bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
+        "assumed: seq_len 2048 (chat_sft pads each batch",
+    );
+    refused(
+        "nanochat/speedrun_base_train_d24_fp8.sh",
+        A100,
+        "fp8 = true changes memory and is not modelled: FP8 matmuls",
+    );
+}
+
+/// Bad input in each format: one line naming the file, the key and what is accepted.
+#[test]
+fn bad_input_names_the_file_the_key_and_what_is_accepted() {
+    let dir = std::env::temp_dir().join(format!("vramplan-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("bad.json", "{\"train_micro_batch_size_per_gpu\": 0}", "train_micro_batch_size_per_gpu = 0: a whole number above 0, or \"auto\""),
+        ("bad-stage.json", "{\"zero_optimization\": {\"stage\": 4}}", "zero_optimization.stage = 4: one of 0 | 1 | 2 | 3"),
+        ("acc.yaml", "distributed_type: MULTI_GPU\nnum_processes: two\n", "num_processes = \"two\": a whole number above 0"),
+        ("acc-mp.yaml", "distributed_type: NO\nmixed_precision: fp4\n", "mixed_precision = \"fp4\": one of no | bf16 | fp16 | fp8"),
+        ("tune.yaml", "model:\n  _component_: torchtune.models.llama3_2.llama3_2_1b\ndtype: fp16\n", "dtype = \"fp16\": one of bf16 | fp32"),
+        ("titan.toml", "[training]\nlocal_batch_size = -2\n", "training.local_batch_size = -2: a whole number above 0"),
+        ("axo.yml", "base_model: HuggingFaceTB/SmolLM2-135M\nsequence_len: long\n", "sequence_len = \"long\": a whole number above 0"),
+        ("hf.json", "{\"per_device_train_batch_size\": 4, \"optim\": \"lion\"}", "optim = \"lion\": one of adamw_torch | adamw_hf"),
+        ("hf.sh", "python run_clm.py --model_name_or_path gpt2 --per_device_train_batch_size=x", "per_device_train_batch_size = \"x\": a whole number above 0"),
+        ("nano.sh", "torchrun --nproc_per_node=3 -m scripts.base_train -- --depth=20", "total_batch_size = 524288: a multiple of device_batch_size × max_seq_len × GPUs = 196608"),
+        ("nano-n.sh", "torchrun --nproc_per_node=$NPROC -m scripts.base_train -- --depth=20", "--nproc_per_node = \"$NPROC\": a whole number above 0"),
+        ("notes.txt", "just some words", "cannot tell the format"),
+    ];
+    for (name, text, what) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let p = path.to_str().unwrap();
+        let o = vramplan(&["estimate", p, "--gpu", "a100-80gb"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.starts_with(&format!("error: {p}: ")), "{name}: {err}");
+        assert!(err.contains(what), "{name}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn compare_and_fit_read_launchers_too() {
+    let a = format!("{DIR}/nanochat/speedrun_base_train_d20.sh");
+    let b = format!("{DIR}/nanochat/seed002_d16_stable.sh");
+    let o = vramplan(&["compare", &a, &b, "--gpu", "rtx5090d-32gb", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vramplan(&["fit", "--from", &b, "--gpu", "rtx5090d-32gb", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let best = &v["best"];
+    // The file's global batch (10 × 1 × 2 = 20 sequences) and length are kept.
+    let (m, acc) = (
+        best["micro_batch"].as_u64().unwrap(),
+        best["grad_accum"].as_u64().unwrap(),
+    );
+    assert_eq!(m * acc * 2, 20, "{best}");
+    assert_eq!(best["seq_len"], 1536, "{best}");
+}
+
+/// `estimate FILE --emit X`, then `estimate` of what it wrote: the same plan. accelerate's
+/// file holds only processes, precision and sharding (the batch is on the script's
+/// command line it prints) and DeepSpeed's no sequence length, so for them the model and
+/// settings lines are compared.
+#[test]
+fn emitted_plans_read_back_the_same() {
+    let dir = std::env::temp_dir().join(format!("vramplan-emit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let qwen = "hf/trl_cli_example_config.yaml";
+    let cases: [(&str, &str, &[&str], &str); 9] = [
+        (qwen, "hf-args", &[], "yaml"),
+        ("hf/run_clm_gpt2.sh", "hf-args", &[], "sh"),
+        (qwen, "accelerate", &["--model", "qwen2.5-0.5b"], "yaml"),
+        (qwen, "deepspeed", &["--model", "qwen2.5-0.5b"], "json"),
+        (qwen, "torchtune", &[], "yaml"),
+        (qwen, "torchtitan", &["--model", "qwen2.5-0.5b"], "toml"),
+        (qwen, "axolotl", &[], "yml"),
+        (
+            "torchtune/llama3_8B_full_2024-06.yaml",
+            "torchtune",
+            &[],
+            "yaml",
+        ),
+        ("nanochat/seed002_d16_stable.sh", "nanochat", &[], "sh"),
+    ];
+    for (i, (file, format, back_args, ext)) in cases.into_iter().enumerate() {
+        let gpu = if format == "nanochat" {
+            "rtx5090d-32gb"
+        } else {
+            "a100-80gb"
+        };
+        let (_, before, _) = estimate(file, &["--gpu", gpu]);
+        let path = format!("{DIR}/{file}");
+        let o = vramplan(&["estimate", &path, "--gpu", gpu, "--emit", format]);
+        assert!(
+            o.status.success(),
+            "{file} → {format}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let out = dir.join(format!("plan{i}.{ext}"));
+        std::fs::write(&out, &o.stdout).unwrap();
+        let mut args = vec!["estimate", out.to_str().unwrap(), "--gpu", gpu];
+        args.extend_from_slice(back_args);
+        let back = vramplan(&args);
+        let text = String::from_utf8_lossy(&back.stdout);
+        let after: Vec<&str> = text.lines().take(3).collect();
+        let before: Vec<&str> = before.lines().collect();
+        let emitted = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            back.status.success(),
+            "{file} → {format}: {}\n{emitted}",
+            String::from_utf8_lossy(&back.stderr)
+        );
+        if format == "accelerate" || format == "deepspeed" {
+            assert_eq!(
+                (before[0], before[2]),
+                (after[0], after[2]),
+                "{file} → {format}\n{emitted}"
+            );
+        }
+        if format == "accelerate" {
+            assert!(emitted.contains("--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_length 1024"), "{emitted}");
+        } else if format != "deepspeed" {
+            assert_eq!(before, after, "{file} → {format}\n{emitted}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn emit_refuses_what_the_launcher_cannot_run() {
+    let path = format!("{DIR}/hf/run_clm_gpt2.sh");
+    let o = vramplan(&[
+        "estimate",
+        &path,
+        "--gpu",
+        "a100-80gb",
+        "--emit",
+        "nanochat",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("error: --emit nanochat: the plan's adamw, fp32"),
+        "{err}"
+    );
+    // A multi-GPU nanochat plan is the whole torchrun command.
+    let path = format!("{DIR}/nanochat/speedrun_base_train_d20.sh");
+    let o = vramplan(&[
+        "estimate",
+        &path,
+        "--gpu",
+        "h100-80gb",
+        "--emit",
+        "nanochat",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- \\\n    --depth=20 \\\n"), "{out}");
+}
+
+/// Seed 004 through `fit --from ... --emit hf-args`: the fastest plan the Trainer can run
+/// (fit's fastest uses a chunked loss the script does not have, said on stderr), written
+/// over the seed's own command with its script's flags and sequence key kept; read back,
+/// it is the same plan and keeps the global batch of 64.
+#[test]
+fn fit_emits_the_fastest_plan_the_launcher_runs() {
+    let path = format!("{DIR}/hf/seed004_smollm2_135m.ps1");
+    let gpu = ["--gpu", "rtx4060-laptop-8gb"];
+    let o = vramplan(&["fit", "--from", &path, gpu[0], gpu[1], "--emit", "hf-args"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("note: fit's fastest plan cannot be written (--emit hf-args: the plan's loss = \"chunked\""), "{err}");
+    for kept in [
+        "python train_hw_parallel.py \\",
+        "--data_path smol-smoltalk-6k.json",
+        "--max_rounds 6",
+        "--model_max_length 1024",
+        "--fp16 true",
+        "--optim adamw_torch",
+    ] {
+        assert!(out.contains(kept), "{kept}: {out}");
+    }
+    let dir = std::env::temp_dir().join(format!("vramplan-fit-emit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.sh");
+    std::fs::write(&plan, out.as_bytes()).unwrap();
+    let back = vramplan(&["estimate", plan.to_str().unwrap(), gpu[0], gpu[1], "--json"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
+    let global = v["micro_batch"].as_u64().unwrap() * v["grad_accum"].as_u64().unwrap();
+    assert_eq!(global, 64, "{v}");
+    assert_eq!(v["seq_len"], 1024);
+    assert_eq!(v["fits"], true);
+    std::fs::remove_dir_all(&dir).ok();
+}
