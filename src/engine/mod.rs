@@ -17,11 +17,14 @@ pub mod capability;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod model;
 pub mod optim;
+pub mod overrides;
 pub mod parquet;
 pub mod probe;
 pub mod rng;
+pub mod rundir;
 pub mod step;
 mod trainer;
 
