@@ -7,7 +7,7 @@ use crate::engine::load_tokenizer;
 use crate::engine::model::Model;
 use crate::engine::rng::Rng;
 use crate::engine::trainer::{corpus, validate};
-use anyhow::Result;
+use crate::engine::Result;
 use candle_core::{DType, Device};
 use std::path::Path;
 use vramplan_planner::RunSpec;

@@ -182,7 +182,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
 
 /// The tokenizer the run encodes with: `--tokenizer`'s, or bytes (which needs a
 /// vocabulary of 256).
-fn tokenizer(spec: &RunSpec, o: &Opts) -> Result<Option<tokenizers::Tokenizer>> {
+fn tokenizer(spec: &RunSpec, o: &Opts) -> crate::engine::Result<Option<tokenizers::Tokenizer>> {
     match &o.tokenizer {
         Some(p) => Ok(Some(load_tokenizer(p, spec)?)),
         None => {
@@ -198,7 +198,7 @@ pub(crate) fn corpus<'a>(
     spec: &RunSpec,
     data: Option<&Path>,
     hf: &'a Option<tokenizers::Tokenizer>,
-) -> Result<Corpus<'a>> {
+) -> crate::engine::Result<Corpus<'a>> {
     let t = spec.train.seq_len as usize;
     let tok = match hf {
         Some(h) => data::Tokens::Hf(h),
@@ -474,12 +474,19 @@ impl Validator {
 }
 
 /// Mean validation loss over up to `VAL_WINDOWS` fixed windows.
-pub(crate) fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
+pub(crate) fn validate(
+    model: &Model,
+    corpus: &Corpus,
+    spec: &RunSpec,
+) -> crate::engine::Result<f64> {
     let t = spec.train.seq_len as usize;
     let b = spec.train.micro_batch as usize;
     let offs = data::val_windows(&corpus.val, t, data::VAL_WINDOWS);
     if offs.is_empty() {
-        anyhow::bail!("the validation split is shorter than one sequence");
+        return Err(bad(
+            &corpus.name,
+            "the validation split is shorter than one sequence",
+        ));
     }
     let mut total = 0.0;
     let mut count = 0;
