@@ -45,7 +45,7 @@ impl Error {
         }
     }
 
-    /// An I/O failure on `path`. Failures that mean the input names the wrong place (a
+    /// A failure writing (or creating) `path`. Failures that mean the input names the wrong place (a
     /// missing folder, no permission, a read-only file system, a file where a folder is
     /// wanted) are bad input; the rest (a full disk, a device error) are not.
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Error {

@@ -227,7 +227,8 @@ fn prepare_out(o: &Opts) -> Result<Lock> {
     if let Some(p) = &o.tokenizer {
         let dst = o.out.join(checkpoint::TOKENIZER);
         if std::fs::canonicalize(p).ok() != std::fs::canonicalize(&dst).ok() {
-            let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+            let bytes = std::fs::read(p)
+                .map_err(|e| bad(&p.display().to_string(), format!("cannot read: {e}")))?;
             crate::fsutil::write_atomic_with(&dst, |w| w.write_all(&bytes))?;
         }
     }
