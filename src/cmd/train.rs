@@ -387,13 +387,26 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     };
     match engine::train(spec, &opts)? {
         Some(s) => print!("{}", render_summary(&s, &a.out)),
-        None => println!(
-            "{}: the run is already at step {} of {steps}; nothing to train (summary.json is kept; a larger --steps trains on)",
-            a.out.display(),
-            prior.map_or(steps, |m| m.step)
-        ),
+        None => println!("{}", finished(&a, prior.as_ref(), steps)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a resumed run that had no step left says.
+fn finished(a: &Args, prior: Option<&engine::checkpoint::Meta>, steps: u64) -> String {
+    let summary = if a.out.join(engine::rundir::SUMMARY).exists() {
+        "summary.json is kept".to_string()
+    } else {
+        format!(
+            "it stopped before writing summary.json: vramplan eval --checkpoints {} gives its validation loss",
+            a.out.display()
+        )
+    };
+    format!(
+        "{}: the run is already at step {} of {steps}; nothing to train ({summary}; a larger --steps trains on)",
+        a.out.display(),
+        prior.map_or(steps, |m| m.step)
+    )
 }
 
 /// The run's steps, learning rate and seed: the flag's (or `--set`'s), else on
