@@ -36,6 +36,9 @@ pub enum Command {
     /// Train with a plan on vramplan's candle engine and measure its memory.
     #[cfg(feature = "engine")]
     Train(cmd::train::Args),
+    /// The validation loss of several checkpoints written by `train`.
+    #[cfg(feature = "engine")]
+    Eval(cmd::eval::Args),
     /// Generate text from a checkpoint written by `train`.
     #[cfg(feature = "engine")]
     Sample(cmd::sample::Args),
@@ -77,6 +80,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Diagnose(a) => cmd::diagnose::run(&env, a),
         #[cfg(feature = "engine")]
         Command::Train(a) => cmd::train::run(&env, a),
+        #[cfg(feature = "engine")]
+        Command::Eval(a) => cmd::eval::run(&env, a),
         #[cfg(feature = "engine")]
         Command::Sample(a) => cmd::sample::run(&env, a),
         Command::Gpus(a) => cmd::gpus::run(&env, a),

@@ -16,7 +16,10 @@ pub fn code_for(e: &anyhow::Error) -> ExitCode {
     let code = e.chain().find_map(|c| match c.downcast_ref::<Error>() {
         Some(Error::BadInput { .. }) => Some(2),
         Some(Error::DoesNotFit { .. }) => Some(DOES_NOT_FIT),
-        Some(Error::Diverged { .. }) | None => None,
+        Some(Error::Diverged { .. } | Error::Io { .. } | Error::Checkpoint { .. }) => Some(1),
+        #[cfg(feature = "engine")]
+        Some(Error::Candle(_)) => Some(1),
+        None => None,
     });
     ExitCode::from(code.unwrap_or(1))
 }
@@ -38,11 +41,21 @@ mod tests {
             step: 3,
             saved: "out/ckpt-00000002".into(),
         };
-        let cases: [(anyhow::Error, u8); 5] = [
+        let full = Error::Io {
+            path: "out/summary.json".into(),
+            error: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        let torn = Error::Checkpoint {
+            dir: "out/ckpt-00000004".into(),
+            what: "checksum mismatch".into(),
+        };
+        let cases: [(anyhow::Error, u8); 7] = [
             (bad("run.toml", "train.steps: 0"), 2),
             (bad("--device", "x").context("opening the device"), 2),
             (anyhow::Error::new(fits), DOES_NOT_FIT),
             (anyhow::Error::new(diverged), 1),
+            (anyhow::Error::new(full).context("saving"), 1),
+            (anyhow::Error::new(torn), 1),
             (anyhow::anyhow!("anything else"), 1),
         ];
         for (e, code) in cases {

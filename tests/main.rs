@@ -5,4 +5,5 @@ mod fuzz_cli;
 mod launch;
 mod oom_corpus;
 mod parquet_data;
+mod run_folder;
 mod train;

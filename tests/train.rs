@@ -389,7 +389,7 @@ fn a_diverging_loss_stops_with_a_checkpoint() {
     assert!(!checkpoints(&out).is_empty(), "{t}");
 }
 
-fn checkpoints(out: &Path) -> Vec<PathBuf> {
+pub(crate) fn checkpoints(out: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -690,7 +690,16 @@ fn device_and_precision_choices() {
                 "--out",
                 out.to_str().unwrap(),
             ][..],
-            &["--steps", "2", "--eval-every", "0", "--save-every", "0"],
+            // Each run replaces the last (moved aside to out.old-N).
+            &[
+                "--steps",
+                "2",
+                "--eval-every",
+                "0",
+                "--save-every",
+                "0",
+                "--force",
+            ],
             extra,
         ]
         .concat())

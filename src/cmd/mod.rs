@@ -5,6 +5,8 @@ pub mod calibrate;
 pub mod compare;
 pub mod diagnose;
 pub mod estimate;
+#[cfg(feature = "engine")]
+pub mod eval;
 pub mod fit;
 pub mod gpus;
 pub mod models;

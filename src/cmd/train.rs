@@ -9,8 +9,8 @@ use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan::engine::{self, capability, device::Choice};
-use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode};
+use vramplan::engine::{self, capability, checkpoint::Keep, device::Choice, overrides};
+use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Report};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,9 +34,17 @@ pub struct Args {
     /// Folder for checkpoints, metrics.jsonl and summary.json.
     #[arg(long, default_value = "train-out", value_name = "DIR")]
     pub out: PathBuf,
-    /// Continue from the newest checkpoint in --out.
-    #[arg(long)]
+    /// Continue from the newest checkpoint in --out written by this run (the plan, seed,
+    /// learning rate and steps default to the checkpoint's).
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Start over in an --out that holds another run, moving that run to OUT.old-N.
+    #[arg(long)]
+    pub force: bool,
+    /// Override a plan value: `--set train.micro_batch=4` (repeatable; dotted keys of the
+    /// plan's [model], [train] and [hardware] tables), also with --resume.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Where to train: auto (CUDA when the plan names a GPU and this binary was built with
     /// the `cuda` feature, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
@@ -44,17 +52,22 @@ pub struct Args {
     /// Refuse plans the planner says need more than this many GiB.
     #[arg(long, value_name = "GiB")]
     pub memory_limit: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the weights and the data order (default 0, or the checkpoint's on --resume).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Validation loss every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 200)]
     pub save_every: u64,
-    /// Checkpoints to keep.
+    /// The newest checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     pub keep: usize,
+    /// Also keep the N checkpoints with the lowest validation loss (measured at each
+    /// checkpoint when N > 0).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub keep_best: usize,
     /// Progress line every N steps.
     #[arg(long, default_value_t = 25)]
     pub log_every: u64,
@@ -69,33 +82,94 @@ pub struct Args {
 const DEFAULT_STEPS: u64 = 1000;
 const DEFAULT_LR: f64 = 1e-3;
 
-/// Reads the plan and makes it one the engine runs: the model, engine candle, fp32, the
-/// memory limit.
-pub fn plan(
-    env: &Env,
-    path: Option<&Path>,
-    model: Option<&str>,
-    memory_limit: Option<f64>,
-    device: Choice,
-) -> Result<(Loaded, String, Choice)> {
-    let loaded = match path {
-        None => load::resolve_text(
-            env,
-            "built-in train plan",
-            engine::DEFAULT_PLAN,
-            Path::new("."),
-        )?,
-        Some(p) => load::load(env, Some(p))?,
+/// The plan a run trains with.
+pub struct Planned {
+    pub loaded: Loaded,
+    /// The plan's TOML, saved with every checkpoint.
+    pub text: String,
+    pub device: Choice,
+    /// The plan as written, when it was for the torch engine and has been translated.
+    pub torch: Option<Loaded>,
+}
+
+/// Reads the plan (the file, the checkpoint's on `--resume` without one, or the built-in
+/// run), applies `--model` and `--set`, and makes it one the engine runs: engine candle,
+/// the precision and optimizer the engine has, the memory limit.
+pub fn plan(env: &Env, a: &Args, prior: Option<&str>, device: Choice) -> Result<Planned> {
+    let (loaded, source) = match (a.plan.as_deref(), prior) {
+        (Some(p), _) => (load::load(env, Some(p))?, load::read_text(p)?),
+        (None, Some(text)) if a.model.is_none() => {
+            let name = format!("{} (the checkpoint's plan)", a.out.display());
+            (
+                load::resolve_text(env, &name, text, Path::new("."))?,
+                text.to_string(),
+            )
+        }
+        (None, _) => {
+            let text = engine::DEFAULT_PLAN;
+            let l = load::resolve_text(env, "built-in train plan", text, Path::new("."))?;
+            (l, text.to_string())
+        }
     };
+    let dir = a
+        .plan
+        .as_deref()
+        .and_then(|p| p.parent())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let mut raw = loaded.raw.clone();
-    if let Some(m) = model {
+    if let Some(m) = &a.model {
         raw.model = load::model_arg(m);
     }
+    let mut raw = overrides::apply(&raw, &a.set)?;
+    if let Some(gib) = a.memory_limit {
+        if !(gib.is_finite() && gib > 0.0) {
+            return Err(bad(
+                "--memory-limit",
+                format!("{gib}: a positive number of GiB"),
+            ));
+        }
+        raw.hardware.memory_gib = Some(gib);
+    }
+    let name = if a.set.is_empty() {
+        loaded.name.clone()
+    } else {
+        format!("{} with --set {}", loaded.name, a.set.join(" --set "))
+    };
+    let source_raw = loaded.raw.clone();
+    let written = if raw == loaded.raw {
+        loaded
+    } else {
+        load::resolve_raw(env, &name, raw, &dir)?
+    };
+    let (raw, device) = runnable(&written, a, device, prior.is_some())?;
+    // The plan as it was read, unless something here changed it.
+    let text = if raw == source_raw {
+        source
+    } else {
+        raw.to_toml()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", written.name))?
+    };
+    let l = load::resolve_raw(env, &written.name, raw, &dir)?;
+    let torch = (written.spec.train.engine != Engine::Candle).then_some(written);
+    Ok(Planned {
+        loaded: l,
+        text,
+        device,
+        torch,
+    })
+}
+
+/// The plan as the candle engine runs it: engine candle, the precision the device has,
+/// AdamW, the GPU it runs on.
+fn runnable(
+    loaded: &Loaded,
+    a: &Args,
+    device: Choice,
+    resumed: bool,
+) -> Result<(vramplan_planner::RawConfig, Choice)> {
+    let mut raw = loaded.raw.clone();
     if loaded.spec.train.engine != Engine::Candle {
-        eprintln!(
-            "note: {}: engine = \"{}\"; training on the candle engine",
-            loaded.name, loaded.spec.train.engine
-        );
         raw.train.engine = Some("candle".into());
     }
     let plan_gpu = &loaded.spec.hardware.device;
@@ -105,7 +179,7 @@ pub fn plan(
         on_gpu,
         plan_gpu: plan_gpu.is_cuda().then(|| plan_gpu.name()),
         precision: loaded.spec.train.precision,
-        builtin: path.is_none(),
+        builtin: a.plan.is_none() && !resumed,
         cuda_built: engine::device::CUDA_BUILT,
     })?;
     for note in &runs.notes {
@@ -125,41 +199,70 @@ pub fn plan(
         );
         raw.train.optimizer = Some("adamw".into());
     }
-    if let Some(gib) = memory_limit {
-        if !(gib.is_finite() && gib > 0.0) {
-            return Err(bad(
-                "--memory-limit",
-                format!("{gib}: a positive number of GiB"),
-            ));
-        }
-        raw.hardware.memory_gib = Some(gib);
-    }
-    let dir = path
-        .and_then(|p| p.parent())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let text = match (path, model) {
-        (None, None) if !on_gpu => engine::DEFAULT_PLAN.to_string(),
-        _ => raw
-            .to_toml()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.name))?,
+    Ok((raw, device))
+}
+
+/// The planner's search for a configuration of `spec`'s model that fits its device,
+/// keeping the sequence length and the global batch.
+fn fitting(
+    spec: &vramplan_planner::RunSpec,
+) -> vramplan_planner::Result<vramplan_planner::FitResult> {
+    vramplan_planner::fit(&FitRequest {
+        base: spec.clone(),
+        seq_len: Some(spec.train.seq_len),
+        global: GlobalBatch::Sequences(spec.global_batch()),
+        margin: 0.0,
+        allow_fused: false,
+    })
+}
+
+/// A plan written for the torch engine, made one the candle engine runs on the same
+/// device: as written when it fits there, else the planner's fitting configuration (the
+/// same model, sequence length and global batch). Says both predictions and what changed.
+/// `None` when the torch plan itself does not fit, or no configuration does on candle.
+fn translate(env: &Env, p: &Planned, report: &Report) -> Result<Option<(Loaded, String)>> {
+    let Some(torch) = &p.torch else {
+        return Ok(None);
     };
-    let l = load::resolve_raw(env, &loaded.name, raw, &dir)?;
-    Ok((l, text, device))
+    let before = vramplan_planner::estimate(&torch.spec);
+    let mut l = p.loaded.clone();
+    let mut text = p.text.clone();
+    let mut candle = report.clone();
+    if !report.fits {
+        if !before.fits {
+            return Ok(None);
+        }
+        let Ok(found) = fitting(&p.loaded.spec) else {
+            return Ok(None);
+        };
+        let raw = l.raw.with_spec(&found.best.spec);
+        text = raw
+            .to_toml()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", l.name))?;
+        l = load::resolve_raw(env, &l.name, raw, Path::new("."))?;
+        candle = found.best.report;
+    }
+    // Both plans written out in full, so that only what differs shows.
+    let full = |l: &Loaded| l.raw.with_spec(&l.spec).to_toml().unwrap_or_default();
+    let changes = engine::rundir::plan_changes(&full(torch), &full(&l));
+    eprintln!(
+        "note: {}: written for the torch engine, which needs {} on {}; the candle engine needs {} as written{}; training on candle with {} (needs {})",
+        torch.name,
+        Bytes(before.device_bytes),
+        before.device,
+        Bytes(report.device_bytes),
+        if report.fits { "" } else { ", which does not fit" },
+        changes.join(", "),
+        Bytes(candle.device_bytes)
+    );
+    Ok(Some((l, text)))
 }
 
 /// Searches for a configuration of the same model that fits (the planner's `fit`, keeping
 /// the sequence length and the global batch) and writes it as `OUT/plan.fit.toml`.
 fn suggest(loaded: &Loaded, a: &Args) {
     let spec = &loaded.spec;
-    let req = FitRequest {
-        base: spec.clone(),
-        seq_len: Some(spec.train.seq_len),
-        global: GlobalBatch::Sequences(spec.global_batch()),
-        margin: 0.0,
-        allow_fused: false,
-    };
-    match vramplan_planner::fit(&req) {
+    match fitting(spec) {
         Ok(r) => {
             let t = &r.best.spec.train;
             let path = a.out.join("plan.fit.toml");
@@ -227,37 +330,33 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             format!("{:?}: one of auto, cpu, cuda, cuda:N", a.device),
         )
     })?;
-    let (loaded, plan_toml, choice) = plan(
-        env,
-        a.plan.as_deref(),
-        a.model.as_deref(),
-        a.memory_limit,
-        choice,
-    )?;
+    // On --resume the checkpoint's plan, seed, learning rate and steps are the defaults.
+    let prior = if a.resume {
+        engine::checkpoint::newest_meta(&a.out)
+    } else {
+        None
+    };
+    let planned = plan(env, &a, prior.as_ref().map(|m| m.plan.as_str()), choice)?;
+    let report = vramplan_planner::estimate(&planned.loaded.spec);
+    let (loaded, plan_toml, report) = match translate(env, &planned, &report)? {
+        Some((l, text)) => {
+            let r = vramplan_planner::estimate(&l.spec);
+            (l, text, r)
+        }
+        None => (planned.loaded, planned.text, report),
+    };
     let spec = &loaded.spec;
     match &a.tokenizer {
         Some(p) => drop(engine::load_tokenizer(p, spec)?),
         None => engine::check_vocab(spec)?,
     }
-    let report = vramplan_planner::estimate(spec);
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
         refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
     }
-    let steps = a.steps.or(loaded.raw.train.steps).unwrap_or(DEFAULT_STEPS);
-    if steps == 0 {
-        return Err(bad("--steps", "0: at least one step"));
-    }
-    let lr =
-        a.lr.or(loaded.raw.train.learning_rate)
-            .unwrap_or(DEFAULT_LR);
-    if !(lr.is_finite() && lr > 0.0) {
-        return Err(bad(
-            "train.learning_rate",
-            format!("{lr}: a positive number"),
-        ));
-    }
-    let device = engine::device::open(choice).map_err(|e| bad("--device", format!("{e:#}")))?;
+    let (steps, lr, seed) = settings(&a, &loaded, prior.as_ref())?;
+    let device =
+        engine::device::open(planned.device).map_err(|e| bad("--device", format!("{e:#}")))?;
     let compute = capability::compute(spec.train.precision);
     let rated_flops = match &spec.hardware.device {
         vramplan_planner::Device::Gpu(g) => Some(g.bf16_tflops * 1e12),
@@ -266,13 +365,17 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let opts = engine::Opts {
         steps,
         lr,
-        seed: a.seed,
+        seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
         log_every: a.log_every,
-        keep: a.keep.max(1),
+        keep: Keep {
+            last: a.keep.max(1),
+            best: a.keep_best,
+        },
         out: a.out.clone(),
         resume: a.resume,
+        force: a.force,
         stop_at: a.stop_at,
         data: a.data.clone(),
         tokenizer: a.tokenizer.clone(),
@@ -282,9 +385,68 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         compute,
         rated_flops,
     };
-    let s = engine::train(spec, &opts)?;
-    print!("{}", render_summary(&s, &a.out));
+    match engine::train(spec, &opts)? {
+        Some(s) => print!("{}", render_summary(&s, &a.out)),
+        None => println!("{}", finished(&a, prior.as_ref(), steps)),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a resumed run that had no step left says.
+fn finished(a: &Args, prior: Option<&engine::checkpoint::Meta>, steps: u64) -> String {
+    let summary = if a.out.join(engine::rundir::SUMMARY).exists() {
+        "summary.json is kept".to_string()
+    } else {
+        format!(
+            "it stopped before writing summary.json: vramplan eval --checkpoints {} gives its validation loss",
+            a.out.display()
+        )
+    };
+    format!(
+        "{}: the run is already at step {} of {steps}; nothing to train ({summary}; a larger --steps trains on)",
+        a.out.display(),
+        prior.map_or(steps, |m| m.step)
+    )
+}
+
+/// The run's steps, learning rate and seed: the flag's (or `--set`'s), else on
+/// `--resume` the checkpoint's, else the plan's, else the defaults.
+fn settings(
+    a: &Args,
+    loaded: &Loaded,
+    prior: Option<&engine::checkpoint::Meta>,
+) -> Result<(u64, f64, u64)> {
+    let train = &loaded.raw.train;
+    let steps = a
+        .steps
+        .or(set_value(a, "train.steps").and(train.steps))
+        .or(prior.map(|m| m.total_steps))
+        .or(train.steps)
+        .unwrap_or(DEFAULT_STEPS);
+    if steps == 0 {
+        return Err(bad("--steps", "0: at least one step"));
+    }
+    let lr =
+        a.lr.or(set_value(a, "train.learning_rate").and(train.learning_rate))
+            .or(prior.map(|m| m.learning_rate))
+            .or(train.learning_rate)
+            .unwrap_or(DEFAULT_LR);
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(bad(
+            "train.learning_rate",
+            format!("{lr}: a positive number"),
+        ));
+    }
+    let seed = a.seed.or(prior.map(|m| m.seed)).unwrap_or(0);
+    Ok((steps, lr, seed))
+}
+
+/// Whether `--set` gave `key`.
+fn set_value(a: &Args, key: &str) -> Option<()> {
+    a.set
+        .iter()
+        .any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+        .then_some(())
 }
 
 /// The closing lines of a run: losses against the corpus's entropy, speed, and the

@@ -41,15 +41,12 @@ impl Config {
         let f: Vec<&str> = line.split_whitespace().collect();
         let at = format!("{file}: line {n}");
         if f.len() != 12 {
-            return Err(bad(
-                &at,
-                format!("{} fields; expected 12: {FIELDS}", f.len()),
-            ));
+            return Err(bad(&at, format!("{} fields; expected 12: {FIELDS}", f.len())).into());
         }
         let arch = match f[0] {
             "llama" => Arch::Llama,
             "nanochat" => Arch::Nanochat,
-            a => return Err(bad(&at, format!("arch {a:.40?}: one of llama, nanochat"))),
+            a => return Err(bad(&at, format!("arch {a:.40?}: one of llama, nanochat")).into()),
         };
         let u = |i: usize| {
             f[i].parse::<u64>()

@@ -10,7 +10,7 @@
 use crate::engine::bad;
 use crate::engine::parquet::{Position, Stream};
 use crate::engine::rng::Rng;
-use anyhow::Result;
+use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
 

@@ -17,11 +17,14 @@ pub mod capability;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod model;
 pub mod optim;
+pub mod overrides;
 pub mod parquet;
 pub mod probe;
 pub mod rng;
+pub mod rundir;
 pub mod step;
 mod trainer;
 
@@ -31,7 +34,9 @@ pub use trainer::{train, Opts, Summary};
 static COUNTING: alloc::Counting = alloc::Counting;
 
 use crate::Error;
-use anyhow::Result;
+
+/// The engine's results: typed errors ([`Error`]) that the binary maps to exit codes.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 use candle_core::{DType, Device};
 use std::time::Instant;
 use vramplan_planner::{Bytes, Checkpointing, LossMode, Report, RunSpec};
@@ -67,9 +72,9 @@ learning_rate = 0.003
 gpu = "cpu"
 "#;
 
-/// A bad-input error for `file` (a path or a flag), as the engine's `anyhow` results carry it.
-pub(crate) fn bad(file: &str, what: impl std::fmt::Display) -> anyhow::Error {
-    Error::bad(file, what).into()
+/// A bad-input error for `file` (a path or a flag).
+pub(crate) fn bad(file: &str, what: impl std::fmt::Display) -> Error {
+    Error::bad(file, what)
 }
 
 /// Refuses a plan the planner says does not fit the device it runs on.

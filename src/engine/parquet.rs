@@ -11,7 +11,7 @@
 
 use crate::engine::bad;
 use crate::engine::data::{doc_text, Tokens};
-use anyhow::Result;
+use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use parquet::basic::{Repetition, Type as PhysicalType};
 use parquet::column::reader::ColumnReaderImpl;

@@ -3,18 +3,19 @@
 //! measured by a [`Meter`], validated by a [`Validator`], logged by [`Progress`] and saved
 //! by a [`Checkpointer`]; the [`Summary`] compares the measured peak with the prediction.
 
-use crate::engine::checkpoint::{self, Meta};
+use crate::engine::checkpoint::{self, Keep, Meta};
 use crate::engine::data::{self, Corpus};
 use crate::engine::model::Model;
 use crate::engine::optim::{self, AdamW};
 use crate::engine::probe::{NoProbe, Probe, Recorder};
 use crate::engine::rng::Rng;
+use crate::engine::rundir::{self, Lock};
 use crate::engine::{
     alloc, bad, check_vocab, device, device_name, load_tokenizer, matmul_rate, step, step_opts,
     warm_up,
 };
 use crate::Error;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::io::Write;
@@ -29,9 +30,12 @@ pub struct Opts {
     pub eval_every: u64,
     pub save_every: u64,
     pub log_every: u64,
-    pub keep: usize,
+    /// The newest checkpoints to keep, and the best by validation loss.
+    pub keep: Keep,
     pub out: PathBuf,
     pub resume: bool,
+    /// A fresh run in a folder holding another run moves that run aside.
+    pub force: bool,
     /// Stop after this step (as an interruption would), saving a checkpoint.
     pub stop_at: Option<u64>,
     pub data: Option<PathBuf>,
@@ -87,7 +91,7 @@ pub struct Summary {
 }
 
 /// One line of `OUT/metrics.jsonl`.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct MetricLine {
     step: u64,
     loss: f64,
@@ -110,10 +114,11 @@ fn mem_debug() -> bool {
 }
 
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
-pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
+/// Returns `None` when a resumed run had no step left to do (its summary is kept).
+pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
     let hf = tokenizer(spec, o)?;
-    let corpus = corpus(spec, o, &hf)?;
-    prepare_out(o)?;
+    let corpus = corpus(spec, o.data.as_deref(), &hf)?;
+    let _lock = prepare_out(o)?;
     let process_peak = alloc::peak();
     let before_warm = alloc::current();
     if o.device.is_cpu() {
@@ -136,9 +141,12 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
     )?;
     let mut run = Run::new(spec, o, model, corpus);
     let start = if o.resume { run.resume(o)? } else { 0 };
-    run.announce(o);
-    let mut progress = Progress::open(o, &run.corpus, speed)?;
     let end = o.stop_at.unwrap_or(o.steps).min(o.steps);
+    if start >= end {
+        return Ok(None);
+    }
+    run.announce(o);
+    let mut progress = Progress::open(o, &run.corpus, speed, start)?;
     let checkpointer = Checkpointer { o, end };
     let validator = Validator {
         every: o.eval_every,
@@ -154,25 +162,27 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Summary> {
                 eprintln!("mem: {:>8}: live {live} peak {peak}", m.label);
             }
         }
-        if validator.due(line.step) {
+        let saving = checkpointer.due(line.step);
+        // A checkpoint ranked by validation loss needs one at its step.
+        if validator.due(line.step) || (saving && o.keep.best > 0) {
             line.val_loss = Some(validate(&run.model, &run.corpus, spec)?);
         }
         progress.record(&line, s == start)?;
-        if checkpointer.due(line.step) {
-            checkpointer.save(&run, line.step, line.loss, o.keep)?;
+        if saving {
+            checkpointer.save(&run, &line, o.keep)?;
         }
     }
     let summary = progress.summary(spec, o, &run, &meter, end)?;
     crate::write_atomic(
-        &o.out.join("summary.json"),
+        &o.out.join(rundir::SUMMARY),
         &serde_json::to_string_pretty(&summary)?,
     )?;
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// The tokenizer the run encodes with: `--tokenizer`'s, or bytes (which needs a
 /// vocabulary of 256).
-fn tokenizer(spec: &RunSpec, o: &Opts) -> Result<Option<tokenizers::Tokenizer>> {
+fn tokenizer(spec: &RunSpec, o: &Opts) -> crate::engine::Result<Option<tokenizers::Tokenizer>> {
     match &o.tokenizer {
         Some(p) => Ok(Some(load_tokenizer(p, spec)?)),
         None => {
@@ -182,18 +192,19 @@ fn tokenizer(spec: &RunSpec, o: &Opts) -> Result<Option<tokenizers::Tokenizer>> 
     }
 }
 
-/// The training data, encoded by `hf` (or as bytes), checked to hold one sequence.
-fn corpus<'a>(
+/// The training data (`data`, else the built-in corpus), encoded by `hf` (or as bytes),
+/// checked to hold one sequence.
+pub(crate) fn corpus<'a>(
     spec: &RunSpec,
-    o: &Opts,
+    data: Option<&Path>,
     hf: &'a Option<tokenizers::Tokenizer>,
-) -> Result<Corpus<'a>> {
+) -> crate::engine::Result<Corpus<'a>> {
     let t = spec.train.seq_len as usize;
     let tok = match hf {
         Some(h) => data::Tokens::Hf(h),
         None => data::Tokens::Bytes,
     };
-    let corpus = match &o.data {
+    let corpus = match data {
         Some(p) => data::load(p, t + 1, tok)?,
         None => data::builtin(&tok)?,
     };
@@ -206,16 +217,22 @@ fn corpus<'a>(
     Ok(corpus)
 }
 
-/// Creates `--out` and copies the tokenizer into it, so a checkpoint samples on its own.
-fn prepare_out(o: &Opts) -> Result<()> {
-    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+/// Locks `--out` for this run, makes sure a fresh run does not mix with another run's
+/// files, and copies the tokenizer into it, so a checkpoint samples on its own.
+fn prepare_out(o: &Opts) -> Result<Lock> {
+    let lock = Lock::take(&o.out)?;
+    if !o.resume {
+        rundir::claim(&o.out, o.force)?;
+    }
     if let Some(p) = &o.tokenizer {
         let dst = o.out.join(checkpoint::TOKENIZER);
         if std::fs::canonicalize(p).ok() != std::fs::canonicalize(&dst).ok() {
-            std::fs::copy(p, &dst).with_context(|| format!("copying {}", p.display()))?;
+            let bytes = std::fs::read(p)
+                .map_err(|e| bad(&p.display().to_string(), format!("cannot read: {e}")))?;
+            crate::fsutil::write_atomic_with(&dst, |w| w.write_all(&bytes))?;
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// What MFU divides by, and the model's FLOPs per token.
@@ -317,21 +334,36 @@ impl<'a, 'c> Run<'a, 'c> {
         }
     }
 
-    /// Continues from the newest checkpoint in `--out`; returns the steps it had done.
+    /// Continues from the newest checkpoint in `--out` written by this run; returns the
+    /// steps it had done. A folder whose run stopped before its first checkpoint starts
+    /// over.
     fn resume(&mut self, o: &Opts) -> Result<u64> {
-        let l = checkpoint::latest(&o.out).map_err(|e| bad("--resume", format!("{e:#}")))?;
+        let metrics = o.out.join(rundir::METRICS);
+        if checkpoint::list(&o.out).is_empty() && metrics.exists() {
+            eprintln!(
+                "note: {}: no checkpoint yet; starting from step 0",
+                o.out.display()
+            );
+            return Ok(0);
+        }
+        let l = checkpoint::latest(&o.out).map_err(|e| bad("--resume", e))?;
+        let asked = rundir::Asked {
+            plan: &o.plan_toml,
+            seed: o.seed,
+            lr: o.lr,
+            steps: o.steps,
+        };
+        for note in rundir::check_resume(&l.dir, &l.meta, &asked)? {
+            eprintln!("note: resuming {}: {note}", l.dir.display());
+        }
         checkpoint::restore(&l, &self.model, Some(&mut self.opt))?;
         self.data_rng = Rng(l.meta.data_rng);
         self.corpus.train.seek(l.meta.data_position)?;
-        if l.meta.plan.trim() != o.plan_toml.trim() {
-            eprintln!(
-                "warning: {} was written with a different plan; continuing with this one",
-                l.dir.display()
-            );
-        }
         let start = l.meta.step;
-        Progress::truncate(&o.out.join("metrics.jsonl"), start)?;
-        println!("resumed from {} (step {start})", l.dir.display());
+        Progress::truncate(&metrics, start)?;
+        if start < o.stop_at.unwrap_or(o.steps).min(o.steps) {
+            println!("resumed from {} (step {start})", l.dir.display());
+        }
         Ok(start)
     }
 
@@ -373,7 +405,17 @@ impl<'a, 'c> Run<'a, 'c> {
     /// Saves the weights from before step `s`, whose loss is `loss` (not a number), beside
     /// the checkpoints kept, and says so.
     fn diverged(&self, s: u64, loss: f64, checkpointer: &Checkpointer) -> anyhow::Error {
-        match checkpointer.save(self, s, loss, checkpointer.o.keep.max(1) + 1) {
+        let keep = checkpointer.o.keep;
+        let keep = Keep {
+            last: keep.last.max(1) + 1,
+            ..keep
+        };
+        let line = MetricLine {
+            step: s,
+            loss,
+            ..MetricLine::default()
+        };
+        match checkpointer.save(self, &line, keep) {
             Ok(dir) => Error::Diverged {
                 loss,
                 step: s + 1,
@@ -433,12 +475,19 @@ impl Validator {
 }
 
 /// Mean validation loss over up to `VAL_WINDOWS` fixed windows.
-fn validate(model: &Model, corpus: &Corpus, spec: &RunSpec) -> Result<f64> {
+pub(crate) fn validate(
+    model: &Model,
+    corpus: &Corpus,
+    spec: &RunSpec,
+) -> crate::engine::Result<f64> {
     let t = spec.train.seq_len as usize;
     let b = spec.train.micro_batch as usize;
     let offs = data::val_windows(&corpus.val, t, data::VAL_WINDOWS);
     if offs.is_empty() {
-        anyhow::bail!("the validation split is shorter than one sequence");
+        return Err(bad(
+            &corpus.name,
+            "the validation split is shorter than one sequence",
+        ));
     }
     let mut total = 0.0;
     let mut count = 0;
@@ -461,16 +510,17 @@ impl Checkpointer<'_> {
         (self.o.save_every > 0 && step_no.is_multiple_of(self.o.save_every)) || step_no == self.end
     }
 
-    /// Saves `run` after `step` steps and keeps the newest `keep` checkpoints.
-    fn save(&self, run: &Run, step: u64, loss: f64, keep: usize) -> Result<PathBuf> {
+    /// Saves `run` after the step `line` logs, and prunes to `keep`.
+    fn save(&self, run: &Run, line: &MetricLine, keep: Keep) -> Result<PathBuf> {
         let o = self.o;
         let meta = Meta {
-            step,
+            step: line.step,
             data_rng: run.data_rng.0,
             data_position: run.corpus.train.position(),
             adam_t: run.opt.t,
             seed: o.seed,
             plan: o.plan_toml.clone(),
+            plan_hash: checkpoint::plan_hash(&o.plan_toml),
             data: o
                 .data
                 .as_ref()
@@ -478,16 +528,19 @@ impl Checkpointer<'_> {
                 .unwrap_or_else(|| "built-in".into()),
             total_steps: o.steps,
             learning_rate: o.lr,
-            last_loss: loss,
+            last_loss: line.loss,
+            val_loss: line.val_loss,
             tokenizer: o.tokenizer.is_some(),
+            checksums: Default::default(),
         };
-        checkpoint::save(&o.out, &run.model, &run.opt, &meta, keep)
+        Ok(checkpoint::save(&o.out, &run.model, &run.opt, &meta, keep)?)
     }
 }
 
 /// `OUT/metrics.jsonl` (a line per step) and the progress line every `--log-every` steps.
 struct Progress {
     metrics: std::fs::File,
+    path: PathBuf,
     speed: Speed,
     bytes_per_token: f64,
     log_every: u64,
@@ -500,15 +553,19 @@ struct Progress {
 }
 
 impl Progress {
-    fn open(o: &Opts, corpus: &Corpus, speed: Speed) -> Result<Progress> {
-        let path = o.out.join("metrics.jsonl");
+    /// Opens the log to append to after `start` steps (a fresh log when 0).
+    fn open(o: &Opts, corpus: &Corpus, speed: Speed, start: u64) -> Result<Progress> {
+        let path = o.out.join(rundir::METRICS);
         let metrics = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .append(start > 0)
+            .truncate(start == 0)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(|e| Error::io(&path, e))?;
         Ok(Progress {
             metrics,
+            path,
             speed,
             bytes_per_token: corpus.bytes_per_token,
             log_every: o.log_every.max(1),
@@ -552,7 +609,8 @@ impl Progress {
         if let Some(v) = line.val_loss {
             self.val_loss = v;
         }
-        writeln!(self.metrics, "{}", serde_json::to_string(line)?)?;
+        writeln!(self.metrics, "{}", serde_json::to_string(line)?)
+            .map_err(|e| Error::io(&self.path, e))?;
         if line.step.is_multiple_of(self.log_every) || line.step == self.steps || first {
             let rate = self.tokens as f64 / self.seconds.max(1e-9);
             println!(

@@ -1,0 +1,52 @@
+//! The validation loss of a saved checkpoint (`vramplan eval`): the model rebuilt from the
+//! checkpoint's plan, its weights restored, and the same fixed validation windows the
+//! trainer measures, so a checkpoint's number here equals its run's `val_loss` there.
+
+use crate::engine::checkpoint::{self, Loaded};
+use crate::engine::load_tokenizer;
+use crate::engine::model::Model;
+use crate::engine::rng::Rng;
+use crate::engine::trainer::{corpus, validate};
+use crate::engine::Result;
+use candle_core::{DType, Device};
+use std::path::Path;
+use vramplan_planner::RunSpec;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Evaluation {
+    pub checkpoint: String,
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_bits_per_byte: f64,
+    /// The data whose validation split was measured.
+    pub data: String,
+}
+
+/// Evaluates the checkpoint `l` (whose plan resolves to `spec`) on the validation split of
+/// `data`, else of the data it trained on; with the run's tokenizer when it had one.
+pub fn evaluate(spec: &RunSpec, l: &Loaded, data: Option<&Path>) -> Result<Evaluation> {
+    let data = data.or((l.meta.data != "built-in").then(|| Path::new(&l.meta.data)));
+    let hf = if l.meta.tokenizer {
+        let run = l.dir.parent().unwrap_or(Path::new("."));
+        Some(load_tokenizer(&run.join(checkpoint::TOKENIZER), spec)?)
+    } else {
+        None
+    };
+    let corpus = corpus(spec, data, &hf)?;
+    let model = Model::new(
+        &spec.model,
+        DType::F32,
+        DType::F32,
+        &Device::Cpu,
+        &mut Rng::new(0),
+    )?;
+    checkpoint::restore(l, &model, None)?;
+    let val_loss = validate(&model, &corpus, spec)?;
+    Ok(Evaluation {
+        checkpoint: l.dir.display().to_string(),
+        step: l.meta.step,
+        val_loss,
+        val_bits_per_byte: val_loss / corpus.bytes_per_token / std::f64::consts::LN_2,
+        data: corpus.name.clone(),
+    })
+}
