@@ -125,6 +125,9 @@ def setup(cfg):
     torch.manual_seed(0)
     m, t = cfg["model"], cfg["train"]
     impl, compiled = t["implementation"], t["compile"]
+    # A fresh dynamo cache per run: past its recompile limit dynamo would silently run a
+    # later run's loss eagerly.
+    torch._dynamo.reset()
     if impl == "torchtune":
         from torchtune import training
 

@@ -190,7 +190,8 @@ pub fn backward(
             return Some(compiled_backward(s, t, v, c, returned, st.saved))
         }
         Plan::OutputChunks { rows, compiled } => {
-            return Some(chunks_backward(s, rows, v, c, compiled, st.saved))
+            let head = Layout::new(&[3, v, m.hidden_size], c);
+            return Some(chunks_backward(s, rows, v, c, compiled, head, st.saved));
         }
         Plan::Eager if t.loss != LossMode::FloatCast => return None,
         Plan::Eager => {}
@@ -355,6 +356,7 @@ fn chunks_backward(
     v: u64,
     c: DType,
     compiled: bool,
+    head: Layout,
     saved: Vec<TensorId>,
 ) -> TensorId {
     let per_chunk = if compiled { 2 } else { 1 };
@@ -392,6 +394,16 @@ fn chunks_backward(
             }
         };
         chunk.into_iter().for_each(|id| s.free(id));
+        if last.is_some() || !saved.is_empty() {
+            // The output projection's weight is used once per chunk: autograd sums its
+            // gradients in the engine's input buffer, out of place (the sum so far, this
+            // chunk's, and the new sum at once).
+            s.transient(
+                "lm_head weight gradient sum (autograd input buffer)",
+                Component::Temporaries,
+                head.clone(),
+            );
+        }
         last = Some(g);
     }
     last.unwrap_or_else(|| s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c)))
