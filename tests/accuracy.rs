@@ -81,7 +81,7 @@ fn framework_and_compiled_peaks_are_predicted_within_bound() {
         *w = w.max(e.abs());
     }
     let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
-    assert!(errs.len() >= 21 && compiled >= 17, "{} runs", errs.len());
+    assert!(errs.len() >= 22 && compiled >= 18, "{} runs", errs.len());
     // Every compiled configuration within 3 %; torchtune's eager chunked loss in fp32 is
     // at +3.8 % (docs/accuracy.md), so eager runs are held to 4 %.
     assert!(worst.0 <= 0.03, "compiled: worst {:.2} %", worst.0 * 100.0);
