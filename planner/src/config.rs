@@ -87,6 +87,10 @@ pub struct RawTrain {
     pub attention: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub implementation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compile: Option<bool>,
     /// Training-loop settings the memory model ignores but `vramplan train` reads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
@@ -143,6 +147,15 @@ pub mod defaults {
     pub const LOSS_CHUNK: u64 = 1024;
     pub const ATTENTION: &str = "sdpa";
     pub const ENGINE: &str = "torch";
+    pub const COMPILE: bool = false;
+
+    /// nanochat's model is its own code; every other architecture runs transformers'.
+    pub fn implementation(arch: crate::spec::Arch) -> &'static str {
+        match arch {
+            crate::spec::Arch::Nanochat => "nanochat",
+            _ => "hf",
+        }
+    }
     pub const GPU: &str = "cpu";
     pub const SHARDING: &str = "ddp";
     /// Host memory assumed for `gpu = "cpu"` when neither the caller nor the config says.
@@ -368,6 +381,12 @@ impl RawTrain {
             )?,
             attention: choice("train.attention", &self.attention, defaults::ATTENTION)?,
             engine: choice("train.engine", &self.engine, defaults::ENGINE)?,
+            implementation: choice(
+                "train.implementation",
+                &self.implementation,
+                defaults::implementation(model.arch),
+            )?,
+            compile: self.compile.unwrap_or(defaults::COMPILE),
         })
     }
 }
@@ -449,6 +468,7 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             ),
         ));
     }
+    crate::torch::check_implementation(m, t)?;
     if !h.device.is_cuda() && h.gpus > 1 {
         return Err(PlanError::invalid(
             "hardware.gpus",
@@ -507,6 +527,11 @@ impl RawConfig {
                 loss_chunk: (t.loss == LossMode::Chunked).then_some(t.loss_chunk),
                 attention: Some(t.attention.name().into()),
                 engine: Some(t.engine.name().into()),
+                // Written when the config named them or the plan departs from the default.
+                implementation: (self.train.implementation.is_some()
+                    || t.implementation.name() != defaults::implementation(spec.model.arch))
+                .then(|| t.implementation.name().into()),
+                compile: (self.train.compile.is_some() || t.compile).then_some(t.compile),
                 ..self.train.clone()
             },
             hardware: RawHardware {

@@ -11,7 +11,7 @@
 
 use crate::allocator;
 use crate::params;
-use crate::spec::{Checkpointing, Device, Engine, LossMode, Precision, RunSpec};
+use crate::spec::{Checkpointing, Device, Engine, Implementation, LossMode, Precision, RunSpec};
 use crate::timeline::Timeline;
 use crate::torch;
 use crate::units::Bytes;
@@ -32,6 +32,9 @@ pub struct Report {
     pub model: String,
     pub device: String,
     pub engine: Engine,
+    /// Whose model code the torch engine followed, and whether compiled.
+    pub implementation: Implementation,
+    pub compile: bool,
     pub micro_batch: u64,
     pub seq_len: u64,
     pub grad_accum: u64,
@@ -115,6 +118,8 @@ pub fn estimate(spec: &RunSpec) -> Report {
         model: spec.model.name.clone(),
         device: spec.hardware.device.name().to_string(),
         engine: spec.train.engine,
+        implementation: spec.train.implementation,
+        compile: spec.train.compile,
         micro_batch: spec.train.micro_batch,
         seq_len: spec.train.seq_len,
         grad_accum: spec.train.grad_accum,

@@ -83,6 +83,20 @@ choice!(
     LossMode { FloatCast = "float-cast", Chunked = "chunked", Fused = "fused" }
 );
 choice!(Attention { Sdpa = "sdpa", Eager = "eager" });
+choice!(
+    /// Whose model code the torch engine follows: what its forward saves differs
+    /// (`docs/model.md`, a section each).
+    Implementation {
+        /// Hugging Face transformers' modeling files.
+        Hf = "hf",
+        /// karpathy/nanochat's `gpt.py`.
+        Nanochat = "nanochat",
+        /// torchtitan's Llama (`torchtitan/models/llama3`).
+        Torchtitan = "torchtitan",
+        /// torchtune's `TransformerDecoder` with `CEWithChunkedOutputLoss`.
+        Torchtune = "torchtune",
+    }
+);
 choice!(Engine { Torch = "torch", Candle = "candle" });
 choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3" });
 
@@ -156,6 +170,10 @@ pub struct TrainSpec {
     pub loss_chunk: u64,
     pub attention: Attention,
     pub engine: Engine,
+    /// Whose model code the step runs.
+    pub implementation: Implementation,
+    /// `torch.compile`: AOTAutograd's partitioner decides what backward keeps.
+    pub compile: bool,
 }
 
 impl TrainSpec {

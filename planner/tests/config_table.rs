@@ -250,3 +250,69 @@ fn every_plan_fit_writes_resolves_to_the_same_run() {
     }
     assert!(checked > 100, "only {checked} plans checked");
 }
+
+const NANOCHAT: &str = "[model]\npreset = \"nanochat-d4\"\n";
+const SMOLLM: &str = "[model]\npreset = \"smollm2-135m\"\n";
+
+#[test]
+fn implementation_and_compile_refuse_what_is_not_modelled() {
+    let cases = [
+        (format!("{GPT2}[train]\nimplementation = \"megatron\"\n"), "train.implementation = \"megatron\": expected one of hf | nanochat | torchtitan | torchtune"),
+        (format!("{NANOCHAT}[train]\nimplementation = \"hf\"\n"), "train.implementation = \"hf\": nanochat for arch nanochat"),
+        (format!("{GPT2}[train]\nimplementation = \"torchtune\"\n"), "train.implementation = \"torchtune\": hf for arch gpt2"),
+        (format!("{SMOLLM}[train]\nimplementation = \"nanochat\"\n"), "train.implementation = \"nanochat\": hf | torchtitan | torchtune for arch llama"),
+        (format!("{SMOLLM}[train]\nimplementation = \"torchtitan\"\n"), "train.compile = false: true with implementation = \"torchtitan\""),
+        (format!("{GPT2}[train]\ncompile = true\n"), "train.compile = true: false for arch gpt2: compile is modelled for llama, qwen2 and nanochat"),
+        (format!("{SMOLLM}[train]\ncompile = true\ncheckpointing = \"full\"\n"), "train.compile = true: false with checkpointing = \"full\""),
+        (format!("{SMOLLM}[train]\ncompile = true\nattention = \"eager\"\n"), "train.compile = true: false with attention = \"eager\""),
+        (format!("{SMOLLM}[train]\ncompile = \"yes\"\n"), "line 4: train.compile: invalid type: string \"yes\", expected a boolean"),
+    ];
+    for (src, want) in cases {
+        let err = resolve(&src).expect_err(&src).to_string();
+        assert!(err.starts_with(want), "{src}\n got: {err}\nwant: {want}");
+    }
+}
+
+#[test]
+fn implementation_defaults_per_architecture_and_round_trips() {
+    // (config, implementation, compile) as resolved.
+    let cases = [
+        (NANOCHAT.to_string(), Implementation::Nanochat, false),
+        (SMOLLM.to_string(), Implementation::Hf, false),
+        (GPT2.to_string(), Implementation::Hf, false),
+        (
+            format!("{NANOCHAT}[train]\ncompile = true\n"),
+            Implementation::Nanochat,
+            true,
+        ),
+        (
+            format!("{SMOLLM}[train]\nimplementation = \"TorchTune\"\ncompile = true\n"),
+            Implementation::Torchtune,
+            true,
+        ),
+        (
+            format!("{SMOLLM}[train]\nimplementation = \"torchtitan\"\ncompile = true\n"),
+            Implementation::Torchtitan,
+            true,
+        ),
+    ];
+    for (src, code, compile) in cases {
+        let spec = resolve(&src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        assert_eq!(
+            (spec.train.implementation, spec.train.compile),
+            (code, compile),
+            "{src}"
+        );
+        let raw = RawConfig::from_toml(&src).unwrap();
+        let text = raw.with_spec(&spec).to_toml().unwrap();
+        assert_eq!(resolve(&text).unwrap(), spec, "{text}");
+        // A plan spells out what its config named, and only that (the defaults stand).
+        let named = raw.train.implementation.is_some();
+        assert_eq!(text.contains("implementation"), named, "{text}");
+        assert_eq!(
+            text.contains("compile"),
+            raw.train.compile.is_some(),
+            "{text}"
+        );
+    }
+}

@@ -6,8 +6,8 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArra
 use std::fmt::Write;
 use std::path::Path;
 use vramplan_planner::{
-    thousands, Bytes, Comparison, Device, DiagnosedLog, Diagnosis, FitResult, GpuSpec, ModelSpec,
-    Report, RunSpec,
+    thousands, Bytes, Comparison, Device, DiagnosedLog, Diagnosis, Engine, FitResult, GpuSpec,
+    ModelSpec, Report, RunSpec, TrainSpec,
 };
 
 /// The human-readable format.
@@ -110,6 +110,18 @@ fn pct(part: u64, whole: u64) -> String {
     }
 }
 
+/// The torch engine's implementation and compile state: " (hf, eager)".
+fn code(t: &TrainSpec) -> String {
+    match t.engine {
+        Engine::Torch => format!(
+            " ({}, {})",
+            t.implementation,
+            if t.compile { "compiled" } else { "eager" }
+        ),
+        Engine::Candle => String::new(),
+    }
+}
+
 /// One line: what is run, where.
 pub fn headline(s: &RunSpec) -> String {
     let t = &s.train;
@@ -118,10 +130,11 @@ pub fn headline(s: &RunSpec) -> String {
         Device::Cpu { .. } => "cpu".into(),
     };
     format!(
-        "{} on {}, {} engine\nmicro-batch {} × seq {} × accumulation {} × {} GPU(s) = {} tokens per step\n{}, {}, checkpointing {}, loss {}, attention {}, {}\n",
+        "{} on {}, {} engine{}\nmicro-batch {} × seq {} × accumulation {} × {} GPU(s) = {} tokens per step\n{}, {}, checkpointing {}, loss {}, attention {}, {}\n",
         s.model.name,
         dev,
         t.engine,
+        code(t),
         t.micro_batch,
         t.seq_len,
         t.grad_accum,

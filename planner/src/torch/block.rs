@@ -166,6 +166,7 @@ impl Implementation for Transformers {
             stem,
             encoder,
             decoder,
+            head: None,
         }
     }
 }
@@ -203,7 +204,7 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
     }
 }
 
-fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
+pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
     // input_layernorm: fp32 normalized input, then weight * x (fp32 under autocast).

@@ -10,17 +10,51 @@
 //!   plus the gradient of the hidden states.
 //! - `fused`: a fused linear + cross-entropy kernel (Liger's chunk heuristic: the next power
 //!   of two of N / ⌈V/H⌉ rows) that never materializes the full logits.
+//!
+//! Per implementation and under `torch.compile` (`[train] implementation`, `compile`):
+//! - compiled `float-cast` (transformers' `ForCausalLMLoss`, nanochat's softcap and
+//!   `logits.float()`, torchtitan's `cross_entropy_loss`): inductor fuses the cast, the
+//!   softcap and `log_softmax` into one reduction; the partitioner keeps the logits as the
+//!   head's matmul made them (compute precision) and two fp32 statistics per row (maximum
+//!   and log-sum-exp); in forward the upcast logits are written out once as a temporary
+//!   (N·V·4, several reductions read them: measured on the CPU); backward is one fused kernel writing the logits' gradient in compute
+//!   precision. transformers also keeps its padded labels (B × (T + 1), int64).
+//! - torchtune's `chunked` (`CEWithChunkedOutputLoss`, 8 chunks along the sequence): the
+//!   output projection runs per chunk and every chunk's logits live until the loss returns;
+//!   eager, each chunk's `logits.float()` feeds `cross_entropy`, whose `log_softmax` keeps
+//!   its fp32 output, so all chunks' fp32 log-probabilities are saved together (N·V·4);
+//!   backward walks the chunks, one chunk's fp32 gradients at a time. Compiled
+//!   (`training.compile_loss` compiles the chunk's upcast and cross-entropy), each chunk
+//!   keeps its logits in compute precision and its two row statistics.
 
-use crate::spec::{Arch, LossMode, ModelSpec, TrainSpec};
+use crate::spec::{Arch, Implementation, LossMode, ModelSpec, TrainSpec};
 use crate::timeline::{Component, Layout, Step, TensorId};
 use crate::units::DType;
 
 /// What the loss forward leaves for its backward.
 pub struct LossState {
     saved: Vec<TensorId>,
+    /// How backward walks the saved tensors.
+    plan: Plan,
     /// The gradient of the final hidden states computed in forward (chunked and fused).
     pub grad_hidden: Option<TensorId>,
 }
+
+/// The loss code whose backward runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Plan {
+    /// Eager autograd over the whole logits (float-cast), or nothing left (chunked, fused).
+    Eager,
+    /// Inductor's fused kernel: the saved logits and row statistics give the gradient.
+    /// `returned`: the compiled forward also returns the logits (transformers' output
+    /// object), and AOTAutograd's backward fills a zero gradient for that unused output.
+    Compiled { returned: bool },
+    /// torchtune's chunks: `rows` rows each; compiled or eager cross-entropy per chunk.
+    OutputChunks { rows: u64, compiled: bool },
+}
+
+/// `CEWithChunkedOutputLoss.num_output_chunks`.
+const TORCHTUNE_CHUNKS: u64 = 8;
 
 /// The full logits (or a tensor of their size): B × T × V.
 fn bv(t: &TrainSpec, v: u64, dtype: DType) -> Layout {
@@ -77,6 +111,7 @@ fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState
     s.free(capped);
     LossState {
         saved,
+        plan: Plan::Eager,
         grad_hidden: None,
     }
 }
@@ -86,6 +121,12 @@ pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossStat
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("loss");
+    if t.implementation == Implementation::Torchtune && t.loss == LossMode::Chunked {
+        return output_chunks(s, m, t, c);
+    }
+    if t.compile && t.loss == LossMode::FloatCast {
+        return compiled(s, m, t, c);
+    }
     match t.loss {
         LossMode::FloatCast => float_cast(s, m, t, c),
         LossMode::Chunked | LossMode::Fused => {
@@ -126,6 +167,7 @@ pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossStat
             s.free(a);
             LossState {
                 saved: vec![],
+                plan: Plan::Eager,
                 grad_hidden: Some(gh),
             }
         }
@@ -143,8 +185,16 @@ pub fn backward(
 ) -> Option<TensorId> {
     let v = m.vocab_size;
     s.phase("backward: loss");
-    if t.loss != LossMode::FloatCast {
-        return None;
+    match st.plan {
+        Plan::Compiled { returned } => {
+            return Some(compiled_backward(s, t, v, c, returned, st.saved))
+        }
+        Plan::OutputChunks { rows, compiled } => {
+            let head = Layout::new(&[3, v, m.hidden_size], c);
+            return Some(chunks_backward(s, rows, v, c, compiled, head, st.saved));
+        }
+        Plan::Eager if t.loss != LossMode::FloatCast => return None,
+        Plan::Eager => {}
     }
     let g_lp = s.alloc(
         "grad of log_softmax (fp32)",
@@ -187,4 +237,174 @@ pub fn backward(
         }
     }
     Some(g)
+}
+
+/// Compiled float-cast: the logits in compute precision and two row statistics.
+fn compiled(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+    let n = t.tokens_per_micro_batch();
+    let mut saved = vec![s.alloc(
+        "logits (saved by the compiled loss)",
+        Component::Logits,
+        bv(t, m.vocab_size, c),
+    )];
+    if m.arch != Arch::Nanochat {
+        saved.push(s.alloc(
+            "padded labels",
+            Component::Logits,
+            Layout::new(&[t.micro_batch, t.seq_len.saturating_add(1)], DType::I64),
+        ));
+    }
+    if c != DType::F32 {
+        // The upcast logits are read by several reductions (row max, sum of exponentials,
+        // the target's logit), so the scheduler writes them out once instead of fusing.
+        s.transient(
+            "logits upcast (fp32, read by the loss's reductions)",
+            Component::Logits,
+            bv(t, m.vocab_size, DType::F32),
+        );
+    }
+    saved.push(s.alloc(
+        "row max and log-sum-exp (fp32)",
+        Component::Logits,
+        Layout::new(&[2, n], DType::F32),
+    ));
+    LossState {
+        saved,
+        plan: Plan::Compiled {
+            returned: m.arch != Arch::Nanochat && t.implementation == Implementation::Hf,
+        },
+        grad_hidden: None,
+    }
+}
+
+/// The fused backward kernel: the logits' gradient in compute precision.
+fn compiled_backward(
+    s: &mut Step,
+    t: &TrainSpec,
+    v: u64,
+    c: DType,
+    returned: bool,
+    saved: Vec<TensorId>,
+) -> TensorId {
+    let zeros = returned.then(|| {
+        s.alloc(
+            "zero gradient of the returned logits",
+            Component::Logits,
+            bv(t, v, c),
+        )
+    });
+    let g = s.alloc("grad of logits (fused)", Component::Logits, bv(t, v, c));
+    saved.into_iter().chain(zeros).for_each(|id| s.free(id));
+    g
+}
+
+/// torchtune's chunked-output loss forward: every chunk's logits, and per chunk what its
+/// cross-entropy keeps.
+fn output_chunks(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+    let v = m.vocab_size;
+    // `torch.chunk` along the sequence: ⌈T / 8⌉ positions a chunk.
+    let per = t.seq_len.div_ceil(TORCHTUNE_CHUNKS).max(1);
+    let chunks = t.seq_len.div_ceil(per);
+    let rows = t.micro_batch.saturating_mul(per);
+    let logits: Vec<TensorId> = (0..chunks)
+        .map(|_| s.alloc("logits chunk", Component::Logits, rv(rows, v, c)))
+        .collect();
+    let mut saved = Vec::with_capacity(chunks as usize * 2);
+    if t.compile {
+        // Each chunk's compiled cross-entropy keeps its input and two row statistics.
+        for l in logits {
+            saved.push(l);
+            saved.push(s.alloc(
+                "chunk row max and log-sum-exp (fp32)",
+                Component::Logits,
+                Layout::new(&[2, rows], DType::F32),
+            ));
+        }
+    } else {
+        for _ in 0..chunks {
+            let f32_copy = (c != DType::F32).then(|| {
+                s.alloc(
+                    "logits chunk .float()",
+                    Component::Logits,
+                    rv(rows, v, DType::F32),
+                )
+            });
+            saved.push(s.alloc(
+                "log_softmax chunk (fp32, saved)",
+                Component::Logits,
+                rv(rows, v, DType::F32),
+            ));
+            f32_copy.into_iter().for_each(|id| s.free(id));
+        }
+        // The list of logits is dropped when the loss returns.
+        logits.into_iter().for_each(|id| s.free(id));
+    }
+    LossState {
+        saved,
+        plan: Plan::OutputChunks {
+            rows,
+            compiled: t.compile,
+        },
+        grad_hidden: None,
+    }
+}
+
+/// Backward chunk by chunk, last first; returns the last chunk's gradient of its logits.
+fn chunks_backward(
+    s: &mut Step,
+    rows: u64,
+    v: u64,
+    c: DType,
+    compiled: bool,
+    head: Layout,
+    saved: Vec<TensorId>,
+) -> TensorId {
+    let per_chunk = if compiled { 2 } else { 1 };
+    let mut saved = saved;
+    let mut last = None;
+    while !saved.is_empty() {
+        let chunk: Vec<TensorId> = saved.split_off(saved.len().saturating_sub(per_chunk));
+        if let Some(g) = last.take() {
+            s.free(g);
+        }
+        let g = if compiled {
+            s.alloc(
+                "grad of logits chunk (fused)",
+                Component::Logits,
+                rv(rows, v, c),
+            )
+        } else {
+            let g_lp = s.alloc(
+                "grad of log_softmax chunk (fp32)",
+                Component::Logits,
+                rv(rows, v, DType::F32),
+            );
+            let g32 = s.alloc(
+                "grad of logits chunk (fp32)",
+                Component::Logits,
+                rv(rows, v, DType::F32),
+            );
+            s.free(g_lp);
+            if c == DType::F32 {
+                g32
+            } else {
+                let gc = s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c));
+                s.free(g32);
+                gc
+            }
+        };
+        chunk.into_iter().for_each(|id| s.free(id));
+        if last.is_some() || !saved.is_empty() {
+            // The output projection's weight is used once per chunk: autograd sums its
+            // gradients in the engine's input buffer, out of place (the sum so far, this
+            // chunk's, and the new sum at once).
+            s.transient(
+                "lm_head weight gradient sum (autograd input buffer)",
+                Component::Temporaries,
+                head.clone(),
+            );
+        }
+        last = Some(g);
+    }
+    last.unwrap_or_else(|| s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c)))
 }

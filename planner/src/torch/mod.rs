@@ -15,9 +15,14 @@
 //! so the whole inventory is linear in layers.
 
 mod block;
+mod compiled;
 mod loss;
 mod optim;
 mod recipe;
+mod torchtitan;
+mod torchtune;
+
+pub(crate) use recipe::check as check_implementation;
 
 use crate::params::{self, Param, Role};
 use crate::spec::{Checkpointing, ModelSpec, RunSpec, TrainSpec};
@@ -29,8 +34,14 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 /// The implementation whose code the run follows.
-fn implementation(_spec: &RunSpec) -> &'static dyn Implementation {
-    &block::Transformers
+fn implementation(spec: &RunSpec) -> &'static dyn Implementation {
+    use crate::spec::Implementation as Code;
+    match (spec.train.implementation, spec.train.compile) {
+        (Code::Torchtune, _) => &torchtune::Torchtune,
+        (Code::Torchtitan, _) => &torchtitan::Torchtitan,
+        (_, true) => &compiled::CompiledTransformers,
+        _ => &block::Transformers,
+    }
 }
 
 /// Everything the phases read, computed once.
@@ -273,7 +284,31 @@ fn save(
 fn head_forward(s: &mut Step, run: &Run) -> Head {
     let d = &run.d;
     s.phase("forward: final norm and head");
-    let saved = vec![
+    let saved = match &run.recipe.head {
+        Some(head) => head
+            .iter()
+            .map(|(name, l)| s.alloc(*name, Component::Activations, l.clone()))
+            .collect(),
+        None => eager_head(s, d),
+    };
+    let copy = d.autocast.then(|| {
+        s.alloc(
+            "lm_head weight (bf16 copy)",
+            Component::WeightCopies,
+            Layout::new(&[run.m.vocab_size, run.m.hidden_size], d.c),
+        )
+    });
+    let loss = loss::forward(s, run.m, run.t, d.c);
+    if run.t.checkpointing == Checkpointing::Full && d.autocast {
+        // Leaving autocast clears its cache (the forward's weight copies) before backward.
+        s.phase("leaving autocast");
+    }
+    Head { saved, copy, loss }
+}
+
+/// Eager's final norm: its normalized input and the head's input (autocast's copy).
+fn eager_head(s: &mut Step, d: &Dims) -> Vec<TensorId> {
+    vec![
         s.alloc(
             "final norm normalized",
             Component::Activations,
@@ -288,20 +323,7 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
             Component::Activations,
             d.tok(d.h, if d.autocast { d.c } else { d.r }),
         ),
-    ];
-    let copy = d.autocast.then(|| {
-        s.alloc(
-            "lm_head weight (bf16 copy)",
-            Component::WeightCopies,
-            Layout::new(&[run.m.vocab_size, run.m.hidden_size], d.c),
-        )
-    });
-    let loss = loss::forward(s, run.m, run.t, d.c);
-    if run.t.checkpointing == Checkpointing::Full && d.autocast {
-        // Leaving autocast clears its cache (the forward's weight copies) before backward.
-        s.phase("leaving autocast");
-    }
-    Head { saved, copy, loss }
+    ]
 }
 
 /// The loss backward, the head's gradients and the final norm's backward; returns the

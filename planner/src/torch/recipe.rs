@@ -2,13 +2,15 @@
 //!
 //! The step's phases (`torch::play`) are the same for every PyTorch training script:
 //! model state, forward, loss, backward, optimizer. What differs between implementations
-//! of the same architecture (Hugging Face transformers, torchtitan, torchtune) is which
-//! tensors their forward saves and how large their temporaries are. That difference is a
-//! [`Recipe`], a data table; an implementation is one file with a type implementing
-//! [`Implementation`], chosen in `torch::implementation`.
+//! of the same architecture (Hugging Face transformers, nanochat, torchtitan, torchtune)
+//! is which tensors their forward saves and how large their temporaries are. That
+//! difference is a [`Recipe`], a data table; an implementation is one file with a type
+//! implementing [`Implementation`], chosen in `torch::implementation`. [`check`] says which
+//! architectures each implementation models, eager and compiled.
 
 use super::block::Block;
-use crate::spec::{ModelSpec, TrainSpec};
+use crate::error::{quote, PlanError, Result};
+use crate::spec::{Arch, Checkpointing, Choice, Implementation as Code, ModelSpec, TrainSpec};
 use crate::timeline::Layout;
 
 /// What an implementation keeps, as the phases play it.
@@ -23,6 +25,9 @@ pub struct Recipe {
     pub encoder: Block,
     /// T5's decoder blocks, which follow the `num_layers` encoder blocks.
     pub decoder: Option<Block>,
+    /// What the final norm keeps for the head's backward, where it is not eager's
+    /// (normalized input, and the head's input or its autocast copy).
+    pub head: Option<Vec<(&'static str, Layout)>>,
 }
 
 impl Recipe {
@@ -38,4 +43,67 @@ impl Recipe {
 /// One implementation of the supported architectures.
 pub trait Implementation {
     fn recipe(&self, m: &ModelSpec, t: &TrainSpec) -> Recipe;
+}
+
+/// The architectures each implementation's code is modelled for.
+fn modelled(code: Code) -> &'static [Arch] {
+    match code {
+        Code::Hf => &[Arch::Llama, Arch::Qwen2, Arch::Gpt2, Arch::T5],
+        Code::Nanochat => &[Arch::Nanochat],
+        Code::Torchtitan | Code::Torchtune => &[Arch::Llama],
+    }
+}
+
+/// Refuses an implementation, or `compile`, the inventory does not model for the run.
+pub fn check(m: &ModelSpec, t: &TrainSpec) -> Result<()> {
+    if !modelled(t.implementation).contains(&m.arch) {
+        let fits: Vec<&str> = Code::ALL
+            .iter()
+            .filter(|(_, c)| modelled(*c).contains(&m.arch))
+            .map(|(n, _)| *n)
+            .collect();
+        return Err(PlanError::invalid(
+            "train.implementation",
+            quote(t.implementation.name()),
+            format!("{} for arch {}", fits.join(" | "), m.arch),
+        ));
+    }
+    if t.implementation == Code::Torchtitan && !t.compile {
+        return Err(PlanError::invalid(
+            "train.compile",
+            false,
+            "true with implementation = \"torchtitan\" (its eager step is not modelled)",
+        ));
+    }
+    if !t.compile {
+        return Ok(());
+    }
+    if !matches!(m.arch, Arch::Llama | Arch::Qwen2 | Arch::Nanochat) {
+        return Err(PlanError::invalid(
+            "train.compile",
+            true,
+            format!(
+                "false for arch {}: compile is modelled for llama, qwen2 and nanochat",
+                m.arch
+            ),
+        ));
+    }
+    if t.checkpointing != Checkpointing::None {
+        return Err(PlanError::invalid(
+            "train.compile",
+            true,
+            format!(
+                "false with checkpointing = \"{}\": compile is modelled without checkpointing",
+                t.checkpointing
+            ),
+        ));
+    }
+    if t.attention != crate::spec::Attention::Sdpa {
+        return Err(PlanError::invalid(
+            "train.compile",
+            true,
+            "false with attention = \"eager\": compile is modelled with sdpa",
+        ));
+    }
+    Ok(())
 }

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Ground truth for the torch engine's implementation profiles and for torch.compile:
+peak live memory of ONE steady-state training step of each framework's own model code,
+eager and compiled, measured on the CPU with the profiler's memory timeline.
+
+Usage:
+    python tools/measure_frameworks.py [--out tests/data/torch_frameworks.json] [--only ID_SUBSTRING]
+
+The method is tools/measure_torch.py's (warm-up step, then one profiled step; peak = max
+of export_memory_timeline(device="cpu") summed over categories): this script imports its
+measurement (`measure`) and its model builders and only supplies a different `setup`, the
+one that builds each framework's model and loss and compiles them as that framework does.
+
+Implementations (train.implementation):
+  * hf: transformers' LlamaForCausalLM / Qwen2ForCausalLM (`loss = model(x, labels=x).loss`,
+    ForCausalLMLoss inside the model's forward), as measure_torch.py builds it.
+    Compiled like a user script does: `model.compile()` (the whole forward, loss included).
+  * nanochat: measure_torch.py's re-implementation of nanochat/gpt.py (October 2025).
+    Compiled as nanochat's base_train does: `torch.compile(model, dynamic=False)`.
+  * torchtune (0.6.1): `torchtune.models.llama3._component_builders.llama3` (a
+    TransformerDecoder of TransformerSelfAttentionLayer), the loss
+    `torchtune.modules.loss.CEWithChunkedOutputLoss` (8 output chunks, the model's
+    `set_num_output_chunks`) as its recipes configure it. Compiled with its own
+    `torchtune.training.compile_model` (each layer) and `compile_loss` (the chunk's
+    upcast + cross-entropy), as the recipes do under `compile: True`.
+
+torch.compile runs inductor's C++ backend on the CPU; its generated kernels allocate
+through the same allocator, so the memory timeline sees every buffer. The first (warm-up)
+step compiles; the profiled step runs the compiled code.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure_torch as mt  # noqa: E402
+
+
+def _train(b, s, prec, impl, compiled, loss="float-cast"):
+    t = mt._train(b, s, prec)
+    t["loss"] = loss
+    t["implementation"] = impl
+    t["compile"] = compiled
+    return t
+
+
+def _run_id(m, t):
+    parts = [mt._run_id(m, t)]
+    if t["implementation"] != ("nanochat" if m["arch"] == "nanochat" else "hf"):
+        parts.append(t["implementation"])
+    parts += [t["loss"], "compiled" if t["compile"] else "eager"]
+    return "-".join(parts)
+
+
+def configs():
+    L, Q = "llama", "qwen2"
+    runs = []
+    for compiled in (True,):
+        for prec in ("fp32", "bf16-autocast", "bf16"):
+            runs += [
+                (mt._nanochat(256, 4, 32768), _train(2, 256, prec, "nanochat", compiled)),
+                (mt._llama_like(L, 256, 4, 4, 2, 688, 32000, True), _train(2, 256, prec, "hf", compiled)),
+            ]
+        runs += [
+            (mt._nanochat(512, 6, 4096), _train(4, 512, "bf16-autocast", "nanochat", compiled)),
+            (mt._nanochat(384, 3, 16384), _train(1, 512, "fp32", "nanochat", compiled)),
+            (mt._nanochat(128, 2, 50000), _train(4, 256, "bf16-autocast", "nanochat", compiled)),
+            (mt._llama_like(L, 512, 6, 8, 4, 1376, 4096, True), _train(4, 512, "bf16-autocast", "hf", compiled)),
+            (mt._llama_like(L, 384, 3, 6, 6, 1024, 16000, False), _train(2, 512, "fp32", "hf", compiled)),
+            (mt._llama_like(L, 128, 2, 4, 2, 344, 50000, False), _train(4, 512, "bf16-autocast", "hf", compiled)),
+            (mt._llama_like(Q, 256, 4, 4, 2, 688, 32000, True), _train(2, 256, "bf16-autocast", "hf", compiled)),
+            (mt._llama_like(Q, 384, 4, 6, 2, 1024, 8192, False), _train(2, 512, "fp32", "hf", compiled)),
+            (mt._nanochat(128, 2, 8192), _train(2, 256, "fp32", "nanochat", compiled)),
+            (mt._llama_like(L, 256, 2, 4, 4, 688, 8192, True), _train(2, 256, "bf16-autocast", "hf", compiled)),
+            (mt._llama_like(Q, 256, 2, 4, 2, 688, 8192, False), _train(1, 512, "bf16", "hf", compiled)),
+        ]
+    tune = mt._llama_like(L, 256, 4, 4, 2, 688, 32000, False)
+    tune_big = mt._llama_like(L, 512, 4, 8, 8, 1376, 8192, False)
+    for compiled in (False, True):
+        for prec in ("fp32", "bf16-autocast", "bf16"):
+            runs.append((tune, _train(2, 256, prec, "torchtune", compiled, "chunked")))
+        runs.append((tune_big, _train(2, 512, "bf16-autocast", "torchtune", compiled, "chunked")))
+    out = []
+    for m, t in runs:
+        out.append({"id": _run_id(m, t), "model": m, "train": t, "hardware": {"gpu": "cpu"}})
+    ids = [c["id"] for c in out]
+    assert len(ids) == len(set(ids)), "duplicate run ids"
+    return out
+
+
+def build_torchtune(cfg):
+    """torchtune's Llama 3 decoder and its chunked loss; returns (model, loss_fn, fwd)."""
+    from torchtune.models.llama3._component_builders import llama3
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    m, t = cfg["model"], cfg["train"]
+    if m["tie_embeddings"]:
+        raise ValueError("torchtune's llama3 builder has an untied output projection")
+    if t["loss"] != "chunked":
+        raise ValueError("torchtune runs are measured with CEWithChunkedOutputLoss")
+    model = llama3(
+        vocab_size=m["vocab_size"],
+        num_layers=m["num_layers"],
+        num_heads=m["num_heads"],
+        num_kv_heads=m["num_kv_heads"],
+        embed_dim=m["hidden_size"],
+        max_seq_len=max(2048, t["seq_len"]),
+        intermediate_dim=m["intermediate_size"],
+    )
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    return model, loss_fn
+
+
+def setup(cfg):
+    """measure_torch.setup with each framework's model, loss and compile."""
+    torch.manual_seed(0)
+    m, t = cfg["model"], cfg["train"]
+    impl, compiled = t["implementation"], t["compile"]
+    # A fresh dynamo cache per run: past its recompile limit dynamo would silently run a
+    # later run's loss eagerly.
+    torch._dynamo.reset()
+    if impl == "torchtune":
+        from torchtune import training
+
+        model, loss_fn = build_torchtune(cfg)
+        if compiled:
+            training.compile_model(model, verbose=False)
+            loss_fn = training.compile_loss(loss_fn, verbose=False)
+
+        def fwd(x):
+            return loss_fn(model(x), x)
+
+    else:
+        model, fwd = mt.build_model(cfg)
+        if compiled:
+            # nanochat's base_train: torch.compile(model, dynamic=False); for HF the same
+            # call on the causal-LM module (its forward includes ForCausalLMLoss).
+            model.compile(dynamic=False)
+    if t["precision"] == "bf16":
+        model.to(torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    xs = [torch.randint(0, m["vocab_size"], (t["micro_batch"], t["seq_len"]))]
+    if t["precision"] == "bf16-autocast":
+        autocast_ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast_ctx = contextlib.nullcontext
+
+    def step():
+        for x in xs:
+            with autocast_ctx():
+                loss = fwd(x)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return {"model": model, "opt": opt, "xs": xs, "step": step, "fwd": fwd,
+            "autocast_ctx": autocast_ctx}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="tests/data/torch_frameworks.json")
+    ap.add_argument("--only", default=None, help="run only configs whose id contains this")
+    ap.add_argument("--list", action="store_true", help="list run ids and exit")
+    args = ap.parse_args()
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    import transformers
+    import torchtune
+
+    transformers.logging.set_verbosity_error()
+    # measure_torch.measure builds each run through the module's `setup`.
+    mt.setup = setup
+
+    cfgs = configs()
+    if args.only:
+        cfgs = [c for c in cfgs if args.only in c["id"]]
+    if args.list:
+        for c in cfgs:
+            print(c["id"])
+        return
+    old = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f).get("runs", [])
+    runs = []
+    for cfg in cfgs:
+        r = mt.measure(cfg)
+        runs.append(r)
+        print(
+            f"{r['id']:<90} peak {r['peak_bytes']:>12} B ({r['peak_bytes'] / 2**20:8.1f} MiB)"
+            f"  at {r['peak_time_fraction']:.2f} near {r['peak_near_op']}  [{r['seconds']} s]",
+            flush=True,
+        )
+        gc.collect()
+        _write(args.out, old, runs, transformers.__version__, torchtune.__version__)
+
+
+def _write(path, old, runs, tf_version, tune_version):
+    """Writes after every run (a long measurement keeps what it has), merging by id."""
+    order = [c["id"] for c in configs()]
+    new_ids = {r["id"] for r in runs}
+    merged = [r for r in old if r["id"] not in new_ids and r["id"] in order] + runs
+    merged.sort(key=lambda r: order.index(r["id"]))
+    out = {
+        "tool": {
+            "torch": torch.__version__.split("+")[0],
+            "transformers": tf_version,
+            "torchtune": tune_version,
+            "python": platform.python_version(),
+        },
+        "method": (
+            "tools/measure_torch.py's measurement (one steady-state step after a warm-up step, "
+            "profiler memory timeline on the CPU, peak over all categories) of each "
+            "framework's own model and loss: hf = transformers LlamaForCausalLM / "
+            "Qwen2ForCausalLM with labels (ForCausalLMLoss); nanochat = measure_torch.py's "
+            "nanochat GPT; torchtune = torchtune 0.6.1 llama3 component builder with "
+            "CEWithChunkedOutputLoss (8 chunks). compile: hf and nanochat "
+            "model.compile(dynamic=False) (inductor, C++ backend on the CPU); torchtune "
+            "training.compile_model (per layer) and training.compile_loss. The warm-up step "
+            "compiles. AdamW(lr=1e-4, weight_decay=0.1), torch.set_num_threads(2), seed 0."
+        ),
+        "runs": merged,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
