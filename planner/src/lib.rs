@@ -11,6 +11,7 @@ mod diagnose;
 mod error;
 mod fit;
 mod hf;
+mod lora;
 mod oom;
 mod params;
 mod presets;
@@ -32,6 +33,7 @@ pub use diagnose::{
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
+pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
 pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};

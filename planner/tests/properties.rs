@@ -54,6 +54,7 @@ fn raw_run() -> impl Strategy<Value = RawConfig> {
                         gpu: Some(gpu.into()),
                         ..RawHardware::default()
                     },
+                    lora: None,
                 }
             },
         )
@@ -202,6 +203,7 @@ fn fit_request() -> impl Strategy<Value = FitRequest> {
                     gpu: Some(gpu.into()),
                     ..RawHardware::default()
                 },
+                lora: None,
             };
             let base = raw.resolve(&presets(), &Context::default()).unwrap();
             FitRequest {
@@ -304,6 +306,7 @@ fn no_input_panics_or_overflows() {
                     ..RawTrain::default()
                 },
                 hardware: RawHardware::default(),
+                lora: None,
             };
             let _ = RawConfig::from_toml(&text);
             // Either a clear error naming a key, or an estimate.
@@ -431,6 +434,7 @@ mod candle {
                             gpu: Some(gpu.into()),
                             ..RawHardware::default()
                         },
+                        lora: None,
                     };
                     spec(&raw)
                 },

@@ -111,6 +111,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             sharding: Some(a.sharding.clone()),
             memory_gib: None,
         },
+        lora: None,
     };
     let loaded = load::resolve_raw(env, "command line", raw.clone(), Path::new("."))?;
     let global = match (a.global_batch, a.global_batch_tokens) {
