@@ -374,4 +374,21 @@ mod counts {
             assert_eq!(crate::params::count(&m), want, "{name}");
         }
     }
+
+    #[test]
+    fn each_preset_is_its_config_json() {
+        let presets = crate::presets::Presets::builtin().unwrap();
+        for (name, text) in CONFIGS {
+            let from_json = hf_config(text).unwrap();
+            let preset = crate::config::PresetSource::model(&presets, name).unwrap();
+            assert_eq!(
+                ModelSpec {
+                    name: preset.name.clone(),
+                    ..from_json
+                },
+                *preset,
+                "{name}"
+            );
+        }
+    }
 }

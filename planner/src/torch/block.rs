@@ -654,3 +654,30 @@ fn experts(blk: &mut Block, d: &Dims, m: &ModelSpec, x: DType) {
     blk.fwd_at_least(one.clone());
     blk.bwd_transient = Layout::concat(&[one, d.tok(d.h, d.r)]);
 }
+
+/// A layer that attends through a sliding window with sdpa, when the sequence is longer
+/// than the window: transformers 5.23 hands sdpa an explicit mask (`masking_utils`
+/// `sliding_window_causal_mask`; the full-attention layers use `is_causal` and no mask),
+/// the mask is kept for backward, B × 1 × T × T in compute precision, and with a mask
+/// `sdpa_attention_forward` does not use sdpa's own GQA: `repeat_kv` copies k and v to
+/// every head, and those copies are what sdpa keeps. Eager attention builds its additive
+/// mask either way; flash-attention kernels take the window as an argument and keep no
+/// mask (not modelled: the torch engine models sdpa and eager).
+pub fn windowed(blk: &Block, m: &ModelSpec, t: &TrainSpec) -> Option<Block> {
+    let f = &m.features;
+    let sdpa = effective_attention(m, t.attention) == Attention::Sdpa;
+    if f.sliding_window == 0 || t.seq_len <= f.sliding_window || !sdpa {
+        return None;
+    }
+    let d = Dims::new(m, t);
+    let mut out = blk.clone();
+    if m.num_heads != m.num_kv_heads {
+        for sv in out.saved.iter_mut() {
+            if matches!(sv.name, "k rotated" | "v") {
+                sv.layout = d.tok(d.q, d.c);
+            }
+        }
+    }
+    out.keep_core("sliding-window mask", Layout::new(&[d.b, 1, d.t, d.t], d.c));
+    Some(out)
+}

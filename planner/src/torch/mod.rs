@@ -50,6 +50,8 @@ struct Run<'a> {
     layers: u64,
     d: Dims,
     recipe: Recipe,
+    /// The block of the layers that attend through a sliding window with a mask.
+    windowed: Option<Block>,
 }
 
 impl Run<'_> {
@@ -69,8 +71,10 @@ impl Run<'_> {
         let layers = m.num_layers.saturating_add(m.num_decoder_layers);
         let d = Dims::new(m, t);
         let mut recipe = implementation(spec).recipe(m, t);
+        let mut windowed = block::windowed(&recipe.encoder, m, t);
         if let Some(l) = &spec.lora {
             recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d);
+            windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d));
         }
         Run {
             m,
@@ -85,11 +89,15 @@ impl Run<'_> {
             layers,
             d,
             recipe,
+            windowed,
         }
     }
 
     fn block(&self, l: u64) -> &Block {
-        self.recipe.block(l, self.m.num_layers)
+        match &self.windowed {
+            Some(w) if self.m.features.sliding(l) => w,
+            _ => self.recipe.block(l, self.m.num_layers),
+        }
     }
 
     /// Ranks the optimizer state is split over (ZeRO stage ≥ 1).
