@@ -161,6 +161,14 @@ def configs():
         ("olmo-2-1b", {}, T(2, 512, "bf16"), _lora(16, ALL)),
         ("mixtral-8x7b", {}, T(2, 512, "bf16"), _lora(16, ("q_proj", "k_proj", "v_proj", "o_proj"))),
         ("llama-3.2-3b", {}, T(2, 512, "fp32"), _lora(16, ("q_proj", "v_proj"), modules_to_save=["lm_head"])),
+        # -- QLoRA: bitsandbytes 4-bit / 8-bit base linears, bf16 everything else ------
+        ("llama-3.2-3b", {}, T(2, 512, "bf16"), _lora(16, ("q_proj", "v_proj"), quantize="nf4")),
+        ("llama-3.2-3b", {}, T(2, 512, "bf16"), _lora(16, ALL, quantize="nf4")),
+        ("llama-3.2-3b", {}, T(2, 512, "bf16"), _lora(16, ALL, quantize="nf4", double_quant=False)),
+        ("llama-3.2-3b", {}, T(2, 512, "bf16"), _lora(16, ALL, quantize="fp4")),
+        ("llama-3.2-3b", {}, T(2, 512, "bf16", "sdpa", "full"), _lora(16, ALL, quantize="nf4")),
+        ("qwen3-8b", {}, T(2, 512, "bf16"), _lora(16, ALL, quantize="nf4")),
+        ("llama-3.2-3b", {}, T(2, 512, "bf16"), _lora(16, ALL, quantize="int8")),
     ]
     out = []
     for source, over, t, lora in runs:
@@ -175,6 +183,8 @@ def configs():
                 parts.append(f"drop{lora['dropout']}")
             if lora.get("modules_to_save"):
                 parts.append("save-" + "+".join(lora["modules_to_save"]))
+            if lora.get("quantize"):
+                parts.append(lora["quantize"] + ("" if lora.get("double_quant", True) else "-nodq"))
         cfg = {"id": "-".join(parts), "model": m, "train": t, "hardware": {"gpu": "cpu"}, "hf": d}
         if lora:
             cfg["lora"] = lora
@@ -210,6 +220,8 @@ def build_model(cfg):
 
     if t["precision"] == "bf16":
         model.to(torch.bfloat16)
+    if lora.get("quantize", "none") != "none":
+        quantize(model, lora)
     lc = peft.LoraConfig(
         r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"], modules_to_save=lora.get("modules_to_save"),
@@ -217,6 +229,33 @@ def build_model(cfg):
     )
     pm = peft.get_peft_model(model, lc, autocast_adapter_dtype=True)
     return pm, (lambda x: pm(input_ids=x, labels=x).loss)
+
+
+def quantize(model, lora):
+    """Every nn.Linear of the decoder blocks becomes bitsandbytes' Linear4bit (nf4/fp4,
+    double quantization as asked) or Linear8bitLt, quantized on the CPU from the
+    initialized weight; the embedding, the norms and the head stay as they are."""
+    import bitsandbytes as bnb
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        lora.get("compute_dtype", "bf16")]
+    layers = model.model.layers
+    for layer in layers:
+        for name, mod in list(layer.named_modules()):
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            w = mod.weight.data.float()
+            if lora["quantize"] == "int8":
+                q = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, bias=False,
+                                        has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(w.to(compute), requires_grad=False, has_fp16_weights=False)
+            else:
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=compute,
+                                      quant_type=lora["quantize"], compress_statistics=lora.get("double_quant", True))
+                q.weight = bnb.nn.Params4bit(w.to(compute), requires_grad=False, quant_type=lora["quantize"],
+                                             compress_statistics=lora.get("double_quant", True))
+            setattr(parent, name.rsplit(".", 1)[-1], q.to("cpu"))
 
 
 def setup(cfg):
