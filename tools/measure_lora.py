@@ -66,8 +66,7 @@ def hf_dict(source, **overrides):
         d.pop("layer_types")
     # Token ids of the released vocabulary do not fit the small one.
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if key in d:
-            d[key] = 0
+        d[key] = 0
     d.update(overrides)
     return d
 
@@ -218,7 +217,7 @@ def build_model(cfg):
         return model, (lambda x: model(input_ids=x, labels=x).loss)
     import peft
 
-    if t["precision"] == "bf16":
+    if cfg.get("base_bf16"):
         model.to(torch.bfloat16)
     if lora.get("quantize", "none") != "none":
         quantize(model, lora)
@@ -262,7 +261,7 @@ def setup(cfg):
     """measure_torch.setup, with LoRA's "bf16" (base cast before wrapping, fp32 adapters,
     no autocast) handed to it as a run without casts."""
     if cfg.get("lora") and cfg["train"]["precision"] == "bf16":
-        cfg = dict(cfg, train=dict(cfg["train"], precision="fp32"))
+        cfg = dict(cfg, train=dict(cfg["train"], precision="fp32"), base_bf16=True)
     return _setup(cfg)
 
 

@@ -12,6 +12,7 @@ mod error;
 mod fit;
 mod hf;
 mod lora;
+mod lora_fit;
 mod oom;
 mod params;
 mod presets;
@@ -34,6 +35,9 @@ pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
 pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
+pub use lora_fit::{
+    adapters, suggestion as lora_suggestion, what_fits, with_adapters, DEFAULT_RANK,
+};
 pub use oom::{classify, match_tensor, parse_amount, parse_log, Cause, Match, OomReport};
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};

@@ -28,11 +28,20 @@ pub struct Args {
     /// Tokens per optimizer step over all GPUs, kept through accumulation.
     #[arg(long)]
     pub global_batch_tokens: Option<u64>,
-    #[arg(long, default_value = "bf16-autocast")]
-    pub precision: String,
-    /// Default: adamw (muon for nanochat).
+    /// Default: bf16-autocast (bf16 with --lora or --qlora: the base weights in bf16).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Default: adamw (muon for nanochat; adamw-8bit with --qlora).
     #[arg(long)]
     pub optimizer: Option<String>,
+    /// Train LoRA adapters of this rank (16 if none is given) on every linear, over a
+    /// frozen bf16 base.
+    #[arg(long, value_name = "RANK", num_args = 0..=1, default_missing_value = "16", conflicts_with = "qlora")]
+    pub lora: Option<u64>,
+    /// QLoRA: LoRA (rank 16 if none is given) over NF4 base linears with double
+    /// quantization and bf16 compute; 8-bit AdamW unless --optimizer says otherwise.
+    #[arg(long, value_name = "RANK", num_args = 0..=1, default_missing_value = "16")]
+    pub qlora: Option<u64>,
     #[arg(long, default_value = "sdpa")]
     pub attention: String,
     #[arg(long, default_value = "torch")]
@@ -95,12 +104,29 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     count_flag("--global-batch-tokens", a.global_batch_tokens, MAX_TOKENS)?;
     count_flag("--gpus", Some(a.gpus), 1024)?;
     let model = load::model_arg(&a.model);
+    let lora = a
+        .lora
+        .map(|r| (r, false))
+        .or(a.qlora.map(|r| (r, true)))
+        .map(|(r, q)| vramplan_planner::adapters(r, q));
+    let precision = a.precision.clone().unwrap_or_else(|| {
+        if lora.is_some() {
+            "bf16"
+        } else {
+            "bf16-autocast"
+        }
+        .to_string()
+    });
+    let optimizer = a
+        .optimizer
+        .clone()
+        .or(a.qlora.map(|_| "adamw-8bit".to_string()));
     let raw = RawConfig {
         model,
         train: RawTrain {
             seq_len: a.seq_len.or(Some(1024)),
-            precision: Some(a.precision.clone()),
-            optimizer: a.optimizer.clone(),
+            precision: Some(precision),
+            optimizer,
             attention: Some(a.attention.clone()),
             engine: Some(a.engine.clone()),
             ..RawTrain::default()
@@ -111,7 +137,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             sharding: Some(a.sharding.clone()),
             memory_gib: None,
         },
-        lora: None,
+        lora,
     };
     let loaded = load::resolve_raw(env, "command line", raw.clone(), Path::new("."))?;
     let global = match (a.global_batch, a.global_batch_tokens) {
@@ -127,7 +153,11 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         allow_fused: a.allow_fused,
     };
     let result = fit(&req).map_err(|e| match e {
-        vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
+        vramplan_planner::PlanError::NoSolution(m) => match vramplan_planner::lora_suggestion(&req)
+        {
+            Some(s) => anyhow::anyhow!("fit: {m}; {s}"),
+            None => anyhow::anyhow!("fit: {m}"),
+        },
         e => bad("command line", e),
     })?;
     let plan = plan_toml(&result, &raw)?;

@@ -20,6 +20,10 @@ use crate::spec::{Arch, Attention, ModelSpec, Precision, TrainSpec};
 use crate::timeline::Layout;
 use crate::units::DType;
 
+/// What `Saved::linears` names for a tensor kept only for a norm's weight gradient (the
+/// normalized input of `weight * normed`): never a LoRA target, so LoRA drops it.
+pub const NORM_WEIGHT: &[&str] = &["norm weight"];
+
 /// A tensor a block saves for backward.
 #[derive(Debug, Clone)]
 pub struct Saved {
@@ -239,7 +243,7 @@ fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
     // input_layernorm: fp32 normalized input, then weight * x (fp32 under autocast).
-    blk.keep("input_layernorm normalized", d.tok(d.h, r));
+    blk.keep_input("input_layernorm normalized", d.tok(d.h, r), NORM_WEIGHT);
     if d.autocast {
         // q, k and v projections each cast the norm output to bf16 and save their copy.
         blk.keep_input("q_proj input (bf16 copy)", d.tok(d.h, d.c), &["q_proj"]);
@@ -259,7 +263,11 @@ fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     blk.keep_core("v", d.tok(d.k, c));
     attention_core(&mut blk, d, attention, gqa && attention == Attention::Eager);
     blk.keep("residual after attention", d.tok(d.h, r));
-    blk.keep("post_attention_layernorm normalized", d.tok(d.h, r));
+    blk.keep_input(
+        "post_attention_layernorm normalized",
+        d.tok(d.h, r),
+        NORM_WEIGHT,
+    );
     if d.autocast {
         blk.keep_input(
             "gate_proj input (bf16 copy)",
@@ -454,7 +462,7 @@ fn rms_norm(
     }
     match norm {
         Norm::Llama => {
-            blk.keep(names[1], d.tok(w, dt));
+            blk.keep_input(names[1], d.tok(w, dt), NORM_WEIGHT);
             if d.p == DType::F32 {
                 DType::F32
             } else {
@@ -462,7 +470,7 @@ fn rms_norm(
             }
         }
         Norm::Gemma | Norm::Olmo => {
-            blk.keep(names[1], d.tok(w, DType::F32));
+            blk.keep_input(names[1], d.tok(w, DType::F32), NORM_WEIGHT);
             dt
         }
     }
@@ -615,14 +623,19 @@ fn decoder(d: &Dims, m: &ModelSpec, attention: Attention) -> Block {
     blk
 }
 
-/// A mixture of experts as transformers 5.23 runs it (`MixtralExperts`, the same code in
-/// Qwen3-MoE): the router's logits and fp32 softmax over the experts, then for each
-/// expert the rows of its tokens gathered, `gate_up` and `down` applied and weighted,
-/// added back with `index_add_`. Every token goes to exactly `k` experts, so the rows
-/// the experts keep sum to N·k whatever the routing: the saved memory does not depend
-/// on it. The transient does: one expert's working set, N·k/E rows when the routing is
-/// uniform (the expected case, modelled) and at most N rows when one expert gets every
-/// token (the worst case).
+/// A mixture of experts as transformers 5.23 runs it by default on torch 2.15
+/// (`integrations/moe.py` `grouped_mm_experts_forward`, the `experts_implementation`
+/// that `get_correct_experts_implementation` picks when `F.grouped_mm` exists): the
+/// router's logits and fp32 softmax over the experts with its top-k; the N·k
+/// (token, expert) rows sorted by expert and gathered, `gate_up` and `down` as grouped
+/// matmuls over them, the activation and product, the routing weights' multiply, then
+/// the sum back per token. Every token goes to exactly `k` experts, so the rows sum to
+/// N·k whatever the routing: the saved memory does not depend on it. Only the size of
+/// one expert's group does (N·k/E rows when the routing is uniform, the expected case
+/// modelled here; at most N rows when one expert gets every token, the worst case), and
+/// it enters only the forward transient. Under autocast the measured rows keep more than
+/// this inventory (about 1.5 KB per routed row at hidden 256: `grouped_mm` is not on
+/// autocast's cast list, and which of its tensors stay fp32 is not yet itemized).
 fn experts(blk: &mut Block, d: &Dims, m: &ModelSpec, x: DType) {
     let f = &m.features;
     let (c, e, k, w) = (d.c, f.experts, f.experts_per_token, f.expert_intermediate);

@@ -7,8 +7,9 @@
 //! * `x = x.to(lora_A.weight.dtype)`: with bf16 activations and fp32 adapters (no
 //!   autocast) a fp32 copy of `x`, kept by `lora_A`; under autocast `lora_A` keeps its own
 //!   compute-dtype copy, as the full fine-tuned linear did;
-//! * dropout (p > 0, `nn.Dropout`; `nn.Identity` at 0) keeps its mask (one byte per
-//!   element) and `lora_A` keeps the dropped copy instead of `x`;
+//! * dropout (p > 0, `nn.Dropout`; `nn.Identity` at 0) keeps its scaled Bernoulli noise
+//!   (ATen's CPU `dropout` is `x * noise` in x's dtype) and `lora_A` keeps the dropped
+//!   copy instead of `x`;
 //! * `lora_B` keeps `lora_A(x)`, N × rank.
 //!
 //! A tensor a block keeps only as the input of linears (`Saved::linears`) is dropped when
@@ -62,11 +63,14 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
         for _ in &targeted {
             let shape = &x.shape;
             if drop {
-                push(
-                    &mut saved,
-                    "lora dropout mask",
-                    Layout::new(shape, DType::U8),
-                );
+                // On the CPU `dropout` is `x * noise`, the noise a float tensor of x's
+                // dtype (fp32 under autocast: dropout runs before lora_A's cast).
+                let noise = if d.autocast {
+                    DType::F32
+                } else {
+                    x.dtype.max_f32(cast)
+                };
+                push(&mut saved, "lora dropout noise", Layout::new(shape, noise));
             }
             if d.autocast {
                 if drop {
@@ -131,6 +135,21 @@ fn push(saved: &mut Vec<Saved>, name: &'static str, layout: Layout) {
         attention_core: false,
         linears: &[],
     });
+}
+
+/// fp32 where PEFT casts the input to the fp32 adapters first.
+trait Widen {
+    fn max_f32(self, cast: bool) -> DType;
+}
+
+impl Widen for DType {
+    fn max_f32(self, cast: bool) -> DType {
+        if cast {
+            DType::F32
+        } else {
+            self
+        }
+    }
 }
 
 /// The largest quantized linear's weight, dequantized to the compute dtype.

@@ -304,11 +304,14 @@ fn save(
 fn head_forward(s: &mut Step, run: &Run) -> Head {
     let d = &run.d;
     s.phase("forward: final norm and head");
-    let mut saved = vec![s.alloc(
-        "final norm normalized",
-        Component::Activations,
-        d.tok(d.h, d.r),
-    )];
+    // The final norm keeps its normalized input for its weight, frozen under LoRA.
+    let normed = ("final norm normalized", d.tok(d.h, d.r));
+    let mut saved = Vec::with_capacity(2);
+    if run.lora.is_none() {
+        saved.push(s.alloc(normed.0, Component::Activations, normed.1));
+    } else {
+        s.transient(normed.0, Component::Activations, normed.1);
+    }
     let input = (
         if d.autocast {
             "lm_head input (bf16 copy)"
