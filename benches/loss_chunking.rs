@@ -78,6 +78,7 @@ fn head_spec() -> ModelSpec {
         tie_embeddings: false,
         max_positions: 0,
         gated_ffn: false,
+        features: Default::default(),
     }
 }
 

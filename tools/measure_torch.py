@@ -620,7 +620,8 @@ def measure(cfg, keep_timeline=None, top=8):
 
     p_bytes, _ = storage_bytes(model.parameters())
     s_bytes, _ = storage_bytes(optimizer_state_tensors(opt))
-    floor = 2 * p_bytes + s_bytes  # params + grads (same dtype) + AdamW state
+    g_bytes, _ = storage_bytes(p for p in model.parameters() if p.requires_grad)
+    floor = p_bytes + g_bytes + s_bytes  # params + grads of the trainable ones + AdamW state
     ok = peak >= floor
     res = {
         "id": cfg["id"],
@@ -706,7 +707,7 @@ def main():
             "bf16: model.to(torch.bfloat16), no autocast. " + CHECKPOINT_NOTE + ". "
             "HF models built from config objects with random init, use_cache=False, dropout 0; "
             "nanochat is a re-implementation of nanochat/gpt.py (Oct 2025) in this script. "
-            "sanity_floor_bytes = 2*param_bytes + optimizer_state_bytes <= peak_bytes."
+            "sanity_floor_bytes = param_bytes + trainable param bytes + optimizer_state_bytes <= peak_bytes."
         ),
         "runs": runs,
     }

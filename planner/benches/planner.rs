@@ -27,6 +27,7 @@ fn spec(presets: &Presets, model: &str, gpu: &str, seq_len: u64) -> RunSpec {
             gpu: Some(gpu.into()),
             ..RawHardware::default()
         },
+        lora: None,
     };
     raw.resolve(presets, &Context::default())
         .expect("the benchmark's configs are valid")

@@ -26,6 +26,9 @@ pub struct RawConfig {
     pub train: RawTrain,
     #[serde(default)]
     pub hardware: RawHardware,
+    /// LoRA / QLoRA over a frozen base; absent for full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::RawLora>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -62,6 +65,19 @@ pub struct RawModel {
     pub max_position_embeddings: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gated_ffn: Option<bool>,
+    /// Attention window in tokens; 0 or absent: global attention.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<u64>,
+    /// With a window, every n-th layer attends globally (0: none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_every: Option<u64>,
+    /// MoE: routed experts per block, experts per token, each expert's width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts_per_token: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_intermediate_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -280,6 +296,61 @@ impl RawModel {
                 .gated_ffn
                 .or(base.map(|m| m.gated_ffn))
                 .unwrap_or(false),
+            features: self.features(arch, base, inter)?,
+        })
+    }
+
+    /// Sliding window and experts over `base`'s; the MoE families need their experts.
+    fn features(&self, arch: Arch, base: Option<&ModelSpec>, inter: u64) -> Result<ArchFeatures> {
+        let b = base.map(|m| m.features.clone()).unwrap_or_default();
+        let window = self.sliding_window.unwrap_or(b.sliding_window);
+        if window > MAX_DIM {
+            return Err(PlanError::invalid(
+                "model.sliding_window",
+                window,
+                format!("0 (global attention) or a window from 1 to {MAX_DIM} tokens"),
+            ));
+        }
+        let global_every = self.global_every.unwrap_or(b.global_every);
+        if global_every > MAX_LAYERS {
+            return Err(PlanError::invalid(
+                "model.global_every",
+                global_every,
+                format!("0 (every layer windowed) or a period from 1 to {MAX_LAYERS}"),
+            ));
+        }
+        if !matches!(arch, Arch::Mixtral | Arch::Qwen3Moe) {
+            return Ok(ArchFeatures {
+                sliding_window: window,
+                global_every,
+                ..ArchFeatures::default()
+            });
+        }
+        let experts = positive(
+            "model.num_experts",
+            self.num_experts,
+            Some(b.experts).filter(|e| *e > 0),
+            MAX_LAYERS,
+        )?;
+        let k = positive(
+            "model.experts_per_token",
+            self.experts_per_token,
+            Some(b.experts_per_token).filter(|e| *e > 0),
+            experts,
+        )?;
+        let width = dim(
+            "expert_intermediate_size",
+            self.expert_intermediate_size,
+            Some(b.expert_intermediate)
+                .filter(|e| *e > 0)
+                .or(Some(inter)),
+        )?;
+        Ok(ArchFeatures {
+            sliding_window: window,
+            global_every,
+            experts,
+            experts_per_token: k,
+            expert_intermediate: width,
         })
     }
 
@@ -469,6 +540,13 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
         ));
     }
     crate::torch::check_implementation(m, t)?;
+    if spec.lora.is_some() && t.engine == Engine::Candle {
+        return Err(PlanError::invalid(
+            "train.engine",
+            "\"candle\"",
+            "torch with a [lora] section; the candle engine trains all parameters",
+        ));
+    }
     if !h.device.is_cuda() && h.gpus > 1 {
         return Err(PlanError::invalid(
             "hardware.gpus",
@@ -494,10 +572,12 @@ impl RawConfig {
         let model = self.model.resolve(self.model.base(presets, ctx)?)?;
         let train = self.train.resolve(&model)?;
         let hardware = self.hardware.resolve(presets, ctx)?;
+        let lora = self.lora.as_ref().map(|l| l.resolve(&model)).transpose()?;
         let spec = RunSpec {
             model,
             train,
             hardware,
+            lora,
         };
         check_run(&spec)?;
         Ok(spec)
@@ -540,6 +620,7 @@ impl RawConfig {
                 sharding: Some(spec.hardware.sharding.name().into()),
                 ..self.hardware.clone()
             },
+            lora: self.lora.clone(),
         }
     }
 }

@@ -456,6 +456,7 @@ mod tests {
                 gpu: Some("h100-80gb".into()),
                 ..crate::RawHardware::default()
             },
+            lora: None,
         };
         let presets = crate::Presets::builtin().expect("presets");
         FitRequest {

@@ -11,6 +11,8 @@ mod diagnose;
 mod error;
 mod fit;
 mod hf;
+mod lora;
+mod lora_fit;
 mod oom;
 mod params;
 mod presets;
@@ -34,6 +36,10 @@ pub use diagnose::{
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
+pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
+pub use lora_fit::{
+    adapters, suggestion as lora_suggestion, what_fits, with_adapters, DEFAULT_RANK,
+};
 pub use oom::{
     classify, match_tensor, parse_amount, parse_log, Cause, HostKill, HostSignal, Match, OomReport,
     PrintedShape, ProcessUse, Source,

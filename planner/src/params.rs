@@ -1,10 +1,16 @@
 //! Every parameter of a model, by name, as the reference implementation registers it.
 //!
-//! Sources: Hugging Face transformers `modeling_llama.py`, `modeling_qwen2.py`,
-//! `modeling_gpt2.py`, `modeling_t5.py`; karpathy/nanochat `nanochat/gpt.py`.
+//! Sources: Hugging Face transformers 5.23 `modeling_llama.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py`, `modeling_gemma2.py`, `modeling_gemma3.py`, `modeling_phi3.py`,
+//! `modeling_olmo2.py`, `modeling_mixtral.py`, `modeling_qwen3_moe.py`, `modeling_gpt2.py`,
+//! `modeling_t5.py`; karpathy/nanochat `nanochat/gpt.py`. A mixture of experts keeps each
+//! projection of all its experts in one 3-D parameter (`experts.gate_up_proj` is
+//! `[experts, 2 × width, hidden]`); it is listed here as its 2-D view
+//! `[experts × 2 × width, hidden]`, which has the same elements.
 //! The optimizer state, the gradients and ZeRO-3's gathered layer all follow from this list.
 
 use crate::spec::{Arch, ModelSpec};
+use crate::units::DType;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -28,6 +34,10 @@ pub struct Param {
     pub role: Role,
     /// The block it belongs to (encoder blocks first for T5), or None outside blocks.
     pub layer: Option<u64>,
+    /// False for LoRA's frozen base: no gradient, no optimizer state.
+    pub trainable: bool,
+    /// Its dtype where it differs from the run's parameter dtype (LoRA's fp32 adapters).
+    pub dtype: Option<DType>,
 }
 
 impl Param {
@@ -69,6 +79,8 @@ impl List<'_> {
             cols,
             role,
             layer,
+            trainable: true,
+            dtype: None,
         });
     }
     fn mat(&mut self, l: u64, name: &str, rows: u64, cols: u64) {
@@ -103,7 +115,10 @@ impl List<'_> {
 pub fn parameters(m: &ModelSpec) -> Vec<Param> {
     let mut p = List { out: Vec::new(), m };
     match m.arch {
-        Arch::Llama | Arch::Qwen2 => p.llama(),
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Mixtral | Arch::Qwen3Moe => p.llama(),
+        Arch::Gemma2 | Arch::Gemma3 => p.gemma(),
+        Arch::Phi3 => p.phi3(),
+        Arch::Olmo2 => p.olmo2(),
         Arch::Gpt2 => p.gpt2(),
         Arch::Nanochat => p.nanochat(),
         Arch::T5 => p.t5(),
@@ -140,26 +155,106 @@ impl List<'_> {
         (m.hidden_size, m.intermediate_size, q, kv)
     }
 
-    /// transformers' `LlamaForCausalLM` (Qwen2 adds q/k/v biases).
+    /// transformers' `LlamaForCausalLM` (Qwen2 adds q/k/v biases, Qwen3 and Qwen3-MoE
+    /// per-head q/k norms; Mixtral and Qwen3-MoE route to experts instead of one MLP).
     fn llama(&mut self) {
-        let (h, i, q, kv) = self.widths();
-        let qwen2 = self.m.arch == Arch::Qwen2;
+        let h = self.m.hidden_size;
         self.embedding("embed_tokens.weight");
         for l in 0..self.m.num_layers {
-            self.mat(l, "self_attn.q_proj.weight", q, h);
-            self.mat(l, "self_attn.k_proj.weight", kv, h);
-            self.mat(l, "self_attn.v_proj.weight", kv, h);
-            if qwen2 {
-                self.vec(Some(l), "self_attn.q_proj.bias", q);
-                self.vec(Some(l), "self_attn.k_proj.bias", kv);
-                self.vec(Some(l), "self_attn.v_proj.bias", kv);
+            self.attention(l);
+            self.mlp(l);
+            self.vec(Some(l), "input_layernorm.weight", h);
+            self.vec(Some(l), "post_attention_layernorm.weight", h);
+        }
+        self.vec(None, "norm.weight", h);
+        self.head();
+    }
+
+    /// `self_attn` with the biases and norms its family registers.
+    fn attention(&mut self, l: u64) {
+        let (h, _, q, kv) = self.widths();
+        let arch = self.m.arch;
+        self.mat(l, "self_attn.q_proj.weight", q, h);
+        self.mat(l, "self_attn.k_proj.weight", kv, h);
+        self.mat(l, "self_attn.v_proj.weight", kv, h);
+        if arch == Arch::Qwen2 {
+            self.vec(Some(l), "self_attn.q_proj.bias", q);
+            self.vec(Some(l), "self_attn.k_proj.bias", kv);
+            self.vec(Some(l), "self_attn.v_proj.bias", kv);
+        }
+        self.mat(l, "self_attn.o_proj.weight", h, q);
+        // Qwen3 and Gemma 3 normalize each head (width head_dim); OLMo 2 all heads at once.
+        let (qn, kn) = match arch {
+            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => (self.m.head_dim, self.m.head_dim),
+            Arch::Olmo2 => (q, kv),
+            _ => return,
+        };
+        self.vec(Some(l), "self_attn.q_norm.weight", qn);
+        self.vec(Some(l), "self_attn.k_norm.weight", kn);
+    }
+
+    /// The SwiGLU (GeGLU for Gemma) MLP, or the router and the experts' stacked weights.
+    fn mlp(&mut self, l: u64) {
+        let (h, i, _, _) = self.widths();
+        let f = &self.m.features;
+        if f.experts > 0 {
+            let (e, w) = (f.experts, f.expert_intermediate);
+            self.mat(l, "mlp.gate.weight", e, h);
+            self.mat(l, "mlp.experts.gate_up_proj", e.saturating_mul(2 * w), h);
+            self.mat(l, "mlp.experts.down_proj", e.saturating_mul(h), w);
+            return;
+        }
+        self.mat(l, "mlp.gate_proj.weight", i, h);
+        self.mat(l, "mlp.up_proj.weight", i, h);
+        self.mat(l, "mlp.down_proj.weight", h, i);
+    }
+
+    /// transformers' `Gemma2ForCausalLM` / `Gemma3ForCausalLM`: a norm before and after
+    /// both the attention and the MLP.
+    fn gemma(&mut self) {
+        let h = self.m.hidden_size;
+        self.embedding("embed_tokens.weight");
+        for l in 0..self.m.num_layers {
+            self.attention(l);
+            self.mlp(l);
+            for norm in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ] {
+                self.vec(Some(l), &format!("{norm}.weight"), h);
             }
+        }
+        self.vec(None, "norm.weight", h);
+        self.head();
+    }
+
+    /// transformers' `Phi3ForCausalLM`: one `qkv_proj`, one `gate_up_proj`.
+    fn phi3(&mut self) {
+        let (h, i, q, kv) = self.widths();
+        self.embedding("embed_tokens.weight");
+        for l in 0..self.m.num_layers {
             self.mat(l, "self_attn.o_proj.weight", h, q);
-            self.mat(l, "mlp.gate_proj.weight", i, h);
-            self.mat(l, "mlp.up_proj.weight", i, h);
+            self.mat(l, "self_attn.qkv_proj.weight", q.saturating_add(2 * kv), h);
+            self.mat(l, "mlp.gate_up_proj.weight", 2 * i, h);
             self.mat(l, "mlp.down_proj.weight", h, i);
             self.vec(Some(l), "input_layernorm.weight", h);
             self.vec(Some(l), "post_attention_layernorm.weight", h);
+        }
+        self.vec(None, "norm.weight", h);
+        self.head();
+    }
+
+    /// transformers' `Olmo2ForCausalLM`: the norms follow the attention and the MLP.
+    fn olmo2(&mut self) {
+        let h = self.m.hidden_size;
+        self.embedding("embed_tokens.weight");
+        for l in 0..self.m.num_layers {
+            self.attention(l);
+            self.mlp(l);
+            self.vec(Some(l), "post_attention_layernorm.weight", h);
+            self.vec(Some(l), "post_feedforward_layernorm.weight", h);
         }
         self.vec(None, "norm.weight", h);
         self.head();

@@ -59,7 +59,27 @@ macro_rules! choice {
 
 choice!(
     /// Model family, as the Hugging Face transformers implementation (or nanochat's gpt.py) builds it.
-    Arch { Llama = "llama", Qwen2 = "qwen2", Gpt2 = "gpt2", Nanochat = "nanochat", T5 = "t5" }
+    Arch {
+        Llama = "llama",
+        Qwen2 = "qwen2",
+        Gpt2 = "gpt2",
+        Nanochat = "nanochat",
+        T5 = "t5",
+        /// Llama with QK-norm (per-head RMSNorm of q and k) and no q/k/v bias.
+        Qwen3 = "qwen3",
+        /// Four norms per block, GeGLU, scaled embedding, logit soft-capping.
+        Gemma2 = "gemma2",
+        /// Gemma 2 with QK-norm and 5:1 sliding/global layers.
+        Gemma3 = "gemma3",
+        /// Fused `qkv_proj` and `gate_up_proj`.
+        Phi3 = "phi3",
+        /// Norms after attention and MLP (not before), QK-norm over all heads.
+        Olmo2 = "olmo2",
+        /// Llama attention, a top-k mixture of SwiGLU experts.
+        Mixtral = "mixtral",
+        /// Qwen3 attention, a top-k mixture of SwiGLU experts.
+        Qwen3Moe = "qwen3_moe",
+    }
 );
 choice!(
     /// Numeric precision of the step.
@@ -96,6 +116,14 @@ choice!(
         /// torchtune's `TransformerDecoder` with `CEWithChunkedOutputLoss`.
         Torchtune = "torchtune",
     }
+);
+choice!(
+    /// How QLoRA stores the frozen base linears (`[lora] quantize`).
+    Quantize { None = "none", Nf4 = "nf4", Fp4 = "fp4", Int8 = "int8" }
+);
+choice!(
+    /// The dtype bitsandbytes dequantizes to for each matmul (`bnb_4bit_compute_dtype`).
+    ComputeDtype { Bf16 = "bf16", Fp16 = "fp16", Fp32 = "fp32" }
 );
 choice!(Engine { Torch = "torch", Candle = "candle" });
 choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3" });
@@ -154,6 +182,32 @@ pub struct ModelSpec {
     pub max_positions: u64,
     /// T5: gated feed-forward (`gated-gelu`, v1.1) rather than plain ReLU.
     pub gated_ffn: bool,
+    /// Sliding-window attention and mixture of experts (none for dense, global models).
+    pub features: ArchFeatures,
+}
+
+/// What the newer families add to a decoder block, read from their `config.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ArchFeatures {
+    /// Attention window in tokens (`sliding_window`); 0 when every layer attends globally.
+    pub sliding_window: u64,
+    /// With a window: every n-th layer is global (Gemma 2: 2, Gemma 3: 6); 0 when all
+    /// layers use the window (Mistral).
+    pub global_every: u64,
+    /// Routed experts per MoE block (0: a dense MLP).
+    pub experts: u64,
+    /// Experts each token is sent to (top-k).
+    pub experts_per_token: u64,
+    /// Each expert's intermediate width.
+    pub expert_intermediate: u64,
+}
+
+impl ArchFeatures {
+    /// Whether layer `l` attends through the sliding window.
+    pub fn sliding(&self, l: u64) -> bool {
+        self.sliding_window > 0
+            && (self.global_every == 0 || !(l + 1).is_multiple_of(self.global_every))
+    }
 }
 
 /// Training options for one step.
@@ -240,6 +294,8 @@ pub struct RunSpec {
     pub model: ModelSpec,
     pub train: TrainSpec,
     pub hardware: HardwareSpec,
+    /// LoRA / QLoRA adapters over a frozen base (None: full fine-tuning).
+    pub lora: Option<crate::lora::LoraSpec>,
 }
 
 impl RunSpec {

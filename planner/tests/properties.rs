@@ -54,6 +54,7 @@ fn raw_run() -> impl Strategy<Value = RawConfig> {
                         gpu: Some(gpu.into()),
                         ..RawHardware::default()
                     },
+                    lora: None,
                 }
             },
         )
@@ -202,6 +203,7 @@ fn fit_request() -> impl Strategy<Value = FitRequest> {
                     gpu: Some(gpu.into()),
                     ..RawHardware::default()
                 },
+                lora: None,
             };
             let base = raw.resolve(&presets(), &Context::default()).unwrap();
             FitRequest {
@@ -304,6 +306,7 @@ fn no_input_panics_or_overflows() {
                     ..RawTrain::default()
                 },
                 hardware: RawHardware::default(),
+                lora: None,
             };
             let _ = RawConfig::from_toml(&text);
             // Either a clear error naming a key, or an estimate.
@@ -431,6 +434,7 @@ mod candle {
                             gpu: Some(gpu.into()),
                             ..RawHardware::default()
                         },
+                        lora: None,
                     };
                     spec(&raw)
                 },
@@ -531,5 +535,113 @@ mod candle {
             sixteen.peak_allocated_bytes,
             one.peak_allocated_bytes
         );
+    }
+}
+
+/// A small random LoRA run over a Llama-family model: rank, targets, dropout, precision,
+/// checkpointing (`quantize` left at none).
+fn lora_run() -> impl Strategy<Value = (RawConfig, RawLora)> {
+    (
+        prop::sample::select(vec!["llama", "qwen2", "qwen3", "gemma3", "phi3", "olmo2"]),
+        1u64..4, // heads/kv multiplier
+        1u64..4, // layers
+        prop::sample::select(vec![32000u64, 50257, 151936]),
+        1u64..5, // micro-batch
+        prop::sample::select(vec![64u64, 128, 256]),
+        prop::sample::select(vec!["fp32", "bf16-autocast", "bf16"]),
+        prop::sample::select(vec!["none", "full"]),
+        prop::sample::select(vec![4u64, 8, 16]),
+        prop::bool::ANY, // all-linear or q/v
+        prop::sample::select(vec![0.0f64, 0.05]),
+    )
+        .prop_map(
+            |(arch, kvm, layers, vocab, mb, seq, prec, ck, rank, all, dropout)| {
+                let heads = 2 * kvm;
+                let raw = RawConfig {
+                    model: RawModel {
+                        arch: Some(arch.into()),
+                        hidden_size: Some(64 * heads),
+                        num_layers: Some(layers),
+                        num_heads: Some(heads),
+                        num_kv_heads: Some(2),
+                        intermediate_size: Some(172 * heads),
+                        vocab_size: Some(vocab),
+                        ..RawModel::default()
+                    },
+                    train: RawTrain {
+                        micro_batch: Some(mb),
+                        seq_len: Some(seq),
+                        precision: Some(prec.into()),
+                        checkpointing: Some(ck.into()),
+                        ..RawTrain::default()
+                    },
+                    hardware: RawHardware {
+                        gpu: Some("rtx4090-24gb".into()),
+                        ..RawHardware::default()
+                    },
+                    lora: None,
+                };
+                let targets = if all {
+                    Targets::All("all-linear".into())
+                } else {
+                    let qv = if arch == "phi3" {
+                        vec!["qkv_proj"]
+                    } else {
+                        vec!["q_proj", "v_proj"]
+                    };
+                    Targets::Names(qv.into_iter().map(String::from).collect())
+                };
+                let lora = RawLora {
+                    rank: Some(rank),
+                    dropout: Some(dropout),
+                    target_modules: Some(targets),
+                    ..RawLora::default()
+                };
+                (raw, lora)
+            },
+        )
+}
+
+fn with_lora(raw: &RawConfig, lora: &RawLora) -> RunSpec {
+    spec(&RawConfig {
+        lora: Some(lora.clone()),
+        ..raw.clone()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// Frozen base weights drop their gradients and optimizer state, the embedding's and
+    /// the head's included. With a real vocabulary (32 K to 152 K tokens) that outweighs
+    /// what the adapters add. It need not with a toy one: PEFT's fp32 copy of each
+    /// targeted linear's bf16 input, and dropout's mask and copy, can exceed the
+    /// gradients and AdamW state of a one-layer model with a 1,000-token vocabulary.
+    #[test]
+    fn lora_never_needs_more_than_full_fine_tuning((raw, lora) in lora_run()) {
+        let full = live_peak(&spec(&raw));
+        let adapted = live_peak(&with_lora(&raw, &lora));
+        prop_assert!(adapted <= full, "LoRA {adapted} > full {full}");
+    }
+
+    /// 4-bit base linears take less than their bf16 or fp32 originals, and their one
+    /// dequantized transient at a time is smaller than what they save.
+    #[test]
+    fn qlora_never_needs_more_than_lora((raw, lora) in lora_run(), fp4 in prop::bool::ANY, dq in prop::bool::ANY) {
+        let plain = live_peak(&with_lora(&raw, &lora));
+        let q = RawLora {
+            quantize: Some(if fp4 { "fp4" } else { "nf4" }.into()),
+            double_quant: Some(dq),
+            ..lora.clone()
+        };
+        let quantized = live_peak(&with_lora(&raw, &q));
+        prop_assert!(quantized <= plain, "QLoRA {quantized} > LoRA {plain}");
+    }
+
+    #[test]
+    fn memory_grows_with_rank((raw, lora) in lora_run()) {
+        let at = |r: u64| live_peak(&with_lora(&raw, &RawLora { rank: Some(r), ..lora.clone() }));
+        let (low, high) = (at(4), at(64));
+        prop_assert!(low < high, "rank 4: {low}, rank 64: {high}");
     }
 }

@@ -32,12 +32,21 @@ pub struct Args {
     /// Tokens per optimizer step over all GPUs, kept through accumulation.
     #[arg(long)]
     pub global_batch_tokens: Option<u64>,
-    /// Default: bf16-autocast (or the --from file's).
+    /// Default: bf16-autocast (bf16 with --lora or --qlora: the base weights in bf16; or
+    /// the --from file's).
     #[arg(long)]
     pub precision: Option<String>,
-    /// Default: adamw (muon for nanochat).
+    /// Default: adamw (muon for nanochat; adamw-8bit with --qlora).
     #[arg(long)]
     pub optimizer: Option<String>,
+    /// Train LoRA adapters of this rank (16 if none is given) on every linear, over a
+    /// frozen bf16 base.
+    #[arg(long, value_name = "RANK", num_args = 0..=1, default_missing_value = "16", conflicts_with = "qlora")]
+    pub lora: Option<u64>,
+    /// QLoRA: LoRA (rank 16 if none is given) over NF4 base linears with double
+    /// quantization and bf16 compute; 8-bit AdamW unless --optimizer says otherwise.
+    #[arg(long, value_name = "RANK", num_args = 0..=1, default_missing_value = "16")]
+    pub qlora: Option<u64>,
     /// Default: sdpa (or the --from file's).
     #[arg(long)]
     pub attention: Option<String>,
@@ -129,7 +138,11 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         allow_fused: a.allow_fused,
     };
     let result = fit(&req).map_err(|e| match e {
-        vramplan_planner::PlanError::NoSolution(m) => anyhow::anyhow!("fit: {m}"),
+        vramplan_planner::PlanError::NoSolution(m) => match vramplan_planner::lora_suggestion(&req)
+        {
+            Some(s) => anyhow::anyhow!("fit: {m}; {s}"),
+            None => anyhow::anyhow!("fit: {m}"),
+        },
         e => bad(&name, e),
     })?;
     let plan = plan_toml(&result, &raw)?;
@@ -173,6 +186,7 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
                     gpus: Some(a.gpus.unwrap_or(1)),
                     ..RawHardware::default()
                 },
+                lora: None,
             };
             ("command line".to_string(), raw, PathBuf::from("."))
         }
@@ -182,11 +196,24 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
         (None, Some(_)) => file.clone(),
         (None, None) => Some(d.to_string()),
     };
+    let lora = a
+        .lora
+        .map(|r| (r, false))
+        .or(a.qlora.map(|r| (r, true)))
+        .map(|(r, q)| vramplan_planner::adapters(r, q));
+    if lora.is_some() {
+        raw.lora = lora;
+    }
+    let precision = if raw.lora.is_some() { "bf16" } else { "bf16-autocast" };
     let t = &mut raw.train;
-    t.precision = flag(&a.precision, "bf16-autocast", &t.precision);
+    t.precision = flag(&a.precision, precision, &t.precision);
     t.attention = flag(&a.attention, "sdpa", &t.attention);
     t.engine = flag(&a.engine, "torch", &t.engine);
-    t.optimizer = a.optimizer.clone().or(t.optimizer.take());
+    t.optimizer = a
+        .optimizer
+        .clone()
+        .or(t.optimizer.take())
+        .or(a.qlora.map(|_| "adamw-8bit".to_string()));
     if let Some(s) = a.seq_len {
         t.seq_len = Some(s);
     }

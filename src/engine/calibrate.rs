@@ -73,6 +73,7 @@ impl Config {
             tie_embeddings: arch == Arch::Llama,
             max_positions: 0,
             gated_ffn: false,
+            features: Default::default(),
         };
         Ok(Config {
             line: line.to_string(),

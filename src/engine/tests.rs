@@ -24,6 +24,7 @@ fn spec(arch: Arch) -> ModelSpec {
         tie_embeddings: arch == Arch::Llama,
         max_positions: 0,
         gated_ffn: false,
+        features: Default::default(),
     }
 }
 

@@ -72,12 +72,18 @@ pub fn fused_rows(m: &ModelSpec, n: u64) -> u64 {
     n.div_ceil(inc).max(1).next_power_of_two().min(n.max(1))
 }
 
+/// nanochat (15) and Gemma 2 (`final_logit_softcapping`, 30) cap the logits with
+/// `cap · tanh(logits / cap)` in the logits' dtype before the loss.
+fn softcapped(m: &ModelSpec) -> bool {
+    matches!(m.arch, Arch::Nanochat | Arch::Gemma2)
+}
+
 /// `float-cast`: the logits, nanochat's softcap, the fp32 copy and log_softmax's output.
 fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
     let v = m.vocab_size;
     let logits = s.alloc("logits", Component::Logits, bv(t, v, c));
     let mut saved = Vec::new();
-    let capped = if m.arch == Arch::Nanochat {
+    let capped = if softcapped(m) {
         // logits / 15 → tanh (saved) → × 15
         let scaled = s.alloc("logits / softcap", Component::Logits, bv(t, v, c));
         s.free(logits);
@@ -221,7 +227,7 @@ pub fn backward(
         s.free(g);
         g = gc;
     }
-    if m.arch == Arch::Nanochat {
+    if softcapped(m) {
         // × 15, tanh', / 15: each a new tensor from the previous one.
         for step in [
             "grad through softcap ×15",

@@ -16,6 +16,7 @@
 
 mod block;
 mod compiled;
+mod lora;
 mod loss;
 mod optim;
 mod recipe;
@@ -52,18 +53,40 @@ struct Run<'a> {
     stage: u8,
     shards: u64,
     params: Rc<Vec<Param>>,
+    /// The parameters with gradients and optimizer state (all but LoRA's frozen base).
+    trainable: Rc<Vec<Param>>,
+    lora: Option<&'a crate::lora::LoraSpec>,
     /// Parameter indices per block.
     by_layer: Vec<Vec<usize>>,
     layers: u64,
     d: Dims,
     recipe: Recipe,
+    /// The block of the layers that attend through a sliding window with a mask.
+    windowed: Option<Block>,
 }
 
 impl Run<'_> {
     fn new(spec: &RunSpec) -> Run<'_> {
         let (m, t, hw) = (&spec.model, &spec.train, &spec.hardware);
-        let params = params::shared(m);
+        let (params, trainable) = match &spec.lora {
+            None => {
+                let p = params::shared(m);
+                (Rc::clone(&p), p)
+            }
+            Some(l) => {
+                let p = crate::lora::parameters(&params::shared(m), l);
+                let t: Vec<Param> = p.iter().filter(|p| p.trainable).cloned().collect();
+                (Rc::new(p), Rc::new(t))
+            }
+        };
         let layers = m.num_layers.saturating_add(m.num_decoder_layers);
+        let d = Dims::new(m, t);
+        let mut recipe = implementation(spec).recipe(m, t);
+        let mut windowed = block::windowed(&recipe.encoder, m, t);
+        if let Some(l) = &spec.lora {
+            recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d);
+            windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d));
+        }
         Run {
             m,
             t,
@@ -72,14 +95,20 @@ impl Run<'_> {
             shards: hw.gpus.max(1),
             by_layer: params::by_layer(&params, layers),
             params,
+            trainable,
+            lora: spec.lora.as_ref(),
             layers,
-            d: Dims::new(m, t),
-            recipe: implementation(spec).recipe(m, t),
+            d,
+            recipe,
+            windowed,
         }
     }
 
     fn block(&self, l: u64) -> &Block {
-        self.recipe.block(l, self.m.num_layers)
+        match &self.windowed {
+            Some(w) if self.m.features.sliding(l) => w,
+            _ => self.recipe.block(l, self.m.num_layers),
+        }
     }
 
     /// Ranks the optimizer state is split over (ZeRO stage ≥ 1).
@@ -130,18 +159,20 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
     let p = run.d.p;
     let weight_shards = if run.stage >= 3 { run.shards } else { 1 };
     for w in run.params.iter() {
-        s.persistent(
-            Name::of("", &w.name, ""),
-            Component::Weights,
-            Extent::Shard(Layout::new(&w.shape(), p), weight_shards),
-        );
+        for (suffix, layout) in lora::stored(w, p, run.lora) {
+            s.persistent(
+                Name::of("", &w.name, suffix),
+                Component::Weights,
+                Extent::Shard(layout, weight_shards),
+            );
+        }
     }
-    optim::states(s, &run.params, run.t, run.optimizer_shards());
+    optim::states(s, &run.trainable, run.t, run.optimizer_shards());
     if run.shards > 1 && run.stage <= 1 {
-        let all = Layout::new(&[params::count(run.m)], p);
+        let all = Layout::new(&[crate::lora::trainable_count(&run.trainable)], p);
         s.persistent("DDP gradient buckets", Component::Gradients, all);
     }
-    let mut grads = Grads::new(&run.params, p, run.stage >= 2, run.shards);
+    let mut grads = Grads::new(&run.trainable, p, run.stage >= 2, run.shards);
     if run.t.grad_accum > 1 {
         grads.all_persistent(s);
     }
@@ -289,7 +320,7 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
             .iter()
             .map(|(name, l)| s.alloc(*name, Component::Activations, l.clone()))
             .collect(),
-        None => eager_head(s, d),
+        None => eager_head(s, run),
     };
     let copy = d.autocast.then(|| {
         s.alloc(
@@ -306,24 +337,31 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
     Head { saved, copy, loss }
 }
 
-/// Eager's final norm: its normalized input and the head's input (autocast's copy).
-fn eager_head(s: &mut Step, d: &Dims) -> Vec<TensorId> {
-    vec![
-        s.alloc(
-            "final norm normalized",
-            Component::Activations,
-            d.tok(d.h, d.r),
-        ),
-        s.alloc(
-            if d.autocast {
-                "lm_head input (bf16 copy)"
-            } else {
-                "final norm output"
-            },
-            Component::Activations,
-            d.tok(d.h, if d.autocast { d.c } else { d.r }),
-        ),
-    ]
+/// Eager's final norm: its normalized input and the head's input (autocast's copy), each
+/// kept only where a trained weight needs it (LoRA freezes the norm, and may the head).
+fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
+    let d = &run.d;
+    let normed = ("final norm normalized", d.tok(d.h, d.r));
+    let input = (
+        if d.autocast {
+            "lm_head input (bf16 copy)"
+        } else {
+            "final norm output"
+        },
+        d.tok(d.h, if d.autocast { d.c } else { d.r }),
+    );
+    let mut saved = Vec::with_capacity(2);
+    for (keep, (name, layout)) in [
+        (run.lora.is_none(), normed),
+        (lora::head_trains(&run.params, run.m), input),
+    ] {
+        if keep {
+            saved.push(s.alloc(name, Component::Activations, layout));
+        } else {
+            s.transient(name, Component::Activations, layout);
+        }
+    }
+    saved
 }
 
 /// The loss backward, the head's gradients and the final norm's backward; returns the
@@ -434,7 +472,7 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64) -> Vec<TensorId> {
             .map(Param::numel)
             .fold(0, u64::saturating_add)
     };
-    let matrices = sum(&|p| p.role == Role::Matrix);
+    let matrices = sum(&|p| p.role == Role::Matrix && lora::copied(p, run.lora));
     if run.stage >= 3 && run.shards > 1 {
         // The gathered layer is one flat buffer of all its parameters.
         out.push(s.alloc(
@@ -477,7 +515,7 @@ impl Grads {
             index,
             layouts: params
                 .iter()
-                .map(|p| Layout::new(&p.shape(), dtype))
+                .map(|p| Layout::new(&p.shape(), p.dtype.unwrap_or(dtype)))
                 .collect(),
             names: params.iter().map(|p| p.name.clone()).collect(),
             sharded,

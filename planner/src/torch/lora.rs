@@ -1,0 +1,190 @@
+//! LoRA and QLoRA in the torch inventory: what PEFT's forward keeps instead of what
+//! full fine-tuning keeps (PEFT 0.21 `tuners/lora/layer.py`, `Linear.forward`).
+//!
+//! Per targeted linear `result = base(x) + lora_B(lora_A(dropout(x))) * scaling`:
+//! * the frozen base linear keeps only its weight for the input gradient, not `x`
+//!   (autograd saves a matmul operand only for the other operand's gradient);
+//! * `x = x.to(lora_A.weight.dtype)`: with bf16 activations and fp32 adapters (no
+//!   autocast) a fp32 copy of `x`, kept by `lora_A`; under autocast `lora_A` keeps its own
+//!   compute-dtype copy, as the full fine-tuned linear did;
+//! * dropout (p > 0, `nn.Dropout`; `nn.Identity` at 0) keeps its scaled Bernoulli noise
+//!   (ATen's CPU `dropout` is `x * noise` in x's dtype) and `lora_A` keeps the dropped
+//!   copy instead of `x`;
+//! * `lora_B` keeps `lora_A(x)`, N × rank.
+//!
+//! A tensor a block keeps only as the input of linears (`Saved::linears`) is dropped when
+//! none of them is targeted. QLoRA's quantized linears dequantize their weight to the
+//! compute dtype for each matmul, forward and backward (bitsandbytes 0.50.2
+//! `autograd/_functions.py` `MatMul4Bit`, which keeps only the packed weight): one
+//! out × in transient per matmul, never saved.
+
+use super::block::{Block, Dims, Saved};
+use crate::lora::{module_of, LoraSpec};
+use crate::params::Param;
+use crate::spec::Quantize;
+use crate::timeline::Layout;
+use crate::units::DType;
+
+/// (PEFT name, out, in) of block 0's linears.
+fn shapes(params: &[Param]) -> Vec<(&str, u64, u64)> {
+    params
+        .iter()
+        .filter(|p| p.layer == Some(0) && !p.trainable)
+        .filter_map(|p| module_of(p).map(|m| (m, p.rows, p.cols)))
+        .collect()
+}
+
+/// The block as LoRA runs it.
+pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block {
+    let shapes = shapes(params);
+    let out_of = |m: &str| shapes.iter().find(|s| s.0 == m).map_or(0, |s| s.1);
+    let mut saved: Vec<Saved> = Vec::with_capacity(blk.saved.len() + 8);
+    let drop = lora.dropout > 0.0;
+    for sv in &blk.saved {
+        if sv.linears.is_empty() {
+            saved.push(sv.clone());
+            continue;
+        }
+        let targeted: Vec<&'static str> = sv
+            .linears
+            .iter()
+            .copied()
+            .filter(|m| lora.targets.iter().any(|t| t == m))
+            .collect();
+        if targeted.is_empty() {
+            continue;
+        }
+        let x = &sv.layout;
+        // Adapters are fp32; without autocast an input of another dtype is cast.
+        let cast = !d.autocast && x.dtype != DType::F32;
+        if !cast && !drop {
+            saved.push(sv.clone());
+        }
+        for _ in &targeted {
+            let shape = &x.shape;
+            if drop {
+                // On the CPU `dropout` is `x * noise`, the noise a float tensor of x's
+                // dtype (fp32 under autocast: dropout runs before lora_A's cast).
+                let noise = if d.autocast {
+                    DType::F32
+                } else {
+                    x.dtype.max_f32(cast)
+                };
+                push(&mut saved, "lora dropout noise", Layout::new(shape, noise));
+            }
+            if d.autocast {
+                if drop {
+                    push(
+                        &mut saved,
+                        "lora_A input (dropped, compute copy)",
+                        x.clone(),
+                    );
+                }
+            } else if cast || drop {
+                push(
+                    &mut saved,
+                    "lora_A input (fp32)",
+                    Layout::new(shape, DType::F32),
+                );
+            }
+        }
+    }
+    for (m, _, _) in shapes
+        .iter()
+        .filter(|s| lora.targets.iter().any(|t| t == s.0))
+    {
+        let ax = if d.autocast { d.c } else { DType::F32 };
+        saved.push(Saved {
+            name: "lora_A output (kept by lora_B)",
+            layout: Layout::new(&[d.b, d.t, lora.rank], ax),
+            attention_core: false,
+            linears: &[],
+        });
+        if lora.use_dora {
+            // DoRA: the base output and the LoRA output, each kept by the magnitude scaling.
+            let w = out_of(m);
+            for name in ["DoRA base output", "DoRA lora output"] {
+                saved.push(Saved {
+                    name,
+                    layout: Layout::new(&[d.b, d.t, w], d.c),
+                    attention_core: false,
+                    linears: &[],
+                });
+            }
+        }
+    }
+    let mut out = Block {
+        saved,
+        fwd_transient: blk.fwd_transient.clone(),
+        bwd_transient: blk.bwd_transient.clone(),
+    };
+    if lora.quantize != Quantize::None {
+        let dq = dequantized(&shapes, lora);
+        if dq.bytes() > out.fwd_transient.bytes() {
+            out.fwd_transient = dq.clone();
+        }
+        out.bwd_transient = Layout::concat(&[out.bwd_transient.clone(), dq]);
+    }
+    out
+}
+
+fn push(saved: &mut Vec<Saved>, name: &'static str, layout: Layout) {
+    saved.push(Saved {
+        name,
+        layout,
+        attention_core: false,
+        linears: &[],
+    });
+}
+
+/// fp32 where PEFT casts the input to the fp32 adapters first.
+trait Widen {
+    fn max_f32(self, cast: bool) -> DType;
+}
+
+impl Widen for DType {
+    fn max_f32(self, cast: bool) -> DType {
+        if cast {
+            DType::F32
+        } else {
+            self
+        }
+    }
+}
+
+/// The largest quantized linear's weight, dequantized to the compute dtype.
+fn dequantized(shapes: &[(&str, u64, u64)], lora: &LoraSpec) -> Layout {
+    let (rows, cols) = shapes
+        .iter()
+        .map(|s| (s.1, s.2))
+        .max_by_key(|(r, c)| r.saturating_mul(*c))
+        .unwrap_or((0, 0));
+    Layout::new(&[rows, cols], lora.compute_dtype.dtype())
+}
+
+/// How the inventory stores parameter `p`: (name suffix, layout) pieces.
+pub fn stored(p: &Param, run_dtype: DType, lora: Option<&LoraSpec>) -> Vec<(&'static str, Layout)> {
+    if let Some(l) = lora.filter(|l| l.quantized(p) && !p.trainable) {
+        return l
+            .storage(p.numel())
+            .into_iter()
+            .map(|(suffix, shape, dt)| (suffix, Layout::new(&shape, dt)))
+            .collect();
+    }
+    vec![("", Layout::new(&p.shape(), p.dtype.unwrap_or(run_dtype)))]
+}
+
+/// Whether autocast keeps a compute-dtype copy of `p` (a quantized weight is
+/// dequantized for each matmul instead).
+pub fn copied(p: &Param, lora: Option<&LoraSpec>) -> bool {
+    lora.is_none_or(|l| !l.quantized(p) || p.trainable)
+}
+
+/// Whether the output layer has a gradient (full fine-tuning, or LoRA with `lm_head`
+/// (or, tied, `embed_tokens`) in `modules_to_save`).
+pub fn head_trains(params: &[Param], m: &crate::spec::ModelSpec) -> bool {
+    use crate::params::Role;
+    params.iter().any(|p| {
+        p.trainable && (p.role == Role::Head || (m.tie_embeddings && p.role == Role::Embedding))
+    })
+}
