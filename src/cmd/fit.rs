@@ -109,7 +109,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             gpu: Some(a.gpu.clone()),
             gpus: Some(a.gpus),
             sharding: Some(a.sharding.clone()),
-            memory_gib: None,
+            ..RawHardware::default()
         },
     };
     let loaded = load::resolve_raw(env, "command line", raw.clone(), Path::new("."))?;

@@ -18,7 +18,7 @@
 //!   `single_param_adam` under `torch.compile`.
 //! - `sgd` (momentum): one momentum buffer, updated in place. `adafactor` (transformers
 //!   `optimization.py`): row and column statistics for matrices, a full second moment for
-//!   vectors; the update, its square and the factored estimate are made per parameter.
+//!   vectors; per parameter `grad**2 + eps` and the factored estimate are live together.
 //! - `muon` (torch 2.15 `torch/optim/_muon.py`): one momentum buffer for the block matrices;
 //!   the step makes the Nesterov update `grad.lerp(buf)` (fp32), its bf16 copy, the Gram
 //!   matrix and its polynomial, and the next iterate. Embeddings, the head and vectors go to
@@ -244,11 +244,12 @@ pub fn per_param(s: &mut Step, p: &Param, t: &TrainSpec, cuda: bool, shard: u64)
         }
         Optimizer::Muon => muon(s, p),
         Optimizer::Adafactor => {
-            // The update, its square and the factored estimate, in fp32.
+            // `grad**2 + eps`, still referenced while `_approx_sq_grad`'s outer product
+            // (the factored estimate) is made; the product with the gradient is in place.
             s.transient(
                 "adafactor update",
                 Component::Temporaries,
-                Layout::new(&[3, n], DType::F32),
+                Layout::new(&[2, n], DType::F32),
             );
         }
         _ => {}
