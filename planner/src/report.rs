@@ -106,10 +106,7 @@ pub fn estimate(spec: &RunSpec) -> Report {
             Bytes(0),
         ),
     };
-    let (paged, host) = match spec.train.engine {
-        Engine::Torch => torch::off_allocator(spec),
-        Engine::Candle => (0, 0),
-    };
+    let (paged, host, regime) = regime(spec);
     let device = reserved + context + Bytes(paged);
     let capacity = spec.hardware.device.capacity();
     let mut components: BTreeMap<String, u64> = by_component
@@ -140,10 +137,7 @@ pub fn estimate(spec: &RunSpec) -> Report {
         capacity_bytes: capacity.0,
         paged_bytes: paged,
         host_bytes: host,
-        regime: match spec.train.engine {
-            Engine::Torch => torch::describe_regime(spec),
-            Engine::Candle => format!("optimizer {}", spec.train.optimizer),
-        },
+        regime,
         fits: device <= capacity,
         headroom_bytes: (capacity.0 as i128 - device.0 as i128)
             .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
@@ -163,6 +157,18 @@ pub fn estimate(spec: &RunSpec) -> Report {
             Engine::Torch => Vec::new(),
         },
         timeline,
+    }
+}
+
+/// Bytes outside the allocator (paged optimizer state, offloaded activations) and the
+/// regime in words.
+fn regime(spec: &RunSpec) -> (u64, u64, String) {
+    match spec.train.engine {
+        Engine::Torch => {
+            let (paged, host) = torch::off_allocator(spec);
+            (paged, host, torch::describe_regime(spec))
+        }
+        Engine::Candle => (0, 0, format!("optimizer {}", spec.train.optimizer)),
     }
 }
 
