@@ -212,3 +212,59 @@ const OUTLIERS: &[(&str, f64)] = &[
         0.06,
     ),
 ];
+
+/// `tests/data/torch_regimes.json` (`tools/measure_regimes.py`): optimizer implementations,
+/// every-N and op-level selective checkpointing, the optimizer stepped inside backward and
+/// bf16 compute over fp32 masters, measured the same way.
+#[test]
+fn torch_regime_peaks_are_predicted_within_3_percent() {
+    let errs = errors_in(include_str!("data/torch_regimes.json"));
+    let mut worst = 0.0f64;
+    let mut held = 0;
+    for (id, m, p, e) in &errs {
+        let why = NOT_MODELLED.iter().find(|(x, _)| x == id).map(|(_, w)| *w);
+        println!(
+            "{id:80} measured {m:>11} predicted {p:>11} error {:+.2} %{}",
+            e * 100.0,
+            why.map(|w| format!("  (not held: {w})"))
+                .unwrap_or_default()
+        );
+        if why.is_none() {
+            worst = worst.max(e.abs());
+            held += 1;
+        }
+    }
+    println!("worst {:.2} % over {held} held", worst * 100.0);
+    assert!(held >= 30, "at least 30 held regimes, {held}");
+    assert!(worst <= REGIME_BOUND, "worst error {:.2} %", worst * 100.0);
+    for (id, _) in NOT_MODELLED {
+        assert!(errs.iter().any(|e| e.0 == *id), "{id} is not in the data");
+    }
+}
+
+/// The bound of issue 10 for every regime measurement.
+const REGIME_BOUND: f64 = 0.03;
+
+/// Measured runs the model does not reproduce yet, with the reason (docs/accuracy.md).
+const NOT_MODELLED: &[(&str, &str)] = &[
+    (
+        "llama-h256-l4-kv2-v32000-b2-s256-fp32-sdpa-none-torchao-adamw-4bit",
+        "torchao's compiled 4-bit step keeps buffers the model does not list",
+    ),
+    (
+        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-torchao-adamw-8bit",
+        "torchao's compiled 8-bit step keeps buffers the model does not list",
+    ),
+    (
+        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-torchao-adamw-4bit",
+        "torchao's compiled 4-bit step keeps buffers the model does not list",
+    ),
+    (
+        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-adamw-8bit",
+        "bitsandbytes' CPU fallback dequantizes states; the model follows the CUDA kernel",
+    ),
+    (
+        "llama-h512-l6-kv4-v4096-b4-s512-bf16-mixed-sdpa-none-adamw",
+        "4 % under: a bf16-mixed loss-phase tensor not found yet",
+    ),
+];

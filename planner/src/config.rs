@@ -107,6 +107,11 @@ pub struct RawTrain {
     pub implementation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compile: Option<bool>,
+    pub offload_activations: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_in_backward: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reduce_dtype: Option<String>,
     /// Training-loop settings the memory model ignores but `vramplan train` reads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
@@ -123,6 +128,10 @@ pub struct RawHardware {
     pub gpus: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reshard_after_forward: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus_per_node: Option<u64>,
     /// Overrides the device's capacity, in GiB (e.g. a `--memory-limit`, or host RAM for `cpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_gib: Option<f64>,
@@ -174,6 +183,7 @@ pub mod defaults {
     }
     pub const GPU: &str = "cpu";
     pub const SHARDING: &str = "ddp";
+    pub const REDUCE_DTYPE: &str = "fp32";
     /// Host memory assumed for `gpu = "cpu"` when neither the caller nor the config says.
     pub const CPU_MEMORY_GIB: f64 = 64.0;
 }
@@ -458,6 +468,13 @@ impl RawTrain {
                 defaults::implementation(model.arch),
             )?,
             compile: self.compile.unwrap_or(defaults::COMPILE),
+            offload_activations: self.offload_activations.unwrap_or(false),
+            optimizer_in_backward: self.optimizer_in_backward.unwrap_or(false),
+            reduce_dtype: choice(
+                "train.reduce_dtype",
+                &self.reduce_dtype,
+                defaults::REDUCE_DTYPE,
+            )?,
         })
     }
 }
@@ -501,10 +518,18 @@ impl RawHardware {
             })?),
             name => gpu(presets.gpu(name)?.clone()),
         };
+        let gpus = positive("hardware.gpus", self.gpus, Some(1), MAX_GPUS)?;
         Ok(HardwareSpec {
             device,
-            gpus: positive("hardware.gpus", self.gpus, Some(1), MAX_GPUS)?,
+            gpus,
             sharding: choice("hardware.sharding", &self.sharding, defaults::SHARDING)?,
+            reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
+            gpus_per_node: positive(
+                "hardware.gpus_per_node",
+                self.gpus_per_node,
+                Some(gpus),
+                MAX_GPUS,
+            )?,
         })
     }
 }
@@ -547,6 +572,13 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "torch with a [lora] section; the candle engine trains all parameters",
         ));
     }
+    if spec.lora.is_some() && t.compile {
+        return Err(PlanError::invalid(
+            "train.compile",
+            "true",
+            "false with a [lora] section: what the compiled graph keeps under LoRA is not modelled",
+        ));
+    }
     if !h.device.is_cuda() && h.gpus > 1 {
         return Err(PlanError::invalid(
             "hardware.gpus",
@@ -563,7 +595,7 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "ddp with gpus = 1: ZeRO shards model state over several GPUs; set gpus above 1 or use ddp",
         ));
     }
-    Ok(())
+    crate::torch::check_regime(spec)
 }
 
 impl RawConfig {
@@ -602,7 +634,7 @@ impl RawConfig {
                 grad_accum: Some(t.grad_accum),
                 precision: Some(t.precision.name().into()),
                 optimizer: Some(t.optimizer.name().into()),
-                checkpointing: Some(t.checkpointing.name().into()),
+                checkpointing: Some(t.checkpointing.to_string()),
                 loss: Some(t.loss.name().into()),
                 loss_chunk: (t.loss == LossMode::Chunked).then_some(t.loss_chunk),
                 attention: Some(t.attention.name().into()),

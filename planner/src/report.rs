@@ -47,6 +47,13 @@ pub struct Report {
     /// What nvidia-smi would show for the process: reserved plus the CUDA context.
     pub device_bytes: u64,
     pub capacity_bytes: u64,
+    /// Optimizer state in CUDA managed memory (paged optimizers): on the card, in
+    /// `device_bytes`, but outside the allocator and `peak_allocated_bytes`.
+    pub paged_bytes: u64,
+    /// Saved activations offloaded to host memory at the end of the forward.
+    pub host_bytes: u64,
+    /// The optimizer implementation, precision and sharding regime modelled, in words.
+    pub regime: String,
     pub fits: bool,
     /// Capacity minus device bytes (negative when it does not fit).
     pub headroom_bytes: i64,
@@ -102,7 +109,8 @@ pub fn estimate(spec: &RunSpec) -> Report {
             Bytes(0),
         ),
     };
-    let device = reserved + context;
+    let (paged, host, regime) = regime(spec);
+    let device = reserved + context + Bytes(paged);
     let capacity = spec.hardware.device.capacity();
     let mut components: BTreeMap<String, u64> = by_component
         .iter()
@@ -111,6 +119,9 @@ pub fn estimate(spec: &RunSpec) -> Report {
     if spec.hardware.device.is_cuda() {
         components.insert("allocator".into(), (reserved - allocated).0);
         components.insert("runtime".into(), context.0);
+    }
+    if paged > 0 {
+        components.insert("paged_optimizer".into(), paged);
     }
     let (flops_per_token, step_seconds) = throughput(spec);
     let tokens_per_step = spec.global_batch_tokens();
@@ -129,6 +140,9 @@ pub fn estimate(spec: &RunSpec) -> Report {
         peak_reserved_bytes: reserved.0,
         device_bytes: device.0,
         capacity_bytes: capacity.0,
+        paged_bytes: paged,
+        host_bytes: host,
+        regime,
         fits: device <= capacity,
         headroom_bytes: (capacity.0 as i128 - device.0 as i128)
             .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
@@ -148,6 +162,18 @@ pub fn estimate(spec: &RunSpec) -> Report {
             Engine::Torch => Vec::new(),
         },
         timeline,
+    }
+}
+
+/// Bytes outside the allocator (paged optimizer state, offloaded activations) and the
+/// regime in words.
+fn regime(spec: &RunSpec) -> (u64, u64, String) {
+    match spec.train.engine {
+        Engine::Torch => {
+            let (paged, host) = torch::off_allocator(spec);
+            (paged, host, torch::describe_regime(spec))
+        }
+        Engine::Candle => (0, 0, format!("optimizer {}", spec.train.optimizer)),
     }
 }
 
@@ -196,6 +222,13 @@ fn throughput(spec: &RunSpec) -> (f64, f64) {
     match t.checkpointing {
         Checkpointing::Full => per_token += fwd,
         Checkpointing::Selective => per_token += attention,
+        Checkpointing::Every(n) => {
+            // Blocks 0, n, 2n, … are recomputed.
+            let whole = (m.num_layers + m.num_decoder_layers).div_ceil(n.max(1)) as f64;
+            per_token += fwd * whole / layers.max(1.0);
+        }
+        // Three of a Llama block's seven matmuls are recomputed (and the attention off CUDA).
+        Checkpointing::SelectiveOp => per_token += (fwd - attention) * 3.0 / 7.0,
         Checkpointing::None => {}
     }
     if t.loss == LossMode::Chunked {

@@ -89,14 +89,137 @@ choice!(
         Fp16Autocast = "fp16-autocast",
         /// Parameters, gradients and optimizer state in bf16, no fp32 master.
         Bf16 = "bf16",
+        /// bf16 compute weights over fp32 masters (FSDP2's `MixedPrecisionPolicy`,
+        /// DeepSpeed's bf16 optimizer): the forward runs in pure bf16.
+        Bf16Mixed = "bf16-mixed",
     }
 );
+/// The optimizer and its implementation (`adamw` is PyTorch's default for the device:
+/// foreach on CUDA, the single-tensor loop on CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Optimizer {
+    AdamW,
+    AdamWForeach,
+    AdamWFused,
+    AdamWSingle,
+    AdamW8bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    TorchaoAdamW8bit,
+    TorchaoAdamW4bit,
+    Sgd,
+    Adafactor,
+    Muon,
+}
+
+impl Choice for Optimizer {
+    const ALL: &'static [(&'static str, Self)] = &[
+        ("adamw", Optimizer::AdamW),
+        ("adamw-foreach", Optimizer::AdamWForeach),
+        ("adamw-fused", Optimizer::AdamWFused),
+        ("adamw-single", Optimizer::AdamWSingle),
+        ("adamw-8bit", Optimizer::AdamW8bit),
+        ("paged-adamw", Optimizer::PagedAdamW),
+        ("paged-adamw-8bit", Optimizer::PagedAdamW8bit),
+        ("torchao-adamw-8bit", Optimizer::TorchaoAdamW8bit),
+        ("torchao-adamw-4bit", Optimizer::TorchaoAdamW4bit),
+        ("sgd", Optimizer::Sgd),
+        ("adafactor", Optimizer::Adafactor),
+        ("muon", Optimizer::Muon),
+    ];
+
+    /// The full list would not fit one error line (200 characters): the variants of a
+    /// name are written in braces.
+    fn accepted() -> String {
+        "expected one of adamw | adamw-{foreach,fused,single,8bit} | paged-adamw[-8bit] | torchao-adamw-{8bit,4bit} | sgd | adafactor | muon".into()
+    }
+}
+
+impl std::fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Optimizer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// Activation checkpointing: `selective` recomputes the attention core (Megatron-style),
+/// `selective-op` saves the outputs of torchtitan's op list and recomputes the rest,
+/// `full` recomputes each block, `every-N` recomputes every N-th block (transformers'
+/// `every_n_layers`, torchtitan's layer mode `selective_ac_option = "N"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Checkpointing {
+    None,
+    Selective,
+    Full,
+    SelectiveOp,
+    /// Every N-th block (N ≥ 1) is checkpointed whole; the others keep everything.
+    Every(u64),
+}
+
+impl Checkpointing {
+    /// Whether block `l` (from 0) is checkpointed whole. Every N-th counts from the first
+    /// block, as transformers' `_set_gradient_checkpointing` does (`layer_index % n == 0`).
+    pub fn whole_block(self, l: u64) -> bool {
+        match self {
+            Checkpointing::Full => true,
+            Checkpointing::Every(n) => l.is_multiple_of(n.max(1)),
+            _ => false,
+        }
+    }
+}
+
+impl Choice for Checkpointing {
+    const ALL: &'static [(&'static str, Self)] = &[
+        ("none", Checkpointing::None),
+        ("selective", Checkpointing::Selective),
+        ("full", Checkpointing::Full),
+        ("selective-op", Checkpointing::SelectiveOp),
+    ];
+
+    fn accepted() -> String {
+        "expected one of none | selective | full | selective-op | every-N (N from 1 to 4096)".into()
+    }
+
+    fn parse(key: &str, value: &str) -> Result<Self> {
+        let v = value.trim();
+        let every = v.get(..6).filter(|p| p.eq_ignore_ascii_case("every-"));
+        if every.is_some() {
+            return match v[6..].parse::<u64>() {
+                Ok(n) if (1..=4096).contains(&n) => Ok(Checkpointing::Every(n)),
+                _ => Err(PlanError::invalid(key, quote(value), Self::accepted())),
+            };
+        }
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(v))
+            .map(|(_, c)| *c)
+            .ok_or_else(|| PlanError::invalid(key, quote(value), Self::accepted()))
+    }
+}
+
+impl std::fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checkpointing::Every(n) => write!(f, "every-{n}"),
+            c => f.write_str(c.name()),
+        }
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 choice!(
-    Optimizer { AdamW = "adamw", AdamW8bit = "adamw-8bit", Sgd = "sgd", Adafactor = "adafactor", Muon = "muon" }
-);
-choice!(
-    /// Activation checkpointing: `selective` recomputes attention, `full` recomputes each block.
-    Checkpointing { None = "none", Selective = "selective", Full = "full" }
+    /// The dtype gradients are reduced in under `bf16-mixed` (FSDP2's `reduce_dtype`).
+    ReduceDtype { Fp32 = "fp32", Bf16 = "bf16" }
 );
 choice!(
     /// How the cross-entropy over the vocabulary is computed.
@@ -126,7 +249,7 @@ choice!(
     ComputeDtype { Bf16 = "bf16", Fp16 = "fp16", Fp32 = "fp32" }
 );
 choice!(Engine { Torch = "torch", Candle = "candle" });
-choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3" });
+choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3", Fsdp2 = "fsdp2" });
 
 impl Precision {
     /// Bytes per element of the activations the matmuls produce.
@@ -145,6 +268,11 @@ impl Precision {
         }
     }
 
+    /// bf16 compute copies of fp32 master parameters.
+    pub fn is_mixed(self) -> bool {
+        self == Precision::Bf16Mixed
+    }
+
     pub fn is_autocast(self) -> bool {
         matches!(self, Precision::Bf16Autocast | Precision::Fp16Autocast)
     }
@@ -157,7 +285,7 @@ impl Sharding {
             Sharding::Ddp => 0,
             Sharding::Zero1 => 1,
             Sharding::Zero2 => 2,
-            Sharding::Zero3 => 3,
+            Sharding::Zero3 | Sharding::Fsdp2 => 3,
         }
     }
 }
@@ -228,6 +356,14 @@ pub struct TrainSpec {
     pub implementation: Implementation,
     /// `torch.compile`: AOTAutograd's partitioner decides what backward keeps.
     pub compile: bool,
+    /// Saved activations go to host memory (`torch.autograd.graph.save_on_cpu`, torchtune's
+    /// `OffloadActivations`) and come back for backward.
+    pub offload_activations: bool,
+    /// Each parameter is stepped as soon as its gradient is complete (torchtune's
+    /// `optimizer_in_bwd`), and its gradient freed.
+    pub optimizer_in_backward: bool,
+    /// Gradient reduction dtype under `bf16-mixed`.
+    pub reduce_dtype: ReduceDtype,
 }
 
 impl TrainSpec {
@@ -286,6 +422,18 @@ pub struct HardwareSpec {
     pub device: Device,
     pub gpus: u64,
     pub sharding: Sharding,
+    /// FSDP2: free each block's gathered parameters after its forward (gather again in backward).
+    pub reshard_after_forward: bool,
+    /// GPUs the model state is sharded over (hybrid sharding shards within a node and
+    /// replicates across nodes); equal to `gpus` unless set.
+    pub gpus_per_node: u64,
+}
+
+impl HardwareSpec {
+    /// Ranks model state is split over: the node under hybrid sharding, else all GPUs.
+    pub fn shard_group(&self) -> u64 {
+        self.gpus_per_node.clamp(1, self.gpus.max(1))
+    }
 }
 
 /// A whole, validated run.
@@ -325,7 +473,33 @@ mod tests {
         let err = Precision::parse("train.precision", "bf8").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "train.precision = \"bf8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"
+            "train.precision = \"bf8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16 | bf16-mixed"
         );
+    }
+
+    #[test]
+    fn checkpointing_reads_every_n_and_writes_it_back() {
+        for text in [
+            "none",
+            "selective",
+            "full",
+            "selective-op",
+            "every-2",
+            "every-17",
+        ] {
+            let c = Checkpointing::parse("train.checkpointing", text).unwrap();
+            assert_eq!(c.to_string(), text);
+        }
+        assert_eq!(
+            Checkpointing::parse("train.checkpointing", "EVERY-3").unwrap(),
+            Checkpointing::Every(3)
+        );
+        for bad in ["every-0", "every-", "every-x", "every-4097", "every--1"] {
+            let err = Checkpointing::parse("train.checkpointing", bad).unwrap_err();
+            assert!(err.to_string().contains("every-N"), "{bad}: {err}");
+        }
+        let every2 = Checkpointing::Every(2);
+        let whole: Vec<bool> = (0..4).map(|l| every2.whole_block(l)).collect();
+        assert_eq!(whole, [true, false, true, false]);
     }
 }

@@ -47,10 +47,10 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 0\n", "train.seq_len = 0: a whole number from 1 to 16777216"),
     ("[model]\npreset = \"gpt2\"\n[train]\nseq_len = 1025\n", "train.seq_len = 1025: at most max_position_embeddings = 1024 for gpt2"),
     ("[model]\npreset = \"nanochat-d4\"\n[train]\nseq_len = 16777217\n", "train.seq_len = 16777217: a whole number from 1 to 16777216"),
-    ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n", "train.precision = \"fp8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16"),
-    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"lion\"\n", "train.optimizer = \"lion\": expected one of adamw | adamw-8bit | sgd | adafactor | muon"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nprecision = \"fp8\"\n", "train.precision = \"fp8\": expected one of fp32 | bf16-autocast | fp16-autocast | bf16 | bf16-mixed"),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"lion\"\n", "train.optimizer = \"lion\": expected one of adamw | adamw-{foreach,fused,single,8bit} | paged-adamw[-8bit] | torchao-adamw-{8bit,4bit} | sgd | adafactor | muon"),
     ("[model]\narch = \"t5\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nvocab_size = 9\n[train]\noptimizer = \"muon\"\n", "train.optimizer = \"muon\": adamw | adamw-8bit | sgd | adafactor for t5"),
-    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"half\"\n", "train.checkpointing = \"half\": expected one of none | selective | full"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"half\"\n", "train.checkpointing = \"half\": expected one of none | selective | full | selective-op | every-N (N from 1 to 4096)"),
     ("[model]\npreset = \"gpt2\"\n[train]\nloss = \"cast\"\n", "train.loss = \"cast\": expected one of float-cast | chunked | fused"),
     ("[model]\npreset = \"gpt2\"\n[train]\nloss_chunk = 0\n", "train.loss_chunk = 0: a whole number from 1 to 16777216"),
     ("[model]\npreset = \"gpt2\"\n[train]\nattention = \"flash\"\n", "train.attention = \"flash\": expected one of sdpa | eager"),
@@ -68,7 +68,7 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpus = 0\n", "hardware.gpus = 0: a whole number from 1 to 1024"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 1025\n", "hardware.gpus = 1025: a whole number from 1 to 1024"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\n", "hardware.gpus = 2: 1 with gpu = \"cpu\""),
-    ("[model]\npreset = \"gpt2\"\n[hardware]\nsharding = \"fsdp\"\n", "hardware.sharding = \"fsdp\": expected one of ddp | zero1 | zero2 | zero3"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\nsharding = \"fsdp\"\n", "hardware.sharding = \"fsdp\": expected one of ddp | zero1 | zero2 | zero3 | fsdp2"),
     // Regression: ZeRO on one GPU was accepted and planned as plain DDP.
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero3\"\n", "hardware.sharding = \"zero3\": ddp with gpus = 1: ZeRO shards model state over several GPUs"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 1\nsharding = \"zero1\"\n", "hardware.sharding = \"zero1\": ddp with gpus = 1"),
@@ -273,6 +273,45 @@ fn implementation_and_compile_refuse_what_is_not_modelled() {
     }
 }
 
+const LLAMA_H100: &str = "[model]\npreset = \"smollm2-135m\"\n[hardware]\ngpu = \"h100-80gb\"\n";
+
+/// (config text, what the error starts with) for the regime keys (issue 10).
+const REGIME_ERRORS: &[(&str, &str)] = &[
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"every-0\"\n", "train.checkpointing = \"every-0\": expected one of none | selective | full | selective-op | every-N"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"every-two\"\n", "train.checkpointing = \"every-two\": expected one of"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"every-4097\"\n", "train.checkpointing = \"every-4097\": expected one of"),
+    ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"selective-op\"\n", "train.checkpointing = \"selective-op\": none | selective | full | every-N for arch gpt2"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nreduce_dtype = \"fp16\"\n", "train.reduce_dtype = \"fp16\": expected one of fp32 | bf16"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nreduce_dtype = \"bf16\"\n", "train.reduce_dtype = \"bf16\": fp32 unless precision = \"bf16-mixed\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\noffload_activations = 1\n", "line 4: train.offload_activations: invalid type: integer `1`, expected a boolean"),
+    ("[model]\npreset = \"gpt2\"\n[train]\noffload_activations = true\n", "train.offload_activations = true: false with gpu = \"cpu\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\ngrad_accum = 2\n", "train.optimizer_in_backward = true: false with grad_accum above 1"),
+    ("[model]\npreset = \"nanochat-d4\"\n[train]\noptimizer_in_backward = true\n", "train.optimizer_in_backward = true: false with optimizer = \"muon\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\nprecision = \"bf16-mixed\"\n", "train.optimizer_in_backward = true: false with precision = \"bf16-mixed\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero2\"\n", "train.optimizer_in_backward = true: false with several GPUs unless sharding = \"fsdp2\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"paged-adamw\"\n", "train.optimizer = \"paged-adamw\": a GPU: paged optimizers keep their state in CUDA managed memory"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"fsdp2\"\n", "hardware.sharding = \"fsdp2\": ddp with gpus = 1"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\nreshard_after_forward = false\n", "hardware.reshard_after_forward = false: true unless sharding = \"fsdp2\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\ngpus_per_node = 2\n", "hardware.gpus_per_node = 2: gpus = 4 unless sharding = \"fsdp2\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 6\nsharding = \"fsdp2\"\ngpus_per_node = 4\n", "hardware.gpus_per_node = 4: a divisor of gpus = 6"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"fsdp2\"\ngpus_per_node = 8\n", "hardware.gpus_per_node = 8: a divisor of gpus = 4"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"fsdp2\"\ngpus_per_node = 0\n", "hardware.gpus_per_node = 0: a whole number from 1 to 1024"),
+    ("[model]\npreset = \"nanochat-d4\"\n[train]\nengine = \"candle\"\ncheckpointing = \"every-2\"\n", "train.checkpointing = \"every-2\": the torch engine: the candle engine trains without it"),
+    ("[model]\npreset = \"nanochat-d4\"\n[train]\nengine = \"candle\"\nprecision = \"bf16-mixed\"\n", "train.precision = \"bf16-mixed\": the torch engine"),
+];
+
+#[test]
+fn each_bad_regime_names_its_key_and_what_is_accepted() {
+    for (src, want) in REGIME_ERRORS {
+        let err = resolve(src).expect_err(src).to_string();
+        assert!(
+            err.starts_with(want),
+            "{src:?}\n  got:  {err}\n  want: {want}"
+        );
+        assert!(!err.contains('\n') && err.chars().count() <= 200, "{err}");
+    }
+}
+
 #[test]
 fn implementation_defaults_per_architecture_and_round_trips() {
     // (config, implementation, compile) as resolved.
@@ -315,4 +354,58 @@ fn implementation_defaults_per_architecture_and_round_trips() {
             "{text}"
         );
     }
+}
+
+#[test]
+fn regime_keys_resolve_with_their_defaults_and_values() {
+    let rows: &[(String, Check)] = &[
+        (LLAMA_H100.to_string(), |s| {
+            let (t, h) = (&s.train, &s.hardware);
+            !t.offload_activations
+                && !t.optimizer_in_backward
+                && t.reduce_dtype == ReduceDtype::Fp32
+                && h.reshard_after_forward
+                && h.gpus_per_node == 1
+                && h.shard_group() == 1
+        }),
+        (format!("{LLAMA_H100}[train]\ncheckpointing = \"every-3\"\n"), |s| {
+            s.train.checkpointing == Checkpointing::Every(3)
+        }),
+        (format!("{LLAMA_H100}[train]\ncheckpointing = \"Selective-Op\"\n"), |s| {
+            s.train.checkpointing == Checkpointing::SelectiveOp
+        }),
+        (format!("{LLAMA_H100}[train]\noptimizer = \"paged-adamw-8bit\"\noffload_activations = true\noptimizer_in_backward = true\n"), |s| {
+            s.train.optimizer == Optimizer::PagedAdamW8bit
+                && s.train.offload_activations
+                && s.train.optimizer_in_backward
+        }),
+        (format!("{LLAMA_H100}[train]\nprecision = \"bf16-mixed\"\nreduce_dtype = \"bf16\"\n"), |s| {
+            s.train.precision == Precision::Bf16Mixed && s.train.reduce_dtype == ReduceDtype::Bf16
+        }),
+        ("[model]\npreset = \"smollm2-135m\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 16\nsharding = \"fsdp2\"\ngpus_per_node = 8\nreshard_after_forward = false\n".to_string(), |s| {
+            let h = &s.hardware;
+            h.sharding == Sharding::Fsdp2 && h.shard_group() == 8 && !h.reshard_after_forward
+        }),
+        ("[model]\npreset = \"smollm2-135m\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"fsdp2\"\n".to_string(), |s| {
+            s.train.optimizer_in_backward && s.hardware.shard_group() == 4
+        }),
+    ];
+    for (src, check) in rows {
+        let s = resolve(src).expect(src);
+        assert!(check(&s), "{src:?}: {s:?}");
+    }
+    for (name, o) in Optimizer::ALL {
+        let src = format!("{LLAMA_H100}[train]\noptimizer = \"{name}\"\n");
+        assert_eq!(resolve(&src).expect(&src).train.optimizer, *o);
+    }
+}
+
+#[test]
+fn regime_keys_are_written_back_into_plans() {
+    let src = "[model]\npreset = \"smollm2-135m\"\n[train]\ncheckpointing = \"every-2\"\noptimizer = \"adamw-fused\"\nprecision = \"bf16-mixed\"\nreduce_dtype = \"bf16\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 8\nsharding = \"fsdp2\"\ngpus_per_node = 4\nreshard_after_forward = false\n";
+    let raw = RawConfig::from_toml(src).unwrap();
+    let spec = resolve(src).unwrap();
+    let text = raw.with_spec(&spec).to_toml().unwrap();
+    assert_eq!(resolve(&text).unwrap(), spec, "{text}");
+    assert!(text.contains("checkpointing = \"every-2\""), "{text}");
 }

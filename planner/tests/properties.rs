@@ -156,6 +156,83 @@ proptest! {
     }
 }
 
+/// The regime properties of issue 10, over the generated runs on a GPU.
+fn on_gpu(raw: &RawConfig) -> Option<RunSpec> {
+    let mut s = spec(raw);
+    if !s.hardware.device.is_cuda() || s.train.engine != Engine::Torch {
+        return None;
+    }
+    s.train.grad_accum = 1;
+    Some(s)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn offload_and_optimizer_in_backward_never_raise_the_device_peak(raw in raw_run()) {
+        let Some(s) = on_gpu(&raw) else { return Ok(()) };
+        let base = estimate(&s);
+        let mut off = s.clone();
+        off.train.offload_activations = true;
+        let r = estimate(&off);
+        prop_assert!(r.peak_allocated_bytes <= base.peak_allocated_bytes);
+        prop_assert!(r.device_bytes <= base.device_bytes + 20 * 1024 * 1024);
+        prop_assert!(r.host_bytes > 0);
+        // Stepped inside backward, a parameter's step temporaries meet the saved
+        // activations; they stay under what they replace (the gradients of the layers
+        // above, the logits' gradient at the head) when a micro-batch has at least as many
+        // tokens as the model is wide. Below that (16 tokens through a 128-wide model) the
+        // head's V × H step buffer outgrows the N × V logits' gradient, in PyTorch too; and
+        // with a vocabulary narrower than 8 × H (no language model's) a block's step buffer
+        // can outgrow the head's gradient it replaces.
+        let m = &s.model;
+        if s.train.optimizer != Optimizer::Muon
+            && s.train.tokens_per_micro_batch() >= m.hidden_size
+            && m.vocab_size >= 8 * m.hidden_size
+        {
+            let mut inb = s.clone();
+            inb.train.optimizer_in_backward = true;
+            let r = estimate(&inb);
+            prop_assert!(r.peak_allocated_bytes <= base.peak_allocated_bytes);
+        }
+    }
+
+    #[test]
+    fn every_n_lies_between_none_and_full(raw in raw_run(), n in 2u64..4, layers in 2u64..7) {
+        let mut raw = raw;
+        raw.model.num_layers = Some(layers);
+        let s = spec(&raw);
+        let at = |ck: Checkpointing| {
+            let mut c = s.clone();
+            c.train.checkpointing = ck;
+            live_peak(&c)
+        };
+        let (none, every, full) = (at(Checkpointing::None), at(Checkpointing::Every(n)), at(Checkpointing::Full));
+        prop_assert!(full <= every && every <= none, "full {full}, every-{n} {every}, none {none}");
+        prop_assert_eq!(at(Checkpointing::Every(1)), full);
+    }
+
+    #[test]
+    fn fsdp2_per_gpu_memory_falls_as_gpus_grow(raw in raw_run(), layers in 4u64..8, mixed in any::<bool>()) {
+        let mut raw = raw;
+        raw.model.num_layers = Some(layers);
+        let Some(mut s) = on_gpu(&raw) else { return Ok(()) };
+        s.hardware.sharding = Sharding::Fsdp2;
+        if mixed {
+            s.train.precision = Precision::Bf16Mixed;
+        }
+        let mut last = u64::MAX;
+        for gpus in [2u64, 4, 8, 16] {
+            s.hardware.gpus = gpus;
+            s.hardware.gpus_per_node = gpus;
+            let p = live_peak(&s);
+            prop_assert!(p <= last, "{gpus} GPUs: {p} > {last}");
+            last = p;
+        }
+    }
+}
+
 /// Runs `check` over `cases` generated values and returns how many of them it counted.
 fn count_cases<S: Strategy>(
     cases: u32,

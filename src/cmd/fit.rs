@@ -204,7 +204,11 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     if lora.is_some() {
         raw.lora = lora;
     }
-    let precision = if raw.lora.is_some() { "bf16" } else { "bf16-autocast" };
+    let precision = if raw.lora.is_some() {
+        "bf16"
+    } else {
+        "bf16-autocast"
+    };
     let t = &mut raw.train;
     t.precision = flag(&a.precision, precision, &t.precision);
     t.attention = flag(&a.attention, "sdpa", &t.attention);

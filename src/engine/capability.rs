@@ -41,7 +41,7 @@ pub fn compute(p: Precision) -> DType {
     match p {
         Precision::Bf16Autocast => DType::BF16,
         Precision::Fp16Autocast => DType::F16,
-        Precision::Fp32 | Precision::Bf16 => DType::F32,
+        Precision::Fp32 | Precision::Bf16 | Precision::Bf16Mixed => DType::F32,
     }
 }
 
@@ -54,7 +54,7 @@ pub fn resolve(ask: Ask) -> Result<Runs, Error> {
     let runs = match ask.precision {
         Precision::Fp32 | Precision::Fp16Autocast => true,
         Precision::Bf16Autocast => ask.on_gpu,
-        Precision::Bf16 => false,
+        Precision::Bf16 | Precision::Bf16Mixed => false,
     };
     let default = if ask.on_gpu {
         Precision::Bf16Autocast

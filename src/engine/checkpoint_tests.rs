@@ -19,6 +19,7 @@ fn model() -> Model {
         tie_embeddings: true,
         max_positions: 0,
         gated_ffn: false,
+        features: Default::default(),
     };
     Model::new(
         &spec,

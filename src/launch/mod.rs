@@ -168,8 +168,9 @@ impl Draft {
                 gpu: self.gpu,
                 gpus: self.gpus,
                 sharding: self.sharding,
-                memory_gib: None,
+                ..RawHardware::default()
             },
+            lora: None,
         }
     }
 }

@@ -168,6 +168,7 @@ pub fn verdict(r: &Report) -> String {
 
 pub fn estimate(s: &RunSpec, r: &Report) -> String {
     let mut out = headline(s);
+    let _ = writeln!(out, "regime: {}", r.regime);
     let mut t = table(&["component at the peak", "memory", "share"]);
     for (k, v) in &r.components {
         if *v > 0 {
@@ -202,6 +203,20 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
             Bytes(r.capacity_bytes)
         );
     }
+    if r.paged_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "paged optimizer state: {} in CUDA managed memory (on the card, not in the allocated peak)",
+            Bytes(r.paged_bytes)
+        );
+    }
+    if r.host_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "offloaded to host memory: {} of saved activations",
+            Bytes(r.host_bytes)
+        );
+    }
     let _ = writeln!(out, "{}", verdict(r));
     let _ = writeln!(
         out,
@@ -215,7 +230,7 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
 }
 
 pub fn compare(na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison) -> String {
-    let mut out = String::new();
+    let mut out = format!("regime A: {}\nregime B: {}\n", a.regime, b.regime);
     if !c.config.is_empty() {
         let mut t = table(&["config", na, nb]);
         for d in &c.config {

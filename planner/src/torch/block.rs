@@ -115,7 +115,7 @@ impl Dims {
         let autocast = t.precision.is_autocast();
         let (c, r) = match t.precision {
             Precision::Fp32 => (DType::F32, DType::F32),
-            Precision::Bf16 => (DType::Bf16, DType::Bf16),
+            Precision::Bf16 | Precision::Bf16Mixed => (DType::Bf16, DType::Bf16),
             Precision::Bf16Autocast => (DType::Bf16, DType::F32),
             Precision::Fp16Autocast => (DType::F16, DType::F32),
         };

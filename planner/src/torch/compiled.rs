@@ -37,6 +37,8 @@ fn keep(blk: &mut Block, name: &'static str, layout: Layout, attention_core: boo
         name,
         layout,
         attention_core,
+        // What the compiled graph keeps under LoRA is not modelled (the config refuses it).
+        linears: &[],
     });
 }
 

@@ -15,18 +15,22 @@
 //! so the whole inventory is linear in layers.
 
 mod block;
+mod checkpoint;
 mod compiled;
 mod lora;
 mod loss;
 mod optim;
 mod recipe;
+mod regime;
+mod shard;
 mod torchtitan;
 mod torchtune;
 
 pub(crate) use recipe::check as check_implementation;
+pub use regime::{check_regime, describe as describe_regime};
 
 use crate::params::{self, Param, Role};
-use crate::spec::{Checkpointing, ModelSpec, RunSpec, TrainSpec};
+use crate::spec::{Checkpointing, ModelSpec, RunSpec, Sharding, TrainSpec};
 use crate::timeline::{Component, Extent, Layout, Name, Step, TensorId, Timeline};
 use crate::units::DType;
 use block::{Block, Dims, Saved};
@@ -52,6 +56,8 @@ struct Run<'a> {
     cuda: bool,
     stage: u8,
     shards: u64,
+    sharding: Sharding,
+    reshard_after_forward: bool,
     params: Rc<Vec<Param>>,
     /// The parameters with gradients and optimizer state (all but LoRA's frozen base).
     trainable: Rc<Vec<Param>>,
@@ -92,7 +98,9 @@ impl Run<'_> {
             t,
             cuda: hw.device.is_cuda(),
             stage: if hw.gpus > 1 { hw.sharding.stage() } else { 0 },
-            shards: hw.gpus.max(1),
+            shards: hw.shard_group(),
+            sharding: hw.sharding,
+            reshard_after_forward: hw.reshard_after_forward,
             by_layer: params::by_layer(&params, layers),
             params,
             trainable,
@@ -123,6 +131,53 @@ impl Run<'_> {
     fn layer_params(&self, l: u64) -> impl Iterator<Item = &Param> + '_ {
         self.by_layer[l as usize].iter().map(|i| &self.params[*i])
     }
+
+    /// Whether block `l` is checkpointed whole (full, or its turn under every-N).
+    fn whole(&self, l: u64) -> bool {
+        self.t.checkpointing.whole_block(l)
+    }
+
+    /// The gradients of `ps`; stepped inside backward, each is consumed by its own step
+    /// as soon as it is complete (its AccumulateGrad hook), before the next one is made.
+    fn grads_of(&self, s: &mut Step, grads: &mut Grads, ps: &[&Param], autocast: bool) {
+        if !self.t.optimizer_in_backward {
+            grads.for_params(s, ps.iter().copied(), autocast, &self.d);
+            return;
+        }
+        for p in ps {
+            grads.for_params(s, std::iter::once(*p), autocast, &self.d);
+            optim::per_param(s, p, self.t, self.cuda, self.optimizer_shards());
+            grads.drop_grad(s, p);
+        }
+    }
+
+    /// Stepped inside backward, the steps of parameters whose gradients are complete now.
+    fn steps_in_backward(&self, s: &mut Step, grads: &mut Grads, ps: &[&Param]) {
+        if !self.t.optimizer_in_backward {
+            return;
+        }
+        for p in ps {
+            optim::per_param(s, p, self.t, self.cuda, self.optimizer_shards());
+            grads.drop_grad(s, p);
+        }
+    }
+}
+
+/// The bytes of the step outside PyTorch's allocator: optimizer state in CUDA managed
+/// memory (paged optimizers) and saved activations offloaded to host memory.
+pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
+    let run = Run::new(spec);
+    let paged = optim::states(&mut Step::new(), &run.params, run.t, run.optimizer_shards());
+    let host = if run.t.offload_activations {
+        (0..run.layers)
+            .map(|l| {
+                checkpoint::offloaded_bytes(run.t.checkpointing, l, run.block(l), &run.d, run.cuda)
+            })
+            .fold(0u64, u64::saturating_add)
+    } else {
+        0
+    };
+    (paged, host)
 }
 
 /// Plays one step of `spec` on the torch engine.
@@ -141,15 +196,21 @@ pub fn play(spec: &RunSpec) -> Timeline {
         .params
         .iter()
         .filter(|p| p.role == Role::Embedding || (p.layer.is_none() && p.role == Role::Vector));
-    grads.for_params(&mut s, emb, false, &run.d);
+    let emb: Vec<&Param> = emb.collect();
+    run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
     }
     // Optimizer step, then zero_grad(set_to_none=True).
+    fwd.root.into_iter().for_each(|id| s.free(id));
     s.phase("optimizer step");
-    optim::step(&mut s, &run.params, run.t, run.cuda, run.optimizer_shards());
+    let masters = shard::master_gradients(&mut s, &run, &mut grads);
+    if !run.t.optimizer_in_backward {
+        optim::step(&mut s, &run.params, run.t, run.cuda, run.optimizer_shards());
+    }
     grads.free_all(&mut s);
+    masters.into_iter().for_each(|id| s.free(id));
     s.finish()
 }
 
@@ -167,12 +228,15 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
             );
         }
     }
+    shard::compute_weights(s, run);
     optim::states(s, &run.trainable, run.t, run.optimizer_shards());
+    let gd = shard::grad_dtype(run);
     if run.shards > 1 && run.stage <= 1 {
-        let all = Layout::new(&[crate::lora::trainable_count(&run.trainable)], p);
+        let all = Layout::new(&[crate::lora::trainable_count(&run.trainable)], gd);
         s.persistent("DDP gradient buckets", Component::Gradients, all);
     }
-    let mut grads = Grads::new(&run.trainable, p, run.stage >= 2, run.shards);
+    let mut grads = Grads::new(&run.trainable, gd, run.stage >= 2, run.shards);
+    grads.pre_reduce = shard::pre_reduce(run);
     if run.t.grad_accum > 1 {
         grads.all_persistent(s);
     }
@@ -184,6 +248,8 @@ struct Frame {
     input: TensorId,
     saved: Vec<TensorId>,
     copies: Vec<TensorId>,
+    /// What went to host memory (offloading), brought back for the block's backward.
+    offloaded: Option<Layout>,
 }
 
 /// What the forward leaves for backward.
@@ -193,6 +259,8 @@ struct Forward {
     /// The embedding's saved tensors before the first block's input.
     stem: Vec<TensorId>,
     frames: Vec<Frame>,
+    /// FSDP2's root parameters (embedding, final norm, head), gathered for the whole step.
+    root: Vec<TensorId>,
     /// The last block's output.
     x: TensorId,
     head: Head,
@@ -221,6 +289,7 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
         .iter()
         .map(|(name, l)| s.alloc(*name, Component::Activations, l.clone()))
         .collect();
+    let root = shard::root_gathered(s, run);
     let mut x = stem
         .pop()
         .expect("the embedding makes the first block's input");
@@ -236,6 +305,7 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
         inputs,
         stem,
         frames,
+        root,
         x,
         head,
     }
@@ -244,16 +314,23 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
 fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, TensorId) {
     let (d, ck) = (&run.d, run.t.checkpointing);
     let blk = run.block(l);
-    let copies = weight_copies(s, run, l);
+    let whole = run.whole(l);
+    let copies = weight_copies(s, run, l, true);
     // Full checkpointing runs the forward as usual and drops what it made.
-    let made = save(s, blk, l, "", |sv| {
-        ck == Checkpointing::Full || kept(ck, sv)
-    });
-    let saved = if ck == Checkpointing::Full {
+    let made = save(s, blk, l, "", |sv| whole || kept(ck, sv));
+    let saved = if whole {
         made.into_iter().for_each(|id| s.free(id));
         vec![]
+    } else if ck == Checkpointing::SelectiveOp {
+        checkpoint::op_forward(s, blk, l, made, d, run.cuda)
     } else {
         made
+    };
+    let (saved, offloaded) = if run.t.offload_activations {
+        let layouts = checkpoint::kept_layouts(ck, l, blk, d, run.cuda);
+        (vec![], checkpoint::offload(s, saved, &layouts))
+    } else {
+        (saved, None)
     };
     s.transient(
         Name::block("block ", l, [" forward temporaries", "", ""]),
@@ -266,7 +343,7 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         d.tok(d.h, d.r),
     );
     // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done.
-    let copies = if run.stage >= 3 || ck == Checkpointing::Full {
+    let copies = if shard::reshards_after_forward(run) || whole {
         copies.into_iter().for_each(|c| s.free(c));
         vec![]
     } else {
@@ -276,14 +353,17 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         input,
         saved,
         copies,
+        offloaded,
     };
     (frame, out)
 }
 
 /// Whether forward keeps `sv` for backward (selective checkpointing drops the attention core).
+/// Under `selective-op` forward first makes the whole set (`checkpoint::op_forward` then
+/// keeps what the policy saves); a block not checkpointed under every-N keeps everything.
 fn kept(ck: Checkpointing, sv: &Saved) -> bool {
     match ck {
-        Checkpointing::None => true,
+        Checkpointing::None | Checkpointing::Every(_) | Checkpointing::SelectiveOp => true,
         Checkpointing::Selective => !sv.attention_core,
         Checkpointing::Full => false,
     }
@@ -384,15 +464,21 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
             d.tok(d.h, d.c),
         )
     };
+    // A tied head's gradient is complete only after the embedding's backward.
+    let untied: Vec<&Param> = run.params.iter().filter(|p| p.role == Role::Head).collect();
     let g = match g_logits {
         Some(gl) => {
             let gh = grad_hidden(s);
             grads.for_params(s, head_params, d.autocast, d);
+            // The head's AccumulateGrad (and its hook) runs after the matmul's backward
+            // has released the logits' gradient.
             s.free(gl);
+            run.steps_in_backward(s, grads, &untied);
             gh
         }
         None => {
             grads.for_params(s, head_params, d.autocast, d);
+            run.steps_in_backward(s, grads, &untied);
             grad_hidden_fwd.unwrap_or_else(|| grad_hidden(s))
         }
     };
@@ -419,28 +505,44 @@ fn blocks_backward(
     grads: &mut Grads,
 ) -> TensorId {
     let (d, ck) = (&run.d, run.t.checkpointing);
+    let mut prefetched = None;
     for l in (0..run.layers).rev() {
         let blk = run.block(l);
+        let whole = run.whole(l);
         let frame = frames.pop().expect("one frame per block");
         s.phase(Name::block("backward: block ", l, ["", "", ""]));
         let mut copies = frame.copies;
-        if ck == Checkpointing::Full || run.stage >= 3 {
-            copies.extend(weight_copies(s, run, l));
+        if whole || shard::reshards_after_forward(run) {
+            let gathered = prefetched.take();
+            copies.extend(weight_copies(s, run, l, gathered.is_none()));
+            copies.extend(gathered);
         }
-        let recomputed = save(s, blk, l, " (recomputed)", |sv| {
-            ck != Checkpointing::None && !kept(ck, sv)
+        prefetched = shard::prefetch(s, run, l);
+        let reloaded = frame.offloaded.map(|o| {
+            s.alloc(
+                Name::block("block ", l, [" saved tensors (back from host)", "", ""]),
+                Component::Activations,
+                o,
+            )
         });
+        let recomputed = if ck == Checkpointing::SelectiveOp && !whole {
+            checkpoint::op_recompute(s, blk, l, d, run.cuda)
+        } else {
+            save(s, blk, l, " (recomputed)", |sv| whole || !kept(ck, sv))
+        };
         s.transient(
             Name::block("block ", l, [" backward temporaries", "", ""]),
             Component::Temporaries,
             blk.bwd_transient.clone(),
         );
-        grads.for_params(s, run.layer_params(l), d.autocast, d);
+        let ps: Vec<&Param> = run.layer_params(l).collect();
+        run.grads_of(s, grads, &ps, d.autocast);
         frame
             .saved
             .into_iter()
             .chain(recomputed)
             .chain(copies)
+            .chain(reloaded)
             .for_each(|id| s.free(id));
         let gi = s.alloc(
             Name::block("grad of block ", l, [" input", "", ""]),
@@ -463,7 +565,7 @@ fn tied_embedding<'a>(params: &'a [Param], m: &ModelSpec) -> Option<&'a Param> {
 
 /// The block's weights as its matmuls use them: autocast's bf16 copies (saved for
 /// backward), and under ZeRO-3 the gathered full weights.
-fn weight_copies(s: &mut Step, run: &Run, l: u64) -> Vec<TensorId> {
+fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId> {
     let d = &run.d;
     let mut out = Vec::new();
     let sum = |pred: &dyn Fn(&Param) -> bool| {
@@ -473,13 +575,8 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64) -> Vec<TensorId> {
             .fold(0, u64::saturating_add)
     };
     let matrices = sum(&|p| p.role == Role::Matrix && lora::copied(p, run.lora));
-    if run.stage >= 3 && run.shards > 1 {
-        // The gathered layer is one flat buffer of all its parameters.
-        out.push(s.alloc(
-            Name::block("block ", l, [" gathered weights (ZeRO-3)", "", ""]),
-            Component::WeightCopies,
-            Layout::new(&[sum(&|_| true)], d.p),
-        ));
+    if gather {
+        out.extend(shard::gathered(s, run, l, sum(&|_| true)));
     }
     if d.autocast && matrices > 0 {
         out.push(s.alloc(
@@ -502,6 +599,9 @@ struct Grads {
     names: Vec<Rc<str>>,
     sharded: bool,
     shards: u64,
+    /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
+    /// (ZeRO: the gradient itself; FSDP2: the unsharded gradient and the flat reduce input).
+    pre_reduce: Vec<DType>,
 }
 
 impl Grads {
@@ -520,6 +620,14 @@ impl Grads {
             names: params.iter().map(|p| p.name.clone()).collect(),
             sharded,
             shards: shards.max(1),
+            pre_reduce: vec![dtype],
+        }
+    }
+
+    /// Frees `p`'s gradient (the optimizer stepped inside backward has used it).
+    fn drop_grad(&mut self, s: &mut Step, p: &Param) {
+        if let Some(id) = self.index.get(&p.name).and_then(|&i| self.ids[i].take()) {
+            s.free(id);
         }
     }
 
@@ -566,10 +674,19 @@ impl Grads {
                 ),
                 None => {
                     if self.sharded {
+                        let mut parts: Vec<Layout> = self
+                            .pre_reduce
+                            .iter()
+                            .map(|dt| Layout::new(&full.shape, *dt))
+                            .collect();
+                        let before = match parts.len() {
+                            1 => parts.remove(0),
+                            _ => Layout::concat(&parts),
+                        };
                         s.transient(
                             Name::of("grad of ", &p.name, " (before reduce-scatter)"),
                             Component::Temporaries,
-                            full,
+                            before,
                         );
                     }
                     self.ids[i] = Some(s.alloc(

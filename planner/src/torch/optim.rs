@@ -1,67 +1,148 @@
-//! Optimizer state and step temporaries, per parameter.
+//! Optimizer state and step temporaries, per parameter, as each implementation keeps them.
 //!
-//! - `adamw` (torch.optim.AdamW): `exp_avg` and `exp_avg_sq` in the parameter's dtype.
-//!   On CUDA the default multi-tensor (foreach) step allocates `sqrt(exp_avg_sq)` for the
-//!   whole group at once (one copy of the state-sized parameters); on CPU the
-//!   single-tensor step makes `exp_avg_sq.sqrt()` and its quotient, one parameter at a time.
-//! - `adamw-8bit` (bitsandbytes): two uint8 states plus an fp32 absmax per 256-element block.
-//! - `sgd`: one momentum buffer. `adafactor` (transformers): row and column statistics for
-//!   matrices, a full second moment for vectors; per-parameter update temporaries.
-//! - `muon` (nanochat): one momentum buffer for the block matrices (Newton–Schulz in bf16
-//!   on the update), AdamW for the embedding and the head.
+//! - AdamW (torch 2.15 `torch/optim/adam.py`): `exp_avg` and `exp_avg_sq` in the
+//!   parameter's dtype. `_single_tensor_adam` makes `exp_avg_sq.sqrt()` and its quotient
+//!   one parameter at a time (two state-sized buffers of the largest parameter);
+//!   `_multi_tensor_adam` makes `_foreach_sqrt(exp_avg_sqs)` for the whole group at once (one
+//!   copy of every parameter); `_fused_adam` keeps nothing. `adamw` is what
+//!   `_default_to_fused_or_foreach` picks: foreach on CUDA, the single-tensor loop on CPU.
+//! - bitsandbytes 0.50 (`optim/optimizer.py`, `Optimizer2State.init_state`): parameters with
+//!   fewer than `min_8bit_size` = 4,096 elements keep two fp32 states; the others two uint8
+//!   states and two fp32 absmax per 256-element block. Paged variants put states of at
+//!   least 10⁵ elements in CUDA managed memory (`get_state_buffer`): on the card, outside
+//!   PyTorch's allocator (`paged_bytes`). The update is one fused kernel.
+//! - torchao 0.18 (`optim/adam.py`, `subclass_8bit.py`, `subclass_4bit.py`): parameters of
+//!   at least 4,096 elements divisible by the block (256 for 8-bit, 128 for 4-bit) keep
+//!   codes (one byte, or half a byte, an element), an fp32 scale per block and the
+//!   quantization map (256 or 16 fp32); the others `zeros_like(p)`. The step is
+//!   `single_param_adam` under `torch.compile`.
+//! - `sgd` (momentum): one momentum buffer, updated in place. `adafactor` (transformers
+//!   `optimization.py`): row and column statistics for matrices, a full second moment for
+//!   vectors; per parameter `grad**2 + eps` and the factored estimate are live together.
+//! - `muon` (torch 2.15 `torch/optim/_muon.py`): one momentum buffer for the block matrices;
+//!   the step makes the Nesterov update `grad.lerp(buf)` (fp32), its bf16 copy, the Gram
+//!   matrix and its polynomial, and the next iterate. Embeddings, the head and vectors go to
+//!   AdamW (nanochat's `setup_optimizers` split).
 
 use crate::params::{Param, Role};
 use crate::spec::{Optimizer, Precision, TrainSpec};
 use crate::timeline::{Component, Extent, Layout, Name, Step};
 use crate::units::DType;
 
-/// Allocates the optimizer state; `shard` divides it (ZeRO stage ≥ 1).
-pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) {
+/// Elements per absmax in bitsandbytes' blockwise 8-bit optimizers.
+const ABSMAX_BLOCK: u64 = 256;
+/// bitsandbytes' and torchao's `min_8bit_size`: smaller parameters keep 32-bit states.
+const MIN_8BIT_SIZE: u64 = 4096;
+/// bitsandbytes pages a state only from this many elements (`get_state_buffer`).
+const MIN_PAGED: u64 = 100_000;
+/// torchao's block sizes and quantization maps (`AdamW8bit`, `AdamW4bit`).
+const TORCHAO_8BIT_BLOCK: u64 = 256;
+const TORCHAO_4BIT_BLOCK: u64 = 128;
+const TORCHAO_8BIT_QMAP: u64 = 256;
+const TORCHAO_4BIT_QMAP: u64 = 16;
+
+/// How AdamW's step runs over the parameters it updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdamStep {
+    Single,
+    Foreach,
+    Fused,
+}
+
+/// The AdamW loop `opt` uses on this device, if it is a torch AdamW.
+fn adam_step(opt: Optimizer, cuda: bool) -> Option<AdamStep> {
+    match opt {
+        Optimizer::AdamW if cuda => Some(AdamStep::Foreach),
+        Optimizer::AdamW => Some(AdamStep::Single),
+        Optimizer::AdamWSingle => Some(AdamStep::Single),
+        Optimizer::AdamWForeach => Some(AdamStep::Foreach),
+        Optimizer::AdamWFused => Some(AdamStep::Fused),
+        _ => None,
+    }
+}
+
+/// One parameter's state: bytes in the allocator, bytes in managed memory.
+struct State {
+    extent: Extent,
+    paged: u64,
+}
+
+fn state_of(p: &Param, opt: Optimizer, sd: DType, shard: u64) -> State {
+    let n = p.numel();
+    let sharded = |l: Layout| Extent::Shard(l, shard);
+    let flat = |b: u64| Extent::Layout(Layout::new(&[b.div_ceil(shard)], DType::U8));
+    let plain = |extent| State { extent, paged: 0 };
+    match effective(opt, p.role) {
+        Optimizer::Sgd | Optimizer::Muon => plain(sharded(Layout::new(&p.shape(), sd))),
+        Optimizer::Adafactor => {
+            let len = if p.rows > 1 {
+                p.rows.saturating_add(p.cols)
+            } else {
+                n
+            };
+            plain(sharded(Layout::new(&[len], DType::F32)))
+        }
+        Optimizer::PagedAdamW if n >= MIN_PAGED => State {
+            extent: flat(0),
+            paged: DType::F32.size(&[2, n]).0.div_ceil(shard),
+        },
+        Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit if n >= MIN_8BIT_SIZE => {
+            // Two uint8 states and two fp32 absmax per block, each split over the ranks.
+            let states = n.saturating_mul(2);
+            let absmax = DType::F32.size(&[2, n.div_ceil(ABSMAX_BLOCK)]).0;
+            if opt == Optimizer::PagedAdamW8bit && n >= MIN_PAGED {
+                State {
+                    extent: flat(absmax),
+                    paged: states.div_ceil(shard),
+                }
+            } else {
+                plain(flat(states.saturating_add(absmax)))
+            }
+        }
+        Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit | Optimizer::PagedAdamW => {
+            plain(sharded(Layout::new(&[2, p.rows, p.cols], DType::F32)))
+        }
+        o @ (Optimizer::TorchaoAdamW8bit | Optimizer::TorchaoAdamW4bit) => {
+            let (block, qmap, codes) = if o == Optimizer::TorchaoAdamW8bit {
+                (TORCHAO_8BIT_BLOCK, TORCHAO_8BIT_QMAP, n)
+            } else {
+                (TORCHAO_4BIT_BLOCK, TORCHAO_4BIT_QMAP, n / 2)
+            };
+            if n >= MIN_8BIT_SIZE && n.is_multiple_of(block) {
+                let one = codes + DType::F32.size(&[n / block + qmap]).0;
+                plain(flat(one.saturating_mul(2)))
+            } else {
+                plain(sharded(Layout::new(&[2, p.rows, p.cols], sd)))
+            }
+        }
+        _ => plain(sharded(Layout::new(&[2, p.rows, p.cols], sd))),
+    }
+}
+
+/// Allocates the optimizer state; `shard` divides it (ZeRO stage ≥ 1). Returns the bytes
+/// kept in managed memory instead (paged optimizers).
+pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) -> u64 {
     let sd = state_dtype(t.precision);
     let shard = shard.max(1);
-    let sharded = |l: Layout| Extent::Shard(l, shard);
+    let mut paged = 0u64;
     for p in params {
-        let n = p.numel();
-        let opt = effective(t.optimizer, p.role);
-        let extent = match opt {
-            // exp_avg and exp_avg_sq, kept as one entry.
-            Optimizer::AdamW => sharded(Layout::new(&[2, p.rows, p.cols], sd)),
-            Optimizer::AdamW8bit => {
-                // Two uint8 states and two fp32 absmax per block, each split over the
-                // ranks on its own: one flat byte buffer.
-                let per = |b: u64| b.div_ceil(shard);
-                let states = per(n.saturating_mul(2));
-                let absmax = per(DType::F32.size(&[2, n.div_ceil(ABSMAX_BLOCK)]).0);
-                Extent::Layout(Layout::new(&[states.saturating_add(absmax)], DType::U8))
-            }
-            Optimizer::Sgd | Optimizer::Muon => sharded(Layout::new(&p.shape(), sd)),
-            Optimizer::Adafactor => {
-                // Row and column statistics for matrices, a full second moment for vectors.
-                let len = if p.rows > 1 {
-                    p.rows.saturating_add(p.cols)
-                } else {
-                    n
-                };
-                sharded(Layout::new(&[len], DType::F32))
-            }
-        };
-        let bytes = match &extent {
+        let st = state_of(p, t.optimizer, sd, shard);
+        paged = paged.saturating_add(st.paged);
+        let bytes = match &st.extent {
             Extent::Shard(l, r) => l.bytes().0.div_ceil(*r),
             Extent::Layout(l) => l.bytes().0,
             Extent::Bytes(b) => b.0,
         };
         if bytes > 0 {
             s.persistent(
-                format!("{} state of {}", opt, p.name),
+                format!("{} state of {}", effective(t.optimizer, p.role), p.name),
                 Component::Optimizer,
-                extent,
+                st.extent,
             );
         }
     }
+    paged
 }
-
-/// Elements per absmax in bitsandbytes' blockwise 8-bit optimizers.
-const ABSMAX_BLOCK: u64 = 256;
 
 /// The optimizer that actually updates a parameter (Muon hands embeddings, the head and
 /// vectors to AdamW, as nanochat's setup_optimizers does).
@@ -89,77 +170,107 @@ fn part(p: &Param, shard: u64, dtype: DType) -> Layout {
     }
 }
 
-/// The step's temporaries, played into the timeline.
+/// The step's temporaries over all parameters, played into the timeline.
 pub fn step(s: &mut Step, params: &[Param], t: &TrainSpec, cuda: bool, shard: u64) {
-    let sd = state_dtype(t.precision);
     let shard = shard.max(1);
-    let largest = |pred: &dyn Fn(&Param) -> bool| {
-        params
-            .iter()
-            .filter(|p| pred(p))
-            .map(|p| p.numel().div_ceil(shard))
-            .max()
-            .unwrap_or(0)
-    };
-    let adam_like = |p: &Param| effective(t.optimizer, p.role) == Optimizer::AdamW;
-    match t.optimizer {
-        Optimizer::AdamW | Optimizer::Muon => {
-            if cuda {
-                // `_foreach_sqrt` returns one tensor per parameter, all alive until the
-                // update is done.
-                let ids: Vec<_> = params
-                    .iter()
-                    .filter(|p| adam_like(p))
-                    .map(|p| {
-                        s.alloc(
-                            Name::of("adamw foreach sqrt(exp_avg_sq) of ", &p.name, ""),
-                            Component::Temporaries,
-                            part(p, shard, sd),
-                        )
-                    })
-                    .collect();
-                ids.into_iter().for_each(|id| s.free(id));
-            } else {
-                let n = largest(&adam_like);
-                let a = s.alloc(
-                    "adamw exp_avg_sq.sqrt()",
-                    Component::Temporaries,
-                    Layout::new(&[n], sd),
-                );
-                s.transient(
-                    "adamw denominator",
-                    Component::Temporaries,
-                    Layout::new(&[n], sd),
-                );
-                s.free(a);
-            }
-            if t.optimizer == Optimizer::Muon {
-                // Newton–Schulz on the largest matrix: X, X·Xᵀ, and the polynomial's product, in bf16.
-                let m = params
-                    .iter()
-                    .filter(|p| p.role == Role::Matrix)
-                    .max_by_key(|p| p.numel());
-                if let Some(m) = m {
-                    let side = m.rows.min(m.cols);
-                    let x = Layout::new(&[m.rows, m.cols], DType::Bf16);
-                    let gram = Layout::new(&[side, side], DType::Bf16);
-                    s.transient(
-                        "muon newton-schulz",
-                        Component::Temporaries,
-                        Layout::concat(&[x.clone(), x, gram.clone(), gram]),
-                    );
-                }
+    let adam: Vec<&Param> = params
+        .iter()
+        .filter(|p| adam_step(effective(t.optimizer, p.role), cuda).is_some())
+        .collect();
+    // Muon's AdamW part is torch's default AdamW.
+    let adam_opt = effective(t.optimizer, Role::Embedding);
+    match adam_step(adam_opt, cuda) {
+        Some(AdamStep::Foreach) => foreach_sqrt(s, &adam, t, shard),
+        Some(AdamStep::Single) => {
+            if let Some(p) = adam.iter().max_by_key(|p| p.numel()) {
+                per_param(s, p, t, cuda, shard);
             }
         }
-        Optimizer::AdamW8bit | Optimizer::Sgd => {}
+        _ => {}
+    }
+    let own: Vec<&Param> = params
+        .iter()
+        .filter(|p| adam_step(effective(t.optimizer, p.role), cuda).is_none())
+        .collect();
+    if let Some(p) = own.iter().max_by_key(|p| p.numel()) {
+        per_param(s, p, t, cuda, shard);
+    }
+}
+
+/// `_foreach_sqrt` returns one tensor per parameter, all alive until the update is done.
+fn foreach_sqrt(s: &mut Step, ps: &[&Param], t: &TrainSpec, shard: u64) {
+    let sd = state_dtype(t.precision);
+    let ids: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            s.alloc(
+                Name::of("adamw foreach sqrt(exp_avg_sq) of ", &p.name, ""),
+                Component::Temporaries,
+                part(p, shard, sd),
+            )
+        })
+        .collect();
+    ids.into_iter().for_each(|id| s.free(id));
+}
+
+/// The temporaries of stepping one parameter on its own: the single-tensor loops, and each
+/// hook of an optimizer stepped inside backward.
+pub fn per_param(s: &mut Step, p: &Param, t: &TrainSpec, cuda: bool, shard: u64) {
+    let sd = state_dtype(t.precision);
+    let n = p.numel().div_ceil(shard.max(1));
+    let opt = effective(t.optimizer, p.role);
+    match opt {
+        _ if adam_step(opt, cuda) == Some(AdamStep::Fused) => {}
+        _ if adam_step(opt, cuda) == Some(AdamStep::Foreach) => {
+            // A foreach step over one parameter: its sqrt.
+            s.transient(
+                Name::of("adamw foreach sqrt(exp_avg_sq) of ", &p.name, ""),
+                Component::Temporaries,
+                part(p, shard, sd),
+            );
+        }
+        _ if adam_step(opt, cuda) == Some(AdamStep::Single) => {
+            let a = s.alloc(
+                "adamw exp_avg_sq.sqrt()",
+                Component::Temporaries,
+                Layout::new(&[n], sd),
+            );
+            s.transient(
+                "adamw denominator",
+                Component::Temporaries,
+                Layout::new(&[n], sd),
+            );
+            s.free(a);
+        }
+        Optimizer::Muon => muon(s, p),
         Optimizer::Adafactor => {
-            let n = largest(&|_| true);
-            // The update, its square and the factored estimate, in fp32.
+            // `grad**2 + eps`, still referenced while `_approx_sq_grad`'s outer product
+            // (the factored estimate) is made; the product with the gradient is in place.
             s.transient(
                 "adafactor update",
                 Component::Temporaries,
-                Layout::new(&[3, n], DType::F32),
+                Layout::new(&[2, n], DType::F32),
             );
         }
+        _ => {}
     }
+}
+
+/// Newton–Schulz on one matrix: the fp32 Nesterov update, its bf16 iterate X, the Gram
+/// matrix X·Xᵀ and its polynomial, and the next iterate.
+fn muon(s: &mut Step, m: &Param) {
+    let side = m.rows.min(m.cols);
+    let x = Layout::new(&[m.rows, m.cols], DType::Bf16);
+    let gram = Layout::new(&[side, side], DType::Bf16);
+    s.transient(
+        "muon newton-schulz",
+        Component::Temporaries,
+        Layout::concat(&[
+            Layout::new(&[m.rows, m.cols], DType::F32),
+            x.clone(),
+            x,
+            gram.clone(),
+            gram,
+        ]),
+    );
 }
