@@ -165,9 +165,10 @@ fn unsplittable(req: &FitRequest) -> PlanError {
 
 /// Whether the search may stop a mode at its first micro-batch that does not fit. The
 /// torch engine's live peak never falls as the micro-batch grows, and its device bytes
-/// fall by at most one allocator segment (20 MiB; both property-tested), so a stop can
-/// pass over a larger micro-batch only when it fits within that much; the candle engine's fitted working sets can fall below their calibrated domain,
-/// so every micro-batch is tried.
+/// fall by at most two allocator segments (40 MiB; both property-tested), so a stop can
+/// pass over a larger micro-batch only when it fits within that much; the candle engine's
+/// fitted working sets can fall below their calibrated domain, so every micro-batch is
+/// tried.
 fn stops_at_first_miss(spec: &RunSpec) -> bool {
     spec.train.engine == Engine::Torch
 }

@@ -48,7 +48,19 @@ pub trait Implementation {
 /// The architectures each implementation's code is modelled for.
 fn modelled(code: Code) -> &'static [Arch] {
     match code {
-        Code::Hf => &[Arch::Llama, Arch::Qwen2, Arch::Gpt2, Arch::T5],
+        Code::Hf => &[
+            Arch::Llama,
+            Arch::Qwen2,
+            Arch::Gpt2,
+            Arch::T5,
+            Arch::Qwen3,
+            Arch::Gemma2,
+            Arch::Gemma3,
+            Arch::Phi3,
+            Arch::Olmo2,
+            Arch::Mixtral,
+            Arch::Qwen3Moe,
+        ],
         Code::Nanochat => &[Arch::Nanochat],
         Code::Torchtitan | Code::Torchtune => &[Arch::Llama],
     }
