@@ -61,7 +61,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
     plans(
         "hf/alignment-handbook_smollm2_sft.yaml",
         A100,
-        "smollm2-1.7b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "smollm2-1.7b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 4 × seq 8192 × accumulation 4 × 1 GPU(s) = 131072 tokens per step\n\
          bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
         "assumed: optimizer adamw (foreach): optim is not set and transformers 5 defaults to the fused AdamW",
@@ -69,7 +69,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
     plans(
         "hf/run_clm_gpt2.sh",
         A100,
-        "gpt2 on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "gpt2 on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 8 × seq 1024 × accumulation 1 × 1 GPU(s) = 8192 tokens per step\n\
          fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
         "not modelled, no effect on GPU memory: dataset_config_name, dataset_name, do_eval, do_train, output_dir, per_device_eval_batch_size; assumed: optimizer adamw (foreach): optim is not set",
@@ -78,7 +78,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
     plans(
         "hf/seed004_smollm2_135m.ps1",
         &["--gpu", "rtx4060-laptop-8gb"],
-        "smollm2-135m on 1 × rtx4060-laptop-8gb (GeForce RTX 4060 Laptop 8 GB), torch engine\n\
+        "smollm2-135m on 1 × rtx4060-laptop-8gb (GeForce RTX 4060 Laptop 8 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 1024 × accumulation 64 × 1 GPU(s) = 65536 tokens per step\n\
          fp16-autocast, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
         "unknown to vramplan, not read: data_path, max_rounds",
@@ -86,7 +86,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
     plans(
         "hf/trl_cli_example_config.yaml",
         A100,
-        "qwen2.5-0.5b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "qwen2.5-0.5b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 1024 × accumulation 1 × 1 GPU(s) = 1024 tokens per step\n\
          fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
         "dataset_name, learning_rate, lr_scheduler_type, report_to",
@@ -100,7 +100,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
     plans(
         "hf/trl_sft_full.sh",
         &with(&["--model", "tests/data/hf/qwen2.5-0.5b-config.json"]),
-        "qwen2 (config.json) on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "qwen2 (config.json) on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 2 × seq 1024 × accumulation 8 × 1 GPU(s) = 16384 tokens per step\n\
          fp32, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
         "packing, push_to_hub",
@@ -117,7 +117,7 @@ fn accelerate_configs() {
     plans(
         "accelerate/multi_gpu.yaml",
         &with(&["--model", "smollm2-360m"]),
-        "smollm2-360m on 2 × a100-80gb (A100 80 GB), torch engine\n\
+        "smollm2-360m on 2 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 2048 × accumulation 1 × 2 GPU(s) = 4096 tokens per step\n\
          bf16-autocast, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
         "assumed: micro-batch, sequence length and accumulation: the script's",
@@ -125,7 +125,7 @@ fn accelerate_configs() {
     plans(
         "accelerate/trl_single_gpu.yaml",
         &with(&["--model", "smollm2-360m"]),
-        "smollm2-360m on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "smollm2-360m on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 2048 × accumulation 1 × 1 GPU(s) = 2048 tokens per step\n\
          bf16-autocast, adamw, checkpointing none, loss float-cast, attention sdpa, ddp",
         "not modelled, no effect on GPU memory: compute_environment, debug, downcast_bf16, gpu_ids",
@@ -163,7 +163,7 @@ fn deepspeed_configs() {
     plans(
         "deepspeed/ds_config_z3.json",
         &with(&["--model", "llama-3.2-1b", "--gpus", "4"]),
-        "llama-3.2-1b on 4 × a100-80gb (A100 80 GB), torch engine\n\
+        "llama-3.2-1b on 4 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 2048 × accumulation 1 × 4 GPU(s) = 8192 tokens per step\n\
          fp32, adamw, checkpointing none, loss float-cast, attention sdpa, zero3",
         "assumed: micro-batch 1 (train_micro_batch_size_per_gpu is \"auto\": the Trainer's)",
@@ -192,7 +192,7 @@ fn torchtune_recipes() {
     plans(
         "torchtune/llama2_7B_full_2024-06.yaml",
         A100,
-        "torchtune-llama2_7b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "torchtune-llama2_7b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 2 × seq 2048 × accumulation 1 × 1 GPU(s) = 4096 tokens per step\n\
          bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
         "assumed: seq_len 2048 (tokenizer.max_seq_len is null: samples are not truncated)",
@@ -200,7 +200,7 @@ fn torchtune_recipes() {
     plans(
         "torchtune/llama3_8B_full_2024-06.yaml",
         A100,
-        "torchtune-llama3_8b on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "torchtune-llama3_8b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 2 × seq 2048 × accumulation 1 × 1 GPU(s) = 4096 tokens per step\n\
          bf16, adamw, checkpointing full, loss float-cast, attention sdpa, ddp",
         "checkpointer, dataset, device, epochs",
@@ -270,7 +270,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/speedrun_base_train_d20.sh",
         A100,
-        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine\n\
+        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine (nanochat, eager)\n\
          micro-batch 32 × seq 2048 × accumulation 1 × 8 GPU(s) = 524288 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "not modelled, no effect on GPU memory: run",
@@ -279,7 +279,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/seed002_d16_stable.sh",
         &["--gpu", "rtx5090d-32gb"],
-        "nanochat-d16 on 2 × rtx5090d-32gb (GeForce RTX 5090D 32 GB), torch engine\n\
+        "nanochat-d16 on 2 × rtx5090d-32gb (GeForce RTX 5090D 32 GB), torch engine (nanochat, eager)\n\
          micro-batch 10 × seq 1536 × accumulation 1 × 2 GPU(s) = 30720 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "run",
@@ -287,7 +287,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/runcpu_base_train.sh",
         A100,
-        "nanochat-d6 on 1 × a100-80gb (A100 80 GB), torch engine\n\
+        "nanochat-d6 on 1 × a100-80gb (A100 80 GB), torch engine (nanochat, eager)\n\
          micro-batch 32 × seq 512 × accumulation 1 × 1 GPU(s) = 16384 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "window_pattern",
@@ -300,7 +300,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/speedrun_chat_sft.sh",
         &with(&["--model", "nanochat-d20"]),
-        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine\n\
+        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine (nanochat, eager)\n\
          micro-batch 4 × seq 2048 × accumulation 1 × 8 GPU(s) = 65536 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "assumed: seq_len 2048 (chat_sft pads each batch",

@@ -494,8 +494,12 @@ fn kills_at_random_moments_resume_exactly() {
         .collect()
     };
     let (a, b) = (dir.join("straight"), dir.join("killed"));
+    let started = std::time::Instant::now();
     let o = run(&args(&a).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", text(&o));
+    // Kill times are fractions of the straight run's own duration, so that the runs are
+    // killed mid-way on a fast machine and on a loaded one alike.
+    let full = started.elapsed();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
     loop {
@@ -510,7 +514,7 @@ fn kills_at_random_moments_resume_exactly() {
         state = state
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1);
-        let wait = Duration::from_millis(150 + (state >> 33) % 1200);
+        let wait = full.mul_f64(0.05 + ((state >> 33) % 1000) as f64 / 1000.0 * 0.45);
         std::thread::sleep(wait);
         if kills < 8 && child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
