@@ -80,8 +80,8 @@ impl PlanError {
     /// then `more` says where the rest are.
     pub fn unknown_preset(key: &str, value: &str, known: &[&str], more: &str) -> Self {
         let value = quote(value);
-        // The fixed words of the message and the "… N more (…)" tail take the rest.
-        let room = LINE_CHARS.saturating_sub(60 + key.len() + value.chars().count());
+        // The message's fixed words (" = ", ": no such preset; known: ") take the rest.
+        let room = LINE_CHARS.saturating_sub(28 + key.chars().count() + value.chars().count());
         PlanError::UnknownPreset {
             key: key.to_string(),
             known: known_list(known, room, more),
@@ -155,17 +155,23 @@ fn quote_key(key: &str) -> String {
     }
 }
 
-/// Names in a list short enough for one line; past that, how many more and where to look.
+/// Names in a list of at most `room` characters; past that, how many more and where to
+/// look (the tail counted in the room).
 fn known_list(names: &[&str], room: usize, more: &str) -> String {
+    let tail = |left: usize| format!("… {left} more ({more})");
     let mut out = String::new();
     for (i, n) in names.iter().enumerate() {
-        if out.len() + n.len() > room {
-            let sep = if out.is_empty() { "" } else { ", " };
-            return format!("{out}{sep}… {} more ({more})", names.len() - i);
+        let sep = if out.is_empty() { "" } else { ", " };
+        let left = names.len() - i - 1;
+        let after = if left > 0 {
+            2 + tail(left).chars().count()
+        } else {
+            0
+        };
+        if out.chars().count() + sep.len() + n.chars().count() + after > room {
+            return format!("{out}{sep}{}", tail(names.len() - i));
         }
-        if !out.is_empty() {
-            out.push_str(", ");
-        }
+        out.push_str(sep);
         out.push_str(n);
     }
     out
