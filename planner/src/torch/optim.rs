@@ -135,13 +135,32 @@ pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) -> u64 
         };
         if bytes > 0 {
             s.persistent(
-                format!("{} state of {}", effective(t.optimizer, p.role), p.name),
+                Name::of(state_prefix(effective(t.optimizer, p.role)), &p.name, ""),
                 Component::Optimizer,
                 st.extent,
             );
         }
     }
     paged
+}
+
+/// `"{optimizer} state of "`, fixed per optimizer so that state names are formatted only
+/// when shown.
+fn state_prefix(o: Optimizer) -> &'static str {
+    match o {
+        Optimizer::AdamW => "adamw state of ",
+        Optimizer::AdamWForeach => "adamw-foreach state of ",
+        Optimizer::AdamWFused => "adamw-fused state of ",
+        Optimizer::AdamWSingle => "adamw-single state of ",
+        Optimizer::AdamW8bit => "adamw-8bit state of ",
+        Optimizer::PagedAdamW => "paged-adamw state of ",
+        Optimizer::PagedAdamW8bit => "paged-adamw-8bit state of ",
+        Optimizer::TorchaoAdamW8bit => "torchao-adamw-8bit state of ",
+        Optimizer::TorchaoAdamW4bit => "torchao-adamw-4bit state of ",
+        Optimizer::Sgd => "sgd state of ",
+        Optimizer::Adafactor => "adafactor state of ",
+        Optimizer::Muon => "muon state of ",
+    }
 }
 
 /// The optimizer that actually updates a parameter (Muon hands embeddings, the head and
@@ -273,4 +292,17 @@ fn muon(s: &mut Step, m: &Param) {
             gram,
         ]),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Choice;
+
+    #[test]
+    fn state_prefixes_are_the_optimizers_names() {
+        for (name, o) in Optimizer::ALL {
+            assert_eq!(state_prefix(*o), format!("{name} state of "));
+        }
+    }
 }
