@@ -36,6 +36,7 @@ use crate::units::DType;
 use block::{Block, Dims, Saved};
 use recipe::{Implementation, Recipe};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 /// The implementation whose code the run follows.
@@ -588,13 +589,36 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId>
     out
 }
 
+/// FNV-1a: parameter names are short and trusted, so the index needs no DoS-resistant
+/// (and slower) hash.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Parameter gradients: allocated when backward first reaches a parameter, accumulated in
 /// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
 struct Grads {
     ids: Vec<Option<TensorId>>,
     /// Position of each parameter by name (the first of a name), found in constant time so
     /// that backward stays linear in layers.
-    index: HashMap<Rc<str>, usize>,
+    index: HashMap<Rc<str>, usize, BuildHasherDefault<Fnv>>,
     layouts: Vec<Layout>,
     names: Vec<Rc<str>>,
     sharded: bool,
@@ -606,7 +630,7 @@ struct Grads {
 
 impl Grads {
     fn new(params: &[Param], dtype: DType, sharded: bool, shards: u64) -> Grads {
-        let mut index = HashMap::with_capacity(params.len());
+        let mut index = HashMap::with_capacity_and_hasher(params.len(), Default::default());
         for (i, p) in params.iter().enumerate() {
             index.entry(p.name.clone()).or_insert(i);
         }
