@@ -12,7 +12,7 @@
 use crate::allocator;
 use crate::params;
 use crate::spec::{Checkpointing, Device, Engine, Implementation, LossMode, Precision, RunSpec};
-use crate::timeline::Timeline;
+use crate::timeline::{Component, Timeline};
 use crate::torch;
 use crate::units::Bytes;
 use serde::Serialize;
@@ -81,10 +81,14 @@ pub fn play(spec: &RunSpec) -> Timeline {
     }
 }
 
-/// Estimates one run.
-pub fn estimate(spec: &RunSpec) -> Report {
-    let timeline = play(spec);
-    let (allocated, reserved, by_component, context) = match &spec.hardware.device {
+/// Allocated and reserved bytes at the peak, the bytes by component, and the runtime's
+/// context: through the caching allocator for the torch engine on a GPU; what is live
+/// elsewhere.
+fn memory(
+    spec: &RunSpec,
+    timeline: &Timeline,
+) -> (Bytes, Bytes, BTreeMap<Component, Bytes>, Bytes) {
+    match &spec.hardware.device {
         // The candle engine has no caching allocator: each tensor is its own allocation
         // from the CUDA pool, so what it holds is what is live.
         Device::Gpu(g) if spec.train.engine == Engine::Candle => (
@@ -94,7 +98,7 @@ pub fn estimate(spec: &RunSpec) -> Report {
             g.context,
         ),
         Device::Gpu(g) => {
-            let st = allocator::simulate(&timeline);
+            let st = allocator::simulate(timeline);
             (
                 st.peak_allocated,
                 st.peak_reserved,
@@ -108,7 +112,13 @@ pub fn estimate(spec: &RunSpec) -> Report {
             timeline.peak.by_component.clone(),
             Bytes(0),
         ),
-    };
+    }
+}
+
+/// Estimates one run.
+pub fn estimate(spec: &RunSpec) -> Report {
+    let timeline = play(spec);
+    let (allocated, reserved, by_component, context) = memory(spec, &timeline);
     let (paged, host, regime) = regime(spec);
     let device = reserved + context + Bytes(paged);
     let capacity = spec.hardware.device.capacity();

@@ -34,10 +34,31 @@ fn shapes(params: &[Param]) -> Vec<(&str, u64, u64)> {
         .collect()
 }
 
-/// The block as LoRA runs it.
+/// The block as LoRA runs it: what the frozen linears and the adapters keep, then the
+/// quantized base's dequantized transients.
 pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block {
     let shapes = shapes(params);
-    let out_of = |m: &str| shapes.iter().find(|s| s.0 == m).map_or(0, |s| s.1);
+    let mut saved = adapter_inputs(blk, lora, d);
+    adapter_outputs(&mut saved, &shapes, lora, d);
+    let mut out = Block {
+        saved,
+        fwd_transient: blk.fwd_transient.clone(),
+        bwd_transient: blk.bwd_transient.clone(),
+    };
+    if lora.quantize != Quantize::None {
+        let dq = dequantized(&shapes, lora);
+        if dq.bytes() > out.fwd_transient.bytes() {
+            out.fwd_transient = dq.clone();
+        }
+        out.bwd_transient = Layout::concat(&[out.bwd_transient.clone(), dq]);
+    }
+    out
+}
+
+/// The block's saved tensors: those only frozen linears needed are dropped, and each
+/// targeted linear's input gains the adapter's copies (dropout's noise and dropped input,
+/// the fp32 cast).
+fn adapter_inputs(blk: &Block, lora: &LoraSpec, d: &Dims) -> Vec<Saved> {
     let mut saved: Vec<Saved> = Vec::with_capacity(blk.saved.len() + 8);
     let drop = lora.dropout > 0.0;
     for sv in &blk.saved {
@@ -45,13 +66,12 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
             saved.push(sv.clone());
             continue;
         }
-        let targeted: Vec<&'static str> = sv
+        let targeted = sv
             .linears
             .iter()
-            .copied()
-            .filter(|m| lora.targets.iter().any(|t| t == m))
-            .collect();
-        if targeted.is_empty() {
+            .filter(|m| lora.targets.iter().any(|t| t == *m))
+            .count();
+        if targeted == 0 {
             continue;
         }
         let x = &sv.layout;
@@ -60,7 +80,7 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
         if !cast && !drop {
             saved.push(sv.clone());
         }
-        for _ in &targeted {
+        for _ in 0..targeted {
             let shape = &x.shape;
             if drop {
                 // On the CPU `dropout` is `x * noise`, the noise a float tensor of x's
@@ -89,6 +109,13 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
             }
         }
     }
+    saved
+}
+
+/// Each targeted linear's `A x` (kept by `lora_B`), and with DoRA the two outputs its
+/// magnitude scaling keeps.
+fn adapter_outputs(saved: &mut Vec<Saved>, shapes: &[(&str, u64, u64)], lora: &LoraSpec, d: &Dims) {
+    let out_of = |m: &str| shapes.iter().find(|s| s.0 == m).map_or(0, |s| s.1);
     for (m, _, _) in shapes
         .iter()
         .filter(|s| lora.targets.iter().any(|t| t == s.0))
@@ -113,19 +140,6 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
             }
         }
     }
-    let mut out = Block {
-        saved,
-        fwd_transient: blk.fwd_transient.clone(),
-        bwd_transient: blk.bwd_transient.clone(),
-    };
-    if lora.quantize != Quantize::None {
-        let dq = dequantized(&shapes, lora);
-        if dq.bytes() > out.fwd_transient.bytes() {
-            out.fwd_transient = dq.clone();
-        }
-        out.bwd_transient = Layout::concat(&[out.bwd_transient.clone(), dq]);
-    }
-    out
 }
 
 fn push(saved: &mut Vec<Saved>, name: &'static str, layout: Layout) {
