@@ -38,10 +38,7 @@ pub(super) const TABLE: &[Row] = &[
     ),
     (
         "deepspeed_config.gradient_accumulation_steps",
-        Rule::Set(|d, v, _| {
-            d.grad_accum = Some(count(v)?);
-            Ok(())
-        }),
+        Rule::Set(set_grad_accum),
     ),
     (
         "deepspeed_config.offload_optimizer_device",

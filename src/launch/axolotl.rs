@@ -13,27 +13,9 @@ pub(super) const TABLE: &[Row] = &[
         "base_model",
         Rule::Set(|d, v, c| set_hub_model(d, "base_model", v, c)),
     ),
-    (
-        "sequence_len",
-        Rule::Set(|d, v, _| {
-            d.seq_len = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "micro_batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "gradient_accumulation_steps",
-        Rule::Set(|d, v, _| {
-            d.grad_accum = Some(count(v)?);
-            Ok(())
-        }),
-    ),
+    ("sequence_len", Rule::Set(set_seq_len)),
+    ("micro_batch_size", Rule::Set(set_micro_batch)),
+    ("gradient_accumulation_steps", Rule::Set(set_grad_accum)),
     ("bf16", Rule::Set(set_bf16)),
     ("bfloat16", Rule::Set(set_bf16)),
     (

@@ -12,24 +12,12 @@ pub(super) const TABLE: &[Row] = &[
         "model_name_or_path",
         Rule::Set(|d, v, c| set_hub_model(d, "model_name_or_path", v, c)),
     ),
-    (
-        "per_device_train_batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "gradient_accumulation_steps",
-        Rule::Set(|d, v, _| {
-            d.grad_accum = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    ("max_seq_length", Rule::Set(set_seq_len)),
-    ("max_length", Rule::Set(set_seq_len)),
-    ("block_size", Rule::Set(set_seq_len)),
-    ("model_max_length", Rule::Set(set_seq_len)),
+    ("per_device_train_batch_size", Rule::Set(set_micro_batch)),
+    ("gradient_accumulation_steps", Rule::Set(set_grad_accum)),
+    ("max_seq_length", Rule::Set(set_seq_len_or_null)),
+    ("max_length", Rule::Set(set_seq_len_or_null)),
+    ("block_size", Rule::Set(set_seq_len_or_null)),
+    ("model_max_length", Rule::Set(set_seq_len_or_null)),
     (
         "bf16",
         Rule::Set(|d, v, _| {
@@ -183,11 +171,12 @@ pub(super) const TABLE: &[Row] = &[
     ("assistant_only_loss", Rule::Ignore),
 ];
 
-fn set_seq_len(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
-    if !v.is_null() {
-        d.seq_len = Some(count(v)?);
+/// A length that may be left null (TRL's `max_length: null`).
+fn set_seq_len_or_null(d: &mut Draft, v: &Value, c: &Ctx) -> Result<(), Refusal> {
+    if v.is_null() {
+        return Ok(());
     }
-    Ok(())
+    set_seq_len(d, v, c)
 }
 
 /// The weights' dtype as loaded: bf16 weights train in pure bf16 (optimizer states too).

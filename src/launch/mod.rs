@@ -345,6 +345,22 @@ pub fn flatten(v: &Value) -> Vec<(String, Value)> {
     out
 }
 
+/// The setters every format shares: a count into the draft's field.
+pub fn set_micro_batch(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    d.micro_batch = Some(count(v)?);
+    Ok(())
+}
+
+pub fn set_grad_accum(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    d.grad_accum = Some(count(v)?);
+    Ok(())
+}
+
+pub fn set_seq_len(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    d.seq_len = Some(count(v)?);
+    Ok(())
+}
+
 /// A whole number (a JSON number, or a string of digits as command lines give).
 pub fn count(v: &Value) -> Result<u64, Refusal> {
     let n = match v {

@@ -17,20 +17,8 @@ pub(super) const TABLE: &[Row] = &[
         Rule::Set(|d, v, _| keep(d, "aspect_ratio", v)),
     ),
     ("head_dim", Rule::Set(|d, v, _| keep(d, "head_dim", v))),
-    (
-        "max_seq_len",
-        Rule::Set(|d, v, _| {
-            d.seq_len = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "device_batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
+    ("max_seq_len", Rule::Set(set_seq_len)),
+    ("device_batch_size", Rule::Set(set_micro_batch)),
     (
         "total_batch_size",
         Rule::Set(|d, v, _| {

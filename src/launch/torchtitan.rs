@@ -71,27 +71,9 @@ pub(super) const TABLE: &[Row] = &[
         Rule::Unmodelled("float8 / MX linear layers"),
     ),
     ("model.*", Rule::Ignore),
-    (
-        "training.local_batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "training.batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "training.seq_len",
-        Rule::Set(|d, v, _| {
-            d.seq_len = Some(count(v)?);
-            Ok(())
-        }),
-    ),
+    ("training.local_batch_size", Rule::Set(set_micro_batch)),
+    ("training.batch_size", Rule::Set(set_micro_batch)),
+    ("training.seq_len", Rule::Set(set_seq_len)),
     (
         "training.global_batch_size",
         Rule::Set(|d, v, _| {

@@ -62,20 +62,8 @@ pub(super) const TABLE: &[Row] = &[
     ("model.apply_lora_to_mlp", Rule::Waits("lora")),
     ("model.apply_lora_to_output", Rule::Waits("lora")),
     ("model.use_dora", Rule::Waits("lora")),
-    (
-        "batch_size",
-        Rule::Set(|d, v, _| {
-            d.micro_batch = Some(count(v)?);
-            Ok(())
-        }),
-    ),
-    (
-        "gradient_accumulation_steps",
-        Rule::Set(|d, v, _| {
-            d.grad_accum = Some(count(v)?);
-            Ok(())
-        }),
-    ),
+    ("batch_size", Rule::Set(set_micro_batch)),
+    ("gradient_accumulation_steps", Rule::Set(set_grad_accum)),
     (
         "tokenizer.max_seq_len",
         Rule::Set(|d, v, _| {
