@@ -151,6 +151,7 @@ pub fn load_raw(env: &Env, path: &Path, ov: &Overrides) -> Result<(String, RawCo
     }
     let mut raw = l.raw.clone();
     ov.apply(&mut raw);
+    l.shard(&mut raw).map_err(|e| bad(&name, e))?;
     check_launch(&name, &l, &raw, ov)?;
     Ok((name, raw, dir))
 }
@@ -171,20 +172,33 @@ pub fn emit(format: &str, input: Option<&Path>, spec: &RunSpec) -> Result<String
         let format = launch::detect(&p.display().to_string(), t).ok()?;
         Some(launch::Source { format, text: t })
     });
-    launch::emit(f, source.as_ref(), spec).map_err(|e| bad(&format!("--emit {format}"), e))
+    let text =
+        launch::emit(f, source.as_ref(), spec).map_err(|e| bad(&format!("--emit {format}"), e))?;
+    if let Some(note) = launch::launch_note(f, spec) {
+        eprintln!("{note}");
+    }
+    Ok(text)
 }
 
-/// `fit --emit FORMAT`: the fastest fitting candidate the launcher can run (fit may prefer
-/// a loss or checkpointing it has no setting for), in its format; the first refusal when
-/// none can run.
+/// `fit --emit FORMAT`: the fastest fitting candidate the launcher can run (its row of
+/// `launch::can`: fit may prefer a loss or checkpointing it has no setting for) and the
+/// planner accepts, in its format; the first refusal when none can run.
 pub fn emit_fit(
     format: &str,
     input: Option<&Path>,
     r: &vramplan_planner::FitResult,
 ) -> Result<String> {
+    let target = launch::Format::parse(format);
     let mut first = None;
     for (i, c) in r.candidates.iter().filter(|c| c.fits).enumerate() {
-        match emit(format, input, &c.spec) {
+        let valid = vramplan_planner::check_run(&c.spec).map_err(|e| bad("--emit", e));
+        let runs = target.is_none_or(|f| launch::runs(f, &c.spec));
+        let result = match valid {
+            Ok(()) if runs || first.is_none() => emit(format, input, &c.spec),
+            Ok(()) => continue,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(text) => {
                 if i > 0 {
                     let why = first
@@ -203,7 +217,7 @@ pub fn emit_fit(
 }
 
 /// What a launcher's file cannot say for itself: the model when its reference does not
-/// resolve, the GPU, and FSDP on several GPUs.
+/// resolve, and the GPU.
 fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides) -> Result<()> {
     let pass = "pass --model PRESET (see `vramplan models`) or --model path/to/config.json";
     if !l.model_resolved && ov.model.is_none() {
@@ -221,13 +235,6 @@ fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides)
         return Err(bad(
             name,
             format!("the {} config names no GPU; pass --gpu PRESET (see `vramplan gpus`), --gpu auto or --gpu cpu", l.format),
-        ));
-    }
-    let gpus = raw.hardware.gpus.unwrap_or(1);
-    if l.fsdp && gpus > 1 {
-        return Err(bad(
-            name,
-            format!("on {gpus} GPUs {} shards with FSDP, which changes memory and is not modelled yet (waits for vramplan's fsdp2)", l.format),
         ));
     }
     Ok(())

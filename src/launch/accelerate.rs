@@ -59,7 +59,32 @@ pub(super) const TABLE: &[Row] = &[
         "deepspeed_config.deepspeed_multinode_launcher",
         Rule::Ignore,
     ),
-    // Read only with distributed_type FSDP, which waits for vramplan's fsdp2.
+    (
+        "fsdp_config.fsdp_version",
+        Rule::Set(|d, v, _| keep(d, "fsdp_version", v)),
+    ),
+    (
+        "fsdp_config.fsdp_reshard_after_forward",
+        Rule::Set(set_reshard),
+    ),
+    (
+        "fsdp_config.fsdp_sharding_strategy",
+        Rule::Set(|d, v, _| keep(d, "fsdp_sharding_strategy", v)),
+    ),
+    (
+        "fsdp_config.fsdp_activation_checkpointing",
+        Rule::Set(|d, v, _| {
+            if flag(v)? {
+                d.checkpointing = Some("full".into());
+            }
+            Ok(())
+        }),
+    ),
+    (
+        "fsdp_config.fsdp_offload_params",
+        Rule::Waits("cpu offload"),
+    ),
+    // Wrapping, prefetch, state dicts and loading: outside the step's memory.
     ("fsdp_config.*", Rule::Ignore),
     ("num_machines", Rule::Ignore),
     ("machine_rank", Rule::Ignore),
@@ -76,7 +101,7 @@ pub(super) const TABLE: &[Row] = &[
     ("tpu_env", Rule::Ignore),
     ("tpu_use_cluster", Rule::Ignore),
     ("tpu_use_sudo", Rule::Ignore),
-    ("dynamo_config.dynamo_backend", Rule::Waits("compile")),
+    ("dynamo_config.dynamo_backend", Rule::Set(set_dynamo)),
     ("dynamo_config.*", Rule::Ignore),
 ];
 
@@ -96,9 +121,52 @@ fn set_distributed(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
             Ok(())
         }
         1 => Ok(()),
-        2 => Err(Refusal::Waits("fsdp2")),
+        2 => {
+            d.sharding = Some("fsdp2".into());
+            Ok(())
+        }
         _ => Err(Refusal::Unmodelled(
             "vramplan plans one process per CUDA GPU (NO, MULTI_GPU, DEEPSPEED)".into(),
+        )),
+    }
+}
+
+/// FSDP1 writes a strategy (`FULL_SHARD`, `SHARD_GRAD_OP`) where FSDP2 writes a boolean.
+fn set_reshard(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    let r = match v {
+        Value::String(s) => pick(
+            &Value::String(s.clone()),
+            &[
+                ("true", true),
+                ("false", false),
+                ("FULL_SHARD", true),
+                ("SHARD_GRAD_OP", false),
+            ],
+        )?,
+        other => flag(other)?,
+    };
+    d.reshard_after_forward = Some(r);
+    Ok(())
+}
+
+/// `dynamo_backend`: INDUCTOR is `torch.compile`'s default backend; NO is eager.
+fn set_dynamo(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    match pick(
+        v,
+        &[
+            ("NO", Some(false)),
+            ("INDUCTOR", Some(true)),
+            ("EAGER", None),
+            ("AOT_EAGER", None),
+            ("CUDAGRAPHS", None),
+        ],
+    )? {
+        Some(c) => {
+            d.compile = Some(c);
+            Ok(())
+        }
+        None => Err(Refusal::Unmodelled(
+            "torch.compile backends other than inductor".into(),
         )),
     }
 }
@@ -131,24 +199,91 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
     let mut applied = apply(TABLE, &[], &flatten(&v), &mut d, ctx)?;
-    let deepspeed = v.get("distributed_type").and_then(Value::as_str) == Some("DEEPSPEED");
-    if deepspeed {
-        if d.precision.as_deref().is_some_and(|p| p != "fp32") {
-            // accelerate hands mixed_precision to DeepSpeed, whose bf16/fp16 modes keep
-            // 16-bit weights beside fp32 masters.
-            let r = Refusal::Waits("bf16-mixed");
-            return Err(refusal_text("mixed_precision", &v["mixed_precision"], &r));
-        }
+    let kind = v.get("distributed_type").and_then(Value::as_str);
+    if kind == Some("DEEPSPEED") {
         d.sharding.get_or_insert("ddp".into());
         if let Some(file) = d.extra("deepspeed_config_file").cloned() {
             let more = deepspeed::merge(&file, &mut d, ctx, "deepspeed_config_file")?;
             applied.ignored.extend(more.ignored);
             applied.unknown.extend(more.unknown);
         }
+        // accelerate hands mixed_precision to DeepSpeed (`set_mixed_precision`), whose
+        // bf16 mode keeps bf16 weights beside fp32 masters.
+        sixteen_bit(
+            &mut d,
+            &v,
+            "DeepSpeed's fp16 mode (fp16 weights over fp32 masters)",
+        )?;
+    }
+    if kind == Some("FSDP") {
+        fsdp(&mut d, &v)?;
     }
     if d.sharding.as_deref() != Some("ddp") && d.gpus == Some(1) {
         d.sharding = Some("ddp".into());
     }
     d.assumed.push("micro-batch, sequence length and accumulation: the script's (vramplan's defaults; `fit --from` searches them)".into());
+    d.optimizer = Some("adamw-fused".into());
+    d.assumed.push(
+        "optimizer adamw-fused (the script's Trainer: transformers 5's default `optim`)".into(),
+    );
     Ok(finish(Format::Accelerate, d, applied))
+}
+
+/// `mixed_precision` under DeepSpeed or FSDP2: bf16 parameters over fp32 masters.
+fn sixteen_bit(d: &mut Draft, v: &Value, fp16: &str) -> Result<(), String> {
+    match d.precision.as_deref() {
+        Some("bf16-autocast") => d.precision = Some("bf16-mixed".into()),
+        Some("fp16-autocast") => {
+            let r = Refusal::Unmodelled(fp16.into());
+            return Err(refusal_text("mixed_precision", &v["mixed_precision"], &r));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `distributed_type: FSDP` with `fsdp_version: 2` (`fully_shard`); FSDP1 is refused.
+/// Under bf16 accelerate's `MixedPrecisionPolicy` casts parameters and reduces gradients
+/// in bf16 (`FullyShardedDataParallelPlugin.set_mixed_precision`).
+fn fsdp(d: &mut Draft, v: &Value) -> Result<(), String> {
+    let version = d
+        .extra("fsdp_version")
+        .map(|x| x.to_string().trim_matches('"').to_string());
+    if version.as_deref() != Some("2") {
+        let r = Refusal::Unmodelled(super::hf::FSDP1.into());
+        let shown = v
+            .pointer("/fsdp_config/fsdp_version")
+            .cloned()
+            .unwrap_or(Value::from(1));
+        let key = if v.pointer("/fsdp_config/fsdp_version").is_some() {
+            "fsdp_config.fsdp_version"
+        } else {
+            "fsdp_config.fsdp_version (not set: the launcher's default)"
+        };
+        return Err(refusal_text(key, &shown, &r));
+    }
+    if let Some(s) = d.extra("fsdp_sharding_strategy").cloned() {
+        match text(&s).unwrap_or_default() {
+            "FULL_SHARD" => {}
+            "SHARD_GRAD_OP" => {
+                d.reshard_after_forward.get_or_insert(false);
+            }
+            _ => {
+                let r = Refusal::Unmodelled(
+                    "FSDP strategies other than FULL_SHARD and SHARD_GRAD_OP".into(),
+                );
+                return Err(refusal_text("fsdp_config.fsdp_sharding_strategy", &s, &r));
+            }
+        }
+    }
+    let bf16 = d.precision.as_deref() == Some("bf16-autocast");
+    sixteen_bit(
+        d,
+        v,
+        "FSDP2 with fp16 parameters (vramplan models bf16-mixed)",
+    )?;
+    if bf16 {
+        d.reduce_dtype = Some("bf16".into());
+    }
+    Ok(())
 }

@@ -65,13 +65,21 @@ fn options(words: &[String]) -> Result<Map<String, Value>, String> {
         };
         let (name, value) = match name.split_once('=') {
             Some((n, v)) => (n, Value::String(v.to_string())),
-            None => match words.get(i + 1) {
-                Some(next) if !next.starts_with('-') || next.parse::<f64>().is_ok() => {
-                    i += 1;
-                    (name, Value::String(next.clone()))
+            None => {
+                let value = |w: &String| !w.starts_with('-') || w.parse::<f64>().is_ok();
+                let n = words[i + 1..].iter().take_while(|w| value(w)).count();
+                let vals = &words[i + 1..i + 1 + n];
+                i += n;
+                match vals {
+                    [] => (name, Value::Bool(true)),
+                    [one] => (name, Value::String(one.clone())),
+                    // argparse's nargs="+" (TRL's --lora_target_modules q_proj v_proj).
+                    many => (
+                        name,
+                        Value::Array(many.iter().cloned().map(Value::String).collect()),
+                    ),
                 }
-                _ => (name, Value::Bool(true)),
-            },
+            }
         };
         m.insert(name.replace('-', "_"), value);
         i += 1;
@@ -165,6 +173,13 @@ mod tests {
         assert_eq!(c.flags["do_train"], true);
         assert_eq!(c.flags["eos_token"], "<|im_end|>");
         assert_eq!(c.flags["lr"], "-1e-3");
+        let c =
+            command_line("python sft.py --lora_target_modules q_proj v_proj --use_peft").unwrap();
+        assert_eq!(
+            c.flags["lora_target_modules"],
+            serde_json::json!(["q_proj", "v_proj"])
+        );
+        assert_eq!(c.flags["use_peft"], true);
     }
 
     #[test]

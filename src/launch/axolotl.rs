@@ -29,8 +29,11 @@ pub(super) const TABLE: &[Row] = &[
     (
         "gradient_checkpointing",
         Rule::Set(|d, v, _| {
+            // axolotl's "offload": checkpointed block inputs kept on the host.
             if v.as_str() == Some("offload") {
-                return Err(Refusal::Waits("offload_activations"));
+                d.checkpointing = Some("full".into());
+                d.offload_activations = Some(true);
+                return Ok(());
             }
             if flag(v)? {
                 d.checkpointing = Some("full".into());
@@ -38,7 +41,7 @@ pub(super) const TABLE: &[Row] = &[
             Ok(())
         }),
     ),
-    ("optimizer", Rule::Set(set_optimizer)),
+    ("optimizer", Rule::Set(set_hf_optim)),
     // FlashAttention-2 saves what SDPA's flash kernel saves: the output and log-sum-exp.
     ("flash_attention", Rule::Set(|d, v, _| sdpa_if(d, v))),
     ("sdp_attention", Rule::Set(|d, v, _| sdpa_if(d, v))),
@@ -54,33 +57,66 @@ pub(super) const TABLE: &[Row] = &[
                     ("flex_attention", None),
                 ],
             )?;
-            d.attention = Some(a.ok_or(Refusal::Waits("implementation"))?.into());
+            d.attention = Some(
+                a.ok_or(Refusal::Unmodelled(
+                    "flex attention (vramplan's attention is sdpa or eager)".into(),
+                ))?
+                .into(),
+            );
             Ok(())
         }),
     ),
-    ("xformers_attention", Rule::Waits("implementation")),
+    (
+        "xformers_attention",
+        Rule::Unmodelled("xformers attention (vramplan's attention is sdpa or eager)"),
+    ),
     (
         "adapter",
-        Rule::Set(
-            |_, v, _| match pick(v, &[("lora", true), ("qlora", false)])? {
-                true => Err(Refusal::Waits("lora")),
-                false => Err(Refusal::Unmodelled("QLoRA's 4-bit NF4 base weights".into())),
-            },
-        ),
+        Rule::Set(|d, v, _| {
+            pick(v, &[("lora", ()), ("qlora", ())])?;
+            keep(d, "adapter", v)
+        }),
     ),
-    ("lora_r", Rule::Waits("lora")),
-    ("lora_alpha", Rule::Waits("lora")),
-    ("lora_dropout", Rule::Waits("lora")),
-    ("lora_target_modules", Rule::Waits("lora")),
-    ("lora_target_linear", Rule::Waits("lora")),
-    ("lora_model_dir", Rule::Waits("lora")),
+    ("lora_r", Rule::Set(|d, v, _| lora_row(d, "rank", v))),
+    ("lora_alpha", Rule::Set(|d, v, _| lora_row(d, "alpha", v))),
+    (
+        "lora_dropout",
+        Rule::Set(|d, v, _| lora_row(d, "dropout", v)),
+    ),
+    (
+        "lora_target_modules",
+        Rule::Set(|d, v, _| lora_row(d, "targets", v)),
+    ),
+    (
+        "lora_target_linear",
+        Rule::Set(|d, v, _| {
+            if flag(v)? {
+                lora_row(d, "targets", &Value::from("all-linear"))?;
+            }
+            Ok(())
+        }),
+    ),
+    (
+        "lora_modules_to_save",
+        Rule::Set(|d, v, _| lora_row(d, "save", v)),
+    ),
+    ("peft_use_dora", Rule::Set(|d, v, _| lora_row(d, "dora", v))),
+    // A trained adapter to start from: the same shapes.
+    ("lora_model_dir", Rule::Ignore),
+    ("peft_use_rslora", Rule::Ignore),
     (
         "load_in_4bit",
-        Rule::Unmodelled("bitsandbytes 4-bit base weights"),
+        Rule::Set(|d, v, _| {
+            flag(v)?;
+            keep(d, "load_in_4bit", v)
+        }),
     ),
     (
         "load_in_8bit",
-        Rule::Unmodelled("bitsandbytes 8-bit base weights"),
+        Rule::Set(|d, v, _| {
+            flag(v)?;
+            keep(d, "load_in_8bit", v)
+        }),
     ),
     (
         "deepspeed",
@@ -89,10 +125,45 @@ pub(super) const TABLE: &[Row] = &[
             Ok(())
         }),
     ),
-    ("fsdp", Rule::Waits("fsdp2")),
-    ("fsdp_version", Rule::Waits("fsdp2")),
-    ("fsdp_config.*", Rule::Ignore),
-    ("torch_compile", Rule::Waits("compile")),
+    ("fsdp", Rule::Set(|d, v, _| keep(d, "fsdp", v))),
+    (
+        "fsdp_version",
+        Rule::Set(|d, v, _| keep(d, "fsdp_version", v)),
+    ),
+    (
+        "fsdp_config.fsdp_version",
+        Rule::Set(|d, v, _| keep(d, "fsdp_version", v)),
+    ),
+    (
+        "fsdp_config.reshard_after_forward",
+        Rule::Set(|d, v, _| switch(v, &mut d.reshard_after_forward)),
+    ),
+    (
+        "fsdp_config.fsdp_reshard_after_forward",
+        Rule::Set(|d, v, _| switch(v, &mut d.reshard_after_forward)),
+    ),
+    ("fsdp_config.offload_params", Rule::Waits("cpu offload")),
+    (
+        "fsdp_config.fsdp_offload_params",
+        Rule::Waits("cpu offload"),
+    ),
+    (
+        "fsdp_config.activation_checkpointing",
+        Rule::Set(|d, v, _| {
+            if flag(v)? {
+                d.checkpointing = Some("full".into());
+            }
+            Ok(())
+        }),
+    ),
+    (
+        "fsdp_config.*",
+        Rule::Set(|d, _, _| keep(d, "fsdp", &Value::Bool(true))),
+    ),
+    (
+        "torch_compile",
+        Rule::Set(|d, v, _| switch(v, &mut d.compile)),
+    ),
     (
         "plugins",
         Rule::Unmodelled("axolotl plugins (Liger, Cut Cross-Entropy) replace kernels"),
@@ -160,33 +231,18 @@ fn sdpa_if(d: &mut Draft, v: &Value) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn set_optimizer(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
-    let opts = [
-        ("adamw_torch", Some("adamw")),
-        ("adamw_8bit", Some("adamw-8bit")),
-        ("adamw_bnb_8bit", Some("adamw-8bit")),
-        ("adafactor", Some("adafactor")),
-        ("sgd", Some("sgd")),
-        ("adamw_torch_fused", None),
-        ("paged_adamw_8bit", None),
-        ("paged_adamw_32bit", None),
-    ];
-    match pick(v, &opts)? {
-        Some(o) => d.optimizer = Some(o.into()),
-        None if text(v)?.starts_with("paged") => return Err(Refusal::Waits("paged-adamw-8bit")),
-        None => return Err(Refusal::Waits("adamw-fused")),
-    }
-    Ok(())
-}
-
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
     let keys = flatten(&v);
     let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
-    assume_foreach(&mut d, &keys, "optimizer", "axolotl");
+    default_fused(&mut d, &keys, "optimizer", "axolotl");
     if d.precision.is_none() {
         d.precision = Some("fp32".into());
+    }
+    adapter(&mut d)?;
+    if d.extra("fsdp").is_some_and(on) || d.extra("fsdp_version").is_some() {
+        fsdp(&mut d)?;
     }
     if let Some(ds) = d.extra("deepspeed").cloned() {
         let more = deepspeed::merge(&ds, &mut d, ctx, "deepspeed")?;
@@ -194,4 +250,58 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         applied.unknown.extend(more.unknown);
     }
     Ok(finish(Format::Axolotl, d, applied))
+}
+
+/// `adapter: lora` (PEFT over the loaded base: 8-bit with `load_in_8bit`) or `qlora` (a
+/// 4-bit NF4 base, double quantization and the weights' dtype for compute: axolotl's
+/// `BitsAndBytesConfig`). The lora_* keys are read only with an adapter.
+fn adapter(d: &mut Draft) -> Result<(), String> {
+    let four = d.extra("load_in_4bit").is_some_and(on);
+    let eight = d.extra("load_in_8bit").is_some_and(on);
+    let kind = d
+        .extra("adapter")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase);
+    let Some(kind) = kind else {
+        if four || eight {
+            let key = if four { "load_in_4bit" } else { "load_in_8bit" };
+            let r = Refusal::Unmodelled("a quantized base without an adapter".into());
+            return Err(refusal_text(key, &Value::Bool(true), &r));
+        }
+        return Ok(());
+    };
+    let mut lora = peft_lora(d, (None, None, None));
+    let bf16 = d.precision.as_deref() == Some("bf16");
+    if kind == "qlora" || four {
+        lora.quantize = Some("nf4".into());
+        lora.double_quant = Some(true);
+        lora.compute_dtype = Some(if bf16 { "bf16" } else { "fp32" }.into());
+    } else if eight {
+        lora.quantize = Some("int8".into());
+    }
+    d.lora = Some(lora);
+    Ok(())
+}
+
+/// axolotl's FSDP (`fsdp_version: 2`, accelerate's `fully_shard`): under bf16 accelerate
+/// upcasts the bf16-loaded model to fp32 masters and casts parameters and gradient
+/// reduction to bf16 (`fsdp2_prepare_model`, `set_mixed_precision`).
+fn fsdp(d: &mut Draft) -> Result<(), String> {
+    let version = d
+        .extra("fsdp_version")
+        .map(|x| x.to_string().trim_matches('"').to_string());
+    if version.as_deref() != Some("2") {
+        let r = Refusal::Unmodelled(super::hf::FSDP1.into());
+        return Err(refusal_text(
+            "fsdp_version",
+            &Value::from(version.unwrap_or("1".into())),
+            &r,
+        ));
+    }
+    d.sharding = Some("fsdp2".into());
+    if d.precision.as_deref() == Some("bf16") {
+        d.precision = Some("bf16-mixed".into());
+        d.reduce_dtype = Some("bf16".into());
+    }
+    Ok(())
 }

@@ -22,8 +22,8 @@ pub(super) const TABLE: &[Row] = &[
         "train_batch_size",
         Rule::Set(|d, v, _| auto_or(v, |n| d.global_batch = Some(n))),
     ),
-    ("fp16.enabled", Rule::Set(|d, v, _| mode(d, v))),
-    ("bf16.enabled", Rule::Set(|d, v, _| mode(d, v))),
+    ("fp16.enabled", Rule::Set(|d, v, _| mode(d, "fp16", v))),
+    ("bf16.enabled", Rule::Set(|d, v, _| mode(d, "bf16", v))),
     ("fp16.*", Rule::Ignore),
     ("bf16.*", Rule::Ignore),
     ("zero_optimization.stage", Rule::Set(set_stage)),
@@ -85,22 +85,22 @@ fn auto_or(v: &Value, set: impl FnOnce(u64)) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn keep(d: &mut Draft, key: &str, v: &Value) -> Result<(), Refusal> {
-    d.extra.push((key.to_string(), v.clone()));
+/// `fp16.enabled` / `bf16.enabled`: true is DeepSpeed's 16-bit mode; "auto" follows the
+/// caller's mixed precision, which then is that mode too.
+fn mode(d: &mut Draft, dtype: &str, v: &Value) -> Result<(), Refusal> {
+    if v.as_str() == Some("auto") {
+        return keep(d, &format!("{dtype} auto"), v);
+    }
+    match (flag(v)?, dtype) {
+        (true, "fp16") => return Err(Refusal::Unmodelled(FP16.into())),
+        (true, _) => d.precision = Some("bf16-mixed".into()),
+        (false, "bf16") => keep(d, "bf16 off", v)?,
+        (false, _) => {}
+    }
     Ok(())
 }
 
-/// `fp16.enabled` / `bf16.enabled`: true is DeepSpeed's 16-bit mode; "auto" follows the
-/// caller's mixed precision, which then is that mode too.
-fn mode(d: &mut Draft, v: &Value) -> Result<(), Refusal> {
-    if v.as_str() == Some("auto") {
-        return keep(d, "precision auto", v);
-    }
-    if flag(v)? {
-        return Err(Refusal::Waits("bf16-mixed"));
-    }
-    Ok(())
-}
+const FP16: &str = "DeepSpeed's fp16 mode (fp16 weights over fp32 masters, loss scaling); its bf16 mode is modelled as bf16-mixed";
 
 fn set_stage(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     let s = pick(
@@ -155,20 +155,30 @@ pub fn merge(v: &Value, d: &mut Draft, ctx: &Ctx, key: &str) -> Result<Applied, 
 
 /// The optimizer, precision and batch arithmetic once every key is read.
 fn settle(d: &mut Draft) -> Result<(), String> {
-    if d.extra("precision auto").is_some() && d.precision.is_some() {
-        let r = Refusal::Waits("bf16-mixed");
-        return Err(refusal_text("bf16.enabled", &Value::from("auto"), &r));
+    // A caller's bf16 (the Trainer's `bf16`, accelerate's `mixed_precision`, axolotl's
+    // bf16 weights) turns DeepSpeed's bf16 mode on: "auto" follows it, and accelerate's
+    // `DeepSpeedPlugin.set_mixed_precision` adds `bf16.enabled` where the file has none.
+    match d.precision.as_deref() {
+        Some("bf16-autocast" | "bf16") if d.extra("bf16 off").is_some() => {
+            let r = Refusal::Unmodelled("the caller's bf16 with DeepSpeed's bf16 mode off".into());
+            return Err(refusal_text("bf16.enabled", &Value::Bool(false), &r));
+        }
+        Some("bf16-autocast" | "bf16") => d.precision = Some("bf16-mixed".into()),
+        Some("fp16-autocast") => {
+            let r = Refusal::Unmodelled(FP16.into());
+            return Err(refusal_text("fp16.enabled", &Value::from("auto"), &r));
+        }
+        _ => {}
     }
     if let Some(t) = d.extra("optimizer.type").cloned() {
         let torch = d.extra("torch_adam").is_some_and(on);
         match text(&t).unwrap_or_default().to_ascii_lowercase().as_str() {
+            // torch.optim.AdamW: foreach on CUDA.
             "adam" | "adamw" if torch => d.optimizer = Some("adamw".into()),
-            "adam" | "adamw" => {
-                let r = Refusal::Waits("adamw-fused");
-                return Err(refusal_text("optimizer.type", &t, &r));
-            }
+            // FusedAdam: one multi-tensor kernel updating in place, like torch's fused AdamW.
+            "adam" | "adamw" => d.optimizer = Some("adamw-fused".into()),
             _ => {
-                let r = Refusal::Unmodelled("only Adam/AdamW with torch_adam are modelled".into());
+                let r = Refusal::Unmodelled("only Adam/AdamW are modelled".into());
                 return Err(refusal_text("optimizer.type", &t, &r));
             }
         }

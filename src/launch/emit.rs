@@ -5,7 +5,10 @@
 
 use super::args;
 use super::*;
-use vramplan_planner::{Checkpointing, Optimizer, Precision, RunSpec, Sharding};
+use vramplan_planner::{
+    Checkpointing, Choice, ComputeDtype, LoraSpec, LossMode, Optimizer, Precision, Quantize,
+    RunSpec, Sharding,
+};
 
 /// Puts one planned value at a key; None removes the key.
 type Put = fn(&RunSpec) -> Result<Option<Value>, String>;
@@ -23,18 +26,68 @@ fn ckpt_flag(s: &RunSpec, format: &str) -> Result<Option<Value>, String> {
 }
 
 fn hf_optim(s: &RunSpec, format: &str) -> Result<Option<Value>, String> {
-    let o = match s.train.optimizer {
-        Optimizer::AdamW => "adamw_torch",
-        Optimizer::AdamW8bit => "adamw_bnb_8bit",
-        Optimizer::Adafactor => "adafactor",
-        Optimizer::Sgd => "sgd",
-        o => return Err(cannot(format, format!("optimizer = \"{o}\""))),
-    };
-    Ok(Some(o.into()))
+    match super::hf_optim_name(s.train.optimizer.name()) {
+        Some(o) => Ok(Some(o.into())),
+        None => Err(cannot(
+            format,
+            format!("optimizer = \"{}\"", s.train.optimizer),
+        )),
+    }
 }
 
 fn n(v: u64) -> Result<Option<Value>, String> {
     Ok(Some(v.into()))
+}
+
+/// A switch written only when on (scripts without the key still run).
+fn when(on: bool) -> Result<Option<Value>, String> {
+    Ok(on.then(|| true.into()))
+}
+
+fn sharded(s: &RunSpec) -> bool {
+    s.hardware.sharding != Sharding::Ddp
+}
+
+fn zero(s: &RunSpec) -> bool {
+    sharded(s) && s.hardware.sharding != Sharding::Fsdp2
+}
+
+fn lora(s: &RunSpec) -> Option<&LoraSpec> {
+    s.lora.as_ref()
+}
+
+fn targets(l: &LoraSpec) -> Value {
+    l.targets.clone().into()
+}
+
+fn alpha(l: &LoraSpec) -> Value {
+    if l.alpha.fract() == 0.0 && l.alpha < 1e15 {
+        (l.alpha as u64).into()
+    } else {
+        l.alpha.into()
+    }
+}
+
+/// QLoRA's compute dtype where a launcher takes it from the weights' dtype (TRL, axolotl).
+fn compute_follows_weights(s: &RunSpec, format: &str) -> Result<(), String> {
+    let Some(l) = lora(s).filter(|l| matches!(l.quantize, Quantize::Nf4 | Quantize::Fp4)) else {
+        return Ok(());
+    };
+    let want = if s.train.precision == Precision::Bf16 {
+        ComputeDtype::Bf16
+    } else {
+        ComputeDtype::Fp32
+    };
+    if l.compute_dtype != want {
+        return Err(cannot(
+            format,
+            format!(
+                "compute_dtype = \"{}\" with precision {} ({format} computes in the weights' dtype)",
+                l.compute_dtype, s.train.precision
+            ),
+        ));
+    }
+    Ok(())
 }
 
 const HF: &[(&str, Put)] = &[
@@ -43,7 +96,11 @@ const HF: &[(&str, Put)] = &[
     ("max_length", |s| n(s.train.seq_len)),
     ("bf16", |s| {
         Ok(Some(
-            matches!(s.train.precision, Precision::Bf16Autocast | Precision::Bf16).into(),
+            matches!(
+                s.train.precision,
+                Precision::Bf16Autocast | Precision::Bf16 | Precision::Bf16Mixed
+            )
+            .into(),
         ))
     }),
     ("fp16", |s| {
@@ -54,17 +111,63 @@ const HF: &[(&str, Put)] = &[
     }),
     ("gradient_checkpointing", |s| ckpt_flag(s, "hf-args")),
     ("optim", |s| hf_optim(s, "hf-args")),
-    ("deepspeed", |s| {
-        Ok((s.hardware.sharding != Sharding::Ddp).then(|| deepspeed_dict(s)))
+    ("torch_compile", |s| when(s.train.compile)),
+    ("activation_offloading", |s| {
+        when(s.train.offload_activations)
+    }),
+    ("deepspeed", |s| Ok(zero(s).then(|| deepspeed_dict(s)))),
+    ("fsdp", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| "full_shard auto_wrap".into()))
+    }),
+    ("fsdp_config.fsdp_version", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| 2.into()))
+    }),
+    ("fsdp_config.reshard_after_forward", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2)
+            .then(|| s.hardware.reshard_after_forward.into()))
+    }),
+    ("use_peft", |s| when(s.lora.is_some())),
+    ("lora_r", |s| Ok(lora(s).map(|l| l.rank.into()))),
+    ("lora_alpha", |s| Ok(lora(s).map(alpha))),
+    ("lora_dropout", |s| Ok(lora(s).map(|l| l.dropout.into()))),
+    ("lora_target_modules", |s| Ok(lora(s).map(targets))),
+    ("lora_modules_to_save", |s| {
+        Ok(lora(s)
+            .filter(|l| !l.modules_to_save.is_empty())
+            .map(|l| l.modules_to_save.clone().into()))
+    }),
+    ("use_dora", |s| when(lora(s).is_some_and(|l| l.use_dora))),
+    ("load_in_4bit", |s| {
+        compute_follows_weights(s, "hf-args")?;
+        when(lora(s).is_some_and(|l| matches!(l.quantize, Quantize::Nf4 | Quantize::Fp4)))
+    }),
+    ("bnb_4bit_quant_type", |s| {
+        Ok(lora(s).and_then(|l| match l.quantize {
+            Quantize::Nf4 => Some("nf4".into()),
+            Quantize::Fp4 => Some("fp4".into()),
+            _ => None,
+        }))
+    }),
+    ("use_bnb_nested_quant", |s| {
+        when(lora(s).is_some_and(|l| l.quantize != Quantize::None && l.double_quant))
+    }),
+    ("load_in_8bit", |s| {
+        when(lora(s).is_some_and(|l| l.quantize == Quantize::Int8))
     }),
 ];
 
+/// The DeepSpeed section a Trainer-based launcher passes (`deepspeed:` in its file):
+/// batch and accumulation follow the Trainer's ("auto"), and so does bf16.
 fn deepspeed_dict(s: &RunSpec) -> Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": s.hardware.sharding.stage()},
-    })
+    });
+    if s.train.precision == Precision::Bf16Mixed {
+        v["bf16"] = serde_json::json!({"enabled": "auto"});
+    }
+    v
 }
 
 const DEEPSPEED: &[(&str, Put)] = &[
@@ -76,19 +179,15 @@ const DEEPSPEED: &[(&str, Put)] = &[
     ("zero_optimization.stage", |s| {
         n(u64::from(s.hardware.sharding.stage()))
     }),
-    ("fp16.enabled", |s| match s.train.precision {
-        Precision::Fp32 => Ok(Some(false.into())),
-        p => Err(cannot(
-            "deepspeed",
-            format!("precision = \"{p}\" (DeepSpeed's 16-bit modes keep 16-bit weights)"),
-        )),
+    ("fp16.enabled", |_| Ok(Some(false.into()))),
+    ("bf16.enabled", |s| {
+        Ok(Some((s.train.precision == Precision::Bf16Mixed).into()))
     }),
-    ("bf16.enabled", |_| Ok(Some(false.into()))),
-    ("optimizer.type", |s| match s.train.optimizer {
-        Optimizer::AdamW => Ok(Some("AdamW".into())),
-        o => Err(cannot("deepspeed", format!("optimizer = \"{o}\""))),
+    ("optimizer.type", |_| Ok(Some("AdamW".into()))),
+    // FusedAdam is DeepSpeed's Adam unless `torch_adam` asks for torch.optim.AdamW.
+    ("optimizer.params.torch_adam", |s| {
+        when(s.train.optimizer == Optimizer::AdamW)
     }),
-    ("optimizer.params.torch_adam", |_| Ok(Some(true.into()))),
 ];
 
 const ACCELERATE: &[(&str, Put)] = &[
@@ -97,23 +196,25 @@ const ACCELERATE: &[(&str, Put)] = &[
             match (s.hardware.sharding, s.hardware.gpus) {
                 (Sharding::Ddp, 1) => "NO",
                 (Sharding::Ddp, _) => "MULTI_GPU",
+                (Sharding::Fsdp2, _) => "FSDP",
                 _ => "DEEPSPEED",
             }
             .into(),
         ))
     }),
     ("num_processes", |s| n(s.hardware.gpus)),
-    ("mixed_precision", |s| match s.train.precision {
-        Precision::Fp32 => Ok(Some("no".into())),
-        Precision::Bf16Autocast if s.hardware.sharding == Sharding::Ddp => Ok(Some("bf16".into())),
-        Precision::Fp16Autocast if s.hardware.sharding == Sharding::Ddp => Ok(Some("fp16".into())),
-        p => Err(cannot(
-            "accelerate",
-            format!("precision = \"{p}\" with {}", s.hardware.sharding),
-        )),
+    ("mixed_precision", |s| {
+        Ok(Some(
+            match s.train.precision {
+                Precision::Bf16Autocast | Precision::Bf16Mixed => "bf16",
+                Precision::Fp16Autocast => "fp16",
+                _ => "no",
+            }
+            .into(),
+        ))
     }),
     ("deepspeed_config", |s| {
-        Ok((s.hardware.sharding != Sharding::Ddp).then(|| {
+        Ok(zero(s).then(|| {
             serde_json::json!({
                 "zero_stage": s.hardware.sharding.stage(),
                 "gradient_accumulation_steps": s.train.grad_accum,
@@ -122,29 +223,75 @@ const ACCELERATE: &[(&str, Put)] = &[
             })
         }))
     }),
+    ("fsdp_config.fsdp_version", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| 2.into()))
+    }),
+    ("fsdp_config.fsdp_reshard_after_forward", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2)
+            .then(|| s.hardware.reshard_after_forward.into()))
+    }),
+    ("fsdp_config.fsdp_activation_checkpointing", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2)
+            .then(|| (s.train.checkpointing == Checkpointing::Full).into()))
+    }),
+    ("fsdp_config.fsdp_sharding_strategy", |_| Ok(None)),
+    ("dynamo_config.dynamo_backend", |s| {
+        Ok(Some(if s.train.compile { "INDUCTOR" } else { "NO" }.into()))
+    }),
 ];
 
 const TORCHTUNE: &[(&str, Put)] = &[
     ("batch_size", |s| n(s.train.micro_batch)),
     ("gradient_accumulation_steps", |s| n(s.train.grad_accum)),
     ("tokenizer.max_seq_len", |s| n(s.train.seq_len)),
-    ("dtype", |s| match s.train.precision {
-        Precision::Bf16 => Ok(Some("bf16".into())),
-        Precision::Fp32 => Ok(Some("fp32".into())),
-        p => Err(cannot("torchtune", format!("precision = \"{p}\""))),
+    ("dtype", |s| {
+        Ok(Some(
+            if s.train.precision == Precision::Bf16 {
+                "bf16"
+            } else {
+                "fp32"
+            }
+            .into(),
+        ))
     }),
     ("enable_activation_checkpointing", |s| {
         ckpt_flag(s, "torchtune")
     }),
-    ("optimizer._component_", |s| match s.train.optimizer {
-        Optimizer::AdamW => Ok(Some("torch.optim.AdamW".into())),
-        Optimizer::AdamW8bit => Ok(Some("bitsandbytes.optim.AdamW8bit".into())),
-        Optimizer::Sgd => Ok(Some("torch.optim.SGD".into())),
-        o => Err(cannot("torchtune", format!("optimizer = \"{o}\""))),
+    ("enable_activation_offloading", |s| {
+        Ok(Some(s.train.offload_activations.into()))
     }),
-    ("optimizer.fused", |_| Ok(None)),
-    ("loss._component_", |_| {
-        Ok(Some("torch.nn.CrossEntropyLoss".into()))
+    ("optimizer_in_bwd", |s| {
+        Ok(Some(s.train.optimizer_in_backward.into()))
+    }),
+    ("compile", |s| Ok(Some(s.train.compile.into()))),
+    ("optimizer._component_", |s| {
+        Ok(Some(
+            match s.train.optimizer {
+                Optimizer::AdamW8bit => "bitsandbytes.optim.AdamW8bit",
+                Optimizer::PagedAdamW8bit => "bitsandbytes.optim.PagedAdamW8bit",
+                Optimizer::PagedAdamW => "bitsandbytes.optim.PagedAdamW",
+                Optimizer::TorchaoAdamW8bit => "torchao.optim.AdamW8bit",
+                Optimizer::TorchaoAdamW4bit => "torchao.optim.AdamW4bit",
+                Optimizer::Sgd => "torch.optim.SGD",
+                _ => "torch.optim.AdamW",
+            }
+            .into(),
+        ))
+    }),
+    ("optimizer.fused", |s| {
+        when(s.train.optimizer == Optimizer::AdamWFused)
+    }),
+    ("loss._component_", |s| {
+        Ok(Some(
+            match s.train.loss {
+                LossMode::Chunked => "torchtune.modules.loss.CEWithChunkedOutputLoss",
+                _ => "torch.nn.CrossEntropyLoss",
+            }
+            .into(),
+        ))
+    }),
+    ("fsdp_reshard_after_forward", |s| {
+        Ok(Some(s.hardware.reshard_after_forward.into()))
     }),
 ];
 
@@ -154,30 +301,86 @@ const TORCHTITAN: &[(&str, Put)] = &[
     ("training.global_batch_size", |s| {
         n(s.train.micro_batch * s.train.grad_accum * s.hardware.gpus)
     }),
+    ("training.dtype", |s| {
+        Ok((s.train.precision == Precision::Bf16).then(|| "bfloat16".into()))
+    }),
     ("training.mixed_precision_param", |s| {
-        match s.train.precision {
-            Precision::Bf16Autocast => Ok(Some("bfloat16".into())),
-            Precision::Fp32 => Ok(Some("float32".into())),
-            p => Err(cannot("torchtitan", format!("precision = \"{p}\""))),
-        }
+        Ok(Some(
+            if s.train.precision == Precision::Fp32 {
+                "float32"
+            } else {
+                "bfloat16"
+            }
+            .into(),
+        ))
+    }),
+    ("training.mixed_precision_reduce", |s| {
+        Ok(Some(
+            match s.train.reduce_dtype {
+                vramplan_planner::ReduceDtype::Bf16 => "bfloat16",
+                vramplan_planner::ReduceDtype::Fp32 => "float32",
+            }
+            .into(),
+        ))
     }),
     ("activation_checkpoint.mode", |s| {
-        match s.train.checkpointing {
-            Checkpointing::None => Ok(Some("none".into())),
-            Checkpointing::Full => Ok(Some("full".into())),
-            c => Err(cannot("torchtitan", format!("checkpointing = \"{c}\""))),
-        }
+        Ok(Some(
+            match s.train.checkpointing {
+                Checkpointing::None => "none",
+                Checkpointing::Full => "full",
+                _ => "selective",
+            }
+            .into(),
+        ))
     }),
-    ("activation_checkpoint.selective_ac_option", |_| Ok(None)),
-    ("optimizer.name", |s| match s.train.optimizer {
-        Optimizer::AdamW => Ok(Some("AdamW".into())),
-        o => Err(cannot("torchtitan", format!("optimizer = \"{o}\""))),
+    ("activation_checkpoint.selective_ac_option", |s| {
+        Ok(match s.train.checkpointing {
+            Checkpointing::SelectiveOp => Some("op".into()),
+            Checkpointing::Every(k) => Some(k.to_string().into()),
+            _ => None,
+        })
     }),
-    ("optimizer.implementation", |_| Ok(Some("foreach".into()))),
-    // Plain data parallelism: replicas, no FSDP shards.
-    ("parallelism.data_parallel_shard_degree", |_| n(1)),
+    ("compile.enable", |s| Ok(Some(s.train.compile.into()))),
+    ("optimizer.name", |_| Ok(Some("AdamW".into()))),
+    ("optimizer.implementation", |s| {
+        Ok(Some(
+            match s.train.optimizer {
+                Optimizer::AdamWForeach => "foreach",
+                Optimizer::AdamWSingle => "for-loop",
+                _ => "fused",
+            }
+            .into(),
+        ))
+    }),
+    ("optimizer.early_step_in_backward", |s| {
+        Ok(Some(s.train.optimizer_in_backward.into()))
+    }),
+    // FSDP shards over the group, replicated across groups; plain data parallelism is
+    // replicas of one shard.
+    ("parallelism.data_parallel_shard_degree", |s| {
+        let h = &s.hardware;
+        // The group written out (not -1) so that the file says its GPU count.
+        n(match h.sharding {
+            Sharding::Fsdp2 => h.shard_group(),
+            _ => 1,
+        })
+    }),
     ("parallelism.data_parallel_replicate_degree", |s| {
-        n(s.hardware.gpus)
+        let h = &s.hardware;
+        n(match h.sharding {
+            Sharding::Fsdp2 => h.gpus / h.shard_group(),
+            _ => h.gpus,
+        })
+    }),
+    ("parallelism.fsdp_reshard_after_forward", |s| {
+        Ok(Some(
+            if s.hardware.reshard_after_forward {
+                "default"
+            } else {
+                "never"
+            }
+            .into(),
+        ))
     }),
 ];
 
@@ -185,18 +388,66 @@ const AXOLOTL: &[(&str, Put)] = &[
     ("micro_batch_size", |s| n(s.train.micro_batch)),
     ("gradient_accumulation_steps", |s| n(s.train.grad_accum)),
     ("sequence_len", |s| n(s.train.seq_len)),
-    ("bf16", |s| match s.train.precision {
-        Precision::Bf16 => Ok(Some(true.into())),
-        Precision::Fp32 => Ok(Some(false.into())),
-        p => Err(cannot(
-            "axolotl",
-            format!("precision = \"{p}\" (axolotl loads bf16 runs in bf16)"),
-        )),
+    ("bf16", |s| {
+        Ok(Some(
+            matches!(s.train.precision, Precision::Bf16 | Precision::Bf16Mixed).into(),
+        ))
     }),
-    ("gradient_checkpointing", |s| ckpt_flag(s, "axolotl")),
+    ("gradient_checkpointing", |s| {
+        if s.train.offload_activations {
+            return match s.train.checkpointing {
+                Checkpointing::Full => Ok(Some("offload".into())),
+                c => Err(cannot("axolotl", format!("offload_activations with checkpointing = \"{c}\" (axolotl offloads the checkpointed inputs)"))),
+            };
+        }
+        ckpt_flag(s, "axolotl")
+    }),
     ("optimizer", |s| hf_optim(s, "axolotl")),
-    ("deepspeed", |s| {
-        Ok((s.hardware.sharding != Sharding::Ddp).then(|| deepspeed_dict(s)))
+    ("torch_compile", |s| when(s.train.compile)),
+    ("deepspeed", |s| Ok(zero(s).then(|| deepspeed_dict(s)))),
+    ("fsdp_version", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| 2.into()))
+    }),
+    ("fsdp", |_| Ok(None)),
+    ("fsdp_config.reshard_after_forward", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2)
+            .then(|| s.hardware.reshard_after_forward.into()))
+    }),
+    ("adapter", |s| {
+        compute_follows_weights(s, "axolotl")?;
+        Ok(lora(s).map(|l| match l.quantize {
+            Quantize::None | Quantize::Int8 => "lora".into(),
+            _ => "qlora".into(),
+        }))
+    }),
+    ("lora_r", |s| Ok(lora(s).map(|l| l.rank.into()))),
+    ("lora_alpha", |s| Ok(lora(s).map(alpha))),
+    ("lora_dropout", |s| Ok(lora(s).map(|l| l.dropout.into()))),
+    ("lora_target_modules", |s| Ok(lora(s).map(targets))),
+    ("lora_target_linear", |_| Ok(None)),
+    ("lora_modules_to_save", |s| {
+        Ok(lora(s)
+            .filter(|l| !l.modules_to_save.is_empty())
+            .map(|l| l.modules_to_save.clone().into()))
+    }),
+    ("peft_use_dora", |s| {
+        when(lora(s).is_some_and(|l| l.use_dora))
+    }),
+    ("load_in_4bit", |s| {
+        let q = lora(s).map(|l| (l.quantize, l.double_quant));
+        match q {
+            Some((Quantize::Nf4, true)) => Ok(Some(true.into())),
+            Some((Quantize::Nf4 | Quantize::Fp4, _)) => Err(cannot(
+                "axolotl",
+                "QLoRA other than NF4 with double quantization",
+            )),
+            _ => Ok(Some(false.into())),
+        }
+    }),
+    ("load_in_8bit", |s| {
+        Ok(Some(
+            lora(s).is_some_and(|l| l.quantize == Quantize::Int8).into(),
+        ))
     }),
 ];
 
@@ -208,65 +459,15 @@ const NANOCHAT: &[(&str, Put)] = &[
     }),
 ];
 
-/// The plan's loss, attention, engine and sharding where the format has none for them.
-fn check_common(format: Format, s: &RunSpec) -> Result<(), String> {
-    let name = format.name();
-    if s.train.loss != vramplan_planner::LossMode::FloatCast && format != Format::Nanochat {
-        return Err(cannot(name, format!("loss = \"{}\" (fit --allow-fused and chunked plans need a loss of the training code's own)", s.train.loss)));
-    }
-    if s.train.engine != vramplan_planner::Engine::Torch {
-        return Err(cannot(name, format!("engine = \"{}\"", s.train.engine)));
-    }
-    let sharded = s.hardware.sharding != Sharding::Ddp;
-    if sharded
-        && matches!(
-            format,
-            Format::Torchtune | Format::Torchtitan | Format::Nanochat
-        )
-    {
-        return Err(cannot(
-            name,
-            format!("sharding = \"{}\"", s.hardware.sharding),
-        ));
-    }
-    if format == Format::Torchtune && s.hardware.gpus > 1 {
-        return Err(cannot(
-            name,
-            "data parallelism on several GPUs without FSDP2",
-        ));
-    }
-    if format == Format::Nanochat {
-        nanochat_fits(s)?;
-    }
-    Ok(())
-}
-
-/// nanochat's fixed recipe: Muon, bf16 autocast, no checkpointing flag, the float cast
-/// or its own softcapped loss.
-fn nanochat_fits(s: &RunSpec) -> Result<(), String> {
-    let t = &s.train;
-    let ok = t.optimizer == Optimizer::Muon
-        && t.precision == Precision::Bf16Autocast
-        && t.checkpointing == Checkpointing::None
-        && t.loss == vramplan_planner::LossMode::FloatCast;
-    if ok {
-        return Ok(());
-    }
-    Err(cannot(
-        "nanochat",
-        format!(
-            "{}, {}, checkpointing {}, loss {} (base_train runs muon, bf16-autocast, none, float-cast)",
-            t.optimizer, t.precision, t.checkpointing, t.loss
-        ),
-    ))
-}
-
 fn set(tree: &mut Value, path: &str, v: Option<Value>) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let last = parts.pop().unwrap_or(path);
     let mut node = tree;
     for p in parts {
         if !node.get(p).is_some_and(Value::is_object) {
+            if v.is_none() {
+                return; // nothing to remove
+            }
             node[p] = Value::Object(Default::default());
         }
         node = &mut node[p];
@@ -302,7 +503,7 @@ pub struct Source<'a> {
 
 /// The plan `s` as `format`, over `base` where it is in that format.
 pub fn emit(format: Format, base: Option<&Source>, s: &RunSpec) -> Result<String, String> {
-    check_common(format, s)?;
+    super::can::check(format, s)?;
     let base = base.filter(|b| b.format == format).map(|b| b.text);
     let command = format == Format::Nanochat
         || (format == Format::HfArgs
@@ -337,6 +538,13 @@ pub fn emit(format: Format, base: Option<&Source>, s: &RunSpec) -> Result<String
             set(&mut tree, "model._component_", Some(b.into()));
         }
     }
+    let flavor = s.model.name.strip_prefix("torchtitan-llama3-");
+    if tree.pointer("/model/flavor").is_none() && format == Format::Torchtitan {
+        if let Some(f) = flavor {
+            set(&mut tree, "model.name", Some("llama3".into()));
+            set(&mut tree, "model.flavor", Some(f.into()));
+        }
+    }
     if tree.get("base_model").is_none() && format == Format::Axolotl {
         set(&mut tree, "base_model", Some(s.model.name.clone().into()));
     }
@@ -363,20 +571,52 @@ fn keep_seq_key(tree: &mut Value, input: &Value) {
     }
 }
 
+/// The first line of an emitted file: the command that launches it (the files name no
+/// process count).
 fn launch_comment(format: Format, s: &RunSpec) -> String {
     let g = s.hardware.gpus;
     match format {
         Format::Accelerate => format!(
-            "# accelerate launch --config_file THIS_FILE train.py --per_device_train_batch_size {} --gradient_accumulation_steps {} --max_length {}   ({g} processes)\n",
-            s.train.micro_batch, s.train.grad_accum, s.train.seq_len
+            "# accelerate launch --config_file THIS_FILE train.py {}   ({g} processes)\n",
+            trainer_flags(s).join(" ")
         ),
-        Format::DeepSpeed => String::new(),
+        Format::HfArgs if g > 1 => format!(
+            "# torchrun --nproc_per_node={g} train.py THIS_FILE   (or: accelerate launch --num_processes {g} train.py THIS_FILE)\n"
+        ),
         Format::Torchtune if g > 1 => format!("# tune run --nproc_per_node {g} full_finetune_distributed --config THIS_FILE\n"),
         Format::Torchtune => "# tune run full_finetune_single_device --config THIS_FILE\n".into(),
         Format::Torchtitan => format!("# NGPU={g} CONFIG_FILE=THIS_FILE ./run_train.sh\n"),
         Format::Axolotl => format!("# accelerate launch --num_processes {g} -m axolotl.cli.train THIS_FILE\n"),
         _ => String::new(),
     }
+}
+
+/// The Trainer flags a script launched with an accelerate or DeepSpeed file takes.
+fn trainer_flags(s: &RunSpec) -> Vec<String> {
+    let t = &s.train;
+    let mut f = vec![
+        format!("--per_device_train_batch_size {}", t.micro_batch),
+        format!("--gradient_accumulation_steps {}", t.grad_accum),
+        format!("--max_length {}", t.seq_len),
+    ];
+    if t.checkpointing == Checkpointing::Full && s.hardware.sharding != Sharding::Fsdp2 {
+        f.push("--gradient_checkpointing true".into());
+    }
+    if let Some(o) = super::hf_optim_name(t.optimizer.name()) {
+        f.push(format!("--optim {o}"));
+    }
+    f
+}
+
+/// The command that launches a DeepSpeed file (JSON has no comments): said on stderr.
+pub fn launch_note(format: Format, s: &RunSpec) -> Option<String> {
+    (format == Format::DeepSpeed).then(|| {
+        format!(
+            "launch: deepspeed --num_gpus {} train.py --deepspeed THIS_FILE {}",
+            s.hardware.gpus,
+            trainer_flags(s).join(" ")
+        )
+    })
 }
 
 /// nanochat's and a pasted Hugging Face script's command line, with the plan's flags.
@@ -404,8 +644,11 @@ fn emit_command(format: Format, base: Option<&str>, s: &RunSpec) -> Result<Strin
             set(&mut tree, "depth", Some(depth.into()));
         }
     }
-    if format == Format::HfArgs && s.hardware.sharding != Sharding::Ddp {
+    if format == Format::HfArgs && zero(s) {
         return Err("a ZeRO plan on a command line needs a DeepSpeed file: write it with --emit deepspeed and pass --deepspeed FILE".into());
+    }
+    if format == Format::HfArgs && sharded(s) {
+        return Err("an FSDP2 plan on a command line needs an fsdp_config file: write the arguments as a dict (emit over a YAML or JSON input)".into());
     }
     let words: Vec<String> = tree
         .as_object()
@@ -431,6 +674,14 @@ fn flag_word(format: Format, k: &str, v: &Value) -> Option<String> {
         Value::Bool(false) if format == Format::Nanochat => return None,
         Value::Bool(true) if format == Format::Nanochat => return Some(format!("--{k}")),
         Value::String(s) => s.clone(),
+        // argparse's nargs="+": one word each (TRL's --lora_target_modules q_proj v_proj).
+        Value::Array(a) => {
+            let words: Vec<String> = a
+                .iter()
+                .map(|x| quote_word(&x.as_str().map_or_else(|| x.to_string(), String::from)))
+                .collect();
+            return Some(format!("--{k} {}", words.join(" ")));
+        }
         other => other.to_string(),
     };
     Some(if format == Format::Nanochat {
@@ -461,6 +712,7 @@ mod tests {
         let mut t = json!({"optimizer": {"fused": true, "lr": 1}});
         set(&mut t, "optimizer.fused", None);
         set(&mut t, "training.seq_len", Some(json!(2048)));
+        set(&mut t, "fsdp_config.fsdp_version", None);
         assert_eq!(
             t,
             json!({"optimizer": {"lr": 1}, "training": {"seq_len": 2048}})

@@ -38,33 +38,84 @@ pub(super) const TABLE: &[Row] = &[
     ),
     ("torch_dtype", Rule::Set(set_dtype)),
     ("dtype", Rule::Set(set_dtype)),
-    (
-        "gradient_checkpointing",
-        Rule::Set(|d, v, _| {
-            if flag(v)? {
-                d.checkpointing = Some("full".into());
-            }
-            Ok(())
-        }),
-    ),
-    ("optim", Rule::Set(set_optim)),
+    ("gradient_checkpointing", Rule::Set(set_checkpointing)),
+    ("optim", Rule::Set(set_hf_optim)),
     ("attn_implementation", Rule::Set(set_attention)),
+    ("deepspeed", Rule::Set(|d, v, _| keep(d, "deepspeed", v))),
+    ("fsdp", Rule::Set(|d, v, _| keep(d, "fsdp", v))),
+    ("fsdp_config.fsdp_version", Rule::Set(fsdp_version)),
+    ("fsdp_config.version", Rule::Set(fsdp_version)),
     (
-        "deepspeed",
+        "fsdp_config.reshard_after_forward",
+        Rule::Set(|d, v, _| switch(v, &mut d.reshard_after_forward)),
+    ),
+    (
+        "fsdp_config.fsdp_reshard_after_forward",
+        Rule::Set(|d, v, _| switch(v, &mut d.reshard_after_forward)),
+    ),
+    (
+        "fsdp_config.activation_checkpointing",
+        Rule::Set(set_checkpointing),
+    ),
+    (
+        "fsdp_config.fsdp_activation_checkpointing",
+        Rule::Set(set_checkpointing),
+    ),
+    (
+        "fsdp_config.offload_params",
+        Rule::Waits("cpu offload"),
+    ),
+    (
+        "fsdp_config.fsdp_offload_params",
+        Rule::Waits("cpu offload"),
+    ),
+    // Wrapping, prefetch, state dicts and loading: outside the step's memory.
+    ("fsdp_config.*", Rule::Ignore),
+    ("use_peft", Rule::Set(|d, v, _| lora_row(d, "on", v))),
+    ("lora_r", Rule::Set(|d, v, _| lora_row(d, "rank", v))),
+    ("lora_alpha", Rule::Set(|d, v, _| lora_row(d, "alpha", v))),
+    ("lora_dropout", Rule::Set(|d, v, _| lora_row(d, "dropout", v))),
+    (
+        "lora_target_modules",
+        Rule::Set(|d, v, _| lora_row(d, "targets", v)),
+    ),
+    (
+        "lora_modules_to_save",
+        Rule::Set(|d, v, _| lora_row(d, "save", v)),
+    ),
+    ("use_dora", Rule::Set(|d, v, _| lora_row(d, "dora", v))),
+    // rsLoRA changes the scaling, not what is kept; the task type is the model's head.
+    ("use_rslora", Rule::Ignore),
+    ("lora_task_type", Rule::Ignore),
+    ("load_in_4bit", Rule::Set(|d, v, _| keep(d, "load_in_4bit", v))),
+    ("load_in_8bit", Rule::Set(|d, v, _| keep(d, "load_in_8bit", v))),
+    (
+        "bnb_4bit_quant_type",
         Rule::Set(|d, v, _| {
-            d.extra.push(("deepspeed".into(), v.clone()));
-            Ok(())
+            pick(v, &[("nf4", ()), ("fp4", ())])?;
+            keep(d, "bnb_4bit_quant_type", v)
         }),
     ),
-    ("fsdp", Rule::Waits("fsdp2")),
-    ("fsdp_config.*", Rule::Ignore),
-    ("use_peft", Rule::Waits("lora")),
-    ("lora_r", Rule::Waits("lora")),
-    ("lora_alpha", Rule::Waits("lora")),
-    ("lora_dropout", Rule::Waits("lora")),
-    ("lora_target_modules", Rule::Waits("lora")),
-    ("peft_config.*", Rule::Waits("lora")),
-    ("torch_compile", Rule::Waits("compile")),
+    (
+        "use_bnb_nested_quant",
+        Rule::Set(|d, v, _| {
+            flag(v)?;
+            keep(d, "use_bnb_nested_quant", v)
+        }),
+    ),
+    (
+        "peft_config.*",
+        Rule::Unmodelled("a PEFT config dict: vramplan reads TRL's use_peft, lora_r, lora_alpha, lora_dropout and lora_target_modules"),
+    ),
+    (
+        "torch_compile",
+        Rule::Set(|d, v, _| switch(v, &mut d.compile)),
+    ),
+    // TRL's SFTConfig: `torch.autograd.graph.save_on_cpu` around the forward.
+    (
+        "activation_offloading",
+        Rule::Set(|d, v, _| switch(v, &mut d.offload_activations)),
+    ),
     (
         "use_flash_attention_2",
         Rule::Set(|d, v, _| {
@@ -73,14 +124,6 @@ pub(super) const TABLE: &[Row] = &[
             }
             Ok(())
         }),
-    ),
-    (
-        "load_in_4bit",
-        Rule::Unmodelled("bitsandbytes 4-bit base weights"),
-    ),
-    (
-        "load_in_8bit",
-        Rule::Unmodelled("bitsandbytes 8-bit base weights"),
     ),
     (
         "use_liger_kernel",
@@ -171,6 +214,26 @@ pub(super) const TABLE: &[Row] = &[
     ("assistant_only_loss", Rule::Ignore),
 ];
 
+/// `gradient_checkpointing` (and FSDP's `activation_checkpointing`): every block.
+fn set_checkpointing(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    if flag(v)? {
+        d.checkpointing = Some("full".into());
+    }
+    Ok(())
+}
+
+/// accelerate's FSDP version: 2 is `fully_shard` (FSDP2); 1, the default, wraps
+/// `FullyShardedDataParallel` with flat parameters.
+fn fsdp_version(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    match pick(v, &[("1", false), ("2", true)])? {
+        true => keep(d, "fsdp_version", v),
+        false => Err(Refusal::Unmodelled(FSDP1.into())),
+    }
+}
+
+pub(super) const FSDP1: &str =
+    "FSDP1's flat parameters (fsdp_version 1, the default); FSDP2 (fsdp_version: 2) is modelled";
+
 /// A length that may be left null (TRL's `max_length: null`).
 fn set_seq_len_or_null(d: &mut Draft, v: &Value, c: &Ctx) -> Result<(), Refusal> {
     if v.is_null() {
@@ -200,28 +263,6 @@ fn set_dtype(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     }
 }
 
-fn set_optim(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
-    const OPTIM: &[(&str, Option<&str>)] = &[
-        ("adamw_torch", Some("adamw")),
-        ("adamw_hf", Some("adamw")),
-        ("adamw_torch_fused", None),
-        ("adamw_8bit", Some("adamw-8bit")),
-        ("adamw_bnb_8bit", Some("adamw-8bit")),
-        ("paged_adamw_8bit", None),
-        ("paged_adamw_32bit", None),
-        ("adafactor", Some("adafactor")),
-        ("sgd", Some("sgd")),
-    ];
-    match pick(v, OPTIM)? {
-        Some(o) => {
-            d.optimizer = Some(o.into());
-            Ok(())
-        }
-        None if text(v)?.starts_with("paged") => Err(Refusal::Waits("paged-adamw-8bit")),
-        None => Err(Refusal::Waits("adamw-fused")),
-    }
-}
-
 /// FlashAttention-2 saves what SDPA's flash kernel saves: the output and log-sum-exp.
 fn set_attention(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     let choices = [
@@ -230,7 +271,9 @@ fn set_attention(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
         ("flash_attention_2", Some("sdpa")),
         ("flex_attention", None),
     ];
-    let a = pick(v, &choices)?.ok_or(Refusal::Waits("implementation"))?;
+    let a = pick(v, &choices)?.ok_or(Refusal::Unmodelled(
+        "flex attention (vramplan's attention is sdpa or eager)".into(),
+    ))?;
     d.attention = Some(a.into());
     Ok(())
 }
@@ -251,12 +294,21 @@ fn keys(text: &str) -> Result<(Keys, Option<u64>), String> {
 
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let (keys, gpus) = keys(text)?;
+    if let Some((k, v)) = keys
+        .iter()
+        .find(|(k, v)| k == "fsdp_config" && v.is_string())
+    {
+        let r = Refusal::Unmodelled(
+            "an fsdp_config file: vramplan reads its keys written inline".into(),
+        );
+        return Err(refusal_text(k, v, &r));
+    }
     let mut d = Draft {
         gpus,
         ..Draft::default()
     };
     let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
-    assume_foreach(&mut d, &keys, "optim", "transformers 5");
+    default_fused(&mut d, &keys, "optim", "transformers 5");
     if d.extra("bf16-weights").is_some() {
         d.precision = Some("bf16".into());
     }
@@ -266,10 +318,95 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         d.seq_len = Some(1024);
         d.assumed.push("seq_len 1024 (block_size / max_length not set: run_clm.py and TRL's SFTConfig default to 1024)".into());
     }
+    trl_lora(&mut d)?;
+    if d.extra("fsdp").is_some_and(on) {
+        fsdp(&mut d)?;
+    }
     if let Some(ds) = d.extra("deepspeed").cloned() {
         let more = deepspeed::merge(&ds, &mut d, ctx, "deepspeed")?;
         applied.ignored.extend(more.ignored);
         applied.unknown.extend(more.unknown);
     }
     Ok(finish(Format::HfArgs, d, applied))
+}
+
+/// TRL's `ModelConfig`: adapters only with `use_peft` (r 16, alpha 32, dropout 0.05 and
+/// PEFT's default targets when not given), over a bitsandbytes base with `load_in_4bit`
+/// (`bnb_4bit_quant_type`, nf4; `use_bnb_nested_quant`, off; the model's dtype for compute)
+/// or `load_in_8bit`.
+fn trl_lora(d: &mut Draft) -> Result<(), String> {
+    let four = d.extra("load_in_4bit").is_some_and(on);
+    let eight = d.extra("load_in_8bit").is_some_and(on);
+    if !d.extra("lora.on").is_some_and(on) {
+        if four || eight {
+            let key = if four { "load_in_4bit" } else { "load_in_8bit" };
+            let r = Refusal::Unmodelled(
+                "a quantized base without use_peft (it trains only through adapters)".into(),
+            );
+            return Err(refusal_text(key, &Value::Bool(true), &r));
+        }
+        if d.extra.iter().any(|(k, _)| k.starts_with("lora.")) {
+            d.assumed
+                .push("no LoRA (use_peft is not set, so TRL does not read lora_*)".into());
+        }
+        return Ok(());
+    }
+    let mut lora = peft_lora(d, (Some(16), Some(32.0), Some(0.05)));
+    let bf16 = d.precision.as_deref() == Some("bf16");
+    if four {
+        let kind = d.extra("bnb_4bit_quant_type").and_then(Value::as_str);
+        lora.quantize = Some(kind.unwrap_or("nf4").to_ascii_lowercase());
+        lora.double_quant = Some(d.extra("use_bnb_nested_quant").is_some_and(on));
+        lora.compute_dtype = Some(if bf16 { "bf16" } else { "fp32" }.into());
+    } else if eight {
+        lora.quantize = Some("int8".into());
+    }
+    d.lora = Some(lora);
+    Ok(())
+}
+
+/// `fsdp: "full_shard auto_wrap"` with `fsdp_config.fsdp_version: 2`: accelerate's
+/// `fully_shard`. `shard_grad_op` keeps the gathered parameters after forward; under
+/// `bf16` accelerate's `MixedPrecisionPolicy` casts parameters and reduces gradients in
+/// bf16 over fp32 masters (`FullyShardedDataParallelPlugin.set_mixed_precision`).
+fn fsdp(d: &mut Draft) -> Result<(), String> {
+    let v = d.extra("fsdp").cloned().unwrap_or_default();
+    let words: Vec<String> = match &v {
+        Value::String(s) => s.split_whitespace().map(str::to_ascii_lowercase).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_ascii_lowercase))
+            .collect(),
+        _ => vec!["full_shard".into()],
+    };
+    let refuse = |r: Refusal| -> Result<(), String> { Err(refusal_text("fsdp", &v, &r)) };
+    if words.iter().any(|w| w == "offload") {
+        return refuse(Refusal::Waits("cpu offload"));
+    }
+    if words.iter().any(|w| w.starts_with("hybrid_shard")) {
+        return refuse(Refusal::Unmodelled(
+            "hybrid sharding: the node size is not in the file (plan it with hardware.gpus_per_node)".into(),
+        ));
+    }
+    if d.extra("fsdp_version").is_none() {
+        return refuse(Refusal::Unmodelled(FSDP1.into()));
+    }
+    if words.iter().any(|w| w == "shard_grad_op") {
+        d.reshard_after_forward.get_or_insert(false);
+    }
+    d.sharding = Some("fsdp2".into());
+    match d.precision.as_deref() {
+        Some("bf16-autocast") => {
+            d.precision = Some("bf16-mixed".into());
+            d.reduce_dtype = Some("bf16".into());
+        }
+        Some("fp16-autocast") => {
+            let r = Refusal::Unmodelled(
+                "FSDP2 with fp16 parameters (vramplan models bf16-mixed)".into(),
+            );
+            return Err(refusal_text("fp16", &Value::Bool(true), &r));
+        }
+        _ => {}
+    }
+    Ok(())
 }

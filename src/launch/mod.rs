@@ -12,20 +12,24 @@
 mod accelerate;
 mod args;
 mod axolotl;
+mod can;
 mod deepspeed;
 mod detect;
 mod emit;
 mod hf;
 mod nanochat;
+#[cfg(test)]
+mod read_tests;
 mod torchtitan;
 mod torchtune;
 
+pub use can::runs;
 pub use detect::{detect, Format, EMITTED};
-pub use emit::{emit, Source};
+pub use emit::{emit, launch_note, Source};
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use vramplan_planner::{Presets, RawConfig, RawHardware, RawModel, RawTrain};
+use vramplan_planner::{Presets, RawConfig, RawHardware, RawLora, RawModel, RawTrain};
 
 /// A launcher file read into vramplan's terms.
 #[derive(Debug, Clone)]
@@ -43,9 +47,47 @@ pub struct Launch {
     pub unknown: Vec<String>,
     /// Settings the file leaves out that vramplan assumed.
     pub assumed: Vec<String>,
-    /// Whether the launcher shards with FSDP when run on several GPUs (torchtune's
-    /// distributed recipes, torchtitan's `data_parallel_shard_degree`).
-    pub fsdp: bool,
+    /// How the launcher shards when run on several GPUs where that is not in the file
+    /// (torchtune's distributed recipes, torchtitan's `data_parallel_shard_degree = -1`).
+    pub fsdp: Option<Fsdp>,
+}
+
+/// FSDP2 over the GPUs the command line gives (`tune run --nproc_per_node`, `NGPU`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fsdp {
+    /// Replicas of the sharded group (torchtitan's `data_parallel_replicate_degree`): the
+    /// group is gpus / replicas.
+    pub replicas: u64,
+    /// The precision on several GPUs, where sharding changes it (torchtitan: FSDP2's
+    /// `MixedPrecisionPolicy` instead of autocast).
+    pub precision: Option<String>,
+    /// The gradient reduction dtype with that precision.
+    pub reduce_dtype: Option<String>,
+}
+
+impl Launch {
+    /// Applies [`Launch::fsdp`] to `raw` once its GPU count is known (the file's, or
+    /// `--gpus`): on several GPUs the run is sharded with FSDP2.
+    pub fn shard(&self, raw: &mut RawConfig) -> Result<(), String> {
+        let gpus = raw.hardware.gpus.unwrap_or(1);
+        let Some(f) = self.fsdp.as_ref().filter(|_| gpus > 1) else {
+            return Ok(());
+        };
+        if f.replicas > 1 && !gpus.is_multiple_of(f.replicas) {
+            return Err(format!(
+                "parallelism.data_parallel_replicate_degree = {}: a divisor of the {gpus} GPUs",
+                f.replicas
+            ));
+        }
+        let h = &mut raw.hardware;
+        h.sharding = Some("fsdp2".into());
+        h.gpus_per_node = (f.replicas > 1).then(|| gpus / f.replicas);
+        if let Some(p) = &f.precision {
+            raw.train.precision = Some(p.clone());
+            raw.train.reduce_dtype = f.reduce_dtype.clone();
+        }
+        Ok(())
+    }
 }
 
 impl Launch {
@@ -125,6 +167,16 @@ pub struct Draft {
     pub gpu: Option<String>,
     pub gpus: Option<u64>,
     pub sharding: Option<String>,
+    pub reshard_after_forward: Option<bool>,
+    pub gpus_per_node: Option<u64>,
+    pub implementation: Option<String>,
+    pub compile: Option<bool>,
+    pub offload_activations: Option<bool>,
+    pub optimizer_in_backward: Option<bool>,
+    pub reduce_dtype: Option<String>,
+    pub loss_chunk: Option<u64>,
+    /// LoRA / QLoRA adapters (None: full fine-tuning).
+    pub lora: Option<RawLora>,
     /// Sequences per optimizer step over all GPUs (DeepSpeed's train_batch_size, ...).
     pub global_batch: Option<u64>,
     /// Tokens per optimizer step over all GPUs (nanochat, torchtitan).
@@ -161,16 +213,24 @@ impl Draft {
                 optimizer: self.optimizer,
                 checkpointing: self.checkpointing,
                 loss: self.loss,
+                loss_chunk: self.loss_chunk,
                 attention: self.attention,
+                implementation: self.implementation,
+                compile: self.compile,
+                offload_activations: self.offload_activations,
+                optimizer_in_backward: self.optimizer_in_backward,
+                reduce_dtype: self.reduce_dtype,
                 ..RawTrain::default()
             },
             hardware: RawHardware {
                 gpu: self.gpu,
                 gpus: self.gpus,
                 sharding: self.sharding,
+                reshard_after_forward: self.reshard_after_forward,
+                gpus_per_node: self.gpus_per_node,
                 ..RawHardware::default()
             },
-            lora: None,
+            lora: self.lora,
         }
     }
 }
@@ -473,15 +533,143 @@ pub fn set_hub_model(d: &mut Draft, key: &str, v: &Value, ctx: &Ctx) -> Result<(
     Ok(())
 }
 
-/// The finished launch from a draft and the table's outcome.
-/// An optimizer key the file leaves out whose launcher default is the fused AdamW: planned
-/// as the foreach AdamW, whose extra `sqrt(exp_avg_sq)` makes it an upper bound.
-pub fn assume_foreach(d: &mut Draft, keys: &[(String, Value)], key: &str, launcher: &str) {
+/// An optimizer key the file leaves out whose launcher default is the fused AdamW
+/// (transformers 5's `adamw_torch_fused`, axolotl's, torchtitan's `implementation =
+/// "fused"`): planned as `adamw-fused`, and said.
+pub fn default_fused(d: &mut Draft, keys: &[(String, Value)], key: &str, launcher: &str) {
     if d.optimizer.is_none() && !keys.iter().any(|(k, _)| k == key) {
-        d.optimizer = Some("adamw".into());
+        d.optimizer = Some("adamw-fused".into());
         d.assumed.push(format!(
-            "optimizer adamw (foreach): {key} is not set and {launcher} defaults to the fused AdamW, not modelled yet; the foreach step's extra buffer makes this an upper bound"
+            "optimizer adamw-fused ({key} is not set: {launcher}'s default, the fused AdamW)"
         ));
+    }
+}
+
+/// Hugging Face's `optim` names (transformers' `OptimizerNames`, which axolotl's
+/// `optimizer` takes too) and the vramplan optimizer each is; the first name of a
+/// vramplan optimizer is the one `--emit` writes.
+pub const HF_OPTIM: &[(&str, &str)] = &[
+    ("adamw_torch", "adamw"),
+    ("adamw_hf", "adamw"),
+    ("adamw_torch_fused", "adamw-fused"),
+    ("adamw_bnb_8bit", "adamw-8bit"),
+    ("adamw_8bit", "adamw-8bit"),
+    ("paged_adamw_8bit", "paged-adamw-8bit"),
+    ("paged_adamw_32bit", "paged-adamw"),
+    ("adamw_torch_8bit", "torchao-adamw-8bit"),
+    ("adamw_torch_4bit", "torchao-adamw-4bit"),
+    ("adafactor", "adafactor"),
+    ("sgd", "sgd"),
+];
+
+/// `optim` (Hugging Face) / `optimizer` (axolotl).
+pub fn set_hf_optim(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
+    d.optimizer = Some(pick(v, HF_OPTIM)?.into());
+    Ok(())
+}
+
+/// The Hugging Face `optim` name of a vramplan optimizer.
+pub fn hf_optim_name(optimizer: &str) -> Option<&'static str> {
+    HF_OPTIM
+        .iter()
+        .find(|(_, o)| *o == optimizer)
+        .map(|(n, _)| *n)
+}
+
+/// Keeps a key's value for the finishing step (LoRA's keys, read together).
+pub fn keep(d: &mut Draft, key: &str, v: &Value) -> Result<(), Refusal> {
+    d.extra.push((key.to_string(), v.clone()));
+    Ok(())
+}
+
+/// A boolean key into one of the draft's switches.
+pub fn switch(v: &Value, field: &mut Option<bool>) -> Result<(), Refusal> {
+    *field = Some(flag(v)?);
+    Ok(())
+}
+
+/// A probability (LoRA dropout), a positive number (alpha) or a count (rank), as a
+/// launcher writes it (a number, or a command line's string).
+pub fn number(v: &Value) -> Result<f64, Refusal> {
+    let n = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    n.filter(|x| x.is_finite() && *x >= 0.0)
+        .ok_or_else(|| Refusal::Bad("a number of 0 or more".into()))
+}
+
+/// `target_modules` as PEFT takes it: a list of module names, a command line's words, or
+/// "all-linear".
+pub fn targets(v: &Value) -> Result<vramplan_planner::Targets, Refusal> {
+    use vramplan_planner::Targets;
+    match v {
+        Value::String(s) if s.trim().eq_ignore_ascii_case("all-linear") => {
+            Ok(Targets::All("all-linear".into()))
+        }
+        Value::String(s) => Ok(Targets::Names(
+            s.split([',', ' '])
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect(),
+        )),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .map(Targets::Names)
+            .ok_or_else(|| Refusal::Bad("a list of module names, or \"all-linear\"".into())),
+        _ => Err(Refusal::Bad(
+            "a list of module names, or \"all-linear\"".into(),
+        )),
+    }
+}
+
+/// The LoRA keys every PEFT-based launcher writes (TRL's `ModelConfig`, axolotl), each
+/// checked and kept under one name for [`peft_lora`].
+pub fn lora_row(d: &mut Draft, name: &str, v: &Value) -> Result<(), Refusal> {
+    match name {
+        "rank" => {
+            count(v)?;
+        }
+        "targets" => {
+            targets(v)?;
+        }
+        "save" | "dora" | "on" => {}
+        _ => {
+            number(v)?;
+        }
+    }
+    keep(d, &format!("lora.{name}"), v)
+}
+
+/// PEFT's `LoraConfig` from the kept LoRA keys, over a launcher's defaults of rank, alpha
+/// and dropout (None: PEFT's own, r 8, alpha = r, dropout 0).
+pub fn peft_lora(d: &Draft, defaults: (Option<u64>, Option<f64>, Option<f64>)) -> RawLora {
+    let get = |k: &str| d.extra(&format!("lora.{k}"));
+    let save = get("save").and_then(|v| match v {
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+        ),
+        Value::String(s) => Some(
+            s.split([',', ' '])
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+        _ => None,
+    });
+    RawLora {
+        rank: get("rank").and_then(|v| count(v).ok()).or(defaults.0),
+        alpha: get("alpha").and_then(|v| number(v).ok()).or(defaults.1),
+        dropout: get("dropout").and_then(|v| number(v).ok()).or(defaults.2),
+        target_modules: get("targets").and_then(|v| targets(v).ok()),
+        modules_to_save: save.filter(|s: &Vec<String>| !s.is_empty()),
+        use_dora: get("dora").map(on).filter(|b| *b),
+        ..RawLora::default()
     }
 }
 
@@ -497,7 +685,7 @@ pub fn finish(format: Format, d: Draft, applied: Applied) -> Launch {
         ignored: applied.ignored,
         unknown: applied.unknown,
         assumed,
-        fsdp: false,
+        fsdp: None,
     }
 }
 

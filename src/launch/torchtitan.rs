@@ -91,26 +91,46 @@ pub(super) const TABLE: &[Row] = &[
             Ok(())
         }),
     ),
+    // Pure bf16 training: parameters, gradients and optimizer state in bf16.
     (
-        "training.enable_cpu_offload",
-        Rule::Unmodelled("FSDP keeps parameters and optimizer state on the host"),
-    ),
-    ("training.*", Rule::Ignore),
-    (
-        "parallelism.data_parallel_shard_degree",
+        "training.dtype",
         Rule::Set(|d, v, _| {
-            if int(v)? != 1 {
-                d.extra.push(("fsdp".into(), v.clone()));
+            if pick(v, &[("float32", false), ("bfloat16", true)])? {
+                keep(d, "pure bf16", v)?;
             }
             Ok(())
         }),
     ),
     (
+        "training.mixed_precision_reduce",
+        Rule::Set(|d, v, _| {
+            let r = pick(v, &[("float32", "fp32"), ("bfloat16", "bf16")])?;
+            keep(d, "reduce", &Value::from(r))
+        }),
+    ),
+    ("training.enable_cpu_offload", Rule::Waits("cpu offload")),
+    ("training.*", Rule::Ignore),
+    (
+        "parallelism.data_parallel_shard_degree",
+        Rule::Set(|d, v, _| match int(v)? {
+            -1 | 1.. => keep(d, "shard", v),
+            _ => Err(Refusal::Bad(
+                "-1 (every GPU) or a whole number above 0".into(),
+            )),
+        }),
+    ),
+    (
         "parallelism.data_parallel_replicate_degree",
         Rule::Set(|d, v, _| {
-            if int(v)? > 1 {
-                d.gpus = Some(count(v)?);
-            }
+            count(v)?;
+            keep(d, "replicate", v)
+        }),
+    ),
+    (
+        "parallelism.fsdp_reshard_after_forward",
+        Rule::Set(|d, v, _| {
+            let r = pick(v, &[("default", true), ("always", true), ("never", false)])?;
+            d.reshard_after_forward = (!r).then_some(false);
             Ok(())
         }),
     ),
@@ -146,7 +166,18 @@ pub(super) const TABLE: &[Row] = &[
         }),
     ),
     ("activation_checkpoint.*", Rule::Ignore),
-    ("compile.enable", Rule::Waits("compile")),
+    (
+        "compile.enable",
+        Rule::Set(|d, v, _| {
+            if !flag(v)? {
+                return Err(Refusal::Unmodelled(
+                    "torchtitan's eager step (vramplan models its Llama compiled)".into(),
+                ));
+            }
+            d.compile = Some(true);
+            Ok(())
+        }),
+    ),
     ("compile.*", Rule::Ignore),
     (
         "optimizer.name",
@@ -158,19 +189,21 @@ pub(super) const TABLE: &[Row] = &[
     (
         "optimizer.implementation",
         Rule::Set(|d, v, _| {
-            match pick(
+            let o = pick(
                 v,
-                &[("fused", false), ("foreach", true), ("for-loop", true)],
-            )? {
-                true => d.optimizer = Some("adamw".into()),
-                false => return Err(Refusal::Waits("adamw-fused")),
-            }
+                &[
+                    ("fused", "adamw-fused"),
+                    ("foreach", "adamw-foreach"),
+                    ("for-loop", "adamw-single"),
+                ],
+            )?;
+            d.optimizer = Some(o.into());
             Ok(())
         }),
     ),
     (
         "optimizer.early_step_in_backward",
-        Rule::Waits("optimizer_in_backward"),
+        Rule::Set(|d, v, _| switch(v, &mut d.optimizer_in_backward)),
     ),
     ("optimizer.*", Rule::Ignore),
     ("quantize.*", Rule::Ignore),
@@ -194,6 +227,7 @@ const DEFAULTS: &[KeyDefault] = &[
     ("training.local_batch_size", "8"),
     ("training.seq_len", "2048"),
     ("parallelism.data_parallel_shard_degree", "-1"),
+    ("compile.enable", "false"),
 ];
 
 fn degree(v: &Value, what: &str) -> Result<(), Refusal> {
@@ -218,18 +252,21 @@ fn checkpointing(d: &mut Draft) -> Result<(), String> {
         None => "activation_checkpoint.selective_ac_option (not set: the launcher's default)",
     };
     let ckpt = match mode {
-        "none" => "none",
-        "full" => "full",
+        "none" => "none".to_string(),
+        "full" => "full".to_string(),
+        // Layer mode: torchtitan checkpoints every N-th block (N = 1: every block).
         "selective" => match option.as_str().unwrap_or_default() {
-            "1" => "full",
-            "op" => {
-                let r = Refusal::Waits("selective-op");
-                return Err(refusal_text(key, &option, &r));
-            }
-            _ => {
-                let r = Refusal::Waits("every-N");
-                return Err(refusal_text(key, &option, &r));
-            }
+            "1" => "full".to_string(),
+            "op" => "selective-op".to_string(),
+            n => match n.parse::<u64>() {
+                Ok(n @ 2..=4096) => format!("every-{n}"),
+                _ => {
+                    return Err(format!(
+                        "{key} = {}: \"op\" or a whole number of blocks from 1 to 4096",
+                        show(&option)
+                    ))
+                }
+            },
         },
         other => {
             let r = Refusal::Unmodelled("a memory budget for torch.compile's min-cut".into());
@@ -240,7 +277,7 @@ fn checkpointing(d: &mut Draft) -> Result<(), String> {
             ));
         }
     };
-    d.checkpointing = Some(ckpt.into());
+    d.checkpointing = Some(ckpt);
     Ok(())
 }
 
@@ -257,16 +294,58 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         (Err(a), Err(b)) => return Err(format!("{a}; {b}")),
     };
     d.precision.get_or_insert("bf16-autocast".into());
-    assume_foreach(&mut d, &keys, "optimizer.implementation", "torchtitan");
+    if d.extra("pure bf16").is_some() {
+        d.precision = Some("bf16".into());
+    }
+    d.implementation = Some("torchtitan".into());
+    default_fused(&mut d, &keys, "optimizer.implementation", "torchtitan");
+    let fsdp = degrees(&mut d)?;
     if let Some(g) = d.global_batch {
         d.grad_accum = Some(
             d.accum_for(g, "training.global_batch_size")
                 .map_err(|r| refusal_text("training.global_batch_size", &Value::from(g), &r))?,
         );
     }
-    let mut launch = finish(Format::Torchtitan, d.clone(), applied);
-    launch.fsdp = d.extra("fsdp").is_some();
+    let mut launch = finish(Format::Torchtitan, d, applied);
+    launch.fsdp = fsdp;
     Ok(launch)
+}
+
+/// The data-parallel degrees: replicas without shards (`data_parallel_shard_degree = 1`)
+/// are plain DDP over that many GPUs; shards (-1: every GPU the launch gives, or N) are
+/// FSDP2 with `MixedPrecisionPolicy(param_dtype, reduce_dtype)` over fp32 masters instead
+/// of autocast (`distributed/utils.py`, `maybe_enable_amp`), replicated across groups
+/// (HSDP) when the replicate degree is above 1.
+fn degrees(d: &mut Draft) -> Result<Option<Fsdp>, String> {
+    let get = |k: &str| d.extra(k).and_then(|v| int(v).ok());
+    let (shard, replicas) = (get("shard").unwrap_or(-1), get("replicate").unwrap_or(1));
+    let replicas = replicas.max(1) as u64;
+    let mixed = d.precision.as_deref() == Some("bf16-autocast");
+    let fsdp = Fsdp {
+        replicas,
+        precision: mixed.then(|| "bf16-mixed".to_string()),
+        reduce_dtype: d.extra("reduce").and_then(Value::as_str).map(String::from),
+    };
+    match shard {
+        1 => {
+            if replicas > 1 {
+                d.gpus = Some(replicas);
+            }
+            Ok(None)
+        }
+        -1 => Ok(Some(fsdp)),
+        n => {
+            let n = n as u64;
+            d.gpus = Some(n * replicas);
+            if n * replicas > 1 {
+                d.sharding = Some("fsdp2".into());
+                d.gpus_per_node = (replicas > 1).then_some(n);
+                d.precision = fsdp.precision.or(d.precision.take());
+                d.reduce_dtype = fsdp.reduce_dtype.filter(|_| mixed);
+            }
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

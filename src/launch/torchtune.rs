@@ -10,6 +10,8 @@ use vramplan_planner::RawModel;
 /// (`torchtune/models/*/_model_builders.py`).
 const BUILDERS: &[(&str, &str)] = &[
     ("llama3_2_1b", "llama-3.2-1b"),
+    ("llama3_2_3b", "llama-3.2-3b"),
+    ("llama3_1_8b", "llama-3.1-8b"),
     ("qwen2_5_0_5b", "qwen2.5-0.5b"),
 ];
 
@@ -53,15 +55,20 @@ fn builder_model(builder: &str) -> Option<RawModel> {
     })
 }
 
+/// Why torchtune's LoRA is not planned as PEFT's: its recipes build the model under
+/// `set_default_dtype(bf16)`, so `LoRALinear`'s `lora_a`/`lora_b` are bf16, where PEFT's
+/// adapters (what vramplan's `[lora]` models) are fp32 and keep fp32 copies of their inputs.
+const LORA: &str = "torchtune's LoRALinear keeps bf16 adapters, unlike the fp32 PEFT adapters vramplan's lora models";
+
 pub(super) const TABLE: &[Row] = &[
     ("model._component_", Rule::Set(set_model)),
-    ("model.lora_attn_modules", Rule::Waits("lora")),
-    ("model.lora_rank", Rule::Waits("lora")),
-    ("model.lora_alpha", Rule::Waits("lora")),
+    ("model.lora_attn_modules", Rule::Unmodelled(LORA)),
+    ("model.lora_rank", Rule::Unmodelled(LORA)),
+    ("model.lora_alpha", Rule::Unmodelled(LORA)),
     ("model.lora_dropout", Rule::Ignore),
-    ("model.apply_lora_to_mlp", Rule::Waits("lora")),
-    ("model.apply_lora_to_output", Rule::Waits("lora")),
-    ("model.use_dora", Rule::Waits("lora")),
+    ("model.apply_lora_to_mlp", Rule::Unmodelled(LORA)),
+    ("model.apply_lora_to_output", Rule::Unmodelled(LORA)),
+    ("model.use_dora", Rule::Unmodelled(LORA)),
     ("batch_size", Rule::Set(set_micro_batch)),
     ("gradient_accumulation_steps", Rule::Set(set_grad_accum)),
     (
@@ -91,12 +98,21 @@ pub(super) const TABLE: &[Row] = &[
     ),
     (
         "enable_activation_offloading",
-        Rule::Waits("offload_activations"),
+        Rule::Set(|d, v, _| switch(v, &mut d.offload_activations)),
     ),
-    ("optimizer_in_bwd", Rule::Waits("optimizer_in_backward")),
-    ("compile", Rule::Waits("compile")),
+    (
+        "optimizer_in_bwd",
+        Rule::Set(|d, v, _| switch(v, &mut d.optimizer_in_backward)),
+    ),
+    ("compile", Rule::Set(|d, v, _| switch(v, &mut d.compile))),
     ("optimizer._component_", Rule::Set(set_optimizer)),
-    ("optimizer.fused", Rule::Waits("adamw-fused")),
+    (
+        "optimizer.fused",
+        Rule::Set(|d, v, _| {
+            flag(v)?;
+            keep(d, "fused", v)
+        }),
+    ),
     ("optimizer.*", Rule::Ignore),
     ("loss._component_", Rule::Set(set_loss)),
     ("loss.*", Rule::Ignore),
@@ -105,11 +121,11 @@ pub(super) const TABLE: &[Row] = &[
         Rule::Unmodelled("int8 mixed-precision matmuls"),
     ),
     ("mixed_precision.*", Rule::Ignore),
+    ("fsdp_cpu_offload", Rule::Waits("cpu offload")),
     (
-        "fsdp_cpu_offload",
-        Rule::Unmodelled("FSDP keeps parameters on the host"),
+        "fsdp_reshard_after_forward",
+        Rule::Set(|d, v, _| switch(v, &mut d.reshard_after_forward)),
     ),
-    ("fsdp_reshard_after_forward", Rule::Ignore),
     ("memory_efficient_fsdp_wrap", Rule::Ignore),
     ("custom_sharded_layers", Rule::Ignore),
     ("tokenizer.*", Rule::Ignore),
@@ -137,7 +153,12 @@ fn set_model(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     let builder = component.rsplit('.').next().unwrap_or(component);
     d.model_ref = Some(format!("model._component_ = \"{component}\""));
     if builder.starts_with("qlora_") {
-        return Err(Refusal::Unmodelled("QLoRA's 4-bit NF4 base weights".into()));
+        return Err(Refusal::Unmodelled(format!(
+            "QLoRA: torchao's NF4 base under {LORA}"
+        )));
+    }
+    if builder.starts_with("lora_") {
+        return Err(Refusal::Unmodelled(LORA.into()));
     }
     let base = builder.strip_prefix("lora_").unwrap_or(builder);
     d.model = builder_model(base);
@@ -146,17 +167,25 @@ fn set_model(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
 
 fn set_optimizer(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     let opts = [
-        ("torch.optim.AdamW", Some("adamw")),
-        ("torch.optim.Adam", Some("adamw")),
-        ("torch.optim.SGD", Some("sgd")),
-        ("bitsandbytes.optim.AdamW8bit", Some("adamw-8bit")),
-        ("bitsandbytes.optim.PagedAdamW8bit", None),
-        ("bitsandbytes.optim.PagedAdamW", None),
+        // torch.optim's default on CUDA: foreach (`optimizer.fused: True` makes it fused).
+        ("torch.optim.AdamW", "adamw"),
+        ("torch.optim.Adam", "adamw"),
+        ("torch.optim.SGD", "sgd"),
+        ("bitsandbytes.optim.AdamW8bit", "adamw-8bit"),
+        ("bitsandbytes.optim.PagedAdamW8bit", "paged-adamw-8bit"),
+        ("bitsandbytes.optim.PagedAdamW", "paged-adamw"),
+        ("torchao.optim.AdamW8bit", "torchao-adamw-8bit"),
+        ("torchao.optim.AdamW4bit", "torchao-adamw-4bit"),
+        (
+            "torchao.prototype.low_bit_optim.AdamW8bit",
+            "torchao-adamw-8bit",
+        ),
+        (
+            "torchao.prototype.low_bit_optim.AdamW4bit",
+            "torchao-adamw-4bit",
+        ),
     ];
-    match pick(v, &opts)? {
-        Some(o) => d.optimizer = Some(o.into()),
-        None => return Err(Refusal::Waits("paged-adamw-8bit")),
-    }
+    d.optimizer = Some(pick(v, &opts)?.into());
     Ok(())
 }
 
@@ -164,16 +193,17 @@ fn set_loss(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     let losses = [
         // The older TransformerDecoder returned `self.output(h).float()`: the float cast.
         ("torch.nn.CrossEntropyLoss", None),
-        ("torchtune.modules.loss.CEWithChunkedOutputLoss", Some("CEWithChunkedOutputLoss keeps the bf16 logits whole and upcasts one chunk at a time, unlike vramplan's float-cast, chunked or fused losses")),
+        ("torchtune.modules.loss.CEWithChunkedOutputLoss", Some("chunked")),
         ("torchtune.modules.loss.LinearCrossEntropyLoss", Some("LinearCrossEntropyLoss runs the output projection and cross-entropy chunk by chunk under autograd, unlike vramplan's chunked loss, which takes each chunk's gradient in forward")),
     ];
     match pick(v, &losses)? {
-        None => {
-            d.loss = Some("float-cast".into());
-            Ok(())
-        }
-        Some(why) => Err(Refusal::Unmodelled(why.into())),
+        None => d.loss = Some("float-cast".into()),
+        // vramplan's torchtune implementation: the output projection and cross-entropy of
+        // `CEWithChunkedOutputLoss`'s 8 chunks.
+        Some("chunked") => d.loss = Some("chunked".into()),
+        Some(why) => return Err(Refusal::Unmodelled(why.into())),
     }
+    Ok(())
 }
 
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
@@ -188,8 +218,23 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     if d.optimizer.is_none() {
         d.assumed.push("optimizer adamw".into());
     }
+    if let Some(f) = d.extra("fused").cloned().filter(on) {
+        if d.optimizer.as_deref() != Some("adamw") {
+            return Err(format!(
+                "optimizer.fused = {}: true only with torch.optim.AdamW or Adam",
+                show(&f)
+            ));
+        }
+        d.optimizer = Some("adamw-fused".into());
+    }
+    d.implementation = Some("torchtune".into());
     let mut launch = finish(Format::Torchtune, d, applied);
-    // `tune run --nproc_per_node N full_finetune_distributed` shards with FSDP2.
-    launch.fsdp = true;
+    // `tune run --nproc_per_node N full_finetune_distributed` shards with FSDP2, its
+    // parameters in the recipe's dtype (no MixedPrecisionPolicy).
+    launch.fsdp = Some(Fsdp {
+        replicas: 1,
+        precision: None,
+        reduce_dtype: None,
+    });
     Ok(launch)
 }
