@@ -213,7 +213,18 @@ pub fn emit_fit(
             }
         }
     }
-    Err(first.unwrap_or_else(|| bad("--emit", "no candidate fits the GPU")))
+    Err(match first {
+        Some(e) => {
+            let head = format!("--emit {format}: ");
+            let e = e.to_string();
+            let why = e.strip_prefix(&head).unwrap_or(&e);
+            bad(
+                &format!("--emit {format}"),
+                format!("no plan that fits is one {format} runs (the fastest: {why})"),
+            )
+        }
+        None => bad("--emit", "no candidate fits the GPU"),
+    })
 }
 
 /// What a launcher's file cannot say for itself: the model when its reference does not

@@ -657,3 +657,81 @@ fn fit_emits_the_fastest_plan_the_launcher_runs() {
     assert_eq!(v["fits"], true);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `fit --gpus 8 --sharding fsdp2 --emit accelerate`: the search runs as accelerate runs
+/// FSDP2 (the Trainer's fused AdamW, bf16 over fp32 masters reduced in bf16: said on
+/// stderr), skips the chunked
+/// loss it has no setting for, and writes a config whose launch is its first line; read
+/// back, it is the same plan.
+#[test]
+fn fit_emits_an_fsdp2_accelerate_config_and_its_launch() {
+    let args = [
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.2-1b",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "32",
+        "--gpus",
+        "8",
+        "--sharding",
+        "fsdp2",
+        "--emit",
+        "accelerate",
+    ];
+    let o = vramplan(&args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("note: --emit accelerate: searched as accelerate runs it: optimizer adamw-fused, precision bf16-mixed, reduce_dtype bf16"), "{err}");
+    assert!(out.contains(" --optim adamw_torch_fused "), "{out}");
+    assert!(
+        out.starts_with(
+            "# accelerate launch --config_file THIS_FILE train.py --per_device_train_batch_size "
+        ),
+        "{out}"
+    );
+    for line in [
+        "distributed_type: FSDP",
+        "  fsdp_version: 2",
+        "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+        "mixed_precision: bf16",
+        "num_processes: 8",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}: {out}");
+    }
+    let dir = std::env::temp_dir().join(format!("vramplan-fit-acc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("accelerate.yaml");
+    std::fs::write(&plan, out.as_bytes()).unwrap();
+    let p = plan.to_str().unwrap();
+    let back = vramplan(&[
+        "estimate",
+        p,
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.2-1b",
+    ]);
+    let text = String::from_utf8_lossy(&back.stdout);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let settings = text.lines().nth(2).unwrap_or_default();
+    assert!(
+        settings.starts_with("bf16-mixed, adamw-fused, checkpointing "),
+        "{text}"
+    );
+    assert!(
+        settings.ends_with("loss float-cast, attention sdpa, fsdp2"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

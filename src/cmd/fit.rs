@@ -223,6 +223,15 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     }
     let h = &mut raw.hardware;
     h.sharding = flag(&a.sharding, "ddp", &h.sharding);
+    if let Some(f) = a.emit.as_deref().and_then(crate::launch::Format::parse) {
+        let changed = crate::launch::adapt(f, &mut raw);
+        if !changed.is_empty() {
+            eprintln!(
+                "note: --emit {f}: searched as {f} runs it: {}",
+                changed.join(", ")
+            );
+        }
+    }
     Ok((name, raw, dir))
 }
 

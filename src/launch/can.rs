@@ -4,7 +4,8 @@
 
 use super::Format;
 use vramplan_planner::{
-    Checkpointing, Implementation, LossMode, Optimizer, Precision, ReduceDtype, RunSpec, Sharding,
+    Checkpointing, Implementation, LossMode, Optimizer, Precision, RawConfig, ReduceDtype, RunSpec,
+    Sharding,
 };
 
 /// One launcher's settings.
@@ -311,6 +312,72 @@ fn check_regime(format: Format, s: &RunSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// The run `fit --emit FORMAT` searches from: the base run as that launcher runs it (its
+/// model code, and what its bf16 means once sharded). Returns what was changed, in words.
+pub fn adapt(format: Format, raw: &mut RawConfig) -> Vec<String> {
+    let gpus = raw.hardware.gpus.unwrap_or(1);
+    let mut changed = Vec::new();
+    let mut put = |slot: &mut Option<String>, key: &str, value: &str| {
+        if slot.as_deref() != Some(value) {
+            *slot = Some(value.to_string());
+            changed.push(format!("{key} {value}"));
+        }
+    };
+    let t = &mut raw.train;
+    let h = &mut raw.hardware;
+    let bf16 = matches!(
+        t.precision.as_deref(),
+        None | Some("bf16-autocast" | "bf16" | "bf16-mixed")
+    );
+    let sharded = gpus > 1 && h.sharding.as_deref().is_some_and(|s| s != "ddp");
+    // An optimizer left out is the launcher's default: the fused AdamW of transformers 5's
+    // Trainer and of torchtitan.
+    let trainer = matches!(
+        format,
+        Format::HfArgs | Format::Accelerate | Format::Axolotl | Format::Torchtitan
+    );
+    if trainer && t.optimizer.is_none() {
+        put(&mut t.optimizer, "optimizer", "adamw-fused");
+    }
+    match format {
+        Format::HfArgs | Format::Accelerate | Format::Axolotl | Format::DeepSpeed
+            if sharded && bf16 =>
+        {
+            put(&mut t.precision, "precision", "bf16-mixed");
+            let reduce = if h.sharding.as_deref() == Some("fsdp2") {
+                "bf16"
+            } else {
+                "fp32"
+            };
+            put(&mut t.reduce_dtype, "reduce_dtype", reduce);
+        }
+        Format::Torchtune => {
+            put(&mut t.implementation, "implementation", "torchtune");
+            if bf16 {
+                put(&mut t.precision, "precision", "bf16");
+            }
+            if gpus > 1 {
+                put(&mut h.sharding, "sharding", "fsdp2");
+            }
+        }
+        Format::Torchtitan => {
+            put(&mut t.implementation, "implementation", "torchtitan");
+            if t.compile != Some(true) {
+                t.compile = Some(true);
+                put(&mut None, "compile", "true");
+            }
+            if gpus > 1 {
+                put(&mut h.sharding, "sharding", "fsdp2");
+                if bf16 {
+                    put(&mut t.precision, "precision", "bf16-mixed");
+                }
+            }
+        }
+        _ => {}
+    }
+    changed
+}
+
 /// Whether fit's search may keep a candidate for `format`: the launcher runs it.
 pub fn runs(format: Format, s: &RunSpec) -> bool {
     check(format, s).is_ok()
@@ -319,6 +386,37 @@ pub fn runs(format: Format, s: &RunSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fit_searches_from_the_run_as_the_launcher_runs_it() {
+        let mut raw = RawConfig::default();
+        raw.hardware.gpus = Some(8);
+        raw.hardware.sharding = Some("fsdp2".into());
+        raw.train.precision = Some("bf16-autocast".into());
+        let mut acc = raw.clone();
+        let changed = adapt(Format::Accelerate, &mut acc);
+        assert_eq!(
+            changed,
+            [
+                "optimizer adamw-fused",
+                "precision bf16-mixed",
+                "reduce_dtype bf16"
+            ]
+        );
+        let mut tune = raw.clone();
+        adapt(Format::Torchtune, &mut tune);
+        assert_eq!(tune.train.implementation.as_deref(), Some("torchtune"));
+        assert_eq!(tune.train.precision.as_deref(), Some("bf16"));
+        let mut titan = raw.clone();
+        adapt(Format::Torchtitan, &mut titan);
+        assert_eq!(titan.train.compile, Some(true));
+        assert_eq!(titan.train.precision.as_deref(), Some("bf16-mixed"));
+        // One GPU, plain DDP: the Trainer's bf16 is autocast, nothing to change.
+        let mut one = RawConfig::default();
+        one.train.precision = Some("bf16-autocast".into());
+        one.train.optimizer = Some("adamw".into());
+        assert!(adapt(Format::HfArgs, &mut one).is_empty());
+    }
 
     #[test]
     fn every_emitted_format_has_one_row() {

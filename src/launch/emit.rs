@@ -230,6 +230,10 @@ const ACCELERATE: &[(&str, Put)] = &[
         Ok((s.hardware.sharding == Sharding::Fsdp2)
             .then(|| s.hardware.reshard_after_forward.into()))
     }),
+    // FSDP2 per decoder block (`_no_split_modules`), as vramplan plans it.
+    ("fsdp_config.fsdp_auto_wrap_policy", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| "TRANSFORMER_BASED_WRAP".into()))
+    }),
     ("fsdp_config.fsdp_activation_checkpointing", |s| {
         Ok((s.hardware.sharding == Sharding::Fsdp2)
             .then(|| (s.train.checkpointing == Checkpointing::Full).into()))
@@ -412,6 +416,9 @@ const AXOLOTL: &[(&str, Put)] = &[
     ("fsdp_config.reshard_after_forward", |s| {
         Ok((s.hardware.sharding == Sharding::Fsdp2)
             .then(|| s.hardware.reshard_after_forward.into()))
+    }),
+    ("fsdp_config.auto_wrap_policy", |s| {
+        Ok((s.hardware.sharding == Sharding::Fsdp2).then(|| "TRANSFORMER_BASED_WRAP".into()))
     }),
     ("adapter", |s| {
         compute_follows_weights(s, "axolotl")?;

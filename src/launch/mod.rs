@@ -23,7 +23,7 @@ mod read_tests;
 mod torchtitan;
 mod torchtune;
 
-pub use can::runs;
+pub use can::{adapt, runs};
 pub use detect::{detect, Format, EMITTED};
 pub use emit::{emit, launch_note, Source};
 
