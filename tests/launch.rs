@@ -419,6 +419,13 @@ fn bad_input_names_the_file_the_key_and_what_is_accepted() {
         ("nano.sh", "torchrun --nproc_per_node=3 -m scripts.base_train -- --depth=20", "total_batch_size = 524288: a multiple of device_batch_size × max_seq_len × GPUs = 196608"),
         ("nano-n.sh", "torchrun --nproc_per_node=$NPROC -m scripts.base_train -- --depth=20", "--nproc_per_node = \"$NPROC\": a whole number above 0"),
         ("notes.txt", "just some words", "cannot tell the format"),
+        ("lora.yaml", "model_name_or_path: gpt2\nuse_peft: true\nlora_r: many\n", "lora_r = \"many\": a whole number above 0"),
+        ("fsdp.yaml", "model_name_or_path: gpt2\nfsdp: full_shard\nfsdp_config:\n  fsdp_version: 3\n", "fsdp_config.fsdp_version = 3: one of 1 | 2"),
+        ("acc-dyn.yaml", "distributed_type: NO\ndynamo_config:\n  dynamo_backend: TVM\n", "dynamo_config.dynamo_backend = \"TVM\": one of NO | INDUCTOR"),
+        ("tune-fused.yaml", "model:\n  _component_: torchtune.models.llama3_2.llama3_2_1b\noptimizer:\n  _component_: torch.optim.SGD\n  fused: true\n", "optimizer.fused = true: true only with torch.optim.AdamW or Adam"),
+        ("titan-ac.toml", "[model]\nname = \"llama3\"\nflavor = \"debugmodel\"\n[compile]\nenable = true\n[activation_checkpoint]\nmode = \"selective\"\nselective_ac_option = \"every\"\n", "activation_checkpoint.selective_ac_option = \"every\": \"op\" or a whole number of blocks from 1 to 4096"),
+        ("titan-dp.toml", "[parallelism]\ndata_parallel_shard_degree = 0\n", "parallelism.data_parallel_shard_degree = 0: -1 (every GPU) or a whole number above 0"),
+        ("axo-adapter.yml", "base_model: HuggingFaceTB/SmolLM2-135M\nadapter: dora\n", "adapter = \"dora\": one of lora | qlora"),
     ];
     for (name, text, what) in cases {
         let path = dir.join(name);
