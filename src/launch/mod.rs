@@ -317,7 +317,7 @@ pub fn apply(
 }
 
 /// Refusals with the same reason in one clause: "a = 1, b = 2 change memory and are not
-/// modelled yet (waits for vramplan's lora)".
+/// modelled yet (waits for vramplan's cpu offload)".
 fn grouped(refused: Vec<(String, Refusal)>) -> String {
     let mut groups: Vec<(Refusal, Vec<String>)> = Vec::new();
     for (kv, r) in refused {
