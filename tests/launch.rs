@@ -581,6 +581,11 @@ fn emitted_plans_read_back_the_same() {
         } else {
             assert_eq!(before, after, "{file} → {format}\n{emitted}");
         }
+        if format == "deepspeed" && file.starts_with("accelerate/") {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("launch: deepspeed --num_gpus 8 train.py --deepspeed THIS_FILE --per_device_train_batch_size 1"), "{err}");
+            assert!(emitted.contains("\"stage\": 3"), "{emitted}");
+        }
         if format == "accelerate" && file == qwen {
             assert!(emitted.contains("--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_length 1024"), "{emitted}");
         }
