@@ -213,9 +213,12 @@ fn bad_input_is_one_line_naming_file_key_and_accepted_values_exit_2() {
 
 #[test]
 fn tables_snapshot() {
+    // The host RAM is given: without it the check reads this machine's /proc/meminfo.
     let est = stdout(&vramplan(&[
         "estimate",
         "presets/examples/smollm2-135m-sft-4060.toml",
+        "--host-ram",
+        "16",
     ]));
     insta::assert_snapshot!("estimate_smollm2_4060", est);
     let cmp = stdout(&vramplan(&[
@@ -433,4 +436,111 @@ fn fit_count_flags_are_bad_input() {
         assert_eq!(err.trim_end().lines().count(), 1, "{flag} {v}: {err}");
         assert!(err.contains(flag) && err.contains("from 1 to"), "{err}");
     }
+}
+
+/// Seed 001 (three training processes on a 12 GB machine, 10 million samples, 3 epochs):
+/// host RAM per process and per machine beside the GPU memory, and steps and time per
+/// epoch ("约52,083步").
+#[test]
+fn seed_001_gives_host_ram_and_time_per_epoch() {
+    let base = [
+        "estimate",
+        "presets/examples/chatlm-pretrain-3x3080.toml",
+        "--reader",
+        "row-group",
+        "--samples",
+        "10000000",
+        "--epochs",
+        "3",
+    ];
+    let o = vramplan(&base);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = stdout(&o);
+    for want in [
+        "per process, ",
+        "per machine for 3 process(es)",
+        "of 12.0 GiB (hardware.host_ram_gib)",
+        "Parquet reader",
+        "52,083 steps per epoch (10,000,000 samples, 36,864 tokens per step)",
+        "for 3 epoch(s)",
+        "an estimate at 30–50 % model FLOPs utilization",
+        "not a measurement",
+    ] {
+        assert!(text.contains(want), "missing {want:?}:\n{text}");
+    }
+    let v = json(&[&base[..], &["--json"]].concat());
+    let host = &v["host"];
+    assert_eq!(host["processes"], 3);
+    assert_eq!(host["capacity_bytes"], 12u64 << 30);
+    let (process, machine) = (
+        host["per_process_bytes"].as_u64().unwrap(),
+        host["per_machine_bytes"].as_u64().unwrap(),
+    );
+    // Three processes, the shared pages once: more than one process, less than three.
+    assert!(process < machine && machine < 3 * process, "{host}");
+    assert_eq!(host["fits"], machine <= 12u64 << 30);
+    let t = &v["time"];
+    assert_eq!(t["steps_per_epoch"], 52_083);
+    assert_eq!(t["total_steps"], 3 * 52_083);
+    let secs = |k: &str| t[k].as_f64().unwrap();
+    assert!(secs("epoch_seconds_fast") < secs("epoch_seconds"));
+    assert!(secs("epoch_seconds") < secs("epoch_seconds_slow"));
+    // The contract fields are still there beside the new ones.
+    assert!(v["device_bytes"].as_u64().unwrap() > 0);
+}
+
+/// `--host-ram` replaces the config's figure; a machine too small says so.
+#[test]
+fn host_ram_flag_overrides_and_a_small_machine_does_not_fit() {
+    let o = vramplan(&[
+        "estimate",
+        "presets/examples/chatlm-pretrain-3x3080.toml",
+        "--host-ram",
+        "2",
+    ]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    assert!(
+        text.contains("of 2.0 GiB (--host-ram): does NOT fit"),
+        "{text}"
+    );
+}
+
+/// Bad host and time flags, and a bad host_ram_gib: one line naming it, exit 2.
+#[test]
+fn bad_host_and_time_input_is_one_line_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("vramplan-host-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_config = dir.join("bad.toml");
+    std::fs::write(
+        &bad_config,
+        "[model]\npreset = \"smollm2-135m\"\n[hardware]\ngpu = \"rtx4090-24gb\"\nhost_ram_gib = -4\n",
+    )
+    .unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["estimate", "--host-ram", "0"], "--host-ram"),
+        (
+            vec!["estimate", "--samples", "10", "--utilization", "1.5"],
+            "--utilization",
+        ),
+        (
+            vec!["estimate", "--samples", "10", "--epochs", "0"],
+            "--epochs",
+        ),
+        (vec!["estimate", "--reader", "csv"], "--reader"),
+        (vec!["estimate", "--weights", "lazy"], "--weights"),
+        (vec!["estimate", "--row-group-mib", "-1"], "--row-group-mib"),
+        (
+            vec!["estimate", bad_config.to_str().unwrap()],
+            "hardware.host_ram_gib",
+        ),
+    ];
+    for (args, names) in cases {
+        let o = vramplan(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -135,6 +135,10 @@ pub struct RawHardware {
     /// Overrides the device's capacity, in GiB (e.g. a `--memory-limit`, or host RAM for `cpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_gib: Option<f64>,
+    /// The machine's RAM in GiB, which `estimate` checks the training processes' host
+    /// memory against (its own reading of the machine when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ram_gib: Option<f64>,
 }
 
 impl RawConfig {
@@ -483,6 +487,13 @@ impl RawTrain {
 pub const MAX_GPUS: u64 = 1024;
 
 impl RawHardware {
+    /// `host_ram_gib`, validated.
+    pub fn host_ram(&self) -> Result<Option<Bytes>> {
+        self.host_ram_gib
+            .map(|g| crate::host::host_ram("hardware.host_ram_gib", g))
+            .transpose()
+    }
+
     /// Validates the hardware section: the device by name (a preset, `auto` from the
     /// caller's NVML reading, or `cpu`), with `memory_gib` over its capacity.
     pub fn resolve(&self, presets: &impl PresetSource, ctx: &Context) -> Result<HardwareSpec> {
@@ -519,6 +530,7 @@ impl RawHardware {
             name => gpu(presets.gpu(name)?.clone()),
         };
         let gpus = positive("hardware.gpus", self.gpus, Some(1), MAX_GPUS)?;
+        self.host_ram()?;
         Ok(HardwareSpec {
             device,
             gpus,

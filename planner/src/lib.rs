@@ -11,12 +11,14 @@ mod diagnose;
 mod error;
 mod fit;
 mod hf;
+mod host;
 mod lora;
 mod lora_fit;
 mod oom;
 mod params;
 mod presets;
 mod report;
+mod schedule;
 mod spec;
 mod timeline;
 mod torch;
@@ -36,6 +38,9 @@ pub use diagnose::{
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
 pub use hf::hf_config;
+pub use host::{
+    host_memory, host_ram, Basis, HostOptions, HostReport, HostTerm, Load, Phase, Reader,
+};
 pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
 pub use lora_fit::{
     adapters, suggestion as lora_suggestion, what_fits, with_adapters, DEFAULT_RANK,
@@ -47,6 +52,10 @@ pub use oom::{
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};
 pub use report::{estimate, model_flops_per_token, play, Report};
+pub use schedule::{
+    epochs, steps_per_epoch, training_time, DataSize, TrainingTime, Utilization,
+    DEFAULT_UTILIZATION,
+};
 pub use spec::*;
 pub use timeline::{
     ByComponent, Component, Event, Extent, Layout, Snapshot, Step, Tensor, TensorId, Timeline,

@@ -361,8 +361,12 @@ mod tests {
         for t in tables {
             assert!(p.gpu(t.trim_matches('"')).is_ok(), "{t}");
         }
-        // REFERENCES.md: H100 80 GB reports 81,559 MiB through nvidia-smi.
-        assert_eq!(p.gpu("h100-80gb").unwrap().capacity, Bytes(81_559 * MIB));
+        // vllm-project/vllm#27508: an H100 80 GB's "total capacity of 79.11 GiB" (PyTorch's
+        // cudaMemGetInfo total, not nvidia-smi's 81,559 MiB).
+        assert_eq!(p.gpu("h100-80gb").unwrap().capacity, Bytes(81_009 * MIB));
+        // The issue's example: a 24 GB RTX 4090 reports about 23.6 GiB.
+        let gib = p.gpu("rtx4090-24gb").unwrap().capacity.gib();
+        assert!((gib - 23.64).abs() < 0.005, "{gib}");
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub struct Report {
     /// Where the prediction is less sure than the model's tests say: the run is outside
     /// the domain a fitted part of it was calibrated on (today the candle engine's).
     pub warnings: Vec<String>,
+    /// Host memory per process and per machine; `estimate` adds it with the host's options.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<crate::host::HostReport>,
+    /// Steps and time per epoch, when the data set's size is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<crate::schedule::TrainingTime>,
     #[serde(skip)]
     pub timeline: Timeline,
 }
@@ -171,6 +177,8 @@ pub fn estimate(spec: &RunSpec) -> Report {
             Engine::Candle => crate::candle_engine::warnings(spec),
             Engine::Torch => Vec::new(),
         },
+        host: None,
+        time: None,
         timeline,
     }
 }

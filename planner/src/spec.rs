@@ -377,7 +377,8 @@ impl TrainSpec {
 pub struct GpuSpec {
     pub name: String,
     pub display: String,
-    /// Total memory as the driver reports it (nvidia-smi's total).
+    /// Total memory as PyTorch reports it (`torch.cuda.mem_get_info()` total), for a
+    /// preset; NVML's total for a detected GPU.
     pub capacity: Bytes,
     /// What the CUDA context and PyTorch's kernels take before the first tensor.
     pub context: Bytes,

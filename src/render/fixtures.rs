@@ -3,7 +3,9 @@
 
 use super::{Format, Render};
 use vramplan_planner::{
-    diagnose_log, estimate, parse_log, Context, DiagnosedLog, FixPlan, Presets, RawConfig, RunSpec,
+    diagnose_log, estimate, host_memory, parse_log, training_time, Bytes, Context, DataSize,
+    DiagnosedLog, FixPlan, HostOptions, Presets, RawConfig, Reader, RunSpec, Utilization,
+    DEFAULT_UTILIZATION,
 };
 
 fn seed() -> RunSpec {
@@ -31,6 +33,30 @@ fn estimate_seed() {
     let (table, json) = both(|x| x.estimate(&s, &r).expect("renders"));
     insta::assert_snapshot!("estimate_table", table);
     insta::assert_snapshot!("estimate_json", json);
+}
+
+/// Seed 001 with its host side and data set: host RAM per process and machine, time per epoch.
+#[test]
+fn estimate_seed_001_with_host_and_time() {
+    let text = include_str!("../../presets/examples/chatlm-pretrain-3x3080.toml");
+    let raw = RawConfig::from_toml(text).expect("the seed config parses");
+    let presets = Presets::builtin().expect("the built-in presets load");
+    let s = raw
+        .resolve(&presets, &Context::default())
+        .expect("resolves");
+    let mut r = estimate(&s);
+    let mut o = HostOptions::for_run(&s);
+    o.reader = Reader::RowGroup;
+    o.samples = Some(10_000_000);
+    o.capacity = Some(Bytes(12 << 30));
+    let mut h = host_memory(&s, r.host_bytes, &o);
+    h.capacity_source = Some("hardware.host_ram_gib".into());
+    r.host = Some(h);
+    let u = Utilization::parse("--utilization", DEFAULT_UTILIZATION).expect("the default parses");
+    r.time = Some(training_time(&s, DataSize::Samples(10_000_000), 3.0, u));
+    let (table, json) = both(|x| x.estimate(&s, &r).expect("renders"));
+    insta::assert_snapshot!("estimate_seed_001_table", table);
+    insta::assert_snapshot!("estimate_seed_001_json", json);
 }
 
 #[test]

@@ -6,8 +6,8 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArra
 use std::fmt::Write;
 use std::path::Path;
 use vramplan_planner::{
-    thousands, Bytes, Comparison, Device, DiagnosedLog, Diagnosis, Engine, FitResult, GpuSpec,
-    ModelSpec, Report, RunSpec, TrainSpec,
+    thousands, Basis, Bytes, Comparison, DataSize, Device, DiagnosedLog, Diagnosis, Engine,
+    FitResult, GpuSpec, HostReport, ModelSpec, Phase, Report, RunSpec, TrainSpec, TrainingTime,
 };
 
 /// The human-readable format.
@@ -223,10 +223,112 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
         "estimated {:.0} tokens/s over all GPUs ({:.2} s per step; an estimate at an assumed utilization, see docs/model.md)",
         r.est_tokens_per_second, r.est_step_seconds
     );
+    if let Some(h) = &r.host {
+        out += &host(h);
+    }
+    if let Some(t) = &r.time {
+        out += &time(t);
+    }
     for w in &r.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
     out
+}
+
+/// Host RAM per process and per machine, term by term, against the machine's RAM.
+pub fn host(h: &HostReport) -> String {
+    let machine = Bytes(h.per_machine_bytes);
+    let verdict = match (h.capacity_bytes, &h.capacity_source, h.headroom_bytes()) {
+        (Some(c), Some(src), Some(room)) if room >= 0 => format!(
+            "of {} ({src}): fits, {} to spare",
+            Bytes(c),
+            Bytes(room as u64)
+        ),
+        (Some(c), Some(src), Some(room)) => format!(
+            "of {} ({src}): does NOT fit, {} over (the kernel's OOM killer ends a process: \"Killed\")",
+            Bytes(c),
+            Bytes(room.unsigned_abs())
+        ),
+        _ => "(the machine's RAM is unknown: pass --host-ram GIB)".to_string(),
+    };
+    let mut out = format!(
+        "host RAM: {} per process, {machine} per machine for {} process(es) at its peak (during {}) {verdict}\n",
+        Bytes(h.per_process_bytes),
+        h.processes,
+        if h.peak_phase == "load" { "the model load" } else { "training" },
+    );
+    let mut t = table(&[
+        "host memory of one process",
+        "memory",
+        "held",
+        "pages",
+        "basis",
+    ]);
+    for term in &h.terms {
+        t.add_row(vec![
+            term.name.to_string(),
+            Bytes(term.bytes).to_string(),
+            match term.phase {
+                Phase::Load => "loading",
+                Phase::Train => "training",
+                Phase::Both => "always",
+            }
+            .to_string(),
+            if term.shared { "shared" } else { "private" }.to_string(),
+            match term.basis {
+                Basis::Measured => "measured",
+                Basis::Modelled => "modelled",
+                Basis::Cited => "cited",
+            }
+            .to_string(),
+        ]);
+    }
+    right(&mut t, 1..2);
+    let _ = writeln!(out, "{t}");
+    out
+}
+
+/// Seconds as minutes, hours or days.
+fn duration(s: f64) -> String {
+    match s {
+        s if s < 120.0 => format!("{s:.0} s"),
+        s if s < 7200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
+}
+
+/// Steps and time per epoch, labelled as the estimate they are.
+pub fn time(t: &TrainingTime) -> String {
+    let u = &t.utilization;
+    let at = if u.low == u.high {
+        format!("{:.0} %", u.low * 100.0)
+    } else {
+        format!("{:.0}–{:.0} %", u.low * 100.0, u.high * 100.0)
+    };
+    let data = match t.data {
+        DataSize::Samples(n) => format!("{} samples", thousands(n)),
+        DataSize::Tokens(n) => format!("{} tokens", thousands(n)),
+    };
+    let range = |fast: f64, slow: f64| {
+        if u.low == u.high {
+            String::new()
+        } else {
+            format!(" ({}–{})", duration(fast), duration(slow))
+        }
+    };
+    format!(
+        "time: {} steps per epoch ({data}, {} tokens per step), {:.2} s per step; {} per epoch{}, {} for {} epoch(s){}\n  an estimate at {at} model FLOPs utilization of {:.0} TFLOP/s peak, not a measurement\n",
+        thousands(t.steps_per_epoch),
+        thousands(t.tokens_per_step),
+        t.step_seconds,
+        duration(t.epoch_seconds),
+        range(t.epoch_seconds_fast, t.epoch_seconds_slow),
+        duration(t.total_seconds),
+        t.epochs,
+        range(t.total_seconds_fast, t.total_seconds_slow),
+        t.peak_flops / 1e12,
+    )
 }
 
 pub fn compare(na: &str, a: &Report, nb: &str, b: &Report, c: &Comparison) -> String {
