@@ -198,7 +198,7 @@ fn offload(_: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
-    let mut applied = apply(TABLE, &[], &flatten(&v), &mut d, ctx)?;
+    let mut applied = apply(&[TABLE], &[], &flatten(&v), &mut d, ctx)?;
     let kind = v.get("distributed_type").and_then(Value::as_str);
     if kind == Some("DEEPSPEED") {
         d.sharding.get_or_insert("ddp".into());

@@ -77,16 +77,6 @@ pub(super) const TABLE: &[Row] = &[
             keep(d, "adapter", v)
         }),
     ),
-    ("lora_r", Rule::Set(|d, v, _| lora_row(d, "rank", v))),
-    ("lora_alpha", Rule::Set(|d, v, _| lora_row(d, "alpha", v))),
-    (
-        "lora_dropout",
-        Rule::Set(|d, v, _| lora_row(d, "dropout", v)),
-    ),
-    (
-        "lora_target_modules",
-        Rule::Set(|d, v, _| lora_row(d, "targets", v)),
-    ),
     (
         "lora_target_linear",
         Rule::Set(|d, v, _| {
@@ -96,28 +86,10 @@ pub(super) const TABLE: &[Row] = &[
             Ok(())
         }),
     ),
-    (
-        "lora_modules_to_save",
-        Rule::Set(|d, v, _| lora_row(d, "save", v)),
-    ),
     ("peft_use_dora", Rule::Set(|d, v, _| lora_row(d, "dora", v))),
     // A trained adapter to start from: the same shapes.
     ("lora_model_dir", Rule::Ignore),
     ("peft_use_rslora", Rule::Ignore),
-    (
-        "load_in_4bit",
-        Rule::Set(|d, v, _| {
-            flag(v)?;
-            keep(d, "load_in_4bit", v)
-        }),
-    ),
-    (
-        "load_in_8bit",
-        Rule::Set(|d, v, _| {
-            flag(v)?;
-            keep(d, "load_in_8bit", v)
-        }),
-    ),
     (
         "deepspeed",
         Rule::Set(|d, v, _| {
@@ -161,52 +133,31 @@ pub(super) const TABLE: &[Row] = &[
         Rule::Set(|d, _, _| keep(d, "fsdp", &Value::Bool(true))),
     ),
     (
-        "torch_compile",
-        Rule::Set(|d, v, _| switch(v, &mut d.compile)),
-    ),
-    (
         "plugins",
         Rule::Unmodelled("axolotl plugins (Liger, Cut Cross-Entropy) replace kernels"),
     ),
-    ("gradient_checkpointing_kwargs.*", Rule::Ignore),
     ("sample_packing", Rule::Ignore),
     ("eval_sample_packing", Rule::Ignore),
     ("pad_to_sequence_len", Rule::Ignore),
-    ("tf32", Rule::Ignore),
     ("datasets", Rule::Ignore),
     ("dataset_prepared_path", Rule::Ignore),
     ("val_set_size", Rule::Ignore),
-    ("output_dir", Rule::Ignore),
-    ("hub_model_id", Rule::Ignore),
     ("wandb_project", Rule::Ignore),
     ("wandb_entity", Rule::Ignore),
     ("wandb_watch", Rule::Ignore),
     ("wandb_name", Rule::Ignore),
     ("wandb_log_model", Rule::Ignore),
     ("num_epochs", Rule::Ignore),
-    ("max_steps", Rule::Ignore),
     ("lr_scheduler", Rule::Ignore),
-    ("learning_rate", Rule::Ignore),
-    ("warmup_ratio", Rule::Ignore),
-    ("warmup_steps", Rule::Ignore),
     ("evals_per_epoch", Rule::Ignore),
     ("saves_per_epoch", Rule::Ignore),
-    ("eval_steps", Rule::Ignore),
-    ("save_steps", Rule::Ignore),
-    ("weight_decay", Rule::Ignore),
-    ("max_grad_norm", Rule::Ignore),
     ("special_tokens.*", Rule::Ignore),
     ("tokens", Rule::Ignore),
-    ("chat_template", Rule::Ignore),
-    ("resume_from_checkpoint", Rule::Ignore),
-    ("logging_steps", Rule::Ignore),
     ("loss_watchdog_threshold", Rule::Ignore),
     ("loss_watchdog_patience", Rule::Ignore),
     ("early_stopping_patience", Rule::Ignore),
     ("train_on_inputs", Rule::Ignore),
-    ("group_by_length", Rule::Ignore),
     ("strict", Rule::Ignore),
-    ("seed", Rule::Ignore),
     ("model_type", Rule::Ignore),
     ("tokenizer_type", Rule::Ignore),
     ("save_first_step", Rule::Ignore),
@@ -235,7 +186,7 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
     let keys = flatten(&v);
-    let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
+    let mut applied = apply(&[TABLE, super::trainer::TABLE], &[], &keys, &mut d, ctx)?;
     default_fused(&mut d, &keys, "optimizer", "axolotl");
     if d.precision.is_none() {
         d.precision = Some("fp32".into());

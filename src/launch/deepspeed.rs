@@ -144,7 +144,8 @@ fn json_of(v: &Value, ctx: &Ctx, key: &str) -> Result<(Value, String), String> {
 /// comes back prefixed with the key.
 pub fn merge(v: &Value, d: &mut Draft, ctx: &Ctx, key: &str) -> Result<Applied, String> {
     let (json, name) = json_of(v, ctx, key)?;
-    let applied = apply(TABLE, &[], &flatten(&json), d, ctx).map_err(|e| format!("{name}: {e}"))?;
+    let applied =
+        apply(&[TABLE], &[], &flatten(&json), d, ctx).map_err(|e| format!("{name}: {e}"))?;
     settle(d).map_err(|e| format!("{name}: {e}"))?;
     let tag = |k: String| format!("{key}:{k}");
     Ok(Applied {
@@ -207,7 +208,7 @@ fn settle(d: &mut Draft) -> Result<(), String> {
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let json: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let mut d = Draft::default();
-    let applied = apply(TABLE, &[], &flatten(&json), &mut d, ctx)?;
+    let applied = apply(&[TABLE], &[], &flatten(&json), &mut d, ctx)?;
     settle(&mut d)?;
     // Neither fp16 nor bf16 enabled: DeepSpeed trains in fp32.
     d.precision.get_or_insert("fp32".into());

@@ -72,23 +72,10 @@ pub(super) const TABLE: &[Row] = &[
     // Wrapping, prefetch, state dicts and loading: outside the step's memory.
     ("fsdp_config.*", Rule::Ignore),
     ("use_peft", Rule::Set(|d, v, _| lora_row(d, "on", v))),
-    ("lora_r", Rule::Set(|d, v, _| lora_row(d, "rank", v))),
-    ("lora_alpha", Rule::Set(|d, v, _| lora_row(d, "alpha", v))),
-    ("lora_dropout", Rule::Set(|d, v, _| lora_row(d, "dropout", v))),
-    (
-        "lora_target_modules",
-        Rule::Set(|d, v, _| lora_row(d, "targets", v)),
-    ),
-    (
-        "lora_modules_to_save",
-        Rule::Set(|d, v, _| lora_row(d, "save", v)),
-    ),
     ("use_dora", Rule::Set(|d, v, _| lora_row(d, "dora", v))),
     // rsLoRA changes the scaling, not what is kept; the task type is the model's head.
     ("use_rslora", Rule::Ignore),
     ("lora_task_type", Rule::Ignore),
-    ("load_in_4bit", Rule::Set(|d, v, _| keep(d, "load_in_4bit", v))),
-    ("load_in_8bit", Rule::Set(|d, v, _| keep(d, "load_in_8bit", v))),
     (
         "bnb_4bit_quant_type",
         Rule::Set(|d, v, _| {
@@ -106,10 +93,6 @@ pub(super) const TABLE: &[Row] = &[
     (
         "peft_config.*",
         Rule::Unmodelled("a PEFT config dict: vramplan reads TRL's use_peft, lora_r, lora_alpha, lora_dropout and lora_target_modules"),
-    ),
-    (
-        "torch_compile",
-        Rule::Set(|d, v, _| switch(v, &mut d.compile)),
     ),
     // TRL's SFTConfig: `torch.autograd.graph.save_on_cpu` around the forward.
     (
@@ -133,48 +116,34 @@ pub(super) const TABLE: &[Row] = &[
         "use_liger",
         Rule::Unmodelled("Liger swaps the RMSNorm, SwiGLU and RoPE kernels besides the loss"),
     ),
-    ("gradient_checkpointing_kwargs.*", Rule::Ignore),
     ("per_device_eval_batch_size", Rule::Ignore),
     ("eval_accumulation_steps", Rule::Ignore),
     ("bf16_full_eval", Rule::Ignore),
     ("fp16_full_eval", Rule::Ignore),
-    ("tf32", Rule::Ignore),
     ("packing", Rule::Ignore),
-    ("output_dir", Rule::Ignore),
     ("overwrite_output_dir", Rule::Ignore),
     ("do_train", Rule::Ignore),
     ("do_eval", Rule::Ignore),
     ("do_predict", Rule::Ignore),
     ("eval_strategy", Rule::Ignore),
     ("evaluation_strategy", Rule::Ignore),
-    ("eval_steps", Rule::Ignore),
-    ("learning_rate", Rule::Ignore),
-    ("weight_decay", Rule::Ignore),
     ("adam_beta1", Rule::Ignore),
     ("adam_beta2", Rule::Ignore),
     ("adam_epsilon", Rule::Ignore),
-    ("max_grad_norm", Rule::Ignore),
     ("num_train_epochs", Rule::Ignore),
-    ("max_steps", Rule::Ignore),
     ("lr_scheduler_type", Rule::Ignore),
     ("lr_scheduler_kwargs.*", Rule::Ignore),
-    ("warmup_ratio", Rule::Ignore),
-    ("warmup_steps", Rule::Ignore),
     ("log_level", Rule::Ignore),
     ("logging_dir", Rule::Ignore),
     ("logging_strategy", Rule::Ignore),
-    ("logging_steps", Rule::Ignore),
     ("logging_first_step", Rule::Ignore),
     ("save_strategy", Rule::Ignore),
-    ("save_steps", Rule::Ignore),
     ("save_total_limit", Rule::Ignore),
     ("save_only_model", Rule::Ignore),
-    ("seed", Rule::Ignore),
     ("data_seed", Rule::Ignore),
     ("report_to", Rule::Ignore),
     ("run_name", Rule::Ignore),
     ("push_to_hub", Rule::Ignore),
-    ("hub_model_id", Rule::Ignore),
     ("hub_strategy", Rule::Ignore),
     ("hub_private_repo", Rule::Ignore),
     ("dataloader_num_workers", Rule::Ignore),
@@ -183,9 +152,7 @@ pub(super) const TABLE: &[Row] = &[
     ("remove_unused_columns", Rule::Ignore),
     ("load_best_model_at_end", Rule::Ignore),
     ("metric_for_best_model", Rule::Ignore),
-    ("resume_from_checkpoint", Rule::Ignore),
     ("ddp_timeout", Rule::Ignore),
-    ("group_by_length", Rule::Ignore),
     ("dataset_name", Rule::Ignore),
     ("dataset_config_name", Rule::Ignore),
     ("dataset_text_field", Rule::Ignore),
@@ -209,7 +176,6 @@ pub(super) const TABLE: &[Row] = &[
     ("trust_remote_code", Rule::Ignore),
     ("low_cpu_mem_usage", Rule::Ignore),
     ("eos_token", Rule::Ignore),
-    ("chat_template", Rule::Ignore),
     ("completion_only_loss", Rule::Ignore),
     ("assistant_only_loss", Rule::Ignore),
 ];
@@ -307,7 +273,7 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         gpus,
         ..Draft::default()
     };
-    let mut applied = apply(TABLE, &[], &keys, &mut d, ctx)?;
+    let mut applied = apply(&[TABLE, super::trainer::TABLE], &[], &keys, &mut d, ctx)?;
     default_fused(&mut d, &keys, "optim", "transformers 5");
     if d.extra("bf16-weights").is_some() {
         d.precision = Some("bf16".into());

@@ -22,6 +22,7 @@ mod nanochat;
 mod read_tests;
 mod torchtitan;
 mod torchtune;
+mod trainer;
 
 pub use can::{adapt, runs};
 pub use detect::{detect, Format, EMITTED};
@@ -259,11 +260,11 @@ pub struct Applied {
 /// A launcher's default for a key its file may leave out: (key, value as JSON).
 pub type KeyDefault = (&'static str, &'static str);
 
-/// Runs every key through `table`, then each of `defaults` the file leaves out (its
+/// Runs every key through `tables` (the first row that matches, in order), then each of `defaults` the file leaves out (its
 /// refusals say the value is the launcher's default). The first bad value is an error;
 /// every key that changes memory and is not modelled is named in one error line.
 pub fn apply(
-    table: &[Row],
+    tables: &[&[Row]],
     defaults: &[KeyDefault],
     keys: &[(String, Value)],
     draft: &mut Draft,
@@ -284,7 +285,8 @@ pub fn apply(
         });
     let given = keys.iter().map(|(k, v)| (k.clone(), k.clone(), v.clone()));
     for (shown, key, value) in given.chain(missing) {
-        let Some((pattern, rule)) = table.iter().find(|(p, _)| matches(p, &key)) else {
+        let rows = tables.iter().flat_map(|t| t.iter());
+        let Some((pattern, rule)) = rows.clone().find(|(p, _)| matches(p, &key)) else {
             out.unknown.push(key);
             continue;
         };
@@ -720,14 +722,15 @@ mod tests {
     /// A row after a wildcard that covers it would never be read.
     #[test]
     fn no_row_is_shadowed_by_an_earlier_one() {
-        let tables: [(&str, &[Row]); 7] = [
-            ("hf", hf::TABLE),
-            ("accelerate", accelerate::TABLE),
-            ("deepspeed", deepspeed::TABLE),
-            ("torchtune", torchtune::TABLE),
-            ("torchtitan", torchtitan::TABLE),
-            ("axolotl", axolotl::TABLE),
-            ("nanochat", nanochat::TABLE),
+        let joined = |a: &[Row], b: &[Row]| -> Vec<Row> { a.iter().chain(b).copied().collect() };
+        let tables: [(&str, Vec<Row>); 7] = [
+            ("hf", joined(hf::TABLE, trainer::TABLE)),
+            ("accelerate", accelerate::TABLE.to_vec()),
+            ("deepspeed", deepspeed::TABLE.to_vec()),
+            ("torchtune", torchtune::TABLE.to_vec()),
+            ("torchtitan", torchtitan::TABLE.to_vec()),
+            ("axolotl", joined(axolotl::TABLE, trainer::TABLE)),
+            ("nanochat", nanochat::TABLE.to_vec()),
         ];
         for (name, table) in tables {
             for (i, (key, _)) in table.iter().enumerate() {

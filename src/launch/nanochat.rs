@@ -178,7 +178,13 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
         precision: Some("bf16-autocast".into()),
         ..Draft::default()
     };
-    let applied = apply(TABLE, &[], &flatten(&Value::Object(c.flags)), &mut d, ctx)?;
+    let applied = apply(
+        &[TABLE],
+        &[],
+        &flatten(&Value::Object(c.flags)),
+        &mut d,
+        ctx,
+    )?;
     d.micro_batch.get_or_insert(script.device_batch);
     if script.name == "base_train" {
         d.model = model(&d, ctx);

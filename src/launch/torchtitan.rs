@@ -286,7 +286,7 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let mut d = Draft::default();
     let keys = flatten(&v);
     let applied = match (
-        apply(TABLE, DEFAULTS, &keys, &mut d, ctx),
+        apply(&[TABLE], DEFAULTS, &keys, &mut d, ctx),
         checkpointing(&mut d),
     ) {
         (Ok(a), Ok(())) => a,

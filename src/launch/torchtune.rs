@@ -209,7 +209,7 @@ fn set_loss(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
-    let applied = apply(TABLE, &[], &flatten(&v), &mut d, ctx)?;
+    let applied = apply(&[TABLE], &[], &flatten(&v), &mut d, ctx)?;
     if d.seq_len.is_none() {
         d.seq_len = Some(2048);
         d.assumed
