@@ -529,7 +529,7 @@ fn bad_host_and_time_input_is_one_line_and_exit_2() {
         ),
         (vec!["estimate", "--reader", "csv"], "--reader"),
         (vec!["estimate", "--weights", "lazy"], "--weights"),
-        (vec!["estimate", "--row-group-mib", "-1"], "--row-group-mib"),
+        (vec!["estimate", "--row-group-mib", "0"], "--row-group-mib"),
         (
             vec!["estimate", bad_config.to_str().unwrap()],
             "hardware.host_ram_gib",

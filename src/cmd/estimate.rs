@@ -78,21 +78,21 @@ pub struct HostArgs {
 impl HostArgs {
     /// The host options for `loaded`, with the RAM to check against and where it came from.
     fn options(&self, loaded: &load::Loaded) -> Result<(HostOptions, &'static str)> {
-        let flag = |key: &str, e: vramplan_planner::PlanError| bad(key, e);
+        let flag = |e: vramplan_planner::PlanError| bad("command line", e);
         let mut o = HostOptions::for_run(&loaded.spec);
         o.workers = self.workers;
         o.prefetch = self.prefetch;
         o.pin_memory = self.pin_memory;
         if let Some(w) = &self.weights {
-            o.load = Load::parse("--weights", w).map_err(|e| flag("--weights", e))?;
+            o.load = Load::parse("--weights", w).map_err(flag)?;
         }
-        o.reader = Reader::parse("--reader", &self.reader).map_err(|e| flag("--reader", e))?;
+        o.reader = Reader::parse("--reader", &self.reader).map_err(flag)?;
         o.row_group_bytes = match self.row_group_mib {
             Some(m) if m.is_finite() && m > 0.0 && m < 1.0e9 => Some((m * MIB as f64) as u64),
             Some(m) => {
                 return Err(bad(
-                    "--row-group-mib",
-                    format!("{m}: a positive number of MiB"),
+                    "command line",
+                    format!("--row-group-mib = {m}: a positive number of MiB"),
                 ))
             }
             None => None,
@@ -104,10 +104,7 @@ impl HostArgs {
             .host_ram()
             .map_err(|e| bad(&loaded.name, e))?;
         let (capacity, source) = match (self.host_ram, config) {
-            (Some(g), _) => (
-                Some(host_ram("--host-ram", g).map_err(|e| flag("--host-ram", e))?),
-                "--host-ram",
-            ),
+            (Some(g), _) => (Some(host_ram("--host-ram", g).map_err(flag)?), "--host-ram"),
             (None, Some(c)) => (Some(c), "hardware.host_ram_gib"),
             (None, None) => (load::host_memory(), "this machine's /proc/meminfo"),
         };
@@ -122,10 +119,10 @@ impl HostArgs {
             (None, Some(n)) => DataSize::Tokens(n),
             (None, None) => return Ok(None),
         };
-        let epochs =
-            vramplan_planner::epochs("--epochs", self.epochs).map_err(|e| bad("--epochs", e))?;
+        let epochs = vramplan_planner::epochs("--epochs", self.epochs)
+            .map_err(|e| bad("command line", e))?;
         let u = Utilization::parse("--utilization", &self.utilization)
-            .map_err(|e| bad("--utilization", e))?;
+            .map_err(|e| bad("command line", e))?;
         Ok(Some(training_time(spec, data, epochs, u)))
     }
 }
