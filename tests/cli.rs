@@ -502,6 +502,18 @@ fn fit_that_fits_nothing_names_the_nearest_plans_and_exits_3() {
         );
         assert_eq!(b["seq_len"], 2048);
     }
+    // --out writes the nearest plan (still exit 3), a run config that fits.
+    let plan = std::env::temp_dir().join(format!("vramplan-near-{}.toml", std::process::id()));
+    let o = vramplan(&[&args[..], &["--out", plan.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(3));
+    let text = std::fs::read_to_string(&plan).unwrap();
+    assert!(
+        text.contains("this is the nearest plan: --lora 16."),
+        "{text}"
+    );
+    let e = json(&["estimate", "--json", "--check", plan.to_str().unwrap()]);
+    assert_eq!(e["fits"], true);
+    std::fs::remove_file(&plan).unwrap();
 }
 
 /// With 8 GPUs, the ladder shards them, and `--emit accelerate` writes the nearest

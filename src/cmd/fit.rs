@@ -1,4 +1,5 @@
-//! `vramplan fit --gpu NAME --model NAME [...]`: the fastest configuration that fits.
+//! `vramplan fit --gpu NAME --model NAME [...]`: the fastest configuration that fits, or,
+//! when nothing does, the plans the next levers give (exit 3).
 
 use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env};
@@ -285,7 +286,7 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
 /// The plan's TOML with a header; `lever` names the change when nothing fit as asked.
 fn plan_toml(r: &FitResult, written: &RawConfig, lever: Option<&str>) -> Result<String> {
     let nearest = lever
-        .map(|l| format!("# Nothing fit as asked; the nearest plan changes {l}.\n"))
+        .map(|l| format!("# Nothing fit as asked; this is the nearest plan: {l}.\n"))
         .unwrap_or_default();
     Ok(format!(
         "# Plan chosen by `vramplan fit`: fits with a {:.0} % margin ({} of {}).\n{nearest}{}",
