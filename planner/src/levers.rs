@@ -230,6 +230,10 @@ fn splits(req: &FitRequest, gpus: u64) -> bool {
 
 /// The smallest GPU count above the run's that fits with full sharding, at the lowest
 /// stage that fits there; the largest count tried, with its miss, when none does.
+///
+/// Each GPU's share of the sharded state, and of a fixed global batch, only falls as GPUs
+/// are added, so the counts are probed at doubling steps up to the first that fits, then
+/// halved back to the smallest (about a dozen searches, not 63).
 fn more_gpus(req: &FitRequest) -> Option<Alternative> {
     let h = &req.base.hardware;
     let full = if h.sharding == Sharding::Fsdp2 {
@@ -237,32 +241,57 @@ fn more_gpus(req: &FitRequest) -> Option<Alternative> {
     } else {
         Sharding::Zero3
     };
-    let mut last = None;
-    for gpus in (h.gpus + 1)..=MAX_LADDER_GPUS {
-        if !splits(req, gpus) {
-            continue;
-        }
-        let Some(alt) = first_fitting(
+    let counts: Vec<u64> = ((h.gpus + 1)..=MAX_LADDER_GPUS)
+        .filter(|&n| splits(req, n))
+        .collect();
+    let at = |i: usize| {
+        let gpus = counts[i];
+        first_fitting(
             req,
             &[vec![Lever::MoreGpus {
                 gpus,
                 sharding: full,
             }]],
-        ) else {
-            continue;
-        };
-        if !alt.fits {
-            last = Some(alt);
-            continue;
+        )
+    };
+    let (mut lo, mut found, mut last) = (0, None, None);
+    let mut i = 0;
+    while i < counts.len() {
+        match at(i) {
+            Some(a) if a.fits => {
+                found = Some((i, a));
+                break;
+            }
+            a => {
+                lo = i + 1;
+                last = a.or(last);
+            }
         }
-        let lower: Vec<Vec<Lever>> = stages_above(h.sharding)
-            .into_iter()
-            .filter(|s| *s != full)
-            .map(|sharding| vec![Lever::MoreGpus { gpus, sharding }])
-            .collect();
-        return Some(first_fitting(req, &lower).filter(|a| a.fits).unwrap_or(alt));
+        i = if i + 1 == counts.len() {
+            i + 1
+        } else {
+            (2 * i + 1).min(counts.len() - 1)
+        };
     }
-    last
+    let (mut hi, mut best) = found?;
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match at(mid) {
+            Some(a) if a.fits => (hi, best) = (mid, a),
+            _ => lo = mid + 1,
+        }
+    }
+    Some(lowest_stage(req, counts[hi], full).unwrap_or(best))
+}
+
+/// The lowest stage below `full` that fits on `gpus` GPUs, if any.
+fn lowest_stage(req: &FitRequest, gpus: u64, full: Sharding) -> Option<Alternative> {
+    let lower: Vec<Vec<Lever>> = stages_above(req.base.hardware.sharding)
+        .into_iter()
+        .filter(|s| *s != full)
+        .map(|sharding| vec![Lever::MoreGpus { gpus, sharding }])
+        .collect();
+    first_fitting(req, &lower).filter(|a| a.fits)
 }
 
 /// Every step of the ladder the run can take, in order (see the module's list).
