@@ -227,6 +227,34 @@ pub fn emit_fit(
     })
 }
 
+/// `fit --emit FORMAT` when nothing fits as asked: the nearest alternative of the ladder
+/// (its order) that the launcher can run, in its format, with its lever; the first refusal
+/// when none can. LoRA and QLoRA plans are passed over: the files vramplan writes have no
+/// adapter settings, so they would launch full fine-tuning.
+pub fn emit_nearest(
+    format: &str,
+    input: Option<&Path>,
+    ladder: &vramplan_planner::Ladder,
+) -> std::result::Result<(String, Vec<vramplan_planner::Lever>), String> {
+    use vramplan_planner::Lever;
+    let mut first = None;
+    for alt in ladder.nearest() {
+        let lora = |l: &Lever| matches!(l, Lever::Lora { .. } | Lever::Qlora { .. });
+        if alt.levers.iter().any(lora) {
+            first.get_or_insert_with(|| format!("the LoRA plan has no {format} setting"));
+            continue;
+        }
+        let Some(r) = &alt.result else { continue };
+        match emit_fit(format, input, r) {
+            Ok(text) => return Ok((text, alt.levers.clone())),
+            Err(e) => {
+                first.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    Err(first.unwrap_or_else(|| "no lever fits".to_string()))
+}
+
 /// What a launcher's file cannot say for itself: the model when its reference does not
 /// resolve, and the GPU.
 fn check_launch(name: &str, l: &launch::Launch, raw: &RawConfig, ov: &Overrides) -> Result<()> {

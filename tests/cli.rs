@@ -544,3 +544,183 @@ fn bad_host_and_time_input_is_one_line_and_exit_2() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The 8 B case of the issue: full fine-tuning of Llama-3.1-8B fits no RTX 4090 at
+/// 2048 × 32, so `fit` names the plans that do, each with what it gives up, and exits 3
+/// (as `estimate --check` does), in the table and in `--json`.
+#[test]
+fn fit_that_fits_nothing_names_the_nearest_plans_and_exits_3() {
+    let args = [
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.1-8b",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "32",
+    ];
+    let o = vramplan(&args);
+    let text = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("does not fit: seq 2048: the smallest candidate"),
+        "{text}"
+    );
+    // The table wraps long flags; the short ones are whole.
+    for lever in ["--precision bf16", "--lora 16", "--qlora 16"] {
+        assert!(text.contains(lever), "{lever}: {text}");
+    }
+    assert!(
+        text.contains("nothing fits as asked (exit 3); nearest plan: --lora 16 "),
+        "{text}"
+    );
+    let o = vramplan(&[&args[..], &["--json"]].concat());
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
+    assert_eq!(v["fits"], false);
+    let alts = v["alternatives"].as_array().unwrap();
+    let flags: Vec<&str> = alts.iter().map(|a| a["flags"].as_str().unwrap()).collect();
+    assert_eq!(
+        flags,
+        [
+            "--optimizer adamw-8bit",
+            "--precision bf16",
+            "--optimizer adamw-8bit --precision bf16",
+            "--lora 16",
+            "--qlora 16",
+            "--gpus 16 --sharding zero3",
+            "--offload-activations",
+        ]
+    );
+    let fitting: Vec<&serde_json::Value> = alts.iter().filter(|a| a["fits"] == true).collect();
+    assert!(fitting.len() >= 2, "{alts:?}");
+    for a in fitting {
+        let b = &a["best"];
+        assert_eq!(b["report"]["fits"], true);
+        assert_eq!(
+            b["micro_batch"].as_u64().unwrap()
+                * b["grad_accum"].as_u64().unwrap()
+                * b["report"]["gpus"].as_u64().unwrap(),
+            32
+        );
+        assert_eq!(b["seq_len"], 2048);
+    }
+    // --out writes the nearest plan (still exit 3), a run config that fits.
+    let plan = std::env::temp_dir().join(format!("vramplan-near-{}.toml", std::process::id()));
+    let o = vramplan(&[&args[..], &["--out", plan.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(3));
+    let text = std::fs::read_to_string(&plan).unwrap();
+    assert!(
+        text.contains("this is the nearest plan: --lora 16."),
+        "{text}"
+    );
+    let e = json(&["estimate", "--json", "--check", plan.to_str().unwrap()]);
+    assert_eq!(e["fits"], true);
+    std::fs::remove_file(&plan).unwrap();
+}
+
+/// With 8 GPUs, the ladder shards them, and `--emit accelerate` writes the nearest
+/// sharded plan: accelerate's config with its DeepSpeed section and the launch command;
+/// still exit 3, since the run as asked (DDP) does not fit. (fp32: the plan the
+/// accelerate writer takes with ZeRO in every version.)
+#[test]
+fn fit_emit_on_8_gpus_writes_the_sharded_plan() {
+    let o = vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.1-8b",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "32",
+        "--gpus",
+        "8",
+        "--precision",
+        "fp32",
+        "--emit",
+        "accelerate",
+    ]);
+    let (out, err) = (stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "{out}{err}");
+    assert!(
+        err.contains("the nearest plan accelerate runs: --sharding zero"),
+        "{err}"
+    );
+    assert!(out.contains("# accelerate launch --config_file"), "{out}");
+    let cfg: serde_json::Value = serde_norway::from_str(&out).expect("YAML");
+    assert_eq!(cfg["distributed_type"], "DEEPSPEED");
+    assert_eq!(cfg["num_processes"], 8);
+    assert!(cfg["deepspeed_config"]["zero_stage"].as_u64().unwrap() >= 1);
+}
+
+/// Seed 004's fallback ladder (1024, then 768, then 512): `--seq-len 16384,8192,4096,2048`
+/// takes the first length that fits (Qwen2.5-0.5B on a 12 GB card: 4096, as planned
+/// today) and says why each longer one did not.
+#[test]
+fn fit_seq_len_list_takes_the_first_that_fits() {
+    let args = [
+        "fit",
+        "--gpu",
+        "rtx3060-12gb",
+        "--model",
+        "qwen2.5-0.5b",
+        "--seq-len",
+        "16384,8192,4096,2048",
+        "--global-batch",
+        "16",
+    ];
+    let o = vramplan(&args);
+    let text = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("does not fit: seq 16384: the smallest candidate"),
+        "{text}"
+    );
+    let v = json(&[&args[..], &["--json"]].concat());
+    let longer: Vec<u64> = v["longer"]
+        .as_array()
+        .expect("the longer lengths")
+        .iter()
+        .map(|m| m["seq_len"].as_u64().unwrap())
+        .collect();
+    let chosen = v["best"]["seq_len"].as_u64().unwrap();
+    let lengths = [16384, 8192, 4096, 2048];
+    let k = lengths
+        .iter()
+        .position(|s| *s == chosen)
+        .expect("one of the list");
+    assert_eq!(longer, lengths[..k]);
+    assert!(k > 0);
+    // A length that is not a number is one line, exit 2.
+    let o = vramplan(&[
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "smollm2-135m",
+        "--seq-len",
+        "1024,x",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+}

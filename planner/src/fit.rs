@@ -60,6 +60,29 @@ pub struct FitResult {
     /// best tokens/s over baseline tokens/s.
     pub speedup: Option<f64>,
     pub margin: f64,
+    /// The sequence lengths of a `--seq-len` list tried before this one, each with why it
+    /// did not fit (see [`fit_first`]); empty for a single length.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub longer: Vec<Miss>,
+}
+
+/// Why a search found nothing that fits: its smallest candidate and what it needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Miss {
+    /// The sequence length asked for; None when it was searched.
+    pub seq_len: Option<u64>,
+    pub margin: f64,
+    /// The device bytes the margin leaves usable.
+    pub usable_bytes: u64,
+    /// The candidate that needs the least device memory; None when there was none.
+    pub smallest: Option<Candidate>,
+}
+
+/// What a search came to: a plan, or why there is none.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    Fits(Box<FitResult>),
+    Misses(Box<Miss>),
 }
 
 const SEQS: [u64; 7] = [256, 512, 1024, 2048, 4096, 8192, 16384];
@@ -311,9 +334,20 @@ fn rank(all: &mut [Candidate], seq_fixed: bool) {
     all.sort_by(|a, b| order(a, b, seq_fixed));
 }
 
-fn no_solution(req: &FitRequest, all: &[Candidate]) -> PlanError {
-    let smallest = all.iter().min_by_key(|c| c.report.device_bytes);
-    let detail = smallest
+fn miss(req: &FitRequest, all: &[Candidate]) -> Miss {
+    let capacity = req.base.hardware.device.capacity().0;
+    Miss {
+        seq_len: req.seq_len,
+        margin: req.margin,
+        usable_bytes: (capacity as f64 * (1.0 - req.margin.clamp(0.0, 0.99))) as u64,
+        smallest: all.iter().min_by_key(|c| c.report.device_bytes).cloned(),
+    }
+}
+
+fn no_solution(req: &FitRequest, miss: &Miss) -> PlanError {
+    let detail = miss
+        .smallest
+        .as_ref()
         .map(|c| {
             format!(
                 "; the smallest candidate (micro-batch {}, seq {}, checkpointing {}, loss {}) needs {} of {}",
@@ -335,22 +369,64 @@ fn no_solution(req: &FitRequest, all: &[Candidate]) -> PlanError {
 
 /// The fastest configuration that fits, with every candidate estimated on the way.
 pub fn fit(req: &FitRequest) -> Result<FitResult> {
-    conclude(req, search(req, true)?)
+    match try_fit(req)? {
+        Attempt::Fits(r) => Ok(*r),
+        Attempt::Misses(m) => Err(no_solution(req, &m)),
+    }
+}
+
+/// [`fit`], with "nothing fits" as data (the smallest candidate) rather than an error;
+/// errors are the request's own (a margin or global batch out of range).
+pub fn try_fit(req: &FitRequest) -> Result<Attempt> {
+    Ok(conclude(req, search(req, true)?))
+}
+
+/// `--seq-len 1024,768,512`: [`try_fit`] at each length in order, the first that fits
+/// (with why each longer one did not in [`FitResult::longer`]), or every length's miss.
+/// No lengths: the request's own sequence length (or the search over lengths).
+pub fn fit_first(
+    req: &FitRequest,
+    lengths: &[u64],
+) -> Result<std::result::Result<FitResult, Vec<Miss>>> {
+    if lengths.is_empty() {
+        return Ok(match try_fit(req)? {
+            Attempt::Fits(r) => Ok(*r),
+            Attempt::Misses(m) => Err(vec![*m]),
+        });
+    }
+    let mut misses = Vec::new();
+    for &seq in lengths {
+        let at = FitRequest {
+            seq_len: Some(seq),
+            ..req.clone()
+        };
+        match try_fit(&at)? {
+            Attempt::Fits(mut r) => {
+                r.longer = misses;
+                return Ok(Ok(*r));
+            }
+            Attempt::Misses(m) => misses.push(*m),
+        }
+    }
+    Ok(Err(misses))
 }
 
 /// `fit` without pruning: every micro-batch of every mode is estimated. The reference the
 /// property tests hold the pruned search to; not meant for callers.
 #[doc(hidden)]
 pub fn fit_exhaustive(req: &FitRequest) -> Result<FitResult> {
-    conclude(req, search(req, false)?)
+    match conclude(req, search(req, false)?) {
+        Attempt::Fits(r) => Ok(*r),
+        Attempt::Misses(m) => Err(no_solution(req, &m)),
+    }
 }
 
-fn conclude(req: &FitRequest, found: Searched) -> Result<FitResult> {
+fn conclude(req: &FitRequest, found: Searched) -> Attempt {
     let Searched { mut all, best } = found;
     rank(&mut all, req.seq_len.is_some());
     let (mut best, timeline) = match (all.first(), best) {
         (Some(c), Some((_, t))) if c.fits => (c.clone(), t),
-        _ => return Err(no_solution(req, &all)),
+        _ => return Attempt::Misses(Box::new(miss(req, &all))),
     };
     // The one timeline worth keeping: callers may show where the chosen plan peaks.
     best.report.timeline = timeline;
@@ -366,13 +442,14 @@ fn conclude(req: &FitRequest, found: Searched) -> Result<FitResult> {
     let speedup = baseline.as_ref().filter(|b| b.fits).map(|b| {
         best.report.est_tokens_per_second / b.report.est_tokens_per_second.max(f64::MIN_POSITIVE)
     });
-    Ok(FitResult {
+    Attempt::Fits(Box::new(FitResult {
         best,
         candidates: all,
         baseline,
         speedup,
         margin: req.margin,
-    })
+        longer: Vec::new(),
+    }))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod error;
 mod fit;
 mod hf;
 mod host;
+mod levers;
 mod lora;
 mod lora_fit;
 mod oom;
@@ -36,10 +37,17 @@ pub use diagnose::{
     PlanCheck, Predicted,
 };
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
-pub use fit::{fit, fit_exhaustive, Candidate, FitRequest, FitResult, GlobalBatch};
+pub use fit::{
+    fit, fit_exhaustive, fit_first, try_fit, Attempt, Candidate, FitRequest, FitResult,
+    GlobalBatch, Miss,
+};
 pub use hf::hf_config;
 pub use host::{
     host_memory, host_ram, Basis, HostOptions, HostReport, HostTerm, Load, Phase, Reader,
+};
+pub use levers::{
+    alternatives, apply as apply_lever, fit_or_ladder, raw_with, Alternative, Ladder, Lever,
+    MAX_LADDER_GPUS,
 };
 pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
 pub use lora_fit::{

@@ -1,6 +1,7 @@
-//! `vramplan fit --gpu NAME --model NAME [...]`: the fastest configuration that fits.
+//! `vramplan fit --gpu NAME --model NAME [...]`: the fastest configuration that fits, or,
+//! when nothing does, the plans the next levers give (exit 3).
 
-use crate::exit::bad;
+use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env};
 use crate::render::{self, Format};
 use anyhow::Result;
@@ -8,7 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vramplan::write_atomic;
 use vramplan_planner::{
-    fit, FitRequest, GlobalBatch, RawConfig, RawHardware, RawTrain, MAX_COUNT, MAX_DIM,
+    fit_or_ladder, raw_with, FitRequest, FitResult, GlobalBatch, Ladder, RawConfig, RawHardware,
+    RawTrain, MAX_COUNT, MAX_DIM,
 };
 
 #[derive(Debug, clap::Args)]
@@ -23,9 +25,10 @@ pub struct Args {
     /// Model preset (see `vramplan models`) or a Hugging Face config.json.
     #[arg(long, required_unless_present = "from")]
     pub model: Option<String>,
-    /// Fix the sequence length (otherwise the longest that fits is chosen).
-    #[arg(long)]
-    pub seq_len: Option<u64>,
+    /// Fix the sequence length (otherwise the longest that fits is chosen); a list
+    /// (1024,768,512) tries each in order and takes the first that fits.
+    #[arg(long, value_delimiter = ',', value_name = "LEN[,LEN...]")]
+    pub seq_len: Vec<u64>,
     /// Sequences per optimizer step over all GPUs, kept through accumulation.
     #[arg(long, conflicts_with = "global_batch_tokens")]
     pub global_batch: Option<u64>,
@@ -47,6 +50,10 @@ pub struct Args {
     /// quantization and bf16 compute; 8-bit AdamW unless --optimizer says otherwise.
     #[arg(long, value_name = "RANK", num_args = 0..=1, default_missing_value = "16")]
     pub qlora: Option<u64>,
+    /// Offload saved activations to host memory between forward and backward
+    /// (`train.offload_activations`).
+    #[arg(long)]
+    pub offload_activations: bool,
     /// Default: sdpa (or the --from file's).
     #[arg(long)]
     pub attention: Option<String>,
@@ -112,7 +119,9 @@ const MAX_TOKENS: u64 = MAX_COUNT * MAX_DIM;
 
 pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     let margin = parse_margin(&a.margin)?;
-    count_flag("--seq-len", a.seq_len, MAX_DIM)?;
+    for &s in &a.seq_len {
+        count_flag("--seq-len", Some(s), MAX_DIM)?;
+    }
     count_flag("--global-batch", a.global_batch, MAX_COUNT)?;
     count_flag("--global-batch-tokens", a.global_batch_tokens, MAX_TOKENS)?;
     count_flag("--gpus", a.gpus, 1024)?;
@@ -129,7 +138,11 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         (None, None, Some(_)) => GlobalBatch::Sequences(from_file.0),
         (None, None, None) => GlobalBatch::Free,
     };
-    let seq_len = a.seq_len.or(a.from.as_ref().map(|_| from_file.1));
+    let seq_len = a
+        .seq_len
+        .first()
+        .copied()
+        .or(a.from.as_ref().map(|_| from_file.1));
     let req = FitRequest {
         base: loaded.spec,
         seq_len,
@@ -137,15 +150,16 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         margin,
         allow_fused: a.allow_fused,
     };
-    let result = fit(&req).map_err(|e| match e {
-        vramplan_planner::PlanError::NoSolution(m) => match vramplan_planner::lora_suggestion(&req)
-        {
-            Some(s) => anyhow::anyhow!("fit: {m}; {s}"),
-            None => anyhow::anyhow!("fit: {m}"),
-        },
-        e => bad(&name, e),
-    })?;
-    let plan = plan_toml(&result, &raw)?;
+    let lengths = if a.seq_len.len() > 1 {
+        &a.seq_len[..]
+    } else {
+        &[]
+    };
+    let result = match fit_or_ladder(&req, lengths).map_err(|e| bad(&name, e))? {
+        Ok(r) => r,
+        Err(ladder) => return nothing_fits(&a, &raw, &req, &ladder),
+    };
+    let plan = plan_toml(&result, &raw.with_spec(&result.best.spec), None)?;
     if let Some(out) = &a.out {
         write_atomic(out, &plan)?;
     }
@@ -164,6 +178,46 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Nothing fits the run as asked: the ladder of levers (or, with --emit, the nearest plan
+/// the launcher runs; with --out, the nearest plan), and exit 3.
+fn nothing_fits(a: &Args, raw: &RawConfig, req: &FitRequest, ladder: &Ladder) -> Result<ExitCode> {
+    let nearest = ladder
+        .nearest()
+        .find_map(|alt| Some((alt, alt.result.as_ref()?)));
+    if let (Some(out), Some((alt, r))) = (&a.out, nearest) {
+        let lever = render::prose::lever_flags(&alt.levers);
+        let written = raw_with(raw, &alt.levers, &r.best.spec);
+        write_atomic(out, &plan_toml(r, &written, Some(&lever))?)?;
+    }
+    if let Some(f) = &a.emit {
+        match load::emit_nearest(f, a.from.as_deref(), ladder) {
+            Ok((text, lever)) => {
+                eprintln!(
+                    "fit: nothing fits as asked; the nearest plan {f} runs: {}",
+                    render::prose::lever_flags(&lever)
+                );
+                render::emit(&text)?;
+            }
+            Err(why) => eprintln!(
+                "fit: nothing fits as asked, and no plan that fits can be written as {f}: {why}"
+            ),
+        }
+        return Ok(ExitCode::from(DOES_NOT_FIT));
+    }
+    let text = Format::from_json_flag(a.json)
+        .renderer()
+        .ladder(&req.base, ladder)?;
+    render::emit(&text)?;
+    if let (Some(out), Some((alt, _))) = (&a.out, nearest) {
+        eprintln!(
+            "fit: nothing fits as asked; the nearest plan ({}) written to {}",
+            render::prose::lever_flags(&alt.levers),
+            out.display()
+        );
+    }
+    Ok(ExitCode::from(DOES_NOT_FIT))
+}
+
 /// The run before the search: the --from file's with the flags over it, or the flags
 /// alone; its name for errors and the folder its relative paths start from.
 fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
@@ -178,7 +232,7 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
             let raw = RawConfig {
                 model: load::model_arg(a.model.as_deref().unwrap_or_default()),
                 train: RawTrain {
-                    seq_len: a.seq_len.or(Some(1024)),
+                    seq_len: a.seq_len.first().copied().or(Some(1024)),
                     ..RawTrain::default()
                 },
                 hardware: RawHardware {
@@ -218,8 +272,11 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
         .clone()
         .or(t.optimizer.take())
         .or(a.qlora.map(|_| "adamw-8bit".to_string()));
-    if let Some(s) = a.seq_len {
+    if let Some(&s) = a.seq_len.first() {
         t.seq_len = Some(s);
+    }
+    if a.offload_activations {
+        t.offload_activations = Some(true);
     }
     let h = &mut raw.hardware;
     h.sharding = flag(&a.sharding, "ddp", &h.sharding);
@@ -235,12 +292,16 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     Ok((name, raw, dir))
 }
 
-fn plan_toml(r: &vramplan_planner::FitResult, raw: &RawConfig) -> Result<String> {
+/// The plan's TOML with a header; `lever` names the change when nothing fit as asked.
+fn plan_toml(r: &FitResult, written: &RawConfig, lever: Option<&str>) -> Result<String> {
+    let nearest = lever
+        .map(|l| format!("# Nothing fit as asked; this is the nearest plan: {l}.\n"))
+        .unwrap_or_default();
     Ok(format!(
-        "# Plan chosen by `vramplan fit`: fits with a {:.0} % margin ({} of {}).\n{}",
+        "# Plan chosen by `vramplan fit`: fits with a {:.0} % margin ({} of {}).\n{nearest}{}",
         r.margin * 100.0,
         vramplan_planner::Bytes(r.best.report.device_bytes),
         vramplan_planner::Bytes(r.best.report.capacity_bytes),
-        raw.with_spec(&r.best.spec).to_toml()?
+        written.to_toml()?
     ))
 }

@@ -1,11 +1,12 @@
 //! Snapshots of the pure renderers on fixture reports: the seed scenario (nanochat d16 on
-//! two RTX 5090D, seed 002) and its out-of-memory log, in both formats.
+//! two RTX 5090D, seed 002) and its out-of-memory log, in both formats; `fit`'s ladder
+//! when nothing fits (Llama-3.1-8B on one RTX 4090).
 
 use super::{Format, Render};
 use vramplan_planner::{
-    diagnose_log, estimate, host_memory, parse_log, training_time, Bytes, Context, DataSize,
-    DiagnosedLog, FixPlan, HostOptions, Presets, RawConfig, Reader, RunSpec, Utilization,
-    DEFAULT_UTILIZATION,
+    diagnose_log, estimate, fit_or_ladder, host_memory, parse_log, training_time, Bytes, Context,
+    DataSize, DiagnosedLog, FitRequest, FixPlan, GlobalBatch, HostOptions, Ladder, Presets,
+    RawConfig, RawHardware, RawModel, RawTrain, Reader, RunSpec, Utilization, DEFAULT_UTILIZATION,
 };
 
 fn seed() -> RunSpec {
@@ -88,4 +89,68 @@ fn diagnose_nothing_found() {
         json,
         "{\n  \"by_cause\": {},\n  \"report_count\": 0,\n  \"reports\": []\n}\n"
     );
+}
+
+/// The case: Llama-3.1-8B on one RTX 4090 at 2048 × 32, as `fit` builds it from
+/// its flags; full fine-tuning fits nothing.
+fn ladder_llama_8b() -> (RunSpec, Ladder) {
+    let raw = RawConfig {
+        model: RawModel {
+            preset: Some("llama-3.1-8b".into()),
+            ..RawModel::default()
+        },
+        train: RawTrain {
+            seq_len: Some(2048),
+            precision: Some("bf16-autocast".into()),
+            ..RawTrain::default()
+        },
+        hardware: RawHardware {
+            gpu: Some("rtx4090-24gb".into()),
+            gpus: Some(1),
+            sharding: Some("ddp".into()),
+            ..RawHardware::default()
+        },
+        lora: None,
+    };
+    let presets = Presets::builtin().expect("the built-in presets load");
+    let req = FitRequest {
+        base: raw
+            .resolve(&presets, &Context::default())
+            .expect("the run resolves"),
+        seq_len: Some(2048),
+        global: GlobalBatch::Sequences(32),
+        margin: 0.1,
+        allow_fused: false,
+    };
+    match fit_or_ladder(&req, &[]).expect("a valid request") {
+        Ok(r) => panic!(
+            "8 B full fine-tuning fits 24 GB: {:?}",
+            r.best.report.device_bytes
+        ),
+        Err(l) => (req.base, l),
+    }
+}
+
+#[test]
+fn ladder_when_nothing_fits() {
+    let (base, l) = ladder_llama_8b();
+    let (table, json) = both(|x| x.ladder(&base, &l).expect("renders"));
+    insta::assert_snapshot!("ladder_table", table);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    assert_eq!(v["fits"], false);
+    assert!(v["best"].is_null());
+    let alts = v["alternatives"].as_array().expect("a list");
+    assert_eq!(alts.len(), l.alternatives.len());
+    for (a, want) in alts.iter().zip(&l.alternatives) {
+        assert_eq!(a["fits"], want.fits);
+        assert_eq!(a["flags"], super::prose::lever_flags(&want.levers));
+        assert!(!a["gives_up"].as_str().unwrap().is_empty());
+        // A plan that fits carries its numbers; one that does not, why not.
+        assert_eq!(a["best"].is_object(), want.fits);
+        assert_eq!(a["why_not"].is_string(), !want.fits);
+    }
+    assert!(v["why_not"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("seq 2048: the smallest candidate"));
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use vramplan_planner::{
     Cause, Comparison, Confidence, DiagnosedLog, Diagnosis, Fact, FitResult, GpuSpec, Implausible,
-    ModelSpec, OomReport, PlanCheck, Report, RunSpec,
+    Ladder, ModelSpec, OomReport, PlanCheck, Report, RunSpec,
 };
 
 pub struct Json;
@@ -146,6 +146,27 @@ impl Render for Json {
         let mut v = value(f)?;
         v["plan_toml"] = json!(plan);
         text(&v)
+    }
+
+    fn ladder(&self, base: &RunSpec, l: &Ladder) -> Result<String> {
+        let mut alternatives = Vec::new();
+        for a in &l.alternatives {
+            let mut v = value(a)?;
+            v["flags"] = json!(prose::lever_flags(&a.levers));
+            v["gives_up"] = json!(prose::gives_up(&a.levers, base));
+            if let Some(m) = &a.miss {
+                v["why_not"] = json!(prose::miss(m));
+            }
+            alternatives.push(v);
+        }
+        let why: Vec<String> = l.misses.iter().map(prose::miss).collect();
+        text(&json!({
+            "fits": false,
+            "best": null,
+            "why_not": why,
+            "misses": value(&l.misses)?,
+            "alternatives": alternatives,
+        }))
     }
 
     fn diagnose(&self, log: &DiagnosedLog, _: Option<&Path>) -> Result<String> {

@@ -17,7 +17,9 @@ use crate::nvml::Detected;
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Write};
 use std::path::Path;
-use vramplan_planner::{Comparison, DiagnosedLog, FitResult, GpuSpec, ModelSpec, Report, RunSpec};
+use vramplan_planner::{
+    Comparison, DiagnosedLog, FitResult, GpuSpec, Ladder, ModelSpec, Report, RunSpec,
+};
 
 /// The output format, chosen on the command line (`--json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub trait Render {
         -> Result<String>;
     /// `plan` is the plan's TOML; `written` the file it was written to, if any.
     fn fit(&self, f: &FitResult, plan: &str, top: usize, written: Option<&Path>) -> Result<String>;
+    /// `fit` when nothing fits the run as asked (`base`): why, and each lever tried.
+    fn ladder(&self, base: &RunSpec, l: &Ladder) -> Result<String>;
     /// `written`: the file the best fix was written to, if any.
     fn diagnose(&self, log: &DiagnosedLog, written: Option<&Path>) -> Result<String>;
     fn models(&self, ms: &[ModelSpec]) -> Result<String>;

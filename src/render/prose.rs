@@ -1,8 +1,9 @@
-//! The sentences of `diagnose`, written from the planner's data (see the rule in `render`).
+//! The sentences of `diagnose` and of `fit`'s ladder when nothing fits, written from the
+//! planner's data (see the rule in `render`).
 
 use vramplan_planner::{
-    thousands, Bytes, Edit, Explanation, Fact, FixKind, Hint, HostChange, HostSignal, Implausible,
-    PlanCheck, Source,
+    thousands, Bytes, Candidate, Edit, Explanation, Fact, FixKind, Hint, HostChange, HostSignal,
+    Implausible, Lever, Miss, PlanCheck, RunSpec, Source,
 };
 
 fn b(x: u64) -> String {
@@ -323,5 +324,72 @@ pub fn implausible(i: &Implausible) -> String {
             "the report's {field} memory ({}) is above the GPU's capacity: not matched against the plan",
             b(*bytes)
         ),
+    }
+}
+
+/// The `fit` flags that ask for levers taken together.
+pub fn lever_flags(levers: &[Lever]) -> String {
+    let flags: Vec<String> = levers.iter().map(|l| flag(*l)).collect();
+    flags.join(" ")
+}
+
+fn flag(l: Lever) -> String {
+    match l {
+        Lever::Shard { sharding } => format!("--sharding {sharding}"),
+        Lever::Optimizer8bit { optimizer } => format!("--optimizer {optimizer}"),
+        Lever::PureBf16 => "--precision bf16".to_string(),
+        Lever::Lora { rank } => format!("--lora {rank}"),
+        Lever::Qlora { rank } => format!("--qlora {rank}"),
+        Lever::MoreGpus { gpus, sharding } => format!("--gpus {gpus} --sharding {sharding}"),
+        Lever::OffloadActivations => "--offload-activations".to_string(),
+    }
+}
+
+/// What levers give up, against the run as asked (`base`), in a few words each.
+pub fn gives_up(levers: &[Lever], base: &RunSpec) -> String {
+    let parts: Vec<String> = levers.iter().map(|l| give_up(*l, base)).collect();
+    parts.join("; ")
+}
+
+fn give_up(l: Lever, base: &RunSpec) -> String {
+    let gpus = base.hardware.gpus;
+    match l {
+        Lever::Shard { .. } => format!("more communication over the {gpus} GPUs"),
+        Lever::Optimizer8bit { .. } => {
+            format!("{} state quantized to 8 bits", base.train.optimizer)
+        }
+        Lever::PureBf16 => "fp32 master weights (small updates round away)".to_string(),
+        Lever::Lora { rank } => format!("full fine-tuning: rank-{rank} adapters, frozen base"),
+        Lever::Qlora { rank } => {
+            format!("full fine-tuning: rank-{rank} adapters, 4-bit NF4 base")
+        }
+        Lever::MoreGpus { gpus: n, .. } => format!("hardware: {n} GPUs instead of {gpus}"),
+        Lever::OffloadActivations => "speed: activations to host memory and back".to_string(),
+    }
+}
+
+/// A candidate's settings: "micro-batch 2 × accumulation 16 at seq 2048, checkpointing full, loss chunked".
+pub fn candidate(c: &Candidate) -> String {
+    format!(
+        "micro-batch {} × accumulation {} at seq {}, checkpointing {}, loss {}",
+        c.micro_batch, c.grad_accum, c.seq_len, c.checkpointing, c.loss
+    )
+}
+
+/// Why a search found nothing: "seq 1024: the smallest candidate (…) needs 9.1 GiB, 7.1 GiB usable".
+pub fn miss(m: &Miss) -> String {
+    let seq = m
+        .seq_len
+        .map(|s| format!("seq {s}"))
+        .unwrap_or_else(|| "every sequence length".to_string());
+    match &m.smallest {
+        Some(c) => format!(
+            "{seq}: the smallest candidate ({}) needs {}, {} usable with a {:.0} % margin",
+            candidate(c),
+            b(c.report.device_bytes),
+            b(m.usable_bytes),
+            m.margin * 100.0
+        ),
+        None => format!("{seq}: no candidate splits the global batch"),
     }
 }

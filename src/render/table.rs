@@ -7,7 +7,8 @@ use std::fmt::Write;
 use std::path::Path;
 use vramplan_planner::{
     thousands, Basis, Bytes, Comparison, DataSize, Device, DiagnosedLog, Diagnosis, Engine,
-    FitResult, GpuSpec, HostReport, ModelSpec, Phase, Report, RunSpec, TrainSpec, TrainingTime,
+    FitResult, GpuSpec, HostReport, Ladder, ModelSpec, Phase, Report, RunSpec, TrainSpec,
+    TrainingTime,
 };
 
 /// The human-readable format.
@@ -41,6 +42,10 @@ impl Render for Text {
             let _ = writeln!(out, "plan written to {}", p.display());
         }
         Ok(out)
+    }
+
+    fn ladder(&self, base: &RunSpec, l: &Ladder) -> anyhow::Result<String> {
+        Ok(ladder(base, l))
     }
 
     fn diagnose(&self, log: &DiagnosedLog, written: Option<&Path>) -> anyhow::Result<String> {
@@ -418,6 +423,9 @@ pub fn fit(f: &FitResult, top: usize) -> String {
     right(&mut t, 0..3);
     right(&mut t, 5..8);
     let _ = writeln!(out, "{t}");
+    for m in &f.longer {
+        let _ = writeln!(out, "does not fit: {}", prose::miss(m));
+    }
     let b = &f.best;
     let _ = writeln!(
         out,
@@ -448,6 +456,79 @@ pub fn fit(f: &FitResult, top: usize) -> String {
             );
         }
         _ => {}
+    }
+    out
+}
+
+/// `fit` when nothing fits: why, then one row per lever tried, nearest first.
+pub fn ladder(base: &RunSpec, l: &Ladder) -> String {
+    let mut out: String = headline(base).lines().take(1).collect();
+    let t = &base.train;
+    let tuning = match &base.lora {
+        Some(lora) => format!("LoRA rank {}", lora.rank),
+        None => "full fine-tuning".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "\nas asked: {tuning}, {}, {}, attention {}, {}",
+        t.precision, t.optimizer, t.attention, base.hardware.sharding
+    );
+    for m in &l.misses {
+        let _ = writeln!(out, "does not fit: {}", prose::miss(m));
+    }
+    let mut t = table(&[
+        "lever",
+        "plan",
+        "device",
+        "fits",
+        "est. tokens/s",
+        "gives up",
+    ]);
+    for a in &l.alternatives {
+        let shown = a
+            .best
+            .as_ref()
+            .or(a.miss.as_ref().and_then(|m| m.smallest.as_ref()));
+        let (plan, device) = match shown {
+            Some(c) => (
+                format!(
+                    "{} × {}, {}, {}",
+                    c.micro_batch, c.grad_accum, c.checkpointing, c.loss
+                ),
+                Bytes(c.report.device_bytes).to_string(),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let speed = match &a.best {
+            Some(c) => format!("{:.0}", c.report.est_tokens_per_second),
+            None => "-".into(),
+        };
+        t.add_row(vec![
+            prose::lever_flags(&a.levers),
+            plan,
+            device,
+            if a.fits { "yes" } else { "no" }.into(),
+            speed,
+            prose::gives_up(&a.levers, base),
+        ]);
+    }
+    right(&mut t, 2..5);
+    let _ = writeln!(out, "{t}");
+    match l.nearest().next() {
+        Some(a) => {
+            let _ = writeln!(
+                out,
+                "nothing fits as asked (exit 3); nearest plan: {} ({}); rows that do not fit show their smallest candidate",
+                prose::lever_flags(&a.levers),
+                a.best.as_ref().map(prose::candidate).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "nothing fits as asked (exit 3), and no lever fits alone: a smaller model, a shorter sequence or a GPU with more memory"
+            );
+        }
     }
     out
 }

@@ -168,7 +168,13 @@ impl Run<'_> {
 /// memory (paged optimizers) and saved activations offloaded to host memory.
 pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
     let run = Run::new(spec);
-    let paged = optim::states(&mut Step::new(), &run.params, run.t, run.optimizer_shards());
+    // Only trainable parameters have optimizer state (LoRA's frozen base has none).
+    let paged = optim::states(
+        &mut Step::new(),
+        &run.trainable,
+        run.t,
+        run.optimizer_shards(),
+    );
     let host = if run.t.offload_activations {
         (0..run.layers)
             .map(|l| {
@@ -208,7 +214,15 @@ pub fn play(spec: &RunSpec) -> Timeline {
     s.phase("optimizer step");
     let masters = shard::master_gradients(&mut s, &run, &mut grads);
     if !run.t.optimizer_in_backward {
-        optim::step(&mut s, &run.params, run.t, run.cuda, run.optimizer_shards());
+        // PyTorch's step skips parameters without a gradient: LoRA's frozen base makes no
+        // temporaries there.
+        optim::step(
+            &mut s,
+            &run.trainable,
+            run.t,
+            run.cuda,
+            run.optimizer_shards(),
+        );
     }
     grads.free_all(&mut s);
     masters.into_iter().for_each(|id| s.free(id));
