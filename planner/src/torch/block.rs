@@ -223,12 +223,12 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
             blk.keep_core("log-sum-exp", Layout::new(&[d.b, d.heads, d.t], DType::F32));
         }
         Attention::Eager => {
-            // Under autocast softmax runs in fp32 and the second matmul saves its bf16 copy.
-            blk.keep_core(
-                "softmax(scores)",
-                d.scores(if d.autocast { DType::F32 } else { d.c }),
-            );
-            if d.autocast {
+            // `softmax(scores, dtype=float32).to(query.dtype)`: fp32, and where the
+            // compute dtype is narrower (autocast or a bf16 model) the second matmul saves
+            // its bf16 copy.
+            let narrow = d.c != DType::F32;
+            blk.keep_core("softmax(scores)", d.scores(DType::F32));
+            if narrow {
                 blk.keep_core("softmax(scores) bf16", d.scores(d.c));
             }
             // probs @ v is (B, heads, T, D); its contiguous transpose is a copy o_proj saves.
