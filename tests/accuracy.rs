@@ -118,7 +118,7 @@ fn lora_and_new_family_peaks_are_predicted_within_3_percent() {
     }
     println!("worst outside the listed outliers {:.1} %", worst * 100.0);
     assert!(beyond.is_empty(), "beyond their bound: {beyond:?}");
-    assert!(errs.len() >= 40, "at least 40 measured configurations");
+    assert!(errs.len() >= 54, "at least 54 measured configurations");
 }
 
 const LORA_BOUND: f64 = 0.03;
@@ -126,90 +126,11 @@ const LORA_BOUND: f64 = 0.03;
 /// Measured runs whose memory the inventory does not yet itemize, with the bound each
 /// meets today (docs/accuracy.md says what is missing); every other run is within 3 %.
 const OUTLIERS: &[(&str, f64)] = &[
-    // grouped_mm experts under autocast keep more than itemized: -5.7 % measured.
-    (
-        "mixtral-8x7b-mixtral-h256-l3-b2-s512-bf16-autocast-sdpa-none",
-        0.07,
-    ),
-    // grouped_mm experts under autocast keep more than itemized: -7.1 % measured.
-    (
-        "qwen3-30b-a3b-qwen3_moe-h256-l3-b2-s512-bf16-autocast-sdpa-none",
-        0.09,
-    ),
-    // LoRA with full checkpointing: the recomputed block's LoRA tensors are overcounted: +5.5 % measured.
+    // LoRA with full checkpointing in fp32: over-predicted (the model's peak is in block 2's
+    // recomputed backward, the measured one in the loss): +5.5 % measured.
     (
         "llama-3.2-3b-llama-h256-l3-b2-s512-fp32-sdpa-full-lora-r16-all",
         0.07,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -4.2 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-bf16-sdpa-none-lora-r8-q+v",
-        0.06,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -7.6 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-all",
-        0.09,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -5.9 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-all-drop0.05",
-        0.07,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -3.6 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-bf16-sdpa-full-lora-r16-all",
-        0.05,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -8.0 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b4-s384-bf16-sdpa-none-lora-r32-all",
-        0.09,
-    ),
-    // LoRA on the MLP only: frozen attention inputs are overcounted: +6.0 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-fp32-sdpa-none-lora-r16-gate+up+down",
-        0.07,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -7.6 % measured.
-    (
-        "qwen2.5-1.5b-qwen2-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-all",
-        0.09,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -4.4 % measured.
-    (
-        "qwen3-8b-qwen3-h256-l3-b2-s512-bf16-sdpa-none-lora-r64-all",
-        0.06,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -7.1 % measured.
-    (
-        "mistral-7b-llama-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-all",
-        0.09,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -15.2 % measured.
-    (
-        "gemma-2-2b-gemma2-h256-l3-b2-s512-bf16-eager-none-lora-r16-all",
-        0.17,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: -17.9 % measured.
-    (
-        "olmo-2-1b-olmo2-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-all",
-        0.19,
-    ),
-    // bf16 base, fp32 adapters: the norms' fp32 upcasts and PEFT's fp32 sums are not all itemized: +6.4 % measured.
-    (
-        "mixtral-8x7b-mixtral-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-q+k+v+o",
-        0.08,
-    ),
-    // not yet itemized: -7.1 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-fp32-sdpa-none-lora-r16-q+v-save-lm_head",
-        0.09,
-    ),
-    // QLoRA: bitsandbytes' CPU kernels keep more than itemized: -4.6 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-bf16-sdpa-none-lora-r16-q+v-nf4",
-        0.06,
     ),
 ];
 

@@ -300,6 +300,13 @@ def main():
         r = mt.measure(cfg)
         r["config"] = {k: cfg[k] for k in ("model", "train", "hardware", "lora") if k in cfg}
         r["hf_config"] = cfg["hf"]
+        # Each run records the versions it was measured with (the header's are the
+        # first runs').
+        r["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__}
+        if cfg.get("lora", {}).get("quantize", "none") != "none":
+            import bitsandbytes
+
+            r["versions"]["bitsandbytes"] = bitsandbytes.__version__
         old[r["id"]] = r
         print(f"{r['id']:<90} peak {r['peak_bytes'] / 2**20:8.2f} MiB  near {r['peak_near_op']}  [{r['seconds']} s]",
               flush=True)
@@ -309,9 +316,13 @@ def main():
 def write(path, runs, peft_version, transformers_version):
     order = [c["id"] for c in configs()]
     rows = sorted((r for r in runs.values() if r["id"] in order), key=lambda r: order.index(r["id"]))
+    header = {"torch": torch.__version__.split("+")[0], "transformers": transformers_version,
+              "peft": peft_version}
+    if os.path.exists(path):
+        with open(path) as f:
+            header = json.load(f).get("tool", header)
     out = {
-        "tool": {"torch": torch.__version__.split("+")[0], "transformers": transformers_version,
-                 "peft": peft_version},
+        "tool": header,
         "method": "tools/measure_torch.py's measurement (one steady-state step after a warm-up, "
                   "torch.profiler memory timeline, peak over all categories) of transformers' classes "
                   "built from tests/data/hf_configs/*.json at reduced sizes (hf_config records each), "

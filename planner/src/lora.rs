@@ -268,6 +268,10 @@ impl LoraSpec {
 /// together.
 pub fn parameters(base: &[Param], lora: &LoraSpec) -> Vec<Param> {
     let mut out = Vec::with_capacity(base.len() * 2);
+    // A tied model has no head parameter: `lm_head` in modules_to_save copies the module,
+    // whose weight is the embedding's, into a trained, untied head.
+    let tied = !base.iter().any(|p| p.role == Role::Head);
+    let saves = |m: &str| lora.modules_to_save.iter().any(|s| s == m);
     for p in base {
         out.push(Param {
             trainable: false,
@@ -306,13 +310,21 @@ pub fn parameters(base: &[Param], lora: &LoraSpec) -> Vec<Param> {
             }
         }
         let saved = match p.role {
-            Role::Head => lora.modules_to_save.iter().any(|m| m == "lm_head"),
-            Role::Embedding => lora.modules_to_save.iter().any(|m| m == "embed_tokens"),
+            Role::Head => saves("lm_head"),
+            Role::Embedding => saves("embed_tokens"),
             _ => false,
         };
         if saved {
             out.push(Param {
                 name: format!("{} (modules_to_save copy)", p.name).into(),
+                trainable: true,
+                ..p.clone()
+            });
+        }
+        if p.role == Role::Embedding && tied && saves("lm_head") {
+            out.push(Param {
+                name: "lm_head.weight (modules_to_save copy, untied)".into(),
+                role: Role::Head,
                 trainable: true,
                 ..p.clone()
             });
@@ -363,6 +375,23 @@ mod tests {
         };
         let spec = all.resolve(&m).unwrap();
         assert_eq!(spec.targets.len(), 7);
+    }
+
+    #[test]
+    fn a_saved_head_of_a_tied_model_is_an_untied_trained_copy() {
+        // Llama-3.2-1B ties its head to the embedding (128,256 × 2048): PEFT's
+        // modules_to_save = ["lm_head"] trains a copy of it beside the q/v adapters.
+        let m = model();
+        let raw = RawLora {
+            rank: Some(16),
+            target_modules: Some(Targets::Names(vec!["q_proj".into(), "v_proj".into()])),
+            modules_to_save: Some(vec!["lm_head".into()]),
+            ..RawLora::default()
+        };
+        let spec = raw.resolve(&m).unwrap();
+        let ps = parameters(&crate::params::shared(&m), &spec);
+        assert_eq!(trainable_count(&ps), 1_703_936 + 128_256 * 2048);
+        assert_eq!(ps.iter().filter(|p| p.role == Role::Head).count(), 1);
     }
 
     #[test]

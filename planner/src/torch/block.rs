@@ -24,6 +24,10 @@ use crate::units::DType;
 /// normalized input of `weight * normed`): never a LoRA target, so LoRA drops it.
 pub const NORM_WEIGHT: &[&str] = &["norm weight"];
 
+/// What `Saved::linears` names for a tensor kept only for the 3-D expert stacks' weight
+/// gradients: not `nn.Linear`, never a LoRA target.
+pub const EXPERT_WEIGHTS: &[&str] = &["expert stacks"];
+
 /// A tensor a block saves for backward.
 #[derive(Debug, Clone)]
 pub struct Saved {
@@ -219,12 +223,12 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
             blk.keep_core("log-sum-exp", Layout::new(&[d.b, d.heads, d.t], DType::F32));
         }
         Attention::Eager => {
-            // Under autocast softmax runs in fp32 and the second matmul saves its bf16 copy.
-            blk.keep_core(
-                "softmax(scores)",
-                d.scores(if d.autocast { DType::F32 } else { d.c }),
-            );
-            if d.autocast {
+            // `softmax(scores, dtype=float32).to(query.dtype)`: fp32, and where the
+            // compute dtype is narrower (autocast or a bf16 model) the second matmul saves
+            // its bf16 copy.
+            let narrow = d.c != DType::F32;
+            blk.keep_core("softmax(scores)", d.scores(DType::F32));
+            if narrow {
                 blk.keep_core("softmax(scores) bf16", d.scores(d.c));
             }
             // probs @ v is (B, heads, T, D); its contiguous transpose is a copy o_proj saves.
@@ -243,6 +247,11 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
 pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
+    // `hidden_states.to(float32)`: a copy of a bf16 residual stream, kept by `pow` and the
+    // multiply by the reciprocal RMS (an fp32 stream is kept as it is, by the frame).
+    if r != DType::F32 {
+        blk.keep("input_layernorm x.float()", d.tok(d.h, DType::F32));
+    }
     // input_layernorm: fp32 normalized input, then weight * x (fp32 under autocast).
     blk.keep_input("input_layernorm normalized", d.tok(d.h, r), NORM_WEIGHT);
     if d.autocast {
@@ -263,7 +272,13 @@ pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     blk.keep_core("k rotated", d.tok(d.k, c));
     blk.keep_core("v", d.tok(d.k, c));
     attention_core(&mut blk, d, attention, gqa && attention == Attention::Eager);
-    blk.keep("residual after attention", d.tok(d.h, r));
+    // The mid-block residual sum is what the next norm keeps: itself when fp32, else its
+    // fp32 copy (the sum of bf16 tensors is not kept by the add).
+    if r == DType::F32 {
+        blk.keep("residual after attention", d.tok(d.h, r));
+    } else {
+        blk.keep("post_attention_layernorm x.float()", d.tok(d.h, DType::F32));
+    }
     blk.keep_input(
         "post_attention_layernorm normalized",
         d.tok(d.h, r),
@@ -634,12 +649,15 @@ fn decoder(d: &Dims, m: &ModelSpec, attention: Attention) -> Block {
 /// N·k whatever the routing: the saved memory does not depend on it. Only the size of
 /// one expert's group does (N·k/E rows when the routing is uniform, the expected case
 /// modelled here; at most N rows when one expert gets every token, the worst case), and
-/// it enters only the forward transient. Under autocast the measured rows keep more than
-/// this inventory (about 1.5 KB per routed row at hidden 256: `grouped_mm` is not on
-/// autocast's cast list, and which of its tensors stay fp32 is not yet itemized).
+/// it enters only the forward transient. Under autocast every routed tensor is fp32
+/// (`grouped_mm` runs uncast, on the fp32 norm output) and the expert stacks get no
+/// compute-dtype copy.
 fn experts(blk: &mut Block, d: &Dims, m: &ModelSpec, x: DType) {
     let f = &m.features;
-    let (c, e, k, w) = (d.c, f.experts, f.experts_per_token, f.expert_intermediate);
+    let (e, k, w) = (f.experts, f.experts_per_token, f.expert_intermediate);
+    // `grouped_mm` is not on autocast's cast list: the experts compute in the dtype of
+    // their input, the norm's output (fp32 under autocast), with the fp32 stacks.
+    let c = x;
     let n = d.b.saturating_mul(d.t);
     let rows = n.saturating_mul(k);
     let routed = |width: u64, dtype: DType| Layout::new(&[rows, width], dtype);
@@ -654,13 +672,13 @@ fn experts(blk: &mut Block, d: &Dims, m: &ModelSpec, x: DType) {
     );
     // Per expert: the gathered rows (a copy), gate_up's output (kept whole by the gate
     // view), act(gate), the product, down's output (kept by the weighting multiply).
-    blk.keep(
-        "expert rows (gathered)",
-        routed(d.h, if d.autocast { c } else { x }),
-    );
+    // The gathered rows and the product are kept only for the experts' weight gradients
+    // (`grouped_mm` keeps each operand for the other's gradient): LoRA, which leaves the
+    // 3-D expert stacks frozen, drops them.
+    blk.keep_input("expert rows (gathered)", routed(d.h, x), EXPERT_WEIGHTS);
     blk.keep("expert gate_up", routed(2 * w, c));
     blk.keep("expert act(gate)", routed(w, c));
-    blk.keep("expert act(gate) * up", routed(w, c));
+    blk.keep_input("expert act(gate) * up", routed(w, c), EXPERT_WEIGHTS);
     blk.keep("expert down output", routed(d.h, c));
     blk.keep("expert token indices", Layout::new(&[rows], DType::I64));
     let per_expert = rows / e.max(1);

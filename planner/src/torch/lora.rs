@@ -16,9 +16,12 @@
 //! none of them is targeted. QLoRA's quantized linears dequantize their weight to the
 //! compute dtype for each matmul, forward and backward (bitsandbytes 0.50.2
 //! `autograd/_functions.py` `MatMul4Bit`, which keeps only the packed weight): one
-//! out × in transient per matmul, never saved.
+//! out × in transient per matmul, never saved. An 8-bit base linear (`Linear8bitLt`)
+//! keeps its input: the CPU training path (`MatMul8bitFp`) stores it as `ctx.A`
+//! unconditionally, and the CUDA one (`MatMul8bitLt`) in `ctx.tensors` once anything
+//! upstream needs a gradient.
 
-use super::block::{Block, Dims, Saved};
+use super::block::{Block, Dims, Saved, EXPERT_WEIGHTS, NORM_WEIGHT};
 use crate::lora::{module_of, LoraSpec};
 use crate::params::Param;
 use crate::spec::Quantize;
@@ -35,10 +38,12 @@ fn shapes(params: &[Param]) -> Vec<(&str, u64, u64)> {
 }
 
 /// The block as LoRA runs it: what the frozen linears and the adapters keep, then the
-/// quantized base's dequantized transients.
-pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block {
+/// quantized base's dequantized transients. `input_grad`: whether the block's input
+/// requires grad (false for the first block when the embedding is frozen and nothing
+/// calls `enable_input_require_grads`, as gradient checkpointing does).
+pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims, input_grad: bool) -> Block {
     let shapes = shapes(params);
-    let mut saved = adapter_inputs(blk, lora, d);
+    let mut saved = adapter_inputs(blk, lora, &shapes, d, input_grad);
     adapter_outputs(&mut saved, &shapes, lora, d);
     let mut out = Block {
         saved,
@@ -57,59 +62,103 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims) -> Block
 
 /// The block's saved tensors: those only frozen linears needed are dropped, and each
 /// targeted linear's input gains the adapter's copies (dropout's noise and dropped input,
-/// the fp32 cast).
-fn adapter_inputs(blk: &Block, lora: &LoraSpec, d: &Dims) -> Vec<Saved> {
+/// the fp32 cast). A targeted linear whose input the block keeps for something else
+/// (o_proj reading sdpa's output) gains the same copies.
+///
+/// Without `input_grad`, autograd records nothing until the first adapter: what comes
+/// before it (the norm's upcast, frozen attention, the residual) is not saved, and the
+/// first adapters' dropout keeps no noise (its input needs no gradient); `lora_A` still
+/// keeps its input for its weight's gradient. The rule needs every targeted linear's place
+/// in the list: it is not applied where one has no entry (OLMo 2's projections read the
+/// block input itself), except o_proj after targeted attention inputs.
+fn adapter_inputs(
+    blk: &Block,
+    lora: &LoraSpec,
+    shapes: &[(&str, u64, u64)],
+    d: &Dims,
+    input_grad: bool,
+) -> Vec<Saved> {
     let mut saved: Vec<Saved> = Vec::with_capacity(blk.saved.len() + 8);
-    let drop = lora.dropout > 0.0;
+    let targeted = |m: &str| lora.targets.iter().any(|t| t == m);
+    let covered = |m: &str| blk.saved.iter().any(|sv| sv.linears.contains(&m));
+    let uncovered = |s: &&(&str, u64, u64)| targeted(s.0) && !covered(s.0);
+    // Until the first adapter, nothing requires grad; after it, everything downstream.
+    let attention_in = ["q_proj", "k_proj", "v_proj", "qkv_proj"]
+        .iter()
+        .any(|m| targeted(m));
+    let unordered = shapes
+        .iter()
+        .any(|s| uncovered(&s) && (s.0 != "o_proj" || !attention_in));
+    let mut before = !input_grad && !unordered;
+    let mut seen_target = false;
+    let int8 = lora.quantize == Quantize::Int8;
     for sv in &blk.saved {
         if sv.linears.is_empty() {
-            saved.push(sv.clone());
+            before &= !seen_target;
+            if !before {
+                saved.push(sv.clone());
+            }
             continue;
         }
-        let targeted = sv
-            .linears
-            .iter()
-            .filter(|m| lora.targets.iter().any(|t| t == *m))
-            .count();
-        if targeted == 0 {
+        let n = sv.linears.iter().filter(|m| targeted(m)).count();
+        // An int8 base linear keeps its input whether or not it is targeted.
+        let base_keeps = int8 && sv.linears != NORM_WEIGHT && sv.linears != EXPERT_WEIGHTS;
+        if n == 0 {
+            if base_keeps {
+                saved.push(sv.clone());
+            }
             continue;
         }
-        let x = &sv.layout;
-        // Adapters are fp32; without autocast an input of another dtype is cast.
-        let cast = !d.autocast && x.dtype != DType::F32;
-        if !cast && !drop {
+        seen_target = true;
+        if base_keeps || !copies_input(lora, &sv.layout) {
             saved.push(sv.clone());
         }
-        for _ in 0..targeted {
-            let shape = &x.shape;
-            if drop {
-                // On the CPU `dropout` is `x * noise`, the noise a float tensor of x's
-                // dtype (fp32 under autocast: dropout runs before lora_A's cast).
-                let noise = if d.autocast {
-                    DType::F32
-                } else {
-                    x.dtype.max_f32(cast)
-                };
-                push(&mut saved, "lora dropout noise", Layout::new(shape, noise));
-            }
-            if d.autocast {
-                if drop {
-                    push(
-                        &mut saved,
-                        "lora_A input (dropped, compute copy)",
-                        x.clone(),
-                    );
-                }
-            } else if cast || drop {
-                push(
-                    &mut saved,
-                    "lora_A input (fp32)",
-                    Layout::new(shape, DType::F32),
-                );
-            }
+        for _ in 0..n {
+            adapter_copies(&mut saved, lora, &sv.layout, d, !before);
+        }
+    }
+    for (_, _, cols) in shapes.iter().filter(uncovered) {
+        // Kept anyway in the compute dtype; the adapter's copies come on top.
+        let x = d.tok(*cols, d.c);
+        if copies_input(lora, &x) {
+            adapter_copies(&mut saved, lora, &x, d, true);
         }
     }
     saved
+}
+
+/// Whether `lora_A` keeps a new tensor rather than its input `x` itself: dropout's
+/// output, PEFT's cast to the fp32 adapter (`x.to(lora_A.weight.dtype)`), or, under
+/// autocast, the compute-dtype copy of that fp32 cast.
+fn copies_input(lora: &LoraSpec, x: &Layout) -> bool {
+    lora.dropout > 0.0 || x.dtype != DType::F32
+}
+
+/// What one adapter keeps of its input `x`: dropout's noise, and `lora_A`'s own copy.
+/// `noise`: whether dropout keeps its noise (its input requires grad).
+fn adapter_copies(saved: &mut Vec<Saved>, lora: &LoraSpec, x: &Layout, d: &Dims, noise: bool) {
+    let drop = lora.dropout > 0.0;
+    let cast = !d.autocast && x.dtype != DType::F32;
+    let shape = &x.shape;
+    if drop && noise {
+        // On the CPU `dropout` is `x * noise`, the noise a float tensor of x's dtype
+        // (fp32 under autocast: dropout runs before lora_A's cast).
+        let noise = if d.autocast || cast {
+            DType::F32
+        } else {
+            x.dtype
+        };
+        push(saved, "lora dropout noise", Layout::new(shape, noise));
+    }
+    if d.autocast {
+        push(
+            saved,
+            "lora_A input (compute-dtype copy)",
+            Layout::new(shape, d.c),
+        );
+    } else if cast || drop {
+        push(saved, "lora_A input (fp32)", Layout::new(shape, DType::F32));
+    }
 }
 
 /// Each targeted linear's `A x` (kept by `lora_B`), and with DoRA the two outputs its
@@ -151,21 +200,6 @@ fn push(saved: &mut Vec<Saved>, name: &'static str, layout: Layout) {
     });
 }
 
-/// fp32 where PEFT casts the input to the fp32 adapters first.
-trait Widen {
-    fn max_f32(self, cast: bool) -> DType;
-}
-
-impl Widen for DType {
-    fn max_f32(self, cast: bool) -> DType {
-        if cast {
-            DType::F32
-        } else {
-            self
-        }
-    }
-}
-
 /// The largest quantized linear's weight, dequantized to the compute dtype.
 fn dequantized(shapes: &[(&str, u64, u64)], lora: &LoraSpec) -> Layout {
     let (rows, cols) = shapes
@@ -189,9 +223,10 @@ pub fn stored(p: &Param, run_dtype: DType, lora: Option<&LoraSpec>) -> Vec<(&'st
 }
 
 /// Whether autocast keeps a compute-dtype copy of `p` (a quantized weight is
-/// dequantized for each matmul instead).
+/// dequantized for each matmul instead; the 3-D expert stacks go to `grouped_mm`, which
+/// autocast does not cast).
 pub fn copied(p: &Param, lora: Option<&LoraSpec>) -> bool {
-    lora.is_none_or(|l| !l.quantized(p) || p.trainable)
+    !p.name.contains("mlp.experts.") && lora.is_none_or(|l| !l.quantized(p) || p.trainable)
 }
 
 /// Whether the output layer has a gradient (full fine-tuning, or LoRA with `lm_head`

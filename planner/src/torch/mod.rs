@@ -70,6 +70,8 @@ struct Run<'a> {
     recipe: Recipe,
     /// The block of the layers that attend through a sliding window with a mask.
     windowed: Option<Block>,
+    /// LoRA's first block when its input needs no gradient (`lora::adjust`).
+    first: Option<Block>,
 }
 
 impl Run<'_> {
@@ -90,9 +92,21 @@ impl Run<'_> {
         let d = Dims::new(m, t);
         let mut recipe = implementation(spec).recipe(m, t);
         let mut windowed = block::windowed(&recipe.encoder, m, t);
+        let mut first = None;
         if let Some(l) = &spec.lora {
-            recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d);
-            windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d));
+            let raw = match &windowed {
+                Some(w) if m.features.sliding(0) => w,
+                _ => &recipe.encoder,
+            };
+            // Checkpointing makes the embedding output require grad
+            // (`enable_input_require_grads`); so does a trained embedding.
+            let input_grad = t.checkpointing != Checkpointing::None
+                || l.modules_to_save.iter().any(|s| s == "embed_tokens");
+            if !input_grad {
+                first = Some(lora::adjust(raw, l, &params, &d, false));
+            }
+            recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d, true);
+            windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d, true));
         }
         Run {
             m,
@@ -110,10 +124,14 @@ impl Run<'_> {
             d,
             recipe,
             windowed,
+            first,
         }
     }
 
     fn block(&self, l: u64) -> &Block {
+        if let (0, Some(f)) = (l, &self.first) {
+            return f;
+        }
         match &self.windowed {
             Some(w) if self.m.features.sliding(l) => w,
             _ => self.recipe.block(l, self.m.num_layers),

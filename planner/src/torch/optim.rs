@@ -126,7 +126,7 @@ pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) -> u64 
     let shard = shard.max(1);
     let mut paged = 0u64;
     for p in params {
-        let st = state_of(p, t.optimizer, sd, shard);
+        let st = state_of(p, t.optimizer, p.dtype.unwrap_or(sd), shard);
         paged = paged.saturating_add(st.paged);
         let bytes = match &st.extent {
             Extent::Shard(l, r) => l.bytes().0.div_ceil(*r),
@@ -173,6 +173,7 @@ fn effective(opt: Optimizer, role: Role) -> Optimizer {
     }
 }
 
+/// The state dtype of parameters without their own (LoRA's fp32 adapters have theirs).
 fn state_dtype(p: Precision) -> DType {
     match p {
         Precision::Bf16 => DType::Bf16,
@@ -225,7 +226,7 @@ fn foreach_sqrt(s: &mut Step, ps: &[&Param], t: &TrainSpec, shard: u64) {
             s.alloc(
                 Name::of("adamw foreach sqrt(exp_avg_sq) of ", &p.name, ""),
                 Component::Temporaries,
-                part(p, shard, sd),
+                part(p, shard, p.dtype.unwrap_or(sd)),
             )
         })
         .collect();
@@ -235,7 +236,7 @@ fn foreach_sqrt(s: &mut Step, ps: &[&Param], t: &TrainSpec, shard: u64) {
 /// The temporaries of stepping one parameter on its own: the single-tensor loops, and each
 /// hook of an optimizer stepped inside backward.
 pub fn per_param(s: &mut Step, p: &Param, t: &TrainSpec, cuda: bool, shard: u64) {
-    let sd = state_dtype(t.precision);
+    let sd = p.dtype.unwrap_or(state_dtype(t.precision));
     let n = p.numel().div_ceil(shard.max(1));
     let opt = effective(t.optimizer, p.role);
     match opt {
