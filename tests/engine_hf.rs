@@ -229,3 +229,57 @@ fn transformers_loads_an_exported_run_with_the_engines_logits() {
         assert!(diff <= 1e-4, "{case}: max |engine − transformers| = {diff}");
     }
 }
+
+#[test]
+fn a_run_from_random_weights_exports_a_config_transformers_reads() {
+    // transformers 5.24's from_pretrained on such an export: LlamaForCausalLM, no missing,
+    // unexpected or mismatched keys (checked by hand; the engine's reading is checked here).
+    let d = tmp("export-plan");
+    let plan = d.join("plan.toml");
+    std::fs::write(
+        &plan,
+        "[model]\nname = \"tiny\"\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nintermediate_size = 128\nvocab_size = 256\ntie_embeddings = false\n[train]\nmicro_batch = 2\nseq_len = 16\nengine = \"candle\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"cpu\"\n",
+    )
+    .unwrap();
+    let (out, export) = (d.join("run"), d.join("hf"));
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join(hf::CONFIG)).unwrap()).unwrap();
+    for (key, want) in [
+        ("architectures", serde_json::json!(["LlamaForCausalLM"])),
+        ("model_type", "llama".into()),
+        ("hidden_size", 64.into()),
+        ("intermediate_size", 128.into()),
+        ("num_key_value_heads", 2.into()),
+        ("head_dim", 16.into()),
+        ("rms_norm_eps", 1e-6.into()),
+        ("rope_theta", 10000.0.into()),
+        ("tie_word_embeddings", false.into()),
+        ("dtype", "float32".into()),
+    ] {
+        assert_eq!(config[key], want, "{key}");
+    }
+    let l = checkpoint::latest(&out).unwrap();
+    let (_, again) = hf::load_model(&export).unwrap();
+    let trained = restored(&again.spec, &l);
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 37 + 11) % 256).collect();
+    assert_eq!(
+        max_diff(&logits_of(&again, &tokens), &logits_of(&trained, &tokens)),
+        0.0
+    );
+}
