@@ -48,6 +48,15 @@ fn open(env: &Env, a: &Args) -> Result<(Model, usize, Option<PathBuf>)> {
             .and_then(|v| v.get("max_position_embeddings")?.as_u64())
             .map_or(INIT_CONTEXT, |n| n as usize);
         let tok = dir.join(checkpoint::TOKENIZER);
+        if !tok.is_file() && p.spec.vocab_size < 256 {
+            return Err(bad(
+                &dir.display().to_string(),
+                format!(
+                    "no tokenizer.json, and vocab_size {} is too small for bytes (256)",
+                    p.spec.vocab_size
+                ),
+            ));
+        }
         return Ok((model, ctx, tok.is_file().then_some(tok)));
     }
     let path = a.checkpoint.clone().unwrap_or_default();
