@@ -39,9 +39,12 @@ pub enum Command {
     /// The validation loss of several checkpoints written by `train`.
     #[cfg(feature = "engine")]
     Eval(cmd::eval::Args),
-    /// Generate text from a checkpoint written by `train`.
+    /// Generate text from a checkpoint written by `train`, or from a Hugging Face folder.
     #[cfg(feature = "engine")]
     Sample(cmd::sample::Args),
+    /// A checkpoint written by `train` as a Hugging Face folder (`from_pretrained` loads it).
+    #[cfg(feature = "engine")]
+    Export(cmd::export::Args),
     /// GPU presets, and the GPUs NVML detects.
     Gpus(cmd::gpus::Args),
     /// Model presets.
@@ -84,6 +87,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Eval(a) => cmd::eval::run(&env, a),
         #[cfg(feature = "engine")]
         Command::Sample(a) => cmd::sample::run(&env, a),
+        #[cfg(feature = "engine")]
+        Command::Export(a) => cmd::export::run(&env, a),
         Command::Gpus(a) => cmd::gpus::run(&env, a),
         Command::Models(a) => cmd::models::run(&env, a),
         #[cfg(feature = "engine")]

@@ -1,6 +1,7 @@
 mod accuracy;
 mod cli;
 mod diagnose;
+mod engine_hf;
 mod fuzz_cli;
 mod launch;
 mod oom_corpus;

@@ -566,14 +566,26 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "adamw | adamw-8bit | sgd | adafactor for t5",
         ));
     }
-    if t.engine == Engine::Candle && !matches!(m.arch, Arch::Llama | Arch::Nanochat) {
+    let candle_arch = matches!(
+        m.arch,
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Nanochat
+    );
+    if t.engine == Engine::Candle && !candle_arch {
         return Err(PlanError::invalid(
             "train.engine",
             "\"candle\"",
             format!(
-                "torch for arch {}; the candle engine trains llama and nanochat",
+                "torch for arch {}; the candle engine trains llama, qwen2, qwen3 and nanochat",
                 m.arch
             ),
+        ));
+    }
+    // The engine's attention has one mask for all layers: a window on every layer or none.
+    if t.engine == Engine::Candle && m.features.sliding_window > 0 && m.features.global_every > 0 {
+        return Err(PlanError::invalid(
+            "model.global_every",
+            m.features.global_every,
+            "0 on the candle engine: it windows every layer or none",
         ));
     }
     crate::torch::check_implementation(m, t)?;

@@ -7,6 +7,8 @@ pub mod diagnose;
 pub mod estimate;
 #[cfg(feature = "engine")]
 pub mod eval;
+#[cfg(feature = "engine")]
+pub mod export;
 pub mod fit;
 pub mod gpus;
 pub mod models;

@@ -1,20 +1,29 @@
-//! `vramplan sample --checkpoint DIR --prompt "..."`: generate bytes from a checkpoint
-//! written by `vramplan train`.
+//! `vramplan sample --checkpoint DIR --prompt "..."`: generate from a checkpoint written by
+//! `vramplan train`, or (`--init DIR`) from a Hugging Face checkpoint folder.
 
 use crate::exit::bad;
 use crate::load::{self, Env};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan::engine::{checkpoint, model::Model, rng::Rng, step};
+use vramplan::engine::{checkpoint, eval, hf, model::Model, rng::Rng, step};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A checkpoint folder (ckpt-*) or a training output folder (its newest checkpoint).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "init",
+        conflicts_with = "init"
+    )]
+    pub checkpoint: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder (config.json + model.safetensors or shards), with
+    /// its tokenizer.json when it has one (else bytes).
     #[arg(long, value_name = "DIR")]
-    pub checkpoint: PathBuf,
+    pub init: Option<PathBuf>,
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// Tokens to generate (bytes, unless the run trained with a tokenizer).
@@ -27,34 +36,54 @@ pub struct Args {
     pub seed: u64,
 }
 
-pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
-    let name = a.checkpoint.display().to_string();
-    if !a.checkpoint.exists() {
+/// The context window `--init` samples with where the config gives none.
+const INIT_CONTEXT: usize = 2048;
+
+/// The model, its context window and the tokenizer.json it reads text with (if any).
+fn open(env: &Env, a: &Args) -> Result<(Model, usize, Option<PathBuf>)> {
+    if let Some(dir) = &a.init {
+        let (p, model) = hf::load_model(dir)?;
+        let ctx = serde_json::from_str::<serde_json::Value>(&p.config)
+            .ok()
+            .and_then(|v| v.get("max_position_embeddings")?.as_u64())
+            .map_or(INIT_CONTEXT, |n| n as usize);
+        let tok = dir.join(checkpoint::TOKENIZER);
+        if !tok.is_file() && p.spec.vocab_size < 256 {
+            return Err(bad(
+                &dir.display().to_string(),
+                format!(
+                    "no tokenizer.json, and vocab_size {} is too small for bytes (256)",
+                    p.spec.vocab_size
+                ),
+            ));
+        }
+        return Ok((model, ctx, tok.is_file().then_some(tok)));
+    }
+    let path = a.checkpoint.clone().unwrap_or_default();
+    let name = path.display().to_string();
+    if !path.exists() {
         return Err(bad(&name, "no such checkpoint folder"));
     }
-    let l = checkpoint::latest(&a.checkpoint).map_err(|e| bad(&name, format!("{e:#}")))?;
+    let l = checkpoint::latest(&path).map_err(|e| bad(&name, format!("{e:#}")))?;
     let loaded = load::resolve_text(env, &format!("{name} (plan)"), &l.meta.plan, Path::new("."))?;
-    let model = Model::new(
-        &loaded.spec.model,
-        DType::F32,
-        DType::F32,
-        &Device::Cpu,
-        &mut Rng::new(0),
-    )?;
-    checkpoint::restore(&l, &model, None)?;
-    let ctx = loaded.spec.train.seq_len as usize;
-    let hf = if l.meta.tokenizer {
-        let path = l
-            .dir
+    let model = eval::restored(&loaded.spec, &l)?;
+    let tok = l.meta.tokenizer.then(|| {
+        l.dir
             .parent()
             .unwrap_or(Path::new("."))
-            .join(checkpoint::TOKENIZER);
-        Some(
-            tokenizers::Tokenizer::from_file(&path)
+            .join(checkpoint::TOKENIZER)
+    });
+    Ok((model, loaded.spec.train.seq_len as usize, tok))
+}
+
+pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
+    let (model, ctx, tokenizer) = open(env, &a)?;
+    let hf = match &tokenizer {
+        Some(path) => Some(
+            tokenizers::Tokenizer::from_file(path)
                 .map_err(|e| bad(&path.display().to_string(), format!("tokenizer: {e}")))?,
-        )
-    } else {
-        None
+        ),
+        None => None,
     };
     let mut toks: Vec<u32> = match &hf {
         Some(t) => t

@@ -9,7 +9,7 @@ use crate::load::{self, Env, Loaded};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan::engine::{self, capability, checkpoint::Keep, device::Choice, overrides};
+use vramplan::engine::{self, capability, checkpoint::Keep, device::Choice, hf, overrides};
 use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Report};
 
 #[derive(Debug, clap::Args)]
@@ -21,6 +21,12 @@ pub struct Args {
     /// initialized, in place of the plan's [model].
     #[arg(long, value_name = "NAME|config.json")]
     pub model: Option<String>,
+    /// Start from a Hugging Face checkpoint folder (config.json, and model.safetensors or
+    /// the shards of model.safetensors.index.json): llama / SmolLM2, mistral, qwen2, qwen3.
+    /// Without a plan the model is its config's; with one, the plan's model must be it.
+    /// Its tokenizer.json is the default --tokenizer.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub init: Option<PathBuf>,
     /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
@@ -90,6 +96,8 @@ pub struct Planned {
     pub device: Choice,
     /// The plan as written, when it was for the torch engine and has been translated.
     pub torch: Option<Loaded>,
+    /// The checkpoint `--init` names.
+    pub init: Option<hf::Pretrained>,
 }
 
 /// Reads the plan (the file, the checkpoint's on `--resume` without one, or the built-in
@@ -117,9 +125,12 @@ pub fn plan(env: &Env, a: &Args, prior: Option<&str>, device: Choice) -> Result<
         .and_then(|p| p.parent())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    let init = a.init.as_deref().map(hf::read).transpose()?;
     let mut raw = loaded.raw.clone();
     if let Some(m) = &a.model {
         raw.model = load::model_arg(m);
+    } else if let (Some(p), None, None) = (&init, &a.plan, prior) {
+        raw.model = hf::raw_model(&p.spec);
     }
     let mut raw = overrides::apply(&raw, &a.set)?;
     if let Some(gib) = a.memory_limit {
@@ -151,12 +162,16 @@ pub fn plan(env: &Env, a: &Args, prior: Option<&str>, device: Choice) -> Result<
             .map_err(|e| anyhow::anyhow!("{}: {e}", written.name))?
     };
     let l = load::resolve_raw(env, &written.name, raw, &dir)?;
+    if let Some(p) = &init {
+        hf::check_matches(&l.spec.model, &l.name, p)?;
+    }
     let torch = (written.spec.train.engine != Engine::Candle).then_some(written);
     Ok(Planned {
         loaded: l,
         text,
         device,
         torch,
+        init,
     })
 }
 
@@ -346,7 +361,11 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => (planned.loaded, planned.text, report),
     };
     let spec = &loaded.spec;
-    match &a.tokenizer {
+    let tokenizer = a
+        .tokenizer
+        .clone()
+        .or(init_tokenizer(planned.init.as_ref()));
+    match &tokenizer {
         Some(p) => drop(engine::load_tokenizer(p, spec)?),
         None => engine::check_vocab(spec)?,
     }
@@ -378,7 +397,13 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         force: a.force,
         stop_at: a.stop_at,
         data: a.data.clone(),
-        tokenizer: a.tokenizer.clone(),
+        tokenizer,
+        hf_config: planned
+            .init
+            .as_ref()
+            .map(|p| p.config.clone())
+            .or(prior.as_ref().and_then(|m| m.hf_config.clone())),
+        init: planned.init.as_ref().map(|p| p.dir.clone()),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,
         device,
@@ -390,6 +415,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => println!("{}", finished(&a, prior.as_ref(), steps)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The tokenizer.json of the `--init` checkpoint, if it has one.
+fn init_tokenizer(init: Option<&hf::Pretrained>) -> Option<PathBuf> {
+    init.map(|p| p.dir.join(engine::checkpoint::TOKENIZER))
+        .filter(|p| p.is_file())
 }
 
 /// What a resumed run that had no step left says.

@@ -48,6 +48,10 @@ pub struct Meta {
     /// File name → `crc32:XXXXXXXX` of its bytes, checked on load.
     #[serde(default)]
     pub checksums: BTreeMap<String, String>,
+    /// The Hugging Face `config.json` the run started from (`train --init`): its RMSNorm
+    /// epsilon and RoPE base, and what `export` writes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_config: Option<String>,
 }
 
 pub const STATE: &str = "state.safetensors";
@@ -132,7 +136,7 @@ fn write_folder(tmp: &Path, model: &Model, opt: &AdamW, meta: &Meta, wrap: Wrap)
         tensors.insert(format!("adam.v.{n}"), v);
     }
     let crc = fsutil::write_synced(&tmp.join(STATE), |w| {
-        write_safetensors(&mut wrap(w), &tensors)
+        write_safetensors(&mut wrap(w), &tensors, None)
     })?;
     let mut meta = meta.clone();
     meta.checksums.insert(STATE.to_string(), checksum(crc));
@@ -160,10 +164,12 @@ fn named_in(e: Error, tmp: &Path, dst: &Path) -> Error {
 /// The safetensors format (a little-endian u64 header length, the JSON header, padded
 /// with spaces to 8 bytes, then each tensor's bytes in the header's order), streamed to
 /// `w` one tensor at a time; returns the CRC-32 of everything written. Tensors are
-/// stored in f32 (the engine's master weights and moments), f64 kept as f64.
-fn write_safetensors(
+/// stored in f32 (the engine's master weights and moments), f64 kept as f64; `metadata`
+/// is the header's `__metadata__`.
+pub(crate) fn write_safetensors(
     w: &mut dyn Write,
     tensors: &BTreeMap<String, &Tensor>,
+    metadata: Option<&BTreeMap<String, String>>,
 ) -> std::io::Result<u32> {
     let stored = |t: &Tensor| {
         if t.dtype() == DType::F64 {
@@ -173,6 +179,9 @@ fn write_safetensors(
         }
     };
     let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
     let mut offset = 0usize;
     for (n, t) in tensors {
         let len = t.elem_count() * stored(t).size_in_bytes();

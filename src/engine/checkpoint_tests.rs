@@ -47,6 +47,7 @@ fn meta(step: u64, val_loss: Option<f64>) -> Meta {
         val_loss,
         tokenizer: false,
         checksums: BTreeMap::new(),
+        hf_config: None,
     }
 }
 

@@ -12,6 +12,20 @@ use candle_core::{DType, Device};
 use std::path::Path;
 use vramplan_planner::RunSpec;
 
+/// The model of checkpoint `l` (whose plan resolves to `spec`), in f32 on the CPU.
+pub fn restored(spec: &RunSpec, l: &Loaded) -> Result<Model> {
+    let mut model = Model::new(
+        &spec.model,
+        DType::F32,
+        DType::F32,
+        &Device::Cpu,
+        &mut Rng::new(0),
+    )?;
+    model.numerics = crate::engine::hf::numerics_of(l.meta.hf_config.as_deref());
+    checkpoint::restore(l, &model, None)?;
+    Ok(model)
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Evaluation {
     pub checkpoint: String,
@@ -33,14 +47,7 @@ pub fn evaluate(spec: &RunSpec, l: &Loaded, data: Option<&Path>) -> Result<Evalu
         None
     };
     let corpus = corpus(spec, data, &hf)?;
-    let model = Model::new(
-        &spec.model,
-        DType::F32,
-        DType::F32,
-        &Device::Cpu,
-        &mut Rng::new(0),
-    )?;
-    checkpoint::restore(l, &model, None)?;
+    let model = restored(spec, l)?;
     let val_loss = validate(&model, &corpus, spec)?;
     Ok(Evaluation {
         checkpoint: l.dir.display().to_string(),

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod overrides;

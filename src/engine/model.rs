@@ -4,8 +4,16 @@
 //! - `nanochat` (karpathy/nanochat `gpt.py`): `x = norm(wte[ids])`; per block
 //!   `x += attn(norm(x))`, `x += c_proj(relu(c_fc(norm(x)))²)`, parameter-free RMSNorm,
 //!   RoPE then QK-norm, untied `lm_head`, logits `15·tanh(z/15)`.
-//! - `llama` (transformers `modeling_llama.py`): RMSNorm with weights, SwiGLU
-//!   `down(silu(gate(x))·up(x))`, grouped-query attention, logits `h·wteᵀ` (tied).
+//! - `llama` (transformers `modeling_llama.py`; also Mistral and SmolLM2): RMSNorm with
+//!   weights, SwiGLU `down(silu(gate(x))·up(x))`, grouped-query attention, RoPE as
+//!   transformers rotates (`x·cos + rotate_half(x)·sin`, the opposite sense to nanochat's),
+//!   logits `h·wteᵀ` (tied) or `h·lm_headᵀ`; a sliding window where the config has one.
+//! - `qwen2` (`modeling_qwen2.py`): llama with biases on q, k and v.
+//! - `qwen3` (`modeling_qwen3.py`): llama with an RMSNorm (weights, width `head_dim`) on
+//!   each head of q and k before RoPE.
+//!
+//! RMSNorm's epsilon and RoPE's base are the config's ([`Numerics`]); a plan without a
+//! config.json gets transformers' `LlamaConfig` defaults (1e-6, 10,000).
 //!
 //! Activations are `(N, C)` with `N = batch·seq` rows; attention reshapes to `(B, H, T, D)`.
 //! Parameters are named as [`vramplan_planner::parameters`] lists them.
@@ -22,12 +30,28 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 use vramplan_planner::{Arch, ModelSpec, Role};
 
-/// RMSNorm epsilon (PyTorch's `F.rms_norm` default for f32 is its machine epsilon; 1e-6 is
-/// Llama's and harmless for both).
-const EPS: f64 = 1e-6;
 /// nanochat's logit soft-cap.
 const SOFTCAP: f64 = 15.0;
-const ROPE_BASE: f64 = 10_000.0;
+
+/// The numbers a config.json gives beyond the model's shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Numerics {
+    /// RMSNorm epsilon (`rms_norm_eps`).
+    pub rms_eps: f64,
+    /// RoPE base (`rope_theta`).
+    pub rope_theta: f64,
+}
+
+impl Default for Numerics {
+    /// transformers' `LlamaConfig` defaults, also the engine's nanochat (PyTorch's
+    /// `F.rms_norm` default for f32 is its machine epsilon; 1e-6 is harmless for both).
+    fn default() -> Numerics {
+        Numerics {
+            rms_eps: 1e-6,
+            rope_theta: 10_000.0,
+        }
+    }
+}
 
 pub struct Model {
     pub spec: ModelSpec,
@@ -37,6 +61,7 @@ pub struct Model {
     pub compute: DType,
     pub device: Device,
     pub params: BTreeMap<String, Var>,
+    pub numerics: Numerics,
 }
 
 /// `x` in at least f32 (f64 stays f64).
@@ -49,10 +74,10 @@ pub fn wide(x: &Tensor) -> Result<Tensor> {
 
 /// `x / sqrt(mean(x²) + eps)` over the last dimension, computed in at least f32 and
 /// returned in `x`'s dtype.
-pub fn rms(x: &Tensor) -> Result<Tensor> {
+pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
     let xf = wide(x)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    xf.broadcast_div(&(ms + EPS)?.sqrt()?)?.to_dtype(x.dtype())
+    xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())
 }
 
 /// `x · wᵀ`.
@@ -60,48 +85,68 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-/// Rotary tables `(T, D/2)`.
+/// Rotary tables `(T, D/2)`, and the sense of the rotation.
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// transformers' sense (`rotate_half`) rather than nanochat's.
+    hf: bool,
 }
 
 impl Rope {
-    pub fn new(t: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Rope> {
+    /// The tables of `model` for sequences of `t`: frequencies `base^(−2i/D)`, in `dtype`.
+    pub fn new(model: &Model, t: usize, dtype: DType) -> Result<Rope> {
+        let head_dim = model.spec.head_dim as usize;
+        let base = model.numerics.rope_theta;
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for pos in 0..t {
             for i in 0..half {
-                let freq = ROPE_BASE.powf(-(2.0 * i as f64) / head_dim as f64);
+                let freq = base.powf(-(2.0 * i as f64) / head_dim as f64);
                 let a = pos as f64 * freq;
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
         }
-        let mk = |v: Vec<f64>| Tensor::from_vec(v, (t, half), device)?.to_dtype(dtype);
+        let mk = |v: Vec<f64>| Tensor::from_vec(v, (t, half), &model.device)?.to_dtype(dtype);
         Ok(Rope {
             cos: mk(cos)?,
             sin: mk(sin)?,
+            hf: model.spec.arch != Arch::Nanochat,
         })
     }
 
-    /// `(x1, x2) → (x1·cos + x2·sin, x2·cos − x1·sin)` on `(B, H, T, D)`.
+    /// On `(B, H, T, D)` with halves `(x1, x2)`: transformers' `(x1·cos − x2·sin,
+    /// x2·cos + x1·sin)`, or nanochat's `(x1·cos + x2·sin, x2·cos − x1·sin)`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(3)?;
         let x1 = x.narrow(3, 0, d / 2)?;
         let x2 = x.narrow(3, d / 2, d / 2)?;
-        let y1 = (x1.broadcast_mul(&self.cos)? + x2.broadcast_mul(&self.sin)?)?;
-        let y2 = (x2.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        let (c1, c2) = (x1.broadcast_mul(&self.cos)?, x2.broadcast_mul(&self.cos)?);
+        let (s1, s2) = (x1.broadcast_mul(&self.sin)?, x2.broadcast_mul(&self.sin)?);
+        let (y1, y2) = if self.hf {
+            ((c1 - s2)?, (c2 + s1)?)
+        } else {
+            ((c1 + s2)?, (c2 - s1)?)
+        };
         Tensor::cat(&[y1, y2], 3)
     }
 }
 
-/// The additive causal mask `(T, T)`: 0 on and below the diagonal, −1e9 above; f32 (f64
-/// for an f64 model), added to the scores after they are widened.
-pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// The additive causal mask `(T, T)`: 0 where query `i` sees key `j` (`j ≤ i`, and with a
+/// sliding window `window > 0` also `i − j < window`, as transformers' Mistral masks),
+/// −1e9 elsewhere; f32 (f64 for an f64 model), added to the scores after they are widened.
+pub fn causal_mask(t: usize, window: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = (0..t * t)
-        .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
+        .map(|i| {
+            let (q, k) = (i / t, i % t);
+            if k > q || (window > 0 && q - k >= window) {
+                -1e9
+            } else {
+                0.0
+            }
+        })
         .collect();
     let wide = if dtype == DType::F64 {
         DType::F64
@@ -135,7 +180,9 @@ impl Model {
                 }
                 Role::Matrix => 1.0 / (cols as f64).sqrt(),
             };
-            let t = if p.role == Role::Vector {
+            let t = if p.name.ends_with(".bias") {
+                Tensor::zeros(rows * cols, dtype, device)?
+            } else if p.role == Role::Vector {
                 Tensor::ones(rows * cols, dtype, device)?
             } else {
                 let v: Vec<f64> = (0..rows * cols).map(|_| rng.normal() * std).collect();
@@ -151,6 +198,7 @@ impl Model {
             compute,
             device: device.clone(),
             params,
+            numerics: Numerics::default(),
         })
     }
 
@@ -180,15 +228,16 @@ impl Model {
             .embedding(ids)?
             .to_dtype(self.compute)?;
         match self.spec.arch {
-            Arch::Nanochat => rms(&x),
+            Arch::Nanochat => rms(&x, self.numerics.rms_eps),
             _ => Ok(x),
         }
     }
 
     fn norm(&self, x: &Tensor, weight: &str) -> Result<Tensor> {
+        let y = rms(x, self.numerics.rms_eps)?;
         match self.spec.arch {
-            Arch::Nanochat => rms(x),
-            _ => rms(x)?.broadcast_mul(&self.w(weight)?),
+            Arch::Nanochat => Ok(y),
+            _ => y.broadcast_mul(&self.w(weight)?),
         }
     }
 
@@ -250,13 +299,33 @@ impl Model {
             ],
         };
         let w = |i: usize| self.w(&format!("layers.{l}.{}.weight", names[i]));
-        let heads = |y: Tensor, h: usize| y.reshape((b, t, h, hd))?.transpose(1, 2);
-        let mut q = rope.apply(&heads(linear(x, &w(0)?)?, nh)?)?;
-        let mut k = rope.apply(&heads(linear(x, &w(1)?)?, nkv)?)?;
-        let mut v = heads(linear(x, &w(2)?)?, nkv)?;
-        if s.arch == Arch::Nanochat {
-            q = rms(&q)?;
-            k = rms(&k)?;
+        // q, k, v as heads `(B, H, T, D)`, with Qwen2's biases.
+        let project = |i: usize, h: usize| -> Result<Tensor> {
+            let mut y = linear(x, &w(i)?)?;
+            if s.arch == Arch::Qwen2 {
+                y = y.broadcast_add(&self.w(&format!("layers.{l}.{}.bias", names[i]))?)?;
+            }
+            y.reshape((b, t, h, hd))?.transpose(1, 2)
+        };
+        let (mut q, mut k, mut v) = (project(0, nh)?, project(1, nkv)?, project(2, nkv)?);
+        let eps = self.numerics.rms_eps;
+        match s.arch {
+            // nanochat normalizes q and k after RoPE, without weights.
+            Arch::Nanochat => {
+                q = rms(&rope.apply(&q)?, eps)?;
+                k = rms(&rope.apply(&k)?, eps)?;
+            }
+            // Qwen3 normalizes each head before RoPE, with weights.
+            Arch::Qwen3 => {
+                let qn = self.w(&format!("layers.{l}.self_attn.q_norm.weight"))?;
+                let kn = self.w(&format!("layers.{l}.self_attn.k_norm.weight"))?;
+                q = rope.apply(&rms(&q, eps)?.broadcast_mul(&qn)?)?;
+                k = rope.apply(&rms(&k, eps)?.broadcast_mul(&kn)?)?;
+            }
+            _ => {
+                q = rope.apply(&q)?;
+                k = rope.apply(&k)?;
+            }
         }
         if nh != nkv {
             let rep = nh / nkv;
@@ -319,6 +388,12 @@ impl Model {
         let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
         let picked = z.gather(targets, 1)?;
         (lse - picked)?.sum_all()
+    }
+
+    /// The attention window of every layer (0: none). Models whose layers differ (Gemma)
+    /// are refused before they get here.
+    pub fn window(&self) -> usize {
+        self.spec.features.sliding_window as usize
     }
 
     pub fn num_layers(&self) -> usize {

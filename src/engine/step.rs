@@ -23,13 +23,8 @@ use std::collections::BTreeMap;
 /// The rotary tables and the causal mask for sequences of `t`, on the model's device.
 fn tables(model: &Model, t: usize) -> Result<(Rope, Tensor)> {
     Ok((
-        Rope::new(
-            t,
-            model.spec.head_dim as usize,
-            model.compute,
-            &model.device,
-        )?,
-        causal_mask(t, model.dtype, &model.device)?,
+        Rope::new(model, t, model.compute)?,
+        causal_mask(t, model.window(), model.dtype, &model.device)?,
     ))
 }
 
@@ -243,8 +238,8 @@ pub fn eval_loss(
     Ok(total / n as f64)
 }
 
-/// The logits of the last position of one sequence `ids` `(T,)`, as f32.
-pub fn last_logits(model: &Model, ids: &Tensor) -> Result<Vec<f32>> {
+/// The last block's output `(T, C)` for one sequence `ids` `(T,)`, without gradients.
+fn hidden(model: &Model, ids: &Tensor) -> Result<Tensor> {
     let ids = &ids.to_device(&model.device)?;
     let t = ids.dim(0)?;
     let (rope, mask) = tables(model, t)?;
@@ -252,8 +247,25 @@ pub fn last_logits(model: &Model, ids: &Tensor) -> Result<Vec<f32>> {
     for l in 0..model.num_layers() {
         x = model.block(l, &x, 1, &rope, &mask)?.detach();
     }
+    Ok(x)
+}
+
+/// The logits of the last position of one sequence `ids` `(T,)`, as f32.
+pub fn last_logits(model: &Model, ids: &Tensor) -> Result<Vec<f32>> {
+    let x = hidden(model, ids)?;
+    let t = x.dim(0)?;
     let z = model.logits(&x.narrow(0, t - 1, 1)?.contiguous()?)?;
     z.squeeze(0)?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()
+}
+
+/// The logits of every position of one sequence `ids` `(T,)`: `T` rows of the vocabulary,
+/// as f32 (row `i` predicts token `i + 1`).
+pub fn all_logits(model: &Model, ids: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let x = hidden(model, ids)?;
+    model
+        .logits(&x)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()
 }

@@ -5,6 +5,7 @@
 
 use crate::engine::checkpoint::{self, Keep, Meta};
 use crate::engine::data::{self, Corpus};
+use crate::engine::hf;
 use crate::engine::model::Model;
 use crate::engine::optim::{self, AdamW};
 use crate::engine::probe::{NoProbe, Probe, Recorder};
@@ -41,6 +42,10 @@ pub struct Opts {
     pub data: Option<PathBuf>,
     /// A Hugging Face tokenizer.json (default: bytes).
     pub tokenizer: Option<PathBuf>,
+    /// The Hugging Face config.json the run started from (saved with each checkpoint).
+    pub hf_config: Option<String>,
+    /// A Hugging Face checkpoint folder whose weights a fresh run starts from.
+    pub init: Option<PathBuf>,
     /// The plan's TOML, saved with every checkpoint.
     pub plan_toml: String,
     /// The planner's predicted peak for one step, bytes.
@@ -132,13 +137,18 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
             meter.baseline
         );
     }
-    let model = Model::new(
+    let mut model = Model::new(
         &spec.model,
         DType::F32,
         o.compute,
         &o.device,
         &mut Rng::new(o.seed),
     )?;
+    model.numerics = hf::numerics_of(o.hf_config.as_deref());
+    if let Some(dir) = &o.init {
+        // A resumed run's checkpoint replaces these weights.
+        hf::load_weights(&model, dir)?;
+    }
     let mut run = Run::new(spec, o, model, corpus);
     let start = if o.resume { run.resume(o)? } else { 0 };
     let end = o.stop_at.unwrap_or(o.steps).min(o.steps);
@@ -224,11 +234,20 @@ fn prepare_out(o: &Opts) -> Result<Lock> {
     if !o.resume {
         rundir::claim(&o.out, o.force)?;
     }
+    let mut copies: Vec<(PathBuf, PathBuf)> = Vec::new();
     if let Some(p) = &o.tokenizer {
-        let dst = o.out.join(checkpoint::TOKENIZER);
-        if std::fs::canonicalize(p).ok() != std::fs::canonicalize(&dst).ok() {
-            let bytes = std::fs::read(p)
-                .map_err(|e| bad(&p.display().to_string(), format!("cannot read: {e}")))?;
+        copies.push((p.clone(), o.out.join(checkpoint::TOKENIZER)));
+    }
+    // The checkpoint's other tokenizer files, for `export`.
+    for f in &hf::TOKENIZER_FILES[1..] {
+        if let Some(src) = o.init.as_ref().map(|d| d.join(f)).filter(|p| p.is_file()) {
+            copies.push((src, o.out.join(f)));
+        }
+    }
+    for (src, dst) in copies {
+        if std::fs::canonicalize(&src).ok() != std::fs::canonicalize(&dst).ok() {
+            let bytes = std::fs::read(&src)
+                .map_err(|e| bad(&src.display().to_string(), format!("cannot read: {e}")))?;
             crate::fsutil::write_atomic_with(&dst, |w| w.write_all(&bytes))?;
         }
     }
@@ -532,6 +551,7 @@ impl Checkpointer<'_> {
             val_loss: line.val_loss,
             tokenizer: o.tokenizer.is_some(),
             checksums: Default::default(),
+            hf_config: o.hf_config.clone(),
         };
         Ok(checkpoint::save(&o.out, &run.model, &run.opt, &meta, keep)?)
     }

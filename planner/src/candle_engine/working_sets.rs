@@ -394,8 +394,9 @@ pub(super) fn fits(precision: Precision) -> &'static Fits {
 }
 
 impl Fits {
-    /// Only nanochat and llama run on the candle engine (validated with the config);
-    /// llama's block is the general one.
+    /// Only nanochat, llama, qwen2 and qwen3 run on the candle engine (validated with the
+    /// config); llama's block is the general one, used for qwen2 (q/k/v biases) and qwen3
+    /// (per-head q/k norms) too, whose extra working memory is not fitted.
     fn arch(&self, arch: Arch) -> &ArchFit {
         match arch {
             Arch::Nanochat => &self.nanochat,

@@ -1,0 +1,498 @@
+//! Hugging Face checkpoints in and out of the engine.
+//!
+//! In (`train --init DIR`, `sample --init DIR`): `DIR/config.json` gives the model's shape
+//! (the planner's reader, [`vramplan_planner::hf_config`]) and its [`Numerics`]
+//! (`rms_norm_eps`, `rope_theta` or `rope_parameters.rope_theta`); the weights come from
+//! `DIR/model.safetensors` or the shards `DIR/model.safetensors.index.json` lists,
+//! memory-mapped, in bf16, f16 or f32, each converted to the engine's master dtype. Names
+//! map one to one: the engine's `layers.N.self_attn.q_proj.weight` is transformers'
+//! `model.layers.N.self_attn.q_proj.weight`, `lm_head.weight` stays itself and is absent
+//! (or ignored) when the head is tied. Read: `model_type` llama (SmolLM2), mistral (its
+//! sliding window on every layer, as the engine's mask has it), qwen2, qwen3; refused
+//! with one line: another activation than SiLU, attention or MLP biases beyond Qwen2's,
+//! RoPE scaling, a tensor the model does not have or of another shape.
+//!
+//! Out (`vramplan export`): a folder `from_pretrained` loads: `config.json` (the one the
+//! run started from, else written from the plan), `model.safetensors` in f32 under
+//! transformers' names, and the run's tokenizer files; written into a temporary folder,
+//! each file flushed, then renamed into place.
+
+use crate::engine::model::{Model, Numerics};
+use crate::fsutil::{self, sync_dir};
+use crate::Error;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use vramplan_planner::{Arch, ModelSpec, RawModel};
+
+type Result<T> = std::result::Result<T, Error>;
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const INDEX: &str = "model.safetensors.index.json";
+/// The tokenizer files an export carries over from the run (those that exist).
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// A Hugging Face checkpoint folder, its config read.
+#[derive(Debug, Clone)]
+pub struct Pretrained {
+    pub dir: PathBuf,
+    /// `config.json` as read: saved with every checkpoint, written back on export.
+    pub config: String,
+    pub spec: ModelSpec,
+    pub numerics: Numerics,
+}
+
+fn name(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Reads `dir/config.json` and checks that the engine computes what transformers does
+/// for it.
+pub fn read(dir: &Path) -> Result<Pretrained> {
+    let path = dir.join(CONFIG);
+    let config = std::fs::read_to_string(&path)
+        .map_err(|e| Error::bad(&name(&path), format!("cannot read: {e}")))?;
+    let mut spec = vramplan_planner::hf_config(&config).map_err(|e| Error::bad(&name(&path), e))?;
+    if spec.name.ends_with("(config.json)") {
+        // No `_name_or_path`: the folder's name.
+        if let Some(f) = dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|f| f.to_string_lossy().to_string()))
+        {
+            spec.name = f;
+        }
+    }
+    let v: Value = serde_json::from_str(&config).map_err(|e| Error::bad(&name(&path), e))?;
+    if let Some(why) = unsupported(&v, &spec) {
+        return Err(Error::bad(&name(&path), why));
+    }
+    Ok(Pretrained {
+        dir: dir.to_path_buf(),
+        numerics: numerics(&v),
+        config,
+        spec,
+    })
+}
+
+/// What in a config the engine does not compute as transformers does, if anything.
+fn unsupported(v: &Value, spec: &ModelSpec) -> Option<String> {
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3") {
+        return Some(format!(
+            "model_type = \"{model_type}\": the engine loads llama, mistral, qwen2 and qwen3"
+        ));
+    }
+    let act = v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("silu");
+    if act != "silu" {
+        return Some(format!(
+            "hidden_act = \"{act}\": the engine's MLP is SiLU-gated"
+        ));
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if v.get(key).and_then(Value::as_bool) == Some(true) {
+            return Some(format!("{key} = true: the engine has no such biases"));
+        }
+    }
+    let scaling = v
+        .get("rope_parameters")
+        .and_then(|p| p.get("rope_type"))
+        .and_then(Value::as_str)
+        .or(v
+            .get("rope_scaling")
+            .and_then(|s| s.get("rope_type").or(s.get("type")))
+            .and_then(Value::as_str))
+        .unwrap_or("default");
+    if scaling != "default" {
+        return Some(format!(
+            "rope_type = \"{scaling}\": the engine has plain RoPE (rope_type \"default\") only"
+        ));
+    }
+    let f = &spec.features;
+    if f.sliding_window > 0 && f.global_every > 0 {
+        return Some(format!(
+            "layer_types: windowed and global layers mixed; the engine windows every layer ({} tokens) or none",
+            f.sliding_window
+        ));
+    }
+    None
+}
+
+/// RMSNorm's epsilon and RoPE's base from a config (transformers' defaults for these
+/// families where absent: 1e-6 and 10,000).
+pub fn numerics(v: &Value) -> Numerics {
+    let d = Numerics::default();
+    let theta = v
+        .get("rope_theta")
+        .or(v.get("rope_parameters").and_then(|p| p.get("rope_theta")));
+    Numerics {
+        rms_eps: v
+            .get("rms_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(d.rms_eps),
+        rope_theta: theta.and_then(Value::as_f64).unwrap_or(d.rope_theta),
+    }
+}
+
+/// The numerics of a run: its config.json's when it started from one, else the defaults.
+pub fn numerics_of(config: Option<&str>) -> Numerics {
+    config
+        .and_then(|c| serde_json::from_str::<Value>(c).ok())
+        .map_or_else(Numerics::default, |v| numerics(&v))
+}
+
+/// transformers' name of the engine's parameter `n`.
+pub fn hf_name(n: &str) -> String {
+    if n == "lm_head.weight" {
+        n.to_string()
+    } else {
+        format!("model.{n}")
+    }
+}
+
+/// The safetensors files of `dir`: the shards its index lists, else `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX);
+    if !index.exists() {
+        let single = dir.join(WEIGHTS);
+        if !single.exists() {
+            return Err(Error::bad(
+                &name(dir),
+                format!("neither {WEIGHTS} nor {INDEX} in it"),
+            ));
+        }
+        return Ok(vec![single]);
+    }
+    let text = std::fs::read_to_string(&index)
+        .map_err(|e| Error::bad(&name(&index), format!("cannot read: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad(&name(&index), e))?;
+    let Some(map) = v.get("weight_map").and_then(Value::as_object) else {
+        return Err(Error::bad(&name(&index), "no \"weight_map\" object"));
+    };
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Tensors a checkpoint may hold that the engine does not use: a tied head's copy, and
+/// the rotary frequencies older transformers saved.
+fn ignorable(hf: &str, spec: &ModelSpec) -> bool {
+    (hf == "lm_head.weight" && spec.tie_embeddings) || hf.ends_with("rotary_emb.inv_freq")
+}
+
+/// Sets every parameter of `model` from the checkpoint in `dir`, memory-mapped; converts
+/// each tensor to the model's dtype. Every parameter must be there with its shape, and
+/// nothing else may be.
+pub fn load_weights(model: &Model, dir: &Path) -> Result<()> {
+    let files = weight_files(dir)?;
+    let shown = name(&files[0]);
+    // SAFETY: the files are mapped read-only and only read while `st` lives; a process
+    // that truncates them meanwhile would fault, as with any memory-mapped reader.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::bad(&shown, e))?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for (n, var) in &model.params {
+        let hf = hf_name(n);
+        let view = st
+            .get(&hf)
+            .map_err(|_| Error::bad(&shown, format!("no tensor {hf}")))?;
+        let want = var.as_tensor().dims().to_vec();
+        if view.shape() != want.as_slice() {
+            return Err(Error::bad(
+                &shown,
+                format!(
+                    "{hf} has shape {:?}; the config's model needs {want:?}",
+                    view.shape()
+                ),
+            ));
+        }
+        let t = st
+            .load(&hf, &Device::Cpu)
+            .and_then(|t| t.to_dtype(model.dtype))
+            .and_then(|t| t.to_device(&model.device))
+            .map_err(|e| Error::bad(&shown, format!("{hf}: {e}")))?;
+        var.set(&t)?;
+        wanted.insert(hf);
+    }
+    let extra = st
+        .tensors()
+        .into_iter()
+        .map(|(n, _)| n)
+        .find(|n| !wanted.contains(n) && !ignorable(n, &model.spec));
+    if let Some(n) = extra {
+        return Err(Error::bad(
+            &shown,
+            format!(
+                "tensor {n} is not a parameter of a {} model as config.json describes it",
+                model.spec.arch
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that the plan's model is the checkpoint's (the name and the position table
+/// aside); names the first field that differs.
+pub fn check_matches(plan: &ModelSpec, plan_name: &str, ckpt: &Pretrained) -> Result<()> {
+    let c = &ckpt.spec;
+    let fields: [(&str, String, String); 9] = [
+        ("arch", plan.arch.to_string(), c.arch.to_string()),
+        (
+            "hidden_size",
+            plan.hidden_size.to_string(),
+            c.hidden_size.to_string(),
+        ),
+        (
+            "num_layers",
+            plan.num_layers.to_string(),
+            c.num_layers.to_string(),
+        ),
+        (
+            "num_heads",
+            plan.num_heads.to_string(),
+            c.num_heads.to_string(),
+        ),
+        (
+            "num_kv_heads",
+            plan.num_kv_heads.to_string(),
+            c.num_kv_heads.to_string(),
+        ),
+        (
+            "head_dim",
+            plan.head_dim.to_string(),
+            c.head_dim.to_string(),
+        ),
+        (
+            "intermediate_size",
+            plan.intermediate_size.to_string(),
+            c.intermediate_size.to_string(),
+        ),
+        (
+            "vocab_size",
+            plan.vocab_size.to_string(),
+            c.vocab_size.to_string(),
+        ),
+        (
+            "tie_embeddings",
+            plan.tie_embeddings.to_string(),
+            c.tie_embeddings.to_string(),
+        ),
+    ];
+    let window = (
+        "sliding_window",
+        plan.features.sliding_window.to_string(),
+        c.features.sliding_window.to_string(),
+    );
+    for (key, p, k) in fields.into_iter().chain([window]) {
+        if p != k {
+            return Err(Error::bad(
+                plan_name,
+                format!(
+                    "model.{key} = {p}, but {} has {k}: the plan's model must be the checkpoint's (or leave [model] out)",
+                    name(&ckpt.dir.join(CONFIG))
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `spec` as a plan's `[model]` table, every field written, so the plan resolves without
+/// the checkpoint's folder.
+pub fn raw_model(spec: &ModelSpec) -> RawModel {
+    let f = &spec.features;
+    RawModel {
+        name: Some(spec.name.clone()),
+        arch: Some(spec.arch.to_string()),
+        hidden_size: Some(spec.hidden_size),
+        num_layers: Some(spec.num_layers),
+        num_heads: Some(spec.num_heads),
+        num_kv_heads: Some(spec.num_kv_heads),
+        head_dim: Some(spec.head_dim),
+        intermediate_size: Some(spec.intermediate_size),
+        vocab_size: Some(spec.vocab_size),
+        tie_embeddings: Some(spec.tie_embeddings),
+        sliding_window: (f.sliding_window > 0).then_some(f.sliding_window),
+        ..RawModel::default()
+    }
+}
+
+/// The exported `config.json`: the run's own (its dtype now f32), or one written from
+/// the model for a run that started from random weights. `max_positions` is the
+/// position count written for the latter.
+pub fn export_config(model: &Model, config: Option<&str>, max_positions: u64) -> Result<String> {
+    let s = &model.spec;
+    let mut v = match config {
+        Some(text) => serde_json::from_str::<Value>(text)
+            .map_err(|e| Error::bad("config.json (the run's)", e))?,
+        None => written_config(model, max_positions)?,
+    };
+    let Some(o) = v.as_object_mut() else {
+        return Err(Error::bad("config.json (the run's)", "not a JSON object"));
+    };
+    o.remove("torch_dtype");
+    o.insert("dtype".into(), json!("float32"));
+    o.insert("tie_word_embeddings".into(), json!(s.tie_embeddings));
+    serde_json::to_string_pretty(&v).map_err(|e| Error::bad("config.json", e))
+}
+
+/// A transformers config for a model the engine built from a plan.
+fn written_config(model: &Model, max_positions: u64) -> Result<Value> {
+    let s = &model.spec;
+    let window = s.features.sliding_window;
+    let (model_type, class) = match s.arch {
+        Arch::Llama if window > 0 => ("mistral", "MistralForCausalLM"),
+        Arch::Llama => ("llama", "LlamaForCausalLM"),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        a => {
+            return Err(Error::bad(
+                "vramplan export",
+                format!(
+                "arch {a} has no transformers model to load it; export llama, qwen2 or qwen3 runs"
+            ),
+            ))
+        }
+    };
+    let n = model.numerics;
+    let mut v = json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": s.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "vocab_size": s.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": n.rms_eps,
+        "rope_theta": n.rope_theta,
+        "max_position_embeddings": max_positions,
+        "attention_bias": false,
+    });
+    if window > 0 {
+        v["sliding_window"] = json!(window);
+    }
+    Ok(v)
+}
+
+/// Writes `model` as a Hugging Face folder `out` (replacing an earlier export there):
+/// `config` (the exported config.json text), the weights, and copies of `files`.
+pub fn export(model: &Model, config: &str, files: &[PathBuf], out: &Path) -> Result<()> {
+    check_out(out)?;
+    let folder = fsutil::folder(out);
+    let base = out
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_else(|| "export".into());
+    let tmp = folder.join(format!(".{base}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    let written = write_folder(model, config, files, &tmp).and_then(|()| {
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        sync_dir(folder).map_err(|e| Error::io(out, e))
+    });
+    if written.is_err() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    written
+}
+
+/// `out` may be new, empty, or an earlier export (only the files an export writes).
+fn check_out(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().to_string();
+        if f != CONFIG && f != WEIGHTS && !TOKENIZER_FILES.contains(&f.as_str()) {
+            return Err(Error::bad(
+                &name(out),
+                format!(
+                    "holds {f}, which an export does not write: export into a new or empty folder"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_folder(model: &Model, config: &str, files: &[PathBuf], tmp: &Path) -> Result<()> {
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+    let tensors: BTreeMap<String, &Tensor> = model
+        .params
+        .iter()
+        .map(|(n, v)| (hf_name(n), v.as_tensor()))
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    fsutil::write_synced(&tmp.join(WEIGHTS), |w| {
+        crate::engine::checkpoint::write_safetensors(w, &tensors, Some(&meta))
+    })?;
+    fsutil::write_synced(&tmp.join(CONFIG), |w| w.write_all(config.as_bytes()))?;
+    for src in files {
+        let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+        let dst = tmp.join(src.file_name().unwrap_or_default());
+        fsutil::write_synced(&dst, |w| w.write_all(&bytes))?;
+    }
+    sync_dir(tmp).map_err(|e| Error::io(tmp, e))
+}
+
+/// Exports checkpoint `l` (whose plan resolves to `spec`) to `out`, with the tokenizer
+/// files of its run folder; returns the names of the files written.
+pub fn export_checkpoint(
+    spec: &vramplan_planner::RunSpec,
+    l: &crate::engine::checkpoint::Loaded,
+    out: &Path,
+) -> Result<Vec<String>> {
+    let model = crate::engine::eval::restored(spec, l)?;
+    let config = export_config(&model, l.meta.hf_config.as_deref(), spec.train.seq_len)?;
+    let run = l.dir.parent().unwrap_or(Path::new("."));
+    let files: Vec<PathBuf> = TOKENIZER_FILES
+        .iter()
+        .map(|f| run.join(f))
+        .filter(|p| p.is_file())
+        .collect();
+    export(&model, &config, &files, out)?;
+    let mut names = vec![CONFIG.to_string(), format!("{WEIGHTS} (f32)")];
+    names.extend(
+        files
+            .iter()
+            .filter_map(|p| Some(p.file_name()?.to_string_lossy().to_string())),
+    );
+    Ok(names)
+}
+
+/// The model of the checkpoint in `dir`, in f32 on the CPU, its weights loaded.
+pub fn load_model(dir: &Path) -> Result<(Pretrained, Model)> {
+    let p = read(dir)?;
+    let mut model = Model::new(
+        &p.spec,
+        candle_core::DType::F32,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &mut crate::engine::rng::Rng::new(0),
+    )?;
+    model.numerics = p.numerics;
+    load_weights(&model, dir)?;
+    Ok((p, model))
+}

@@ -1,0 +1,285 @@
+//! Hugging Face checkpoints in the engine: tiny random checkpoints written by transformers
+//! (`tools/hf_reference.py write`, committed under `tests/data/hf_tiny/`) load with
+//! `--init` and give transformers' logits at every position; `train --init` then `export`
+//! writes a folder whose tensors are the checkpoint's under transformers' names, which
+//! loads back with the same logits; bad checkpoints are one line and exit 2.
+
+#![cfg(feature = "engine")]
+
+use crate::train::{run, text, tmp};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use vramplan::engine::{checkpoint, hf, model::Model, rng::Rng, step};
+
+fn data(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf_tiny")
+        .join(case)
+}
+
+/// The tokens and logits of a reference file.
+fn reference(path: &Path) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    (tokens, logits)
+}
+
+fn logits_of(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &Device::Cpu).unwrap();
+    step::all_logits(model, &ids).unwrap()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_equal_transformers_for_each_architecture() {
+    // Reference: transformers 5.24.0 (torch 2.15.0), eager attention, f32 forward, logits
+    // of all 12 positions; llama tied with SmolLM2's eps 1e-5 and RoPE base 1e5, qwen2
+    // with biases in two shards, qwen3 with head norms and head_dim 32 ≠ 64/4, mistral in
+    // bf16 with a window of 4 tokens (without it transformers' logits move by up to 4.3).
+    for case in ["llama", "qwen2", "qwen3", "mistral"] {
+        let (tokens, want) = reference(&data(case).join("reference.json"));
+        let (_, model) = hf::load_model(&data(case)).unwrap();
+        let got = logits_of(&model, &tokens);
+        let d = max_diff(&got, &want);
+        assert!(d <= 1e-4, "{case}: max |engine − transformers| = {d}");
+    }
+}
+
+/// The model of checkpoint `l`, whose shape is `spec`.
+fn restored(spec: &vramplan_planner::ModelSpec, l: &checkpoint::Loaded) -> Model {
+    let mut m = Model::new(spec, DType::F32, DType::F32, &Device::Cpu, &mut Rng::new(0)).unwrap();
+    m.numerics = hf::numerics_of(l.meta.hf_config.as_deref());
+    checkpoint::restore(l, &m, None).unwrap();
+    m
+}
+
+/// Trains `case` from its checkpoint for `steps` steps into `out` and exports the run to
+/// `export`.
+fn train_and_export(case: &str, steps: &str, out: &Path, export: &Path) {
+    let o = run(&[
+        "train",
+        "--init",
+        data(case).to_str().unwrap(),
+        "--steps",
+        steps,
+        "--out",
+        out.to_str().unwrap(),
+        "--log-every",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("config.json, model.safetensors (f32)"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn export_writes_the_checkpoint_under_transformers_names_and_loads_back() {
+    for case in ["llama", "qwen2"] {
+        let d = tmp(&format!("export-{case}"));
+        let (out, export) = (d.join("run"), d.join("hf"));
+        train_and_export(case, "2", &out, &export);
+        let l = checkpoint::latest(&out).unwrap();
+        let (_, again) = hf::load_model(&export).unwrap();
+        let trained = restored(&again.spec, &l);
+        let exported =
+            candle_core::safetensors::load(export.join(hf::WEIGHTS), &Device::Cpu).unwrap();
+        assert_eq!(
+            exported.len(),
+            trained.params.len(),
+            "{case}: one tensor per parameter"
+        );
+        for (n, v) in &trained.params {
+            let (a, b) = (v.as_tensor(), &exported[&hf::hf_name(n)]);
+            assert_eq!(a.dims(), b.dims(), "{case}: {n}");
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{case}: {n}");
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(export.join(hf::CONFIG)).unwrap())
+                .unwrap();
+        assert_eq!(config["model_type"], case);
+        assert_eq!(config["dtype"], "float32");
+        assert_eq!(config["tie_word_embeddings"], case == "llama");
+        assert_eq!(exported.contains_key("lm_head.weight"), case != "llama");
+        // init → train → export → init: the checkpoint's logits, exactly.
+        let (tokens, _) = reference(&data(case).join("reference.json"));
+        assert_eq!(
+            max_diff(&logits_of(&again, &tokens), &logits_of(&trained, &tokens)),
+            0.0,
+            "{case}"
+        );
+    }
+}
+
+/// A copy of the llama checkpoint in `dir` with its config.json edited by `edit`.
+fn edited(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let to = dir.join("ckpt");
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::copy(data("llama").join(hf::WEIGHTS), to.join(hf::WEIGHTS)).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("llama").join(hf::CONFIG)).unwrap())
+            .unwrap();
+    edit(&mut v);
+    std::fs::write(to.join(hf::CONFIG), v.to_string()).unwrap();
+    to
+}
+
+#[test]
+fn a_checkpoint_the_engine_cannot_run_is_one_line_and_exit_2() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: &[(&str, Edit, &str)] = &[
+        ("act", |v| v["hidden_act"] = "gelu".into(), "hidden_act = \"gelu\": the engine's MLP is SiLU-gated"),
+        ("scaling", |v| v["rope_parameters"]["rope_type"] = "llama3".into(), "rope_type = \"llama3\""),
+        ("shape", |v| v["intermediate_size"] = 128.into(), "model.layers.0.mlp.down_proj.weight has shape [64, 96]; the config's model needs [64, 128]"),
+        ("untied", |v| v["tie_word_embeddings"] = false.into(), "no tensor lm_head.weight"),
+        ("family", |v| v["model_type"] = "qwen3".into(), "no tensor model.layers.0.self_attn.k_norm.weight"),
+        ("gemma", |v| v["model_type"] = "gemma2".into(), "model_type = \"gemma2\": the engine loads llama, mistral, qwen2 and qwen3"),
+    ];
+    for (name, edit, want) in cases {
+        let d = tmp(&format!("bad-init-{name}"));
+        let ckpt = edited(&d, edit);
+        let o = run(&["sample", "--init", ckpt.to_str().unwrap(), "--tokens", "1"]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {t}");
+        assert!(t.contains(want), "{name}: {t}");
+        assert_eq!(t.trim().lines().count(), 1, "{name}: {t}");
+    }
+}
+
+#[test]
+fn a_plan_whose_model_is_not_the_checkpoints_is_refused() {
+    let d = tmp("init-plan-mismatch");
+    let plan = d.join("plan.toml");
+    // The checkpoint's model but for its MLP width (96).
+    std::fs::write(
+        &plan,
+        "[model]\nname = \"tiny\"\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nintermediate_size = 128\nvocab_size = 256\ntie_embeddings = true\n[train]\nmicro_batch = 2\nseq_len = 16\nengine = \"candle\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"cpu\"\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--init",
+        data("llama").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        d.join("run").to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("model.intermediate_size = 128, but ") && t.contains("config.json has 96"),
+        "{t}"
+    );
+    assert_eq!(t.trim().lines().count(), 1, "{t}");
+}
+
+#[test]
+fn transformers_loads_an_exported_run_with_the_engines_logits() {
+    // Reference: tests/data/hf_tiny/exported/CASE.json, transformers 5.24.0's
+    // `from_pretrained` on the export of `train --init CASE --steps 2` (seed 0, the
+    // built-in corpus); the weights moved by training (logits up to 0.96 away from the
+    // untrained checkpoint's). The run is repeated here: its export must give them.
+    for case in ["llama", "qwen3"] {
+        let d = tmp(&format!("exported-{case}"));
+        let (out, export) = (d.join("run"), d.join("hf"));
+        train_and_export(case, "2", &out, &export);
+        let (tokens, want) = reference(&data("exported").join(format!("{case}.json")));
+        let (_, model) = hf::load_model(&export).unwrap();
+        let diff = max_diff(&logits_of(&model, &tokens), &want);
+        assert!(diff <= 1e-4, "{case}: max |engine − transformers| = {diff}");
+    }
+}
+
+#[test]
+fn a_run_from_random_weights_exports_a_config_transformers_reads() {
+    // transformers 5.24's from_pretrained on such an export: LlamaForCausalLM, no missing,
+    // unexpected or mismatched keys (checked by hand; the engine's reading is checked here).
+    let d = tmp("export-plan");
+    let plan = d.join("plan.toml");
+    std::fs::write(
+        &plan,
+        "[model]\nname = \"tiny\"\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nintermediate_size = 128\nvocab_size = 256\ntie_embeddings = false\n[train]\nmicro_batch = 2\nseq_len = 16\nengine = \"candle\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"cpu\"\n",
+    )
+    .unwrap();
+    let (out, export) = (d.join("run"), d.join("hf"));
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join(hf::CONFIG)).unwrap()).unwrap();
+    for (key, want) in [
+        ("architectures", serde_json::json!(["LlamaForCausalLM"])),
+        ("model_type", "llama".into()),
+        ("hidden_size", 64.into()),
+        ("intermediate_size", 128.into()),
+        ("num_key_value_heads", 2.into()),
+        ("head_dim", 16.into()),
+        ("rms_norm_eps", 1e-6.into()),
+        ("rope_theta", 10000.0.into()),
+        ("tie_word_embeddings", false.into()),
+        ("dtype", "float32".into()),
+    ] {
+        assert_eq!(config[key], want, "{key}");
+    }
+    let l = checkpoint::latest(&out).unwrap();
+    let (_, again) = hf::load_model(&export).unwrap();
+    let trained = restored(&again.spec, &l);
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 37 + 11) % 256).collect();
+    assert_eq!(
+        max_diff(&logits_of(&again, &tokens), &logits_of(&trained, &tokens)),
+        0.0
+    );
+}
