@@ -232,20 +232,19 @@ pub fn emit_fit(
 /// when none can. LoRA and QLoRA plans are passed over: the files vramplan writes have no
 /// adapter settings, so they would launch full fine-tuning.
 pub fn emit_nearest(
+    env: &Env,
     format: &str,
     input: Option<&Path>,
+    base: (&RawConfig, &Path),
+    req: &vramplan_planner::FitRequest,
     ladder: &vramplan_planner::Ladder,
 ) -> std::result::Result<(String, Vec<vramplan_planner::Lever>), String> {
-    use vramplan_planner::Lever;
     let mut first = None;
     for alt in ladder.nearest() {
-        let lora = |l: &Lever| matches!(l, Lever::Lora { .. } | Lever::Qlora { .. });
-        if alt.levers.iter().any(lora) {
-            first.get_or_insert_with(|| format!("the LoRA plan has no {format} setting"));
-            continue;
-        }
         let Some(r) = &alt.result else { continue };
-        match emit_fit(format, input, r) {
+        match refit_as(env, format, base, req, &alt.levers, &r.best.spec)
+            .and_then(|r| emit_fit(format, input, &r))
+        {
             Ok(text) => return Ok((text, alt.levers.clone())),
             Err(e) => {
                 first.get_or_insert_with(|| format!("{e:#}"));
@@ -253,6 +252,29 @@ pub fn emit_nearest(
         }
     }
     Err(first.unwrap_or_else(|| "no lever fits".to_string()))
+}
+
+/// A lever's plan as the launcher runs it (its default optimizer, what its bf16 means once
+/// sharded: `launch::adapt`), searched again: a lever that adds ZeRO to a bf16-autocast run
+/// is, under accelerate or DeepSpeed, a bf16-mixed run with its own fitting candidates.
+fn refit_as(
+    env: &Env,
+    format: &str,
+    (raw, dir): (&RawConfig, &Path),
+    req: &vramplan_planner::FitRequest,
+    levers: &[vramplan_planner::Lever],
+    spec: &RunSpec,
+) -> Result<vramplan_planner::FitResult> {
+    let mut raw = vramplan_planner::raw_with(raw, levers, spec);
+    if let Some(f) = launch::Format::parse(format) {
+        launch::adapt(f, &mut raw);
+    }
+    let base = resolve_raw(env, &format!("--emit {format}"), raw, dir)?.spec;
+    let req = vramplan_planner::FitRequest {
+        base,
+        ..req.clone()
+    };
+    vramplan_planner::fit(&req).map_err(|e| bad(&format!("--emit {format}"), e))
 }
 
 /// What a launcher's file cannot say for itself: the model when its reference does not

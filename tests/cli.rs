@@ -628,11 +628,11 @@ fn fit_that_fits_nothing_names_the_nearest_plans_and_exits_3() {
 
 /// With 8 GPUs, the ladder shards them, and `--emit accelerate` writes the nearest
 /// sharded plan: accelerate's config with its DeepSpeed section and the launch command;
-/// still exit 3, since the run as asked (DDP) does not fit. (fp32: the plan the
-/// accelerate writer takes with ZeRO in every version.)
+/// still exit 3, since the run as asked (DDP) does not fit. The command as given
+/// (bf16 autocast, which accelerate runs as bf16-mixed once sharded) and in fp32.
 #[test]
 fn fit_emit_on_8_gpus_writes_the_sharded_plan() {
-    let o = vramplan(&[
+    let base = [
         "fit",
         "--gpu",
         "rtx4090-24gb",
@@ -644,22 +644,24 @@ fn fit_emit_on_8_gpus_writes_the_sharded_plan() {
         "32",
         "--gpus",
         "8",
-        "--precision",
-        "fp32",
         "--emit",
         "accelerate",
-    ]);
-    let (out, err) = (stdout(&o), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(o.status.code(), Some(3), "{out}{err}");
-    assert!(
-        err.contains("the nearest plan accelerate runs: --sharding zero"),
-        "{err}"
-    );
-    assert!(out.contains("# accelerate launch --config_file"), "{out}");
-    let cfg: serde_json::Value = serde_norway::from_str(&out).expect("YAML");
-    assert_eq!(cfg["distributed_type"], "DEEPSPEED");
-    assert_eq!(cfg["num_processes"], 8);
-    assert!(cfg["deepspeed_config"]["zero_stage"].as_u64().unwrap() >= 1);
+    ];
+    for (extra, mixed) in [(&[][..], "bf16"), (&["--precision", "fp32"][..], "no")] {
+        let o = vramplan(&[&base[..], extra].concat());
+        let (out, err) = (stdout(&o), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(3), "{extra:?}: {out}{err}");
+        assert!(
+            err.contains("the nearest plan accelerate runs: --sharding zero"),
+            "{extra:?}: {err}"
+        );
+        assert!(out.contains("# accelerate launch --config_file"), "{out}");
+        let cfg: serde_json::Value = serde_norway::from_str(&out).expect("YAML");
+        assert_eq!(cfg["distributed_type"], "DEEPSPEED");
+        assert_eq!(cfg["num_processes"], 8);
+        assert_eq!(cfg["mixed_precision"], mixed, "{out}");
+        assert!(cfg["deepspeed_config"]["zero_stage"].as_u64().unwrap() >= 1);
+    }
 }
 
 /// Seed 004's fallback ladder (1024, then 768, then 512): `--seq-len 16384,8192,4096,2048`

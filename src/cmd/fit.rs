@@ -5,7 +5,7 @@ use crate::exit::{bad, DOES_NOT_FIT};
 use crate::load::{self, Env};
 use crate::render::{self, Format};
 use anyhow::Result;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vramplan::write_atomic;
 use vramplan_planner::{
@@ -157,7 +157,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
     };
     let result = match fit_or_ladder(&req, lengths).map_err(|e| bad(&name, e))? {
         Ok(r) => r,
-        Err(ladder) => return nothing_fits(&a, &raw, &req, &ladder),
+        Err(ladder) => return nothing_fits(env, &a, (&raw, &dir), &req, &ladder),
     };
     let plan = plan_toml(&result, &raw.with_spec(&result.best.spec), None)?;
     if let Some(out) = &a.out {
@@ -180,7 +180,13 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
 
 /// Nothing fits the run as asked: the ladder of levers (or, with --emit, the nearest plan
 /// the launcher runs; with --out, the nearest plan), and exit 3.
-fn nothing_fits(a: &Args, raw: &RawConfig, req: &FitRequest, ladder: &Ladder) -> Result<ExitCode> {
+fn nothing_fits(
+    env: &Env,
+    a: &Args,
+    (raw, dir): (&RawConfig, &Path),
+    req: &FitRequest,
+    ladder: &Ladder,
+) -> Result<ExitCode> {
     let nearest = ladder
         .nearest()
         .find_map(|alt| Some((alt, alt.result.as_ref()?)));
@@ -190,7 +196,7 @@ fn nothing_fits(a: &Args, raw: &RawConfig, req: &FitRequest, ladder: &Ladder) ->
         write_atomic(out, &plan_toml(r, &written, Some(&lever))?)?;
     }
     if let Some(f) = &a.emit {
-        match load::emit_nearest(f, a.from.as_deref(), ladder) {
+        match load::emit_nearest(env, f, a.from.as_deref(), (raw, dir), req, ladder) {
             Ok((text, lever)) => {
                 eprintln!(
                     "fit: nothing fits as asked; the nearest plan {f} runs: {}",
