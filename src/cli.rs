@@ -73,6 +73,7 @@ pub fn run() -> Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
+    crate::render::table::fit_output();
     let env = Env {
         presets_file: cli.presets,
     };

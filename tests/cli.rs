@@ -2,9 +2,11 @@
 
 use std::process::{Command, Output};
 
+/// The binary with its tables at the snapshots' width (`COLUMNS`, as a user's shell sets it).
 pub fn vramplan(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vramplan"))
         .args(args)
+        .env("COLUMNS", "100")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("binary runs")
@@ -725,4 +727,28 @@ fn fit_seq_len_list_takes_the_first_that_fits() {
             .count(),
         1
     );
+}
+
+/// Piped without `COLUMNS`, tables fit 80 columns (and `COLUMNS` widens them).
+#[test]
+fn piped_tables_fit_80_columns() {
+    let widest = |columns: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vramplan"));
+        c.args(["fit", "--gpu", "rtx4090-24gb", "--model", "llama-3.1-8b"])
+            .args(["--seq-len", "2048", "--global-batch", "32"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("COLUMNS");
+        if let Some(w) = columns {
+            c.env("COLUMNS", w);
+        }
+        let o = c.output().expect("binary runs");
+        let text = stdout(&o);
+        let table_lines = text.lines().filter(|l| l.starts_with(['│', '┌', '└', '╞']));
+        table_lines
+            .map(|l| l.chars().count())
+            .max()
+            .expect("a table")
+    };
+    assert!(widest(None) <= 80, "{}", widest(None));
+    assert!(widest(Some("120")) > 80);
 }

@@ -1,10 +1,14 @@
-//! Human-readable tables (comfy-table, fixed width so snapshots are stable).
+//! Human-readable tables (comfy-table). Tables take the terminal's width when stdout is
+//! one, `COLUMNS` or 80 columns when piped ([`fit_output`], called once by the binary), and
+//! a fixed [`SNAPSHOT_WIDTH`] otherwise, so the snapshot tests are stable.
 
 use super::{prose, Render};
 use crate::nvml::Detected;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
 use std::fmt::Write;
+use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
 use vramplan_planner::{
     thousands, Basis, Bytes, Comparison, DataSize, Device, DiagnosedLog, Diagnosis, Engine,
     FitResult, GpuSpec, HostReport, Ladder, ModelSpec, Phase, Report, RunSpec, TrainSpec,
@@ -87,13 +91,40 @@ impl Render for Text {
     }
 }
 
-pub const WIDTH: u16 = 100;
+/// The width of the tables the snapshot tests render.
+pub const SNAPSHOT_WIDTH: u16 = 100;
+/// The width when stdout is not a terminal and `COLUMNS` does not say.
+const PIPED_WIDTH: u16 = 80;
+/// Narrower than this, a table's columns wrap into unreadable slivers; wider, lines stop
+/// being scannable.
+const WIDTH_RANGE: (u16, u16) = (60, 240);
+
+static WIDTH: AtomicU16 = AtomicU16::new(SNAPSHOT_WIDTH);
+
+/// Sets the tables' width for this process from where its output goes: the terminal's
+/// width, else `COLUMNS`, else 80.
+pub fn fit_output() {
+    let terminal = std::io::stdout()
+        .is_terminal()
+        .then(|| Table::new().width())
+        .flatten();
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok());
+    WIDTH.store(output_width(terminal, columns), Ordering::Relaxed);
+}
+
+/// The width to render at, given the terminal's (when stdout is one) and `COLUMNS`.
+fn output_width(terminal: Option<u16>, columns: Option<u16>) -> u16 {
+    let w = terminal.or(columns).unwrap_or(PIPED_WIDTH);
+    w.clamp(WIDTH_RANGE.0, WIDTH_RANGE.1)
+}
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_width(WIDTH)
+        .set_width(WIDTH.load(Ordering::Relaxed))
         .force_no_tty()
         .set_header(header.iter().map(Cell::new));
     t
@@ -739,4 +770,27 @@ pub fn diagnose(ds: &[Diagnosis]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The terminal's width wins, then `COLUMNS`, then 80; clamped to a readable range.
+    #[test]
+    fn the_width_follows_the_output() {
+        for (terminal, columns, want) in [
+            (Some(132), Some(90), 132),
+            (None, Some(90), 90),
+            (None, None, 80),
+            (Some(20), None, 60),
+            (None, Some(1000), 240),
+        ] {
+            assert_eq!(
+                output_width(terminal, columns),
+                want,
+                "{terminal:?} {columns:?}"
+            );
+        }
+    }
 }
