@@ -752,3 +752,38 @@ fn piped_tables_fit_80_columns() {
     assert!(widest(None) <= 80, "{}", widest(None));
     assert!(widest(Some("120")) > 80);
 }
+
+/// `fit --keep`: the ladder leaves the kept kinds alone; an unknown kind is one line and
+/// exit 2, naming what is accepted.
+#[test]
+fn fit_keep_forbids_kinds_of_change() {
+    let base = [
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.1-8b",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "32",
+        "--json",
+    ];
+    let o = vramplan(&[&base[..], &["--keep", "lora,gpus"]].concat());
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let flags = v["alternatives"].to_string();
+    assert!(
+        !flags.contains("--lora") && !flags.contains("--gpus"),
+        "{flags}"
+    );
+    assert!(flags.contains("--optimizer adamw-8bit"), "{flags}");
+    let o = vramplan(&[&base[..], &["--keep", "lora,batch"]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("\"batch\"") && err.contains("checkpointing | loss"),
+        "{err}"
+    );
+}

@@ -42,6 +42,7 @@ fn planner(c: &mut Criterion) {
         global: GlobalBatch::Sequences(64),
         margin: 0.1,
         allow_fused: false,
+        keep: Vec::new(),
     };
     c.bench_function("fit smollm2-1.7b h100-80gb seq 2048 global 64", |b| {
         b.iter(|| fit(black_box(&req)).expect("fits"))

@@ -9,7 +9,7 @@
 use crate::config::MAX_COUNT;
 use crate::error::{PlanError, Result};
 use crate::report::{estimate, Report};
-use crate::spec::{Arch, Checkpointing, Choice, Engine, LossMode, RunSpec};
+use crate::spec::{Arch, Change, Checkpointing, Choice, Engine, LossMode, RunSpec};
 use crate::timeline::{Step, Timeline};
 use serde::Serialize;
 
@@ -35,6 +35,8 @@ pub struct FitRequest {
     pub margin: f64,
     /// Also consider the fused loss (needs a fused linear-cross-entropy kernel in the training code).
     pub allow_fused: bool,
+    /// Kinds of change the search and the ladder must not make (`fit --keep`).
+    pub keep: Vec<Change>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,21 +223,29 @@ fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u
 type Mode = (Checkpointing, LossMode);
 
 fn modes(req: &FitRequest) -> Vec<Mode> {
-    let losses: Vec<LossMode> = LossMode::ALL
+    let t = &req.base.train;
+    let losses: Vec<LossMode> = if req.keep.contains(&Change::Loss) {
+        vec![t.loss]
+    } else {
+        LossMode::ALL
+            .iter()
+            .map(|(_, l)| *l)
+            .filter(|l| *l != LossMode::Fused || (req.allow_fused && t.engine == Engine::Torch))
+            .collect()
+    };
+    let policies = if req.keep.contains(&Change::Checkpointing) {
+        vec![t.checkpointing]
+    } else {
+        vec![
+            Checkpointing::None,
+            Checkpointing::Selective,
+            Checkpointing::Full,
+        ]
+    };
+    policies
         .iter()
-        .map(|(_, l)| *l)
-        .filter(|l| {
-            *l != LossMode::Fused || (req.allow_fused && req.base.train.engine == Engine::Torch)
-        })
-        .collect();
-    [
-        Checkpointing::None,
-        Checkpointing::Selective,
-        Checkpointing::Full,
-    ]
-    .iter()
-    .flat_map(|ck| losses.iter().map(move |l| (*ck, *l)))
-    .collect()
+        .flat_map(|ck| losses.iter().map(move |l| (*ck, *l)))
+        .collect()
 }
 
 /// What the search found: every candidate it estimated, in search order, and the timeline
@@ -545,6 +555,7 @@ mod tests {
             global,
             margin: 0.1,
             allow_fused: false,
+            keep: Vec::new(),
         }
     }
 

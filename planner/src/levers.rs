@@ -22,7 +22,7 @@
 use crate::config::{check_run, RawConfig};
 use crate::fit::{try_fit, Attempt, Candidate, FitRequest, FitResult, GlobalBatch, Miss};
 use crate::lora_fit::{adapters, with_adapters, DEFAULT_RANK};
-use crate::spec::{Optimizer, Precision, Quantize, RunSpec, Sharding};
+use crate::spec::{Change, Optimizer, Precision, Quantize, RunSpec, Sharding};
 use crate::Result;
 use serde::Serialize;
 
@@ -47,6 +47,20 @@ pub enum Lever {
     MoreGpus { gpus: u64, sharding: Sharding },
     /// Saved activations in host memory between forward and backward.
     OffloadActivations,
+}
+
+impl Lever {
+    /// The kind of change this lever makes (what `fit --keep` names).
+    pub fn kind(&self) -> Change {
+        match self {
+            Lever::Shard { .. } => Change::Sharding,
+            Lever::Optimizer8bit { .. } => Change::Optimizer,
+            Lever::PureBf16 => Change::Precision,
+            Lever::Lora { .. } | Lever::Qlora { .. } => Change::Lora,
+            Lever::MoreGpus { .. } => Change::Gpus,
+            Lever::OffloadActivations => Change::Offload,
+        }
+    }
 }
 
 /// Levers taken together and what the search found with them.
@@ -203,7 +217,8 @@ fn alternative(levers: &[Lever], a: Attempt) -> Alternative {
 /// run can take none of them.
 fn first_fitting(req: &FitRequest, steps: &[Vec<Lever>]) -> Option<Alternative> {
     let mut last = None;
-    for levers in steps {
+    let allowed = |levers: &&Vec<Lever>| levers.iter().all(|l| !req.keep.contains(&l.kind()));
+    for levers in steps.iter().filter(allowed) {
         let Some(spec) = apply(&req.base, levers) else {
             continue;
         };
@@ -308,7 +323,14 @@ pub fn alternatives(req: &FitRequest) -> Vec<Alternative> {
     for levers in training_levers(base) {
         out.extend(first_fitting(req, &with_shards(base, levers)));
     }
-    out.extend(more_gpus(req));
+    // More GPUs only help sharded, so keeping the sharding keeps the GPU count too.
+    if !req
+        .keep
+        .iter()
+        .any(|k| matches!(k, Change::Gpus | Change::Sharding))
+    {
+        out.extend(more_gpus(req));
+    }
     if !base.train.offload_activations {
         let offload = with_shards(base, vec![Lever::OffloadActivations]);
         out.extend(first_fitting(req, &offload));
@@ -373,6 +395,7 @@ mod tests {
             global: GlobalBatch::Sequences(global),
             margin: 0.1,
             allow_fused: false,
+            keep: Vec::new(),
         }
     }
 
@@ -451,6 +474,40 @@ mod tests {
             ladder.nearest().next().unwrap().levers,
             [Lever::Lora { rank: 16 }]
         );
+    }
+
+    /// `fit --keep`: a kept kind of change is never a lever (keeping the sharding keeps
+    /// the GPU count too), and the search keeps the run's checkpointing and loss.
+    #[test]
+    fn kept_kinds_are_not_changed() {
+        let raw = raw("llama-3.1-8b", "rtx4090-24gb", 1);
+        let mut req = request(&raw, 2048, 32);
+        req.keep = vec![Change::Lora, Change::Sharding];
+        let Err(ladder) = fit_or_ladder(&req, &[]).unwrap() else {
+            panic!("full fine-tuning of 8 B parameters fits 24 GB");
+        };
+        let kinds: Vec<Change> = ladder
+            .alternatives
+            .iter()
+            .flat_map(|a| a.levers.iter().map(Lever::kind))
+            .collect();
+        assert!(!kinds.is_empty());
+        for kept in [Change::Lora, Change::Sharding, Change::Gpus] {
+            assert!(!kinds.contains(&kept), "{kept}: {kinds:?}");
+        }
+        let small = raw_model_fit("smollm2-135m", &[Change::Checkpointing, Change::Loss]);
+        let base = &small.base.train;
+        let r = crate::fit::fit(&small).expect("135 M parameters fit 24 GB");
+        assert!(r
+            .candidates
+            .iter()
+            .all(|c| c.checkpointing == base.checkpointing && c.loss == base.loss));
+    }
+
+    fn raw_model_fit(model: &str, keep: &[Change]) -> FitRequest {
+        let mut req = request(&raw(model, "rtx4090-24gb", 1), 2048, 32);
+        req.keep = keep.to_vec();
+        req
     }
 
     /// More GPUs: the count is the smallest that splits the global batch and fits with

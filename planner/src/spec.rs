@@ -249,6 +249,27 @@ choice!(
     ComputeDtype { Bf16 = "bf16", Fp16 = "fp16", Fp32 = "fp32" }
 );
 choice!(Engine { Torch = "torch", Candle = "candle" });
+choice!(
+    /// A kind of change `fit` may make to the run; `fit --keep KIND` forbids it.
+    Change {
+        /// The search over checkpointing policies.
+        Checkpointing = "checkpointing",
+        /// The search over loss implementations.
+        Loss = "loss",
+        /// The ladder's ZeRO / FSDP2 over the GPUs the run has.
+        Sharding = "sharding",
+        /// The ladder's 8-bit optimizer.
+        Optimizer = "optimizer",
+        /// The ladder's pure bf16.
+        Precision = "precision",
+        /// The ladder's LoRA and QLoRA.
+        Lora = "lora",
+        /// The ladder's more GPUs.
+        Gpus = "gpus",
+        /// The ladder's activation offload.
+        Offload = "offload",
+    }
+);
 choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3", Fsdp2 = "fsdp2" });
 
 impl Precision {

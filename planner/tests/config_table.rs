@@ -239,6 +239,7 @@ fn every_plan_fit_writes_resolves_to_the_same_run() {
             global,
             margin: 0.0,
             allow_fused: false,
+            keep: Vec::new(),
         };
         let r = fit(&req).unwrap_or_else(|e| panic!("{src}: {e}"));
         for c in &r.candidates {

@@ -301,6 +301,7 @@ fn fit_request() -> impl Strategy<Value = FitRequest> {
                 global: GlobalBatch::Sequences(global),
                 margin,
                 allow_fused: fused,
+                keep: Vec::new(),
             }
         })
 }

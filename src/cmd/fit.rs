@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use vramplan::write_atomic;
 use vramplan_planner::{
-    fit_or_ladder, raw_with, FitRequest, FitResult, GlobalBatch, Ladder, RawConfig, RawHardware,
-    RawTrain, MAX_COUNT, MAX_DIM,
+    fit_or_ladder, raw_with, Change, Choice, FitRequest, FitResult, GlobalBatch, Ladder, RawConfig,
+    RawHardware, RawTrain, MAX_COUNT, MAX_DIM,
 };
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +72,10 @@ pub struct Args {
     /// Also consider a fused linear + cross-entropy loss (the training code must provide one).
     #[arg(long)]
     pub allow_fused: bool,
+    /// Kinds of change fit must not make: checkpointing, loss (the search), sharding,
+    /// optimizer, precision, lora, gpus, offload (the levers tried when nothing fits).
+    #[arg(long, value_delimiter = ',', value_name = "KIND[,KIND...]")]
+    pub keep: Vec<String>,
     /// Write the chosen plan as a run config that `estimate` and `train` accept.
     #[arg(long, value_name = "PLAN.toml")]
     pub out: Option<PathBuf>,
@@ -149,6 +153,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         global,
         margin,
         allow_fused: a.allow_fused,
+        keep: a
+            .keep
+            .iter()
+            .map(|k| Change::parse("--keep", k))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad("command line", e))?,
     };
     let lengths = if a.seq_len.len() > 1 {
         &a.seq_len[..]

@@ -228,6 +228,7 @@ fn fitting(
         global: GlobalBatch::Sequences(spec.global_batch()),
         margin: 0.0,
         allow_fused: false,
+        keep: Vec::new(),
     })
 }
 

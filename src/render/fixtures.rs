@@ -121,6 +121,7 @@ fn ladder_llama_8b() -> (RunSpec, Ladder) {
         global: GlobalBatch::Sequences(32),
         margin: 0.1,
         allow_fused: false,
+        keep: Vec::new(),
     };
     match fit_or_ladder(&req, &[]).expect("a valid request") {
         Ok(r) => panic!(
