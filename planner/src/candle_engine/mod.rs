@@ -520,4 +520,33 @@ mod tests {
             "{w:?}"
         );
     }
+
+    /// Qwen2 and qwen3 plans (4 heads, 2 kv heads, head_dim 32, MLP 192, 16 × 64 rows)
+    /// against the engine's counting allocator (`vramplan train PLAN --steps 2`, 2 cores,
+    /// f32): within 2 %, as llama is.
+    #[test]
+    fn qwen2_and_qwen3_extras_meet_the_measured_peaks() {
+        for (arch, ckpt, measured) in [
+            ("qwen2", "full", 33_478_218.0),
+            ("qwen3", "full", 37_270_144.0),
+            ("qwen2", "none", 65_042_956.0),
+            ("qwen3", "none", 70_246_044.0),
+        ] {
+            let mut s = plan(16, "fp32");
+            let text = format!(
+                "[model]\nname = \"t\"\narch = \"{arch}\"\nhidden_size = 64\nnum_layers = 2\n\
+                 num_heads = 4\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 192\n\
+                 vocab_size = 256\ntie_embeddings = false\n[train]\nmicro_batch = 16\n\
+                 seq_len = 64\nprecision = \"fp32\"\ncheckpointing = \"{ckpt}\"\n\
+                 loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n"
+            );
+            s = RawConfig::from_toml(&text)
+                .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
+                .unwrap_or(s);
+            assert_eq!(s.model.num_heads, 4, "{arch} plan resolves");
+            let pred = crate::report::estimate(&s).peak_allocated_bytes as f64;
+            let err = (pred - measured) / measured;
+            assert!(err.abs() <= 0.02, "{arch} {ckpt}: {:+.2} %", 100.0 * err);
+        }
+    }
 }
