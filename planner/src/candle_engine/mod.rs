@@ -35,7 +35,7 @@
 mod working_sets;
 
 use crate::params::{self, Role};
-use crate::spec::{Checkpointing, LossMode, Precision, RunSpec};
+use crate::spec::{Arch, Checkpointing, LossMode, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
 use crate::units::Bytes;
 use std::rc::Rc;
@@ -110,6 +110,36 @@ pub fn warnings(spec: &RunSpec) -> Vec<String> {
     working_sets::fits(spec.train.precision).warnings(spec.model.arch, &units(spec, &params))
 }
 
+/// What qwen2's biases and qwen3's per-head q/k norms add to llama's fitted working sets
+/// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
+/// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k is squared,
+/// divided by its RMS and multiplied by the norm's weight, three kept copies a block
+/// (`3·(N·H·D + N·KV·D)`); their backward runs after the attention scores' and holds
+/// about four gradients of q and k, of which only what exceeds the scores' freed gradient
+/// (`B·H·T²`) raises the peak (measured: `4·(N·H·D + N·KV·D) − B·H·T²`). With checkpointing the attention half's forward holds the copies
+/// and its recompute-and-backward both; without, the graph holds them for every block and
+/// the backward the gradients of one.
+fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
+    let act = |x: f64| if half { x / 2.0 } else { x };
+    let (kept, grads) = match arch {
+        Arch::Qwen2 => (act(u.nq + 2.0 * u.nkv), 0.0),
+        // `rms` squares and divides in f32 whatever the compute dtype: under 16-bit
+        // compute those two copies stay f32 and the cast and weighted copies are half,
+        // three f32 copies' worth either way.
+        Arch::Qwen3 => (
+            3.0 * (u.nq + u.nkv),
+            act((4.0 * (u.nq + u.nkv) - u.s).max(0.0)),
+        ),
+        _ => return,
+    };
+    let b = |x: f64| x.round() as u64;
+    ws.fwd_attn += b(kept);
+    ws.bwd_attn += b(kept + grads);
+    ws.graph += b(u.layers * kept);
+    ws.fwd_peak += b(u.layers * kept);
+    ws.bwd_peak += b(grads);
+}
+
 fn bytes(x: f64) -> Bytes {
     Bytes(x.max(0.0).round() as u64)
 }
@@ -144,7 +174,8 @@ impl<'a> Plan<'a> {
         let m = &spec.model;
         let params = params::shared(m);
         let u = units(spec, &params);
-        let ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
+        let mut ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
+        arch_extras(m.arch, &u, spec.train.precision != Precision::Fp32, &mut ws);
         let mut blocks = vec![BlockBytes::default(); m.num_layers as usize];
         for p in params.iter() {
             let Some(b) = p.layer.and_then(|l| blocks.get_mut(l as usize)) else {
@@ -488,5 +519,34 @@ mod tests {
             w[0].contains("extrapolated above the calibrated sizes: rows × hidden_size 2097152 (calibrated up to 786432), rows × intermediate_size 8388608"),
             "{w:?}"
         );
+    }
+
+    /// Qwen2 and qwen3 plans (4 heads, 2 kv heads, head_dim 32, MLP 192, 16 × 64 rows)
+    /// against the engine's counting allocator (`vramplan train PLAN --steps 2`, 2 cores,
+    /// f32): within 2 %, as llama is.
+    #[test]
+    fn qwen2_and_qwen3_extras_meet_the_measured_peaks() {
+        for (arch, ckpt, measured) in [
+            ("qwen2", "full", 33_478_218.0),
+            ("qwen3", "full", 37_270_144.0),
+            ("qwen2", "none", 65_042_956.0),
+            ("qwen3", "none", 70_246_044.0),
+        ] {
+            let mut s = plan(16, "fp32");
+            let text = format!(
+                "[model]\nname = \"t\"\narch = \"{arch}\"\nhidden_size = 64\nnum_layers = 2\n\
+                 num_heads = 4\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 192\n\
+                 vocab_size = 256\ntie_embeddings = false\n[train]\nmicro_batch = 16\n\
+                 seq_len = 64\nprecision = \"fp32\"\ncheckpointing = \"{ckpt}\"\n\
+                 loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n"
+            );
+            s = RawConfig::from_toml(&text)
+                .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
+                .unwrap_or(s);
+            assert_eq!(s.model.num_heads, 4, "{arch} plan resolves");
+            let pred = crate::report::estimate(&s).peak_allocated_bytes as f64;
+            let err = (pred - measured) / measured;
+            assert!(err.abs() <= 0.02, "{arch} {ckpt}: {:+.2} %", 100.0 * err);
+        }
     }
 }

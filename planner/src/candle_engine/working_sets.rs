@@ -396,7 +396,8 @@ pub(super) fn fits(precision: Precision) -> &'static Fits {
 impl Fits {
     /// Only nanochat, llama, qwen2 and qwen3 run on the candle engine (validated with the
     /// config); llama's block is the general one, used for qwen2 (q/k/v biases) and qwen3
-    /// (per-head q/k norms) too, whose extra working memory is not fitted.
+    /// (per-head q/k norms) too, whose extra tensors are added from the shapes
+    /// (`arch_extras`).
     fn arch(&self, arch: Arch) -> &ArchFit {
         match arch {
             Arch::Nanochat => &self.nanochat,
