@@ -68,11 +68,16 @@ impl PlanError {
     /// `value` is shown as given (callers quote strings with [`quote`]); it is cut to one
     /// short line all the same, since numbers and values come from user input too.
     pub fn invalid(key: &str, value: impl ToString, accepted: impl Into<String>) -> Self {
+        let key = one_line(key, QUOTE_CHARS);
+        let accepted = accepted.into();
+        // Room for a value already quoted (two quotes and an ellipsis), and no more than
+        // the line leaves beside the key, " = ", ": ", the ellipsis and a long list of what
+        // is accepted.
+        let left = LINE_CHARS.saturating_sub(6 + key.chars().count() + accepted.chars().count());
         PlanError::Invalid {
-            key: one_line(key, QUOTE_CHARS),
-            // Room for a value already quoted: two quotes and an ellipsis.
-            value: one_line(&value.to_string(), QUOTE_CHARS + 3),
-            accepted: accepted.into(),
+            key,
+            value: one_line(&value.to_string(), left.clamp(16, QUOTE_CHARS + 3)),
+            accepted,
         }
     }
 
@@ -182,6 +187,19 @@ pub type Result<T> = std::result::Result<T, PlanError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long value beside a long list of accepted names still makes a line of at most
+    /// LINE_CHARS (the fuzz test's 234-character optimizer line).
+    #[test]
+    fn a_long_value_shares_the_line_with_a_long_list() {
+        let accepted = format!("expected one of {}", ["adamw-foreach"; 9].join(" | "));
+        for value in ["x".repeat(5000), "adamw".into()] {
+            let e = PlanError::invalid("train.optimizer", quote(&value), accepted.as_str());
+            let line = e.to_string();
+            assert!(line.chars().count() <= LINE_CHARS, "{}: {line}", line.len());
+            assert!(line.ends_with(&accepted), "{line}");
+        }
+    }
 
     #[test]
     fn quotes_are_one_short_line() {
