@@ -50,9 +50,7 @@ pub use levers::{
     MAX_LADDER_GPUS,
 };
 pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
-pub use lora_fit::{
-    adapters, suggestion as lora_suggestion, what_fits, with_adapters, DEFAULT_RANK,
-};
+pub use lora_fit::{adapters, with_adapters, DEFAULT_RANK};
 pub use oom::{
     classify, match_tensor, parse_amount, parse_log, Cause, HostKill, HostSignal, Match, OomReport,
     PrintedShape, ProcessUse, Source,

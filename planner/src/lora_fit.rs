@@ -1,5 +1,6 @@
-//! What fits when full fine-tuning does not: the same search (`fit`) with LoRA, then with
-//! QLoRA, keeping the model, the global batch and the sequence length asked for.
+//! The LoRA and QLoRA runs `fit` tries when full fine-tuning does not fit (the ladder's
+//! LoRA and QLoRA steps, `levers.rs`), keeping the model, the global batch and the sequence
+//! length asked for.
 //!
 //! The adapters are the ones `vramplan fit --lora` and `--qlora` use: rank 16 on every
 //! linear of the blocks (`all-linear`), alpha 32, no dropout, base weights in bf16; QLoRA
@@ -7,7 +8,6 @@
 //! (bitsandbytes' paged 8-bit AdamW holds the same state; paging moves it to host
 //! memory only under pressure, which the planner does not count on).
 
-use crate::fit::{fit, FitRequest, FitResult};
 use crate::lora::{RawLora, Targets};
 use crate::spec::{Optimizer, Precision, RunSpec};
 use crate::Result;
@@ -40,39 +40,4 @@ pub fn with_adapters(base: &RunSpec, rank: u64, quantized: bool) -> Result<RunSp
         spec.train.optimizer = Optimizer::AdamW8bit;
     }
     Ok(spec)
-}
-
-/// When `req` (full fine-tuning) fits nothing: the first of LoRA and QLoRA at
-/// [`DEFAULT_RANK`] that does, as the flag that asks for it and its plan.
-pub fn what_fits(req: &FitRequest) -> Option<(&'static str, FitResult)> {
-    if req.base.lora.is_some() {
-        return None;
-    }
-    [("--lora", false), ("--qlora", true)]
-        .into_iter()
-        .find_map(|(flag, quantized)| {
-            let base = with_adapters(&req.base, DEFAULT_RANK, quantized).ok()?;
-            let r = fit(&FitRequest {
-                base,
-                ..req.clone()
-            })
-            .ok()?;
-            Some((flag, r))
-        })
-}
-
-/// One line for the user: what [`what_fits`] found.
-pub fn suggestion(req: &FitRequest) -> Option<String> {
-    let (flag, r) = what_fits(req)?;
-    let b = &r.best;
-    Some(format!(
-        "{flag} {DEFAULT_RANK} fits: micro-batch {} × accumulation {} at sequence {}, \
-         checkpointing {}, peak {} of {}",
-        b.micro_batch,
-        b.grad_accum,
-        b.seq_len,
-        b.checkpointing,
-        crate::units::Bytes(b.report.device_bytes),
-        crate::units::Bytes(b.report.capacity_bytes),
-    ))
 }
