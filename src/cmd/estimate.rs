@@ -24,7 +24,7 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Exit with code 3 when the run does not fit.
+    /// Exit with code 3 when the run does not fit the GPU (the host RAM check is printed only).
     #[arg(long)]
     pub check: bool,
     /// Draw one step's memory over time, stacked by component, as SVG.
