@@ -753,3 +753,45 @@ fn device_and_precision_choices() {
     assert!(text(&o).contains("no bf16"), "{}", text(&o));
     assert_eq!(summary(&out)["compute_dtype"], "f32");
 }
+
+#[test]
+fn sft_accumulation_follows_the_loss_of_one_big_micro_batch() {
+    // Responses of 1 to 3 digits (and the blank line): micro-batches hold different
+    // numbers of response tokens, which a mean of per-micro-batch means would weigh wrong.
+    let dir = tmp("sft-accum");
+    let plan = small_plan(&dir);
+    let data = dir.join("qa.jsonl");
+    let lines: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"{i} squared?\", \"response\": \"{}\"}}\n",
+                i * i
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let train = |name: &str, micro: &str, accum: &str| {
+        let out = dir.join(name);
+        let o = run(&[
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--set",
+            &format!("train.micro_batch={micro}"),
+            "--set",
+            &format!("train.grad_accum={accum}"),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        losses(&out)
+    };
+    let (a, b) = (train("accum", "2", "3"), train("one", "6", "1"));
+    assert_eq!(a.len(), 6);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * y.abs(), "step {s}: {x} vs {y}");
+    }
+}

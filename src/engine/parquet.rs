@@ -37,7 +37,7 @@ pub struct Position {
 }
 
 /// The held-out text: its tokens and its length in bytes (SFT: its examples, and the
-/// bytes of their responses).
+/// bytes of the text their loss covers).
 pub struct Held {
     pub tokens: Vec<u32>,
     pub bytes: usize,

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 pub struct Example {
     pub tokens: Vec<u32>,
     pub loss: Vec<bool>,
-    /// Bytes of the response text.
+    /// Bytes of the text the loss covers (the response and its end).
     pub bytes: usize,
 }
 
@@ -274,7 +274,7 @@ impl Formatter {
         Ok(Example {
             tokens,
             loss,
-            bytes: response.len(),
+            bytes: span.len(),
         })
     }
 }

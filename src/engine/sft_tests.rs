@@ -149,3 +149,25 @@ fn prompt_and_padding_targets_contribute_nothing() {
     assert_eq!(again, loss);
     assert_eq!(max_diff(&g, &g2), 0.0);
 }
+
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    use super::sft::{Formatter, TrainOn};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat");
+    for (case, eos) in [("smollm2", "<|im_end|>"), ("blocks", "</s>")] {
+        let dir = root.join(case);
+        let f = Formatter::load(Some(&dir.join("tokenizer.json")), TrainOn::Response).unwrap();
+        assert!(f.has_template(), "{case}");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        for row in expected.as_array().unwrap() {
+            let s = |k: &str| row[k].as_str().unwrap();
+            let (text, span) = f.render(case, s("prompt"), s("response")).unwrap();
+            assert_eq!(text, s("full"), "{case}");
+            // The loss covers the assistant's content and its end of turn only.
+            assert_eq!(&text[..span.start], s("head"), "{case}");
+            assert_eq!(&text[span], format!("{}{eos}", s("response")), "{case}");
+        }
+    }
+}
