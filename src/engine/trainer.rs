@@ -11,7 +11,7 @@ use crate::engine::optim::{self, AdamW};
 use crate::engine::probe::{NoProbe, Probe, Recorder};
 use crate::engine::rng::Rng;
 use crate::engine::rundir::{self, Lock};
-use crate::engine::sft::{Formatter, TrainOn};
+use crate::engine::sft::{self, Formatter, TrainOn};
 use crate::engine::{
     alloc, bad, check_vocab, device, device_name, load_tokenizer, matmul_rate, step, step_opts,
     warm_up,
@@ -243,17 +243,18 @@ fn prepare_out(o: &Opts) -> Result<Lock> {
     let mut copies: Vec<(PathBuf, PathBuf)> = Vec::new();
     if let Some(p) = &o.tokenizer {
         copies.push((p.clone(), o.out.join(checkpoint::TOKENIZER)));
-        // Its chat template, when it has one beside it and no --init gives one.
-        let config = p.with_file_name(crate::engine::sft::CONFIG);
-        if config.is_file() && o.init.is_none() {
-            copies.push((config, o.out.join(crate::engine::sft::CONFIG)));
-        }
     }
     // The checkpoint's other tokenizer files, for `export`.
     for f in &hf::TOKENIZER_FILES[1..] {
         if let Some(src) = o.init.as_ref().map(|d| d.join(f)).filter(|p| p.is_file()) {
             copies.push((src, o.out.join(f)));
         }
+    }
+    // The chat template SFT data was formatted with: the config beside the tokenizer.
+    let config = o.tokenizer.as_ref().map(|p| p.with_file_name(sft::CONFIG));
+    if let Some(c) = config.filter(|c| c.is_file()) {
+        copies.retain(|(_, dst)| !dst.ends_with(sft::CONFIG));
+        copies.push((c, o.out.join(sft::CONFIG)));
     }
     for (src, dst) in copies {
         if std::fs::canonicalize(&src).ok() != std::fs::canonicalize(&dst).ok() {
