@@ -566,6 +566,59 @@ mod tests {
     }
 
     #[test]
+    fn sft_rows_are_the_training_rows_in_order_and_resume_at_a_row() {
+        let path =
+            std::env::temp_dir().join(format!("vramplan-sft-{}.parquet", std::process::id()));
+        // 10 rows in 3 row groups: 9 train, 1 held out; row 2's response is null.
+        let rows: Vec<Vec<Option<Vec<u8>>>> = (0..10)
+            .map(|i| {
+                vec![
+                    Some(format!("q{i}").into_bytes()),
+                    (i != 2).then(|| format!("a{i}").into_bytes()),
+                ]
+            })
+            .collect();
+        write(&path, &["prompt", "response"], &rows, 4);
+        let fmt = Formatter::plain(TrainOn::Response);
+        let (mut s, held) = Stream::open(&path, 9, 0, Tokens::Bytes, &fmt).unwrap();
+        assert!(s.is_sft());
+        let doc = |i: usize| -> Vec<u32> {
+            let r = if i == 2 {
+                String::new()
+            } else {
+                format!("a{i}")
+            };
+            format!("q{i}\n{r}\n\n").bytes().map(u32::from).collect()
+        };
+        assert_eq!(held.examples.len(), 1);
+        assert_eq!(held.examples[0].tokens, doc(9));
+        // Rows of 8 positions: row i's example, then the next; round and round.
+        let t = 8;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            let p = s.position();
+            let m = s.batch(2, t).unwrap();
+            let (mut r, _) = Stream::open(&path, 9, 0, Tokens::Bytes, &fmt).unwrap();
+            r.seek(p).unwrap();
+            let again = r.batch(2, t).unwrap();
+            assert_eq!(
+                m.ids.to_vec1::<u32>().unwrap(),
+                again.ids.to_vec1::<u32>().unwrap(),
+                "resumed at {p:?}"
+            );
+            let ids = m.ids.to_vec1::<u32>().unwrap();
+            seen.extend(ids.chunks(t).map(|c| c.to_vec()));
+        }
+        for (k, row) in seen.iter().enumerate() {
+            let d = doc(k % 9);
+            let mut want = d[..d.len() - 1].to_vec();
+            want.resize(t, 0);
+            assert_eq!(row, &want, "row {k}");
+        }
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
     fn columns_that_are_not_one_string_a_row_are_named_and_refused() {
         let schema = parse_message_type(
             "message m { REQUIRED INT64 text; REPEATED BYTE_ARRAY prompt (UTF8); \

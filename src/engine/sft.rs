@@ -289,6 +289,8 @@ impl Template {
             .build()
             .map_err(|e| bad(name, format!("chat_template: {e}")))?;
         env.set_syntax(syntax);
+        // Python's `str.strip()`, `.startswith()`, `dict.items()`… as Jinja2 has them.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
