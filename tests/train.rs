@@ -917,3 +917,70 @@ fn candle_inventory_holds_on_sft_data() {
     }
     println!("{report}");
 }
+
+#[test]
+fn bad_sft_input_is_one_line_and_exit_2() {
+    let dir = tmp("sft-bad");
+    let plan = small_plan(&dir);
+    let mixed = dir.join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"text\": \"a document\"}\n",
+    )
+    .unwrap();
+    let one = dir.join("one.jsonl");
+    std::fs::write(&one, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+    let tdir = dir.join("tok");
+    std::fs::create_dir_all(&tdir).unwrap();
+    let tok = tdir.join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"[UNK]":0,"p":1,"r":2},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        tdir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}{{ m.content }"}"#,
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--data", mixed.to_str().unwrap()],
+            "line 2: expected string fields \"prompt\" and \"response\"",
+        ),
+        (
+            &["--data", one.to_str().unwrap()],
+            "1 prompt/response examples: needs at least 2",
+        ),
+        (
+            &["--data", one.to_str().unwrap(), "--train-on", "prompts"],
+            "--train-on: \"prompts\": expected response or all",
+        ),
+        (
+            &[
+                "--data",
+                one.to_str().unwrap(),
+                "--tokenizer",
+                tok.to_str().unwrap(),
+            ],
+            "tokenizer_config.json: chat_template: ",
+        ),
+    ];
+    for (args, expect) in cases {
+        let mut a = vec![
+            "train",
+            plan.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(args);
+        let o = run(&a);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
