@@ -27,7 +27,7 @@ pub struct Args {
     /// Its tokenizer.json is the default --tokenizer.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub init: Option<PathBuf>,
-    /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Default: the built-in corpus.
+    /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Prompt/response rows are SFT examples (see --train-on). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// A Hugging Face tokenizer.json (default: bytes, vocabulary 256); the model's
