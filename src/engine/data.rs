@@ -346,7 +346,7 @@ fn parquet<'a>(
     let name = path.display().to_string();
     let t = window - 1;
     let (stream, held) = Stream::open(path, window, VAL_WINDOWS * t + 1, tok, fmt)?;
-    if held.examples.is_empty() == stream.is_sft() {
+    if stream.is_sft() && held.examples.is_empty() {
         return Err(bad(
             &name,
             "the held-out rows (the last tenth) hold no example",

@@ -432,13 +432,7 @@ impl<'a, 'c> Run<'a, 'c> {
         let micros = (0..self.spec.train.grad_accum)
             .map(|_| self.corpus.train.batch(b, t, &mut self.data_rng))
             .collect::<crate::engine::Result<Vec<_>>>()?;
-        Ok(crate::engine::sft::step_grads(
-            &self.model,
-            micros,
-            b,
-            self.sopts,
-            probe,
-        )?)
+        Ok(sft::step_grads(&self.model, micros, b, self.sopts, probe)?)
     }
 
     /// Saves the weights from before step `s`, whose loss is `loss` (not a number), beside
