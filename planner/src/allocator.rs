@@ -74,6 +74,12 @@ impl FreeBlocks {
         found
     }
 
+    /// The best fit for `size`, left in place.
+    fn best(&self, size: u64) -> Option<u32> {
+        let g = self.by_size.partition_point(|(s, _)| *s < size);
+        self.by_size.get(g)?.1.last().map(|(_, _, b)| *b)
+    }
+
     fn insert(&mut self, (size, seg, off): FreeKey, block: u32) {
         let g = match self.by_size.binary_search_by(|(s, _)| s.cmp(&size)) {
             Ok(g) => g,
@@ -215,6 +221,34 @@ impl Pools {
         (bi, self.blocks[bi as usize].size)
     }
 
+    /// A request of `size` (already rounded) freed again before any other request: the
+    /// bytes it takes, leaving the pools as its allocation and free would. The best fit
+    /// is split and merged back (its neighbours were not free, or it would have merged
+    /// with them), so only a new segment remains, as one free block.
+    fn transient(&mut self, size: u64) -> u64 {
+        let small = size <= SMALL;
+        let pool = usize::from(!small);
+        let (bi, new) = match self.free[pool].best(size) {
+            Some(b) => (b, false),
+            None => (self.new_segment(segment_size(size), small), true),
+        };
+        let held = self.blocks[bi as usize].size;
+        if new {
+            self.insert_free(pool, bi);
+        }
+        let rest = held - size;
+        let split = if small {
+            rest >= MIN_BLOCK
+        } else {
+            rest > SMALL
+        };
+        if split {
+            size
+        } else {
+            held
+        }
+    }
+
     /// Unlinks `b`'s next block (merged into `b`), returning its size.
     fn absorb_next(&mut self, b: u32) -> u64 {
         let n = self.blocks[b as usize].next;
@@ -257,21 +291,34 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
     let mut live = ByComponent::default();
     let mut best = (Bytes(0), live);
     let mut peak_reserved = 0u64;
-    for e in &t.events {
+    let mut events = t.events.iter().peekable();
+    while let Some(e) = events.next() {
         let tensor = &t.tensors[e.tensor];
         if tensor.bytes.0 == 0 {
             continue;
         }
         let c = tensor.component;
         if e.alloc {
-            let (bi, taken) = pools.alloc(round_size(tensor.bytes.0));
-            where_[e.tensor] = bi;
+            // Freed at once (a buffer inside one op): placed and released in one step.
+            let transient = events
+                .next_if(|n| n.tensor == e.tensor && !n.alloc)
+                .is_some();
+            let taken = if transient {
+                pools.transient(round_size(tensor.bytes.0))
+            } else {
+                let (bi, taken) = pools.alloc(round_size(tensor.bytes.0));
+                where_[e.tensor] = bi;
+                taken
+            };
             live.add(c, Bytes(taken));
             let total = live.total();
             if total > best.0 {
                 best = (total, live);
             }
             peak_reserved = peak_reserved.max(pools.reserved);
+            if transient {
+                live.sub(c, Bytes(taken));
+            }
         } else {
             let bi = std::mem::replace(&mut where_[e.tensor], NONE);
             if bi != NONE {
@@ -394,7 +441,8 @@ mod tests {
 
     proptest! {
         /// Every request lands in the same segment at the same offset, takes the same
-        /// bytes and reserves the same segments as in the linear scan.
+        /// bytes and reserves the same segments as in the linear scan; a transient (placed
+        /// and freed at once) takes the same bytes and leaves the same tiling.
         #[test]
         fn indexed_pools_place_blocks_like_the_linear_scan(
             ops in prop::collection::vec(
@@ -405,7 +453,13 @@ mod tests {
             let (mut new, mut old) = (Pools::default(), LinearPools::default());
             let mut live = Vec::new();
             for (alloc, bytes, pick) in ops {
-                if alloc || live.is_empty() {
+                if pick % 5 == 0 {
+                    // A transient: placed and freed at once.
+                    let size = round_size(bytes);
+                    let (si, off, old_taken) = old.alloc(size);
+                    prop_assert!(old.free(si, off).is_some());
+                    prop_assert_eq!(new.transient(size), old_taken);
+                } else if alloc || live.is_empty() {
                     let size = round_size(bytes);
                     let (bi, taken) = new.alloc(size);
                     let b = new.blocks[bi as usize];

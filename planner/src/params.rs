@@ -57,7 +57,13 @@ impl Param {
 
 /// Indices into a parameter list, by block, built in one pass.
 pub fn by_layer(params: &[Param], layers: u64) -> Vec<Vec<usize>> {
-    let mut out = vec![Vec::new(); layers as usize];
+    let mut counts = vec![0usize; layers as usize];
+    for p in params {
+        if let Some(c) = p.layer.and_then(|l| counts.get_mut(l as usize)) {
+            *c += 1;
+        }
+    }
+    let mut out: Vec<Vec<usize>> = counts.into_iter().map(Vec::with_capacity).collect();
     for (i, p) in params.iter().enumerate() {
         if let Some(l) = p.layer.and_then(|l| out.get_mut(l as usize)) {
             l.push(i);

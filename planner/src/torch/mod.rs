@@ -185,14 +185,12 @@ impl Run<'_> {
 /// The bytes of the step outside PyTorch's allocator: optimizer state in CUDA managed
 /// memory (paged optimizers) and saved activations offloaded to host memory.
 pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
+    if !spec.train.offload_activations && !optim::pages(spec.train.optimizer) {
+        return (0, 0);
+    }
     let run = Run::new(spec);
     // Only trainable parameters have optimizer state (LoRA's frozen base has none).
-    let paged = optim::states(
-        &mut Step::new(),
-        &run.trainable,
-        run.t,
-        run.optimizer_shards(),
-    );
+    let paged = optim::paged(&run.trainable, run.t, run.optimizer_shards());
     let host = if run.t.offload_activations {
         (0..run.layers)
             .map(|l| {
