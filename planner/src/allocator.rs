@@ -90,8 +90,18 @@ impl FreeBlocks {
             }
         };
         let blocks = &mut self.by_size[g].1;
-        let at = blocks.partition_point(|(s, o, _)| (*s, *o) > (seg, off));
-        blocks.insert(at, (seg, off, block));
+        // Most frees land at either end of their size's list: check those first.
+        match blocks.last() {
+            None => blocks.push((seg, off, block)),
+            Some(&(s, o, _)) if (s, o) > (seg, off) => blocks.push((seg, off, block)),
+            _ if blocks[0].0 < seg || (blocks[0].0 == seg && blocks[0].1 < off) => {
+                blocks.insert(0, (seg, off, block))
+            }
+            _ => {
+                let at = blocks.partition_point(|(s, o, _)| (*s, *o) > (seg, off));
+                blocks.insert(at, (seg, off, block));
+            }
+        }
     }
 
     fn remove(&mut self, (size, seg, off): FreeKey) {

@@ -10,6 +10,7 @@
 //! The optimizer state, the gradients and ZeRO-3's gathered layer all follow from this list.
 
 use crate::spec::{Arch, ModelSpec};
+use crate::timeline::Shape;
 use crate::units::DType;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -45,12 +46,12 @@ impl Param {
         self.rows.saturating_mul(self.cols)
     }
 
-    /// As registered: vectors are 1-D.
-    pub fn shape(&self) -> Vec<u64> {
+    /// As registered: vectors are 1-D. Inline, so asking for it allocates nothing.
+    pub fn shape(&self) -> Shape {
         if self.rows == 1 {
-            vec![self.cols]
+            Shape::new(&[self.cols])
         } else {
-            vec![self.rows, self.cols]
+            Shape::new(&[self.rows, self.cols])
         }
     }
 }

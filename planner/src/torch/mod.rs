@@ -35,6 +35,7 @@ use crate::timeline::{Component, Extent, Layout, Name, Step, TensorId, Timeline}
 use crate::units::DType;
 use block::{Block, Dims, Saved};
 use recipe::{Implementation, Recipe};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -65,6 +66,8 @@ struct Run<'a> {
     lora: Option<&'a crate::lora::LoraSpec>,
     /// Parameter indices per block.
     by_layer: Vec<Vec<usize>>,
+    /// Elements per block: of the matrices autocast copies, and of all its parameters.
+    layer_numel: Vec<(u64, u64)>,
     layers: u64,
     d: Dims,
     recipe: Recipe,
@@ -108,6 +111,8 @@ impl Run<'_> {
             recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d, true);
             windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d, true));
         }
+        let by_layer = params::by_layer(&params, layers);
+        let layer_numel = layer_numel(&params, &by_layer, spec.lora.as_ref());
         Run {
             m,
             t,
@@ -116,7 +121,8 @@ impl Run<'_> {
             shards: hw.shard_group(),
             sharding: hw.sharding,
             reshard_after_forward: hw.reshard_after_forward,
-            by_layer: params::by_layer(&params, layers),
+            by_layer,
+            layer_numel,
             params,
             trainable,
             lora: spec.lora.as_ref(),
@@ -409,17 +415,15 @@ fn save(
     suffix: &'static str,
     which: impl Fn(&Saved) -> bool,
 ) -> Vec<TensorId> {
-    blk.saved
-        .iter()
-        .filter(|sv| which(sv))
-        .map(|sv| {
-            s.alloc(
-                Name::block("block ", l, [" ", sv.name, suffix]),
-                Component::Activations,
-                sv.layout.clone(),
-            )
-        })
-        .collect()
+    let mut ids = Vec::with_capacity(blk.saved.len());
+    ids.extend(blk.saved.iter().filter(|sv| which(sv)).map(|sv| {
+        s.alloc(
+            Name::block("block ", l, [" ", sv.name, suffix]),
+            Component::Activations,
+            sv.layout.clone(),
+        )
+    }));
+    ids
 }
 
 /// The final norm, autocast's copy of the head weight, and the loss forward.
@@ -599,15 +603,9 @@ fn tied_embedding<'a>(params: &'a [Param], m: &ModelSpec) -> Option<&'a Param> {
 fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId> {
     let d = &run.d;
     let mut out = Vec::new();
-    let sum = |pred: &dyn Fn(&Param) -> bool| {
-        run.layer_params(l)
-            .filter(|p| pred(p))
-            .map(Param::numel)
-            .fold(0, u64::saturating_add)
-    };
-    let matrices = sum(&|p| p.role == Role::Matrix && lora::copied(p, run.lora));
+    let (matrices, all) = run.layer_numel[l as usize];
     if gather {
-        out.extend(shard::gathered(s, run, l, sum(&|_| true)));
+        out.extend(shard::gathered(s, run, l, all));
     }
     if d.autocast && matrices > 0 {
         out.push(s.alloc(
@@ -617,6 +615,30 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId>
         ));
     }
     out
+}
+
+/// Per block, the elements of the matrices autocast copies and of all its parameters:
+/// what [`weight_copies`] allocates, summed once per run.
+fn layer_numel(
+    params: &[Param],
+    by_layer: &[Vec<usize>],
+    lora: Option<&crate::lora::LoraSpec>,
+) -> Vec<(u64, u64)> {
+    by_layer
+        .iter()
+        .map(|ix| {
+            ix.iter()
+                .map(|i| &params[*i])
+                .fold((0u64, 0u64), |(m, a), p| {
+                    let copied = p.role == Role::Matrix && lora::copied(p, lora);
+                    let n = p.numel();
+                    (
+                        if copied { m.saturating_add(n) } else { m },
+                        a.saturating_add(n),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// FNV-1a: parameter names are short and trusted, so the index needs no DoS-resistant
@@ -642,15 +664,55 @@ impl Hasher for Fnv {
     }
 }
 
+/// What [`Grads`] reads per parameter: its position by name (the first of a name), found
+/// in constant time so that backward stays linear in layers, and its gradient's layout.
+/// Built once per parameter list and dtype (a fit plays the same list at every candidate).
+struct GradIndex {
+    params: Rc<Vec<Param>>,
+    dtype: DType,
+    index: HashMap<Rc<str>, usize, BuildHasherDefault<Fnv>>,
+    layouts: Vec<Layout>,
+}
+
+thread_local! {
+    /// The last index built; the parameter list it holds keeps its address unique.
+    static LAST_INDEX: RefCell<Option<Rc<GradIndex>>> = const { RefCell::new(None) };
+}
+
+impl GradIndex {
+    fn shared(params: &Rc<Vec<Param>>, dtype: DType) -> Rc<GradIndex> {
+        LAST_INDEX.with(|last| {
+            let mut last = last.borrow_mut();
+            if let Some(g) = last
+                .as_ref()
+                .filter(|g| Rc::ptr_eq(&g.params, params) && g.dtype == dtype)
+            {
+                return Rc::clone(g);
+            }
+            let mut index = HashMap::with_capacity_and_hasher(params.len(), Default::default());
+            for (i, p) in params.iter().enumerate() {
+                index.entry(p.name.clone()).or_insert(i);
+            }
+            let g = Rc::new(GradIndex {
+                params: Rc::clone(params),
+                dtype,
+                index,
+                layouts: params
+                    .iter()
+                    .map(|p| Layout::new(&p.shape(), p.dtype.unwrap_or(dtype)))
+                    .collect(),
+            });
+            *last = Some(Rc::clone(&g));
+            g
+        })
+    }
+}
+
 /// Parameter gradients: allocated when backward first reaches a parameter, accumulated in
 /// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
 struct Grads {
     ids: Vec<Option<TensorId>>,
-    /// Position of each parameter by name (the first of a name), found in constant time so
-    /// that backward stays linear in layers.
-    index: HashMap<Rc<str>, usize, BuildHasherDefault<Fnv>>,
-    layouts: Vec<Layout>,
-    names: Vec<Rc<str>>,
+    at: Rc<GradIndex>,
     sharded: bool,
     shards: u64,
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
@@ -659,19 +721,10 @@ struct Grads {
 }
 
 impl Grads {
-    fn new(params: &[Param], dtype: DType, sharded: bool, shards: u64) -> Grads {
-        let mut index = HashMap::with_capacity_and_hasher(params.len(), Default::default());
-        for (i, p) in params.iter().enumerate() {
-            index.entry(p.name.clone()).or_insert(i);
-        }
+    fn new(params: &Rc<Vec<Param>>, dtype: DType, sharded: bool, shards: u64) -> Grads {
         Grads {
             ids: vec![None; params.len()],
-            index,
-            layouts: params
-                .iter()
-                .map(|p| Layout::new(&p.shape(), p.dtype.unwrap_or(dtype)))
-                .collect(),
-            names: params.iter().map(|p| p.name.clone()).collect(),
+            at: GradIndex::shared(params, dtype),
             sharded,
             shards: shards.max(1),
             pre_reduce: vec![dtype],
@@ -680,20 +733,20 @@ impl Grads {
 
     /// Frees `p`'s gradient (the optimizer stepped inside backward has used it).
     fn drop_grad(&mut self, s: &mut Step, p: &Param) {
-        if let Some(id) = self.index.get(&p.name).and_then(|&i| self.ids[i].take()) {
+        if let Some(id) = self.at.index.get(&p.name).and_then(|&i| self.ids[i].take()) {
             s.free(id);
         }
     }
 
     fn size(&self, i: usize) -> Extent {
         let ranks = if self.sharded { self.shards } else { 1 };
-        Extent::Shard(self.layouts[i].clone(), ranks)
+        Extent::Shard(self.at.layouts[i].clone(), ranks)
     }
 
     fn all_persistent(&mut self, s: &mut Step) {
         for i in 0..self.ids.len() {
             self.ids[i] = Some(s.persistent(
-                Name::of("grad of ", &self.names[i], ""),
+                Name::of("grad of ", &self.at.params[i].name, ""),
                 Component::Gradients,
                 self.size(i),
             ));
@@ -708,10 +761,10 @@ impl Grads {
         d: &Dims,
     ) {
         for p in ps {
-            let Some(&i) = self.index.get(&p.name) else {
+            let Some(&i) = self.at.index.get(&p.name) else {
                 continue;
             };
-            let full = self.layouts[i].clone();
+            let full = self.at.layouts[i].clone();
             if autocast && p.role != Role::Vector && p.role != Role::Embedding {
                 // The matmul's gradient is bf16; `to` backward casts it to the fp32 parameter.
                 s.transient(
