@@ -399,8 +399,13 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
         LAST_PREFIX.with(|last| *last.borrow_mut() = Some((key, r.clone())));
         r
     });
-    // Only the prefix's tensors have blocks: the rest of the index is empty.
+    // Only the prefix's tensors have blocks: the rest of the index is empty. A clone
+    // has no spare room: make the arena's, as `Replay::new` does.
     r.where_.resize(t.tensors.len(), NONE);
+    let room = t.tensors.len().saturating_mul(2);
+    r.pools
+        .blocks
+        .reserve(room.saturating_sub(r.pools.blocks.len()));
     r.play(t, &t.events[n..]);
     r.stats()
 }

@@ -215,8 +215,8 @@ pub fn play(spec: &RunSpec) -> Timeline {
     // About six tensors a parameter (weight, gradients, optimizer state) and forty a
     // block (saved activations, temporaries, recomputation).
     let layers = run.layers as usize;
-    let mut s = Step::with_capacity(run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
-    let mut grads = model_state(&mut s, &run);
+    let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
+    let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let fwd = forward(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
     let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads);
@@ -249,6 +249,48 @@ pub fn play(spec: &RunSpec) -> Timeline {
     grads.free_all(&mut s);
     masters.into_iter().for_each(|id| s.free(id));
     s.finish()
+}
+
+/// What [`model_state`] reads of a run: all of it but the micro-batch, the sequence, the
+/// checkpointing and the loss, and of the accumulation only whether there is any.
+fn state_key(spec: &RunSpec) -> RunSpec {
+    let mut k = spec.clone();
+    k.train.micro_batch = 0;
+    k.train.seq_len = 0;
+    k.train.grad_accum = k.train.grad_accum.min(2);
+    k.train.checkpointing = Checkpointing::None;
+    k.train.loss = crate::spec::LossMode::FloatCast;
+    k
+}
+
+thread_local! {
+    /// The last run's model state (its key, the step after it, the gradients): a fit's
+    /// candidates differ only in what the key leaves out.
+    static LAST_STATE: RefCell<Option<(RunSpec, Step, Grads)>> = const { RefCell::new(None) };
+}
+
+/// A step holding `run`'s model state, with room for `room` (tensors, phases): a copy of
+/// the last one when its key is the same, so a fit plays the weights and optimizer state
+/// once. A LoRA run's parameter list is its own, so it always plays its own.
+fn shared_model_state(spec: &RunSpec, run: &Run, room: (usize, usize)) -> (Step, Grads) {
+    let afresh = || {
+        let mut s = Step::with_capacity(room.0, room.1);
+        let grads = model_state(&mut s, run);
+        (s, grads)
+    };
+    if spec.lora.is_some() {
+        return afresh();
+    }
+    let key = state_key(spec);
+    let hit = LAST_STATE.with(|last| match &*last.borrow() {
+        Some((k, s, g)) if *k == key => Some((Step::resume(s, room.0, room.1), g.clone())),
+        _ => None,
+    });
+    hit.unwrap_or_else(|| {
+        let (s, grads) = afresh();
+        LAST_STATE.with(|last| *last.borrow_mut() = Some((key, s.clone(), grads.clone())));
+        (s, grads)
+    })
 }
 
 /// Before the step: weights, optimizer state, DDP's gradient buckets, and with
@@ -602,7 +644,7 @@ fn tied_embedding<'a>(params: &'a [Param], m: &ModelSpec) -> Option<&'a Param> {
 /// backward), and under ZeRO-3 the gathered full weights.
 fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId> {
     let d = &run.d;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(2);
     let (matrices, all) = run.layer_numel[l as usize];
     if gather {
         out.extend(shard::gathered(s, run, l, all));
@@ -710,6 +752,7 @@ impl GradIndex {
 
 /// Parameter gradients: allocated when backward first reaches a parameter, accumulated in
 /// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
+#[derive(Clone)]
 struct Grads {
     ids: Vec<Option<TensorId>>,
     at: Rc<GradIndex>,
@@ -830,6 +873,55 @@ mod tests {
             .unwrap();
         s.model.num_layers = layers;
         s
+    }
+
+    /// A fit's candidates in turn: each step played from the last one's model state is
+    /// the step played afresh, tensor for tensor and event for event.
+    #[test]
+    fn steps_from_the_shared_model_state_match_steps_played_afresh() {
+        let runs = [
+            (4, 256, "grad_accum = 2", ""),
+            (1, 256, "grad_accum = 8\ncheckpointing = \"full\"", ""),
+            (8, 256, "grad_accum = 1\nloss = \"chunked\"", ""),
+            (2, 512, "grad_accum = 4", ""),
+            (
+                2,
+                256,
+                "precision = \"bf16-mixed\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+            (
+                4,
+                256,
+                "precision = \"bf16-mixed\"\ncheckpointing = \"selective\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+            (
+                4,
+                256,
+                "optimizer = \"adamw-8bit\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+        ];
+        let specs: Vec<RunSpec> = runs
+            .iter()
+            .map(|(mb, seq, t, h)| {
+                let mut s = spec(t, h, 3);
+                (s.train.micro_batch, s.train.seq_len) = (*mb, *seq);
+                s
+            })
+            .collect();
+        let json = |t: &Timeline| serde_json::to_value(t).unwrap();
+        let mut hits = 0;
+        for pair in specs.windows(2) {
+            LAST_STATE.with(|l| *l.borrow_mut() = None);
+            play(&pair[0]);
+            let got = json(&play(&pair[1]));
+            hits += usize::from(state_key(&pair[0]) == state_key(&pair[1]));
+            LAST_STATE.with(|l| *l.borrow_mut() = None);
+            assert_eq!(got, json(&play(&pair[1])), "{:?}", pair[1].train);
+        }
+        assert_eq!(hits, 2);
     }
 
     #[test]
