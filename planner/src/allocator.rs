@@ -8,8 +8,9 @@
 //! neighbours merge; segments are never returned during a step. `max_memory_allocated`
 //! counts the rounded block sizes; `max_memory_reserved` the segments.
 
-use crate::timeline::{ByComponent, Component, Timeline};
+use crate::timeline::{ByComponent, Component, Event, Timeline};
 use crate::units::{Bytes, MIB};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 const MIN_BLOCK: u64 = 512;
@@ -53,7 +54,7 @@ type FreeKey = (u64, u32, u64);
 /// entry. A step frees hundreds of blocks but of few sizes (a 24-layer model at
 /// micro-batch 8: about 500 free blocks of 7 to 10 sizes), so every search is over a
 /// short vector. An emptied group's vector is kept for the next new size.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct FreeBlocks {
     by_size: Vec<(u64, SizeGroup)>,
     spare: Vec<SizeGroup>,
@@ -74,6 +75,12 @@ impl FreeBlocks {
         found
     }
 
+    /// The best fit for `size`, left in place.
+    fn best(&self, size: u64) -> Option<u32> {
+        let g = self.by_size.partition_point(|(s, _)| *s < size);
+        self.by_size.get(g)?.1.last().map(|(_, _, b)| *b)
+    }
+
     fn insert(&mut self, (size, seg, off): FreeKey, block: u32) {
         let g = match self.by_size.binary_search_by(|(s, _)| s.cmp(&size)) {
             Ok(g) => g,
@@ -84,8 +91,18 @@ impl FreeBlocks {
             }
         };
         let blocks = &mut self.by_size[g].1;
-        let at = blocks.partition_point(|(s, o, _)| (*s, *o) > (seg, off));
-        blocks.insert(at, (seg, off, block));
+        // Most frees land at either end of their size's list: check those first.
+        match blocks.last() {
+            None => blocks.push((seg, off, block)),
+            Some(&(s, o, _)) if (s, o) > (seg, off) => blocks.push((seg, off, block)),
+            _ if blocks[0].0 < seg || (blocks[0].0 == seg && blocks[0].1 < off) => {
+                blocks.insert(0, (seg, off, block))
+            }
+            _ => {
+                let at = blocks.partition_point(|(s, o, _)| (*s, *o) > (seg, off));
+                blocks.insert(at, (seg, off, block));
+            }
+        }
     }
 
     fn remove(&mut self, (size, seg, off): FreeKey) {
@@ -128,7 +145,7 @@ fn segment_size(s: u64) -> u64 {
 /// most three removals or insertions (docs/performance.md, "planner speed": the
 /// ordered maps this replaces were 63 % of `fit`'s instructions). Blocks merged away stay
 /// in the arena, unlinked; a step allocates at most two blocks per request.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Pools {
     blocks: Vec<Block>,
     /// Whether each segment belongs to the small pool.
@@ -215,6 +232,34 @@ impl Pools {
         (bi, self.blocks[bi as usize].size)
     }
 
+    /// A request of `size` (already rounded) freed again before any other request: the
+    /// bytes it takes, leaving the pools as its allocation and free would. The best fit
+    /// is split and merged back (its neighbours were not free, or it would have merged
+    /// with them), so only a new segment remains, as one free block.
+    fn transient(&mut self, size: u64) -> u64 {
+        let small = size <= SMALL;
+        let pool = usize::from(!small);
+        let (bi, new) = match self.free[pool].best(size) {
+            Some(b) => (b, false),
+            None => (self.new_segment(segment_size(size), small), true),
+        };
+        let held = self.blocks[bi as usize].size;
+        if new {
+            self.insert_free(pool, bi);
+        }
+        let rest = held - size;
+        let split = if small {
+            rest >= MIN_BLOCK
+        } else {
+            rest > SMALL
+        };
+        if split {
+            size
+        } else {
+            held
+        }
+    }
+
     /// Unlinks `b`'s next block (merged into `b`), returning its size.
     fn absorb_next(&mut self, b: u32) -> u64 {
         let n = self.blocks[b as usize].next;
@@ -250,40 +295,128 @@ impl Pools {
     }
 }
 
-/// Replays the timeline through the caching allocator.
+/// The replay's state part-way through a step.
+#[derive(Debug, Clone)]
+struct Replay {
+    pools: Pools,
+    /// Each tensor's block while it is live.
+    where_: Vec<u32>,
+    live: ByComponent,
+    /// The allocated peak so far and the bytes by component there.
+    best: (Bytes, ByComponent),
+    peak_reserved: u64,
+}
+
+/// A step's leading allocations of persistent tensors (weights, optimizer state,
+/// accumulated gradients) as (bytes, component), and the replay's state after them.
+type Prefix = (Vec<(u64, Component)>, Replay);
+
+thread_local! {
+    /// The last step's prefix: the candidates of a fit share it, so each replays only
+    /// what follows it.
+    static LAST_PREFIX: RefCell<Option<Prefix>> = const { RefCell::new(None) };
+}
+
+impl Replay {
+    fn new(tensors: usize) -> Replay {
+        Replay {
+            pools: Pools::with_capacity(tensors),
+            where_: vec![NONE; tensors],
+            live: ByComponent::default(),
+            best: (Bytes(0), ByComponent::default()),
+            peak_reserved: 0,
+        }
+    }
+
+    /// Replays `events` of `t`.
+    fn play(&mut self, t: &Timeline, events: &[Event]) {
+        let mut events = events.iter().peekable();
+        while let Some(e) = events.next() {
+            let tensor = &t.tensors[e.tensor];
+            if tensor.bytes.0 == 0 {
+                continue;
+            }
+            let c = tensor.component;
+            if e.alloc {
+                // Freed at once (a buffer inside one op): placed and released in one step.
+                let transient = events
+                    .next_if(|n| n.tensor == e.tensor && !n.alloc)
+                    .is_some();
+                let taken = if transient {
+                    self.pools.transient(round_size(tensor.bytes.0))
+                } else {
+                    let (bi, taken) = self.pools.alloc(round_size(tensor.bytes.0));
+                    self.where_[e.tensor] = bi;
+                    taken
+                };
+                self.live.add(c, Bytes(taken));
+                let total = self.live.total();
+                if total > self.best.0 {
+                    self.best = (total, self.live);
+                }
+                self.peak_reserved = self.peak_reserved.max(self.pools.reserved);
+                if transient {
+                    self.live.sub(c, Bytes(taken));
+                }
+            } else {
+                let bi = std::mem::replace(&mut self.where_[e.tensor], NONE);
+                if bi != NONE {
+                    self.live.sub(c, Bytes(self.pools.free(bi)));
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> AllocatorStats {
+        AllocatorStats {
+            peak_allocated: self.best.0,
+            peak_reserved: Bytes(self.peak_reserved.max(self.best.0 .0)),
+            by_component: self.best.1.to_map(),
+        }
+    }
+}
+
+/// Replays the timeline through the caching allocator, from the last step's state after
+/// the persistent tensors when this step allocates the same ones first.
 pub fn simulate(t: &Timeline) -> AllocatorStats {
-    let mut pools = Pools::with_capacity(t.tensors.len());
-    let mut where_: Vec<u32> = vec![NONE; t.tensors.len()];
-    let mut live = ByComponent::default();
-    let mut best = (Bytes(0), live);
-    let mut peak_reserved = 0u64;
-    for e in &t.events {
-        let tensor = &t.tensors[e.tensor];
-        if tensor.bytes.0 == 0 {
-            continue;
-        }
-        let c = tensor.component;
-        if e.alloc {
-            let (bi, taken) = pools.alloc(round_size(tensor.bytes.0));
-            where_[e.tensor] = bi;
-            live.add(c, Bytes(taken));
-            let total = live.total();
-            if total > best.0 {
-                best = (total, live);
-            }
-            peak_reserved = peak_reserved.max(pools.reserved);
-        } else {
-            let bi = std::mem::replace(&mut where_[e.tensor], NONE);
-            if bi != NONE {
-                live.sub(c, Bytes(pools.free(bi)));
-            }
-        }
-    }
-    AllocatorStats {
-        peak_allocated: best.0,
-        peak_reserved: Bytes(peak_reserved.max(best.0 .0)),
-        by_component: best.1.to_map(),
-    }
+    // Before any free, event i allocates tensor i: the persistent tensors come first.
+    let n = t
+        .events
+        .iter()
+        .take_while(|e| e.alloc && t.tensors[e.tensor].persistent)
+        .count();
+    let key: Vec<(u64, Component)> = t.tensors[..n]
+        .iter()
+        .map(|x| (x.bytes.0, x.component))
+        .collect();
+    let cached = LAST_PREFIX.with(|last| match &*last.borrow() {
+        Some((k, r)) if *k == key => Some(r.clone()),
+        _ => None,
+    });
+    let mut r = cached.unwrap_or_else(|| {
+        let mut r = Replay::new(t.tensors.len());
+        r.play(t, &t.events[..n]);
+        LAST_PREFIX.with(|last| *last.borrow_mut() = Some((key, r.clone())));
+        r
+    });
+    // Only the prefix's tensors have blocks: the rest of the index is empty. A clone
+    // has no spare room: make the arena's, as `Replay::new` does.
+    r.where_.resize(t.tensors.len(), NONE);
+    let room = t.tensors.len().saturating_mul(2);
+    r.pools
+        .blocks
+        .reserve(room.saturating_sub(r.pools.blocks.len()));
+    r.play(t, &t.events[n..]);
+    r.stats()
+}
+
+/// [`simulate`] from an empty allocator, without the shared prefix: the reference its
+/// test holds it to.
+#[cfg(test)]
+fn simulate_afresh(t: &Timeline) -> AllocatorStats {
+    let mut r = Replay::new(t.tensors.len());
+    r.play(t, &t.events);
+    r.stats()
 }
 
 #[cfg(test)]
@@ -392,9 +525,44 @@ mod tests {
         assert_eq!(st.peak_reserved, Bytes(2 * MIB + 32 * MIB));
     }
 
+    /// A fit's candidates in turn (same persistent tensors, then other ones): replayed
+    /// from the shared prefix, each gives what a replay from an empty allocator gives.
+    #[test]
+    fn replays_from_the_shared_prefix_match_replays_afresh() {
+        let presets = crate::Presets::builtin().unwrap();
+        let mut hits = 0;
+        for hardware in ["", "gpus = 2\nsharding = \"zero3\""] {
+            for (mb, accum, ck) in [
+                (1, 1, "none"),
+                (4, 1, "full"),
+                (2, 4, "none"),
+                (8, 2, "selective"),
+            ] {
+                let toml = format!(
+                    "[model]\npreset = \"smollm2-135m\"\n[train]\nmicro_batch = {mb}\ngrad_accum = {accum}\nseq_len = 512\ncheckpointing = \"{ck}\"\n[hardware]\ngpu = \"h100-80gb\"\n{hardware}\n"
+                );
+                let spec = crate::RawConfig::from_toml(&toml)
+                    .unwrap()
+                    .resolve(&presets, &crate::Context::default())
+                    .unwrap();
+                let t = crate::torch::play(&spec);
+                let before = LAST_PREFIX.with(|l| l.borrow().as_ref().map(|p| p.0.clone()));
+                let (got, want) = (simulate(&t), simulate_afresh(&t));
+                let after = LAST_PREFIX.with(|l| l.borrow().as_ref().map(|p| p.0.clone()));
+                hits += usize::from(before.is_some() && before == after);
+                assert_eq!(got.peak_allocated, want.peak_allocated, "{toml}");
+                assert_eq!(got.peak_reserved, want.peak_reserved, "{toml}");
+                assert_eq!(got.by_component, want.by_component, "{toml}");
+            }
+        }
+        // The prefix was reused (accumulation adds persistent gradients, so not always).
+        assert!(hits >= 2, "{hits}");
+    }
+
     proptest! {
         /// Every request lands in the same segment at the same offset, takes the same
-        /// bytes and reserves the same segments as in the linear scan.
+        /// bytes and reserves the same segments as in the linear scan; a transient (placed
+        /// and freed at once) takes the same bytes and leaves the same tiling.
         #[test]
         fn indexed_pools_place_blocks_like_the_linear_scan(
             ops in prop::collection::vec(
@@ -405,7 +573,13 @@ mod tests {
             let (mut new, mut old) = (Pools::default(), LinearPools::default());
             let mut live = Vec::new();
             for (alloc, bytes, pick) in ops {
-                if alloc || live.is_empty() {
+                if pick % 5 == 0 {
+                    // A transient: placed and freed at once.
+                    let size = round_size(bytes);
+                    let (si, off, old_taken) = old.alloc(size);
+                    prop_assert!(old.free(si, off).is_some());
+                    prop_assert_eq!(new.transient(size), old_taken);
+                } else if alloc || live.is_empty() {
                     let size = round_size(bytes);
                     let (bi, taken) = new.alloc(size);
                     let b = new.blocks[bi as usize];

@@ -10,6 +10,7 @@
 //! The optimizer state, the gradients and ZeRO-3's gathered layer all follow from this list.
 
 use crate::spec::{Arch, ModelSpec};
+use crate::timeline::Shape;
 use crate::units::DType;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -45,19 +46,25 @@ impl Param {
         self.rows.saturating_mul(self.cols)
     }
 
-    /// As registered: vectors are 1-D.
-    pub fn shape(&self) -> Vec<u64> {
+    /// As registered: vectors are 1-D. Inline, so asking for it allocates nothing.
+    pub fn shape(&self) -> Shape {
         if self.rows == 1 {
-            vec![self.cols]
+            Shape::new(&[self.cols])
         } else {
-            vec![self.rows, self.cols]
+            Shape::new(&[self.rows, self.cols])
         }
     }
 }
 
 /// Indices into a parameter list, by block, built in one pass.
 pub fn by_layer(params: &[Param], layers: u64) -> Vec<Vec<usize>> {
-    let mut out = vec![Vec::new(); layers as usize];
+    let mut counts = vec![0usize; layers as usize];
+    for p in params {
+        if let Some(c) = p.layer.and_then(|l| counts.get_mut(l as usize)) {
+            *c += 1;
+        }
+    }
+    let mut out: Vec<Vec<usize>> = counts.into_iter().map(Vec::with_capacity).collect();
     for (i, p) in params.iter().enumerate() {
         if let Some(l) = p.layer.and_then(|l| out.get_mut(l as usize)) {
             l.push(i);

@@ -348,7 +348,7 @@ pub struct Event {
 }
 
 /// Builds a [`Timeline`] by playing the step.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Step {
     tensors: Vec<Tensor>,
     events: Vec<Event>,
@@ -371,6 +371,21 @@ impl Step {
             events: Vec::with_capacity(tensors.saturating_mul(2)),
             phases: p,
             live: Vec::with_capacity(tensors),
+        }
+    }
+
+    /// A step that continues from a copy of `prefix`, with room as [`Step::with_capacity`].
+    pub fn resume(prefix: &Step, tensors: usize, phases: usize) -> Step {
+        fn copy<T: Clone>(v: &[T], n: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(n.max(v.len()));
+            out.extend_from_slice(v);
+            out
+        }
+        Step {
+            tensors: copy(&prefix.tensors, tensors),
+            events: copy(&prefix.events, tensors.saturating_mul(2)),
+            phases: copy(&prefix.phases, phases + 1),
+            live: copy(&prefix.live, tensors),
         }
     }
 

@@ -35,6 +35,7 @@ use crate::timeline::{Component, Extent, Layout, Name, Step, TensorId, Timeline}
 use crate::units::DType;
 use block::{Block, Dims, Saved};
 use recipe::{Implementation, Recipe};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -65,6 +66,8 @@ struct Run<'a> {
     lora: Option<&'a crate::lora::LoraSpec>,
     /// Parameter indices per block.
     by_layer: Vec<Vec<usize>>,
+    /// Elements per block: of the matrices autocast copies, and of all its parameters.
+    layer_numel: Vec<(u64, u64)>,
     layers: u64,
     d: Dims,
     recipe: Recipe,
@@ -108,6 +111,8 @@ impl Run<'_> {
             recipe.encoder = lora::adjust(&recipe.encoder, l, &params, &d, true);
             windowed = windowed.map(|w| lora::adjust(&w, l, &params, &d, true));
         }
+        let by_layer = params::by_layer(&params, layers);
+        let layer_numel = layer_numel(&params, &by_layer, spec.lora.as_ref());
         Run {
             m,
             t,
@@ -116,7 +121,8 @@ impl Run<'_> {
             shards: hw.shard_group(),
             sharding: hw.sharding,
             reshard_after_forward: hw.reshard_after_forward,
-            by_layer: params::by_layer(&params, layers),
+            by_layer,
+            layer_numel,
             params,
             trainable,
             lora: spec.lora.as_ref(),
@@ -185,14 +191,12 @@ impl Run<'_> {
 /// The bytes of the step outside PyTorch's allocator: optimizer state in CUDA managed
 /// memory (paged optimizers) and saved activations offloaded to host memory.
 pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
+    if !spec.train.offload_activations && !optim::pages(spec.train.optimizer) {
+        return (0, 0);
+    }
     let run = Run::new(spec);
     // Only trainable parameters have optimizer state (LoRA's frozen base has none).
-    let paged = optim::states(
-        &mut Step::new(),
-        &run.trainable,
-        run.t,
-        run.optimizer_shards(),
-    );
+    let paged = optim::paged(&run.trainable, run.t, run.optimizer_shards());
     let host = if run.t.offload_activations {
         (0..run.layers)
             .map(|l| {
@@ -211,8 +215,8 @@ pub fn play(spec: &RunSpec) -> Timeline {
     // About six tensors a parameter (weight, gradients, optimizer state) and forty a
     // block (saved activations, temporaries, recomputation).
     let layers = run.layers as usize;
-    let mut s = Step::with_capacity(run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
-    let mut grads = model_state(&mut s, &run);
+    let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
+    let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let fwd = forward(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
     let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads);
@@ -245,6 +249,48 @@ pub fn play(spec: &RunSpec) -> Timeline {
     grads.free_all(&mut s);
     masters.into_iter().for_each(|id| s.free(id));
     s.finish()
+}
+
+/// What [`model_state`] reads of a run: all of it but the micro-batch, the sequence, the
+/// checkpointing and the loss, and of the accumulation only whether there is any.
+fn state_key(spec: &RunSpec) -> RunSpec {
+    let mut k = spec.clone();
+    k.train.micro_batch = 0;
+    k.train.seq_len = 0;
+    k.train.grad_accum = k.train.grad_accum.min(2);
+    k.train.checkpointing = Checkpointing::None;
+    k.train.loss = crate::spec::LossMode::FloatCast;
+    k
+}
+
+thread_local! {
+    /// The last run's model state (its key, the step after it, the gradients): a fit's
+    /// candidates differ only in what the key leaves out.
+    static LAST_STATE: RefCell<Option<(RunSpec, Step, Grads)>> = const { RefCell::new(None) };
+}
+
+/// A step holding `run`'s model state, with room for `room` (tensors, phases): a copy of
+/// the last one when its key is the same, so a fit plays the weights and optimizer state
+/// once. A LoRA run's parameter list is its own, so it always plays its own.
+fn shared_model_state(spec: &RunSpec, run: &Run, room: (usize, usize)) -> (Step, Grads) {
+    let afresh = || {
+        let mut s = Step::with_capacity(room.0, room.1);
+        let grads = model_state(&mut s, run);
+        (s, grads)
+    };
+    if spec.lora.is_some() {
+        return afresh();
+    }
+    let key = state_key(spec);
+    let hit = LAST_STATE.with(|last| match &*last.borrow() {
+        Some((k, s, g)) if *k == key => Some((Step::resume(s, room.0, room.1), g.clone())),
+        _ => None,
+    });
+    hit.unwrap_or_else(|| {
+        let (s, grads) = afresh();
+        LAST_STATE.with(|last| *last.borrow_mut() = Some((key, s.clone(), grads.clone())));
+        (s, grads)
+    })
 }
 
 /// Before the step: weights, optimizer state, DDP's gradient buckets, and with
@@ -411,17 +457,15 @@ fn save(
     suffix: &'static str,
     which: impl Fn(&Saved) -> bool,
 ) -> Vec<TensorId> {
-    blk.saved
-        .iter()
-        .filter(|sv| which(sv))
-        .map(|sv| {
-            s.alloc(
-                Name::block("block ", l, [" ", sv.name, suffix]),
-                Component::Activations,
-                sv.layout.clone(),
-            )
-        })
-        .collect()
+    let mut ids = Vec::with_capacity(blk.saved.len());
+    ids.extend(blk.saved.iter().filter(|sv| which(sv)).map(|sv| {
+        s.alloc(
+            Name::block("block ", l, [" ", sv.name, suffix]),
+            Component::Activations,
+            sv.layout.clone(),
+        )
+    }));
+    ids
 }
 
 /// The final norm, autocast's copy of the head weight, and the loss forward.
@@ -600,16 +644,10 @@ fn tied_embedding<'a>(params: &'a [Param], m: &ModelSpec) -> Option<&'a Param> {
 /// backward), and under ZeRO-3 the gathered full weights.
 fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId> {
     let d = &run.d;
-    let mut out = Vec::new();
-    let sum = |pred: &dyn Fn(&Param) -> bool| {
-        run.layer_params(l)
-            .filter(|p| pred(p))
-            .map(Param::numel)
-            .fold(0, u64::saturating_add)
-    };
-    let matrices = sum(&|p| p.role == Role::Matrix && lora::copied(p, run.lora));
+    let mut out = Vec::with_capacity(2);
+    let (matrices, all) = run.layer_numel[l as usize];
     if gather {
-        out.extend(shard::gathered(s, run, l, sum(&|_| true)));
+        out.extend(shard::gathered(s, run, l, all));
     }
     if d.autocast && matrices > 0 {
         out.push(s.alloc(
@@ -619,6 +657,30 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId>
         ));
     }
     out
+}
+
+/// Per block, the elements of the matrices autocast copies and of all its parameters:
+/// what [`weight_copies`] allocates, summed once per run.
+fn layer_numel(
+    params: &[Param],
+    by_layer: &[Vec<usize>],
+    lora: Option<&crate::lora::LoraSpec>,
+) -> Vec<(u64, u64)> {
+    by_layer
+        .iter()
+        .map(|ix| {
+            ix.iter()
+                .map(|i| &params[*i])
+                .fold((0u64, 0u64), |(m, a), p| {
+                    let copied = p.role == Role::Matrix && lora::copied(p, lora);
+                    let n = p.numel();
+                    (
+                        if copied { m.saturating_add(n) } else { m },
+                        a.saturating_add(n),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// FNV-1a: parameter names are short and trusted, so the index needs no DoS-resistant
@@ -644,15 +706,56 @@ impl Hasher for Fnv {
     }
 }
 
-/// Parameter gradients: allocated when backward first reaches a parameter, accumulated in
-/// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
-struct Grads {
-    ids: Vec<Option<TensorId>>,
-    /// Position of each parameter by name (the first of a name), found in constant time so
-    /// that backward stays linear in layers.
+/// What [`Grads`] reads per parameter: its position by name (the first of a name), found
+/// in constant time so that backward stays linear in layers, and its gradient's layout.
+/// Built once per parameter list and dtype (a fit plays the same list at every candidate).
+struct GradIndex {
+    params: Rc<Vec<Param>>,
+    dtype: DType,
     index: HashMap<Rc<str>, usize, BuildHasherDefault<Fnv>>,
     layouts: Vec<Layout>,
-    names: Vec<Rc<str>>,
+}
+
+thread_local! {
+    /// The last index built; the parameter list it holds keeps its address unique.
+    static LAST_INDEX: RefCell<Option<Rc<GradIndex>>> = const { RefCell::new(None) };
+}
+
+impl GradIndex {
+    fn shared(params: &Rc<Vec<Param>>, dtype: DType) -> Rc<GradIndex> {
+        LAST_INDEX.with(|last| {
+            let mut last = last.borrow_mut();
+            if let Some(g) = last
+                .as_ref()
+                .filter(|g| Rc::ptr_eq(&g.params, params) && g.dtype == dtype)
+            {
+                return Rc::clone(g);
+            }
+            let mut index = HashMap::with_capacity_and_hasher(params.len(), Default::default());
+            for (i, p) in params.iter().enumerate() {
+                index.entry(p.name.clone()).or_insert(i);
+            }
+            let g = Rc::new(GradIndex {
+                params: Rc::clone(params),
+                dtype,
+                index,
+                layouts: params
+                    .iter()
+                    .map(|p| Layout::new(&p.shape(), p.dtype.unwrap_or(dtype)))
+                    .collect(),
+            });
+            *last = Some(Rc::clone(&g));
+            g
+        })
+    }
+}
+
+/// Parameter gradients: allocated when backward first reaches a parameter, accumulated in
+/// place afterwards; with ZeRO-2/3 reduced to this rank's shard right away.
+#[derive(Clone)]
+struct Grads {
+    ids: Vec<Option<TensorId>>,
+    at: Rc<GradIndex>,
     sharded: bool,
     shards: u64,
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
@@ -661,19 +764,10 @@ struct Grads {
 }
 
 impl Grads {
-    fn new(params: &[Param], dtype: DType, sharded: bool, shards: u64) -> Grads {
-        let mut index = HashMap::with_capacity_and_hasher(params.len(), Default::default());
-        for (i, p) in params.iter().enumerate() {
-            index.entry(p.name.clone()).or_insert(i);
-        }
+    fn new(params: &Rc<Vec<Param>>, dtype: DType, sharded: bool, shards: u64) -> Grads {
         Grads {
             ids: vec![None; params.len()],
-            index,
-            layouts: params
-                .iter()
-                .map(|p| Layout::new(&p.shape(), p.dtype.unwrap_or(dtype)))
-                .collect(),
-            names: params.iter().map(|p| p.name.clone()).collect(),
+            at: GradIndex::shared(params, dtype),
             sharded,
             shards: shards.max(1),
             pre_reduce: vec![dtype],
@@ -682,20 +776,20 @@ impl Grads {
 
     /// Frees `p`'s gradient (the optimizer stepped inside backward has used it).
     fn drop_grad(&mut self, s: &mut Step, p: &Param) {
-        if let Some(id) = self.index.get(&p.name).and_then(|&i| self.ids[i].take()) {
+        if let Some(id) = self.at.index.get(&p.name).and_then(|&i| self.ids[i].take()) {
             s.free(id);
         }
     }
 
     fn size(&self, i: usize) -> Extent {
         let ranks = if self.sharded { self.shards } else { 1 };
-        Extent::Shard(self.layouts[i].clone(), ranks)
+        Extent::Shard(self.at.layouts[i].clone(), ranks)
     }
 
     fn all_persistent(&mut self, s: &mut Step) {
         for i in 0..self.ids.len() {
             self.ids[i] = Some(s.persistent(
-                Name::of("grad of ", &self.names[i], ""),
+                Name::of("grad of ", &self.at.params[i].name, ""),
                 Component::Gradients,
                 self.size(i),
             ));
@@ -710,10 +804,10 @@ impl Grads {
         d: &Dims,
     ) {
         for p in ps {
-            let Some(&i) = self.index.get(&p.name) else {
+            let Some(&i) = self.at.index.get(&p.name) else {
                 continue;
             };
-            let full = self.layouts[i].clone();
+            let full = self.at.layouts[i].clone();
             if autocast && p.role != Role::Vector && p.role != Role::Embedding {
                 // The matmul's gradient is bf16; `to` backward casts it to the fp32 parameter.
                 s.transient(
@@ -779,6 +873,55 @@ mod tests {
             .unwrap();
         s.model.num_layers = layers;
         s
+    }
+
+    /// A fit's candidates in turn: each step played from the last one's model state is
+    /// the step played afresh, tensor for tensor and event for event.
+    #[test]
+    fn steps_from_the_shared_model_state_match_steps_played_afresh() {
+        let runs = [
+            (4, 256, "grad_accum = 2", ""),
+            (1, 256, "grad_accum = 8\ncheckpointing = \"full\"", ""),
+            (8, 256, "grad_accum = 1\nloss = \"chunked\"", ""),
+            (2, 512, "grad_accum = 4", ""),
+            (
+                2,
+                256,
+                "precision = \"bf16-mixed\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+            (
+                4,
+                256,
+                "precision = \"bf16-mixed\"\ncheckpointing = \"selective\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+            (
+                4,
+                256,
+                "optimizer = \"adamw-8bit\"\ngrad_accum = 2",
+                "gpus = 2\nsharding = \"zero3\"",
+            ),
+        ];
+        let specs: Vec<RunSpec> = runs
+            .iter()
+            .map(|(mb, seq, t, h)| {
+                let mut s = spec(t, h, 3);
+                (s.train.micro_batch, s.train.seq_len) = (*mb, *seq);
+                s
+            })
+            .collect();
+        let json = |t: &Timeline| serde_json::to_value(t).unwrap();
+        let mut hits = 0;
+        for pair in specs.windows(2) {
+            LAST_STATE.with(|l| *l.borrow_mut() = None);
+            play(&pair[0]);
+            let got = json(&play(&pair[1]));
+            hits += usize::from(state_key(&pair[0]) == state_key(&pair[1]));
+            LAST_STATE.with(|l| *l.borrow_mut() = None);
+            assert_eq!(got, json(&play(&pair[1])), "{:?}", pair[1].train);
+        }
+        assert_eq!(hits, 2);
     }
 
     #[test]

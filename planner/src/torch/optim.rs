@@ -144,6 +144,25 @@ pub fn states(s: &mut Step, params: &[Param], t: &TrainSpec, shard: u64) -> u64 
     paged
 }
 
+/// Whether `opt` keeps any state in managed memory (bitsandbytes' paged optimizers).
+pub fn pages(opt: Optimizer) -> bool {
+    matches!(opt, Optimizer::PagedAdamW | Optimizer::PagedAdamW8bit)
+}
+
+/// The optimizer state's bytes in managed memory, as [`states`] returns them, without
+/// playing the state into a step.
+pub fn paged(params: &[Param], t: &TrainSpec, shard: u64) -> u64 {
+    if !pages(t.optimizer) {
+        return 0;
+    }
+    let sd = state_dtype(t.precision);
+    let shard = shard.max(1);
+    params
+        .iter()
+        .map(|p| state_of(p, t.optimizer, p.dtype.unwrap_or(sd), shard).paged)
+        .fold(0, u64::saturating_add)
+}
+
 /// `"{optimizer} state of "`, fixed per optimizer so that state names are formatted only
 /// when shown.
 fn state_prefix(o: Optimizer) -> &'static str {
@@ -299,6 +318,30 @@ fn muon(s: &mut Step, m: &Param) {
 mod tests {
     use super::*;
     use crate::spec::Choice;
+
+    /// `paged` is the managed bytes `states` returns, for every optimizer (only the
+    /// paged ones have any).
+    #[test]
+    fn paged_bytes_match_the_played_states() {
+        let toml = "[model]\npreset = \"smollm2-135m\"\n[hardware]\ngpu = \"h100-80gb\"\n";
+        let spec = crate::config::RawConfig::from_toml(toml)
+            .unwrap()
+            .resolve(
+                &crate::presets::Presets::builtin().unwrap(),
+                &crate::config::Context::default(),
+            )
+            .unwrap();
+        let params = crate::params::parameters(&spec.model);
+        let mut t = spec.train.clone();
+        for (_, o) in Optimizer::ALL {
+            t.optimizer = *o;
+            for shard in [1, 3] {
+                let played = states(&mut Step::new(), &params, &t, shard);
+                assert_eq!(paged(&params, &t, shard), played, "{o:?}");
+                assert_eq!(played > 0, pages(*o), "{o:?}");
+            }
+        }
+    }
 
     #[test]
     fn state_prefixes_are_the_optimizers_names() {
