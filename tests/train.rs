@@ -984,3 +984,45 @@ fn bad_sft_input_is_one_line_and_exit_2() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn train_on_all_keeps_prompt_response_rows_as_text_documents() {
+    let dir = tmp("sft-all");
+    let plan = small_plan(&dir);
+    let data = dir.join("qa.jsonl");
+    let lines: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"what is {i} plus one?\", \"response\": \"{}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let mut val = Vec::new();
+    for on in ["all", "response"] {
+        let out = dir.join(on);
+        let o = run(&[
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--train-on",
+            on,
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let expect = if on == "all" {
+            "as text documents, packed; loss on every token (--train-on all)"
+        } else {
+            "one example a row, padded; loss on the response tokens only"
+        };
+        assert!(text(&o).contains(expect), "{on}: {}", text(&o));
+        val.push(summary(&out)["val_loss"].as_f64().unwrap());
+    }
+    // Different tokens are scored: the held-out text's every byte, or the responses'.
+    assert!((val[0] - val[1]).abs() > 1e-3, "{val:?}");
+}
