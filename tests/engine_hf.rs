@@ -283,3 +283,67 @@ fn a_run_from_random_weights_exports_a_config_transformers_reads() {
         0.0
     );
 }
+
+/// The mean cross-entropy of `model` over the response bytes (and the blank line after
+/// them) of `prompt\nresponse\n\n`, by hand from the logits.
+fn response_loss(model: &Model, pairs: &[(String, String)]) -> f64 {
+    let (mut sum, mut count) = (0.0, 0);
+    for (p, r) in pairs {
+        let bytes: Vec<u32> = format!("{p}\n{r}\n\n").bytes().map(u32::from).collect();
+        let z = logits_of(model, &bytes[..bytes.len() - 1]);
+        for (j, row) in z.iter().enumerate().skip(p.len()) {
+            let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+            sum += lse - row[bytes[j + 1] as usize] as f64;
+            count += 1;
+        }
+    }
+    sum / count as f64
+}
+
+#[test]
+fn sft_from_a_checkpoint_learns_and_logs_the_response_loss() {
+    let pairs: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("what is {i} plus one?"), format!("{}", i + 1)))
+        .collect();
+    for case in ["llama", "qwen3"] {
+        let d = tmp(&format!("sft-{case}"));
+        let data_file = d.join("qa.jsonl");
+        let lines: String = pairs
+            .iter()
+            .map(|(p, r)| serde_json::json!({"prompt": p, "response": r}).to_string() + "\n")
+            .collect();
+        std::fs::write(&data_file, lines).unwrap();
+        let out = d.join("run");
+        let o = run(&[
+            "train",
+            "--init",
+            data(case).to_str().unwrap(),
+            "--data",
+            data_file.to_str().unwrap(),
+            "--steps",
+            "12",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("prompt/response data: prompt, newline, response, blank line; one example a row, padded; loss on the response tokens only"),
+            "{}",
+            text(&o)
+        );
+        let losses = crate::train::losses(&out);
+        let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+        assert!(last < 0.6 * first, "{case}: loss {first} → {last}");
+        // The validation loss logged is the held-out tenth's response loss.
+        let l = checkpoint::latest(&out).unwrap();
+        let (_, init) = hf::load_model(&data(case)).unwrap();
+        let model = restored(&init.spec, &l);
+        let want = response_loss(&model, &pairs[36..]);
+        let got = crate::train::summary(&out)["val_loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{case}: val_loss {got}, by hand {want}"
+        );
+    }
+}

@@ -114,12 +114,13 @@ fn hf_training_arguments_dicts_and_command_lines() {
          fp16-autocast, adamw-fused, checkpointing full, loss float-cast, attention sdpa, ddp",
         "unknown to vramplan, not read: data_path, max_rounds",
     );
+    // TRL's configs turn bf16 on when neither bf16 nor fp16 is set.
     plans(
         "hf/trl_cli_example_config.yaml",
         A100,
         "qwen2.5-0.5b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 1 × seq 1024 × accumulation 1 × 1 GPU(s) = 1024 tokens per step\n\
-         fp32, adamw-fused, checkpointing none, loss float-cast, attention sdpa, ddp",
+         bf16-autocast, adamw-fused, checkpointing none, loss float-cast, attention sdpa, ddp",
         "dataset_name, learning_rate, lr_scheduler_type, report_to",
     );
     // Qwen2-0.5B has no preset: one line saying what to pass, then --model.
@@ -133,7 +134,7 @@ fn hf_training_arguments_dicts_and_command_lines() {
         &with(&["--model", "tests/data/hf/qwen2.5-0.5b-config.json"]),
         "qwen2 (config.json) on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
          micro-batch 2 × seq 1024 × accumulation 8 × 1 GPU(s) = 16384 tokens per step\n\
-         fp32, adamw-fused, checkpointing none, loss float-cast, attention sdpa, ddp",
+         bf16-autocast, adamw-fused, checkpointing none, loss float-cast, attention sdpa, ddp",
         "packing, push_to_hub",
     );
     // TRL's --use_peft --lora_r 32 --lora_alpha 16: LoRA adapters (read in src/launch's
@@ -508,8 +509,20 @@ fn emitted_plans_read_back_the_same() {
             smol,
             "json",
         ),
-        (qwen, &[], "deepspeed", &["--model", "qwen2.5-0.5b"], "json"),
-        (qwen, &[], "axolotl", &[], "yml"),
+        (
+            "hf/run_clm_gpt2.sh",
+            &[],
+            "deepspeed",
+            &["--model", "gpt2"],
+            "json",
+        ),
+        (
+            "hf/alignment-handbook_smollm2_sft.yaml",
+            &[],
+            "axolotl",
+            &[],
+            "yml",
+        ),
         ("axolotl/llama-3_qlora-1b.yml", &[], "axolotl", &[], "yml"),
         (
             "torchtune/llama3_8B_full_2024-06.yaml",
@@ -532,7 +545,7 @@ fn emitted_plans_read_back_the_same() {
             &[],
             "toml",
         ),
-        ("hf/trl_sft_lora.sh", q, "axolotl", q, "yml"),
+        ("axolotl/llama-3_lora-1b.yml", &[], "axolotl", &[], "yml"),
         ("nanochat/seed002_d16_stable.sh", &[], "nanochat", &[], "sh"),
     ];
     for (i, (file, args, format, back_args, ext)) in cases.into_iter().enumerate() {
@@ -613,6 +626,20 @@ fn emit_refuses_what_the_launcher_cannot_run() {
             .starts_with("error: --emit nanochat: the plan's implementation = \"hf\" (nanochat runs nanochat model code) has no nanochat setting"),
         "{err}"
     );
+    // TRL trains bf16 autocast over fp32 weights by default; axolotl and DeepSpeed cannot.
+    for (format, why) in [
+        ("axolotl", "(axolotl loads the weights in bf16 whenever bf16 is on; bf16 there is precision = \"bf16\")"),
+        ("deepspeed", "(DeepSpeed's bf16 keeps bf16 weights over fp32 masters: precision = \"bf16-mixed\")"),
+    ] {
+        let path = format!("{DIR}/hf/trl_sft_lora.sh");
+        let mut args = vec!["estimate", &path, "--gpu", "a100-80gb", "--emit", format];
+        args.extend_from_slice(&["--model", QWEN]);
+        let o = vramplan(&args);
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let want = format!("error: --emit {format}: the plan's precision = \"bf16-autocast\" {why} has no {format} setting");
+        assert_eq!(err.lines().last().unwrap(), want, "{err}");
+    }
     // A multi-GPU nanochat plan is the whole torchrun command.
     let path = format!("{DIR}/nanochat/speedrun_base_train_d20.sh");
     let o = vramplan(&[

@@ -753,3 +753,234 @@ fn device_and_precision_choices() {
     assert!(text(&o).contains("no bf16"), "{}", text(&o));
     assert_eq!(summary(&out)["compute_dtype"], "f32");
 }
+
+#[test]
+fn sft_accumulation_follows_the_loss_of_one_big_micro_batch() {
+    // Responses of 1 to 3 digits (and the blank line): micro-batches hold different
+    // numbers of response tokens, which a mean of per-micro-batch means would weigh wrong.
+    let dir = tmp("sft-accum");
+    let plan = small_plan(&dir);
+    let data = dir.join("qa.jsonl");
+    let lines: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"{i} squared?\", \"response\": \"{}\"}}\n",
+                i * i
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let train = |name: &str, micro: &str, accum: &str| {
+        let out = dir.join(name);
+        let o = run(&[
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--set",
+            &format!("train.micro_batch={micro}"),
+            "--set",
+            &format!("train.grad_accum={accum}"),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        losses(&out)
+    };
+    let (a, b) = (train("accum", "2", "3"), train("one", "6", "1"));
+    assert_eq!(a.len(), 6);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * y.abs(), "step {s}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_chat_template_beside_the_tokenizer_formats_sft_data_and_eval_uses_it() {
+    let dir = tmp("sft-template");
+    let plan = small_plan(&dir);
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,
+"added_tokens":[{"id":7,"content":"<|im_start|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+{"id":8,"content":"<|im_end|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"[UNK]":0,"the":1,"cat":2,"sat":3,"on":4,"mat":5,".":6,"<|im_start|>":7,"<|im_end|>":8,"user":9,"assistant":10,"system":11},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("tests/data/chat/smollm2/tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "sat", "on", "mat", "."];
+    let lines: String = (0..50)
+        .map(|i| {
+            let p = format!("{} {}", words[i % 6], words[(i + 1) % 6]);
+            format!(
+                "{{\"prompt\": \"{p}\", \"response\": \"{}\"}}\n",
+                words[(i + 2) % 6]
+            )
+        })
+        .collect();
+    let data = dir.join("chat.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        plan.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--lr",
+        "0.01",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("prompt/response data: the chat template of")
+            && text(&o).contains("loss on the response tokens only"),
+        "{}",
+        text(&o)
+    );
+    let l = losses(&out);
+    assert!(l[29].1 < 0.5 * l[0].1, "{l:?}");
+    // The run folder keeps the template, so eval validates on the same responses.
+    assert!(out.join("tokenizer_config.json").is_file());
+    let o = run(&["eval", "--json", "--checkpoints", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["checkpoints"][0]["val_loss"].as_f64().unwrap();
+    let logged = summary(&out)["val_loss"].as_f64().unwrap();
+    assert!((got - logged).abs() < 1e-6 * logged, "{got} vs {logged}");
+}
+
+#[test]
+fn candle_inventory_holds_on_sft_data() {
+    // Two byte-level llama plans (checkpointed and chunked with accumulation; plain) on
+    // padded prompt/response rows: SFT adds a weight per target and draws the step's
+    // micro-batches first, which the inventory's 2 % must still cover.
+    let dir = tmp("accuracy-sft");
+    let data = dir.join("qa.jsonl");
+    let lines: String = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"what is {i} times {i}?\", \"response\": \"{}\"}}\n",
+                i * i
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let tomls = [
+        PLANS[7]
+            .toml()
+            .replace("precision", "grad_accum = 2\nprecision"),
+        PLANS[10].toml(),
+    ];
+    let mut report = String::new();
+    for (i, toml) in tomls.iter().enumerate() {
+        let (plan, out) = (
+            dir.join(format!("sft{i}.toml")),
+            dir.join(format!("out{i}")),
+        );
+        std::fs::write(&plan, toml).unwrap();
+        let o = run(&[
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+        ]);
+        assert!(o.status.success(), "sft plan {i}: {}", text(&o));
+        assert!(
+            text(&o).contains("loss on the response tokens only"),
+            "{}",
+            text(&o)
+        );
+        let err = summary(&out)["peak_error"].as_f64().unwrap();
+        report += &format!("sft plan {i}: error {:+.2} %\n", 100.0 * err);
+        assert!(err.abs() <= BOUND, "{report}");
+    }
+    println!("{report}");
+}
+
+#[test]
+fn bad_sft_input_is_one_line_and_exit_2() {
+    let dir = tmp("sft-bad");
+    let plan = small_plan(&dir);
+    let mixed = dir.join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"text\": \"a document\"}\n",
+    )
+    .unwrap();
+    let one = dir.join("one.jsonl");
+    std::fs::write(&one, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+    let tdir = dir.join("tok");
+    std::fs::create_dir_all(&tdir).unwrap();
+    let tok = tdir.join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"[UNK]":0,"p":1,"r":2},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        tdir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}{{ m.content }"}"#,
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--data", mixed.to_str().unwrap()],
+            "line 2: expected string fields \"prompt\" and \"response\"",
+        ),
+        (
+            &["--data", one.to_str().unwrap()],
+            "1 prompt/response examples: needs at least 2",
+        ),
+        (
+            &["--data", one.to_str().unwrap(), "--train-on", "prompts"],
+            "--train-on: \"prompts\": expected response or all",
+        ),
+        (
+            &[
+                "--data",
+                one.to_str().unwrap(),
+                "--tokenizer",
+                tok.to_str().unwrap(),
+            ],
+            "tokenizer_config.json: chat_template: ",
+        ),
+    ];
+    for (args, expect) in cases {
+        let mut a = vec![
+            "train",
+            plan.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(args);
+        let o = run(&a);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}

@@ -27,13 +27,18 @@ pub struct Args {
     /// Its tokenizer.json is the default --tokenizer.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub init: Option<PathBuf>,
-    /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Default: the built-in corpus.
+    /// Training text: plain text, JSONL with "text" (or "prompt" and "response"), or Parquet with such string columns (streamed, never loaded whole). Prompt/response rows are SFT examples (see --train-on). Default: the built-in corpus.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// A Hugging Face tokenizer.json (default: bytes, vocabulary 256); the model's
     /// vocab_size must hold its ids.
     #[arg(long, value_name = "tokenizer.json")]
     pub tokenizer: Option<PathBuf>,
+    /// What prompt/response data trains on: `response` (SFT: one example a row, the loss
+    /// on the response's tokens only; with the tokenizer's chat template when its
+    /// tokenizer_config.json has one) or `all` (each row a text document, every token).
+    #[arg(long, default_value = "response", value_name = "response|all")]
+    pub train_on: String,
     /// Optimizer steps (default: the plan's `train.steps`, else 1000).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -399,6 +404,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         stop_at: a.stop_at,
         data: a.data.clone(),
         tokenizer,
+        train_on: train_on(&a.train_on)?,
         hf_config: planned
             .init
             .as_ref()
@@ -416,6 +422,18 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => println!("{}", finished(&a, prior.as_ref(), steps)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--train-on`'s value.
+fn train_on(v: &str) -> Result<engine::sft::TrainOn> {
+    match v {
+        "response" => Ok(engine::sft::TrainOn::Response),
+        "all" => Ok(engine::sft::TrainOn::All),
+        _ => Err(bad(
+            "--train-on",
+            format!("{v:?}: expected response or all"),
+        )),
+    }
 }
 
 /// The tokenizer.json of the `--init` checkpoint, if it has one.

@@ -1,7 +1,8 @@
 //! Training data: the built-in corpus, plain text, or JSONL (`text`, or `prompt` +
 //! `response`), read whole, or Parquet, streamed (`engine::parquet`); the last tenth held
 //! out for validation; as bytes (vocabulary 256) by default, or as the ids of a Hugging
-//! Face `tokenizer.json`.
+//! Face `tokenizer.json`. Prompt/response data is SFT examples (`engine::sft`: one a row,
+//! loss on the response) unless `--train-on all` makes its rows text documents.
 //!
 //! The built-in corpus is a random first-order Markov chain over a small alphabet whose
 //! entropy rate is exact: `H = Σᵢ πᵢ · H(Pᵢ)` with `π` the chain's stationary
@@ -10,6 +11,7 @@
 use crate::engine::bad;
 use crate::engine::parquet::{Position, Stream};
 use crate::engine::rng::Rng;
+use crate::engine::sft::{self, Example, Formatter, Micro, TrainOn};
 use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -27,6 +29,10 @@ pub struct Corpus<'a> {
     pub name: String,
     pub train: Train<'a>,
     pub val: Vec<u32>,
+    /// SFT data's held-out examples (empty for text; then `val` holds the tokens).
+    pub val_examples: Vec<Example>,
+    /// How prompt/response rows were formatted (`None`: text data).
+    pub format: Option<String>,
     /// Bytes of text per token in the validation split (1 for bytes).
     pub bytes_per_token: f64,
     /// Entropy rate in nats per byte, known only for the built-in corpus.
@@ -119,34 +125,49 @@ impl Chain {
 pub enum Train<'a> {
     /// Tokens in memory, drawn as random windows.
     Tokens(Vec<u32>),
+    /// SFT examples in memory, drawn at random (each at most `seq_len + 1` tokens).
+    Examples(Vec<Example>),
     /// A Parquet file, read in order.
     Stream(Box<Stream<'a>>),
 }
 
 impl Train<'_> {
-    /// The next micro-batch: inputs and targets, `(b·t,)` u32.
-    pub fn batch(&mut self, b: usize, t: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
-        match self {
-            Train::Tokens(v) => Ok(batch(v, b, t, rng)?),
-            Train::Stream(s) => s.batch(b, t),
-        }
+    /// The next micro-batch of `b` rows of `t` tokens.
+    pub fn batch(&mut self, b: usize, t: usize, rng: &mut Rng) -> Result<Micro> {
+        let (ids, targets) = match self {
+            Train::Tokens(v) => batch(v, b, t, rng)?,
+            Train::Examples(v) => {
+                let picked: Vec<Example> = (0..b).map(|_| v[rng.below(v.len())].clone()).collect();
+                return Ok(sft::rows(&picked, t)?);
+            }
+            Train::Stream(s) => return s.batch(b, t),
+        };
+        Ok(Micro {
+            ids,
+            targets,
+            weights: None,
+            count: b * t,
+        })
     }
 
-    /// The stream's position (the RNG is the position of in-memory tokens).
+    /// The stream's position (the RNG is the position of data in memory).
     pub fn position(&self) -> Option<Position> {
         match self {
-            Train::Tokens(_) => None,
+            Train::Tokens(_) | Train::Examples(_) => None,
             Train::Stream(s) => Some(s.position()),
         }
     }
 
     pub fn seek(&mut self, p: Option<Position>) -> Result<()> {
         match self {
-            Train::Tokens(_) => Ok(()),
+            Train::Tokens(_) | Train::Examples(_) => Ok(()),
             Train::Stream(s) => s.seek(p.unwrap_or_default()),
         }
     }
 }
+
+/// The bytes `start..end` of a text that a token covers.
+pub(crate) type Span = (usize, usize);
 
 /// A Hugging Face tokenizer, or bytes.
 #[derive(Clone, Copy)]
@@ -166,6 +187,22 @@ impl Tokens<'_> {
                     .encode(text.as_str(), false)
                     .map_err(|e| bad(name, format!("tokenizer: {e}")))?;
                 Ok(enc.get_ids().to_vec())
+            }
+        }
+    }
+
+    /// The tokens of `text` and the byte span of `text` each one covers.
+    pub(crate) fn encode_offsets(&self, name: &str, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        match self {
+            Tokens::Bytes => Ok((
+                text.bytes().map(u32::from).collect(),
+                (0..text.len()).map(|i| (i, i + 1)).collect(),
+            )),
+            Tokens::Hf(t) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| bad(name, format!("tokenizer: {e}")))?;
+                Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
             }
         }
     }
@@ -204,24 +241,38 @@ pub fn builtin<'a>(tok: &Tokens) -> Result<Corpus<'a>> {
         ),
         train: Train::Tokens(train),
         val,
+        val_examples: Vec::new(),
+        format: None,
         bytes_per_token,
         entropy: Some(chain.entropy()),
     })
 }
 
 /// Reads a text, JSONL or Parquet file; `window` is the tokens one sequence needs
-/// (`seq_len + 1`).
-pub fn load<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a>> {
+/// (`seq_len + 1`); prompt/response rows are formatted by `fmt`.
+pub fn load<'a>(
+    path: &Path,
+    window: usize,
+    tok: Tokens<'a>,
+    fmt: &'a Formatter,
+) -> Result<Corpus<'a>> {
     let name = path.display().to_string();
     if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
-        return parquet(path, window, tok);
+        return parquet(path, window, tok, fmt);
     }
     let raw = std::fs::read(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
     let is_jsonl = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("jsonl" | "ndjson")
     );
-    let bytes = if is_jsonl { jsonl(&name, &raw)? } else { raw };
+    let (bytes, pairs) = if is_jsonl {
+        match jsonl(&name, &raw, fmt.train_on)? {
+            Rows::Docs(b, pairs) => (b, pairs),
+            Rows::Pairs(p) => return examples(&name, &p, window, &tok, fmt),
+        }
+    } else {
+        (raw, false)
+    };
     if bytes.is_empty() {
         return Err(bad(&name, "the data file is empty"));
     }
@@ -242,15 +293,77 @@ pub fn load<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a
         name,
         train: Train::Tokens(train),
         val,
+        val_examples: Vec::new(),
+        format: pairs.then(|| fmt.describe()),
         bytes_per_token,
         entropy: None,
     })
 }
 
-fn parquet<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a>> {
+/// Prompt/response pairs as SFT examples, the last tenth held out, each cut to `window`.
+fn examples<'a>(
+    name: &str,
+    pairs: &[(String, String)],
+    window: usize,
+    tok: &Tokens,
+    fmt: &Formatter,
+) -> Result<Corpus<'a>> {
+    if pairs.len() < 2 {
+        return Err(bad(
+            name,
+            format!(
+                "{} prompt/response examples: needs at least 2 (the last tenth is held out for validation)",
+                pairs.len()
+            ),
+        ));
+    }
+    let mut all = Vec::with_capacity(pairs.len());
+    for (p, r) in pairs {
+        let mut e = fmt.example(tok, name, p, r)?;
+        e.truncate(window);
+        all.push(e);
+    }
+    let val = all.split_off(pairs.len() - (pairs.len() / 10).max(1));
+    let val_bytes: usize = val.iter().map(|e| e.bytes).sum();
+    let val_targets: usize = val.iter().map(Example::targets).sum();
+    Ok(Corpus {
+        name: name.to_string(),
+        train: Train::Examples(all),
+        val: Vec::new(),
+        val_examples: val,
+        format: Some(fmt.describe()),
+        bytes_per_token: val_bytes as f64 / val_targets.max(1) as f64,
+        entropy: None,
+    })
+}
+
+fn parquet<'a>(
+    path: &Path,
+    window: usize,
+    tok: Tokens<'a>,
+    fmt: &'a Formatter,
+) -> Result<Corpus<'a>> {
     let name = path.display().to_string();
     let t = window - 1;
-    let (stream, held) = Stream::open(path, window, VAL_WINDOWS * t + 1, tok)?;
+    let (stream, held) = Stream::open(path, window, VAL_WINDOWS * t + 1, tok, fmt)?;
+    if held.examples.is_empty() == stream.is_sft() {
+        return Err(bad(
+            &name,
+            "the held-out rows (the last tenth) hold no example",
+        ));
+    }
+    if stream.is_sft() {
+        let val_targets: usize = held.examples.iter().map(Example::targets).sum();
+        return Ok(Corpus {
+            name,
+            format: Some(fmt.describe()),
+            train: Train::Stream(Box::new(stream)),
+            bytes_per_token: held.bytes as f64 / val_targets.max(1) as f64,
+            val: Vec::new(),
+            val_examples: held.examples,
+            entropy: None,
+        });
+    }
     if held.tokens.len() < window + 1 {
         return Err(bad(
             &name,
@@ -262,9 +375,11 @@ fn parquet<'a>(path: &Path, window: usize, tok: Tokens<'a>) -> Result<Corpus<'a>
     }
     Ok(Corpus {
         name,
+        format: stream.pairs().then(|| fmt.describe()),
         train: Train::Stream(Box::new(stream)),
         bytes_per_token: held.bytes as f64 / held.tokens.len() as f64,
         val: held.tokens,
+        val_examples: Vec::new(),
         entropy: None,
     })
 }
@@ -282,11 +397,21 @@ pub(crate) fn doc_text(
     }
 }
 
+/// What a JSONL file holds: documents joined with a blank line, or SFT pairs.
+enum Rows {
+    /// The bytes, and whether they are prompt/response rows (`--train-on all`).
+    Docs(Vec<u8>, bool),
+    Pairs(Vec<(String, String)>),
+}
+
 /// JSONL: one object per line with `text`, or `prompt` and `response`; documents are
-/// joined with a blank line.
-fn jsonl(name: &str, raw: &[u8]) -> Result<Vec<u8>> {
+/// joined with a blank line. A file whose first object has `prompt` and `response` (and
+/// no `text`) is SFT pairs, each line then needing both, unless `train_on` is `All`.
+fn jsonl(name: &str, raw: &[u8], train_on: TrainOn) -> Result<Rows> {
     let text = std::str::from_utf8(raw).map_err(|e| bad(name, format!("not UTF-8: {e}")))?;
     let mut out = Vec::new();
+    let mut pairs: Option<Vec<(String, String)>> = None;
+    let mut first_pairs = None;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -294,6 +419,26 @@ fn jsonl(name: &str, raw: &[u8]) -> Result<Vec<u8>> {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| bad(name, format!("line {}: not a JSON object: {e}", i + 1)))?;
         let s = |k: &str| v.get(k).and_then(|x| x.as_str());
+        if first_pairs.is_none() {
+            let p = s("text").is_none() && s("prompt").is_some() && s("response").is_some();
+            first_pairs = Some(p);
+            if p && train_on == TrainOn::Response {
+                pairs = Some(Vec::new());
+            }
+        }
+        if let Some(ps) = &mut pairs {
+            let (Some(p), Some(r)) = (s("prompt"), s("response")) else {
+                return Err(bad(
+                    name,
+                    format!(
+                        "line {}: expected string fields \"prompt\" and \"response\", as on the file's first line (SFT examples)",
+                        i + 1
+                    ),
+                ));
+            };
+            ps.push((p.to_string(), r.to_string()));
+            continue;
+        }
         let Some(doc) = doc_text(s("text"), s("prompt"), s("response")) else {
             return Err(bad(
                 name,
@@ -306,7 +451,10 @@ fn jsonl(name: &str, raw: &[u8]) -> Result<Vec<u8>> {
         out.extend_from_slice(doc.as_bytes());
         out.extend_from_slice(b"\n\n");
     }
-    Ok(out)
+    Ok(match pairs {
+        Some(p) => Rows::Pairs(p),
+        None => Rows::Docs(out, first_pairs == Some(true)),
+    })
 }
 
 /// `b` random windows of `t + 1` tokens from `tokens`: inputs and next-token targets, `(b·t,)` u32.

@@ -6,6 +6,7 @@ use crate::engine::checkpoint::{self, Loaded};
 use crate::engine::load_tokenizer;
 use crate::engine::model::Model;
 use crate::engine::rng::Rng;
+use crate::engine::sft::{Formatter, TrainOn};
 use crate::engine::trainer::{corpus, validate};
 use crate::engine::Result;
 use candle_core::{DType, Device};
@@ -40,13 +41,15 @@ pub struct Evaluation {
 /// `data`, else of the data it trained on; with the run's tokenizer when it had one.
 pub fn evaluate(spec: &RunSpec, l: &Loaded, data: Option<&Path>) -> Result<Evaluation> {
     let data = data.or((l.meta.data != "built-in").then(|| Path::new(&l.meta.data)));
-    let hf = if l.meta.tokenizer {
-        let run = l.dir.parent().unwrap_or(Path::new("."));
-        Some(load_tokenizer(&run.join(checkpoint::TOKENIZER), spec)?)
-    } else {
-        None
+    let run = l.dir.parent().unwrap_or(Path::new("."));
+    let tokenizer = l.meta.tokenizer.then(|| run.join(checkpoint::TOKENIZER));
+    let hf = match &tokenizer {
+        Some(p) => Some(load_tokenizer(p, spec)?),
+        None => None,
     };
-    let corpus = corpus(spec, data, &hf)?;
+    // SFT data is validated on its responses, formatted as the run formatted them.
+    let fmt = Formatter::load(tokenizer.as_deref(), TrainOn::Response)?;
+    let corpus = corpus(spec, data, &hf, &fmt)?;
     let model = restored(spec, l)?;
     let val_loss = validate(&model, &corpus, spec)?;
     Ok(Evaluation {

@@ -26,6 +26,7 @@ pub mod parquet;
 pub mod probe;
 pub mod rng;
 pub mod rundir;
+pub mod sft;
 pub mod step;
 mod trainer;
 
@@ -193,5 +194,7 @@ pub fn device_name(d: &Device) -> String {
     }
 }
 
+#[cfg(test)]
+mod sft_tests;
 #[cfg(test)]
 mod tests;

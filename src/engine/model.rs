@@ -383,11 +383,28 @@ impl Model {
 
     /// Sum over rows of the cross-entropy `logsumexp(z) − z[target]`; targets `(R, 1)` u32.
     pub fn loss_sum(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.token_losses(h, targets)?.sum_all()
+    }
+
+    /// The cross-entropy of each row, `(R, 1)`, in at least f32; targets `(R, 1)` u32.
+    pub fn token_losses(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let z = self.logits(h)?;
         let m = z.max_keepdim(1)?.detach();
         let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
         let picked = z.gather(targets, 1)?;
-        (lse - picked)?.sum_all()
+        lse - picked
+    }
+
+    /// Sum over rows of the cross-entropy times `weights` `(R, 1)` (of the losses' dtype).
+    pub fn weighted_loss_sum(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<Tensor> {
+        let l = self.token_losses(h, targets)?;
+        let w = weights.to_dtype(l.dtype())?;
+        (l * w)?.sum_all()
     }
 
     /// The attention window of every layer (0: none). Models whose layers differ (Gemma)

@@ -8,9 +8,14 @@
 //! micro-batches, and the file starts over at its end. So memory holds a page of each
 //! document column and the buffer, never the file; and the position (a row and the
 //! tokens of it already used) is all a checkpoint needs to resume exactly.
+//!
+//! Prompt/response rows are SFT examples (`engine::sft`), unless trained on as text
+//! (`--train-on all`): each micro-batch row is the next row's example, the held-out
+//! rows' examples (up to `VAL_WINDOWS`) validate, and the position is the next row.
 
 use crate::engine::bad;
-use crate::engine::data::{doc_text, Tokens};
+use crate::engine::data::{doc_text, Tokens, VAL_WINDOWS};
+use crate::engine::sft::{self, Example, Formatter, Micro, TrainOn};
 use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use parquet::basic::{Repetition, Type as PhysicalType};
@@ -31,10 +36,12 @@ pub struct Position {
     pub offset: u64,
 }
 
-/// The held-out text: its tokens and its length in bytes.
+/// The held-out text: its tokens and its length in bytes (SFT: its examples, and the
+/// bytes of the text their loss covers).
 pub struct Held {
     pub tokens: Vec<u32>,
     pub bytes: usize,
+    pub examples: Vec<Example>,
 }
 
 pub struct Stream<'a> {
@@ -59,6 +66,10 @@ pub struct Stream<'a> {
     /// Tokens of the oldest row in `buf` already used.
     front_used: u64,
     tok: Tokens<'a>,
+    fmt: &'a Formatter,
+    /// Rows are SFT examples of at most `window` tokens.
+    sft: bool,
+    window: usize,
 }
 
 /// Whether a top-level column holds one string (a byte array) a row.
@@ -125,6 +136,7 @@ impl<'a> Stream<'a> {
         window: usize,
         val_tokens: usize,
         tok: Tokens<'a>,
+        fmt: &'a Formatter,
     ) -> Result<(Stream<'a>, Held)> {
         let name = path.display().to_string();
         let f = File::open(path).map_err(|e| bad(&name, format!("cannot read data: {e}")))?;
@@ -146,6 +158,7 @@ impl<'a> Stream<'a> {
             ));
         }
         let cols = columns(meta.file_metadata().schema_descr(), &name)?;
+        let sft = cols.len() == 2 && fmt.train_on == TrainOn::Response;
         let mut s = Stream {
             name,
             file,
@@ -160,10 +173,13 @@ impl<'a> Stream<'a> {
             docs: VecDeque::new(),
             front_used: 0,
             tok,
+            fmt,
+            sft,
+            window,
         };
         let held = s.held_out(val_tokens)?;
         s.seek(Position::default())?;
-        if !s.fill(window, false)? {
+        if !sft && !s.fill(window, false)? {
             return Err(bad(
                 &s.name,
                 format!(
@@ -220,8 +236,38 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
+    /// Whether rows are SFT examples.
+    pub fn is_sft(&self) -> bool {
+        self.sft
+    }
+
+    /// Whether rows are prompt/response pairs.
+    pub fn pairs(&self) -> bool {
+        self.cols.len() == 2
+    }
+
     /// The next row's text, or `None` at the end of the file.
     fn next_doc(&mut self) -> Result<Option<String>> {
+        Ok(self.next_values()?.map(|v| row_text(&v)))
+    }
+
+    /// The next row's prompt and response as an example (a null is empty).
+    fn next_example(&mut self) -> Result<Option<Example>> {
+        let Some(v) = self.next_values()? else {
+            return Ok(None);
+        };
+        let s = |i: usize| {
+            v[i].as_ref()
+                .map(|b| String::from_utf8_lossy(b.data()).into_owned())
+                .unwrap_or_default()
+        };
+        let mut e = self.fmt.example(&self.tok, &self.name, &s(0), &s(1))?;
+        e.truncate(self.window);
+        Ok(Some(e))
+    }
+
+    /// The next row's column values, or `None` at the end of the file.
+    fn next_values(&mut self) -> Result<Option<Vec<Option<ByteArray>>>> {
         while self.left == 0 {
             if self.group + 1 >= self.groups.len() {
                 return Ok(None);
@@ -245,7 +291,7 @@ impl<'a> Stream<'a> {
         }
         self.left -= 1;
         self.next_row += 1;
-        Ok(Some(row_text(&values)))
+        Ok(Some(values))
     }
 
     fn encode(&self, text: String) -> Result<Vec<u32>> {
@@ -260,7 +306,18 @@ impl<'a> Stream<'a> {
         let mut held = Held {
             tokens: Vec::new(),
             bytes: 0,
+            examples: Vec::new(),
         };
+        if self.sft {
+            while held.examples.len() < VAL_WINDOWS {
+                let Some(e) = self.next_example()? else {
+                    break;
+                };
+                held.bytes += e.bytes;
+                held.examples.push(e);
+            }
+            return Ok(held);
+        }
         while held.tokens.len() < want {
             let Some(text) = self.next_doc()? else {
                 break;
@@ -320,6 +377,12 @@ impl<'a> Stream<'a> {
     }
 
     pub fn position(&self) -> Position {
+        if self.sft {
+            return Position {
+                row: self.next_row % self.train_rows.max(1),
+                offset: 0,
+            };
+        }
         match self.docs.front() {
             Some(&(row, _)) => Position {
                 row,
@@ -347,6 +410,9 @@ impl<'a> Stream<'a> {
         self.docs.clear();
         self.front_used = 0;
         self.restart(p.row)?;
+        if self.sft {
+            return Ok(());
+        }
         let first = self.next_doc()?.unwrap_or_default();
         let ids = self.encode(first)?;
         if (p.offset as usize) > ids.len() {
@@ -364,8 +430,21 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
-    /// The next `b` windows of `t + 1` tokens: inputs and targets, `(b·t,)` u32.
-    pub fn batch(&mut self, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// The next `b` windows of `t + 1` tokens (SFT: the next `b` rows' examples).
+    pub fn batch(&mut self, b: usize, t: usize) -> Result<Micro> {
+        if self.sft {
+            let mut rows = Vec::with_capacity(b);
+            while rows.len() < b {
+                if self.next_row >= self.train_rows {
+                    self.restart(0)?;
+                }
+                match self.next_example()? {
+                    Some(e) => rows.push(e),
+                    None => return Err(bad(&self.name, "the training rows hold no example")),
+                }
+            }
+            return Ok(sft::rows(&rows, t)?);
+        }
         let mut x: Vec<u32> = Vec::with_capacity(b * t);
         let mut y: Vec<u32> = Vec::with_capacity(b * t);
         for _ in 0..b {
@@ -376,10 +455,12 @@ impl<'a> Stream<'a> {
             y.extend(self.buf.range(1..=t));
             self.consume(t);
         }
-        Ok((
-            Tensor::from_vec(x, b * t, &Device::Cpu)?,
-            Tensor::from_vec(y, b * t, &Device::Cpu)?,
-        ))
+        Ok(Micro {
+            ids: Tensor::from_vec(x, b * t, &Device::Cpu)?,
+            targets: Tensor::from_vec(y, b * t, &Device::Cpu)?,
+            weights: None,
+            count: b * t,
+        })
     }
 }
 
@@ -391,6 +472,10 @@ mod tests {
     use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
     use std::sync::Arc;
+
+    /// Prompt/response rows as text documents, as before SFT.
+    static ALL: std::sync::LazyLock<Formatter> =
+        std::sync::LazyLock::new(|| Formatter::plain(TrainOn::All));
 
     /// Writes nullable string columns `names`, `per_group` rows a row group, gzip.
     fn write(path: &Path, names: &[&str], rows: &[Vec<Option<Vec<u8>>>], per_group: usize) {
@@ -426,7 +511,7 @@ mod tests {
 
     /// The next `b` windows' inputs, which are the stream's tokens in order.
     fn inputs(s: &mut Stream, b: usize, t: usize) -> Vec<u32> {
-        s.batch(b, t).unwrap().0.to_vec1().unwrap()
+        s.batch(b, t).unwrap().ids.to_vec1().unwrap()
     }
 
     #[test]
@@ -458,7 +543,7 @@ mod tests {
             .map(u32::from)
             .collect();
         let (b, t) = (3, 7);
-        let (mut s, held) = Stream::open(&path, t + 1, 1000, Tokens::Bytes).unwrap();
+        let (mut s, held) = Stream::open(&path, t + 1, 1000, Tokens::Bytes, &ALL).unwrap();
         let expect_held: String = (18..20).map(doc).collect();
         assert_eq!(held.bytes, expect_held.len());
         assert_eq!(
@@ -470,13 +555,66 @@ mod tests {
         while seen.len() < 3 * train.len() + b * t {
             let p = s.position();
             let next = inputs(&mut s, b, t);
-            let (mut r, _) = Stream::open(&path, t + 1, 0, Tokens::Bytes).unwrap();
+            let (mut r, _) = Stream::open(&path, t + 1, 0, Tokens::Bytes, &ALL).unwrap();
             r.seek(p).unwrap();
             assert_eq!(inputs(&mut r, b, t), next, "resumed at {p:?}");
             seen.extend(next);
         }
         let cycle: Vec<u32> = train.iter().cycle().take(seen.len()).copied().collect();
         assert_eq!(seen, cycle);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn sft_rows_are_the_training_rows_in_order_and_resume_at_a_row() {
+        let path =
+            std::env::temp_dir().join(format!("vramplan-sft-{}.parquet", std::process::id()));
+        // 10 rows in 3 row groups: 9 train, 1 held out; row 2's response is null.
+        let rows: Vec<Vec<Option<Vec<u8>>>> = (0..10)
+            .map(|i| {
+                vec![
+                    Some(format!("q{i}").into_bytes()),
+                    (i != 2).then(|| format!("a{i}").into_bytes()),
+                ]
+            })
+            .collect();
+        write(&path, &["prompt", "response"], &rows, 4);
+        let fmt = Formatter::plain(TrainOn::Response);
+        let (mut s, held) = Stream::open(&path, 9, 0, Tokens::Bytes, &fmt).unwrap();
+        assert!(s.is_sft());
+        let doc = |i: usize| -> Vec<u32> {
+            let r = if i == 2 {
+                String::new()
+            } else {
+                format!("a{i}")
+            };
+            format!("q{i}\n{r}\n\n").bytes().map(u32::from).collect()
+        };
+        assert_eq!(held.examples.len(), 1);
+        assert_eq!(held.examples[0].tokens, doc(9));
+        // Rows of 8 positions: row i's example, then the next; round and round.
+        let t = 8;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            let p = s.position();
+            let m = s.batch(2, t).unwrap();
+            let (mut r, _) = Stream::open(&path, 9, 0, Tokens::Bytes, &fmt).unwrap();
+            r.seek(p).unwrap();
+            let again = r.batch(2, t).unwrap();
+            assert_eq!(
+                m.ids.to_vec1::<u32>().unwrap(),
+                again.ids.to_vec1::<u32>().unwrap(),
+                "resumed at {p:?}"
+            );
+            let ids = m.ids.to_vec1::<u32>().unwrap();
+            seen.extend(ids.chunks(t).map(|c| c.to_vec()));
+        }
+        for (k, row) in seen.iter().enumerate() {
+            let d = doc(k % 9);
+            let mut want = d[..d.len() - 1].to_vec();
+            want.resize(t, 0);
+            assert_eq!(row, &want, "row {k}");
+        }
         std::fs::remove_file(&path).ok();
     }
 

@@ -36,7 +36,8 @@ pub struct Opts {
     /// Rows per loss chunk (at least the batch's rows for the plain loss).
     pub chunk: usize,
     pub checkpoint: bool,
-    /// Multiplies the summed token losses: `1 / (tokens per micro-step · accumulation)`.
+    /// Multiplies the summed token losses: `1 / (tokens per micro-step · accumulation)`,
+    /// or for SFT `1 / (response tokens of the optimizer step)`.
     pub scale: f64,
 }
 
@@ -80,6 +81,22 @@ pub fn forward_backward(
     grads: &mut Grads,
     probe: &dyn Probe,
 ) -> Result<f64> {
+    forward_backward_weighted(model, ids, targets, None, b, opts, grads, probe)
+}
+
+/// [`forward_backward`] with a weight per target (`(N,)` f32; 0: no loss): the loss is
+/// the weighted sum of the token losses.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_weighted(
+    model: &Model,
+    ids: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+    b: usize,
+    opts: Opts,
+    grads: &mut Grads,
+    probe: &dyn Probe,
+) -> Result<f64> {
     let (ids, targets) = (
         &ids.to_device(&model.device)?,
         &targets.to_device(&model.device)?,
@@ -105,7 +122,7 @@ pub fn forward_backward(
             probe.mark(&format!("fwd {l}"));
         }
         let last = inputs.pop().expect("the embedding output");
-        let (loss, mut g) = loss_stage(model, &last, targets, opts, grads)?;
+        let (loss, mut g) = loss_stage_weighted(model, &last, targets, weights, opts, grads)?;
         drop(last);
         probe.mark("loss");
         for l in (0..layers).rev() {
@@ -133,7 +150,7 @@ pub fn forward_backward(
         }
         probe.mark("fwd");
         let last = x.detach();
-        let (loss, g) = loss_stage(model, &last, targets, opts, grads)?;
+        let (loss, g) = loss_stage_weighted(model, &last, targets, weights, opts, grads)?;
         drop(last);
         probe.mark("loss");
         let store = (x * &g)?.sum_all()?.backward()?;
@@ -178,6 +195,18 @@ pub fn loss_stage(
     opts: Opts,
     grads: &mut Grads,
 ) -> Result<(f64, Tensor)> {
+    loss_stage_weighted(model, last, targets, None, opts, grads)
+}
+
+/// [`loss_stage`] with a weight per target row (`(N,)`; 0: no loss).
+pub fn loss_stage_weighted(
+    model: &Model,
+    last: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+    opts: Opts,
+    grads: &mut Grads,
+) -> Result<(f64, Tensor)> {
     let n = last.dim(0)?;
     let chunk = opts.chunk.clamp(1, n);
     let head = model.head_params();
@@ -188,7 +217,7 @@ pub fn loss_stage(
         let len = chunk.min(n - start);
         let leaf = Var::from_tensor(&last.narrow(0, start, len)?)?;
         let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let ls = model.loss_sum(leaf.as_tensor(), &tg)?;
+        let ls = chunk_loss(model, leaf.as_tensor(), &tg, weights, start, len)?;
         total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let store = (ls * opts.scale)?.backward()?;
         collect(model, &store, &head, grads)?;
@@ -206,11 +235,43 @@ pub fn loss_stage(
     Ok((total, g))
 }
 
+/// The summed loss of `h`, rows `start..start + len` of the batch, weighted by those rows
+/// of `weights` (which may be on the CPU) when given.
+fn chunk_loss(
+    model: &Model,
+    h: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+    start: usize,
+    len: usize,
+) -> Result<Tensor> {
+    match weights {
+        Some(w) => {
+            let w = w.narrow(0, start, len)?.to_device(&model.device)?;
+            model.weighted_loss_sum(h, targets, &w.unsqueeze(1)?)
+        }
+        None => model.loss_sum(h, targets),
+    }
+}
+
 /// The mean token loss of `ids`/`targets` without gradients (validation).
 pub fn eval_loss(
     model: &Model,
     ids: &Tensor,
     targets: &Tensor,
+    b: usize,
+    chunk: usize,
+) -> Result<f64> {
+    let n = ids.dim(0)?;
+    Ok(eval_loss_sum(model, ids, targets, None, b, chunk)? / n as f64)
+}
+
+/// The summed (weighted) token loss of `ids`/`targets` without gradients.
+pub fn eval_loss_sum(
+    model: &Model,
+    ids: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
     b: usize,
     chunk: usize,
 ) -> Result<f64> {
@@ -231,11 +292,12 @@ pub fn eval_loss(
     while start < n {
         let len = chunk.min(n - start);
         let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let ls = model.loss_sum(&x.narrow(0, start, len)?.contiguous()?, &tg)?;
+        let h = x.narrow(0, start, len)?.contiguous()?;
+        let ls = chunk_loss(model, &h, &tg, weights, start, len)?;
         total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         start += len;
     }
-    Ok(total / n as f64)
+    Ok(total)
 }
 
 /// The last block's output `(T, C)` for one sequence `ids` `(T,)`, without gradients.

@@ -11,6 +11,7 @@ use crate::engine::optim::{self, AdamW};
 use crate::engine::probe::{NoProbe, Probe, Recorder};
 use crate::engine::rng::Rng;
 use crate::engine::rundir::{self, Lock};
+use crate::engine::sft::{self, Formatter, TrainOn};
 use crate::engine::{
     alloc, bad, check_vocab, device, device_name, load_tokenizer, matmul_rate, step, step_opts,
     warm_up,
@@ -40,8 +41,11 @@ pub struct Opts {
     /// Stop after this step (as an interruption would), saving a checkpoint.
     pub stop_at: Option<u64>,
     pub data: Option<PathBuf>,
-    /// A Hugging Face tokenizer.json (default: bytes).
+    /// A Hugging Face tokenizer.json (default: bytes); its folder's tokenizer_config.json
+    /// gives SFT data its chat template and end token.
     pub tokenizer: Option<PathBuf>,
+    /// What prompt/response data trains on.
+    pub train_on: TrainOn,
     /// The Hugging Face config.json the run started from (saved with each checkpoint).
     pub hf_config: Option<String>,
     /// A Hugging Face checkpoint folder whose weights a fresh run starts from.
@@ -122,7 +126,8 @@ fn mem_debug() -> bool {
 /// Returns `None` when a resumed run had no step left to do (its summary is kept).
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
     let hf = tokenizer(spec, o)?;
-    let corpus = corpus(spec, o.data.as_deref(), &hf)?;
+    let fmt = Formatter::load(o.tokenizer.as_deref(), o.train_on)?;
+    let corpus = corpus(spec, o.data.as_deref(), &hf, &fmt)?;
     let _lock = prepare_out(o)?;
     let process_peak = alloc::peak();
     let before_warm = alloc::current();
@@ -208,6 +213,7 @@ pub(crate) fn corpus<'a>(
     spec: &RunSpec,
     data: Option<&Path>,
     hf: &'a Option<tokenizers::Tokenizer>,
+    fmt: &'a Formatter,
 ) -> crate::engine::Result<Corpus<'a>> {
     let t = spec.train.seq_len as usize;
     let tok = match hf {
@@ -215,7 +221,7 @@ pub(crate) fn corpus<'a>(
         None => data::Tokens::Bytes,
     };
     let corpus = match data {
-        Some(p) => data::load(p, t + 1, tok)?,
+        Some(p) => data::load(p, t + 1, tok, fmt)?,
         None => data::builtin(&tok)?,
     };
     if matches!(&corpus.train, data::Train::Tokens(v) if v.len() < t + 2) {
@@ -243,6 +249,12 @@ fn prepare_out(o: &Opts) -> Result<Lock> {
         if let Some(src) = o.init.as_ref().map(|d| d.join(f)).filter(|p| p.is_file()) {
             copies.push((src, o.out.join(f)));
         }
+    }
+    // The chat template SFT data was formatted with: the config beside the tokenizer.
+    let config = o.tokenizer.as_ref().map(|p| p.with_file_name(sft::CONFIG));
+    if let Some(c) = config.filter(|c| c.is_file()) {
+        copies.retain(|(_, dst)| !dst.ends_with(sft::CONFIG));
+        copies.push((c, o.out.join(sft::CONFIG)));
     }
     for (src, dst) in copies {
         if std::fs::canonicalize(&src).ok() != std::fs::canonicalize(&dst).ok() {
@@ -399,6 +411,9 @@ impl<'a, 'c> Run<'a, 'c> {
             t.seq_len,
             t.grad_accum
         );
+        if let Some(f) = &self.corpus.format {
+            println!("prompt/response data: {f}");
+        }
     }
 
     /// Tokens per optimizer step.
@@ -406,19 +421,24 @@ impl<'a, 'c> Run<'a, 'c> {
         self.spec.train.tokens_per_micro_batch() * self.spec.train.grad_accum
     }
 
-    /// The micro-steps' forward and backward: the mean token loss and the summed gradients.
+    /// The micro-steps' forward and backward: the mean token loss and the summed
+    /// gradients. The micro-batches are drawn first, so the loss is normalised by the
+    /// targets of the whole step (SFT: its response tokens), not per micro-batch.
     fn micro_steps(&mut self, probe: &dyn Probe) -> Result<(f64, step::Grads)> {
         let (b, t) = (
             self.spec.train.micro_batch as usize,
             self.spec.train.seq_len as usize,
         );
-        let mut grads = step::Grads::new();
-        let mut loss = 0.0;
-        for _ in 0..self.spec.train.grad_accum {
-            let (x, y) = self.corpus.train.batch(b, t, &mut self.data_rng)?;
-            loss += step::forward_backward(&self.model, &x, &y, b, self.sopts, &mut grads, probe)?;
-        }
-        Ok((loss / self.tokens() as f64, grads))
+        let micros = (0..self.spec.train.grad_accum)
+            .map(|_| self.corpus.train.batch(b, t, &mut self.data_rng))
+            .collect::<crate::engine::Result<Vec<_>>>()?;
+        Ok(crate::engine::sft::step_grads(
+            &self.model,
+            micros,
+            b,
+            self.sopts,
+            probe,
+        )?)
     }
 
     /// Saves the weights from before step `s`, whose loss is `loss` (not a number), beside
@@ -501,6 +521,9 @@ pub(crate) fn validate(
 ) -> crate::engine::Result<f64> {
     let t = spec.train.seq_len as usize;
     let b = spec.train.micro_batch as usize;
+    if !corpus.val_examples.is_empty() {
+        return validate_examples(model, &corpus.val_examples, spec);
+    }
     let offs = data::val_windows(&corpus.val, t, data::VAL_WINDOWS);
     if offs.is_empty() {
         return Err(bad(
@@ -514,6 +537,37 @@ pub(crate) fn validate(
         let (x, y) = data::windows_batch(&corpus.val, w, t)?;
         total += step::eval_loss(model, &x, &y, w.len(), step_opts(spec).chunk)? * w.len() as f64;
         count += w.len();
+    }
+    Ok(total / count as f64)
+}
+
+/// Mean loss over the response tokens of the held-out SFT examples.
+fn validate_examples(
+    model: &Model,
+    examples: &[crate::engine::sft::Example],
+    spec: &RunSpec,
+) -> crate::engine::Result<f64> {
+    let t = spec.train.seq_len as usize;
+    let b = (spec.train.micro_batch as usize).max(1);
+    let (mut total, mut count) = (0.0, 0);
+    for rows in examples.chunks(b) {
+        let m = crate::engine::sft::rows(rows, t)?;
+        let chunk = step_opts(spec).chunk;
+        total += step::eval_loss_sum(
+            model,
+            &m.ids,
+            &m.targets,
+            m.weights.as_ref(),
+            rows.len(),
+            chunk,
+        )?;
+        count += m.count;
+    }
+    if count == 0 {
+        return Err(bad(
+            "--data",
+            "the held-out examples have no response tokens to validate on",
+        ));
     }
     Ok(total / count as f64)
 }

@@ -221,7 +221,19 @@ pub fn check(format: Format, s: &RunSpec) -> Result<(), String> {
         ));
     }
     if !c.precisions.contains(&t.precision) {
-        return Err(cannot(format, format!("precision = \"{}\"", t.precision)));
+        let why = match (format, t.precision) {
+            (Format::Axolotl, Precision::Bf16Autocast) => {
+                " (axolotl loads the weights in bf16 whenever bf16 is on; bf16 there is precision = \"bf16\")"
+            }
+            (Format::DeepSpeed, Precision::Bf16Autocast) => {
+                " (DeepSpeed's bf16 keeps bf16 weights over fp32 masters: precision = \"bf16-mixed\")"
+            }
+            _ => "",
+        };
+        return Err(cannot(
+            format,
+            format!("precision = \"{}\"{why}", t.precision),
+        ));
     }
     if !c.optimizers.contains(&t.optimizer) {
         return Err(cannot(format, format!("optimizer = \"{}\"", t.optimizer)));

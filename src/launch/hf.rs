@@ -1,7 +1,8 @@
 //! Hugging Face `TrainingArguments` (and TRL's `SFTConfig`/`ModelConfig`, the same
 //! dataclass flags): a JSON or YAML dict (alignment-handbook recipes), or the command line
 //! of `run_clm.py` / `trl sft` pasted into a file. Defaults are transformers 5's
-//! (`training_args.py`): `optim = adamw_torch_fused`, no mixed precision.
+//! (`training_args.py`): `optim = adamw_torch_fused`, no mixed precision; TRL's configs
+//! turn bf16 on unless told otherwise.
 
 use super::args;
 use super::deepspeed;
@@ -246,20 +247,73 @@ fn set_attention(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
 
 type Keys = Vec<(String, Value)>;
 
-/// The file's keys, and the process count of a pasted launcher (torchrun, accelerate).
-fn keys(text: &str) -> Result<(Keys, Option<u64>), String> {
+/// What the file holds: its keys, the process count of a pasted launcher (torchrun,
+/// accelerate), and whether TRL runs it.
+struct Source {
+    keys: Keys,
+    gpus: Option<u64>,
+    trl: bool,
+}
+
+/// Keys only TRL's configs have (`SFTConfig`, `ModelConfig`, `ScriptArguments`), never
+/// transformers' `TrainingArguments`.
+const TRL_ONLY: &[&str] = &[
+    "use_peft",
+    "packing",
+    "max_length",
+    "max_seq_length",
+    "dataset_text_field",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "padding_free",
+    "eos_token",
+    "model_init_kwargs",
+    "lora_r",
+    "load_in_4bit",
+    "load_in_8bit",
+    "activation_offloading",
+];
+
+/// TRL runs a YAML dict (`trl sft --config`, alignment-handbook recipes: transformers'
+/// `run_clm.py` reads only JSON), a `trl ...` command or a script under `trl/`, and any
+/// file with a key only TRL has.
+fn source(text: &str) -> Result<Source, String> {
+    let trl_key = |keys: &Keys| keys.iter().any(|(k, _)| TRL_ONLY.contains(&k.as_str()));
     if let Ok(v @ Value::Object(_)) = serde_norway::from_str::<Value>(text) {
-        return Ok((flatten(&v), None));
+        let keys = flatten(&v);
+        let yaml = !text.trim_start().starts_with('{');
+        let trl = yaml || trl_key(&keys);
+        return Ok(Source {
+            keys,
+            gpus: None,
+            trl,
+        });
     }
     let c = args::command_line(text)?;
-    Ok((
-        flatten(&Value::Object(c.flags)),
-        args::processes(&c.launcher)?,
-    ))
+    let keys = flatten(&Value::Object(c.flags));
+    let trl = c.script.starts_with("trl ") || c.script.contains("trl/") || trl_key(&keys);
+    Ok(Source {
+        trl,
+        keys,
+        gpus: args::processes(&c.launcher)?,
+    })
+}
+
+/// TRL's configs turn bf16 on unless fp16 is (`self.bf16 = not (self.fp16) if self.bf16
+/// is None`, `trl/trainer/base_config.py`, TRL 1.16), over weights TRL loads in fp32
+/// unless `dtype` says otherwise (`ModelConfig.dtype`, `create_model_from_path`).
+fn trl_bf16_default(d: &mut Draft, keys: &Keys) {
+    let given = |name: &str| keys.iter().any(|(k, _)| k == name);
+    if d.precision.is_none() && !given("bf16") && !given("fp16") {
+        d.precision = Some("bf16-autocast".into());
+        d.assumed.push(
+            "bf16 autocast (bf16 is not set: TRL's configs turn it on unless fp16 is)".into(),
+        );
+    }
 }
 
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
-    let (keys, gpus) = keys(text)?;
+    let Source { keys, gpus, trl } = source(text)?;
     if let Some((k, v)) = keys
         .iter()
         .find(|(k, v)| k == "fsdp_config" && v.is_string())
@@ -278,7 +332,10 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     if d.extra("bf16-weights").is_some() {
         d.precision = Some("bf16".into());
     }
-    // Without bf16/fp16 the Trainer trains in fp32.
+    if trl {
+        trl_bf16_default(&mut d, &keys);
+    }
+    // Without bf16/fp16 transformers' Trainer trains in fp32.
     d.precision.get_or_insert("fp32".into());
     if d.seq_len.is_none() {
         d.seq_len = Some(1024);
