@@ -328,6 +328,28 @@ impl Replay {
         }
     }
 
+    /// A copy of a state after the first `n` tensors (only those have blocks), with room
+    /// for a step of `tensors` as [`Replay::new`] makes.
+    fn resume(&self, n: usize, tensors: usize) -> Replay {
+        let room = tensors.saturating_mul(2).max(self.pools.blocks.len());
+        let mut blocks = Vec::with_capacity(room);
+        blocks.extend_from_slice(&self.pools.blocks);
+        let mut where_ = Vec::with_capacity(tensors.max(n));
+        where_.extend_from_slice(&self.where_[..n]);
+        Replay {
+            pools: Pools {
+                blocks,
+                small_seg: self.pools.small_seg.clone(),
+                free: self.pools.free.clone(),
+                reserved: self.pools.reserved,
+            },
+            where_,
+            live: self.live,
+            best: self.best,
+            peak_reserved: self.peak_reserved,
+        }
+    }
+
     /// Replays `events` of `t`.
     fn play(&mut self, t: &Timeline, events: &[Event]) {
         let mut events = events.iter().peekable();
@@ -385,27 +407,18 @@ pub fn simulate(t: &Timeline) -> AllocatorStats {
         .iter()
         .take_while(|e| e.alloc && t.tensors[e.tensor].persistent)
         .count();
-    let key: Vec<(u64, Component)> = t.tensors[..n]
-        .iter()
-        .map(|x| (x.bytes.0, x.component))
-        .collect();
+    let prefix = || t.tensors[..n].iter().map(|x| (x.bytes.0, x.component));
     let cached = LAST_PREFIX.with(|last| match &*last.borrow() {
-        Some((k, r)) if *k == key => Some(r.clone()),
+        Some((k, r)) if k.iter().copied().eq(prefix()) => Some(r.resume(n, t.tensors.len())),
         _ => None,
     });
     let mut r = cached.unwrap_or_else(|| {
         let mut r = Replay::new(t.tensors.len());
         r.play(t, &t.events[..n]);
-        LAST_PREFIX.with(|last| *last.borrow_mut() = Some((key, r.clone())));
+        LAST_PREFIX.with(|last| *last.borrow_mut() = Some((prefix().collect(), r.clone())));
         r
     });
-    // Only the prefix's tensors have blocks: the rest of the index is empty. A clone
-    // has no spare room: make the arena's, as `Replay::new` does.
     r.where_.resize(t.tensors.len(), NONE);
-    let room = t.tensors.len().saturating_mul(2);
-    r.pools
-        .blocks
-        .reserve(room.saturating_sub(r.pools.blocks.len()));
     r.play(t, &t.events[n..]);
     r.stats()
 }
