@@ -115,8 +115,11 @@ fn detected_value(detected: &Result<Vec<Detected>>) -> Value {
     match detected {
         Ok(d) => json!(d
             .iter()
-            .map(|d| json!({"index": d.index, "name": d.spec.display, "total_bytes": d.spec.capacity.0,
-                "used_bytes": d.used.0, "free_bytes": d.free.0, "nearest_preset": d.preset}))
+            .map(
+                |d| json!({"index": d.index, "name": d.spec.display, "total_bytes": d.total.0,
+                "capacity_bytes": d.spec.capacity.0, "capacity_source": d.capacity_source,
+                "used_bytes": d.used.0, "free_bytes": d.free.0, "nearest_preset": d.preset})
+            )
             .collect::<Vec<_>>()),
         Err(e) => json!({"error": format!("{e:#}")}),
     }

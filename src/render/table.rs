@@ -616,10 +616,12 @@ pub fn detected_gpus(detected: &anyhow::Result<Vec<Detected>>) -> String {
             for g in d {
                 let _ = writeln!(
                     out,
-                    "  {}: {}: {} total, {} used, {} free (nearest preset: {})",
+                    "  {}: {}: {} total, {} for PyTorch ({}), {} used, {} free (nearest preset: {})",
                     g.index,
                     g.spec.display,
+                    g.total,
                     g.spec.capacity,
+                    g.capacity_source,
                     g.used,
                     g.free,
                     g.preset.as_deref().unwrap_or("none")
