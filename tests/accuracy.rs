@@ -118,7 +118,7 @@ fn lora_and_new_family_peaks_are_predicted_within_3_percent() {
     }
     println!("worst outside the listed outliers {:.1} %", worst * 100.0);
     assert!(beyond.is_empty(), "beyond their bound: {beyond:?}");
-    assert!(errs.len() >= 54, "at least 54 measured configurations");
+    assert!(errs.len() >= 55, "at least 55 measured configurations");
 }
 
 const LORA_BOUND: f64 = 0.03;
