@@ -118,21 +118,16 @@ fn lora_and_new_family_peaks_are_predicted_within_3_percent() {
     }
     println!("worst outside the listed outliers {:.1} %", worst * 100.0);
     assert!(beyond.is_empty(), "beyond their bound: {beyond:?}");
-    assert!(errs.len() >= 54, "at least 54 measured configurations");
+    assert!(errs.len() >= 55, "at least 55 measured configurations");
 }
 
 const LORA_BOUND: f64 = 0.03;
 
 /// Measured runs whose memory the inventory does not yet itemize, with the bound each
 /// meets today (docs/accuracy.md says what is missing); every other run is within 3 %.
-const OUTLIERS: &[(&str, f64)] = &[
-    // LoRA with full checkpointing in fp32: over-predicted (the model's peak is in block 2's
-    // recomputed backward, the measured one in the loss): +5.5 % measured.
-    (
-        "llama-3.2-3b-llama-h256-l3-b2-s512-fp32-sdpa-full-lora-r16-all",
-        0.07,
-    ),
-];
+/// None today: LoRA with full checkpointing in fp32, once +5.5 %, is within 3 % since the
+/// MLP's backward frees down_proj's adapter input before its gradients peak.
+const OUTLIERS: &[(&str, f64)] = &[];
 
 /// `tests/data/torch_regimes.json` (`tools/measure_regimes.py`): optimizer implementations,
 /// every-N and op-level selective checkpointing, the optimizer stepped inside backward and

@@ -601,6 +601,8 @@ fn fit_that_fits_nothing_names_the_nearest_plans_and_exits_3() {
             "--offload-activations",
         ]
     );
+    // No halving of 2048 fits full fine-tuning of 8 B parameters: `shorter` is null.
+    assert!(v["shorter"].is_null(), "{}", v["shorter"]);
     let fitting: Vec<&serde_json::Value> = alts.iter().filter(|a| a["fits"] == true).collect();
     assert!(fitting.len() >= 2, "{alts:?}");
     for a in fitting {
@@ -726,6 +728,47 @@ fn fit_seq_len_list_takes_the_first_that_fits() {
             .lines()
             .count(),
         1
+    );
+}
+
+/// Issue 11's 8 GB case: QLoRA of Qwen3-8B at seq 1024 × 16 fits nothing on the laptop
+/// card; the ladder names the longest halving of 1024 that fits as asked, and `fit` at
+/// that length finds a plan (exit 0) whose device figure is the one named.
+#[test]
+fn fit_names_the_longest_shorter_length_that_fits() {
+    let args = [
+        "fit",
+        "--gpu",
+        "rtx4060-laptop-8gb",
+        "--model",
+        "qwen3-8b",
+        "--qlora",
+        "--seq-len",
+        "1024",
+        "--global-batch",
+        "16",
+    ];
+    let o = vramplan(&args);
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(3), "{text}");
+    assert!(text.contains("shorter: seq "), "{text}");
+    let o = vramplan(&[&args[..], &["--json"]].concat());
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
+    let s = &v["shorter"];
+    let seq = s["seq_len"].as_u64().expect("a shorter length fits");
+    assert!(seq < 1024 && 1024 % seq == 0 && seq >= 128, "{s}");
+    let shorter = seq.to_string();
+    let mut again = args.to_vec();
+    again[7] = &shorter;
+    let r = json(&[&again[..], &["--json"]].concat());
+    assert_eq!(
+        r["best"]["report"]["device_bytes"], s["device_bytes"],
+        "{s}"
+    );
+    assert_eq!(
+        r["best"]["report"]["peak_allocated_bytes"],
+        s["peak_allocated_bytes"]
     );
 }
 

@@ -13,6 +13,9 @@
 //!    lowest stage that fits at that count.
 //! 7. Saved activations offloaded to host memory (the only offload the planner models).
 //!
+//! Beside the ladder, with a fixed sequence length: the longest of its halvings (down to
+//! 128) that fits with nothing else changed ([`shorter`]).
+//!
 //! Each step is tried on the run as asked; on several GPUs, steps 2–5 and 7 are also
 //! tried with ZeRO over them (sharding costs no numbers), the lowest stage that fits. A
 //! step the run cannot take (already taken, or a combination the frameworks refuse,
@@ -83,6 +86,26 @@ pub struct Ladder {
     /// Why the run as asked fits nothing (one per `--seq-len` length tried).
     pub misses: Vec<Miss>,
     pub alternatives: Vec<Alternative>,
+    /// With a fixed sequence length: the longest of its halvings down to
+    /// [`MIN_SHORTER_SEQ`] that fits with the run's other settings; None when none does
+    /// (or the length was searched).
+    pub shorter: Option<Shorter>,
+}
+
+/// The shortest length [`shorter`] tries.
+pub const MIN_SHORTER_SEQ: u64 = 128;
+
+/// A shorter sequence length that fits the run as asked, and the plan there.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shorter {
+    pub seq_len: u64,
+    /// The plan's peak: live tensor bytes, and what the device would show.
+    pub peak_allocated_bytes: u64,
+    pub device_bytes: u64,
+    pub micro_batch: u64,
+    pub grad_accum: u64,
+    pub checkpointing: crate::spec::Checkpointing,
+    pub loss: crate::spec::LossMode,
 }
 
 impl Ladder {
@@ -339,7 +362,8 @@ pub fn alternatives(req: &FitRequest) -> Vec<Alternative> {
 }
 
 /// `fit` that never dead-ends: the first length of `lengths` (or the request's own) that
-/// fits, or the ladder of levers at the last length tried.
+/// fits, or the ladder of levers at the last length tried, with the longest shorter
+/// length that fits as asked.
 pub fn fit_or_ladder(
     req: &FitRequest,
     lengths: &[u64],
@@ -355,7 +379,38 @@ pub fn fit_or_ladder(
     Ok(Err(Ladder {
         misses,
         alternatives: alternatives(&at),
+        shorter: shorter(&at),
     }))
+}
+
+/// The halvings of a fixed sequence length, longest first, down to [`MIN_SHORTER_SEQ`].
+fn halvings(seq: u64) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(seq / 2), |s| Some(s / 2)).take_while(|&s| s >= MIN_SHORTER_SEQ)
+}
+
+/// The longest halving of the request's fixed sequence length that fits with everything
+/// else as asked (the search still picks micro-batch, checkpointing and loss); None when
+/// the length is searched or no halving fits.
+pub fn shorter(req: &FitRequest) -> Option<Shorter> {
+    halvings(req.seq_len?).find_map(|seq_len| {
+        let at = FitRequest {
+            seq_len: Some(seq_len),
+            ..req.clone()
+        };
+        let Ok(Attempt::Fits(r)) = try_fit(&at) else {
+            return None;
+        };
+        let b = &r.best;
+        Some(Shorter {
+            seq_len,
+            peak_allocated_bytes: b.report.peak_allocated_bytes,
+            device_bytes: b.report.device_bytes,
+            micro_batch: b.micro_batch,
+            grad_accum: b.grad_accum,
+            checkpointing: b.checkpointing,
+            loss: b.loss,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -604,6 +659,55 @@ mod tests {
             sharding: Sharding::Zero3,
         };
         assert!(apply(&spec, &[more]).is_none());
+    }
+
+    /// A fixed length that fits nothing: the ladder names the longest halving that fits
+    /// as asked; the next longer one (or the length asked) does not fit.
+    #[test]
+    fn the_longest_shorter_length_that_fits_is_named() {
+        let req = request(&raw("qwen2.5-0.5b", "rtx3060-12gb", 1), 16384, 16);
+        let Err(ladder) = fit_or_ladder(&req, &[]).unwrap() else {
+            panic!("16 × 16384 tokens of Qwen2.5-0.5B fit 12 GB");
+        };
+        let s = ladder.shorter.expect("a halving of 16384 fits");
+        let fits = |seq: u64| {
+            let at = FitRequest {
+                seq_len: Some(seq),
+                ..req.clone()
+            };
+            match try_fit(&at).unwrap() {
+                Attempt::Fits(r) => Some(r.best),
+                Attempt::Misses(_) => None,
+            }
+        };
+        assert!(s.seq_len < 16384 && 16384 % s.seq_len == 0, "{}", s.seq_len);
+        assert!(fits(2 * s.seq_len).is_none(), "{} fits", 2 * s.seq_len);
+        let best = fits(s.seq_len).expect("the named length fits");
+        assert_eq!(best.report.peak_allocated_bytes, s.peak_allocated_bytes);
+        assert_eq!(best.report.device_bytes, s.device_bytes);
+        assert_eq!(
+            (best.micro_batch, best.grad_accum),
+            (s.micro_batch, s.grad_accum)
+        );
+        assert_eq!(best.micro_batch * best.grad_accum, 16);
+    }
+
+    /// No halving fits (full fine-tuning of 8 B parameters on 24 GB needs its model state
+    /// at any length), and a searched length has no halvings.
+    #[test]
+    fn no_shorter_length_when_none_fits() {
+        let req = request(&raw("llama-3.1-8b", "rtx4090-24gb", 1), 2048, 32);
+        let Err(ladder) = fit_or_ladder(&req, &[]).unwrap() else {
+            panic!("full fine-tuning of 8 B parameters fits 24 GB");
+        };
+        assert!(ladder.shorter.is_none());
+        assert_eq!(halvings(2048).collect::<Vec<_>>(), [1024, 512, 256, 128]);
+        assert_eq!(halvings(255).count(), 0);
+        let searched = FitRequest {
+            seq_len: None,
+            ..req
+        };
+        assert!(shorter(&searched).is_none());
     }
 
     /// Seed 004's fallback ladder: the first length that fits is taken, and each longer

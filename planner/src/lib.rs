@@ -46,8 +46,8 @@ pub use host::{
     host_memory, host_ram, Basis, HostOptions, HostReport, HostTerm, Load, Phase, Reader,
 };
 pub use levers::{
-    alternatives, apply as apply_lever, fit_or_ladder, raw_with, Alternative, Ladder, Lever,
-    MAX_LADDER_GPUS,
+    alternatives, apply as apply_lever, fit_or_ladder, raw_with, shorter, Alternative, Ladder,
+    Lever, Shorter, MAX_LADDER_GPUS, MIN_SHORTER_SEQ,
 };
 pub use lora::{linear_modules, LoraSpec, RawLora, Targets};
 pub use lora_fit::{adapters, with_adapters, DEFAULT_RANK};

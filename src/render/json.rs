@@ -169,6 +169,7 @@ impl Render for Json {
             "why_not": why,
             "misses": value(&l.misses)?,
             "alternatives": alternatives,
+            "shorter": value(&l.shorter)?,
         }))
     }
 

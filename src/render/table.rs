@@ -507,6 +507,9 @@ pub fn ladder(base: &RunSpec, l: &Ladder) -> String {
     for m in &l.misses {
         let _ = writeln!(out, "does not fit: {}", prose::miss(m));
     }
+    if let Some(line) = shorter(l) {
+        let _ = writeln!(out, "{line}");
+    }
     let mut t = table(&[
         "lever",
         "plan",
@@ -562,6 +565,29 @@ pub fn ladder(base: &RunSpec, l: &Ladder) -> String {
         }
     }
     out
+}
+
+/// The ladder's one line on shorter lengths: the longest halving of a fixed length that
+/// fits as asked, or that none down to the shortest tried does; nothing when the length
+/// was searched.
+fn shorter(l: &Ladder) -> Option<String> {
+    let asked = l.misses.last()?.seq_len?;
+    Some(match &l.shorter {
+        Some(s) => format!(
+            "shorter: seq {} fits as asked (micro-batch {} × accumulation {}, checkpointing {}, loss {}): {} allocated, {} device",
+            s.seq_len,
+            s.micro_batch,
+            s.grad_accum,
+            s.checkpointing,
+            s.loss,
+            Bytes(s.peak_allocated_bytes),
+            Bytes(s.device_bytes)
+        ),
+        None => format!(
+            "shorter: no halving of seq {asked} down to {} fits as asked",
+            vramplan_planner::MIN_SHORTER_SEQ
+        ),
+    })
 }
 
 pub fn models(ms: &[ModelSpec]) -> String {
