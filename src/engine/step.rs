@@ -137,10 +137,13 @@ pub fn forward_backward_weighted(
             })?;
             probe.mark(&format!("bwd {l}"));
         }
-        let e = model.embed(ids)?;
-        let store = (e * &g)?.sum_all()?.backward()?;
-        collect(model, &store, &emb_name, grads)?;
-        drop(store);
+        // A frozen embedding (LoRA) has no gradient to compute.
+        if model.trains(model.embedding_name()) {
+            let e = model.embed(ids)?;
+            let store = (e * &g)?.sum_all()?.backward()?;
+            collect(model, &store, &emb_name, grads)?;
+            drop(store);
+        }
         probe.mark("emb");
         Ok(loss)
     } else {
