@@ -1026,3 +1026,66 @@ fn train_on_all_keeps_prompt_response_rows_as_text_documents() {
     // Different tokens are scored: the held-out text's every byte, or the responses'.
     assert!((val[0] - val[1]).abs() > 1e-3, "{val:?}");
 }
+
+#[test]
+fn lora_resume_continues_exactly_and_samples() {
+    // LoRA SFT from the tiny llama checkpoint: 8 steps straight, and 5 steps then a resume
+    // that names no --init (the checkpoint holds the adapters; the base is the folder the
+    // run started from), give the same losses.
+    let dir = tmp("lora-resume");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let plan = root.join("tests/data/peft_llama/plan.toml");
+    let init = root.join("tests/data/hf_tiny/llama");
+    let sft = root.join("tests/data/peft_sft.jsonl");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let common = [
+        "--steps",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--data",
+        sft.to_str().unwrap(),
+    ];
+    let first = |out: &Path, extra: &[&str]| {
+        let args = [
+            &[
+                "train",
+                plan.to_str().unwrap(),
+                "--init",
+                init.to_str().unwrap(),
+            ][..],
+            &["--out", out.to_str().unwrap()],
+            &common,
+            extra,
+        ]
+        .concat();
+        let o = run(&args);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    first(&a, &[]);
+    first(&b, &["--stop-at", "5"]);
+    let o = run(&[
+        &["train", "--out", b.to_str().unwrap(), "--resume"][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resumed from"), "{}", text(&o));
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 8);
+    assert_eq!(la, lb, "8 steps straight vs 5 steps + resume for 3");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        b.to_str().unwrap(),
+        "--prompt",
+        "what is 3 plus one?\n",
+        "--tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}

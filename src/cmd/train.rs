@@ -410,7 +410,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             .as_ref()
             .map(|p| p.config.clone())
             .or(prior.as_ref().and_then(|m| m.hf_config.clone())),
-        init: planned.init.as_ref().map(|p| p.dir.clone()),
+        // Under LoRA the checkpoints hold the adapters only: a resumed run's base is the
+        // folder it started from.
+        init: planned.init.as_ref().map(|p| p.dir.clone()).or(prior
+            .as_ref()
+            .filter(|_| spec.lora.is_some())
+            .and_then(|m| m.init.as_ref().map(PathBuf::from))),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,
         device,

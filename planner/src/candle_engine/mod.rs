@@ -41,6 +41,53 @@ use crate::units::Bytes;
 use std::rc::Rc;
 use working_sets::{Units, WorkingSets, F};
 
+/// What the engine's LoRA (`src/engine/lora.rs`) computes: adapters on any of the block
+/// linears of llama, qwen2 and qwen3 (PEFT's names), no dropout, no DoRA, a full-precision
+/// base, no `modules_to_save`; anything else is refused with the key and what is accepted.
+pub(crate) fn check_lora(
+    m: &crate::spec::ModelSpec,
+    l: &crate::lora::LoraSpec,
+) -> crate::error::Result<()> {
+    use crate::error::{quote, PlanError};
+    use crate::spec::{Choice, Quantize};
+    if m.arch == Arch::Nanochat {
+        return Err(PlanError::invalid(
+            "train.engine",
+            quote("candle"),
+            "torch for arch nanochat with a [lora] section; the candle engine's LoRA takes llama, qwen2 and qwen3",
+        ));
+    }
+    if l.quantize != Quantize::None {
+        return Err(PlanError::invalid(
+            "lora.quantize",
+            quote(l.quantize.name()),
+            "none on the candle engine: its base stays in full precision (QLoRA runs on torch)",
+        ));
+    }
+    if l.dropout > 0.0 {
+        return Err(PlanError::invalid(
+            "lora.dropout",
+            l.dropout,
+            "0 on the candle engine: it has no dropout",
+        ));
+    }
+    if l.use_dora {
+        return Err(PlanError::invalid(
+            "lora.use_dora",
+            true,
+            "false on the candle engine: it trains plain LoRA",
+        ));
+    }
+    if let Some(first) = l.modules_to_save.first() {
+        return Err(PlanError::invalid(
+            "lora.modules_to_save",
+            quote(first),
+            "[] on the candle engine: it trains the adapters only",
+        ));
+    }
+    Ok(())
+}
+
 /// AdamW's update (`src/engine/optim.rs`) runs over the parameters in name order, making
 /// about four f32 copies of each while the gradients of those before it are already freed:
 /// its peak above the live bytes before it is the largest `4·bytes(p) − bytes(gradients
@@ -489,6 +536,54 @@ mod tests {
         RawConfig::from_toml(&text)
             .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
             .expect("valid plan")
+    }
+
+    /// What the engine's LoRA does not compute is refused in one line naming the key.
+    #[test]
+    fn lora_the_engine_lacks_is_refused_naming_the_key() {
+        let base = "[model]\nname = \"t\"\narch = \"llama\"\nhidden_size = 64\nnum_layers = 2\n\
+            num_heads = 4\nnum_kv_heads = 2\nintermediate_size = 96\nvocab_size = 256\n\
+            tie_embeddings = true\n[train]\nmicro_batch = 4\nseq_len = 32\nprecision = \"fp32\"\n\
+            engine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n[lora]\nrank = 4\n";
+        let resolve = |text: &str| {
+            RawConfig::from_toml(text)
+                .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(resolve(base), Ok(()));
+        for (extra, want) in [
+            (
+                "quantize = \"nf4\"\n",
+                "lora.quantize = \"nf4\": none on the candle engine",
+            ),
+            (
+                "dropout = 0.05\n",
+                "lora.dropout = 0.05: 0 on the candle engine",
+            ),
+            (
+                "use_dora = true\n",
+                "lora.use_dora = true: false on the candle engine",
+            ),
+            (
+                "modules_to_save = [\"lm_head\"]\n",
+                "lora.modules_to_save = \"lm_head\": [] on the candle engine",
+            ),
+        ] {
+            let e = resolve(&format!("{base}{extra}")).unwrap_err();
+            assert!(e.starts_with(want), "{extra}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let nanochat = base
+            .replace("\"llama\"", "\"nanochat\"")
+            .replace("num_kv_heads = 2", "num_kv_heads = 4")
+            .replace("tie_embeddings = true", "tie_embeddings = false")
+            .replace("rank = 4", "rank = 4\ntarget_modules = [\"c_q\"]");
+        let e = resolve(&nanochat).unwrap_err();
+        assert!(
+            e.contains("the candle engine's LoRA takes llama, qwen2 and qwen3"),
+            "{e}"
+        );
     }
 
     /// Inside the calibrated domain there is nothing to warn about; at 128 rows (below the
