@@ -152,10 +152,21 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
 }
 
 /// Where the run leaves the domain the working sets were calibrated on (empty inside it).
+/// A LoRA plan is played as the full fine-tune of its model, which the engine's LoRA step
+/// differs from both ways (measured −26.7 % to +10.6 % on the llama and qwen plans of
+/// `tests/train.rs`, docs/sft.md): said, rather than passed off as calibrated.
 pub fn warnings(spec: &RunSpec) -> Vec<String> {
     let params = params::shared(&spec.model);
-    working_sets::fits(spec.train.precision).warnings(spec.model.arch, &units(spec, &params))
+    let mut w =
+        working_sets::fits(spec.train.precision).warnings(spec.model.arch, &units(spec, &params));
+    if spec.lora.is_some() {
+        w.push(LORA_UNMODELLED.to_string());
+    }
+    w
 }
+
+/// What `warnings` says of a LoRA plan.
+pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: the estimate is the full fine-tune's step (the engine's LoRA step is not modelled yet; measured up to 27 % below the engine's peak)";
 
 /// What qwen2's biases and qwen3's per-head q/k norms add to llama's fitted working sets
 /// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
@@ -552,6 +563,13 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         assert_eq!(resolve(base), Ok(()));
+        let spec = RawConfig::from_toml(base)
+            .and_then(|r| r.resolve(&Presets::builtin()?, &Context::default()))
+            .unwrap();
+        assert_eq!(
+            warnings(&spec).last().map(String::as_str),
+            Some(LORA_UNMODELLED)
+        );
         for (extra, want) in [
             (
                 "quantize = \"nf4\"\n",
