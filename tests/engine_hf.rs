@@ -347,3 +347,114 @@ fn sft_from_a_checkpoint_learns_and_logs_the_response_loss() {
         );
     }
 }
+
+/// The logits of `key` (`peft`, `merged`, `export`) in `tests/data/peft_CASE/reference.json`.
+fn peft_reference(case: &str, key: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/peft_{case}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.join("reference.json")).unwrap())
+            .unwrap();
+    let tokens = serde_json::from_value(v["tokens"].clone()).unwrap();
+    (tokens, serde_json::from_value(v[key].clone()).unwrap())
+}
+
+fn peft_data(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/peft_{case}"))
+}
+
+/// `train tests/data/peft_CASE/plan.toml --init CASE --data tests/data/peft_sft.jsonl`
+/// (LoRA SFT, 12 steps) into `out`, exported to `export`.
+fn lora_sft_and_export(case: &str, out: &Path, export: &Path) -> String {
+    let sft = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft_sft.jsonl");
+    let o = run(&[
+        "train",
+        peft_data(case).join("plan.toml").to_str().unwrap(),
+        "--init",
+        data(case).to_str().unwrap(),
+        "--data",
+        sft.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--log-every",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    text(&o)
+}
+
+#[test]
+fn peft_loads_the_engines_lora_adapters_with_the_engines_logits() {
+    // Reference: tests/data/peft_CASE/reference.json, tools/peft_reference.py (peft 0.21.2,
+    // transformers 5.24.0, torch 2.15.0): the base from tests/data/hf_tiny/CASE, the
+    // adapters of this run's export through `PeftModel.from_pretrained` (every tensor of
+    // the file found under PEFT's own names), then `merge_and_unload()`, and
+    // `from_pretrained` on the merged export. The run is repeated here: its adapters must
+    // be the committed ones, and give PEFT's logits.
+    use vramplan::engine::lora;
+    for case in ["llama", "qwen3"] {
+        let d = tmp(&format!("peft-{case}"));
+        let (out, export) = (d.join("run"), d.join("hf"));
+        let said = lora_sft_and_export(case, &out, &export);
+        assert!(
+            said.contains("model.safetensors (f32, adapters merged), adapter/adapter_config.json and adapter/adapter_model.safetensors (PEFT)"),
+            "{said}"
+        );
+        let losses = crate::train::losses(&out);
+        let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+        assert!(last < 0.7 * first, "{case}: LoRA SFT loss {first} → {last}");
+        // The checkpoint holds the adapters and their moments only.
+        let l = checkpoint::latest(&out).unwrap();
+        assert!(l.tensors.keys().all(|k| k.contains(".lora_")), "{case}");
+        assert_eq!(
+            l.tensors.len(),
+            3 * 2 * 7 * 2,
+            "{case}: A, B × 7 linears × 2 layers, and m, v"
+        );
+        // This run's adapters are the committed ones.
+        let fresh = candle_core::safetensors::load(
+            export.join("adapter").join(lora::ADAPTER_WEIGHTS),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let committed = candle_core::safetensors::load(
+            peft_data(case).join(lora::ADAPTER_WEIGHTS),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(fresh.len(), committed.len(), "{case}");
+        for (n, t) in &committed {
+            let diff = (t - &fresh[n]).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() <= 1e-5, "{case}: {n}");
+        }
+        let (tokens, want) = peft_reference(case, "peft");
+        let (_, untrained) = reference(&data(case).join("reference.json"));
+        assert!(
+            max_diff(&want, &untrained) > 0.05,
+            "{case}: the adapters move the logits"
+        );
+        // The engine's base + PEFT's files (the committed and this run's) give PEFT's logits.
+        for dir in [peft_data(case), export.join("adapter")] {
+            let (_, mut model) = hf::load_model(&data(case)).unwrap();
+            lora::load_peft(&mut model, &dir).unwrap();
+            let diff = max_diff(&logits_of(&model, &tokens), &want);
+            assert!(
+                diff <= 1e-4,
+                "{case}: max |engine − PEFT| = {diff} ({})",
+                dir.display()
+            );
+        }
+        // The merged export is PEFT's merge_and_unload, and transformers reads it so.
+        let (_, merged) = hf::load_model(&export).unwrap();
+        for key in ["merged", "export"] {
+            let diff = max_diff(&logits_of(&merged, &tokens), &peft_reference(case, key).1);
+            assert!(diff <= 1e-4, "{case}: max |merged export − {key}| = {diff}");
+        }
+    }
+}

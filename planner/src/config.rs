@@ -589,12 +589,8 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
         ));
     }
     crate::torch::check_implementation(m, t)?;
-    if spec.lora.is_some() && t.engine == Engine::Candle {
-        return Err(PlanError::invalid(
-            "train.engine",
-            "\"candle\"",
-            "torch with a [lora] section; the candle engine trains all parameters",
-        ));
+    if let (Some(l), Engine::Candle) = (&spec.lora, t.engine) {
+        crate::candle_engine::check_lora(m, l)?;
     }
     if spec.lora.is_some() && t.compile {
         return Err(PlanError::invalid(

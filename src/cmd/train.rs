@@ -410,7 +410,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
             .as_ref()
             .map(|p| p.config.clone())
             .or(prior.as_ref().and_then(|m| m.hf_config.clone())),
-        init: planned.init.as_ref().map(|p| p.dir.clone()),
+        init: init_dir(planned.init.as_ref(), prior.as_ref(), spec),
         plan_toml,
         predicted_peak: report.peak_allocated_bytes,
         device,
@@ -422,6 +422,18 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => println!("{}", finished(&a, prior.as_ref(), steps)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The folder the run's weights start from: `--init`'s, or under LoRA (whose checkpoints
+/// hold the adapters only) on `--resume` the one the run started from.
+fn init_dir(
+    init: Option<&hf::Pretrained>,
+    prior: Option<&engine::checkpoint::Meta>,
+    spec: &vramplan_planner::RunSpec,
+) -> Option<PathBuf> {
+    init.map(|p| p.dir.clone()).or(prior
+        .filter(|_| spec.lora.is_some())
+        .and_then(|m| m.init.as_ref().map(PathBuf::from)))
 }
 
 /// `--train-on`'s value.

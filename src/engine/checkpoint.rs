@@ -5,6 +5,9 @@
 //! disk, and the folder renamed into place (then the parent flushed), so a crash or a
 //! full disk mid-write leaves the previous checkpoints intact and no temporary; loading
 //! takes the newest checkpoint that reads back whole and whose checksums match.
+//!
+//! Under LoRA the trained parameters are the adapters: the state holds them and their
+//! moments only, and the base comes back from `meta.init` (or the seed, for a random one).
 
 use crate::engine::model::Model;
 use crate::engine::optim::AdamW;
@@ -52,6 +55,10 @@ pub struct Meta {
     /// epsilon and RoPE base, and what `export` writes back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hf_config: Option<String>,
+    /// The Hugging Face folder the run started from (`--init`, as given): under LoRA the
+    /// frozen base, which the checkpoint does not hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 pub const STATE: &str = "state.safetensors";

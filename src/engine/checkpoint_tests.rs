@@ -48,6 +48,7 @@ fn meta(step: u64, val_loss: Option<f64>) -> Meta {
         tokenizer: false,
         checksums: BTreeMap::new(),
         hf_config: None,
+        init: None,
     }
 }
 

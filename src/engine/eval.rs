@@ -13,16 +13,20 @@ use candle_core::{DType, Device};
 use std::path::Path;
 use vramplan_planner::RunSpec;
 
-/// The model of checkpoint `l` (whose plan resolves to `spec`), in f32 on the CPU.
+/// The model of checkpoint `l` (whose plan resolves to `spec`), in f32 on the CPU; under
+/// LoRA its base from the run's `--init` folder (or its seed) and its adapters.
 pub fn restored(spec: &RunSpec, l: &Loaded) -> Result<Model> {
     let mut model = Model::new(
         &spec.model,
         DType::F32,
         DType::F32,
         &Device::Cpu,
-        &mut Rng::new(0),
+        &mut Rng::new(l.meta.seed),
     )?;
     model.numerics = crate::engine::hf::numerics_of(l.meta.hf_config.as_deref());
+    if let Some(lora) = &spec.lora {
+        crate::engine::lora::attach(&mut model, lora, l)?;
+    }
     checkpoint::restore(l, &model, None)?;
     Ok(model)
 }

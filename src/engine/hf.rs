@@ -15,7 +15,9 @@
 //! Out (`vramplan export`): a folder `from_pretrained` loads: `config.json` (the one the
 //! run started from, else written from the plan), `model.safetensors` in f32 under
 //! transformers' names, and the run's tokenizer files; written into a temporary folder,
-//! each file flushed, then renamed into place.
+//! each file flushed, then renamed into place. A LoRA run's folder holds the merged
+//! weights (`W + (alpha/r)·B·A`) and, in `adapter/`, PEFT's `adapter_config.json` and
+//! `adapter_model.safetensors`, which `PeftModel.from_pretrained(base, DIR/adapter)` loads.
 
 use crate::engine::model::{Model, Numerics};
 use crate::fsutil::{self, sync_dir};
@@ -391,9 +393,28 @@ fn written_config(model: &Model, max_positions: u64) -> Result<Value> {
     Ok(v)
 }
 
+/// The LoRA adapters an export writes beside the merged weights, in `OUT/adapter/`: the
+/// adapted model and its base's folder (PEFT's `base_model_name_or_path`).
+pub struct AdapterOut<'a> {
+    pub model: &'a Model,
+    pub base: Option<&'a str>,
+}
+
+/// The folder of an export that holds PEFT's adapter files. Not the export's own folder:
+/// transformers' `from_pretrained` on a folder with an `adapter_config.json` would load
+/// the base again and apply the adapters on top of the merged weights.
+pub const ADAPTER_DIR: &str = "adapter";
+
 /// Writes `model` as a Hugging Face folder `out` (replacing an earlier export there):
-/// `config` (the exported config.json text), the weights, and copies of `files`.
-pub fn export(model: &Model, config: &str, files: &[PathBuf], out: &Path) -> Result<()> {
+/// `config` (the exported config.json text), the weights, copies of `files`, and PEFT's
+/// adapter files in `OUT/adapter/` when `adapter` is given.
+pub fn export(
+    model: &Model,
+    config: &str,
+    files: &[PathBuf],
+    adapter: Option<AdapterOut>,
+    out: &Path,
+) -> Result<()> {
     check_out(out)?;
     let folder = fsutil::folder(out);
     let base = out
@@ -405,6 +426,11 @@ pub fn export(model: &Model, config: &str, files: &[PathBuf], out: &Path) -> Res
         std::fs::remove_dir_all(&tmp).ok();
     }
     let written = write_folder(model, config, files, &tmp).and_then(|()| {
+        if let Some(a) = &adapter {
+            let dir = tmp.join(ADAPTER_DIR);
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            crate::engine::lora::write_peft(a.model, a.base, &dir)?;
+        }
         if out.exists() {
             std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
         }
@@ -425,7 +451,8 @@ fn check_out(out: &Path) -> Result<()> {
     let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
     for e in entries.flatten() {
         let f = e.file_name().to_string_lossy().to_string();
-        if f != CONFIG && f != WEIGHTS && !TOKENIZER_FILES.contains(&f.as_str()) {
+        if f != CONFIG && f != WEIGHTS && f != ADAPTER_DIR && !TOKENIZER_FILES.contains(&f.as_str())
+        {
             return Err(Error::bad(
                 &name(out),
                 format!(
@@ -464,16 +491,34 @@ pub fn export_checkpoint(
     l: &crate::engine::checkpoint::Loaded,
     out: &Path,
 ) -> Result<Vec<String>> {
-    let model = crate::engine::eval::restored(spec, l)?;
-    let config = export_config(&model, l.meta.hf_config.as_deref(), spec.train.seq_len)?;
+    let adapted = crate::engine::eval::restored(spec, l)?;
+    // Under LoRA the folder holds the merged weights, the adapters beside them.
+    let merged = match &adapted.lora {
+        Some(_) => Some(crate::engine::lora::merged(&adapted)?),
+        None => None,
+    };
+    let model = merged.as_ref().unwrap_or(&adapted);
+    let config = export_config(model, l.meta.hf_config.as_deref(), spec.train.seq_len)?;
     let run = l.dir.parent().unwrap_or(Path::new("."));
     let files: Vec<PathBuf> = TOKENIZER_FILES
         .iter()
         .map(|f| run.join(f))
         .filter(|p| p.is_file())
         .collect();
-    export(&model, &config, &files, out)?;
+    let adapter = spec.lora.as_ref().map(|_| AdapterOut {
+        model: &adapted,
+        base: l.meta.init.as_deref(),
+    });
+    export(model, &config, &files, adapter, out)?;
     let mut names = vec![CONFIG.to_string(), format!("{WEIGHTS} (f32)")];
+    if spec.lora.is_some() {
+        names[1] = format!("{WEIGHTS} (f32, adapters merged)");
+        names.push(format!(
+            "{ADAPTER_DIR}/{} and {ADAPTER_DIR}/{} (PEFT)",
+            crate::engine::lora::ADAPTER_CONFIG,
+            crate::engine::lora::ADAPTER_WEIGHTS
+        ));
+    }
     names.extend(
         files
             .iter()

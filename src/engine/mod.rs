@@ -19,6 +19,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod hf;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod overrides;

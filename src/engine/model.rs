@@ -60,7 +60,13 @@ pub struct Model {
     /// The forward's dtype: `dtype`, or bf16 / f16 over f32 master weights.
     pub compute: DType,
     pub device: Device,
+    /// The trained parameters: every parameter, or under LoRA the adapters alone.
     pub params: BTreeMap<String, Var>,
+    /// Under LoRA the base parameters, frozen: plain tensors, not `Var`s, so they get no
+    /// gradient and no optimizer state ([`crate::engine::lora`]).
+    pub frozen: BTreeMap<String, Tensor>,
+    /// The adapters' scaling and targets, under LoRA.
+    pub lora: Option<crate::engine::lora::Adapters>,
     pub numerics: Numerics,
 }
 
@@ -83,6 +89,66 @@ pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// `x · wᵀ`.
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
+}
+
+/// `x·Wᵀ` for a frozen `W` (`out × in`, not a `Var`) as one candle op whose backward gives
+/// `x` its gradient `g·W` and `W` none. candle's own matmul backward computes the gradient
+/// of both operands whether they need one or not (`backprop.rs`, `Op::Matmul`), so under
+/// LoRA every frozen linear would get a weight-sized gradient in each backward's store.
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl FrozenLinear {
+    /// `x` `(m, k)` by `Wᵀ` through the storage's own matmul (the kernel `Tensor::matmul`
+    /// runs).
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        l: &candle_core::Layout,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, candle_core::Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = self.w.dim(0)?;
+        let wt = self.w.t()?;
+        let (storage, wl) = wt.storage_and_layout();
+        let Some(w) = pick(&storage) else {
+            candle_core::bail!("frozen linear: the weight is on another device than its input");
+        };
+        Ok((x.matmul(w, (1, m, n, k), l, wl)?, (m, n).into()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.fwd(x, l, |s| match s {
+            candle_core::Storage::Cpu(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.fwd(x, l, |s| match s {
+            candle_core::Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.w)?))
+    }
 }
 
 /// Rotary tables `(T, D/2)`, and the sense of the rotation.
@@ -198,6 +264,8 @@ impl Model {
             compute,
             device: device.clone(),
             params,
+            frozen: BTreeMap::new(),
+            lora: None,
             numerics: Numerics::default(),
         })
     }
@@ -208,10 +276,39 @@ impl Model {
     }
 
     pub fn p(&self, name: &str) -> &Tensor {
-        match self.params.get(name) {
-            Some(v) => v.as_tensor(),
-            None => panic!("the model has no parameter {name}"),
+        match (self.params.get(name), self.frozen.get(name)) {
+            (Some(v), _) => v.as_tensor(),
+            (None, Some(t)) => t,
+            (None, None) => panic!("the model has no parameter {name}"),
         }
+    }
+
+    /// `x·Wᵀ` for the weight `name`; a frozen weight through [`FrozenLinear`], so that it
+    /// gets no gradient.
+    fn matmul_t(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        let w = self.w(name)?;
+        if self.trains(name) {
+            linear(x, &w)
+        } else {
+            x.contiguous()?.apply_op1(FrozenLinear { w })
+        }
+    }
+
+    /// Whether parameter `name` is trained (a `Var` of [`Model::params`]).
+    pub fn trains(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
+    /// The linear `stem` (`layers.0.self_attn.q_proj`) on rows `x`: `x·Wᵀ`, plus under
+    /// LoRA `scale·(x·Aᵀ)·Bᵀ` where the linear has an adapter.
+    fn lin(&self, x: &Tensor, stem: &str) -> Result<Tensor> {
+        let y = self.matmul_t(x, &format!("{stem}.weight"))?;
+        let Some(ad) = self.lora.as_ref().filter(|a| a.targets(stem)) else {
+            return Ok(y);
+        };
+        let (na, nb) = crate::engine::lora::names(stem);
+        let low = linear(x, &self.w(&na)?)?;
+        y + (linear(&low, &self.w(&nb)?)? * ad.scale())?
     }
 
     pub fn embedding_name(&self) -> &'static str {
@@ -298,10 +395,10 @@ impl Model {
                 "self_attn.o_proj",
             ],
         };
-        let w = |i: usize| self.w(&format!("layers.{l}.{}.weight", names[i]));
+        let stem = |i: usize| format!("layers.{l}.{}", names[i]);
         // q, k, v as heads `(B, H, T, D)`, with Qwen2's biases.
         let project = |i: usize, h: usize| -> Result<Tensor> {
-            let mut y = linear(x, &w(i)?)?;
+            let mut y = self.lin(x, &stem(i))?;
             if s.arch == Arch::Qwen2 {
                 y = y.broadcast_add(&self.w(&format!("layers.{l}.{}.bias", names[i]))?)?;
             }
@@ -343,20 +440,20 @@ impl Model {
             .to_dtype(self.compute)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;
-        linear(&y, &w(3)?)
+        self.lin(&y, &stem(3))
     }
 
     fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
-        let w = |n: &str| self.w(&format!("layers.{l}.{n}"));
+        let lin = |x: &Tensor, n: &str| self.lin(x, &format!("layers.{l}.mlp.{n}"));
         match self.spec.arch {
             Arch::Nanochat => {
-                let h = linear(x, &w("mlp.c_fc.weight")?)?.relu()?.sqr()?;
-                linear(&h, &w("mlp.c_proj.weight")?)
+                let h = lin(x, "c_fc")?.relu()?.sqr()?;
+                lin(&h, "c_proj")
             }
             _ => {
-                let g = linear(x, &w("mlp.gate_proj.weight")?)?.silu()?;
-                let u = linear(x, &w("mlp.up_proj.weight")?)?;
-                linear(&(g * u)?, &w("mlp.down_proj.weight")?)
+                let g = lin(x, "gate_proj")?.silu()?;
+                let u = lin(x, "up_proj")?;
+                lin(&(g * u)?, "down_proj")
             }
         }
     }
@@ -374,7 +471,7 @@ impl Model {
     /// in the compute dtype, then the cast, then nanochat's soft-cap.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.norm(h, "norm.weight")?;
-        let z = wide(&linear(&h, &self.w(self.head_name())?)?)?;
+        let z = wide(&self.matmul_t(&h, self.head_name())?)?;
         match self.spec.arch {
             Arch::Nanochat => (z / SOFTCAP)?.tanh()? * SOFTCAP,
             _ => Ok(z),
@@ -438,12 +535,12 @@ impl Model {
             .collect()
     }
 
-    /// Parameters the loss stage touches: the final norm and the head.
+    /// Trained parameters the loss stage touches: the final norm and the head.
     pub fn head_params(&self) -> Vec<String> {
-        let mut v = vec![self.head_name().to_string()];
-        if self.params.contains_key("norm.weight") {
-            v.push("norm.weight".into());
-        }
-        v
+        [self.head_name(), "norm.weight"]
+            .into_iter()
+            .filter(|n| self.trains(n))
+            .map(str::to_string)
+            .collect()
     }
 }

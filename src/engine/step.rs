@@ -137,10 +137,7 @@ pub fn forward_backward_weighted(
             })?;
             probe.mark(&format!("bwd {l}"));
         }
-        let e = model.embed(ids)?;
-        let store = (e * &g)?.sum_all()?.backward()?;
-        collect(model, &store, &emb_name, grads)?;
-        drop(store);
+        embedding_backward(model, ids, &g, grads)?;
         probe.mark("emb");
         Ok(loss)
     } else {
@@ -164,6 +161,17 @@ pub fn forward_backward_weighted(
         probe.mark("bwd");
         Ok(loss)
     }
+}
+
+/// The embedding's gradient from `g`, the gradient of its output; none for a frozen
+/// embedding (LoRA).
+fn embedding_backward(model: &Model, ids: &Tensor, g: &Tensor, grads: &mut Grads) -> Result<()> {
+    let name = model.embedding_name();
+    if model.trains(name) {
+        let store = (model.embed(ids)? * g)?.sum_all()?.backward()?;
+        collect(model, &store, &[name.to_string()], grads)?;
+    }
+    Ok(())
 }
 
 /// Recomputes `f` from a fresh leaf holding `input`, backpropagates `sum(f(leaf) · grad)`,

@@ -6,6 +6,7 @@
 use crate::engine::checkpoint::{self, Keep, Meta};
 use crate::engine::data::{self, Corpus};
 use crate::engine::hf;
+use crate::engine::lora;
 use crate::engine::model::Model;
 use crate::engine::optim::{self, AdamW};
 use crate::engine::probe::{NoProbe, Probe, Recorder};
@@ -151,8 +152,15 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
     )?;
     model.numerics = hf::numerics_of(o.hf_config.as_deref());
     if let Some(dir) = &o.init {
-        // A resumed run's checkpoint replaces these weights.
+        // A resumed run's checkpoint replaces these weights (under LoRA, the adapters).
         hf::load_weights(&model, dir)?;
+    }
+    if let Some(l) = &spec.lora {
+        lora::apply(
+            &mut model,
+            lora::Adapters::of(l),
+            &mut Rng::new(o.seed.wrapping_add(2)),
+        )?;
     }
     let mut run = Run::new(spec, o, model, corpus);
     let start = if o.resume { run.resume(o)? } else { 0 };
@@ -600,6 +608,7 @@ impl Checkpointer<'_> {
             tokenizer: o.tokenizer.is_some(),
             checksums: Default::default(),
             hf_config: o.hf_config.clone(),
+            init: o.init.as_ref().map(|p| p.display().to_string()),
         };
         Ok(checkpoint::save(&o.out, &run.model, &run.opt, &meta, keep)?)
     }
