@@ -54,6 +54,14 @@ pub struct Args {
     /// (`train.offload_activations`).
     #[arg(long)]
     pub offload_activations: bool,
+    /// DeepSpeed's ZeRO-Offload: the optimizer state in host memory
+    /// (`hardware.offload_optimizer = "cpu"`; with --sharding zero1, zero2 or zero3).
+    #[arg(long)]
+    pub offload_optimizer: bool,
+    /// DeepSpeed's parameter offload to host memory (`hardware.offload_params = "cpu"`;
+    /// with --sharding zero3).
+    #[arg(long)]
+    pub offload_params: bool,
     /// Default: sdpa (or the --from file's).
     #[arg(long)]
     pub attention: Option<String>,
@@ -296,6 +304,12 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     }
     let h = &mut raw.hardware;
     h.sharding = flag(&a.sharding, "ddp", &h.sharding);
+    if a.offload_optimizer {
+        h.offload_optimizer = Some("cpu".into());
+    }
+    if a.offload_params {
+        h.offload_params = Some("cpu".into());
+    }
     if let Some(f) = a.emit.as_deref().and_then(crate::launch::Format::parse) {
         let changed = crate::launch::adapt(f, &mut raw);
         if !changed.is_empty() {
