@@ -46,7 +46,8 @@
 //!   bytes per token of `seq_len` unless the row group's size is given.
 //! - **offloaded activations** (modelled): the saved activations the step moves to pinned
 //!   host memory (`save_on_cpu(pin_memory=True)`, torchtune's `OffloadActivations`).
-//! - **DeepSpeed offload** (modelled, unmeasured: DeepSpeed's offload needs a GPU): with
+//! - **DeepSpeed offload** (modelled; the buffers counted on DeepSpeed's CPU accelerator,
+//!   `tools/measure_deepspeed_offload.py`, the resident memory unmeasured): with
 //!   `offload_optimizer = "cpu"` the fp32 master partition, the Adam moments, the fp32
 //!   gradient partition and DeepSpeed's staging buffers; with `offload_params = "cpu"` the
 //!   16-bit parameter partitions. Each buffer is a term of its own (`torch::host_buffers`,

@@ -257,7 +257,7 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
     if r.offloaded_state_bytes > 0 {
         let _ = writeln!(
             out,
-            "offloaded to host memory: {} of DeepSpeed optimizer/parameter state per GPU (modelled from DeepSpeed's source, unmeasured)",
+            "offloaded to host memory: {} of DeepSpeed optimizer/parameter state per GPU (modelled from DeepSpeed's source, not measured on a GPU)",
             Bytes(r.offloaded_state_bytes)
         );
     }

@@ -21,7 +21,8 @@
 //!   back into the bf16 weights. Under FSDP2 the fp32 sharded parameters are the masters
 //!   and the gathered ones are bf16 (`MixedPrecisionPolicy(param_dtype = bf16)`).
 //! - DeepSpeed's CPU offload (DeepSpeed 0.19.6, `deepspeed/runtime/zero/`; `docs/model.md`
-//!   cites the lines): with `offload_optimizer` the fp32 masters, the Adam moments
+//!   cites the lines; the buffers' element counts checked on DeepSpeed's CPU accelerator,
+//!   `tools/measure_deepspeed_offload.py`): with `offload_optimizer` the fp32 masters, the Adam moments
 //!   (DeepSpeedCPUAdam, fp32) and the gradient partitions live in host memory and the step
 //!   runs on the CPU; the device keeps the 16-bit parameters (their ZeRO-3 partitions), and
 //!   under ZeRO-1/2 `temp_grad_buffer_for_gpu_offload`, one largest parameter in the 16-bit
@@ -212,7 +213,10 @@ pub const SUB_GROUP_SIZE: u64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostBuffer {
     pub name: &'static str,
+    /// As allocated (pinned ones rounded).
     pub bytes: u64,
+    /// The tensors' own bytes, before the pinned allocator's rounding.
+    pub tensor_bytes: u64,
     /// Page-locked (`pin_memory = true`, DeepSpeed's default), rounded as
     /// `CachingHostAllocator` rounds it.
     pub pinned: bool,
@@ -241,6 +245,7 @@ pub fn host_buffers(spec: &RunSpec) -> Vec<HostBuffer> {
     let buf = |name, bytes: u64, pin: bool| HostBuffer {
         name,
         bytes: if pin { pinned(bytes) } else { bytes },
+        tensor_bytes: bytes,
         pinned: pin,
     };
     let mut v = Vec::new();
@@ -266,6 +271,7 @@ pub fn host_buffers(spec: &RunSpec) -> Vec<HostBuffer> {
         v.push(HostBuffer {
             name: "offload: fp32 gradient partition",
             bytes: grads,
+            tensor_bytes: part * 4,
             pinned: true,
         });
         v.push(buf(
@@ -295,6 +301,7 @@ pub fn host_buffers(spec: &RunSpec) -> Vec<HostBuffer> {
         v.push(HostBuffer {
             name: "offload: accumulated gradients",
             bytes: each.div_ceil(n),
+            tensor_bytes: (total * c).div_ceil(n),
             pinned: true,
         });
     }
@@ -333,4 +340,83 @@ pub fn offload_traffic(spec: &RunSpec) -> u64 {
         bytes = bytes.saturating_add(part.saturating_mul(2 * micro));
     }
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Context, RawConfig};
+    use crate::presets::Presets;
+
+    const COUNTED: &str = include_str!("../../../tests/data/deepspeed_offload_cpu.json");
+
+    /// The measurement's Llama (tools/measure_deepspeed_offload.py) in bf16-mixed, one GPU.
+    fn run(sharding: &str, params: &str, accum: u64) -> RunSpec {
+        let toml = format!(
+            "[model]\narch = \"llama\"\nhidden_size = 256\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nintermediate_size = 512\nvocab_size = 4096\ntie_embeddings = false\n[train]\nprecision = \"bf16-mixed\"\ngrad_accum = {accum}\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"{sharding}\"\noffload_optimizer = \"cpu\"\noffload_params = \"{params}\"\n"
+        );
+        RawConfig::from_toml(&toml)
+            .unwrap()
+            .resolve(&Presets::builtin().unwrap(), &Context::default())
+            .unwrap()
+    }
+
+    /// Each host buffer's tensor bytes are what DeepSpeed 0.19.6 made on its CPU
+    /// accelerator after one step (element counts × dtype, `tests/data/deepspeed_offload_cpu.json`),
+    /// and so is ZeRO-2's device-side staging buffer.
+    #[test]
+    fn host_buffers_are_the_buffers_deepspeed_makes() {
+        let v: serde_json::Value = serde_json::from_str(COUNTED).unwrap();
+        let cases = [
+            ("zero2_offload_optimizer", run("zero2", "none", 1)),
+            ("zero2_offload_optimizer_accum2", run("zero2", "none", 2)),
+            ("zero3_offload_optimizer", run("zero3", "none", 1)),
+            ("zero3_offload_both", run("zero3", "cpu", 1)),
+        ];
+        let size = |d: &serde_json::Value| match d.as_str().or(d[0].as_str()) {
+            Some("float32") => 4,
+            Some("bfloat16") => 2,
+            other => panic!("{other:?}"),
+        };
+        let rows = [
+            (
+                "offload: Adam moments (DeepSpeedCPUAdam, fp32)",
+                "adam_moments",
+            ),
+            ("offload: fp32 master partition", "fp32_master"),
+            ("offload: fp32 gradient partition", "fp32_grads"),
+            ("offload: 16-bit parameter buffer", "bit16_buffer"),
+            ("offload: gradient staging buffer (host)", "staging_host"),
+            ("offload: accumulated gradients", "accumulated_grads"),
+            (
+                "offload: gradient accumulation partition",
+                "grad_accumulation",
+            ),
+            ("offload: 16-bit parameter partitions", "bit16_partitions"),
+        ];
+        for (case, spec) in cases {
+            let c = &v["cases"][case];
+            assert_eq!(
+                c["params"].as_u64(),
+                Some(params::count(&spec.model)),
+                "{case}"
+            );
+            let ours = host_buffers(&spec);
+            for (name, key) in rows {
+                let counted = c[key]["numel"].as_u64().filter(|n| *n > 0);
+                let want = counted.map(|n| n * size(&c[key]["dtype"]));
+                let got = ours.iter().find(|b| b.name == name).map(|b| b.tensor_bytes);
+                assert_eq!(got, want, "{case}: {name}");
+            }
+            if let Some(n) = c["staging_device"]["numel"].as_u64() {
+                let t = crate::report::play(&spec);
+                let staging = t
+                    .tensors
+                    .iter()
+                    .find(|x| x.name == "gradient staging buffer (ZeRO-Offload)")
+                    .unwrap();
+                assert_eq!(staging.bytes.0, n * 2, "{case}");
+            }
+        }
+    }
 }
