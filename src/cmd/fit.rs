@@ -282,8 +282,11 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     if lora.is_some() {
         raw.lora = lora;
     }
+    // DeepSpeed's bf16 (the mode its offload runs in) is bf16 weights over fp32 masters.
     let precision = if raw.lora.is_some() {
         "bf16"
+    } else if a.offload_optimizer || a.offload_params {
+        "bf16-mixed"
     } else {
         "bf16-autocast"
     };
