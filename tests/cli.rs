@@ -598,6 +598,7 @@ fn fit_that_fits_nothing_names_the_nearest_plans_and_exits_3() {
             "--lora 16",
             "--qlora 16",
             "--gpus 16 --sharding zero3",
+            "--sharding zero2 --offload-optimizer",
             "--offload-activations",
         ]
     );

@@ -227,11 +227,75 @@ fn deepspeed_configs() {
             "fp16.enabled = true changes memory and is not modelled: DeepSpeed's fp16 mode (fp16 weights over fp32 masters, loss scaling)",
         );
     }
+    // Its offload is read; its fp16 mode is what is refused.
     refused(
         "deepspeed/zero_stage3_offload_config.json",
         &with(&["--model", "gpt2", "--gpus", "2"]),
-        "zero_optimization.offload_optimizer.device = \"cpu\", zero_optimization.offload_param.device = \"cpu\" change memory and are not modelled: ZeRO-Offload keeps this state on the host",
+        "fp16.enabled = true changes memory and is not modelled: DeepSpeed's fp16 mode",
     );
+}
+
+/// transformers' ZeRO-2 and ZeRO-3 offload configs (tests/deepspeed): the offload devices
+/// become `offload_optimizer` / `offload_params`, on one GPU too, and the regime line
+/// names them; "nvme" is refused in one line.
+#[test]
+fn deepspeed_offload_configs() {
+    let llama = &with(&["--model", "llama-3.2-1b"]);
+    plans(
+        "deepspeed/hf_ds_config_zero2_offload.json",
+        llama,
+        "llama-3.2-1b on 1 × a100-80gb (A100 80 GB), torch engine (hf, eager)\n\
+         micro-batch 1 × seq 2048 × accumulation 1 × 1 GPU(s) = 2048 tokens per step\n\
+         fp32, adamw-fused, checkpointing none, loss float-cast, attention sdpa, zero2",
+        "assumed: micro-batch 1",
+    );
+    assert_eq!(
+        regime("deepspeed/hf_ds_config_zero2_offload.json", llama),
+        "regime: optimizer adamw-fused, DeepSpeed ZeRO-2 over 1 GPU(s), optimizer offloaded to host (ZeRO-Offload: fp32 masters, moments and gradients, Adam on the CPU)"
+    );
+    let two = &with(&["--model", "llama-3.2-1b", "--gpus", "2"]);
+    assert_eq!(
+        regime("deepspeed/hf_ds_config_zero3_offload.json", two),
+        "regime: optimizer adamw-fused, DeepSpeed ZeRO-3 over 2 GPU(s), optimizer and parameters offloaded to host (ZeRO-Infinity, Adam on the CPU)"
+    );
+    // The state leaves the device for the host: the JSON's host bytes are the offload's.
+    let json = |file: &str, args: &[&str]| {
+        let path = format!("{DIR}/{file}");
+        let mut all = vec!["estimate", path.as_str(), "--json"];
+        all.extend_from_slice(args);
+        let o = vramplan(&all);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let v = json("deepspeed/hf_ds_config_zero3_offload.json", two);
+    assert_eq!(v["host_bytes"], v["offloaded_state_bytes"]);
+    let p = v["params"].as_u64().unwrap();
+    assert!(v["host_bytes"].as_u64().unwrap() >= 18 * p / 2, "{v}");
+    let terms = v["host"]["terms"].as_array().unwrap();
+    assert!(terms
+        .iter()
+        .any(|t| t["name"] == "offload: 16-bit parameter partitions"));
+    let dir = std::env::temp_dir().join(format!("vramplan-nvme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nvme = dir.join("ds_nvme.json");
+    std::fs::write(
+        &nvme,
+        r#"{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}}}"#,
+    )
+    .unwrap();
+    let o = vramplan(&[
+        "estimate",
+        nvme.to_str().unwrap(),
+        "--model",
+        "gpt2",
+        "--gpu",
+        "a100-80gb",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("zero_optimization.offload_param.device = \"nvme\" changes memory and is not modelled: ZeRO-Infinity's NVMe offload"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -476,7 +540,15 @@ fn emitted_plans_read_back_the_same() {
     let qwen = "hf/trl_cli_example_config.yaml";
     let smol: &[&str] = &["--model", "smollm2-360m"];
     let q: &[&str] = &["--model", QWEN];
-    let cases: [Case; 16] = [
+    let ds2 = "deepspeed/hf_ds_config_zero2_offload.json";
+    let ds3 = "deepspeed/hf_ds_config_zero3_offload.json";
+    let llama: &[&str] = &["--model", "llama-3.2-1b"];
+    let llama2: &[&str] = &["--model", "llama-3.2-1b", "--gpus", "2"];
+    let cases: [Case; 20] = [
+        (ds2, llama, "deepspeed", llama, "json"),
+        (ds2, llama, "accelerate", llama, "yaml"),
+        (ds3, llama2, "deepspeed", llama, "json"),
+        (ds3, llama2, "accelerate", llama, "yaml"),
         (qwen, &[], "hf-args", &[], "yaml"),
         ("hf/run_clm_gpt2.sh", &[], "hf-args", &[], "sh"),
         ("hf/trl_sft_lora.sh", q, "hf-args", q, "sh"),
@@ -640,6 +712,30 @@ fn emit_refuses_what_the_launcher_cannot_run() {
         let want = format!("error: --emit {format}: the plan's precision = \"bf16-autocast\" {why} has no {format} setting");
         assert_eq!(err.lines().last().unwrap(), want, "{err}");
     }
+    // DeepSpeed's offload has a setting in DeepSpeed's and accelerate's files only.
+    let path = format!("{DIR}/deepspeed/hf_ds_config_zero2_offload.json");
+    for format in ["hf-args", "axolotl", "torchtune"] {
+        let o = vramplan(&[
+            "estimate",
+            &path,
+            "--gpu",
+            "a100-80gb",
+            "--model",
+            "llama-3.2-1b",
+            "--emit",
+            format,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{format}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        let last = err.lines().last().unwrap();
+        assert!(
+            last.starts_with(&format!("error: --emit {format}: the plan's ")),
+            "{err}"
+        );
+        if format != "torchtune" {
+            assert!(last.contains("offload_optimizer = \"cpu\" (DeepSpeed's ZeRO-Offload: DeepSpeed and accelerate with DeepSpeed run it)"), "{err}");
+        }
+    }
     // A multi-GPU nanochat plan is the whole torchrun command.
     let path = format!("{DIR}/nanochat/speedrun_base_train_d20.sh");
     let o = vramplan(&[
@@ -773,4 +869,78 @@ fn fit_emits_an_fsdp2_accelerate_config_and_its_launch() {
         "{text}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 12's case: Llama-3.1-8B full fine-tuning on one RTX 4090 at 2048 × 32 fits
+/// nothing; the ladder has the ZeRO-Offload rung after more GPUs and before activation
+/// offload, with its device bytes and its host bytes (the offloaded state, at least 16 B a
+/// parameter) and what it costs.
+#[test]
+fn fit_ladder_has_the_offload_rung_with_device_and_host_figures() {
+    let args = [
+        "fit",
+        "--gpu",
+        "rtx4090-24gb",
+        "--model",
+        "llama-3.1-8b",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "32",
+    ];
+    let o = vramplan(&args);
+    assert_eq!(o.status.code(), Some(3));
+    let table = String::from_utf8_lossy(&o.stdout);
+    // The row: its lever, its plan's device bytes, and (in "gives up") its host bytes.
+    let row = table
+        .lines()
+        .position(|l| l.contains("--sharding zero2"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[row + 1].contains("--offload-optimizer"), "{table}");
+    assert!(
+        lines[row].contains(" GiB ┆") && lines[row].contains("speed: Adam"),
+        "{table}"
+    );
+    assert!(
+        lines[row..row + 6].iter().any(|l| l.contains("host:")),
+        "{table}"
+    );
+    let mut json = args.to_vec();
+    json.push("--json");
+    let o = vramplan(&json);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let alts = v["alternatives"].as_array().unwrap();
+    let kinds: Vec<&str> = alts
+        .iter()
+        .map(|a| a["levers"][0]["kind"].as_str().unwrap())
+        .collect();
+    let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
+    assert!(at("more-gpus") < at("offload-optimizer"), "{kinds:?}");
+    assert!(
+        at("offload-optimizer") < at("offload-activations"),
+        "{kinds:?}"
+    );
+    let row = &alts[at("offload-optimizer")];
+    let shown = if row["fits"] == true {
+        &row["best"]
+    } else {
+        &row["miss"]["smallest"]
+    };
+    let r = &shown["report"];
+    let params = r["params"].as_u64().unwrap();
+    assert!(r["device_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        r["offloaded_state_bytes"].as_u64().unwrap() >= 16 * params,
+        "{r}"
+    );
+    assert!(
+        r["regime"].as_str().unwrap().contains("offloaded to host"),
+        "{r}"
+    );
+    let gives = row["gives_up"].as_str().unwrap();
+    assert!(
+        gives.contains("over PCIe") && gives.contains("host:"),
+        "{gives}"
+    );
 }

@@ -139,6 +139,12 @@ pub struct RawHardware {
     /// memory against (its own reading of the machine when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_ram_gib: Option<f64>,
+    /// DeepSpeed's `offload_optimizer.device`: "none" or "cpu" (ZeRO stage 1–3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload_optimizer: Option<String>,
+    /// DeepSpeed's `offload_param.device`: "none" or "cpu" (ZeRO-3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload_params: Option<String>,
 }
 
 impl RawConfig {
@@ -187,6 +193,7 @@ pub mod defaults {
     }
     pub const GPU: &str = "cpu";
     pub const SHARDING: &str = "ddp";
+    pub const OFFLOAD: &str = "none";
     pub const REDUCE_DTYPE: &str = "fp32";
     /// Host memory assumed for `gpu = "cpu"` when neither the caller nor the config says.
     pub const CPU_MEMORY_GIB: f64 = 64.0;
@@ -542,6 +549,16 @@ impl RawHardware {
                 Some(gpus),
                 MAX_GPUS,
             )?,
+            offload_optimizer: choice(
+                "hardware.offload_optimizer",
+                &self.offload_optimizer,
+                defaults::OFFLOAD,
+            )?,
+            offload_params: choice(
+                "hardware.offload_params",
+                &self.offload_params,
+                defaults::OFFLOAD,
+            )?,
         })
     }
 }
@@ -606,9 +623,11 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "1 with gpu = \"cpu\"",
         ));
     }
+    check_offload(spec)?;
     // On one GPU there is nothing to shard over: the planner would model plain DDP while
     // the config says ZeRO, so the config is refused rather than silently reinterpreted.
-    if h.sharding != Sharding::Ddp && h.gpus == 1 {
+    // DeepSpeed's offload runs its ZeRO optimizer on one GPU too (ZeRO-Offload's case).
+    if h.sharding != Sharding::Ddp && h.gpus == 1 && !h.offloads() {
         return Err(PlanError::invalid(
             "hardware.sharding",
             quote(h.sharding.name()),
@@ -616,6 +635,68 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
         ));
     }
     crate::torch::check_regime(spec)
+}
+
+/// DeepSpeed's offload: the optimizer with ZeRO stage 1–3, the parameters with ZeRO-3,
+/// both from a GPU, with DeepSpeedCPUAdam (an AdamW), in DeepSpeed's fp32 or bf16 mode,
+/// on the torch engine, without LoRA (whose offload is not modelled).
+fn check_offload(spec: &RunSpec) -> Result<()> {
+    let (t, h) = (&spec.train, &spec.hardware);
+    let refuse = |key: &str, why: &str| Err(PlanError::invalid(key, "\"cpu\"", why));
+    for (on, key) in [
+        (
+            h.offload_optimizer == Offload::Cpu,
+            "hardware.offload_optimizer",
+        ),
+        (h.offload_params == Offload::Cpu, "hardware.offload_params"),
+    ] {
+        if !on {
+            continue;
+        }
+        let need = if key.ends_with("params") {
+            (h.sharding == Sharding::Zero3, "sharding = \"zero3\"")
+        } else {
+            (
+                matches!(
+                    h.sharding,
+                    Sharding::Zero1 | Sharding::Zero2 | Sharding::Zero3
+                ),
+                "sharding = \"zero1\" | \"zero2\" | \"zero3\"",
+            )
+        };
+        if !need.0 {
+            return refuse(
+                key,
+                &format!("\"none\" unless {} (DeepSpeed's offload)", need.1),
+            );
+        }
+        if !h.device.is_cuda() || t.engine != Engine::Torch {
+            return refuse(key, "\"none\" unless gpu is a GPU and engine = \"torch\"");
+        }
+        let adam = matches!(
+            t.optimizer,
+            Optimizer::AdamW
+                | Optimizer::AdamWFused
+                | Optimizer::AdamWForeach
+                | Optimizer::AdamWSingle
+        );
+        if !adam {
+            return refuse(key, "\"none\" unless optimizer is an adamw (DeepSpeedCPUAdam steps the offloaded state)");
+        }
+        if !matches!(t.precision, Precision::Fp32 | Precision::Bf16Mixed) {
+            return refuse(
+                key,
+                "\"none\" unless precision = \"fp32\" | \"bf16-mixed\" (DeepSpeed's modes)",
+            );
+        }
+        if spec.lora.is_some() || t.optimizer_in_backward {
+            return refuse(
+                key,
+                "\"none\" with a [lora] section or optimizer_in_backward",
+            );
+        }
+    }
+    Ok(())
 }
 
 impl RawConfig {
@@ -670,9 +751,23 @@ impl RawConfig {
                 gpu: Some(gpu),
                 gpus: Some(spec.hardware.gpus),
                 sharding: Some(spec.hardware.sharding.name().into()),
+                // Written when the config named them or the plan offloads.
+                offload_optimizer: written(
+                    &self.hardware.offload_optimizer,
+                    spec.hardware.offload_optimizer,
+                ),
+                offload_params: written(
+                    &self.hardware.offload_params,
+                    spec.hardware.offload_params,
+                ),
                 ..self.hardware.clone()
             },
             lora: self.lora.clone(),
         }
     }
+}
+
+/// An offload key of a written plan: when the config named it or the plan offloads.
+fn written(raw: &Option<String>, o: Offload) -> Option<String> {
+    (raw.is_some() || o != Offload::None).then(|| o.name().into())
 }

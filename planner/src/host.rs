@@ -46,9 +46,13 @@
 //!   bytes per token of `seq_len` unless the row group's size is given.
 //! - **offloaded activations** (modelled): the saved activations the step moves to pinned
 //!   host memory (`save_on_cpu(pin_memory=True)`, torchtune's `OffloadActivations`).
-//! - **offloaded optimizer** (modelled): DeepSpeed's ZeRO-Offload keeps fp32 master
-//!   parameters, both Adam moments and fp32 gradients in pinned host memory, 16 B a
-//!   parameter over the ranks that shard them.
+//! - **DeepSpeed offload** (modelled; the buffers counted on DeepSpeed's CPU accelerator,
+//!   `tools/measure_deepspeed_offload.py`, the resident memory unmeasured): with
+//!   `offload_optimizer = "cpu"` the fp32 master partition, the Adam moments, the fp32
+//!   gradient partition and DeepSpeed's staging buffers; with `offload_params = "cpu"` the
+//!   16-bit parameter partitions. Each buffer is a term of its own (`torch::host_buffers`,
+//!   from DeepSpeed 0.19.6's source); pinned ones are rounded to a power of two as
+//!   PyTorch's `CachingHostAllocator` rounds them.
 
 use crate::error::{PlanError, Result};
 use crate::spec::{Choice, Device, Engine, Implementation, RunSpec};
@@ -167,8 +171,6 @@ pub struct HostOptions {
     pub row_group_bytes: Option<u64>,
     /// Rows of the data set (for `whole`, and to cap a row group).
     pub samples: Option<u64>,
-    /// DeepSpeed ZeRO-Offload of the optimizer.
-    pub offload_optimizer: bool,
     /// Training processes on the machine; the GPUs of a node unless set.
     pub processes: Option<u64>,
     /// The machine's RAM, to check against.
@@ -189,7 +191,6 @@ impl HostOptions {
             reader: Reader::None,
             row_group_bytes: None,
             samples: None,
-            offload_optimizer: false,
             processes: None,
             capacity: None,
         }
@@ -322,19 +323,19 @@ pub fn terms(spec: &RunSpec, report_host_bytes: u64, o: &HostOptions) -> Vec<Hos
         let pinned = block.saturating_mul(BATCH_TENSORS * in_flight);
         t.push(term("pinned batches", pinned, Train, Modelled));
     }
-    if report_host_bytes > 0 {
-        t.push(term(
-            "offloaded activations",
-            report_host_bytes,
-            Train,
-            Modelled,
-        ));
+    // The report's host bytes are the offloaded activations and DeepSpeed's offloaded
+    // state; the state is listed buffer by buffer.
+    let state = crate::torch::host_buffers(spec);
+    let state_bytes = state
+        .iter()
+        .map(|b| b.bytes)
+        .fold(0u64, u64::saturating_add);
+    let activations = report_host_bytes.saturating_sub(state_bytes);
+    if activations > 0 {
+        t.push(term("offloaded activations", activations, Train, Modelled));
     }
-    if o.offload_optimizer {
-        let params = crate::params::count(&spec.model);
-        let shard = spec.hardware.shard_group().max(1);
-        let bytes = params.saturating_mul(16) / shard;
-        t.push(term("offloaded optimizer", bytes, Train, Modelled));
+    for b in state {
+        t.push(term(b.name, b.bytes, Train, Modelled));
     }
     t
 }
@@ -348,7 +349,8 @@ fn held(terms: &[HostTerm], phase: Phase, shared: bool) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
-/// Host memory of the run; `report_host_bytes` is the estimate's offloaded activations.
+/// Host memory of the run; `report_host_bytes` is what the estimate keeps in host memory
+/// (offloaded activations and DeepSpeed's offloaded state, `Report::host_bytes`).
 pub fn host_memory(spec: &RunSpec, report_host_bytes: u64, o: &HostOptions) -> HostReport {
     let terms = terms(spec, report_host_bytes, o);
     let processes = o
@@ -604,12 +606,6 @@ mod tests {
                 "model before .to(cuda)",
                 2 * 4 * params,
             ),
-            (
-                "offload",
-                with(|o| o.offload_optimizer = true),
-                "offloaded optimizer",
-                16 * params / 3,
-            ),
         ]
     }
 
@@ -632,6 +628,61 @@ mod tests {
             .find(|t| t.name == "offloaded activations");
         assert_eq!(t.map(|t| t.bytes), Some(5 << 30));
         assert_eq!(offloaded.peak_phase, "train");
+    }
+
+    /// DeepSpeed's offload: one term per host buffer, as ZeRO-2 and ZeRO-3 keep them (sizes
+    /// from `deepspeed/runtime/zero/stage_1_and_2.py` and `stage3.py`, DeepSpeed 0.19.6),
+    /// pinned ones rounded to a power of two; the report's host bytes are those terms plus
+    /// the offloaded activations.
+    #[test]
+    fn offloaded_state_is_a_term_per_buffer() {
+        let toml = |sharding: &str, params: &str| {
+            format!("[model]\npreset = \"llama-3.2-1b\"\n[train]\nprecision = \"bf16-mixed\"\ngrad_accum = 2\n[hardware]\ngpu = \"rtx4090-24gb\"\ngpus = 2\nsharding = \"{sharding}\"\noffload_optimizer = \"cpu\"\noffload_params = \"{params}\"\n")
+        };
+        let pin = |b: u64| b.next_power_of_two();
+        let zero2 = spec(&toml("zero2", "none"));
+        let p = crate::params::count(&zero2.model);
+        let half = p.div_ceil(2);
+        let o = HostOptions::for_run(&zero2);
+        let h = host_memory(&zero2, crate::torch::offloaded_state_bytes(&zero2), &o);
+        let bytes = |h: &HostReport, n: &str| h.terms.iter().find(|t| t.name == n).map(|t| t.bytes);
+        assert_eq!(
+            bytes(&h, "offload: fp32 master partition"),
+            Some(pin(4 * half))
+        );
+        assert_eq!(
+            bytes(&h, "offload: Adam moments (DeepSpeedCPUAdam, fp32)"),
+            Some(8 * half)
+        );
+        assert_eq!(
+            bytes(&h, "offload: fp32 gradient partition"),
+            Some(pin(4 * half))
+        );
+        assert_eq!(
+            bytes(&h, "offload: 16-bit parameter buffer"),
+            Some(pin(2 * half))
+        );
+        assert!(bytes(&h, "offload: accumulated gradients").is_some());
+        assert!(bytes(&h, "offloaded activations").is_none());
+        let zero3 = spec(&toml("zero3", "cpu"));
+        let h3 = host_memory(
+            &zero3,
+            crate::torch::offloaded_state_bytes(&zero3) + (1 << 30),
+            &o,
+        );
+        assert_eq!(
+            bytes(&h3, "offload: 16-bit parameter partitions"),
+            Some(pin(2 * half))
+        );
+        assert_eq!(bytes(&h3, "offload: fp32 master partition"), Some(4 * half));
+        assert_eq!(bytes(&h3, "offloaded activations"), Some(1 << 30));
+        assert!(bytes(&h3, "offload: 16-bit parameter buffer").is_none());
+        // At least the 16 B a parameter of the state moved, over the two ranks.
+        let state: u64 = crate::torch::host_buffers(&zero2)
+            .iter()
+            .map(|b| b.bytes)
+            .sum();
+        assert!(state >= 16 * half, "{state}");
     }
 
     #[test]

@@ -11,12 +11,17 @@
 //! 6. More GPUs with ZeRO (FSDP2 when the run already uses it): the smallest count up to
 //!    [`MAX_LADDER_GPUS`] that fits with ZeRO-3 and splits the global batch, then the
 //!    lowest stage that fits at that count.
-//! 7. Saved activations offloaded to host memory (the only offload the planner models).
+//! 7. DeepSpeed's ZeRO-Offload of the optimizer (ZeRO-2, or the run's stage when it has
+//!    one), then with ZeRO-3 of the parameters too (ZeRO-Infinity on the CPU): fp32
+//!    masters, Adam moments and gradients in host memory, the Adam step on the CPU, the
+//!    16-bit gradients and parameters over PCIe each step (`report`'s throughput counts
+//!    those bytes at PCIe 4.0 x16 and the state at host-memory speed).
+//! 8. Saved activations offloaded to host memory.
 //!
 //! Beside the ladder, with a fixed sequence length: the longest of its halvings (down to
 //! 128) that fits with nothing else changed ([`shorter`]).
 //!
-//! Each step is tried on the run as asked; on several GPUs, steps 2–5 and 7 are also
+//! Each step is tried on the run as asked; on several GPUs, steps 2–5 and 8 are also
 //! tried with ZeRO over them (sharding costs no numbers), the lowest stage that fits. A
 //! step the run cannot take (already taken, or a combination the frameworks refuse,
 //! `check_run`) is left out; one that is tried and still does not fit is kept with its
@@ -25,7 +30,7 @@
 use crate::config::{check_run, RawConfig};
 use crate::fit::{try_fit, Attempt, Candidate, FitRequest, FitResult, GlobalBatch, Miss};
 use crate::lora_fit::{adapters, with_adapters, DEFAULT_RANK};
-use crate::spec::{Change, Optimizer, Precision, Quantize, RunSpec, Sharding};
+use crate::spec::{Change, Offload, Optimizer, Precision, Quantize, RunSpec, Sharding};
 use crate::Result;
 use serde::Serialize;
 
@@ -48,6 +53,9 @@ pub enum Lever {
     Qlora { rank: u64 },
     /// This many GPUs (more than the run has), model state sharded.
     MoreGpus { gpus: u64, sharding: Sharding },
+    /// DeepSpeed's CPU offload of the optimizer state (and with `params` of the 16-bit
+    /// parameters, under ZeRO-3).
+    OffloadOptimizer { sharding: Sharding, params: bool },
     /// Saved activations in host memory between forward and backward.
     OffloadActivations,
 }
@@ -61,7 +69,7 @@ impl Lever {
             Lever::PureBf16 => Change::Precision,
             Lever::Lora { .. } | Lever::Qlora { .. } => Change::Lora,
             Lever::MoreGpus { .. } => Change::Gpus,
-            Lever::OffloadActivations => Change::Offload,
+            Lever::OffloadOptimizer { .. } | Lever::OffloadActivations => Change::Offload,
         }
     }
 }
@@ -130,6 +138,18 @@ pub fn apply(base: &RunSpec, levers: &[Lever]) -> Option<RunSpec> {
                 s.hardware.gpus_per_node = gpus;
                 s.hardware.sharding = sharding;
             }
+            Lever::OffloadOptimizer { sharding, params } => {
+                // DeepSpeed's bf16 mode: bf16 weights over fp32 masters (what the
+                // Trainer's bf16 is under DeepSpeed).
+                if matches!(s.train.precision, Precision::Bf16Autocast | Precision::Bf16) {
+                    s.train.precision = Precision::Bf16Mixed;
+                }
+                s.hardware.sharding = sharding;
+                s.hardware.offload_optimizer = Offload::Cpu;
+                if params {
+                    s.hardware.offload_params = Offload::Cpu;
+                }
+            }
             Lever::OffloadActivations => s.train.offload_activations = true,
         }
     }
@@ -151,6 +171,26 @@ pub fn raw_with(raw: &RawConfig, levers: &[Lever], spec: &RunSpec) -> RawConfig 
         }
     }
     r
+}
+
+/// The offload rung: the optimizer under the run's ZeRO stage (ZeRO-2 when it has none),
+/// then the optimizer and the parameters under ZeRO-3; none when the run offloads
+/// already, and none that changes the sharding `fit --keep sharding` keeps.
+fn offload_steps(req: &FitRequest) -> Vec<Vec<Lever>> {
+    let base = &req.base.hardware;
+    if base.offloads() {
+        return Vec::new();
+    }
+    let stage = match base.sharding {
+        z @ (Sharding::Zero1 | Sharding::Zero2 | Sharding::Zero3) => z,
+        _ => Sharding::Zero2,
+    };
+    let keep = req.keep.contains(&Change::Sharding);
+    [(stage, false), (Sharding::Zero3, true)]
+        .into_iter()
+        .filter(|(s, _)| !keep || *s == base.sharding)
+        .map(|(sharding, params)| vec![Lever::OffloadOptimizer { sharding, params }])
+        .collect()
 }
 
 /// The 8-bit form of the run's optimizer, if it has one.
@@ -354,6 +394,7 @@ pub fn alternatives(req: &FitRequest) -> Vec<Alternative> {
     {
         out.extend(more_gpus(req));
     }
+    out.extend(first_fitting(req, &offload_steps(req)));
     if !base.train.offload_activations {
         let offload = with_shards(base, vec![Lever::OffloadActivations]);
         out.extend(first_fitting(req, &offload));
@@ -465,7 +506,8 @@ mod tests {
                 Lever::Lora { .. } => 4,
                 Lever::Qlora { .. } => 5,
                 Lever::MoreGpus { .. } => 6,
-                Lever::OffloadActivations => 7,
+                Lever::OffloadOptimizer { .. } => 7,
+                Lever::OffloadActivations => 8,
             })
             .sum()
     }
@@ -519,7 +561,7 @@ mod tests {
             .map(|a| rung(&a.levers))
             .collect();
         // One GPU: no sharding over the GPUs there are; every other step is tried.
-        assert_eq!(rungs, [1, 2, 3, 4, 5, 6, 7], "{:?}", ladder.alternatives);
+        assert_eq!(rungs, [1, 2, 3, 4, 5, 6, 7, 8], "{:?}", ladder.alternatives);
         check_plans(&raw, &req, &ladder.alternatives);
         // Full fine-tuning in 8-bit or bf16 state does not fit one card: 8 B bf16
         // weights and gradients alone are 32 GB. LoRA and QLoRA do.

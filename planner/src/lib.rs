@@ -66,4 +66,5 @@ pub use spec::*;
 pub use timeline::{
     ByComponent, Component, Event, Extent, Layout, Snapshot, Step, Tensor, TensorId, Timeline,
 };
+pub use torch::{host_buffers, offload_traffic, offloaded_state_bytes, HostBuffer};
 pub use units::{thousands, Bytes, DType, GIB, KIB, MIB};

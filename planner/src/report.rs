@@ -26,6 +26,10 @@ pub const N_HALF: f64 = 1024.0;
 pub const BLOCK_OVERHEAD_S: f64 = 60e-6;
 /// CPU throughput assumed for `gpu = "cpu"` (fp32 GEMM, a few cores), TFLOP/s.
 pub const CPU_TFLOPS: f64 = 0.2;
+/// Host memory bandwidth assumed for the CPU's step (the figure `gpu = "cpu"` runs at), B/s.
+pub const HOST_BANDWIDTH: f64 = 20e9;
+/// Host-device copies: PCIe 4.0 x16, 16 GT/s × 16 lanes × 128/130 encoding, one way, B/s.
+pub const PCIE_BYTES_PER_S: f64 = 31.5e9;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -50,8 +54,11 @@ pub struct Report {
     /// Optimizer state in CUDA managed memory (paged optimizers): on the card, in
     /// `device_bytes`, but outside the allocator and `peak_allocated_bytes`.
     pub paged_bytes: u64,
-    /// Saved activations offloaded to host memory at the end of the forward.
+    /// What the step keeps in host memory: saved activations offloaded at the end of the
+    /// forward, and DeepSpeed's offloaded optimizer (and parameter) state.
     pub host_bytes: u64,
+    /// The part of `host_bytes` that is DeepSpeed's offloaded state.
+    pub offloaded_state_bytes: u64,
     /// The optimizer implementation, precision and sharding regime modelled, in words.
     pub regime: String,
     pub fits: bool,
@@ -158,6 +165,10 @@ pub fn estimate(spec: &RunSpec) -> Report {
         capacity_bytes: capacity.0,
         paged_bytes: paged,
         host_bytes: host,
+        offloaded_state_bytes: match spec.train.engine {
+            Engine::Torch => torch::offloaded_state_bytes(spec),
+            Engine::Candle => 0,
+        },
         regime,
         fits: device <= capacity,
         headroom_bytes: (capacity.0 as i128 - device.0 as i128)
@@ -264,11 +275,17 @@ fn throughput(spec: &RunSpec) -> (f64, f64) {
             };
             (p * 1e12, g.bandwidth_gbs * 1e9)
         }
-        Device::Cpu { .. } => (CPU_TFLOPS * 1e12, 20e9),
+        Device::Cpu { .. } => (CPU_TFLOPS * 1e12, HOST_BANDWIDTH),
     };
     let utilization = U_MAX * n / (n + N_HALF);
     let micro = per_token * n / (peak * utilization) + BLOCK_OVERHEAD_S * layers;
     let state_bytes = params::count(m) as f64 * 16.0 / spec.hardware.gpus.max(1) as f64;
-    let optimizer = state_bytes / bandwidth;
+    let optimizer = if spec.hardware.offloads() {
+        // DeepSpeedCPUAdam streams the state through host memory, and the 16-bit
+        // gradients and parameters cross PCIe.
+        state_bytes / HOST_BANDWIDTH + torch::offload_traffic(spec) as f64 / PCIE_BYTES_PER_S
+    } else {
+        state_bytes / bandwidth
+    };
     (per_token, micro * t.grad_accum as f64 + optimizer)
 }

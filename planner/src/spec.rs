@@ -266,11 +266,17 @@ choice!(
         Lora = "lora",
         /// The ladder's more GPUs.
         Gpus = "gpus",
-        /// The ladder's activation offload.
+        /// The ladder's offloads: saved activations, and DeepSpeed's optimizer (and
+        /// parameters) to host memory.
         Offload = "offload",
     }
 );
 choice!(Sharding { Ddp = "ddp", Zero1 = "zero1", Zero2 = "zero2", Zero3 = "zero3", Fsdp2 = "fsdp2" });
+choice!(
+    /// Where DeepSpeed keeps state it moves off the GPU (`offload_optimizer.device`,
+    /// `offload_param.device`); NVMe is not modelled.
+    Offload { None = "none", Cpu = "cpu" }
+);
 
 impl Precision {
     /// Bytes per element of the activations the matmuls produce.
@@ -449,12 +455,23 @@ pub struct HardwareSpec {
     /// GPUs the model state is sharded over (hybrid sharding shards within a node and
     /// replicates across nodes); equal to `gpus` unless set.
     pub gpus_per_node: u64,
+    /// DeepSpeed ZeRO-Offload: fp32 masters, optimizer state and gradient partitions in
+    /// host memory, the Adam step on the CPU (ZeRO stage 1–3).
+    pub offload_optimizer: Offload,
+    /// DeepSpeed ZeRO-Infinity's parameter offload: the 16-bit parameter partitions in host
+    /// memory, gathered to the GPU module by module (ZeRO-3 only).
+    pub offload_params: Offload,
 }
 
 impl HardwareSpec {
     /// Ranks model state is split over: the node under hybrid sharding, else all GPUs.
     pub fn shard_group(&self) -> u64 {
         self.gpus_per_node.clamp(1, self.gpus.max(1))
+    }
+
+    /// Whether DeepSpeed keeps the optimizer (or the parameters too) in host memory.
+    pub fn offloads(&self) -> bool {
+        self.offload_optimizer == Offload::Cpu || self.offload_params == Offload::Cpu
     }
 }
 

@@ -292,6 +292,14 @@ const REGIME_ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero2\"\n", "train.optimizer_in_backward = true: false with several GPUs unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"paged-adamw\"\n", "train.optimizer = \"paged-adamw\": a GPU: paged optimizers keep their state in CUDA managed memory"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"fsdp2\"\n", "hardware.sharding = \"fsdp2\": ddp with gpus = 1"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\noffload_optimizer = \"nvme\"\nsharding = \"zero2\"\n", "hardware.offload_optimizer = \"nvme\": expected one of none | cpu"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\noffload_params = \"disk\"\nsharding = \"zero3\"\n", "hardware.offload_params = \"disk\": expected one of none | cpu"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless sharding = \"zero1\" | \"zero2\" | \"zero3\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"fsdp2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless sharding = \"zero1\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_params = \"cpu\"\n", "hardware.offload_params = \"cpu\": \"none\" unless sharding = \"zero3\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless gpu is a GPU"),
+    ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"sgd\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless optimizer is an adamw"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless precision = \"fp32\" | \"bf16-mixed\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\nreshard_after_forward = false\n", "hardware.reshard_after_forward = false: true unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\ngpus_per_node = 2\n", "hardware.gpus_per_node = 2: gpus = 4 unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 6\nsharding = \"fsdp2\"\ngpus_per_node = 4\n", "hardware.gpus_per_node = 4: a divisor of gpus = 6"),
@@ -390,6 +398,11 @@ fn regime_keys_resolve_with_their_defaults_and_values() {
         ("[model]\npreset = \"smollm2-135m\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"fsdp2\"\n".to_string(), |s| {
             s.train.optimizer_in_backward && s.hardware.shard_group() == 4
         }),
+        // DeepSpeed runs ZeRO on one GPU when it offloads.
+        ("[model]\npreset = \"smollm2-135m\"\n[train]\nprecision = \"bf16-mixed\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero3\"\noffload_optimizer = \"CPU\"\noffload_params = \"cpu\"\n".to_string(), |s| {
+            let h = &s.hardware;
+            h.gpus == 1 && h.sharding == Sharding::Zero3 && h.offload_optimizer == Offload::Cpu && h.offload_params == Offload::Cpu
+        }),
     ];
     for (src, check) in rows {
         let s = resolve(src).expect(src);
@@ -409,4 +422,22 @@ fn regime_keys_are_written_back_into_plans() {
     let text = raw.with_spec(&spec).to_toml().unwrap();
     assert_eq!(resolve(&text).unwrap(), spec, "{text}");
     assert!(text.contains("checkpointing = \"every-2\""), "{text}");
+}
+
+#[test]
+fn offload_keys_are_written_back_only_when_named_or_on() {
+    let src = "[model]\npreset = \"smollm2-135m\"\n[train]\nprecision = \"fp32\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n";
+    let raw = RawConfig::from_toml(src).unwrap();
+    let spec = resolve(src).unwrap();
+    let text = raw.with_spec(&spec).to_toml().unwrap();
+    assert_eq!(resolve(&text).unwrap(), spec, "{text}");
+    assert!(text.contains("offload_optimizer = \"cpu\""), "{text}");
+    assert!(!text.contains("offload_params"), "{text}");
+    let plain = resolve(LLAMA_H100).unwrap();
+    let text = RawConfig::from_toml(LLAMA_H100)
+        .unwrap()
+        .with_spec(&plain)
+        .to_toml()
+        .unwrap();
+    assert!(!text.contains("offload"), "{text}");
 }

@@ -203,6 +203,48 @@ proptest! {
         }
     }
 
+    /// DeepSpeed's CPU offload moves the fp32 masters, the Adam moments and the gradient
+    /// partitions (16 B a parameter over the ranks) and with ZeRO-3 the 16-bit parameters
+    /// to the host: the device peak never rises, and the host gains at least that state.
+    /// On one or two GPUs: with more, ZeRO-1/2's staging buffer (one largest parameter)
+    /// can outweigh the state each GPU offloads for a model that is mostly its embedding.
+    #[test]
+    fn deepspeed_offload_never_raises_the_device_peak(
+        raw in raw_run(),
+        gpus in 1u64..3,
+        stage in 1u8..4,
+        params in any::<bool>(),
+        mixed in any::<bool>(),
+    ) {
+        let Some(mut s) = on_gpu(&raw) else { return Ok(()) };
+        s.train.optimizer = Optimizer::AdamW;
+        s.train.precision = if mixed { Precision::Bf16Mixed } else { Precision::Fp32 };
+        s.hardware.gpus = gpus;
+        s.hardware.gpus_per_node = gpus;
+        let zero = [Sharding::Zero1, Sharding::Zero2, Sharding::Zero3][usize::from(stage - 1)];
+        let mut base = s.clone();
+        base.hardware.sharding = if gpus > 1 { zero } else { Sharding::Ddp };
+        let mut off = s.clone();
+        off.hardware.sharding = zero;
+        off.hardware.offload_optimizer = Offload::Cpu;
+        let params = params && zero == Sharding::Zero3;
+        if params {
+            off.hardware.offload_params = Offload::Cpu;
+        }
+        if check_run(&base).is_err() {
+            return Ok(());
+        }
+        check_run(&off).expect("offload of a valid AdamW run is valid");
+        let (b, o) = (estimate(&base), estimate(&off));
+        prop_assert!(o.peak_allocated_bytes <= b.peak_allocated_bytes, "{} > {}", o.peak_allocated_bytes, b.peak_allocated_bytes);
+        prop_assert!(o.device_bytes <= b.device_bytes + 20 * 1024 * 1024);
+        let p = param_count(&s.model);
+        let c = if mixed { 2 } else { 4 };
+        let moved = (16 + if params { c } else { 0 }) * p.div_ceil(gpus);
+        prop_assert!(o.host_bytes >= b.host_bytes + moved, "{} < {} + {moved}", o.host_bytes, b.host_bytes);
+        prop_assert_eq!(o.host_bytes - b.host_bytes, o.offloaded_state_bytes);
+    }
+
     #[test]
     fn every_n_lies_between_none_and_full(raw in raw_run(), n in 2u64..4, layers in 2u64..7) {
         let mut raw = raw;

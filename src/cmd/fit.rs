@@ -54,6 +54,14 @@ pub struct Args {
     /// (`train.offload_activations`).
     #[arg(long)]
     pub offload_activations: bool,
+    /// DeepSpeed's ZeRO-Offload: the optimizer state in host memory
+    /// (`hardware.offload_optimizer = "cpu"`; with --sharding zero1, zero2 or zero3).
+    #[arg(long)]
+    pub offload_optimizer: bool,
+    /// DeepSpeed's parameter offload to host memory (`hardware.offload_params = "cpu"`;
+    /// with --sharding zero3).
+    #[arg(long)]
+    pub offload_params: bool,
     /// Default: sdpa (or the --from file's).
     #[arg(long)]
     pub attention: Option<String>,
@@ -274,8 +282,11 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     if lora.is_some() {
         raw.lora = lora;
     }
+    // DeepSpeed's bf16 (the mode its offload runs in) is bf16 weights over fp32 masters.
     let precision = if raw.lora.is_some() {
         "bf16"
+    } else if a.offload_optimizer || a.offload_params {
+        "bf16-mixed"
     } else {
         "bf16-autocast"
     };
@@ -296,6 +307,12 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     }
     let h = &mut raw.hardware;
     h.sharding = flag(&a.sharding, "ddp", &h.sharding);
+    if a.offload_optimizer {
+        h.offload_optimizer = Some("cpu".into());
+    }
+    if a.offload_params {
+        h.offload_params = Some("cpu".into());
+    }
     if let Some(f) = a.emit.as_deref().and_then(crate::launch::Format::parse) {
         let changed = crate::launch::adapt(f, &mut raw);
         if !changed.is_empty() {

@@ -42,9 +42,12 @@ pub(super) const TABLE: &[Row] = &[
     ),
     (
         "deepspeed_config.offload_optimizer_device",
-        Rule::Set(offload),
+        Rule::Set(|d, v, _| deepspeed::offload(&mut d.offload_optimizer, v)),
     ),
-    ("deepspeed_config.offload_param_device", Rule::Set(offload)),
+    (
+        "deepspeed_config.offload_param_device",
+        Rule::Set(|d, v, _| deepspeed::offload(&mut d.offload_params, v)),
+    ),
     (
         "deepspeed_config.deepspeed_config_file",
         Rule::Set(|d, v, _| {
@@ -186,15 +189,6 @@ fn set_precision(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn offload(_: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
-    match pick(v, &[("none", false), ("cpu", true), ("nvme", true)])? {
-        true => Err(Refusal::Unmodelled(
-            "ZeRO-Offload keeps this state on the host".into(),
-        )),
-        false => Ok(()),
-    }
-}
-
 pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let v: Value = serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut d = Draft::default();
@@ -218,7 +212,9 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     if kind == Some("FSDP") {
         fsdp(&mut d, &v)?;
     }
-    if d.sharding.as_deref() != Some("ddp") && d.gpus == Some(1) {
+    // One process: plain DDP, unless DeepSpeed offloads (its ZeRO optimizer runs on one GPU).
+    let offloads = d.offload_optimizer.is_some() || d.offload_params.is_some();
+    if d.sharding.as_deref() != Some("ddp") && d.gpus == Some(1) && !offloads {
         d.sharding = Some("ddp".into());
     }
     d.assumed.push("micro-batch, sequence length and accumulation: the script's (vramplan's defaults; `fit --from` searches them)".into());

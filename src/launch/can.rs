@@ -4,8 +4,8 @@
 
 use super::Format;
 use vramplan_planner::{
-    Checkpointing, Implementation, LossMode, Optimizer, Precision, RawConfig, ReduceDtype, RunSpec,
-    Sharding,
+    Checkpointing, Implementation, LossMode, Offload, Optimizer, Precision, RawConfig, ReduceDtype,
+    RunSpec, Sharding,
 };
 
 /// One launcher's settings.
@@ -25,6 +25,9 @@ pub struct Caps {
     pub compile: Option<bool>,
     pub offload_activations: bool,
     pub optimizer_in_backward: bool,
+    /// DeepSpeed's CPU offload of the optimizer and parameters (DeepSpeed's file, and
+    /// accelerate's `deepspeed_config`).
+    pub offload_state: bool,
 }
 
 fn none_or_full(c: Checkpointing) -> bool {
@@ -80,6 +83,7 @@ pub const CAPS: &[Caps] = &[
         lora: true,
         compile: Some(true),
         offload_activations: true,
+        offload_state: false,
         optimizer_in_backward: false,
     },
     Caps {
@@ -98,6 +102,7 @@ pub const CAPS: &[Caps] = &[
         lora: false,
         compile: Some(true),
         offload_activations: false,
+        offload_state: true,
         optimizer_in_backward: false,
     },
     Caps {
@@ -111,6 +116,7 @@ pub const CAPS: &[Caps] = &[
         lora: false,
         compile: Some(false),
         offload_activations: false,
+        offload_state: true,
         optimizer_in_backward: false,
     },
     Caps {
@@ -133,6 +139,7 @@ pub const CAPS: &[Caps] = &[
         lora: false,
         compile: Some(true),
         offload_activations: true,
+        offload_state: false,
         optimizer_in_backward: true,
     },
     Caps {
@@ -155,6 +162,7 @@ pub const CAPS: &[Caps] = &[
         lora: false,
         compile: None,
         offload_activations: false,
+        offload_state: false,
         optimizer_in_backward: true,
     },
     Caps {
@@ -168,6 +176,7 @@ pub const CAPS: &[Caps] = &[
         lora: true,
         compile: Some(true),
         offload_activations: true,
+        offload_state: false,
         optimizer_in_backward: false,
     },
     Caps {
@@ -181,6 +190,7 @@ pub const CAPS: &[Caps] = &[
         lora: false,
         compile: Some(false),
         offload_activations: false,
+        offload_state: false,
         optimizer_in_backward: false,
     },
 ];
@@ -238,6 +248,23 @@ pub fn check(format: Format, s: &RunSpec) -> Result<(), String> {
     if !c.optimizers.contains(&t.optimizer) {
         return Err(cannot(format, format!("optimizer = \"{}\"", t.optimizer)));
     }
+    if let Some(what) = missing_switch(c, s) {
+        return Err(cannot(format, what));
+    }
+    match c.compile {
+        None if !t.compile => return Err(cannot(format, "compile = false")),
+        Some(false) if t.compile => return Err(cannot(format, "compile = true")),
+        _ => {}
+    }
+    if h.sharding != Sharding::Ddp && !c.sharding.contains(&h.sharding) {
+        return Err(cannot(format, format!("sharding = \"{}\"", h.sharding)));
+    }
+    check_regime(format, s)
+}
+
+/// The first on/off setting of `s` the launcher `c` has no key for.
+fn missing_switch(c: &Caps, s: &RunSpec) -> Option<&'static str> {
+    let (t, h) = (&s.train, &s.hardware);
     let switches = [
         (s.lora.is_some(), c.lora, "[lora] section"),
         (
@@ -250,19 +277,21 @@ pub fn check(format: Format, s: &RunSpec) -> Result<(), String> {
             c.optimizer_in_backward,
             "optimizer_in_backward = true",
         ),
+        (
+            h.offload_optimizer == Offload::Cpu,
+            c.offload_state,
+            "offload_optimizer = \"cpu\" (DeepSpeed's ZeRO-Offload: DeepSpeed and accelerate with DeepSpeed run it)",
+        ),
+        (
+            h.offload_params == Offload::Cpu,
+            c.offload_state,
+            "offload_params = \"cpu\" (DeepSpeed's parameter offload: DeepSpeed and accelerate with DeepSpeed run it)",
+        ),
     ];
-    if let Some((_, _, what)) = switches.iter().find(|(on, can, _)| *on && !*can) {
-        return Err(cannot(format, what));
-    }
-    match c.compile {
-        None if !t.compile => return Err(cannot(format, "compile = false")),
-        Some(false) if t.compile => return Err(cannot(format, "compile = true")),
-        _ => {}
-    }
-    if h.sharding != Sharding::Ddp && !c.sharding.contains(&h.sharding) {
-        return Err(cannot(format, format!("sharding = \"{}\"", h.sharding)));
-    }
-    check_regime(format, s)
+    switches
+        .into_iter()
+        .find(|(on, can, _)| *on && !*can)
+        .map(|(_, _, what)| what)
 }
 
 /// The joins: what a launcher's precision means depends on its sharding.

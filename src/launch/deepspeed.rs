@@ -3,6 +3,9 @@
 //! derived from `train_batch_size = micro × accumulation × GPUs` where all three are given.
 //! `"auto"` leaves a value to the Hugging Face Trainer or accelerate that passes the file.
 //!
+//! `offload_optimizer.device` / `offload_param.device` = "cpu" (ZeRO-Offload, ZeRO-Infinity
+//! on the CPU) are vramplan's `offload_optimizer` / `offload_params`; "nvme" is refused.
+//!
 //! DeepSpeed's `bf16`/`fp16` modes keep 16-bit weights beside fp32 master copies in the
 //! optimizer, unlike autocast over fp32 weights; its default `Adam`/`AdamW` is the fused
 //! multi-tensor `FusedAdam` unless `torch_adam` is set (`deepspeed/ops/adam/fused_adam.py`).
@@ -29,14 +32,30 @@ pub(super) const TABLE: &[Row] = &[
     ("zero_optimization.stage", Rule::Set(set_stage)),
     (
         "zero_optimization.offload_optimizer.device",
-        Rule::Set(offload),
+        Rule::Set(|d, v, _| offload(&mut d.offload_optimizer, v)),
     ),
-    ("zero_optimization.offload_param.device", Rule::Set(offload)),
+    (
+        "zero_optimization.offload_param.device",
+        Rule::Set(|d, v, _| offload(&mut d.offload_params, v)),
+    ),
+    // Pinning, buffer counts and NVMe paths: host-side settings of the offload (pinned,
+    // DeepSpeed's default, is what vramplan's host estimate assumes).
+    (
+        "zero_optimization.offload_optimizer.pin_memory",
+        Rule::Ignore,
+    ),
+    ("zero_optimization.offload_param.pin_memory", Rule::Ignore),
     ("zero_optimization.offload_optimizer.*", Rule::Ignore),
     ("zero_optimization.offload_param.*", Rule::Ignore),
+    // The legacy boolean of DeepSpeed < 0.3.16: the optimizer to the CPU.
     (
         "zero_optimization.cpu_offload",
-        Rule::Unmodelled("ZeRO-Offload moves the optimizer state to the host"),
+        Rule::Set(|d, v, _| {
+            if flag(v)? {
+                d.offload_optimizer = Some("cpu".into());
+            }
+            Ok(())
+        }),
     ),
     // Communication buckets: DeepSpeed's buffers, outside vramplan's ZeRO inventory.
     ("zero_optimization.*", Rule::Ignore),
@@ -111,13 +130,18 @@ fn set_stage(d: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn offload(_: &mut Draft, v: &Value, _: &Ctx) -> Result<(), Refusal> {
-    match pick(v, &[("none", false), ("cpu", true), ("nvme", true)])? {
-        true => Err(Refusal::Unmodelled(
-            "ZeRO-Offload keeps this state on the host".into(),
-        )),
-        false => Ok(()),
+/// `offload_*.device`: "cpu" is vramplan's `offload_optimizer` / `offload_params`.
+pub(super) fn offload(slot: &mut Option<String>, v: &Value) -> Result<(), Refusal> {
+    match pick(v, &[("none", 0), ("cpu", 1), ("nvme", 2)])? {
+        0 => *slot = None,
+        1 => *slot = Some("cpu".into()),
+        _ => {
+            return Err(Refusal::Unmodelled(
+                "ZeRO-Infinity's NVMe offload (vramplan models \"cpu\")".into(),
+            ))
+        }
     }
+    Ok(())
 }
 
 /// The JSON behind `v`: a dict, or a path (relative to the file that names it).

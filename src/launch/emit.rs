@@ -6,8 +6,8 @@
 use super::args;
 use super::*;
 use vramplan_planner::{
-    Checkpointing, Choice, ComputeDtype, LoraSpec, LossMode, Optimizer, Precision, Quantize,
-    RunSpec, Sharding,
+    Checkpointing, Choice, ComputeDtype, LoraSpec, LossMode, Offload, Optimizer, Precision,
+    Quantize, RunSpec, Sharding,
 };
 
 /// Puts one planned value at a key; None removes the key.
@@ -50,6 +50,12 @@ fn sharded(s: &RunSpec) -> bool {
 
 fn zero(s: &RunSpec) -> bool {
     sharded(s) && s.hardware.sharding != Sharding::Fsdp2
+}
+
+/// DeepSpeed's `offload_*.device`: "cpu" when the plan offloads; the key is removed when
+/// it does not (a file's "none" and a missing key are the same).
+fn offload(o: Offload) -> Option<Value> {
+    (o == Offload::Cpu).then(|| "cpu".into())
 }
 
 fn lora(s: &RunSpec) -> Option<&LoraSpec> {
@@ -183,6 +189,12 @@ const DEEPSPEED: &[(&str, Put)] = &[
     ("bf16.enabled", |s| {
         Ok(Some((s.train.precision == Precision::Bf16Mixed).into()))
     }),
+    ("zero_optimization.offload_optimizer.device", |s| {
+        Ok(offload(s.hardware.offload_optimizer))
+    }),
+    ("zero_optimization.offload_param.device", |s| {
+        Ok(offload(s.hardware.offload_params))
+    }),
     ("optimizer.type", |_| Ok(Some("AdamW".into()))),
     // FusedAdam is DeepSpeed's Adam unless `torch_adam` asks for torch.optim.AdamW.
     ("optimizer.params.torch_adam", |s| {
@@ -218,8 +230,8 @@ const ACCELERATE: &[(&str, Put)] = &[
             serde_json::json!({
                 "zero_stage": s.hardware.sharding.stage(),
                 "gradient_accumulation_steps": s.train.grad_accum,
-                "offload_optimizer_device": "none",
-                "offload_param_device": "none",
+                "offload_optimizer_device": s.hardware.offload_optimizer.name(),
+                "offload_param_device": s.hardware.offload_params.name(),
             })
         }))
     }),

@@ -170,6 +170,9 @@ pub struct Draft {
     pub sharding: Option<String>,
     pub reshard_after_forward: Option<bool>,
     pub gpus_per_node: Option<u64>,
+    /// DeepSpeed's `offload_optimizer.device` / `offload_param.device` ("cpu").
+    pub offload_optimizer: Option<String>,
+    pub offload_params: Option<String>,
     pub implementation: Option<String>,
     pub compile: Option<bool>,
     pub offload_activations: Option<bool>,
@@ -229,6 +232,8 @@ impl Draft {
                 sharding: self.sharding,
                 reshard_after_forward: self.reshard_after_forward,
                 gpus_per_node: self.gpus_per_node,
+                offload_optimizer: self.offload_optimizer,
+                offload_params: self.offload_params,
                 ..RawHardware::default()
             },
             lora: self.lora,

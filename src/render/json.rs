@@ -156,7 +156,11 @@ impl Render for Json {
         for a in &l.alternatives {
             let mut v = value(a)?;
             v["flags"] = json!(prose::lever_flags(&a.levers));
-            v["gives_up"] = json!(prose::gives_up(&a.levers, base));
+            let shown = a
+                .best
+                .as_ref()
+                .or(a.miss.as_ref().and_then(|m| m.smallest.as_ref()));
+            v["gives_up"] = json!(prose::gives_up(&a.levers, base, shown));
             if let Some(m) = &a.miss {
                 v["why_not"] = json!(prose::miss(m));
             }

@@ -341,17 +341,22 @@ fn flag(l: Lever) -> String {
         Lever::Lora { rank } => format!("--lora {rank}"),
         Lever::Qlora { rank } => format!("--qlora {rank}"),
         Lever::MoreGpus { gpus, sharding } => format!("--gpus {gpus} --sharding {sharding}"),
+        Lever::OffloadOptimizer { sharding, params } => {
+            let p = if params { " --offload-params" } else { "" };
+            format!("--sharding {sharding} --offload-optimizer{p}")
+        }
         Lever::OffloadActivations => "--offload-activations".to_string(),
     }
 }
 
-/// What levers give up, against the run as asked (`base`), in a few words each.
-pub fn gives_up(levers: &[Lever], base: &RunSpec) -> String {
-    let parts: Vec<String> = levers.iter().map(|l| give_up(*l, base)).collect();
+/// What levers give up, against the run as asked (`base`), in a few words each; `shown`
+/// is the plan the row shows (its offloaded bytes are the plan's own).
+pub fn gives_up(levers: &[Lever], base: &RunSpec, shown: Option<&Candidate>) -> String {
+    let parts: Vec<String> = levers.iter().map(|l| give_up(*l, base, shown)).collect();
     parts.join("; ")
 }
 
-fn give_up(l: Lever, base: &RunSpec) -> String {
+fn give_up(l: Lever, base: &RunSpec, shown: Option<&Candidate>) -> String {
     let gpus = base.hardware.gpus;
     match l {
         Lever::Shard { .. } => format!("more communication over the {gpus} GPUs"),
@@ -364,8 +369,24 @@ fn give_up(l: Lever, base: &RunSpec) -> String {
             format!("full fine-tuning: rank-{rank} adapters, 4-bit NF4 base")
         }
         Lever::MoreGpus { gpus: n, .. } => format!("hardware: {n} GPUs instead of {gpus}"),
+        Lever::OffloadOptimizer { .. } => offload_cost(base, l, shown),
         Lever::OffloadActivations => "speed: activations to host memory and back".to_string(),
     }
+}
+
+/// The offload rung's cost: the Adam step on the CPU and the bytes each GPU moves over
+/// PCIe a step, with the host memory the state takes (of the plan shown, else of the run
+/// as asked with the lever).
+fn offload_cost(base: &RunSpec, l: Lever, shown: Option<&Candidate>) -> String {
+    let applied = vramplan_planner::apply_lever(base, &[l]);
+    let Some(s) = shown.map(|c| &c.spec).or(applied.as_ref()) else {
+        return "speed: Adam on the CPU, gradients and parameters over PCIe".to_string();
+    };
+    format!(
+        "speed: Adam on the CPU, {} over PCIe a step per GPU; host: {} of offloaded state per GPU",
+        b(vramplan_planner::offload_traffic(s)),
+        b(vramplan_planner::offloaded_state_bytes(s))
+    )
 }
 
 /// A candidate's settings: "micro-batch 2 × accumulation 16 at seq 2048, checkpointing full, loss chunked".

@@ -246,11 +246,19 @@ pub fn estimate(s: &RunSpec, r: &Report) -> String {
             Bytes(r.paged_bytes)
         );
     }
-    if r.host_bytes > 0 {
+    let activations = r.host_bytes.saturating_sub(r.offloaded_state_bytes);
+    if activations > 0 {
         let _ = writeln!(
             out,
             "offloaded to host memory: {} of saved activations",
-            Bytes(r.host_bytes)
+            Bytes(activations)
+        );
+    }
+    if r.offloaded_state_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "offloaded to host memory: {} of DeepSpeed optimizer/parameter state per GPU (modelled from DeepSpeed's source, not measured on a GPU)",
+            Bytes(r.offloaded_state_bytes)
         );
     }
     let _ = writeln!(out, "{}", verdict(r));
@@ -543,7 +551,7 @@ pub fn ladder(base: &RunSpec, l: &Ladder) -> String {
             device,
             if a.fits { "yes" } else { "no" }.into(),
             speed,
-            prose::gives_up(&a.levers, base),
+            prose::gives_up(&a.levers, base, shown),
         ]);
     }
     right(&mut t, 2..5);

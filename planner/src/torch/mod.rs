@@ -28,6 +28,7 @@ mod torchtune;
 
 pub(crate) use recipe::check as check_implementation;
 pub use regime::{check_regime, describe as describe_regime};
+pub use shard::{host_buffers, host_bytes as offloaded_state_bytes, offload_traffic, HostBuffer};
 
 use crate::params::{self, Param, Role};
 use crate::spec::{Checkpointing, ModelSpec, RunSpec, Sharding, TrainSpec};
@@ -60,6 +61,9 @@ struct Run<'a> {
     shards: u64,
     sharding: Sharding,
     reshard_after_forward: bool,
+    /// DeepSpeed's CPU offload of the optimizer and of the parameters (`shard`).
+    offload_optimizer: bool,
+    offload_params: bool,
     params: Rc<Vec<Param>>,
     /// The parameters with gradients and optimizer state (all but LoRA's frozen base).
     trainable: Rc<Vec<Param>>,
@@ -117,10 +121,17 @@ impl Run<'_> {
             m,
             t,
             cuda: hw.device.is_cuda(),
-            stage: if hw.gpus > 1 { hw.sharding.stage() } else { 0 },
+            // DeepSpeed runs its ZeRO optimizer on one GPU when it offloads.
+            stage: if hw.gpus > 1 || hw.offloads() {
+                hw.sharding.stage()
+            } else {
+                0
+            },
             shards: hw.shard_group(),
             sharding: hw.sharding,
             reshard_after_forward: hw.reshard_after_forward,
+            offload_optimizer: hw.offload_optimizer == crate::spec::Offload::Cpu,
+            offload_params: hw.offload_params == crate::spec::Offload::Cpu,
             by_layer,
             layer_numel,
             params,
@@ -189,10 +200,12 @@ impl Run<'_> {
 }
 
 /// The bytes of the step outside PyTorch's allocator: optimizer state in CUDA managed
-/// memory (paged optimizers) and saved activations offloaded to host memory.
+/// memory (paged optimizers), and in host memory the saved activations offloaded and
+/// DeepSpeed's offloaded state ([`shard::host_buffers`]).
 pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
+    let state = shard::host_bytes(spec);
     if !spec.train.offload_activations && !optim::pages(spec.train.optimizer) {
-        return (0, 0);
+        return (0, state);
     }
     let run = Run::new(spec);
     // Only trainable parameters have optimizer state (LoRA's frozen base has none).
@@ -206,7 +219,7 @@ pub fn off_allocator(spec: &RunSpec) -> (u64, u64) {
     } else {
         0
     };
-    (paged, host)
+    (paged, host.saturating_add(state))
 }
 
 /// Plays one step of `spec` on the torch engine.
@@ -235,7 +248,8 @@ pub fn play(spec: &RunSpec) -> Timeline {
     fwd.root.into_iter().for_each(|id| s.free(id));
     s.phase("optimizer step");
     let masters = shard::master_gradients(&mut s, &run, &mut grads);
-    if !run.t.optimizer_in_backward {
+    // Offloaded, the step runs on the CPU (DeepSpeedCPUAdam).
+    if !run.t.optimizer_in_backward && !run.offload_optimizer {
         // PyTorch's step skips parameters without a gradient: LoRA's frozen base makes no
         // temporaries there.
         optim::step(
@@ -296,19 +310,23 @@ fn shared_model_state(spec: &RunSpec, run: &Run, room: (usize, usize)) -> (Step,
 /// Before the step: weights, optimizer state, DDP's gradient buckets, and with
 /// accumulation the gradients earlier micro-steps made.
 fn model_state(s: &mut Step, run: &Run) -> Grads {
-    let p = run.d.p;
     let weight_shards = if run.stage >= 3 { run.shards } else { 1 };
-    for w in run.params.iter() {
-        for (suffix, layout) in lora::stored(w, p, run.lora) {
-            s.persistent(
-                Name::of("", &w.name, suffix),
-                Component::Weights,
-                Extent::Shard(layout, weight_shards),
-            );
+    if let Some(p) = shard::stored_weights(run) {
+        for w in run.params.iter() {
+            for (suffix, layout) in lora::stored(w, p, run.lora) {
+                s.persistent(
+                    Name::of("", &w.name, suffix),
+                    Component::Weights,
+                    Extent::Shard(layout, weight_shards),
+                );
+            }
         }
     }
     shard::compute_weights(s, run);
-    optim::states(s, &run.trainable, run.t, run.optimizer_shards());
+    if !run.offload_optimizer {
+        optim::states(s, &run.trainable, run.t, run.optimizer_shards());
+    }
+    shard::offload_buffers(s, run);
     let gd = shard::grad_dtype(run);
     if run.shards > 1 && run.stage <= 1 {
         let all = Layout::new(&[crate::lora::trainable_count(&run.trainable)], gd);
@@ -316,7 +334,8 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
     }
     let mut grads = Grads::new(&run.trainable, gd, run.stage >= 2, run.shards);
     grads.pre_reduce = shard::pre_reduce(run);
-    if run.t.grad_accum > 1 {
+    grads.to_host = shard::grads_to_host(run);
+    if run.t.grad_accum > 1 && !grads.to_host {
         grads.all_persistent(s);
     }
     grads
@@ -761,6 +780,9 @@ struct Grads {
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
     /// (ZeRO: the gradient itself; FSDP2: the unsharded gradient and the flat reduce input).
     pre_reduce: Vec<DType>,
+    /// DeepSpeed's offload: each gradient is copied to the host once reduced, and none
+    /// stays on the device.
+    to_host: bool,
 }
 
 impl Grads {
@@ -771,6 +793,7 @@ impl Grads {
             sharded,
             shards: shards.max(1),
             pre_reduce: vec![dtype],
+            to_host: false,
         }
     }
 
@@ -819,6 +842,11 @@ impl Grads {
             match self.ids[i] {
                 Some(_) => s.transient(
                     Name::of("grad of ", &p.name, " (to accumulate)"),
+                    Component::Temporaries,
+                    full,
+                ),
+                None if self.to_host => s.transient(
+                    Name::of("grad of ", &p.name, " (to host)"),
                     Component::Temporaries,
                     full,
                 ),

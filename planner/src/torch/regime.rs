@@ -12,7 +12,8 @@
 
 use crate::error::{quote, PlanError, Result};
 use crate::spec::{
-    Arch, Checkpointing, Choice, Engine, Optimizer, Precision, ReduceDtype, RunSpec, Sharding,
+    Arch, Checkpointing, Choice, Engine, Offload, Optimizer, Precision, ReduceDtype, RunSpec,
+    Sharding,
 };
 
 /// Refuses combinations no framework runs, one key at a time.
@@ -171,6 +172,18 @@ pub fn describe(spec: &RunSpec) -> String {
     if t.offload_activations {
         parts.push("saved activations offloaded to host".into());
     }
+    match (h.offload_optimizer, h.offload_params) {
+        (Offload::Cpu, Offload::Cpu) => parts.push(format!(
+            "{}, optimizer and parameters offloaded to host (ZeRO-Infinity, Adam on the CPU)",
+            zero(h)
+        )),
+        (Offload::Cpu, _) => parts.push(format!(
+            "{}, optimizer offloaded to host (ZeRO-Offload: fp32 masters, moments and gradients, Adam on the CPU)",
+            zero(h)
+        )),
+        (_, Offload::Cpu) => parts.push(format!("{}, parameters offloaded to host", zero(h))),
+        _ => {}
+    }
     if h.sharding == Sharding::Fsdp2 {
         let group = h.shard_group();
         let mut s = format!("FSDP2 over {group} GPU(s)");
@@ -183,6 +196,15 @@ pub fn describe(spec: &RunSpec) -> String {
         parts.push(s);
     }
     parts.join(", ")
+}
+
+/// "DeepSpeed ZeRO-2 over 1 GPU(s)".
+fn zero(h: &crate::spec::HardwareSpec) -> String {
+    format!(
+        "DeepSpeed ZeRO-{} over {} GPU(s)",
+        h.sharding.stage(),
+        h.shard_group()
+    )
 }
 
 /// What `adamw` means on this device: PyTorch's `_default_to_fused_or_foreach` picks

@@ -20,10 +20,25 @@
 //!   the bf16 gradients are cleared (`clear_lp_grads`), the masters step and are copied
 //!   back into the bf16 weights. Under FSDP2 the fp32 sharded parameters are the masters
 //!   and the gathered ones are bf16 (`MixedPrecisionPolicy(param_dtype = bf16)`).
+//! - DeepSpeed's CPU offload (DeepSpeed 0.19.6, `deepspeed/runtime/zero/`; `docs/model.md`
+//!   cites the lines; the buffers' element counts checked on DeepSpeed's CPU accelerator,
+//!   `tools/measure_deepspeed_offload.py`): with `offload_optimizer` the fp32 masters, the Adam moments
+//!   (DeepSpeedCPUAdam, fp32) and the gradient partitions live in host memory and the step
+//!   runs on the CPU; the device keeps the 16-bit parameters (their ZeRO-3 partitions), and
+//!   under ZeRO-1/2 `temp_grad_buffer_for_gpu_offload`, one largest parameter in the 16-bit
+//!   dtype. ZeRO-2/3 copy each gradient to the host as it is reduced, so none stays on the
+//!   device; ZeRO-1 reduces at the end of backward, so the full 16-bit gradients do. With
+//!   `offload_param` (ZeRO-3) the 16-bit partitions live on the host too and every module's
+//!   parameters are gathered to the device for its forward and backward; the embedding,
+//!   final norm and head are taken to stay gathered for the whole step. Pinned host
+//!   buffers go through PyTorch's `CachingHostAllocator`, which rounds each to a power of
+//!   two (torch 2.15 `ATen/core/CachingHostAllocator.h`, `allocate`). The reduce bucket
+//!   (`reduce_bucket_size`), ZeRO-3's prefetch and its persistent small parameters exist
+//!   with and without offload and are outside the inventory either way.
 
 use super::{Grads, Run};
 use crate::params::{self, Param};
-use crate::spec::{ReduceDtype, Sharding};
+use crate::spec::{Offload, ReduceDtype, RunSpec, Sharding};
 use crate::timeline::{Component, Layout, Name, Step, TensorId};
 use crate::units::DType;
 
@@ -31,8 +46,9 @@ fn fsdp2(run: &Run) -> bool {
     run.sharding == Sharding::Fsdp2 && run.stage >= 3 && run.shards > 1
 }
 
+/// ZeRO-3 over several GPUs, or with its partitions on the host (gathered even on one).
 fn sharded_params(run: &Run) -> bool {
-    run.stage >= 3 && run.shards > 1
+    run.stage >= 3 && (run.shards > 1 || run.offload_params)
 }
 
 /// The dtype of the parameters the matmuls read (bf16 copies under `bf16-mixed`).
@@ -59,7 +75,10 @@ pub fn compute_weights(s: &mut Step, run: &Run) {
 /// The dtype of the gradients the step keeps: the module's bf16 gradients under
 /// `bf16-mixed` unless they are reduce-scattered into fp32 shards at once.
 pub fn grad_dtype(run: &Run) -> DType {
-    if run.t.precision.is_mixed() && run.stage < 2 {
+    if run.offload_optimizer {
+        // DeepSpeed's 16-bit gradients, copied to the host's fp32 partitions.
+        compute_dtype(run)
+    } else if run.t.precision.is_mixed() && run.stage < 2 {
         run.d.c
     } else {
         run.d.p
@@ -114,7 +133,8 @@ pub fn prefetch(s: &mut Step, run: &Run, l: u64) -> Option<TensorId> {
 
 /// FSDP2's root parameters (everything outside the blocks), gathered for the whole step.
 pub fn root_gathered(s: &mut Step, run: &Run) -> Vec<TensorId> {
-    if !fsdp2(run) {
+    let from_host = run.offload_params && sharded_params(run);
+    if !(fsdp2(run) || from_host) {
         return Vec::new();
     }
     let numel = run
@@ -123,8 +143,13 @@ pub fn root_gathered(s: &mut Step, run: &Run) -> Vec<TensorId> {
         .filter(|p| p.layer.is_none())
         .map(Param::numel)
         .fold(0, u64::saturating_add);
+    let name = if fsdp2(run) {
+        "root parameters gathered (FSDP2)"
+    } else {
+        "root parameters gathered (ZeRO-3, from host)"
+    };
     vec![s.alloc(
-        "root parameters gathered (FSDP2)",
+        name,
         Component::WeightCopies,
         Layout::new(&[numel], compute_dtype(run)),
     )]
@@ -133,7 +158,7 @@ pub fn root_gathered(s: &mut Step, run: &Run) -> Vec<TensorId> {
 /// `bf16-mixed` without sharded gradients: the masters' fp32 gradients are made from the
 /// bf16 ones, which are then freed. Returns the fp32 gradients, freed after the step.
 pub fn master_gradients(s: &mut Step, run: &Run, grads: &mut Grads) -> Option<TensorId> {
-    if !run.t.precision.is_mixed() || run.stage >= 2 {
+    if !run.t.precision.is_mixed() || run.stage >= 2 || run.offload_optimizer {
         return None;
     }
     let n = params::count(run.m).div_ceil(run.optimizer_shards());
@@ -144,4 +169,254 @@ pub fn master_gradients(s: &mut Step, run: &Run, grads: &mut Grads) -> Option<Te
     );
     grads.free_all(s);
     Some(id)
+}
+
+/// The dtype the device keeps the stored parameters (or their ZeRO-3 shards) in; None
+/// when none are there. Offloading the optimizer moves the fp32 masters to the host: the
+/// device keeps the 16-bit parameters (under ZeRO-1/2 as [`compute_weights`]). Offloading
+/// the parameters moves the 16-bit partitions too; without the optimizer offload the fp32
+/// masters stay on the device (stage3.py makes them on `self.device`).
+pub fn stored_weights(run: &Run) -> Option<DType> {
+    if !run.offload_optimizer {
+        return Some(run.d.p);
+    }
+    match (run.offload_params, run.t.precision.is_mixed()) {
+        (true, _) => None,
+        (false, true) => sharded_params(run).then_some(run.d.c),
+        (false, false) => Some(run.d.p),
+    }
+}
+
+/// ZeRO-2/3 with the optimizer offloaded: each gradient goes to the host as it is reduced.
+pub fn grads_to_host(run: &Run) -> bool {
+    run.offload_optimizer && run.stage >= 2
+}
+
+/// ZeRO-1/2's `temp_grad_buffer_for_gpu_offload`: one largest parameter, 16-bit.
+pub fn offload_buffers(s: &mut Step, run: &Run) {
+    if !run.offload_optimizer || run.stage >= 3 {
+        return;
+    }
+    let largest = run.trainable.iter().map(Param::numel).max().unwrap_or(0);
+    s.persistent(
+        "gradient staging buffer (ZeRO-Offload)",
+        Component::Gradients,
+        Layout::new(&[largest], compute_dtype(run)),
+    );
+}
+
+/// DeepSpeed's default `sub_group_size`: ZeRO-3 steps (and pins) its partition in groups
+/// of this many elements.
+pub const SUB_GROUP_SIZE: u64 = 1_000_000_000;
+
+/// One buffer DeepSpeed keeps in host memory for an offloaded run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBuffer {
+    pub name: &'static str,
+    /// As allocated (pinned ones rounded).
+    pub bytes: u64,
+    /// The tensors' own bytes, before the pinned allocator's rounding.
+    pub tensor_bytes: u64,
+    /// Page-locked (`pin_memory = true`, DeepSpeed's default), rounded as
+    /// `CachingHostAllocator` rounds it.
+    pub pinned: bool,
+}
+
+fn pinned(bytes: u64) -> u64 {
+    if bytes == 0 {
+        0
+    } else {
+        bytes.checked_next_power_of_two().unwrap_or(bytes)
+    }
+}
+
+/// What one rank keeps in host memory under DeepSpeed's CPU offload (nothing without it).
+/// P parameters over N ranks, 16-bit dtype of c bytes (2 under bf16, 4 in fp32).
+pub fn host_buffers(spec: &RunSpec) -> Vec<HostBuffer> {
+    let h = &spec.hardware;
+    if !h.offloads() {
+        return Vec::new();
+    }
+    let all = params::shared(&spec.model);
+    let n = h.shard_group().max(1);
+    let total = params::count(&spec.model);
+    let part = total.div_ceil(n);
+    let c = spec.train.precision.compute_bytes();
+    let buf = |name, bytes: u64, pin: bool| HostBuffer {
+        name,
+        bytes: if pin { pinned(bytes) } else { bytes },
+        tensor_bytes: bytes,
+        pinned: pin,
+    };
+    let mut v = Vec::new();
+    if h.offload_params == Offload::Cpu {
+        // stage3.py: `param_groups_fp16_flat_cpu_memory`, pinned, one per group.
+        v.push(buf("offload: 16-bit parameter partitions", part * c, true));
+    }
+    if h.offload_optimizer != Offload::Cpu {
+        return v;
+    }
+    v.push(buf(
+        "offload: Adam moments (DeepSpeedCPUAdam, fp32)",
+        part * 8,
+        false,
+    ));
+    if h.sharding.stage() >= 3 {
+        // Masters converted and cloned (not pinned); fp32 gradients pinned per sub-group;
+        // the flat gradient-accumulation buffer in the 16-bit dtype, pinned.
+        v.push(buf("offload: fp32 master partition", part * 4, false));
+        let groups = part / SUB_GROUP_SIZE;
+        let rest = part % SUB_GROUP_SIZE;
+        let grads = pinned(SUB_GROUP_SIZE * 4) * groups + pinned(rest * 4);
+        v.push(HostBuffer {
+            name: "offload: fp32 gradient partition",
+            bytes: grads,
+            tensor_bytes: part * 4,
+            pinned: true,
+        });
+        v.push(buf(
+            "offload: gradient accumulation partition",
+            part * c,
+            true,
+        ));
+        return v;
+    }
+    // stage_1_and_2.py: masters, the 16-bit copy-back buffer, the fp32 gradients and the
+    // staging buffer of one largest parameter, all pinned.
+    let largest = all.iter().map(Param::numel).max().unwrap_or(0);
+    v.push(buf("offload: fp32 master partition", part * 4, true));
+    v.push(buf("offload: 16-bit parameter buffer", part * c, true));
+    v.push(buf("offload: fp32 gradient partition", part * 4, true));
+    v.push(buf(
+        "offload: gradient staging buffer (host)",
+        largest * c,
+        true,
+    ));
+    if spec.train.grad_accum > 1 {
+        // `accumulated_grads_in_cpu`: one pinned buffer per parameter of the partition.
+        let each: u64 = all
+            .iter()
+            .map(|p| pinned(p.numel() * c))
+            .fold(0, u64::saturating_add);
+        v.push(HostBuffer {
+            name: "offload: accumulated gradients",
+            bytes: each.div_ceil(n),
+            tensor_bytes: (total * c).div_ceil(n),
+            pinned: true,
+        });
+    }
+    v
+}
+
+/// The bytes of [`host_buffers`].
+pub fn host_bytes(spec: &RunSpec) -> u64 {
+    host_buffers(spec)
+        .iter()
+        .map(|b| b.bytes)
+        .fold(0, u64::saturating_add)
+}
+
+/// Bytes one rank moves between host and device per optimizer step under DeepSpeed's
+/// offload: its 16-bit gradient partition to the host each micro-step, its updated
+/// parameters back once (ZeRO-1/2, and ZeRO-3 without parameter offload), and with the
+/// parameters offloaded its partition up for each gather, forward and backward, each
+/// micro-step.
+pub fn offload_traffic(spec: &RunSpec) -> u64 {
+    let h = &spec.hardware;
+    if !h.offloads() {
+        return 0;
+    }
+    let c = spec.train.precision.compute_bytes();
+    let part = params::count(&spec.model).div_ceil(h.shard_group().max(1)) * c;
+    let micro = spec.train.grad_accum.max(1);
+    let mut bytes = 0u64;
+    if h.offload_optimizer == Offload::Cpu {
+        bytes = bytes.saturating_add(part.saturating_mul(micro));
+        if h.offload_params != Offload::Cpu {
+            bytes = bytes.saturating_add(part);
+        }
+    }
+    if h.offload_params == Offload::Cpu {
+        bytes = bytes.saturating_add(part.saturating_mul(2 * micro));
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Context, RawConfig};
+    use crate::presets::Presets;
+
+    const COUNTED: &str = include_str!("../../../tests/data/deepspeed_offload_cpu.json");
+
+    /// The measurement's Llama (tools/measure_deepspeed_offload.py) in bf16-mixed, one GPU.
+    fn run(sharding: &str, params: &str, accum: u64) -> RunSpec {
+        let toml = format!(
+            "[model]\narch = \"llama\"\nhidden_size = 256\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nintermediate_size = 512\nvocab_size = 4096\ntie_embeddings = false\n[train]\nprecision = \"bf16-mixed\"\ngrad_accum = {accum}\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"{sharding}\"\noffload_optimizer = \"cpu\"\noffload_params = \"{params}\"\n"
+        );
+        RawConfig::from_toml(&toml)
+            .unwrap()
+            .resolve(&Presets::builtin().unwrap(), &Context::default())
+            .unwrap()
+    }
+
+    /// Each host buffer's tensor bytes are what DeepSpeed 0.19.6 made on its CPU
+    /// accelerator after one step (element counts × dtype, `tests/data/deepspeed_offload_cpu.json`),
+    /// and so is ZeRO-2's device-side staging buffer.
+    #[test]
+    fn host_buffers_are_the_buffers_deepspeed_makes() {
+        let v: serde_json::Value = serde_json::from_str(COUNTED).unwrap();
+        let cases = [
+            ("zero2_offload_optimizer", run("zero2", "none", 1)),
+            ("zero2_offload_optimizer_accum2", run("zero2", "none", 2)),
+            ("zero3_offload_optimizer", run("zero3", "none", 1)),
+            ("zero3_offload_both", run("zero3", "cpu", 1)),
+        ];
+        let size = |d: &serde_json::Value| match d.as_str().or(d[0].as_str()) {
+            Some("float32") => 4,
+            Some("bfloat16") => 2,
+            other => panic!("{other:?}"),
+        };
+        let rows = [
+            (
+                "offload: Adam moments (DeepSpeedCPUAdam, fp32)",
+                "adam_moments",
+            ),
+            ("offload: fp32 master partition", "fp32_master"),
+            ("offload: fp32 gradient partition", "fp32_grads"),
+            ("offload: 16-bit parameter buffer", "bit16_buffer"),
+            ("offload: gradient staging buffer (host)", "staging_host"),
+            ("offload: accumulated gradients", "accumulated_grads"),
+            (
+                "offload: gradient accumulation partition",
+                "grad_accumulation",
+            ),
+            ("offload: 16-bit parameter partitions", "bit16_partitions"),
+        ];
+        for (case, spec) in cases {
+            let c = &v["cases"][case];
+            assert_eq!(
+                c["params"].as_u64(),
+                Some(params::count(&spec.model)),
+                "{case}"
+            );
+            let ours = host_buffers(&spec);
+            for (name, key) in rows {
+                let counted = c[key]["numel"].as_u64().filter(|n| *n > 0);
+                let want = counted.map(|n| n * size(&c[key]["dtype"]));
+                let got = ours.iter().find(|b| b.name == name).map(|b| b.tensor_bytes);
+                assert_eq!(got, want, "{case}: {name}");
+            }
+            if let Some(n) = c["staging_device"]["numel"].as_u64() {
+                let t = crate::report::play(&spec);
+                let staging = t
+                    .tensors
+                    .iter()
+                    .find(|x| x.name == "gradient staging buffer (ZeRO-Offload)")
+                    .unwrap();
+                assert_eq!(staging.bytes.0, n * 2, "{case}");
+            }
+        }
+    }
 }
