@@ -242,6 +242,23 @@ fn nothing_fits(
     Ok(ExitCode::from(DOES_NOT_FIT))
 }
 
+/// The run the flags alone describe, before the search's defaults.
+fn flags_run(a: &Args) -> RawConfig {
+    RawConfig {
+        model: load::model_arg(a.model.as_deref().unwrap_or_default()),
+        train: RawTrain {
+            seq_len: a.seq_len.first().copied().or(Some(1024)),
+            ..RawTrain::default()
+        },
+        hardware: RawHardware {
+            gpu: a.gpu.clone(),
+            gpus: Some(a.gpus.unwrap_or(1)),
+            ..RawHardware::default()
+        },
+        lora: None,
+    }
+}
+
 /// The run before the search: the --from file's with the flags over it, or the flags
 /// alone; its name for errors and the folder its relative paths start from.
 fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
@@ -252,22 +269,7 @@ fn base_run(env: &Env, a: &Args) -> Result<(String, RawConfig, PathBuf)> {
     };
     let (name, mut raw, dir) = match &a.from {
         Some(f) => load::load_raw(env, f, &over)?,
-        None => {
-            let raw = RawConfig {
-                model: load::model_arg(a.model.as_deref().unwrap_or_default()),
-                train: RawTrain {
-                    seq_len: a.seq_len.first().copied().or(Some(1024)),
-                    ..RawTrain::default()
-                },
-                hardware: RawHardware {
-                    gpu: a.gpu.clone(),
-                    gpus: Some(a.gpus.unwrap_or(1)),
-                    ..RawHardware::default()
-                },
-                lora: None,
-            };
-            ("command line".to_string(), raw, PathBuf::from("."))
-        }
+        None => ("command line".to_string(), flags_run(a), PathBuf::from(".")),
     };
     let flag = |v: &Option<String>, d: &str, file: &Option<String>| match (v, &a.from) {
         (Some(v), _) => Some(v.clone()),
