@@ -292,6 +292,8 @@ const REGIME_ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero2\"\n", "train.optimizer_in_backward = true: false with several GPUs unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"paged-adamw\"\n", "train.optimizer = \"paged-adamw\": a GPU: paged optimizers keep their state in CUDA managed memory"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"fsdp2\"\n", "hardware.sharding = \"fsdp2\": ddp with gpus = 1"),
+    // Several CPU processes are measured under FSDP2 only (tests/data/torch_fsdp.json).
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\nsharding = \"zero3\"\n", "hardware.gpus = 2: 1 with gpu = \"cpu\" unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\nreshard_after_forward = false\n", "hardware.reshard_after_forward = false: true unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\ngpus_per_node = 2\n", "hardware.gpus_per_node = 2: gpus = 4 unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 6\nsharding = \"fsdp2\"\ngpus_per_node = 4\n", "hardware.gpus_per_node = 4: a divisor of gpus = 6"),
@@ -389,6 +391,11 @@ fn regime_keys_resolve_with_their_defaults_and_values() {
         }),
         ("[model]\npreset = \"smollm2-135m\"\n[train]\noptimizer_in_backward = true\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"fsdp2\"\n".to_string(), |s| {
             s.train.optimizer_in_backward && s.hardware.shard_group() == 4
+        }),
+        // gpu = "cpu" with gpus = N: N processes on one host, each sharding over all N.
+        ("[model]\npreset = \"smollm2-135m\"\n[train]\nprecision = \"bf16-mixed\"\n[hardware]\ngpu = \"cpu\"\ngpus = 4\nsharding = \"fsdp2\"\nreshard_after_forward = false\n".to_string(), |s| {
+            let h = &s.hardware;
+            !h.device.is_cuda() && h.gpus == 4 && h.shard_group() == 4 && !h.reshard_after_forward
         }),
     ];
     for (src, check) in rows {

@@ -218,8 +218,9 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let fwd = forward(&mut s, &run);
+    let prefetched = shard::root_prefetch(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
-    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads);
+    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads, prefetched);
     s.phase("backward: embedding");
     let emb = run
         .params
@@ -228,6 +229,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let emb: Vec<&Param> = emb.collect();
     run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
+    shard::end_of_backward(&mut s, &run, &mut grads);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
     }
@@ -316,6 +318,7 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
     }
     let mut grads = Grads::new(&run.trainable, gd, run.stage >= 2, run.shards);
     grads.pre_reduce = shard::pre_reduce(run);
+    grads.fsdp2 = shard::reducer(run);
     if run.t.grad_accum > 1 {
         grads.all_persistent(s);
     }
@@ -573,16 +576,17 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
     gn
 }
 
-/// Backward through the blocks, last first; returns the gradient of the embedding output.
+/// Backward through the blocks, last first, the last block's gathered parameters already
+/// `prefetched` under FSDP2; returns the gradient of the embedding output.
 fn blocks_backward(
     s: &mut Step,
     run: &Run,
     mut frames: Vec<Frame>,
     mut g: TensorId,
     grads: &mut Grads,
+    mut prefetched: Option<TensorId>,
 ) -> TensorId {
     let (d, ck) = (&run.d, run.t.checkpointing);
-    let mut prefetched = None;
     for l in (0..run.layers).rev() {
         let blk = run.block(l);
         let whole = run.whole(l);
@@ -629,6 +633,7 @@ fn blocks_backward(
         s.free(g);
         g = gi;
         s.free(frame.input);
+        shard::post_backward(s, run, grads, Some(l));
     }
     g
 }
@@ -761,6 +766,8 @@ struct Grads {
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
     /// (ZeRO: the gradient itself; FSDP2: the unsharded gradient and the flat reduce input).
     pre_reduce: Vec<DType>,
+    /// FSDP2: the unsharded gradients waiting for their group's reduce-scatter.
+    fsdp2: Option<shard::Reducer>,
 }
 
 impl Grads {
@@ -771,6 +778,7 @@ impl Grads {
             sharded,
             shards: shards.max(1),
             pre_reduce: vec![dtype],
+            fsdp2: None,
         }
     }
 
@@ -815,6 +823,10 @@ impl Grads {
                     Component::Temporaries,
                     Layout::new(&full.shape, d.c),
                 );
+            }
+            if let Some(r) = self.fsdp2.as_mut() {
+                r.unsharded(s, i, p, full);
+                continue;
             }
             match self.ids[i] {
                 Some(_) => s.transient(
