@@ -23,6 +23,10 @@ The step, per run (as torchtitan's parallelize and the FSDP2 docs apply it):
   precision bf16-mixed: P = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32|bf16)
   checkpointing full:   model.gradient_checkpointing_enable() before fully_shard
                         (torch.utils.checkpoint, use_reentrant=False, every layer)
+What gloo and the profiler need (docs/accuracy.md, "FSDP2 on the CPU"): FSDP2's
+reduce-scatter is gloo's written out in Python (gloo_reduce_scatter), the profiler's leaf
+events are taken in time order (time_ordered_leaf_events), and a run whose profile still
+fails the memory profiler's data-flow check is profiled again (ATTEMPTS).
 The parameters, gradients and AdamW state the sharded-tensor check counts are the
 DTensors' local shards (`_local_tensor`, views into FSDP2's padded shard storage).
 """
