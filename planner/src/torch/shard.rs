@@ -156,8 +156,14 @@ pub fn post_backward(s: &mut Step, run: &Run, grads: &mut Grads, block: Option<u
         .params
         .iter()
         .map(|&i| {
+            // Dim 0 is padded: the rows of a matrix, the length of a vector.
             let p = &grads.at.params[i];
-            p.rows.div_ceil(g).saturating_mul(g).saturating_mul(p.cols)
+            let (dim0, rest) = if p.rows == 1 {
+                (p.cols, 1)
+            } else {
+                (p.rows, p.cols)
+            };
+            dim0.div_ceil(g).saturating_mul(g).saturating_mul(rest)
         })
         .fold(0, u64::saturating_add);
     let reduce = reduce_dtype(run);
