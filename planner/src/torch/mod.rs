@@ -764,7 +764,7 @@ struct Grads {
     sharded: bool,
     shards: u64,
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
-    /// (ZeRO: the gradient itself; FSDP2: the unsharded gradient and the flat reduce input).
+    /// (ZeRO: the gradient itself; FSDP2 reduces whole groups through `fsdp2` instead).
     pre_reduce: Vec<DType>,
     /// FSDP2: the unsharded gradients waiting for their group's reduce-scatter.
     fsdp2: Option<shard::Reducer>,
