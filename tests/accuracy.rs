@@ -185,7 +185,7 @@ const NOT_MODELLED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Issue 10's second bound: over every measured run the tests above hold (the four files,
+/// Issue 10's second bound: over every measured run the tests above hold (the five files,
 /// old and new, less the regimes listed as not modelled), the median error stays within
 /// 1 %.
 #[test]
@@ -195,6 +195,7 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
         include_str!("data/torch_frameworks.json"),
         include_str!("data/torch_lora.json"),
         include_str!("data/torch_regimes.json"),
+        include_str!("data/torch_fsdp.json"),
     ];
     let mut errs: Vec<f64> = files
         .iter()
@@ -214,3 +215,58 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
     );
     assert!(median <= 0.01, "median |error| {:.3} %", median * 100.0);
 }
+
+/// `tests/data/torch_fsdp.json` (`tools/measure_fsdp.py`): FSDP2's `fully_shard` per block
+/// and on the root over gloo, 2 and 4 CPU processes on one host (`gpu = "cpu"`,
+/// `gpus = N`), rank 0's peak of one steady-state step; fp32 and `bf16-mixed` with fp32
+/// or bf16 reduction, with and without resharding after forward and full checkpointing,
+/// and a model whose dims 4 does not divide (padded shards).
+#[test]
+fn fsdp2_peaks_on_the_cpu_are_predicted_within_3_percent() {
+    let errs = errors_in(include_str!("data/torch_fsdp.json"));
+    let mut worst = 0.0f64;
+    let mut beyond = Vec::new();
+    for (id, m, p, e) in &errs {
+        println!(
+            "{id:92} measured {m:>11} predicted {p:>11} error {:+.2} %",
+            e * 100.0
+        );
+        let bound = FSDP2_OUTLIERS
+            .iter()
+            .find(|(o, ..)| o == id)
+            .map_or(FSDP2_BOUND, |(_, b, _)| *b);
+        if e.abs() > bound {
+            beyond.push(format!("{id}: {:+.2} %", e * 100.0));
+        }
+        if bound == FSDP2_BOUND {
+            worst = worst.max(e.abs());
+        }
+    }
+    println!(
+        "worst outside the listed outliers {:.2} % over {} runs",
+        worst * 100.0,
+        errs.len()
+    );
+    assert!(beyond.is_empty(), "beyond their bound: {beyond:?}");
+    assert!(
+        errs.len() >= 16,
+        "at least 16 measured FSDP2 runs, {}",
+        errs.len()
+    );
+    let four = errs.iter().filter(|e| e.0.contains("-fsdp2-x4")).count();
+    assert!(four >= 5, "at least 5 runs over 4 processes, {four}");
+    for (id, ..) in FSDP2_OUTLIERS {
+        assert!(errs.iter().any(|e| e.0 == *id), "{id} is not in the data");
+    }
+}
+
+/// Issue 10's bound for the sharding regimes measured on the CPU.
+const FSDP2_BOUND: f64 = 0.03;
+
+/// FSDP2 runs not within 3 %, with the bound each meets today and why (docs/accuracy.md).
+const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[(
+    "llama-h512-l4-kv4-v4096-b4-s256-bf16-mixed-sdpa-full-fsdp2-x4-reduce-fp32",
+    0.07,
+    "the ranks disagree: rank 0 measured 111.6 MB (+6.2 %), rank 2 119.3 MB (-0.6 %); \
+     the peak is in a recomputed block's backward, where gloo's worker thread frees",
+)];

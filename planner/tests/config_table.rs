@@ -300,6 +300,8 @@ const REGIME_ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless gpu is a GPU"),
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"sgd\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless optimizer is an adamw"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless precision = \"fp32\" | \"bf16-mixed\""),
+    // Several CPU processes are measured under FSDP2 only (tests/data/torch_fsdp.json).
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\nsharding = \"zero3\"\n", "hardware.gpus = 2: 1 with gpu = \"cpu\" unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\nreshard_after_forward = false\n", "hardware.reshard_after_forward = false: true unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\ngpus_per_node = 2\n", "hardware.gpus_per_node = 2: gpus = 4 unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 6\nsharding = \"fsdp2\"\ngpus_per_node = 4\n", "hardware.gpus_per_node = 4: a divisor of gpus = 6"),
@@ -402,6 +404,11 @@ fn regime_keys_resolve_with_their_defaults_and_values() {
         ("[model]\npreset = \"smollm2-135m\"\n[train]\nprecision = \"bf16-mixed\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero3\"\noffload_optimizer = \"CPU\"\noffload_params = \"cpu\"\n".to_string(), |s| {
             let h = &s.hardware;
             h.gpus == 1 && h.sharding == Sharding::Zero3 && h.offload_optimizer == Offload::Cpu && h.offload_params == Offload::Cpu
+        }),
+        // gpu = "cpu" with gpus = N: N processes on one host, each sharding over all N.
+        ("[model]\npreset = \"smollm2-135m\"\n[train]\nprecision = \"bf16-mixed\"\n[hardware]\ngpu = \"cpu\"\ngpus = 4\nsharding = \"fsdp2\"\nreshard_after_forward = false\n".to_string(), |s| {
+            let h = &s.hardware;
+            !h.device.is_cuda() && h.gpus == 4 && h.shard_group() == 4 && !h.reshard_after_forward
         }),
     ];
     for (src, check) in rows {

@@ -231,8 +231,9 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let fwd = forward(&mut s, &run);
+    let prefetched = shard::root_prefetch(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
-    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads);
+    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads, prefetched);
     s.phase("backward: embedding");
     let emb = run
         .params
@@ -241,6 +242,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let emb: Vec<&Param> = emb.collect();
     run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
+    shard::end_of_backward(&mut s, &run, &mut grads);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
     }
@@ -335,6 +337,7 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
     let mut grads = Grads::new(&run.trainable, gd, run.stage >= 2, run.shards);
     grads.pre_reduce = shard::pre_reduce(run);
     grads.to_host = shard::grads_to_host(run);
+    grads.fsdp2 = shard::reducer(run);
     if run.t.grad_accum > 1 && !grads.to_host {
         grads.all_persistent(s);
     }
@@ -592,16 +595,17 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
     gn
 }
 
-/// Backward through the blocks, last first; returns the gradient of the embedding output.
+/// Backward through the blocks, last first, the last block's gathered parameters already
+/// `prefetched` under FSDP2; returns the gradient of the embedding output.
 fn blocks_backward(
     s: &mut Step,
     run: &Run,
     mut frames: Vec<Frame>,
     mut g: TensorId,
     grads: &mut Grads,
+    mut prefetched: Option<TensorId>,
 ) -> TensorId {
     let (d, ck) = (&run.d, run.t.checkpointing);
-    let mut prefetched = None;
     for l in (0..run.layers).rev() {
         let blk = run.block(l);
         let whole = run.whole(l);
@@ -648,6 +652,7 @@ fn blocks_backward(
         s.free(g);
         g = gi;
         s.free(frame.input);
+        shard::post_backward(s, run, grads, Some(l));
     }
     g
 }
@@ -778,11 +783,13 @@ struct Grads {
     sharded: bool,
     shards: u64,
     /// The full-size buffers a gradient passes through before its reduce-scatter, by dtype
-    /// (ZeRO: the gradient itself; FSDP2: the unsharded gradient and the flat reduce input).
+    /// (ZeRO: the gradient itself; FSDP2 reduces whole groups through `fsdp2` instead).
     pre_reduce: Vec<DType>,
     /// DeepSpeed's offload: each gradient is copied to the host once reduced, and none
     /// stays on the device.
     to_host: bool,
+    /// FSDP2: the unsharded gradients waiting for their group's reduce-scatter.
+    fsdp2: Option<shard::Reducer>,
 }
 
 impl Grads {
@@ -794,6 +801,7 @@ impl Grads {
             shards: shards.max(1),
             pre_reduce: vec![dtype],
             to_host: false,
+            fsdp2: None,
         }
     }
 
@@ -838,6 +846,10 @@ impl Grads {
                     Component::Temporaries,
                     Layout::new(&full.shape, d.c),
                 );
+            }
+            if let Some(r) = self.fsdp2.as_mut() {
+                r.unsharded(s, i, p, full);
+                continue;
             }
             match self.ids[i] {
                 Some(_) => s.transient(
