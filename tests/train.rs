@@ -1052,6 +1052,34 @@ fn train_on_all_keeps_prompt_response_rows_as_text_documents() {
         assert!(text(&o).contains(expect), "{on}: {}", text(&o));
         val.push(summary(&out)["val_loss"].as_f64().unwrap());
     }
+    // The checkpoint keeps the choice: a resume without --train-on goes on with `all`,
+    // and one that changes it says so.
+    let out = dir.join("all");
+    let resume = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--resume",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let o = resume("3", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(--train-on all)"), "{}", text(&o));
+    let o = resume("4", &["--train-on", "response"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("--train-on response (was all)"),
+        "{}",
+        text(&o)
+    );
     // Different tokens are scored: the held-out text's every byte, or the responses'.
     assert!((val[0] - val[1]).abs() > 1e-3, "{val:?}");
 }

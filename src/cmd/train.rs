@@ -37,8 +37,9 @@ pub struct Args {
     /// What prompt/response data trains on: `response` (SFT: one example a row, the loss
     /// on the response's tokens only; with the tokenizer's chat template when its
     /// tokenizer_config.json has one) or `all` (each row a text document, every token).
-    #[arg(long, default_value = "response", value_name = "response|all")]
-    pub train_on: String,
+    /// Default: `response`, or on `--resume` what the run was started with.
+    #[arg(long, value_name = "response|all")]
+    pub train_on: Option<String>,
     /// Optimizer steps (default: the plan's `train.steps`, else 1000).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -404,7 +405,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         stop_at: a.stop_at,
         data: a.data.clone(),
         tokenizer,
-        train_on: train_on(&a.train_on)?,
+        train_on: train_on(a.train_on.as_deref(), prior.as_ref())?,
         hf_config: planned
             .init
             .as_ref()
@@ -436,8 +437,14 @@ fn init_dir(
         .and_then(|m| m.init.as_ref().map(PathBuf::from)))
 }
 
-/// `--train-on`'s value.
-fn train_on(v: &str) -> Result<engine::sft::TrainOn> {
+/// `--train-on`'s value, else on `--resume` the checkpoint's, else `response`.
+fn train_on(
+    flag: Option<&str>,
+    prior: Option<&engine::checkpoint::Meta>,
+) -> Result<engine::sft::TrainOn> {
+    let v = flag
+        .or(prior.and_then(|m| m.train_on.as_deref()))
+        .unwrap_or("response");
     match v {
         "response" => Ok(engine::sft::TrainOn::Response),
         "all" => Ok(engine::sft::TrainOn::All),

@@ -45,6 +45,9 @@ pub struct Meta {
     /// The validation loss at `step`, when it was measured (what `keep_best` ranks by).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// `--train-on` (`response` or `all`); absent in checkpoints written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_on: Option<String>,
     /// Whether ids come from `OUT/tokenizer.json` rather than bytes.
     #[serde(default)]
     pub tokenizer: bool,

@@ -45,6 +45,7 @@ fn meta(step: u64, val_loss: Option<f64>) -> Meta {
         learning_rate: 1e-3,
         last_loss: 1.0,
         val_loss,
+        train_on: None,
         tokenizer: false,
         checksums: BTreeMap::new(),
         hf_config: None,
@@ -180,4 +181,28 @@ fn pruning_keeps_the_newest_and_the_best() {
         ]
     );
     std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn resume_says_when_train_on_changes() {
+    use crate::engine::rundir::{check_resume, Asked};
+    let mut m = meta(3, None);
+    let asked = |train_on| Asked {
+        plan: "[model]\n",
+        seed: 0,
+        lr: 1e-3,
+        steps: 10,
+        train_on,
+    };
+    let dir = Path::new("run");
+    // A checkpoint written before the choice was kept says nothing.
+    assert!(check_resume(dir, &m, &asked("all")).unwrap().is_empty());
+    m.train_on = Some("response".into());
+    assert!(check_resume(dir, &m, &asked("response"))
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        check_resume(dir, &m, &asked("all")).unwrap(),
+        ["--train-on all (was response)"]
+    );
 }

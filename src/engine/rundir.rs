@@ -145,11 +145,12 @@ pub struct Asked<'a> {
     pub seed: u64,
     pub lr: f64,
     pub steps: u64,
+    pub train_on: &'a str,
 }
 
 /// Checks that the checkpoint in `dir` (with `meta`) was written by this run: the same
 /// model and the same seed, else one line of bad input. Returns a note for each setting
-/// the resumed run changes (the plan's training keys, `--lr`, `--steps`).
+/// the resumed run changes (the plan's training keys, `--lr`, `--steps`, `--train-on`).
 pub fn check_resume(dir: &Path, meta: &Meta, asked: &Asked) -> Result<Vec<String>> {
     let name = dir.display().to_string();
     let same_plan = if meta.plan_hash.is_empty() {
@@ -186,6 +187,9 @@ pub fn check_resume(dir: &Path, meta: &Meta, asked: &Asked) -> Result<Vec<String
             "--steps {} (was {})",
             asked.steps, meta.total_steps
         ));
+    }
+    if let Some(was) = meta.train_on.as_deref().filter(|w| *w != asked.train_on) {
+        notes.push(format!("--train-on {} (was {was})", asked.train_on));
     }
     Ok(notes)
 }

@@ -137,6 +137,16 @@ pub enum TrainOn {
     All,
 }
 
+impl TrainOn {
+    /// `--train-on`'s word for it, as checkpoints record it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainOn::Response => "response",
+            TrainOn::All => "all",
+        }
+    }
+}
+
 /// How prompt/response examples become tokens.
 pub struct Formatter {
     template: Option<Template>,

@@ -391,6 +391,7 @@ impl<'a, 'c> Run<'a, 'c> {
             seed: o.seed,
             lr: o.lr,
             steps: o.steps,
+            train_on: o.train_on.name(),
         };
         for note in rundir::check_resume(&l.dir, &l.meta, &asked)? {
             eprintln!("note: resuming {}: {note}", l.dir.display());
@@ -605,6 +606,7 @@ impl Checkpointer<'_> {
             learning_rate: o.lr,
             last_loss: line.loss,
             val_loss: line.val_loss,
+            train_on: Some(o.train_on.name().into()),
             tokenizer: o.tokenizer.is_some(),
             checksums: Default::default(),
             hf_config: o.hf_config.clone(),
