@@ -163,28 +163,14 @@ fn adapter_gradients_match_finite_differences_and_the_base_gets_none() {
         for (name, var) in &m.params {
             let gv = flat(&g[name]);
             assert!(gv.iter().any(|v| v.abs() > 1e-9), "{arch} {name}: zero");
-            let mut w = flat(var.as_tensor());
-            let shape = var.as_tensor().shape().clone();
-            let big = (0..gv.len())
-                .max_by(|a, b| gv[*a].abs().total_cmp(&gv[*b].abs()))
-                .unwrap();
-            for i in [big, 0, gv.len() / 2, gv.len() - 1] {
-                let (h, orig) = (1e-5, w[i]);
-                let mut at = |v: f64| {
-                    w[i] = v;
-                    var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    eval_loss(&m, &x, &y, B, B * T).unwrap()
-                };
-                let fd = (at(orig + h) - at(orig - h)) / (2.0 * h);
-                at(orig);
-                let err = (fd - gv[i]).abs();
-                assert!(
-                    err <= 1e-6 + 1e-5 * gv[big].abs(),
-                    "{arch} {name}[{i}]: backward {} vs finite difference {fd}",
-                    gv[i]
-                );
-            }
+            let spread = [0, gv.len() / 2, gv.len() - 1];
+            crate::engine::tests::assert_finite_differences(
+                var,
+                &gv,
+                &spread,
+                &format!("{arch} {name}"),
+                || eval_loss(&m, &x, &y, B, B * T).unwrap(),
+            );
         }
         // The memory savers give the same adapter gradients.
         for opts in [

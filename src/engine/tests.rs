@@ -101,32 +101,44 @@ fn every_parameter_matches_finite_differences() {
                 gv.iter().any(|v| v.abs() > 1e-9),
                 "{arch} {name}: zero gradient"
             );
-            let mut w = flat(var.as_tensor());
-            let shape = var.as_tensor().shape().clone();
-            // The largest entry and a few spread over the tensor.
-            let big = (0..gv.len())
-                .max_by(|a, b| gv[*a].abs().total_cmp(&gv[*b].abs()))
-                .unwrap();
-            let picks = [big, 0, gv.len() / 3, gv.len() / 2, gv.len() - 1];
-            for &i in &picks {
-                let h = 1e-5;
-                let orig = w[i];
-                let mut at = |v: f64| {
-                    w[i] = v;
-                    var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    eval_loss(&m, &x, &y, B, B * T).unwrap()
-                };
-                let fd = (at(orig + h) - at(orig - h)) / (2.0 * h);
-                at(orig);
-                let err = (fd - gv[i]).abs();
-                assert!(
-                    err <= 1e-6 + 1e-5 * gv[big].abs(),
-                    "{arch} {name}[{i}]: backward {} vs finite difference {fd}",
-                    gv[i]
-                );
-            }
+            let spread = [0, gv.len() / 3, gv.len() / 2, gv.len() - 1];
+            assert_finite_differences(var, &gv, &spread, &format!("{arch} {name}"), || {
+                eval_loss(&m, &x, &y, B, B * T).unwrap()
+            });
         }
+    }
+}
+
+/// Asserts that `grad`, the backward's gradient of `var` flattened, is central finite
+/// differences' of `loss` at its largest entry and at the indices `spread`.
+pub(super) fn assert_finite_differences(
+    var: &candle_core::Var,
+    grad: &[f64],
+    spread: &[usize],
+    what: &str,
+    mut loss: impl FnMut() -> f64,
+) {
+    let mut w = flat(var.as_tensor());
+    let shape = var.as_tensor().shape().clone();
+    let big = (0..grad.len())
+        .max_by(|a, b| grad[*a].abs().total_cmp(&grad[*b].abs()))
+        .unwrap();
+    for &i in std::iter::once(&big).chain(spread) {
+        let (h, orig) = (1e-5, w[i]);
+        let mut at = |v: f64| {
+            w[i] = v;
+            var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss()
+        };
+        let fd = (at(orig + h) - at(orig - h)) / (2.0 * h);
+        at(orig);
+        let err = (fd - grad[i]).abs();
+        assert!(
+            err <= 1e-6 + 1e-5 * grad[big].abs(),
+            "{what}[{i}]: backward {} vs finite difference {fd}",
+            grad[i]
+        );
     }
 }
 
