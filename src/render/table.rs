@@ -165,8 +165,14 @@ pub fn headline(s: &RunSpec) -> String {
         Device::Gpu(g) => format!("{} × {} ({})", s.hardware.gpus, g.name, g.display),
         Device::Cpu { .. } => "cpu".into(),
     };
+    // On the CPU, gpus = N is N processes on one host (FSDP2 over gloo).
+    let ranks = if s.hardware.device.is_cuda() {
+        "GPU(s)"
+    } else {
+        "process(es)"
+    };
     format!(
-        "{} on {}, {} engine{}\nmicro-batch {} × seq {} × accumulation {} × {} GPU(s) = {} tokens per step\n{}, {}, checkpointing {}, loss {}, attention {}, {}\n",
+        "{} on {}, {} engine{}\nmicro-batch {} × seq {} × accumulation {} × {} {ranks} = {} tokens per step\n{}, {}, checkpointing {}, loss {}, attention {}, {}\n",
         s.model.name,
         dev,
         t.engine,

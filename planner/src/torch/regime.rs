@@ -186,7 +186,12 @@ pub fn describe(spec: &RunSpec) -> String {
     }
     if h.sharding == Sharding::Fsdp2 {
         let group = h.shard_group();
-        let mut s = format!("FSDP2 over {group} GPU(s)");
+        let ranks = if h.device.is_cuda() {
+            "GPU(s)"
+        } else {
+            "CPU processes"
+        };
+        let mut s = format!("FSDP2 over {group} {ranks}");
         if group < h.gpus {
             s.push_str(&format!(", replicated {}×", h.gpus / group));
         }
