@@ -25,8 +25,8 @@ pub struct Caps {
     pub compile: Option<bool>,
     pub offload_activations: bool,
     pub optimizer_in_backward: bool,
-    /// DeepSpeed's CPU offload of the optimizer and parameters (DeepSpeed's file, and
-    /// accelerate's `deepspeed_config`).
+    /// DeepSpeed's CPU offload of the optimizer and parameters (DeepSpeed's file,
+    /// accelerate's `deepspeed_config`, the Trainer's and axolotl's `deepspeed` section).
     pub offload_state: bool,
 }
 
@@ -83,7 +83,7 @@ pub const CAPS: &[Caps] = &[
         lora: true,
         compile: Some(true),
         offload_activations: true,
-        offload_state: false,
+        offload_state: true,
         optimizer_in_backward: false,
     },
     Caps {
@@ -176,7 +176,7 @@ pub const CAPS: &[Caps] = &[
         lora: true,
         compile: Some(true),
         offload_activations: true,
-        offload_state: false,
+        offload_state: true,
         optimizer_in_backward: false,
     },
     Caps {
@@ -280,12 +280,12 @@ fn missing_switch(c: &Caps, s: &RunSpec) -> Option<&'static str> {
         (
             h.offload_optimizer == Offload::Cpu,
             c.offload_state,
-            "offload_optimizer = \"cpu\" (DeepSpeed's ZeRO-Offload: DeepSpeed and accelerate with DeepSpeed run it)",
+            "offload_optimizer = \"cpu\" (DeepSpeed's ZeRO-Offload: DeepSpeed, and the Trainer, accelerate and axolotl with DeepSpeed, run it)",
         ),
         (
             h.offload_params == Offload::Cpu,
             c.offload_state,
-            "offload_params = \"cpu\" (DeepSpeed's parameter offload: DeepSpeed and accelerate with DeepSpeed run it)",
+            "offload_params = \"cpu\" (DeepSpeed's parameter offload: DeepSpeed, and the Trainer, accelerate and axolotl with DeepSpeed, run it)",
         ),
     ];
     switches

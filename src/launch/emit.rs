@@ -173,6 +173,15 @@ fn deepspeed_dict(s: &RunSpec) -> Value {
     if s.train.precision == Precision::Bf16Mixed {
         v["bf16"] = serde_json::json!({"enabled": "auto"});
     }
+    let h = &s.hardware;
+    for (key, o) in [
+        ("offload_optimizer", h.offload_optimizer),
+        ("offload_param", h.offload_params),
+    ] {
+        if let Some(device) = offload(o) {
+            v["zero_optimization"][key] = serde_json::json!({ "device": device });
+        }
+    }
     v
 }
 

@@ -390,11 +390,16 @@ pub fn show(v: &Value) -> String {
     }
 }
 
-/// The value's dotted keys, in the file's order of nesting; lists are single values.
+/// The value's dotted keys, in the file's order of nesting; lists are single values, and
+/// so is a top-level `deepspeed` dict (the Trainer's and axolotl's inline DeepSpeed
+/// config, which the DeepSpeed reader reads whole).
 pub fn flatten(v: &Value) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
         match v {
+            Value::Object(m) if prefix == "deepspeed" && !m.is_empty() => {
+                out.push((prefix.to_string(), v.clone()))
+            }
             Value::Object(m) if !m.is_empty() || prefix.is_empty() => {
                 for (k, x) in m {
                     let key = if prefix.is_empty() {
@@ -719,9 +724,9 @@ mod tests {
 
     #[test]
     fn flatten_keeps_lists_whole_and_nests_with_dots() {
-        let v = json!({"a": {"b": 1, "c": [1, 2]}, "d": {}});
+        let v = json!({"a": {"b": 1, "c": [1, 2]}, "d": {}, "deepspeed": {"zero_optimization": {"stage": 3}}, "e": {"deepspeed": {"f": 1}}});
         let keys: Vec<String> = flatten(&v).into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, ["a.b", "a.c", "d"]);
+        assert_eq!(keys, ["a.b", "a.c", "d", "deepspeed", "e.deepspeed.f"]);
     }
 
     /// A row after a wildcard that covers it would never be read.
