@@ -46,10 +46,30 @@ pub struct Candidate {
     pub grad_accum: u64,
     pub checkpointing: Checkpointing,
     pub loss: LossMode,
+    /// Rows per chunk of the chunked loss when the search made them fewer than the run's
+    /// `loss_chunk` (None when the run's chunk is kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_chunk: Option<u64>,
     pub fits: bool,
     pub report: Report,
     #[serde(skip)]
     pub spec: RunSpec,
+}
+
+impl Candidate {
+    /// The loss as the tables name it (see [`loss_label`]).
+    pub fn loss_label(&self) -> String {
+        loss_label(self.loss, self.loss_chunk)
+    }
+}
+
+/// A loss mode as the tables name it: the mode, and the chunk's rows when the search
+/// changed them ("chunked by 256 rows").
+pub fn loss_label(loss: LossMode, chunk: Option<u64>) -> String {
+    match chunk {
+        Some(rows) => format!("{loss} by {rows} rows"),
+        None => loss.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,14 +218,25 @@ fn stops_at_first_miss(spec: &RunSpec) -> bool {
     spec.train.engine == Engine::Torch
 }
 
-/// Estimates one candidate, with its step's timeline still in its report.
-fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u64) -> Candidate {
+/// Estimates one candidate, with its step's timeline still in its report. `chunk`: rows
+/// per loss chunk in place of the run's.
+fn estimated(
+    req: &FitRequest,
+    seq: u64,
+    per_gpu: Option<u64>,
+    mode: Mode,
+    mb: u64,
+    chunk: Option<u64>,
+) -> Candidate {
     let mut spec = req.base.clone();
     spec.train.seq_len = seq;
     spec.train.micro_batch = mb;
     spec.train.grad_accum = per_gpu.map(|g| g / mb).unwrap_or(1);
     spec.train.checkpointing = mode.0;
     spec.train.loss = mode.1;
+    if let Some(rows) = chunk {
+        spec.train.loss_chunk = rows;
+    }
     let report = estimate(&spec);
     Candidate {
         micro_batch: mb,
@@ -213,10 +244,31 @@ fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u
         grad_accum: spec.train.grad_accum,
         checkpointing: mode.0,
         loss: mode.1,
+        loss_chunk: chunk,
         fits: report.fits_with_margin(req.margin),
         report,
         spec,
     }
+}
+
+/// The fewest rows `fit` gives a loss chunk: TRL's chunked NLL measured 256-row chunks
+/// as the knee of memory against time (`REFERENCES.md`).
+pub const MIN_LOSS_CHUNK: u64 = 256;
+
+/// One candidate. A chunked loss that does not fit while its peak is in the loss tries
+/// chunks of half the rows, down to [`MIN_LOSS_CHUNK`], and is the first that fits (or
+/// the smallest): a chunk of the run's size may be the whole micro-batch.
+fn candidate(req: &FitRequest, seq: u64, per_gpu: Option<u64>, mode: Mode, mb: u64) -> Candidate {
+    let mut c = estimated(req, seq, per_gpu, mode, mb, None);
+    if mode.1 != LossMode::Chunked || req.keep.contains(&Change::Loss) {
+        return c;
+    }
+    let mut rows = req.base.train.loss_chunk.min(mb * seq);
+    while !c.fits && c.report.peak_phase.ends_with("loss") && rows > MIN_LOSS_CHUNK {
+        rows = (rows / 2).max(MIN_LOSS_CHUNK);
+        c = estimated(req, seq, per_gpu, mode, mb, Some(rows));
+    }
+    c
 }
 
 /// (checkpointing, loss) of a candidate.
@@ -364,7 +416,7 @@ fn no_solution(req: &FitRequest, miss: &Miss) -> PlanError {
                 c.micro_batch,
                 c.seq_len,
                 c.checkpointing,
-                c.loss,
+                c.loss_label(),
                 crate::Bytes(c.report.device_bytes),
                 crate::Bytes(c.report.capacity_bytes)
             )
@@ -557,6 +609,52 @@ mod tests {
             allow_fused: false,
             keep: Vec::new(),
         }
+    }
+
+    /// A chunked loss whose chunk (the run's, here the whole micro-batch) does not fit is
+    /// tried with half the rows until one fits; the candidate is the first that does and
+    /// its plan has that chunk. Where the run's chunk fits, it is kept.
+    #[test]
+    fn a_chunked_loss_that_does_not_fit_takes_fewer_rows() {
+        let mut req = request(GlobalBatch::Sequences(1));
+        req.base.hardware.device = crate::spec::Device::Gpu(
+            crate::Presets::builtin()
+                .unwrap()
+                .gpu("rtx4060-laptop-8gb")
+                .unwrap()
+                .clone(),
+        );
+        req.seq_len = Some(4096);
+        req.keep = vec![Change::Checkpointing];
+        let t = &mut req.base.train;
+        (t.seq_len, t.checkpointing, t.loss_chunk) = (4096, Checkpointing::Full, 4096);
+        let at = |rows: u64| {
+            let mut s = req.base.clone();
+            (s.train.micro_batch, s.train.loss, s.train.loss_chunk) = (1, LossMode::Chunked, rows);
+            estimate(&s)
+        };
+        let (whole, quarter) = (at(4096).device_bytes, at(1024).device_bytes);
+        assert!(quarter < whole, "{quarter} {whole}");
+        let capacity = at(4096).capacity_bytes as f64;
+        req.margin = 1.0 - (whole + quarter) as f64 / 2.0 / capacity;
+        let best = fit(&req).unwrap().best;
+        let rows = best.loss_chunk.expect("a smaller chunk");
+        assert_eq!(
+            (best.loss, best.spec.train.loss_chunk),
+            (LossMode::Chunked, rows)
+        );
+        assert!(best.fits && rows < 4096);
+        assert!(
+            !at(rows * 2).fits_with_margin(req.margin),
+            "the first that fits"
+        );
+        assert_eq!(best.loss_label(), format!("chunked by {rows} rows"));
+        req.margin = 0.1;
+        assert_eq!(fit(&req).unwrap().best.loss_chunk, None);
+        req.margin = 1.0 - (whole + quarter) as f64 / 2.0 / capacity;
+        req.keep.push(Change::Loss);
+        req.base.train.loss = LossMode::Chunked;
+        assert!(fit(&req).is_err(), "--keep loss keeps the run's chunk");
     }
 
     /// Regression: `fit --global-batch 18446744073709551615` never returned.

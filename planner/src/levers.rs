@@ -114,6 +114,9 @@ pub struct Shorter {
     pub grad_accum: u64,
     pub checkpointing: crate::spec::Checkpointing,
     pub loss: crate::spec::LossMode,
+    /// The loss chunk's rows when the search changed them ([`Candidate::loss_chunk`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_chunk: Option<u64>,
 }
 
 impl Ladder {
@@ -450,6 +453,7 @@ pub fn shorter(req: &FitRequest) -> Option<Shorter> {
             grad_accum: b.grad_accum,
             checkpointing: b.checkpointing,
             loss: b.loss,
+            loss_chunk: b.loss_chunk,
         })
     })
 }
@@ -540,6 +544,9 @@ mod tests {
             want.train.grad_accum = best.grad_accum;
             want.train.checkpointing = best.checkpointing;
             want.train.loss = best.loss;
+            if let Some(rows) = best.loss_chunk {
+                want.train.loss_chunk = rows;
+            }
             assert_eq!(best.spec, want, "{:?}", a.levers);
             assert_eq!(resolve(&raw_with(raw, &a.levers, &best.spec)), best.spec);
         }

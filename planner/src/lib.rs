@@ -38,7 +38,7 @@ pub use diagnose::{
 };
 pub use error::{quote, PlanError, Result, QUOTE_CHARS};
 pub use fit::{
-    fit, fit_exhaustive, fit_first, try_fit, Attempt, Candidate, FitRequest, FitResult,
+    fit, fit_exhaustive, fit_first, loss_label, try_fit, Attempt, Candidate, FitRequest, FitResult,
     GlobalBatch, Miss,
 };
 pub use hf::hf_config;

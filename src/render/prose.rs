@@ -393,7 +393,11 @@ fn offload_cost(base: &RunSpec, l: Lever, shown: Option<&Candidate>) -> String {
 pub fn candidate(c: &Candidate) -> String {
     format!(
         "micro-batch {} × accumulation {} at seq {}, checkpointing {}, loss {}",
-        c.micro_batch, c.grad_accum, c.seq_len, c.checkpointing, c.loss
+        c.micro_batch,
+        c.grad_accum,
+        c.seq_len,
+        c.checkpointing,
+        c.loss_label()
     )
 }
 

@@ -459,7 +459,7 @@ pub fn fit(f: &FitResult, top: usize) -> String {
             c.seq_len.to_string(),
             c.grad_accum.to_string(),
             c.checkpointing.to_string(),
-            c.loss.to_string(),
+            c.loss_label(),
             Bytes(c.report.device_bytes).to_string(),
             if c.fits { "yes" } else { "no" }.to_string(),
             format!("{:.0}", c.report.est_tokens_per_second),
@@ -479,7 +479,7 @@ pub fn fit(f: &FitResult, top: usize) -> String {
         b.grad_accum,
         b.seq_len,
         b.checkpointing,
-        b.loss,
+        b.loss_label(),
         verdict(&b.report),
         f.margin * 100.0
     );
@@ -541,7 +541,10 @@ pub fn ladder(base: &RunSpec, l: &Ladder) -> String {
             Some(c) => (
                 format!(
                     "{} × {}, {}, {}",
-                    c.micro_batch, c.grad_accum, c.checkpointing, c.loss
+                    c.micro_batch,
+                    c.grad_accum,
+                    c.checkpointing,
+                    c.loss_label()
                 ),
                 Bytes(c.report.device_bytes).to_string(),
             ),
@@ -593,7 +596,7 @@ fn shorter(l: &Ladder) -> Option<String> {
             s.micro_batch,
             s.grad_accum,
             s.checkpointing,
-            s.loss,
+            vramplan_planner::loss_label(s.loss, s.loss_chunk),
             Bytes(s.peak_allocated_bytes),
             Bytes(s.device_bytes)
         ),
