@@ -74,8 +74,8 @@ pub struct Args {
     /// Default: ddp (or the --from file's).
     #[arg(long)]
     pub sharding: Option<String>,
-    /// Memory to keep free, as a percentage ("10%") or a fraction ("0.1").
-    #[arg(long, default_value = "10%")]
+    /// Memory to keep free, as a percentage ("5%") or a fraction ("0.05") of the card (docs/model.md, "The margin")
+    #[arg(long, default_value = "5%")]
     pub margin: String,
     /// Also consider a fused linear + cross-entropy loss (the training code must provide one).
     #[arg(long)]
