@@ -81,20 +81,15 @@ fn restored(spec: &vramplan_planner::ModelSpec, l: &checkpoint::Loaded) -> Model
     m
 }
 
-/// Trains `case` from its checkpoint for `steps` steps into `out` and exports the run to
-/// `export`.
-fn train_and_export(case: &str, steps: &str, out: &Path, export: &Path) {
+/// `vramplan train ARGS --out OUT` (logging once a hundred steps), then `vramplan export
+/// OUT --out EXPORT`; what `export` said.
+fn train_then_export(args: &[&str], out: &Path, export: &Path) -> String {
     let o = run(&[
-        "train",
-        "--init",
-        data(case).to_str().unwrap(),
-        "--steps",
-        steps,
-        "--out",
-        out.to_str().unwrap(),
-        "--log-every",
-        "100",
-    ]);
+        &["train"],
+        args,
+        &["--out", out.to_str().unwrap(), "--log-every", "100"],
+    ]
+    .concat());
     assert!(o.status.success(), "{}", text(&o));
     let o = run(&[
         "export",
@@ -103,11 +98,26 @@ fn train_and_export(case: &str, steps: &str, out: &Path, export: &Path) {
         export.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        text(&o).contains("config.json, model.safetensors (f32)"),
-        "{}",
-        text(&o)
+    text(&o)
+}
+
+/// Trains `case` from its checkpoint for `steps` steps (the built-in corpus) into `out`
+/// and exports the run to `export`.
+fn train_and_export(case: &str, steps: &str, out: &Path, export: &Path) {
+    let said = train_then_export(
+        &["--init", data(case).to_str().unwrap(), "--steps", steps],
+        out,
+        export,
     );
+    assert!(
+        said.contains("config.json, model.safetensors (f32)"),
+        "{said}"
+    );
+}
+
+/// The prompt/response rows the SFT runs train on.
+fn sft_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft_sft.jsonl")
 }
 
 #[test]
@@ -216,14 +226,29 @@ fn a_plan_whose_model_is_not_the_checkpoints_is_refused() {
 #[test]
 fn transformers_loads_an_exported_run_with_the_engines_logits() {
     // Reference: tests/data/hf_tiny/exported/CASE.json, transformers 5.24.0's
-    // `from_pretrained` on the export of `train --init CASE --steps 2` (seed 0, the
-    // built-in corpus); the weights moved by training (logits up to 0.96 away from the
-    // untrained checkpoint's). The run is repeated here: its export must give them.
+    // `from_pretrained` on the export of `train --init CASE --data
+    // tests/data/peft_sft.jsonl --steps 50` (full fine-tuning SFT, seed 0). The run is
+    // repeated here: it learns, and its export must give those logits.
     for case in ["llama", "qwen3"] {
         let d = tmp(&format!("exported-{case}"));
         let (out, export) = (d.join("run"), d.join("hf"));
-        train_and_export(case, "2", &out, &export);
+        let (init, sft) = (data(case), sft_data());
+        let args = [
+            "--init",
+            init.to_str().unwrap(),
+            "--data",
+            sft.to_str().unwrap(),
+        ];
+        train_then_export(&[&args[..], &["--steps", "50"]].concat(), &out, &export);
+        let losses = crate::train::losses(&out);
+        let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+        assert!(last < 0.7 * first, "{case}: SFT loss {first} → {last}");
         let (tokens, want) = reference(&data("exported").join(format!("{case}.json")));
+        let (_, untrained) = reference(&data(case).join("reference.json"));
+        assert!(
+            max_diff(&want, &untrained) > 0.05,
+            "{case}: training moved the logits"
+        );
         let (_, model) = hf::load_model(&export).unwrap();
         let diff = max_diff(&logits_of(&model, &tokens), &want);
         assert!(diff <= 1e-4, "{case}: max |engine − transformers| = {diff}");
@@ -363,30 +388,18 @@ fn peft_data(case: &str) -> PathBuf {
 }
 
 /// `train tests/data/peft_CASE/plan.toml --init CASE --data tests/data/peft_sft.jsonl`
-/// (LoRA SFT, 12 steps) into `out`, exported to `export`.
+/// (LoRA SFT, 50 steps) into `out`, exported to `export`.
 fn lora_sft_and_export(case: &str, out: &Path, export: &Path) -> String {
-    let sft = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft_sft.jsonl");
-    let o = run(&[
-        "train",
-        peft_data(case).join("plan.toml").to_str().unwrap(),
+    let plan = peft_data(case).join("plan.toml");
+    let (plan, init, sft) = (plan.to_str().unwrap(), data(case), sft_data());
+    let args = [
+        plan,
         "--init",
-        data(case).to_str().unwrap(),
+        init.to_str().unwrap(),
         "--data",
         sft.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--log-every",
-        "100",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = run(&[
-        "export",
-        out.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o)
+    ];
+    train_then_export(&args, out, export)
 }
 
 #[test]

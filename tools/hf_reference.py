@@ -10,8 +10,8 @@
     python tools/hf_reference.py logits DIR [--json OUT]
         Loads DIR with AutoModelForCausalLM.from_pretrained (an exported folder) and
         writes its logits for the same token sequence. tests/data/hf_tiny/exported/CASE.json
-        are these for `vramplan train --init tests/data/hf_tiny/CASE --steps 2 --out RUN`
-        then `vramplan export RUN --out DIR`.
+        are these for `vramplan train --init tests/data/hf_tiny/CASE --data
+        tests/data/peft_sft.jsonl --steps 50 --out RUN` then `vramplan export RUN --out DIR`.
 
 Needs torch and transformers; the test reads only the committed files.
 """
