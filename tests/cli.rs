@@ -732,23 +732,26 @@ fn fit_seq_len_list_takes_the_first_that_fits() {
     );
 }
 
+/// Issue 11's 8 GB case (the sequence length is the eighth argument).
+const QLORA_8GB: [&str; 10] = [
+    "fit",
+    "--gpu",
+    "rtx4060-laptop-8gb",
+    "--model",
+    "qwen3-8b",
+    "--qlora",
+    "--seq-len",
+    "1024",
+    "--global-batch",
+    "16",
+];
+
 /// Issue 11's 8 GB case: QLoRA of Qwen3-8B at seq 1024 × 16 fits the laptop card at the
 /// default margin once the loss is chunked by 256 rows (the run's 1,024-row chunk is the
 /// whole micro-batch: 8.5 GiB); the plan it writes is that chunk.
 #[test]
 fn qlora_of_qwen3_8b_fits_the_8_gb_laptop_card_at_1024() {
-    let args = [
-        "fit",
-        "--gpu",
-        "rtx4060-laptop-8gb",
-        "--model",
-        "qwen3-8b",
-        "--qlora",
-        "--seq-len",
-        "1024",
-        "--global-batch",
-        "16",
-    ];
+    let args = QLORA_8GB;
     let o = vramplan(&args);
     let text = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
@@ -784,20 +787,7 @@ fn qlora_of_qwen3_8b_fits_the_8_gb_laptop_card_at_1024() {
 /// whose device figure is the one named.
 #[test]
 fn fit_names_the_longest_shorter_length_that_fits() {
-    let args = [
-        "fit",
-        "--gpu",
-        "rtx4060-laptop-8gb",
-        "--model",
-        "qwen3-8b",
-        "--qlora",
-        "--seq-len",
-        "1024",
-        "--global-batch",
-        "16",
-        "--margin",
-        "10%",
-    ];
+    let args = [&QLORA_8GB[..], &["--margin", "10%"]].concat();
     let o = vramplan(&args);
     let text = stdout(&o);
     assert_eq!(o.status.code(), Some(3), "{text}");
