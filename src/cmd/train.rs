@@ -368,14 +368,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => (planned.loaded, planned.text, report),
     };
     let spec = &loaded.spec;
-    let tokenizer = a
-        .tokenizer
-        .clone()
-        .or(init_tokenizer(planned.init.as_ref()));
-    match &tokenizer {
-        Some(p) => drop(engine::load_tokenizer(p, spec)?),
-        None => engine::check_vocab(spec)?,
-    }
+    let tokenizer = tokenizer(&a, planned.init.as_ref(), spec, &report)?;
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
         refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
@@ -453,6 +446,29 @@ fn train_on(
             format!("{v:?}: expected response or all"),
         )),
     }
+}
+
+/// The run's tokenizer.json (`--tokenizer`, else `--init`'s, else none: bytes), checked
+/// against the model's vocabulary; says the estimate's warning a T5 plan has.
+fn tokenizer(
+    a: &Args,
+    init: Option<&hf::Pretrained>,
+    spec: &vramplan_planner::RunSpec,
+    report: &Report,
+) -> Result<Option<PathBuf>> {
+    if report
+        .warnings
+        .iter()
+        .any(|w| w == vramplan_planner::T5_CANDLE_UNCALIBRATED)
+    {
+        eprintln!("warning: {}", vramplan_planner::T5_CANDLE_UNCALIBRATED);
+    }
+    let tokenizer = a.tokenizer.clone().or(init_tokenizer(init));
+    match &tokenizer {
+        Some(p) => drop(engine::load_tokenizer(p, spec)?),
+        None => engine::check_vocab(spec)?,
+    }
+    Ok(tokenizer)
 }
 
 /// The tokenizer.json of the `--init` checkpoint, if it has one.

@@ -253,6 +253,11 @@ impl Formatter {
         }
     }
 
+    /// The text that ends a response (and a T5 prompt): the `eos_token`, else a blank line.
+    pub fn end(&self) -> &str {
+        self.eos.as_deref().unwrap_or("\n\n")
+    }
+
     /// Whether examples are T5's (encoder input, decoder labels).
     pub fn is_seq2seq(&self) -> bool {
         self.seq2seq.is_some()
@@ -403,7 +408,7 @@ impl Formatter {
         prompt: &str,
         response: &str,
     ) -> Result<Example> {
-        let end = self.eos.as_deref().unwrap_or("\n\n");
+        let end = self.end();
         let labels_text = format!("{response}{end}");
         let (enc, _) = tok.encode_offsets(name, &format!("{prompt}{end}"))?;
         let (labels, _) = tok.encode_offsets(name, &labels_text)?;
