@@ -14,15 +14,15 @@ use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Report}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Run config (TOML) with `engine = "candle"`, arch llama or nanochat. Without one, the
-    /// built-in run: a small nanochat GPT on a generated corpus.
+    /// Run config (TOML) with `engine = "candle"` (arch llama, qwen2, qwen3, nanochat or
+    /// t5). Without one, the built-in run: a small nanochat GPT on a generated corpus.
     pub plan: Option<PathBuf>,
     /// A model preset (see `vramplan models`) or a Hugging Face config.json, randomly
     /// initialized, in place of the plan's [model].
     #[arg(long, value_name = "NAME|config.json")]
     pub model: Option<String>,
     /// Start from a Hugging Face checkpoint folder (config.json, and model.safetensors or
-    /// the shards of model.safetensors.index.json): llama / SmolLM2, mistral, qwen2, qwen3.
+    /// the shards of model.safetensors.index.json): llama / SmolLM2, mistral, qwen2, qwen3, t5.
     /// Without a plan the model is its config's; with one, the plan's model must be it.
     /// Its tokenizer.json is the default --tokenizer.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]

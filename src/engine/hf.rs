@@ -8,9 +8,13 @@
 //! map one to one: the engine's `layers.N.self_attn.q_proj.weight` is transformers'
 //! `model.layers.N.self_attn.q_proj.weight`, `lm_head.weight` stays itself and is absent
 //! (or ignored) when the head is tied. Read: `model_type` llama (SmolLM2), mistral (its
-//! sliding window on every layer, as the engine's mask has it), qwen2, qwen3; refused
-//! with one line: another activation than SiLU, attention or MLP biases beyond Qwen2's,
-//! RoPE scaling, a tensor the model does not have or of another shape.
+//! sliding window on every layer, as the engine's mask has it), qwen2, qwen3, and t5
+//! (`encoder.block.N.layer.0.SelfAttention.q.weight` is the engine's
+//! `layers.N.self_attn.q.weight`, the decoder's blocks numbered after the encoder's; the
+//! shared embedding's saved copies are ignored); refused with one line: another
+//! activation than SiLU (T5: "relu" or "gated-gelu"), attention or MLP biases beyond
+//! Qwen2's, RoPE scaling, T5's untied head or other bucket counts, a tensor the model
+//! does not have or of another shape.
 //!
 //! Out (`vramplan export`): a folder `from_pretrained` loads: `config.json` (the one the
 //! run started from, else written from the plan), `model.safetensors` in f32 under

@@ -11,6 +11,8 @@
 //! - `qwen2` (`modeling_qwen2.py`): llama with biases on q, k and v.
 //! - `qwen3` (`modeling_qwen3.py`): llama with an RMSNorm (weights, width `head_dim`) on
 //!   each head of q and k before RoPE.
+//! - `t5` (`modeling_t5.py`, ChatLM-mini-Chinese): an encoder-decoder, its blocks in
+//!   [`crate::engine::t5`]; this `Model` holds its parameters, embedding and head.
 //!
 //! RMSNorm's epsilon and RoPE's base are the config's ([`Numerics`]); a plan without a
 //! config.json gets transformers' `LlamaConfig` defaults (1e-6, 10,000).
