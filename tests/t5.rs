@@ -461,3 +461,31 @@ fn a_t5_checkpoint_the_engine_cannot_run_is_one_line_and_exit_2() {
         assert_eq!(t.trim().lines().count(), 1, "{name}: {t}");
     }
 }
+
+#[test]
+fn a_t5_trains_on_jsonl_pairs_and_eval_gives_its_validation_loss() {
+    let dir = tmp("t5-jsonl");
+    let data = dir.join("sft.jsonl");
+    let lines: String = (0..40)
+        .map(|i| format!("{}\n", serde_json::json!({"prompt": format!("twice {i}"), "response": format!("{}", 2 * i)})))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let p = plan(&dir, "full");
+    let out = dir.join("out");
+    let o = run(&train_args(
+        p.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "4",
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let want = summary(&out)["val_loss"].as_f64().unwrap();
+    let o = run(&["eval", "--json", "--checkpoints", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["checkpoints"][0]["val_loss"].as_f64().unwrap();
+    assert_eq!(
+        got, want,
+        "eval of the last checkpoint vs the run's validation loss"
+    );
+}

@@ -42,7 +42,7 @@ pub const BUCKETS: usize = 32;
 /// The additive mask value for a padded key (transformers adds its dtype's minimum).
 const MASKED: f32 = -1e9;
 
-/// A parameter of block 0 of `stack`'s first block index `first`.
+/// The position-bias table of the stack whose block 0 is `layers.{first}`.
 fn bias_name(first: usize) -> String {
     format!("layers.{first}.self_attn.relative_attention_bias")
 }
