@@ -489,3 +489,24 @@ fn a_t5_trains_on_jsonl_pairs_and_eval_gives_its_validation_loss() {
         "eval of the last checkpoint vs the run's validation loss"
     );
 }
+
+#[test]
+fn estimate_says_in_one_warning_that_the_candle_inventory_does_not_model_t5() {
+    let dir = tmp("t5-estimate");
+    let p = plan(&dir, "full");
+    let o = run(&["estimate", p.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["warnings"],
+        serde_json::json!([vramplan_planner::T5_CANDLE_UNCALIBRATED])
+    );
+    // The same model on the torch engine keeps its (structural) estimate, unwarned.
+    let torch = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"candle\"", "\"torch\"");
+    std::fs::write(&p, torch).unwrap();
+    let o = run(&["estimate", p.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["warnings"], serde_json::json!([]), "{}", text(&o));
+}
