@@ -122,7 +122,8 @@ pub fn bucket(rel: i64, bidirectional: bool, buckets: usize, max_distance: usize
         return (base + n) as u32;
     }
     let ratio = (n as f32 / exact as f32).ln() / ((max_distance as f64 / exact as f64).ln() as f32);
-    let large = exact + (ratio * (nb - exact) as f32) as i64;
+    // A float past i64's range saturates (max_distance ≤ the exact buckets: all large).
+    let large = exact.saturating_add((ratio * (nb - exact) as f32) as i64);
     (base + large.min(nb - 1)) as u32
 }
 
@@ -545,6 +546,12 @@ mod tests {
         assert_eq!(bucket(500, true, 32, 128), 31);
         assert_eq!(bucket(-20, false, 32, 128), 17);
         assert_eq!(bucket(5, false, 32, 128), 0);
+        // 8 buckets up to distance 6, relative positions −5..=5 (encoder) and −5..=0
+        // (decoder), as transformers gives them.
+        let enc: Vec<u32> = (-5..=5).map(|r| bucket(r, true, 8, 6)).collect();
+        assert_eq!(enc, [3, 3, 2, 2, 1, 0, 5, 6, 6, 7, 7]);
+        let dec: Vec<u32> = (-5..=0).map(|r| bucket(r, false, 8, 6)).collect();
+        assert_eq!(dec, [6, 4, 3, 2, 1, 0]);
     }
 
     const B: usize = 2;
@@ -569,8 +576,9 @@ mod tests {
         }
     }
 
-    /// A tiny f64 T5 whose norms are not 1 and whose buckets reach the logarithmic ones
-    /// (max distance 4 over 6 positions).
+    /// A tiny f64 T5 whose norms are not 1 and whose 6 positions reach the logarithmic
+    /// buckets of both stacks (and the encoder's last): 8 of its 32 buckets are used, up
+    /// to distance 6 (see `buckets_are_transformers`).
     fn model(gated: bool) -> Model {
         let mut m = Model::new(
             &spec(gated),
@@ -580,7 +588,8 @@ mod tests {
             &mut Rng::new(3),
         )
         .unwrap();
-        m.numerics.rel_max_distance = 4;
+        m.numerics.rel_buckets = 8;
+        m.numerics.rel_max_distance = 6;
         let mut r = Rng::new(5);
         for (n, v) in &m.params {
             if n.contains("norm") {
