@@ -181,7 +181,7 @@ fn a_checkpoint_the_engine_cannot_run_is_one_line_and_exit_2() {
         ("shape", |v| v["intermediate_size"] = 128.into(), "model.layers.0.mlp.down_proj.weight has shape [64, 96]; the config's model needs [64, 128]"),
         ("untied", |v| v["tie_word_embeddings"] = false.into(), "no tensor lm_head.weight"),
         ("family", |v| v["model_type"] = "qwen3".into(), "no tensor model.layers.0.self_attn.k_norm.weight"),
-        ("gemma", |v| v["model_type"] = "gemma2".into(), "model_type = \"gemma2\": the engine loads llama, mistral, qwen2 and qwen3"),
+        ("gemma", |v| v["model_type"] = "gemma2".into(), "model_type = \"gemma2\": the engine loads llama, mistral, qwen2, qwen3 and t5"),
     ];
     for (name, edit, want) in cases {
         let d = tmp(&format!("bad-init-{name}"));

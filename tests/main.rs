@@ -7,4 +7,5 @@ mod launch;
 mod oom_corpus;
 mod parquet_data;
 mod run_folder;
+mod t5;
 mod train;

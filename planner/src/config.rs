@@ -583,27 +583,8 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "adamw | adamw-8bit | sgd | adafactor for t5",
         ));
     }
-    let candle_arch = matches!(
-        m.arch,
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Nanochat
-    );
-    if t.engine == Engine::Candle && !candle_arch {
-        return Err(PlanError::invalid(
-            "train.engine",
-            "\"candle\"",
-            format!(
-                "torch for arch {}; the candle engine trains llama, qwen2, qwen3 and nanochat",
-                m.arch
-            ),
-        ));
-    }
-    // The engine's attention has one mask for all layers: a window on every layer or none.
-    if t.engine == Engine::Candle && m.features.sliding_window > 0 && m.features.global_every > 0 {
-        return Err(PlanError::invalid(
-            "model.global_every",
-            m.features.global_every,
-            "0 on the candle engine: it windows every layer or none",
-        ));
+    if t.engine == Engine::Candle {
+        check_candle(spec)?;
     }
     crate::torch::check_implementation(m, t)?;
     if let (Some(l), Engine::Candle) = (&spec.lora, t.engine) {
@@ -637,6 +618,50 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
         ));
     }
     crate::torch::check_regime(spec)
+}
+
+/// What the candle engine runs (`src/engine`): its architectures, T5 with its tied head
+/// and without LoRA, one attention window for all layers.
+fn check_candle(spec: &RunSpec) -> Result<()> {
+    let m = &spec.model;
+    let candle_arch = matches!(
+        m.arch,
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Nanochat | Arch::T5
+    );
+    if !candle_arch {
+        return Err(PlanError::invalid(
+            "train.engine",
+            "\"candle\"",
+            format!(
+                "torch for arch {}; the candle engine trains llama, qwen2, qwen3, nanochat and t5",
+                m.arch
+            ),
+        ));
+    }
+    // The engine's T5 (src/engine/t5.rs) ties its head to the shared embedding and has no LoRA.
+    if m.arch == Arch::T5 && !m.tie_embeddings {
+        return Err(PlanError::invalid(
+            "model.tie_embeddings",
+            "false",
+            "true for arch t5 on the candle engine (its head is the shared embedding, as ChatLM-mini-Chinese's)",
+        ));
+    }
+    if m.arch == Arch::T5 && spec.lora.is_some() {
+        return Err(PlanError::invalid(
+            "train.engine",
+            "\"candle\"",
+            "torch for arch t5 with a [lora] section; the candle engine's LoRA takes llama, qwen2 and qwen3",
+        ));
+    }
+    // The engine's attention has one mask for all layers: a window on every layer or none.
+    if m.features.sliding_window > 0 && m.features.global_every > 0 {
+        return Err(PlanError::invalid(
+            "model.global_every",
+            m.features.global_every,
+            "0 on the candle engine: it windows every layer or none",
+        ));
+    }
+    Ok(())
 }
 
 /// DeepSpeed's offload: the optimizer with ZeRO stage 1–3, the parameters with ZeRO-3,

@@ -55,7 +55,7 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\nloss_chunk = 0\n", "train.loss_chunk = 0: a whole number from 1 to 16777216"),
     ("[model]\npreset = \"gpt2\"\n[train]\nattention = \"flash\"\n", "train.attention = \"flash\": expected one of sdpa | eager"),
     ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"jax\"\n", "train.engine = \"jax\": expected one of torch | candle"),
-    ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"candle\"\n", "train.engine = \"candle\": torch for arch gpt2; the candle engine trains llama, qwen2, qwen3 and nanochat"),
+    ("[model]\npreset = \"gpt2\"\n[train]\nengine = \"candle\"\n", "train.engine = \"candle\": torch for arch gpt2; the candle engine trains llama, qwen2, qwen3, nanochat and t5"),
     ("[model]\npreset = \"gpt2\"\n[train]\nsteps = \"many\"\n", "line 4: train.steps: invalid type: string \"many\", expected u64"),
     // Regression: unknown keys were reported one line early (line 3 here).
     ("[model]\npreset = \"gpt2\"\n[train]\nbatch = 3\n", "line 4: unknown field `batch`, expected one of `micro_batch`"),

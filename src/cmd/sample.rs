@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vramplan::engine::{checkpoint, eval, hf, model::Model, rng::Rng, step};
+use vramplan::engine::{checkpoint, eval, hf, model::Model, rng::Rng, step, t5};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -101,6 +101,16 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => 256,
     };
     let mut rng = Rng::new(a.seed);
+    if model.spec.arch == vramplan_planner::Arch::T5 {
+        return seq2seq(
+            &model,
+            &a,
+            hf.as_ref(),
+            tokenizer.as_deref(),
+            vocab,
+            &mut rng,
+        );
+    }
     let mut out = std::io::stdout().lock();
     if hf.is_none() {
         write!(out, "{}", a.prompt)?;
@@ -124,6 +134,48 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         write!(out, "{text}")?;
     }
     writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// T5: the encoder reads the prompt and the end it was trained with (the tokenizer
+/// config's `eos_token`, else a blank line); the decoder generates the response, which is
+/// printed (up to that end, or `--tokens` tokens).
+fn seq2seq(
+    model: &Model,
+    a: &Args,
+    hf: Option<&tokenizers::Tokenizer>,
+    tokenizer: Option<&Path>,
+    vocab: usize,
+    rng: &mut Rng,
+) -> Result<ExitCode> {
+    let fmt = vramplan::engine::sft::Formatter::load(
+        tokenizer,
+        vramplan::engine::sft::TrainOn::Response,
+    )?;
+    let end = fmt.end().to_string();
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        Ok(match hf {
+            Some(t) => t
+                .encode(text, false)
+                .map_err(|e| bad("--prompt", format!("tokenizer: {e}")))?
+                .get_ids()
+                .to_vec(),
+            None => text.bytes().map(u32::from).collect(),
+        })
+    };
+    let prompt = encode(&format!("{}{end}", a.prompt))?;
+    let ids = t5::generate(model, &prompt, a.tokens, |z| {
+        pick(&z[..z.len().min(vocab)], a.temperature, rng)
+    })?;
+    let text = match hf {
+        Some(t) => t
+            .decode(&ids, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?,
+        None => String::from_utf8_lossy(&ids.iter().map(|&i| i.min(255) as u8).collect::<Vec<_>>())
+            .into_owned(),
+    };
+    let text = text.split(end.as_str()).next().unwrap_or_default();
+    println!("{text}");
     Ok(ExitCode::SUCCESS)
 }
 

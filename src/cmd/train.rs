@@ -14,15 +14,15 @@ use vramplan_planner::{Bytes, Engine, FitRequest, GlobalBatch, LossMode, Report}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Run config (TOML) with `engine = "candle"`, arch llama or nanochat. Without one, the
-    /// built-in run: a small nanochat GPT on a generated corpus.
+    /// Run config (TOML) with `engine = "candle"` (arch llama, qwen2, qwen3, nanochat or
+    /// t5). Without one, the built-in run: a small nanochat GPT on a generated corpus.
     pub plan: Option<PathBuf>,
     /// A model preset (see `vramplan models`) or a Hugging Face config.json, randomly
     /// initialized, in place of the plan's [model].
     #[arg(long, value_name = "NAME|config.json")]
     pub model: Option<String>,
     /// Start from a Hugging Face checkpoint folder (config.json, and model.safetensors or
-    /// the shards of model.safetensors.index.json): llama / SmolLM2, mistral, qwen2, qwen3.
+    /// the shards of model.safetensors.index.json): llama / SmolLM2, mistral, qwen2, qwen3, t5.
     /// Without a plan the model is its config's; with one, the plan's model must be it.
     /// Its tokenizer.json is the default --tokenizer.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
@@ -368,14 +368,7 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => (planned.loaded, planned.text, report),
     };
     let spec = &loaded.spec;
-    let tokenizer = a
-        .tokenizer
-        .clone()
-        .or(init_tokenizer(planned.init.as_ref()));
-    match &tokenizer {
-        Some(p) => drop(engine::load_tokenizer(p, spec)?),
-        None => engine::check_vocab(spec)?,
-    }
+    let tokenizer = tokenizer(&a, planned.init.as_ref(), spec, &report)?;
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
         refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
@@ -453,6 +446,29 @@ fn train_on(
             format!("{v:?}: expected response or all"),
         )),
     }
+}
+
+/// The run's tokenizer.json (`--tokenizer`, else `--init`'s, else none: bytes), checked
+/// against the model's vocabulary; says the estimate's warning a T5 plan has.
+fn tokenizer(
+    a: &Args,
+    init: Option<&hf::Pretrained>,
+    spec: &vramplan_planner::RunSpec,
+    report: &Report,
+) -> Result<Option<PathBuf>> {
+    if report
+        .warnings
+        .iter()
+        .any(|w| w == vramplan_planner::T5_CANDLE_UNCALIBRATED)
+    {
+        eprintln!("warning: {}", vramplan_planner::T5_CANDLE_UNCALIBRATED);
+    }
+    let tokenizer = a.tokenizer.clone().or(init_tokenizer(init));
+    match &tokenizer {
+        Some(p) => drop(engine::load_tokenizer(p, spec)?),
+        None => engine::check_vocab(spec)?,
+    }
+    Ok(tokenizer)
 }
 
 /// The tokenizer.json of the `--init` checkpoint, if it has one.

@@ -11,7 +11,7 @@
 use crate::engine::bad;
 use crate::engine::parquet::{Position, Stream};
 use crate::engine::rng::Rng;
-use crate::engine::sft::{self, Example, Formatter, Micro, TrainOn};
+use crate::engine::sft::{Example, Formatter, Micro, TrainOn};
 use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -125,8 +125,9 @@ impl Chain {
 pub enum Train<'a> {
     /// Tokens in memory, drawn as random windows.
     Tokens(Vec<u32>),
-    /// SFT examples in memory, drawn at random (each at most `seq_len + 1` tokens).
-    Examples(Vec<Example>),
+    /// SFT examples in memory, drawn at random (each at most `seq_len + 1` tokens; T5's
+    /// `seq_len` a side), made into rows by their formatter.
+    Examples(Vec<Example>, &'a Formatter),
     /// A Parquet file, read in order.
     Stream(Box<Stream<'a>>),
 }
@@ -136,9 +137,9 @@ impl Train<'_> {
     pub fn batch(&mut self, b: usize, t: usize, rng: &mut Rng) -> Result<Micro> {
         let (ids, targets) = match self {
             Train::Tokens(v) => batch(v, b, t, rng)?,
-            Train::Examples(v) => {
+            Train::Examples(v, fmt) => {
                 let picked: Vec<Example> = (0..b).map(|_| v[rng.below(v.len())].clone()).collect();
-                return Ok(sft::rows(&picked, t)?);
+                return Ok(fmt.rows(&picked, t)?);
             }
             Train::Stream(s) => return s.batch(b, t),
         };
@@ -147,20 +148,21 @@ impl Train<'_> {
             targets,
             weights: None,
             count: b * t,
+            encoder: None,
         })
     }
 
     /// The stream's position (the RNG is the position of data in memory).
     pub fn position(&self) -> Option<Position> {
         match self {
-            Train::Tokens(_) | Train::Examples(_) => None,
+            Train::Tokens(_) | Train::Examples(..) => None,
             Train::Stream(s) => Some(s.position()),
         }
     }
 
     pub fn seek(&mut self, p: Option<Position>) -> Result<()> {
         match self {
-            Train::Tokens(_) | Train::Examples(_) => Ok(()),
+            Train::Tokens(_) | Train::Examples(..) => Ok(()),
             Train::Stream(s) => s.seek(p.unwrap_or_default()),
         }
     }
@@ -306,7 +308,7 @@ fn examples<'a>(
     pairs: &[(String, String)],
     window: usize,
     tok: &Tokens,
-    fmt: &Formatter,
+    fmt: &'a Formatter,
 ) -> Result<Corpus<'a>> {
     if pairs.len() < 2 {
         return Err(bad(
@@ -320,7 +322,7 @@ fn examples<'a>(
     let mut all = Vec::with_capacity(pairs.len());
     for (p, r) in pairs {
         let mut e = fmt.example(tok, name, p, r)?;
-        e.truncate(window);
+        fmt.fit(&mut e, window);
         all.push(e);
     }
     let val = all.split_off(pairs.len() - (pairs.len() / 10).max(1));
@@ -328,7 +330,7 @@ fn examples<'a>(
     let val_targets: usize = val.iter().map(Example::targets).sum();
     Ok(Corpus {
         name: name.to_string(),
-        train: Train::Examples(all),
+        train: Train::Examples(all, fmt),
         val: Vec::new(),
         val_examples: val,
         format: Some(fmt.describe()),

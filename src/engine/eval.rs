@@ -52,7 +52,8 @@ pub fn evaluate(spec: &RunSpec, l: &Loaded, data: Option<&Path>) -> Result<Evalu
         None => None,
     };
     // SFT data is validated on its responses, formatted as the run formatted them.
-    let fmt = Formatter::load(tokenizer.as_deref(), TrainOn::Response)?;
+    let fmt = Formatter::load(tokenizer.as_deref(), TrainOn::Response)?
+        .for_model(spec, l.meta.hf_config.as_deref());
     let corpus = corpus(spec, data, &hf, &fmt)?;
     let model = restored(spec, l)?;
     let val_loss = validate(&model, &corpus, spec)?;

@@ -8,9 +8,13 @@
 //! map one to one: the engine's `layers.N.self_attn.q_proj.weight` is transformers'
 //! `model.layers.N.self_attn.q_proj.weight`, `lm_head.weight` stays itself and is absent
 //! (or ignored) when the head is tied. Read: `model_type` llama (SmolLM2), mistral (its
-//! sliding window on every layer, as the engine's mask has it), qwen2, qwen3; refused
-//! with one line: another activation than SiLU, attention or MLP biases beyond Qwen2's,
-//! RoPE scaling, a tensor the model does not have or of another shape.
+//! sliding window on every layer, as the engine's mask has it), qwen2, qwen3, and t5
+//! (`encoder.block.N.layer.0.SelfAttention.q.weight` is the engine's
+//! `layers.N.self_attn.q.weight`, the decoder's blocks numbered after the encoder's; the
+//! shared embedding's saved copies are ignored); refused with one line: another
+//! activation than SiLU (T5: "relu" or "gated-gelu"), attention or MLP biases beyond
+//! Qwen2's, RoPE scaling, T5's untied head or other bucket counts, a tensor the model
+//! does not have or of another shape.
 //!
 //! Out (`vramplan export`): a folder `from_pretrained` loads: `config.json` (the one the
 //! run started from, else written from the plan), `model.safetensors` in f32 under
@@ -87,9 +91,12 @@ pub fn read(dir: &Path) -> Result<Pretrained> {
 /// What in a config the engine does not compute as transformers does, if anything.
 fn unsupported(v: &Value, spec: &ModelSpec) -> Option<String> {
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if model_type == "t5" {
+        return t5_unsupported(v);
+    }
     if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3") {
         return Some(format!(
-            "model_type = \"{model_type}\": the engine loads llama, mistral, qwen2 and qwen3"
+            "model_type = \"{model_type}\": the engine loads llama, mistral, qwen2, qwen3 and t5"
         ));
     }
     let act = v
@@ -130,6 +137,39 @@ fn unsupported(v: &Value, spec: &ModelSpec) -> Option<String> {
     None
 }
 
+/// What in a T5 config the engine does not compute as transformers does, if anything:
+/// it runs `feed_forward_proj` "relu" or "gated-gelu", the tied head scaled by
+/// `d_model^-½`, and the planner's 32 position buckets.
+fn t5_unsupported(v: &Value) -> Option<String> {
+    let proj = v
+        .get("feed_forward_proj")
+        .and_then(Value::as_str)
+        .unwrap_or("relu");
+    if !matches!(proj, "relu" | "gated-gelu") {
+        return Some(format!(
+            "feed_forward_proj = \"{proj}\": the engine's T5 has \"relu\" and \"gated-gelu\""
+        ));
+    }
+    for key in ["tie_word_embeddings", "scale_decoder_outputs"] {
+        if v.get(key).and_then(Value::as_bool) == Some(false) {
+            return Some(format!(
+                "{key} = false: the engine's T5 ties its head to the shared embedding and scales the decoder's output by d_model^-0.5 (as ChatLM-mini-Chinese)"
+            ));
+        }
+    }
+    let buckets = v
+        .get("relative_attention_num_buckets")
+        .and_then(Value::as_u64)
+        .unwrap_or(32);
+    if buckets != crate::engine::t5::BUCKETS as u64 {
+        return Some(format!(
+            "relative_attention_num_buckets = {buckets}: the engine's T5 has {} buckets",
+            crate::engine::t5::BUCKETS
+        ));
+    }
+    None
+}
+
 /// RMSNorm's epsilon and RoPE's base from a config (transformers' defaults for these
 /// families where absent: 1e-6 and 10,000).
 pub fn numerics(v: &Value) -> Numerics {
@@ -137,12 +177,22 @@ pub fn numerics(v: &Value) -> Numerics {
     let theta = v
         .get("rope_theta")
         .or(v.get("rope_parameters").and_then(|p| p.get("rope_theta")));
+    let int = |k: &str, or: u64| v.get(k).and_then(Value::as_u64).unwrap_or(or);
     Numerics {
         rms_eps: v
             .get("rms_norm_eps")
+            .or(v.get("layer_norm_epsilon"))
             .and_then(Value::as_f64)
             .unwrap_or(d.rms_eps),
         rope_theta: theta.and_then(Value::as_f64).unwrap_or(d.rope_theta),
+        rel_buckets: int("relative_attention_num_buckets", d.rel_buckets as u64) as usize,
+        rel_max_distance: int("relative_attention_max_distance", d.rel_max_distance as u64)
+            as usize,
+        decoder_start: v
+            .get("decoder_start_token_id")
+            .or(v.get("pad_token_id"))
+            .and_then(Value::as_u64)
+            .unwrap_or(d.decoder_start as u64) as u32,
     }
 }
 
@@ -160,6 +210,40 @@ pub fn hf_name(n: &str) -> String {
     } else {
         format!("model.{n}")
     }
+}
+
+/// transformers' name of the engine's parameter `n` of a model shaped `spec`: T5's
+/// blocks by stack (`layers.L+i` is `decoder.block.i`), else [`hf_name`].
+pub fn hf_name_of(spec: &ModelSpec, n: &str) -> String {
+    if spec.arch != Arch::T5 {
+        return hf_name(n);
+    }
+    let Some((l, rest)) = n
+        .strip_prefix("layers.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(l, rest)| Some((l.parse::<u64>().ok()?, rest)))
+    else {
+        return n.to_string();
+    };
+    let enc = l < spec.num_layers;
+    let (stack, i, ff) = if enc {
+        ("encoder", l, 1)
+    } else {
+        ("decoder", l - spec.num_layers, 2)
+    };
+    let (part, leaf) = rest.split_once('.').unwrap_or((rest, ""));
+    let inner = match (part, leaf) {
+        ("self_attn", "layer_norm.weight") => "layer.0.layer_norm.weight".to_string(),
+        ("self_attn", "relative_attention_bias") => {
+            "layer.0.SelfAttention.relative_attention_bias.weight".to_string()
+        }
+        ("self_attn", w) => format!("layer.0.SelfAttention.{w}"),
+        ("cross_attn", "layer_norm.weight") => "layer.1.layer_norm.weight".to_string(),
+        ("cross_attn", w) => format!("layer.1.EncDecAttention.{w}"),
+        ("ffn", "layer_norm.weight") => format!("layer.{ff}.layer_norm.weight"),
+        (_, w) => format!("layer.{ff}.DenseReluDense.{w}"),
+    };
+    format!("{stack}.block.{i}.{inner}")
 }
 
 /// The safetensors files of `dir`: the shards its index lists, else `model.safetensors`.
@@ -194,7 +278,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Tensors a checkpoint may hold that the engine does not use: a tied head's copy, and
 /// the rotary frequencies older transformers saved.
 fn ignorable(hf: &str, spec: &ModelSpec) -> bool {
-    (hf == "lm_head.weight" && spec.tie_embeddings) || hf.ends_with("rotary_emb.inv_freq")
+    let t5_tied = spec.arch == Arch::T5
+        && matches!(
+            hf,
+            "encoder.embed_tokens.weight"
+                | "decoder.embed_tokens.weight"
+                | "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+        );
+    (hf == "lm_head.weight" && spec.tie_embeddings)
+        || hf.ends_with("rotary_emb.inv_freq")
+        || t5_tied
 }
 
 /// Sets every parameter of `model` from the checkpoint in `dir`, memory-mapped; converts
@@ -208,7 +301,7 @@ pub fn load_weights(model: &Model, dir: &Path) -> Result<()> {
     let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::bad(&shown, e))?;
     let mut wanted = std::collections::BTreeSet::new();
     for (n, var) in &model.params {
-        let hf = hf_name(n);
+        let hf = hf_name_of(&model.spec, n);
         let view = st
             .get(&hf)
             .map_err(|_| Error::bad(&shown, format!("no tensor {hf}")))?;
@@ -251,7 +344,7 @@ pub fn load_weights(model: &Model, dir: &Path) -> Result<()> {
 /// aside); names the first field that differs.
 pub fn check_matches(plan: &ModelSpec, plan_name: &str, ckpt: &Pretrained) -> Result<()> {
     let c = &ckpt.spec;
-    let fields: [(&str, String, String); 9] = [
+    let fields: [(&str, String, String); 11] = [
         ("arch", plan.arch.to_string(), c.arch.to_string()),
         (
             "hidden_size",
@@ -293,6 +386,16 @@ pub fn check_matches(plan: &ModelSpec, plan_name: &str, ckpt: &Pretrained) -> Re
             plan.tie_embeddings.to_string(),
             c.tie_embeddings.to_string(),
         ),
+        (
+            "num_decoder_layers",
+            plan.num_decoder_layers.to_string(),
+            c.num_decoder_layers.to_string(),
+        ),
+        (
+            "gated_ffn",
+            plan.gated_ffn.to_string(),
+            c.gated_ffn.to_string(),
+        ),
     ];
     let window = (
         "sliding_window",
@@ -329,6 +432,8 @@ pub fn raw_model(spec: &ModelSpec) -> RawModel {
         vocab_size: Some(spec.vocab_size),
         tie_embeddings: Some(spec.tie_embeddings),
         sliding_window: (f.sliding_window > 0).then_some(f.sliding_window),
+        num_decoder_layers: (spec.arch == Arch::T5).then_some(spec.num_decoder_layers),
+        gated_ffn: (spec.arch == Arch::T5).then_some(spec.gated_ffn),
         ..RawModel::default()
     }
 }
@@ -355,6 +460,9 @@ pub fn export_config(model: &Model, config: Option<&str>, max_positions: u64) ->
 /// A transformers config for a model the engine built from a plan.
 fn written_config(model: &Model, max_positions: u64) -> Result<Value> {
     let s = &model.spec;
+    if s.arch == Arch::T5 {
+        return Ok(t5_config(model));
+    }
     let window = s.features.sliding_window;
     let (model_type, class) = match s.arch {
         Arch::Llama if window > 0 => ("mistral", "MistralForCausalLM"),
@@ -391,6 +499,31 @@ fn written_config(model: &Model, max_positions: u64) -> Result<Value> {
         v["sliding_window"] = json!(window);
     }
     Ok(v)
+}
+
+/// A transformers `T5Config` for a T5 the engine built from a plan.
+fn t5_config(model: &Model) -> Value {
+    let (s, n) = (&model.spec, model.numerics);
+    json!({
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "d_model": s.hidden_size,
+        "d_kv": s.head_dim,
+        "d_ff": s.intermediate_size,
+        "num_layers": s.num_layers,
+        "num_decoder_layers": s.num_decoder_layers,
+        "num_heads": s.num_heads,
+        "vocab_size": s.vocab_size,
+        "feed_forward_proj": if s.gated_ffn { "gated-gelu" } else { "relu" },
+        "relative_attention_num_buckets": n.rel_buckets,
+        "relative_attention_max_distance": n.rel_max_distance,
+        "layer_norm_epsilon": n.rms_eps,
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": true,
+        "decoder_start_token_id": n.decoder_start,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    })
 }
 
 /// The LoRA adapters an export writes beside the merged weights, in `OUT/adapter/`: the
@@ -469,7 +602,7 @@ fn write_folder(model: &Model, config: &str, files: &[PathBuf], tmp: &Path) -> R
     let tensors: BTreeMap<String, &Tensor> = model
         .params
         .iter()
-        .map(|(n, v)| (hf_name(n), v.as_tensor()))
+        .map(|(n, v)| (hf_name_of(&model.spec, n), v.as_tensor()))
         .collect();
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     fsutil::write_synced(&tmp.join(WEIGHTS), |w| {

@@ -29,6 +29,7 @@ pub mod rng;
 pub mod rundir;
 pub mod sft;
 pub mod step;
+pub mod t5;
 mod trainer;
 
 pub use trainer::{train, Opts, Summary};

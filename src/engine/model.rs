@@ -11,6 +11,8 @@
 //! - `qwen2` (`modeling_qwen2.py`): llama with biases on q, k and v.
 //! - `qwen3` (`modeling_qwen3.py`): llama with an RMSNorm (weights, width `head_dim`) on
 //!   each head of q and k before RoPE.
+//! - `t5` (`modeling_t5.py`, ChatLM-mini-Chinese): an encoder-decoder, its blocks in
+//!   [`crate::engine::t5`]; this `Model` holds its parameters, embedding and head.
 //!
 //! RMSNorm's epsilon and RoPE's base are the config's ([`Numerics`]); a plan without a
 //! config.json gets transformers' `LlamaConfig` defaults (1e-6, 10,000).
@@ -40,6 +42,12 @@ pub struct Numerics {
     pub rms_eps: f64,
     /// RoPE base (`rope_theta`).
     pub rope_theta: f64,
+    /// T5: relative-position buckets and the distance the last one starts at
+    /// (`relative_attention_num_buckets`, `relative_attention_max_distance`).
+    pub rel_buckets: usize,
+    pub rel_max_distance: usize,
+    /// T5: the decoder's first input (`decoder_start_token_id`).
+    pub decoder_start: u32,
 }
 
 impl Default for Numerics {
@@ -49,6 +57,9 @@ impl Default for Numerics {
         Numerics {
             rms_eps: 1e-6,
             rope_theta: 10_000.0,
+            rel_buckets: crate::engine::t5::BUCKETS,
+            rel_max_distance: 128,
+            decoder_start: 0,
         }
     }
 }
@@ -222,10 +233,46 @@ pub fn causal_mask(t: usize, window: usize, dtype: DType, device: &Device) -> Re
     Tensor::from_vec(v, (t, t), device)?.to_dtype(wide)
 }
 
+/// The decoder-only models' initial parameters (see [`Model::new`]).
+fn init(
+    spec: &ModelSpec,
+    dtype: DType,
+    device: &Device,
+    rng: &mut Rng,
+) -> Result<BTreeMap<String, Var>> {
+    let mut params = BTreeMap::new();
+    for p in vramplan_planner::parameters(spec) {
+        let (rows, cols) = (p.rows as usize, p.cols as usize);
+        let std = match p.role {
+            Role::Vector => 0.0,
+            Role::Embedding if spec.arch == Arch::Nanochat => 1.0,
+            Role::Embedding => 0.02,
+            Role::Head => 0.1 / (cols as f64).sqrt(),
+            Role::Matrix if p.name.contains("proj.weight") && !p.name.contains("q_proj") => {
+                0.5 / (cols as f64).sqrt()
+            }
+            Role::Matrix => 1.0 / (cols as f64).sqrt(),
+        };
+        let t = if p.name.ends_with(".bias") {
+            Tensor::zeros(rows * cols, dtype, device)?
+        } else if p.role == Role::Vector {
+            Tensor::ones(rows * cols, dtype, device)?
+        } else {
+            let v: Vec<f64> = (0..rows * cols).map(|_| rng.normal() * std).collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?
+        };
+        params.insert(p.name.to_string(), Var::from_tensor(&t)?);
+    }
+    Ok(params)
+}
+
 impl Model {
     /// A freshly initialized model: matrices `N(0, 1/√fan_in)` (output projections halved),
-    /// embeddings `N(0, 1)` (nanochat) or `N(0, 0.02)` (llama, tied), norm weights 1. The
-    /// same seed gives the same weights on every device and in every compute dtype.
+    /// embeddings `N(0, 1)` (nanochat) or `N(0, 0.02)` (llama, tied), norm weights 1; T5 as
+    /// transformers initializes it ([`crate::engine::t5::init`]). The same seed gives the
+    /// same weights on every device and in every compute dtype.
     pub fn new(
         spec: &ModelSpec,
         dtype: DType,
@@ -233,31 +280,10 @@ impl Model {
         device: &Device,
         rng: &mut Rng,
     ) -> Result<Model> {
-        let mut params = BTreeMap::new();
-        for p in vramplan_planner::parameters(spec) {
-            let (rows, cols) = (p.rows as usize, p.cols as usize);
-            let std = match p.role {
-                Role::Vector => 0.0,
-                Role::Embedding if spec.arch == Arch::Nanochat => 1.0,
-                Role::Embedding => 0.02,
-                Role::Head => 0.1 / (cols as f64).sqrt(),
-                Role::Matrix if p.name.contains("proj.weight") && !p.name.contains("q_proj") => {
-                    0.5 / (cols as f64).sqrt()
-                }
-                Role::Matrix => 1.0 / (cols as f64).sqrt(),
-            };
-            let t = if p.name.ends_with(".bias") {
-                Tensor::zeros(rows * cols, dtype, device)?
-            } else if p.role == Role::Vector {
-                Tensor::ones(rows * cols, dtype, device)?
-            } else {
-                let v: Vec<f64> = (0..rows * cols).map(|_| rng.normal() * std).collect();
-                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
-                    .to_dtype(dtype)?
-                    .to_device(device)?
-            };
-            params.insert(p.name.to_string(), Var::from_tensor(&t)?);
-        }
+        let params = match spec.arch {
+            Arch::T5 => crate::engine::t5::init(spec, dtype, device, rng)?,
+            _ => init(spec, dtype, device, rng)?,
+        };
         Ok(Model {
             spec: spec.clone(),
             dtype,
@@ -301,7 +327,7 @@ impl Model {
 
     /// The linear `stem` (`layers.0.self_attn.q_proj`) on rows `x`: `x·Wᵀ`, plus under
     /// LoRA `scale·(x·Aᵀ)·Bᵀ` where the linear has an adapter.
-    fn lin(&self, x: &Tensor, stem: &str) -> Result<Tensor> {
+    pub(crate) fn lin(&self, x: &Tensor, stem: &str) -> Result<Tensor> {
         let y = self.matmul_t(x, &format!("{stem}.weight"))?;
         let Some(ad) = self.lora.as_ref().filter(|a| a.targets(stem)) else {
             return Ok(y);
@@ -314,6 +340,7 @@ impl Model {
     pub fn embedding_name(&self) -> &'static str {
         match self.spec.arch {
             Arch::Nanochat => "wte.weight",
+            Arch::T5 => "shared.weight",
             _ => "embed_tokens.weight",
         }
     }
@@ -467,10 +494,14 @@ impl Model {
         }
     }
 
-    /// The logits of rows `h` (last block's output), in at least f32: the head's matmul
-    /// in the compute dtype, then the cast, then nanochat's soft-cap.
+    /// The logits of rows `h` (last block's output), in at least f32: the final norm, the
+    /// head's matmul in the compute dtype, then the cast, then nanochat's soft-cap. T5's
+    /// rows come normalized and scaled from its decoder ([`crate::engine::t5`]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.norm(h, "norm.weight")?;
+        let h = match self.spec.arch {
+            Arch::T5 => h.clone(),
+            _ => self.norm(h, "norm.weight")?,
+        };
         let z = wide(&self.matmul_t(&h, self.head_name())?)?;
         match self.spec.arch {
             Arch::Nanochat => (z / SOFTCAP)?.tanh()? * SOFTCAP,

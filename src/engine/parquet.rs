@@ -15,7 +15,7 @@
 
 use crate::engine::bad;
 use crate::engine::data::{doc_text, Tokens, VAL_WINDOWS};
-use crate::engine::sft::{self, Example, Formatter, Micro, TrainOn};
+use crate::engine::sft::{Example, Formatter, Micro, TrainOn};
 use crate::engine::Result;
 use candle_core::{Device, Tensor};
 use parquet::basic::{Repetition, Type as PhysicalType};
@@ -262,7 +262,7 @@ impl<'a> Stream<'a> {
                 .unwrap_or_default()
         };
         let mut e = self.fmt.example(&self.tok, &self.name, &s(0), &s(1))?;
-        e.truncate(self.window);
+        self.fmt.fit(&mut e, self.window);
         Ok(Some(e))
     }
 
@@ -443,7 +443,7 @@ impl<'a> Stream<'a> {
                     None => return Err(bad(&self.name, "the training rows hold no example")),
                 }
             }
-            return Ok(sft::rows(&rows, t)?);
+            return Ok(self.fmt.rows(&rows, t)?);
         }
         let mut x: Vec<u32> = Vec::with_capacity(b * t);
         let mut y: Vec<u32> = Vec::with_capacity(b * t);
@@ -460,6 +460,7 @@ impl<'a> Stream<'a> {
             targets: Tensor::from_vec(y, b * t, &Device::Cpu)?,
             weights: None,
             count: b * t,
+            encoder: None,
         })
     }
 }

@@ -16,6 +16,12 @@
 //! - Too long (more than `seq_len + 1` tokens): the response keeps its first `seq_len`
 //!   tokens (cut at its end), the prompt its last tokens (cut from the left) that fill
 //!   the rest.
+//! - T5 (encoder-decoder, [`crate::engine::t5`]): the prompt and the end (the
+//!   `eos_token`, else a blank line) feed the encoder, the response and the end are the
+//!   decoder's labels, each side cut to its first `seq_len` tokens (as a tokenizer's
+//!   truncation cuts); no chat template. Rows: the encoder's tokens padded with 0 and
+//!   masked out of attention, the decoder reading `decoder_start_token_id` then the labels
+//!   shifted right, padded with 0 and no loss.
 //! - The loss of an optimizer step is the sum of the response tokens' losses over all of
 //!   its micro-batches divided by the number of response tokens in the step (the trainer
 //!   draws the step's micro-batches and counts them before the first backward).
@@ -61,13 +67,22 @@ impl Example {
 }
 
 /// A micro-batch: inputs and targets `(b·t,)` u32, and for SFT rows the weight of each
-/// target (1: a response token, 0: prompt or padding).
+/// target (1: a response token, 0: prompt or padding). For T5 the inputs are the
+/// decoder's, and `encoder` holds the encoder's.
 pub struct Micro {
     pub ids: Tensor,
     pub targets: Tensor,
     pub weights: Option<Tensor>,
     /// Targets the loss counts.
     pub count: usize,
+    pub encoder: Option<Encoder>,
+}
+
+/// An encoder-decoder's encoder input: ids `(b·t,)` u32 and which are tokens (`(b·t,)`
+/// f32, 1; 0 for padding).
+pub struct Encoder {
+    pub ids: Tensor,
+    pub keep: Tensor,
 }
 
 /// Rows of `t` positions from `examples` (each at most `t + 1` tokens), padded with 0.
@@ -91,6 +106,42 @@ pub fn rows(examples: &[Example], t: usize) -> candle_core::Result<Micro> {
         targets: Tensor::from_vec(y, n, &Device::Cpu)?,
         weights: Some(Tensor::from_vec(w, n, &Device::Cpu)?),
         count,
+        encoder: None,
+    })
+}
+
+/// T5 rows of `t` positions from seq2seq `examples` (encoder tokens, then labels, each at
+/// most `t`): the encoder's ids and mask, the decoder's input (`start`, then the labels
+/// shifted right) and the labels, padded with 0 (no loss).
+pub fn seq2seq_rows(examples: &[Example], t: usize, start: u32) -> candle_core::Result<Micro> {
+    let n = examples.len() * t;
+    let (mut ex, mut keep) = (vec![0u32; n], vec![0f32; n]);
+    let (mut x, mut y, mut w) = (vec![0u32; n], vec![0u32; n], vec![0f32; n]);
+    let mut count = 0;
+    for (r, e) in examples.iter().enumerate() {
+        let first = e.loss.iter().position(|&l| l).unwrap_or(e.tokens.len());
+        let (enc, labels) = e.tokens.split_at(first);
+        for (j, &id) in enc.iter().take(t).enumerate() {
+            ex[r * t + j] = id;
+            keep[r * t + j] = 1.0;
+        }
+        for (j, &id) in labels.iter().take(t).enumerate() {
+            x[r * t + j] = if j == 0 { start } else { labels[j - 1] };
+            y[r * t + j] = id;
+            w[r * t + j] = 1.0;
+            count += 1;
+        }
+    }
+    let cpu = |v: Vec<u32>| Tensor::from_vec(v, n, &Device::Cpu);
+    Ok(Micro {
+        ids: cpu(x)?,
+        targets: cpu(y)?,
+        weights: Some(Tensor::from_vec(w, n, &Device::Cpu)?),
+        count,
+        encoder: Some(Encoder {
+            ids: cpu(ex)?,
+            keep: Tensor::from_vec(keep, n, &Device::Cpu)?,
+        }),
     })
 }
 
@@ -113,6 +164,10 @@ pub fn step_grads(
     let mut grads = step::Grads::new();
     let mut loss = 0.0;
     for m in micros {
+        if m.encoder.is_some() {
+            loss += crate::engine::t5::forward_backward(model, &m, b, opts, &mut grads, probe)?;
+            continue;
+        }
         loss += step::forward_backward_weighted(
             model,
             &m.ids,
@@ -155,6 +210,8 @@ pub struct Formatter {
     pub train_on: TrainOn,
     /// Where the template came from.
     source: Option<PathBuf>,
+    /// T5: examples are an encoder's input and a decoder's labels; the decoder's start id.
+    seq2seq: Option<u32>,
 }
 
 /// A chat template and the special tokens it is rendered with.
@@ -181,6 +238,50 @@ impl Formatter {
             eos: None,
             train_on,
             source: None,
+            seq2seq: None,
+        }
+    }
+
+    /// The formatting `spec`'s model reads: T5's encoder input and decoder labels (its
+    /// decoder starting from the `decoder_start_token_id` of `hf_config`, the run's
+    /// config.json), else as loaded.
+    pub fn for_model(self, spec: &vramplan_planner::RunSpec, hf_config: Option<&str>) -> Formatter {
+        let start = crate::engine::hf::numerics_of(hf_config).decoder_start;
+        Formatter {
+            seq2seq: (spec.model.arch == vramplan_planner::Arch::T5).then_some(start),
+            ..self
+        }
+    }
+
+    /// The text that ends a response (and a T5 prompt): the `eos_token`, else a blank line.
+    pub fn end(&self) -> &str {
+        self.eos.as_deref().unwrap_or("\n\n")
+    }
+
+    /// Whether examples are T5's (encoder input, decoder labels).
+    pub fn is_seq2seq(&self) -> bool {
+        self.seq2seq.is_some()
+    }
+
+    /// Cuts `e` to `window` tokens (`seq_len + 1`): [`Example::truncate`], or for T5 each
+    /// side to its first `window − 1`.
+    pub fn fit(&self, e: &mut Example, window: usize) {
+        if self.seq2seq.is_none() {
+            return e.truncate(window);
+        }
+        let first = e.loss.iter().position(|&l| l).unwrap_or(e.tokens.len());
+        let t = window.saturating_sub(1);
+        let (enc, dec) = (first.min(t), (e.tokens.len() - first).min(t));
+        let keep: Vec<usize> = (0..enc).chain(first..first + dec).collect();
+        e.tokens = keep.iter().map(|&i| e.tokens[i]).collect();
+        e.loss = keep.iter().map(|&i| e.loss[i]).collect();
+    }
+
+    /// Rows of `t` positions from `examples`: [`rows`], or T5's [`seq2seq_rows`].
+    pub fn rows(&self, examples: &[Example], t: usize) -> candle_core::Result<Micro> {
+        match self.seq2seq {
+            Some(start) => seq2seq_rows(examples, t, start),
+            None => rows(examples, t),
         }
     }
 
@@ -224,6 +325,7 @@ impl Formatter {
             eos,
             train_on,
             source,
+            seq2seq: None,
         })
     }
 
@@ -236,6 +338,10 @@ impl Formatter {
     pub fn describe(&self) -> String {
         if self.train_on == TrainOn::All {
             return "prompt, newline, response as text documents, packed; loss on every token (--train-on all)".to_string();
+        }
+        if self.seq2seq.is_some() {
+            let end = self.eos.as_deref().unwrap_or("blank line");
+            return format!("encoder: prompt, {end}; decoder labels: response, {end}; each cut to seq_len, padded; loss on the labels");
         }
         let what = match (&self.template, &self.source) {
             (Some(_), Some(p)) => format!("the chat template of {}", p.display()),
@@ -275,6 +381,9 @@ impl Formatter {
         prompt: &str,
         response: &str,
     ) -> Result<Example> {
+        if self.seq2seq.is_some() {
+            return self.seq2seq_example(tok, name, prompt, response);
+        }
         let (text, span) = self.render(name, prompt, response)?;
         let (tokens, offsets) = tok.encode_offsets(name, &text)?;
         let loss = offsets
@@ -285,6 +394,31 @@ impl Formatter {
             tokens,
             loss,
             bytes: span.len(),
+        })
+    }
+}
+
+impl Formatter {
+    /// T5's example: the encoder's tokens (the prompt and the end), then the labels (the
+    /// response and the end), marked for the loss.
+    fn seq2seq_example(
+        &self,
+        tok: &Tokens,
+        name: &str,
+        prompt: &str,
+        response: &str,
+    ) -> Result<Example> {
+        let end = self.end();
+        let labels_text = format!("{response}{end}");
+        let (enc, _) = tok.encode_offsets(name, &format!("{prompt}{end}"))?;
+        let (labels, _) = tok.encode_offsets(name, &labels_text)?;
+        let loss = std::iter::repeat_n(false, enc.len())
+            .chain(std::iter::repeat_n(true, labels.len()))
+            .collect();
+        Ok(Example {
+            tokens: [enc, labels].concat(),
+            loss,
+            bytes: labels_text.len(),
         })
     }
 }

@@ -55,7 +55,7 @@ fn accumulate(grads: &mut Grads, name: &str, g: Tensor) -> Result<()> {
     Ok(())
 }
 
-fn collect(
+pub(crate) fn collect(
     model: &Model,
     store: &candle_core::backprop::GradStore,
     names: &[String],
@@ -176,7 +176,7 @@ fn embedding_backward(model: &Model, ids: &Tensor, g: &Tensor, grads: &mut Grads
 
 /// Recomputes `f` from a fresh leaf holding `input`, backpropagates `sum(f(leaf) · grad)`,
 /// adds the gradients of `params` and returns the (detached) gradient of `input`.
-fn half_backward(
+pub(crate) fn half_backward(
     model: &Model,
     input: Tensor,
     grad: &Tensor,
@@ -294,6 +294,19 @@ pub fn eval_loss_sum(
     for l in 0..model.num_layers() {
         x = model.block(l, &x, b, &rope, &mask)?.detach();
     }
+    chunked_loss_sum(model, &x, targets, weights, chunk)
+}
+
+/// The summed (weighted) token loss of the last block's output `x`, `chunk` rows at a
+/// time, without gradients.
+pub(crate) fn chunked_loss_sum(
+    model: &Model,
+    x: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+    chunk: usize,
+) -> Result<f64> {
+    let n = x.dim(0)?;
     let chunk = chunk.clamp(1, n);
     let mut total = 0.0;
     let mut start = 0;

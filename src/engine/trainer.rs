@@ -127,7 +127,8 @@ fn mem_debug() -> bool {
 /// Returns `None` when a resumed run had no step left to do (its summary is kept).
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
     let hf = tokenizer(spec, o)?;
-    let fmt = Formatter::load(o.tokenizer.as_deref(), o.train_on)?;
+    let fmt = Formatter::load(o.tokenizer.as_deref(), o.train_on)?
+        .for_model(spec, o.hf_config.as_deref());
     let corpus = corpus(spec, o.data.as_deref(), &hf, &fmt)?;
     let _lock = prepare_out(o)?;
     let process_peak = alloc::peak();
@@ -232,6 +233,14 @@ pub(crate) fn corpus<'a>(
         Some(p) => data::load(p, t + 1, tok, fmt)?,
         None => data::builtin(&tok)?,
     };
+    if fmt.is_seq2seq() && corpus.val_examples.is_empty() {
+        let why = if fmt.train_on == sft::TrainOn::All {
+            "--train-on all: a T5 model trains on prompt/response examples (the prompt to the encoder, the response as the decoder's labels); use --train-on response"
+        } else {
+            "text data: a T5 model trains on prompt/response examples (JSONL or Parquet with string fields \"prompt\" and \"response\"), the prompt to the encoder, the response as the decoder's labels"
+        };
+        return Err(bad(&corpus.name, why));
+    }
     if matches!(&corpus.train, data::Train::Tokens(v) if v.len() < t + 2) {
         return Err(bad(
             &corpus.name,
@@ -553,9 +562,15 @@ fn validate_examples(
     let t = spec.train.seq_len as usize;
     let b = (spec.train.micro_batch as usize).max(1);
     let (mut total, mut count) = (0.0, 0);
+    let chunk = step_opts(spec).chunk;
     for rows in examples.chunks(b) {
-        let m = crate::engine::sft::rows(rows, t)?;
-        let chunk = step_opts(spec).chunk;
+        if model.spec.arch == vramplan_planner::Arch::T5 {
+            let m = sft::seq2seq_rows(rows, t, model.numerics.decoder_start)?;
+            total += crate::engine::t5::eval_loss_sum(model, &m, rows.len(), chunk)?;
+            count += m.count;
+            continue;
+        }
+        let m = sft::rows(rows, t)?;
         total += step::eval_loss_sum(
             model,
             &m.ids,
