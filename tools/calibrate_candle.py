@@ -57,7 +57,8 @@ def measure(args):
         with open(path, "w") as f:
             for c in configs:
                 f.write(" ".join(map(str, c)) + "\n")
-        cmd = ["cargo", "run", "--release", "--quiet", "--", "calibrate-candle", path,
+        run = [args.binary] if args.binary else ["cargo", "run", "--release", "--quiet", "--"]
+        cmd = run + ["calibrate-candle", path,
                "--out", measured, "--dtype", args.dtype] + (["--tensors"] if args.tensors else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = open(measured).read().splitlines() if out.returncode == 0 else []
@@ -396,6 +397,8 @@ def main():
     m.add_argument("--checkpointed", type=float, default=0.5, help="share of checkpointed configurations")
     m.add_argument("--append", action="store_true", help="add to --out rather than replace it")
     m.add_argument("--out", required=True)
+    m.add_argument("--binary", help="a built vramplan to run (default: cargo run --release); "
+                   "the allocations do not depend on the build profile")
     m.add_argument("--tensors", action="store_true",
                    help="count tensors only, leaving out gemm's 64-byte-aligned packing scratch (what a GPU allocates)")
     f = sub.add_parser("fit")

@@ -31,6 +31,7 @@ pub mod sft;
 pub mod step;
 pub mod t5;
 mod trainer;
+pub mod xent;
 
 pub use trainer::{train, Opts, Summary};
 

@@ -498,15 +498,29 @@ impl Model {
     /// head's matmul in the compute dtype, then the cast, then nanochat's soft-cap. T5's
     /// rows come normalized and scaled from its decoder ([`crate::engine::t5`]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let h = match self.spec.arch {
-            Arch::T5 => h.clone(),
-            _ => self.norm(h, "norm.weight")?,
-        };
-        let z = wide(&self.matmul_t(&h, self.head_name())?)?;
-        match self.spec.arch {
-            Arch::Nanochat => (z / SOFTCAP)?.tanh()? * SOFTCAP,
-            _ => Ok(z),
+        let z = self.raw_logits(h)?;
+        match self.softcap() {
+            Some(cap) => (z / cap)?.tanh()? * cap,
+            None => Ok(z),
         }
+    }
+
+    /// The logits before nanochat's soft-cap, in at least f32.
+    fn raw_logits(&self, h: &Tensor) -> Result<Tensor> {
+        wide(&self.matmul_t(&self.head_input(h)?, self.head_name())?)
+    }
+
+    /// What the head multiplies: the last block's output normed (T5's comes normed).
+    fn head_input(&self, h: &Tensor) -> Result<Tensor> {
+        match self.spec.arch {
+            Arch::T5 => Ok(h.clone()),
+            _ => self.norm(h, "norm.weight"),
+        }
+    }
+
+    /// nanochat's logit soft-cap.
+    fn softcap(&self) -> Option<f64> {
+        (self.spec.arch == Arch::Nanochat).then_some(SOFTCAP)
     }
 
     /// Sum over rows of the cross-entropy `logsumexp(z) − z[target]`; targets `(R, 1)` u32.
@@ -516,11 +530,10 @@ impl Model {
 
     /// The cross-entropy of each row, `(R, 1)`, in at least f32; targets `(R, 1)` u32.
     pub fn token_losses(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let z = self.logits(h)?;
-        let m = z.max_keepdim(1)?.detach();
-        let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
-        let picked = z.gather(targets, 1)?;
-        lse - picked
+        let h = self.head_input(h)?;
+        let w = self.w(self.head_name())?;
+        let trains = self.trains(self.head_name());
+        super::xent::head_losses(&h, &w, trains, targets, self.softcap())
     }
 
     /// Sum over rows of the cross-entropy times `weights` `(R, 1)` (of the losses' dtype).

@@ -1,0 +1,428 @@
+//! The loss chunk: the head's matmul and the cross-entropy over the vocabulary as one
+//! node of candle's graph. Forward computes the logits, the losses and drops the logits;
+//! backward computes them again, their gradient, and from it the hidden states' and the
+//! head's. So nothing of the chunk's size lives from forward to backward and none passes
+//! through candle's gradient store (which adds each gradient to a zero tensor of its
+//! size): a chunk holds at most its logits and their gradient in f32, and under 16-bit
+//! compute their 16-bit copies. The same loss built from candle's tensor ops keeps every
+//! intermediate (the logits, `/cap`, `tanh`, `·cap`, the shifted and exponentiated copies)
+//! and their gradients, sixteen f32 copies (`docs/performance.md`). The price is the
+//! head's matmul once more in backward.
+//!
+//! On the CPU the soft-cap, log-sum-exp and the target's logit are one pass over each
+//! row and the gradient one more ([`CrossEntropy`], [`CrossEntropyGrad`]); on other
+//! devices the same arithmetic runs as tensor ops outside the graph, whose temporaries
+//! are freed within each pass.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// The cross-entropy of each row of `h·wᵀ` (`h` `(R, C)`, the head `w` `(V, C)`, both in
+/// the compute dtype) against `targets` `(R, 1)`, computed in at least f32, `(R, 1)`; with
+/// `softcap`, of the logits `cap·tanh(z/cap)`. `w` gets a gradient when `trains_w`.
+pub fn head_losses(
+    h: &Tensor,
+    w: &Tensor,
+    trains_w: bool,
+    targets: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let z = logits(h, w)?;
+    let value = losses(&z, &targets, softcap)?;
+    let dtype = z.dtype();
+    drop(z);
+    let op = HeadLoss {
+        targets,
+        softcap,
+        trains_w,
+        dtype,
+    };
+    value + h.apply_op2(w, op)?
+}
+
+/// `h·wᵀ` outside the graph, in at least f32.
+fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let z = h.detach().matmul(&w.detach().t()?)?;
+    match z.dtype() {
+        DType::F64 | DType::F32 => Ok(z),
+        _ => z.to_dtype(DType::F32),
+    }
+}
+
+/// The per-row losses of the logits `z`.
+fn losses(z: &Tensor, targets: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    if z.device().is_cpu() {
+        return z.apply_op2_no_bwd(targets, &CrossEntropy { softcap });
+    }
+    losses_by_ops(z, targets, softcap)
+}
+
+/// [`losses`] as tensor ops.
+fn losses_by_ops(z: &Tensor, targets: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    let (c, _) = capped(z, softcap)?;
+    lse(&c)? - c.gather(targets, 1)?
+}
+
+/// The logits' gradient `g·(softmax(c) − onehot(target))·c'(z)` for the per-row loss
+/// gradients `g` `(R, 1)`.
+fn logits_grad(z: &Tensor, targets: &Tensor, g: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    let g = g.to_dtype(z.dtype())?.contiguous()?;
+    if z.device().is_cpu() {
+        return z.apply_op3_no_bwd(targets, &g, &CrossEntropyGrad { softcap });
+    }
+    logits_grad_by_ops(z, targets, &g, softcap)
+}
+
+/// [`logits_grad`] as tensor ops.
+fn logits_grad_by_ops(
+    z: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let (c, d) = capped(z, softcap)?;
+    let p = c.broadcast_sub(&lse(&c)?)?.exp()?;
+    drop(c);
+    let ones = Tensor::ones(targets.shape(), p.dtype(), p.device())?;
+    let p = p.scatter_add(targets, &ones.neg()?, 1)?;
+    let p = match d {
+        Some(d) => (p * d)?,
+        None => p,
+    };
+    p.broadcast_mul(g)
+}
+
+/// `cap·tanh(z/cap)` and its derivative `1 − tanh²`, or `z` and none.
+fn capped(z: &Tensor, softcap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    match softcap {
+        Some(c) => {
+            let t = (z / c)?.tanh()?;
+            let d = t.sqr()?.affine(-1.0, 1.0)?;
+            Ok(((t * c)?, Some(d)))
+        }
+        None => Ok((z.clone(), None)),
+    }
+}
+
+/// log Σ exp over each row of `c`, `(R, 1)`.
+fn lse(c: &Tensor) -> Result<Tensor> {
+    let m = c.max_keepdim(1)?;
+    c.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m
+}
+
+/// Zero in forward, of the losses' dtype; in backward the gradients of `h` and `w` from
+/// the logits' gradient, the logits computed again.
+struct HeadLoss {
+    targets: Tensor,
+    softcap: Option<f64>,
+    trains_w: bool,
+    dtype: DType,
+}
+
+impl HeadLoss {
+    fn zeros<S>(&self, s: &S, l: &Layout) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let shape = Shape::from((l.shape().dims2()?.0, 1));
+        Ok((s.device().zeros_impl(&shape, self.dtype)?, shape))
+    }
+}
+
+impl CustomOp2 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.zeros(h, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &CudaStorage,
+        l: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.zeros(h, l)
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let z = logits(h, w)?;
+        let dz = logits_grad(&z, &self.targets, &g.detach(), self.softcap)?;
+        drop(z);
+        let dz = dz.to_dtype(h.dtype())?;
+        let (h, w) = (h.detach(), w.detach());
+        let dh = dz.matmul(&w)?;
+        let dw = self.trains_w.then(|| dz.t()?.matmul(&h)).transpose()?;
+        Ok((Some(dh), dw))
+    }
+}
+
+/// Forward of the CPU's losses: one pass over each row of the logits.
+struct CrossEntropy {
+    softcap: Option<f64>,
+}
+
+/// The CPU's logits' gradient: one more pass over each row.
+struct CrossEntropyGrad {
+    softcap: Option<f64>,
+}
+
+/// A row-major `(R, V)` slice and its shape.
+fn rows<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<(&'a [T], usize, usize)> {
+    let (r, v) = l.shape().dims2()?;
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("cross-entropy: a non-contiguous input");
+    };
+    Ok((&s.as_slice::<T>()?[a..b], r, v))
+}
+
+/// The element type the op runs in: f32 or f64.
+trait Float: candle_core::WithDType + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// The capped logit of `z` and the derivative of the cap at `z`.
+fn cap(z: f64, softcap: Option<f64>) -> (f64, f64) {
+    match softcap {
+        Some(c) => {
+            let t = (z / c).tanh();
+            (c * t, 1.0 - t * t)
+        }
+        None => (z, 1.0),
+    }
+}
+
+/// log Σ exp(c_j) of one row of capped logits, in one pass (the running maximum rescales
+/// the running sum).
+fn log_sum_exp<T: Float>(row: &[T], softcap: Option<f64>) -> f64 {
+    let (mut m, mut s) = (f64::NEG_INFINITY, 0.0);
+    for z in row {
+        let c = cap(z.to_f64(), softcap).0;
+        if c > m {
+            s = s * (m - c).exp() + 1.0;
+            m = c;
+        } else {
+            s += (c - m).exp();
+        }
+    }
+    m + s.ln()
+}
+
+fn target(t: u32, v: usize) -> Result<usize> {
+    let t = t as usize;
+    if t >= v {
+        candle_core::bail!("cross-entropy: target {t} outside the vocabulary of {v}");
+    }
+    Ok(t)
+}
+
+fn row_losses<T: Float>(
+    z: &[T],
+    targets: &[u32],
+    v: usize,
+    softcap: Option<f64>,
+) -> Result<Vec<T>> {
+    z.par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let t = target(t, v)?;
+            let picked = cap(row[t].to_f64(), softcap).0;
+            Ok(T::from_f64(log_sum_exp(row, softcap) - picked))
+        })
+        .collect()
+}
+
+fn gradient<T: Float>(
+    z: &[T],
+    targets: &[u32],
+    g: &[T],
+    v: usize,
+    softcap: Option<f64>,
+) -> Result<Vec<T>> {
+    let mut out = vec![T::from_f64(0.0); z.len()];
+    out.par_chunks_mut(v)
+        .zip(z.par_chunks(v))
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .try_for_each(|((dz, row), (&t, &g))| {
+            let t = target(t, v)?;
+            let (lse, g) = (log_sum_exp(row, softcap), g.to_f64());
+            for (j, (d, z)) in dz.iter_mut().zip(row).enumerate() {
+                let (c, dc) = cap(z.to_f64(), softcap);
+                let p = (c - lse).exp() - if j == t { 1.0 } else { 0.0 };
+                *d = T::from_f64(g * p * dc);
+            }
+            Ok::<(), candle_core::Error>(())
+        })?;
+    Ok(out)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (targets, r, _) = rows::<u32>(t, lt)?;
+        let out = match z {
+            CpuStorage::F32(_) => {
+                let (z, _, v) = rows::<f32>(z, lz)?;
+                CpuStorage::F32(row_losses(z, targets, v, self.softcap)?)
+            }
+            CpuStorage::F64(_) => {
+                let (z, _, v) = rows::<f64>(z, lz)?;
+                CpuStorage::F64(row_losses(z, targets, v, self.softcap)?)
+            }
+            _ => candle_core::bail!("cross-entropy: logits in f32 or f64"),
+        };
+        Ok((out, Shape::from((r, 1))))
+    }
+}
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        lz: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (targets, _, _) = rows::<u32>(t, lt)?;
+        let out = match z {
+            CpuStorage::F32(_) => {
+                let ((z, _, v), (g, _, _)) = (rows::<f32>(z, lz)?, rows::<f32>(g, lg)?);
+                CpuStorage::F32(gradient(z, targets, g, v, self.softcap)?)
+            }
+            CpuStorage::F64(_) => {
+                let ((z, _, v), (g, _, _)) = (rows::<f64>(z, lz)?, rows::<f64>(g, lg)?);
+                CpuStorage::F64(gradient(z, targets, g, v, self.softcap)?)
+            }
+            _ => candle_core::bail!("cross-entropy: logits in f32 or f64"),
+        };
+        Ok((out, lz.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The same loss as candle's tensor ops and their backward.
+    fn composed(h: &Tensor, w: &Tensor, t: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+        let z = h.matmul(&w.t()?)?;
+        let (z, _) = capped(&z, softcap)?;
+        let m = z.max_keepdim(1)?.detach();
+        let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
+        lse - z.gather(t, 1)?
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64))
+            .and_then(|d| d.to_scalar::<f64>())
+            .unwrap()
+    }
+
+    /// [`head_losses`]' losses and gradients of `h` and `w` equal the composed ones'.
+    fn check(dtype: DType, softcap: Option<f64>, tol: f64) {
+        let dev = Device::Cpu;
+        let r = |shape: (usize, usize)| {
+            Tensor::randn(0f32, 1.0, shape, &dev)
+                .and_then(|x| x.to_dtype(dtype))
+                .unwrap()
+        };
+        let (h, w) = (r((5, 6)), (r((37, 6)) * 2.0).unwrap());
+        let t = Tensor::new(&[[0u32], [36], [7], [7], [20]], &dev).unwrap();
+        let g = Tensor::new(&[[1f32], [0.5], [-2.0], [0.0], [3.0]], &dev)
+            .and_then(|g| g.to_dtype(dtype))
+            .unwrap();
+        let run = |fused: bool| {
+            let (vh, vw) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+            let (h, w) = (vh.as_tensor(), vw.as_tensor());
+            let l = if fused {
+                head_losses(h, w, true, &t, softcap).unwrap()
+            } else {
+                composed(h, w, &t, softcap).unwrap()
+            };
+            let grads = (&l * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dh, dw) = (grads.get(h).unwrap(), grads.get(w).unwrap());
+            (l, dh.clone(), dw.clone())
+        };
+        let ((l1, h1, w1), (l2, h2, w2)) = (run(true), run(false));
+        for (what, a, b) in [("losses", l1, l2), ("dh", h1, h2), ("dw", w1, w2)] {
+            assert!(
+                max_diff(&a, &b) < tol,
+                "{what} differ by {}",
+                max_diff(&a, &b)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fused_loss_and_its_gradients_equal_the_composed_ones() {
+        check(DType::F32, None, 1e-5);
+        check(DType::F32, Some(15.0), 1e-5);
+        check(DType::F64, None, 1e-12);
+        check(DType::F64, Some(15.0), 1e-12);
+    }
+
+    /// The tensor-op path other devices take gives the CPU kernels' losses and gradient.
+    #[test]
+    fn the_tensor_op_path_equals_the_cpu_kernels() {
+        let dev = Device::Cpu;
+        let z = (Tensor::randn(0f64, 3.0, (4, 29), &dev).unwrap() * 5.0).unwrap();
+        let t = Tensor::new(&[[0u32], [28], [3], [3]], &dev).unwrap();
+        let g = Tensor::new(&[[1f64], [-0.5], [2.0], [0.25]], &dev).unwrap();
+        for cap in [None, Some(15.0)] {
+            let (k, o) = (losses(&z, &t, cap), losses_by_ops(&z, &t, cap));
+            assert!(max_diff(&k.unwrap(), &o.unwrap()) < 1e-12);
+            let k = logits_grad(&z, &t, &g, cap).unwrap();
+            let o = logits_grad_by_ops(&z, &t, &g, cap).unwrap();
+            assert!(max_diff(&k, &o) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_is_an_error() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 2), DType::F32, &dev).unwrap();
+        let t = Tensor::new(&[[4u32]], &dev).unwrap();
+        assert!(head_losses(&h, &w, true, &t, None).is_err());
+    }
+}
