@@ -88,6 +88,26 @@ fn framework_and_compiled_peaks_are_predicted_within_bound() {
     assert!(worst.1 <= 0.04, "eager: worst {:.2} %", worst.1 * 100.0);
 }
 
+/// `tests/data/torch_nanochat_wte.json` (`tools/measure_frameworks.py --only wte-bf16`):
+/// nanochat with its token embedding cast to bf16 as `init_weights` does on CUDA (weight,
+/// gradient and AdamW state bf16, a bf16 residual stream), eager and compiled under bf16
+/// autocast, on the CPU (`train.embedding_dtype = "bf16"`).
+#[test]
+fn nanochat_with_a_bf16_embedding_is_predicted_within_3_percent() {
+    let errs = errors_in(include_str!("data/torch_nanochat_wte.json"));
+    let mut worst = 0.0f64;
+    for (id, m, p, e) in &errs {
+        println!(
+            "{id:90} measured {m:>11} predicted {p:>11} error {:+.2} %",
+            e * 100.0
+        );
+        worst = worst.max(e.abs());
+    }
+    let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
+    assert!(errs.len() >= 6 && compiled >= 3, "{} runs", errs.len());
+    assert!(worst <= 0.03, "worst {:.2} %", worst * 100.0);
+}
+
 /// The bound this model meets today; the target of the issue is 5 %.
 const BOUND: f64 = 0.05;
 
@@ -185,7 +205,7 @@ const NOT_MODELLED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Issue 10's second bound: over every measured run the tests above hold (the five files,
+/// Issue 10's second bound: over every measured run the tests above hold (the six files,
 /// old and new, less the regimes listed as not modelled), the median error stays within
 /// 1 %.
 #[test]
@@ -196,6 +216,7 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
         include_str!("data/torch_lora.json"),
         include_str!("data/torch_regimes.json"),
         include_str!("data/torch_fsdp.json"),
+        include_str!("data/torch_nanochat_wte.json"),
     ];
     let mut errs: Vec<f64> = files
         .iter()
@@ -203,7 +224,7 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
         .filter(|(id, ..)| !NOT_MODELLED.iter().any(|(x, _)| x == id))
         .map(|(.., e)| e.abs())
         .collect();
-    assert!(errs.len() >= 149, "{} held runs", errs.len());
+    assert!(errs.len() >= 155, "{} held runs", errs.len());
     errs.sort_by(f64::total_cmp);
     let n = errs.len();
     let median = (errs[(n - 1) / 2] + errs[n / 2]) / 2.0;

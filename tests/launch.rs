@@ -424,7 +424,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/speedrun_base_train_d20.sh",
         A100,
-        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine (nanochat, eager)\n\
+        "nanochat-d20 on 8 × a100-80gb (A100 80 GB), torch engine (nanochat, compiled)\n\
          micro-batch 32 × seq 2048 × accumulation 1 × 8 GPU(s) = 524288 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "not modelled, no effect on GPU memory: run",
@@ -433,7 +433,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/seed002_d16_stable.sh",
         &["--gpu", "rtx5090d-32gb"],
-        "nanochat-d16 on 2 × rtx5090d-32gb (GeForce RTX 5090D 32 GB), torch engine (nanochat, eager)\n\
+        "nanochat-d16 on 2 × rtx5090d-32gb (GeForce RTX 5090D 32 GB), torch engine (nanochat, compiled)\n\
          micro-batch 10 × seq 1536 × accumulation 1 × 2 GPU(s) = 30720 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "run",
@@ -441,7 +441,7 @@ fn nanochat_command_lines() {
     plans(
         "nanochat/runcpu_base_train.sh",
         A100,
-        "nanochat-d6 on 1 × a100-80gb (A100 80 GB), torch engine (nanochat, eager)\n\
+        "nanochat-d6 on 1 × a100-80gb (A100 80 GB), torch engine (nanochat, compiled)\n\
          micro-batch 32 × seq 512 × accumulation 1 × 1 GPU(s) = 16384 tokens per step\n\
          bf16-autocast, muon, checkpointing none, loss float-cast, attention sdpa, ddp",
         "window_pattern",

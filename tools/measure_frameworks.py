@@ -17,6 +17,11 @@ Implementations (train.implementation):
     Compiled like a user script does: `model.compile()` (the whole forward, loss included).
   * nanochat: measure_torch.py's re-implementation of nanochat/gpt.py (October 2025).
     Compiled as nanochat's base_train does: `torch.compile(model, dynamic=False)`.
+    The `wte-bf16` runs (`train.embedding_dtype = "bf16"`) cast the token embedding to
+    bf16 as nanochat's `init_weights` does on CUDA, so its gradient and its AdamW state
+    are bf16 and the residual stream is bf16 from the embedding on (CPU autocast: the
+    parameter-free `F.rms_norm` keeps its input's dtype, as CUDA's autocast of torch 2.8
+    does; see docs/model.md for what CUDA's autocast does differently).
   * torchtune (0.6.1): `torchtune.models.llama3._component_builders.llama3` (a
     TransformerDecoder of TransformerSelfAttentionLayer), the loss
     `torchtune.modules.loss.CEWithChunkedOutputLoss` (8 output chunks, the model's
@@ -44,11 +49,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure_torch as mt  # noqa: E402
 
 
-def _train(b, s, prec, impl, compiled, loss="float-cast"):
+def _train(b, s, prec, impl, compiled, loss="float-cast", wte=None):
     t = mt._train(b, s, prec)
     t["loss"] = loss
     t["implementation"] = impl
     t["compile"] = compiled
+    if wte:
+        t["embedding_dtype"] = wte
     return t
 
 
@@ -82,6 +89,11 @@ def configs():
             (mt._llama_like(L, 256, 2, 4, 4, 688, 8192, True), _train(2, 256, "bf16-autocast", "hf", compiled)),
             (mt._llama_like(Q, 256, 2, 4, 2, 688, 8192, False), _train(1, 512, "bf16", "hf", compiled)),
         ]
+    # nanochat with the token embedding in bf16 (its init_weights on CUDA), eager and compiled.
+    for compiled in (False, True):
+        for m, b, s in ((mt._nanochat(256, 4, 32768), 2, 256), (mt._nanochat(512, 6, 4096), 4, 512),
+                        (mt._nanochat(128, 2, 50000), 4, 256)):
+            runs.append((m, _train(b, s, "bf16-autocast", "nanochat", compiled, wte="bf16")))
     tune = mt._llama_like(L, 256, 4, 4, 2, 688, 32000, False)
     tune_big = mt._llama_like(L, 512, 4, 8, 8, 1376, 8192, False)
     for compiled in (False, True):
@@ -177,7 +189,6 @@ def main():
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
     import transformers
-    import torchtune
 
     transformers.logging.set_verbosity_error()
     # measure_torch.measure builds each run through the module's `setup`.
@@ -190,10 +201,15 @@ def main():
         for c in cfgs:
             print(c["id"])
         return
-    old = []
+    old, tune_version = [], None
     if os.path.exists(args.out):
         with open(args.out) as f:
-            old = json.load(f).get("runs", [])
+            data = json.load(f)
+        old, tune_version = data.get("runs", []), data.get("tool", {}).get("torchtune")
+    if any(c["train"]["implementation"] == "torchtune" for c in cfgs):
+        import torchtune
+
+        tune_version = torchtune.__version__
     runs = []
     for cfg in cfgs:
         r = mt.measure(cfg)
@@ -204,7 +220,7 @@ def main():
             flush=True,
         )
         gc.collect()
-        _write(args.out, old, runs, transformers.__version__, torchtune.__version__)
+        _write(args.out, old, runs, transformers.__version__, tune_version)
 
 
 def _write(path, old, runs, tf_version, tune_version):
@@ -226,7 +242,9 @@ def _write(path, old, runs, tf_version, tune_version):
             "framework's own model and loss: hf = transformers LlamaForCausalLM / "
             "Qwen2ForCausalLM with labels (ForCausalLMLoss); nanochat = measure_torch.py's "
             "nanochat GPT; torchtune = torchtune 0.6.1 llama3 component builder with "
-            "CEWithChunkedOutputLoss (8 chunks). compile: hf and nanochat "
+            "CEWithChunkedOutputLoss (8 chunks). The wte-bf16 nanochat runs cast the token "
+            "embedding to bf16 before the optimizer is made (nanochat's init_weights on CUDA). "
+            "compile: hf and nanochat "
             "model.compile(dynamic=False) (inductor, C++ backend on the CPU); torchtune "
             "training.compile_model (per layer) and training.compile_loss. The warm-up step "
             "compiles. AdamW(lr=1e-4, weight_decay=0.1), torch.set_num_threads(2), seed 0."

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 # Follows karpathy/nanochat nanochat/gpt.py as of October 2025:
 #   * token embedding `wte` (nn.Embedding, fp32 on CPU: nanochat casts wte to bf16 only
 #     when the model lives on CUDA), then a parameter-free RMSNorm of the embedding;
+#     `train.embedding_dtype = "bf16"` applies that cast here too (`wte.to(bfloat16)`
+#     after the initialisation, before the optimizer exists, as `init_weights` does);
 #   * per block: x = x + attn(norm(x)); x = x + mlp(norm(x)), norm = F.rms_norm without
 #     weight; a final norm before lm_head;
 #   * attention: bias-free c_q, c_k, c_v, c_proj; q/k/v viewed as (B, T, heads, head_dim);
@@ -244,6 +246,8 @@ def _run_id(m, t):
         parts.append(f"kv{m['num_kv_heads']}")
     parts += [f"v{m['vocab_size']}", f"b{t['micro_batch']}", f"s{t['seq_len']}", t["precision"]]
     parts += [t["attention"], t["checkpointing"]]
+    if t.get("embedding_dtype"):
+        parts.append(f"wte-{t['embedding_dtype']}")
     if t["grad_accum"] != 1:
         parts.append(f"ga{t['grad_accum']}")
     if m["arch"] in ("llama", "qwen2") and not m["tie_embeddings"]:
@@ -316,6 +320,9 @@ def build_model(cfg):
             m["vocab_size"], m["hidden_size"], m["num_layers"], m["num_heads"],
             m["num_kv_heads"], t["seq_len"],
         )
+        if t.get("embedding_dtype") == "bf16":
+            # nanochat's init_weights on CUDA: `self.transformer.wte.to(dtype=torch.bfloat16)`.
+            model.transformer.wte.to(dtype=torch.bfloat16)
         return model, (lambda x: model(x, x))
 
     import transformers

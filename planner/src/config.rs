@@ -112,6 +112,10 @@ pub struct RawTrain {
     pub optimizer_in_backward: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reduce_dtype: Option<String>,
+    /// nanochat's `wte` dtype; by default bf16 on a CUDA GPU under bf16 autocast (its
+    /// `init_weights`), fp32 otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_dtype: Option<String>,
     /// Training-loop settings the memory model ignores but `vramplan train` reads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
@@ -486,8 +490,28 @@ impl RawTrain {
                 &self.reduce_dtype,
                 defaults::REDUCE_DTYPE,
             )?,
+            embedding_dtype: self
+                .embedding_dtype
+                .as_deref()
+                .map(|v| EmbeddingDtype::parse("train.embedding_dtype", v))
+                .transpose()?,
         })
     }
+}
+
+/// nanochat's `wte` dtype for the device: what the config names, else bf16 where
+/// `init_weights` casts it (a CUDA GPU; under bf16 autocast, the only precision nanochat's
+/// `base_train` runs), else fp32. Other implementations have none.
+fn embedding_dtype(t: &TrainSpec, h: &HardwareSpec) -> Option<EmbeddingDtype> {
+    if t.implementation != Implementation::Nanochat || t.engine != Engine::Torch {
+        return t.embedding_dtype;
+    }
+    let cast = h.device.is_cuda() && t.precision == Precision::Bf16Autocast;
+    Some(t.embedding_dtype.unwrap_or(if cast {
+        EmbeddingDtype::Bf16
+    } else {
+        EmbeddingDtype::Fp32
+    }))
 }
 
 /// Upper bound on GPUs in one run.
@@ -563,6 +587,28 @@ impl RawHardware {
     }
 }
 
+/// nanochat's `wte` cast: its implementation only, and not under fp32 linears.
+fn check_embedding_dtype(t: &TrainSpec) -> Result<()> {
+    let Some(e) = t.embedding_dtype else {
+        return Ok(());
+    };
+    if t.implementation != Implementation::Nanochat || t.engine != Engine::Torch {
+        return Err(PlanError::invalid(
+            "train.embedding_dtype",
+            quote(e.name()),
+            "only for implementation = \"nanochat\" on the torch engine (its wte cast); leave it out",
+        ));
+    }
+    if e == EmbeddingDtype::Bf16 && t.precision == Precision::Fp32 {
+        return Err(PlanError::invalid(
+            "train.embedding_dtype",
+            quote(e.name()),
+            "fp32 with precision = \"fp32\" (a bf16 embedding feeds fp32 linears)",
+        ));
+    }
+    Ok(())
+}
+
 /// The rules that join sections: what one section allows depends on another.
 pub fn check_run(spec: &RunSpec) -> Result<()> {
     let (m, t, h) = (&spec.model, &spec.train, &spec.hardware);
@@ -583,6 +629,7 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
             "adamw | adamw-8bit | sgd | adafactor for t5",
         ));
     }
+    check_embedding_dtype(t)?;
     if t.engine == Engine::Candle {
         check_candle(spec)?;
     }
@@ -730,8 +777,9 @@ impl RawConfig {
     /// Validates everything and resolves presets. The caller has done any file or device I/O.
     pub fn resolve(&self, presets: &impl PresetSource, ctx: &Context) -> Result<RunSpec> {
         let model = self.model.resolve(self.model.base(presets, ctx)?)?;
-        let train = self.train.resolve(&model)?;
+        let mut train = self.train.resolve(&model)?;
         let hardware = self.hardware.resolve(presets, ctx)?;
+        train.embedding_dtype = embedding_dtype(&train, &hardware);
         let lora = self.lora.as_ref().map(|l| l.resolve(&model)).transpose()?;
         let spec = RunSpec {
             model,

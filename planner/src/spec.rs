@@ -222,6 +222,12 @@ choice!(
     ReduceDtype { Fp32 = "fp32", Bf16 = "bf16" }
 );
 choice!(
+    /// nanochat's token embedding `wte`: `init_weights` casts it to bf16 where the model
+    /// lives on CUDA (its weight, gradient and AdamW state, and the residual stream from
+    /// the embedding on), and leaves it fp32 on the CPU.
+    EmbeddingDtype { Fp32 = "fp32", Bf16 = "bf16" }
+);
+choice!(
     /// How the cross-entropy over the vocabulary is computed.
     LossMode { FloatCast = "float-cast", Chunked = "chunked", Fused = "fused" }
 );
@@ -391,6 +397,8 @@ pub struct TrainSpec {
     pub optimizer_in_backward: bool,
     /// Gradient reduction dtype under `bf16-mixed`.
     pub reduce_dtype: ReduceDtype,
+    /// nanochat's `wte` dtype, resolved for the device (None for other implementations).
+    pub embedding_dtype: Option<EmbeddingDtype>,
 }
 
 impl TrainSpec {

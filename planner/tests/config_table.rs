@@ -267,6 +267,9 @@ fn implementation_and_compile_refuse_what_is_not_modelled() {
         (format!("{SMOLLM}[train]\ncompile = true\ncheckpointing = \"full\"\n"), "train.compile = true: false with checkpointing = \"full\""),
         (format!("{SMOLLM}[train]\ncompile = true\nattention = \"eager\"\n"), "train.compile = true: false with attention = \"eager\""),
         (format!("{SMOLLM}[train]\ncompile = \"yes\"\n"), "line 4: train.compile: invalid type: string \"yes\", expected a boolean"),
+        (format!("{SMOLLM}[train]\nembedding_dtype = \"bf16\"\n"), "train.embedding_dtype = \"bf16\": only for implementation = \"nanochat\" on the torch engine"),
+        (format!("{NANOCHAT}[train]\nembedding_dtype = \"fp16\"\n"), "train.embedding_dtype = \"fp16\": expected one of fp32 | bf16"),
+        (format!("{NANOCHAT}[train]\nprecision = \"fp32\"\nembedding_dtype = \"bf16\"\n"), "train.embedding_dtype = \"bf16\": fp32 with precision = \"fp32\""),
     ];
     for (src, want) in cases {
         let err = resolve(&src).expect_err(&src).to_string();

@@ -21,7 +21,8 @@ pub struct Caps {
     /// Sharding on several GPUs (plain DDP is always there).
     pub sharding: &'static [Sharding],
     pub lora: bool,
-    /// `torch.compile`: `None` when it is the launcher's only mode (torchtitan, as modelled).
+    /// `torch.compile`: `None` when it is the launcher's only mode (torchtitan, as modelled;
+    /// nanochat's `base_train`).
     pub compile: Option<bool>,
     pub offload_activations: bool,
     pub optimizer_in_backward: bool,
@@ -188,7 +189,8 @@ pub const CAPS: &[Caps] = &[
         optimizers: &[Optimizer::Muon],
         sharding: &[],
         lora: false,
-        compile: Some(false),
+        // The plan is written as `scripts.base_train`, which always compiles.
+        compile: None,
         offload_activations: false,
         offload_state: false,
         optimizer_in_backward: false,
@@ -400,6 +402,10 @@ pub fn adapt(format: Format, raw: &mut RawConfig) -> Vec<String> {
             if gpus > 1 {
                 put(&mut h.sharding, "sharding", "fsdp2");
             }
+        }
+        Format::Nanochat if t.compile != Some(true) => {
+            t.compile = Some(true);
+            put(&mut None, "compile", "true");
         }
         Format::Torchtitan => {
             put(&mut t.implementation, "implementation", "torchtitan");

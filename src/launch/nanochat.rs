@@ -5,6 +5,11 @@
 //! `gpt.py` of October 2025: width depth × aspect ratio (64), heads of 128, an MLP of 4×
 //! the width, 65,536 tokens, untied embeddings. `mid_train` and `chat_sft` load the base
 //! checkpoint, whose depth is not on their command line.
+//!
+//! What each script runs (commit fe5aed9, October 2025): `base_train.py` (line 102) and
+//! `mid_train.py` (line 69) call `torch.compile(model, dynamic=False)` on the model they
+//! train; `chat_sft.py` leaves it commented out (line 73: variable-length batches), so it
+//! trains eager.
 
 use super::args;
 use super::*;
@@ -98,9 +103,11 @@ fn keep(d: &mut Draft, key: &str, v: &Value) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The script's defaults (October 2025): batch, sequence and tokens per step.
+/// The script's defaults (October 2025): batch, sequence and tokens per step, and
+/// whether it compiles the model it trains.
 struct Script {
     name: &'static str,
+    compiled: bool,
     device_batch: u64,
     seq_len: Option<u64>,
     total_tokens: Option<u64>,
@@ -110,6 +117,7 @@ struct Script {
 const SCRIPTS: &[Script] = &[
     Script {
         name: "base_train",
+        compiled: true,
         device_batch: 32,
         seq_len: Some(2048),
         total_tokens: Some(524288),
@@ -117,6 +125,7 @@ const SCRIPTS: &[Script] = &[
     },
     Script {
         name: "mid_train",
+        compiled: true,
         device_batch: 32,
         seq_len: Some(2048),
         total_tokens: Some(524288),
@@ -124,6 +133,7 @@ const SCRIPTS: &[Script] = &[
     },
     Script {
         name: "chat_sft",
+        compiled: false,
         device_batch: 4,
         seq_len: None,
         total_tokens: None,
@@ -176,6 +186,7 @@ pub fn read(text: &str, ctx: &Ctx) -> Result<Launch, String> {
     let mut d = Draft {
         gpus: args::processes(&c.launcher)?,
         precision: Some("bf16-autocast".into()),
+        compile: Some(script.compiled),
         ..Draft::default()
     };
     let applied = apply(

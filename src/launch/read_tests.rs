@@ -232,3 +232,30 @@ fn hf_fsdp2_and_qlora_keys() {
     .unwrap_err();
     assert!(e.contains("without use_peft"), "{e}");
 }
+
+/// nanochat's scripts at fe5aed9: `base_train.py` (line 102) and `mid_train.py` (line 69)
+/// compile the model, `chat_sft.py` trains it eager (its `torch.compile` is commented out).
+#[test]
+fn nanochat_base_and_mid_train_compile_chat_sft_does_not() {
+    assert_eq!(
+        raw("nanochat/speedrun_base_train_d20.sh").train.compile,
+        Some(true)
+    );
+    assert_eq!(
+        raw("nanochat/seed002_d16_stable.sh").train.compile,
+        Some(true)
+    );
+    assert_eq!(
+        raw("nanochat/speedrun_chat_sft.sh").train.compile,
+        Some(false)
+    );
+    let presets = Presets::builtin().unwrap();
+    let ctx = Ctx {
+        dir: Path::new(DIR),
+        presets: &presets,
+    };
+    let mid = "torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --depth=20";
+    let r = read(Format::Nanochat, mid, &ctx).unwrap().raw;
+    assert_eq!(r.train.compile, Some(true));
+    assert_eq!(r.model.preset.as_deref(), Some("nanochat-d20"));
+}

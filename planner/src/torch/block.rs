@@ -120,6 +120,10 @@ impl Dims {
         let (c, r) = match t.precision {
             Precision::Fp32 => (DType::F32, DType::F32),
             Precision::Bf16 | Precision::Bf16Mixed => (DType::Bf16, DType::Bf16),
+            // nanochat's bf16 `wte` makes the residual stream bf16 (`torch::nanochat`).
+            Precision::Bf16Autocast if super::nanochat::bf16_stream(t) => {
+                (DType::Bf16, DType::Bf16)
+            }
             Precision::Bf16Autocast => (DType::Bf16, DType::F32),
             Precision::Fp16Autocast => (DType::F16, DType::F32),
         };
@@ -169,7 +173,9 @@ impl Implementation for Transformers {
             .then(|| Layout::new(&[2, d.t, m.head_dim], DType::F32));
         let mut stem = vec![("embedding output", d.tok(d.h, d.r))];
         if m.arch == Arch::Nanochat {
-            // `norm(wte(idx))`: the un-normed embedding stays saved for the norm's backward.
+            // `norm(wte(idx))`: the un-normed embedding stays saved for the norm's backward
+            // (a bf16 embedding as the norm's fp32 copy of it).
+            stem[0] = ("embedding output", d.tok(d.h, norm_saved(&d)));
             stem.push(("norm(embedding)", d.tok(d.h, d.r)));
         }
         let (encoder, decoder) = match m.arch {
@@ -305,13 +311,27 @@ pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     blk
 }
 
+/// What nanochat's parameter-free `F.rms_norm` saves of its input: an fp32 stream itself,
+/// a bf16 stream under autocast the fp32 copy its decomposition computes in.
+fn norm_saved(d: &Dims) -> DType {
+    if d.autocast {
+        DType::F32
+    } else {
+        d.r
+    }
+}
+
 fn nanochat(d: &Dims, attention: Attention) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
-    // F.rms_norm without weight: saves its input and the reciprocal RMS; the output feeds
-    // c_q, c_k, c_v (one bf16 copy each under autocast).
-    blk.keep("norm output", d.tok(d.h, r));
-    if d.autocast {
+    let bf16_stream = d.autocast && r != DType::F32;
+    // F.rms_norm without weight: saves its input (fp32: a bf16 stream's fp32 copy) and the
+    // reciprocal RMS; the output feeds c_q, c_k, c_v: under autocast one bf16 copy each of
+    // an fp32 output, none of a bf16 one (all three save the norm's output).
+    blk.keep("norm output", d.tok(d.h, norm_saved(d)));
+    if bf16_stream {
+        blk.keep("c_q/c_k/c_v input (the bf16 norm output)", d.tok(d.h, d.c));
+    } else if d.autocast {
         blk.keep("c_q input (bf16 copy)", d.tok(d.h, d.c));
         blk.keep("c_k input (bf16 copy)", d.tok(d.h, d.c));
         blk.keep("c_v input (bf16 copy)", d.tok(d.h, d.c));
@@ -326,7 +346,7 @@ fn nanochat(d: &Dims, attention: Attention) -> Block {
     blk.keep_core("v", d.tok(d.k, c));
     let attn = Dims { r: c, ..*d };
     attention_core(&mut blk, &attn, attention, false);
-    blk.keep("residual after attention", d.tok(d.h, r));
+    blk.keep("residual after attention", d.tok(d.h, norm_saved(d)));
     blk.keep("norm output (mlp)", d.tok(d.h, r));
     if d.autocast {
         blk.keep("c_fc input (bf16 copy)", d.tok(d.h, d.c));

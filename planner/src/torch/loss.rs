@@ -16,9 +16,15 @@
 //!   `logits.float()`, torchtitan's `cross_entropy_loss`): inductor fuses the cast, the
 //!   softcap and `log_softmax` into one reduction; the partitioner keeps the logits as the
 //!   head's matmul made them (compute precision) and two fp32 statistics per row (maximum
-//!   and log-sum-exp); in forward the upcast logits are written out once as a temporary
-//!   (N·V·4, several reductions read them: measured on the CPU); backward is one fused kernel writing the logits' gradient in compute
-//!   precision. transformers also keeps its padded labels (B × (T + 1), int64).
+//!   and log-sum-exp); on the CPU, in forward the upcast logits are written out once as a
+//!   temporary (N·V·4, several reductions read them: measured); backward is one fused
+//!   kernel writing the logits' gradient in compute precision. On CUDA the upcast is not
+//!   written out: inductor's `StorageBox.should_realize_on_reuse` (torch 2.15
+//!   `torch/_inductor/ir.py`) realizes a reused pointwise node on the CPU when its body
+//!   holds a heavy op (`exp`, `log`, `tanh`, ...) or many ops, but on a GPU only when it
+//!   reads more than `realize_reads_threshold` (4) buffers or has more than 30 ops; the
+//!   cast (with nanochat's softcap) reads one buffer in a few ops, so each reduction's
+//!   Triton kernel recomputes it from the bf16 logits (unmeasured: no GPU). transformers also keeps its padded labels (B × (T + 1), int64).
 //! - torchtune's `chunked` (`CEWithChunkedOutputLoss`, 8 chunks along the sequence): the
 //!   output projection runs per chunk and every chunk's logits live until the loss returns;
 //!   eager, each chunk's `logits.float()` feeds `cross_entropy`, whose `log_softmax` keeps
@@ -123,7 +129,7 @@ fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState
 }
 
 /// Plays the loss forward. `c` is the logits' dtype.
-pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType, cuda: bool) -> LossState {
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("loss");
@@ -131,7 +137,7 @@ pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossStat
         return output_chunks(s, m, t, c);
     }
     if t.compile && t.loss == LossMode::FloatCast {
-        return compiled(s, m, t, c);
+        return compiled(s, m, t, c, cuda);
     }
     match t.loss {
         LossMode::FloatCast => float_cast(s, m, t, c),
@@ -246,7 +252,7 @@ pub fn backward(
 }
 
 /// Compiled float-cast: the logits in compute precision and two row statistics.
-fn compiled(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
+fn compiled(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType, cuda: bool) -> LossState {
     let n = t.tokens_per_micro_batch();
     let mut saved = vec![s.alloc(
         "logits (saved by the compiled loss)",
@@ -260,9 +266,10 @@ fn compiled(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState {
             Layout::new(&[t.micro_batch, t.seq_len.saturating_add(1)], DType::I64),
         ));
     }
-    if c != DType::F32 {
+    if c != DType::F32 && !cuda {
         // The upcast logits are read by several reductions (row max, sum of exponentials,
-        // the target's logit), so the scheduler writes them out once instead of fusing.
+        // the target's logit): inductor's C++ backend writes them out once instead of
+        // fusing (its heavy-op heuristic, CPU only; see the module doc).
         s.transient(
             "logits upcast (fp32, read by the loss's reductions)",
             Component::Logits,

@@ -19,6 +19,7 @@ mod checkpoint;
 mod compiled;
 mod lora;
 mod loss;
+mod nanochat;
 mod optim;
 mod recipe;
 mod regime;
@@ -59,6 +60,8 @@ struct Run<'a> {
     cuda: bool,
     stage: u8,
     shards: u64,
+    /// nanochat's own distributed optimizers instead of DDP (`torch::nanochat`).
+    own_sync: bool,
     sharding: Sharding,
     reshard_after_forward: bool,
     /// DeepSpeed's CPU offload of the optimizer and of the parameters (`shard`).
@@ -86,7 +89,7 @@ impl Run<'_> {
         let (m, t, hw) = (&spec.model, &spec.train, &spec.hardware);
         let (params, trainable) = match &spec.lora {
             None => {
-                let p = params::shared(m);
+                let p = nanochat::cast_embedding(t, params::shared(m));
                 (Rc::clone(&p), p)
             }
             Some(l) => {
@@ -98,6 +101,9 @@ impl Run<'_> {
         let layers = m.num_layers.saturating_add(m.num_decoder_layers);
         let d = Dims::new(m, t);
         let mut recipe = implementation(spec).recipe(m, t);
+        if hw.device.is_cuda() && t.implementation == crate::spec::Implementation::Nanochat {
+            nanochat::cuda_autocast(&mut recipe, &d, t.compile);
+        }
         let mut windowed = block::windowed(&recipe.encoder, m, t);
         let mut first = None;
         if let Some(l) = &spec.lora {
@@ -128,6 +134,7 @@ impl Run<'_> {
                 0
             },
             shards: hw.shard_group(),
+            own_sync: nanochat::own_sync(spec),
             sharding: hw.sharding,
             reshard_after_forward: hw.reshard_after_forward,
             offload_optimizer: hw.offload_optimizer == crate::spec::Offload::Cpu,
@@ -157,7 +164,7 @@ impl Run<'_> {
 
     /// Ranks the optimizer state is split over (ZeRO stage ≥ 1).
     fn optimizer_shards(&self) -> u64 {
-        if self.stage >= 1 {
+        if self.stage >= 1 || self.own_sync {
             self.shards
         } else {
             1
@@ -330,7 +337,7 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
     }
     shard::offload_buffers(s, run);
     let gd = shard::grad_dtype(run);
-    if run.shards > 1 && run.stage <= 1 {
+    if run.shards > 1 && run.stage <= 1 && !run.own_sync {
         let all = Layout::new(&[crate::lora::trainable_count(&run.trainable)], gd);
         s.persistent("DDP gradient buckets", Component::Gradients, all);
     }
@@ -508,7 +515,7 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
             Layout::new(&[run.m.vocab_size, run.m.hidden_size], d.c),
         )
     });
-    let loss = loss::forward(s, run.m, run.t, d.c);
+    let loss = loss::forward(s, run.m, run.t, d.c, run.cuda);
     if run.t.checkpointing == Checkpointing::Full && d.autocast {
         // Leaving autocast clears its cache (the forward's weight copies) before backward.
         s.phase("leaving autocast");
