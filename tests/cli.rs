@@ -187,6 +187,10 @@ fn bad_input_is_one_line_naming_file_key_and_accepted_values_exit_2() {
             "[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"rtx9090\"\n",
             "hardware.gpu = \"rtx9090\": no such preset; known:",
         ),
+        (
+            "[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero2\"\nreduce_bucket_size = 0\n",
+            "hardware.reduce_bucket_size = 0: a whole number of elements from 1 to",
+        ),
         ("[model\n", "line 1:"),
     ];
     for (i, (src, want)) in cases.iter().enumerate() {
