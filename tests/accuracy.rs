@@ -310,8 +310,8 @@ fn deepspeed_zero_peaks_on_the_cpu_are_predicted_within_3_percent() {
     let four = errs.iter().filter(|e| e.0.contains("-x4")).count();
     assert!(four >= 4, "at least 4 runs over 4 processes, {four}");
     assert!(
-        errs.len() >= 16,
-        "at least 16 measured ZeRO runs, {}",
+        errs.len() >= 27,
+        "at least 27 measured ZeRO runs, {}",
         errs.len()
     );
     for (id, _) in ZERO_NOT_MODELLED {

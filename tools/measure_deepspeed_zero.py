@@ -88,6 +88,8 @@ LLAMA_A = mt._llama_like("llama", 256, 2, 4, 2, 688, 8192, False)
 # Every block matrix above ZeRO-3's default persistence threshold (1e5 elements).
 LLAMA_B = mt._llama_like("llama", 512, 2, 8, 4, 1376, 4096, True)
 QWEN_C = mt._llama_like("qwen2", 384, 2, 6, 2, 1024, 8192, False)
+# Three blocks: a block between the first and the last.
+LLAMA_D = mt._llama_like("llama", 256, 3, 4, 2, 688, 8192, False)
 
 # Buckets small enough to matter for these models (the defaults hold the whole model).
 SMALL_REDUCE = {"reduce_bucket_size": 500_000, "allgather_bucket_size": 500_000}
@@ -113,7 +115,7 @@ def _hw(world, stage, buckets=None):
 
 
 def configs():
-    A, B, C = LLAMA_A, LLAMA_B, QWEN_C
+    A, B, C, D = LLAMA_A, LLAMA_B, QWEN_C, LLAMA_D
     mixed = "bf16-mixed"
     runs = [
         (A, _t(2, 128, "fp32"), _hw(2, 1)),
@@ -141,6 +143,9 @@ def configs():
         (B, _t(2, 128, mixed), _hw(2, 3, {**SMALL_STAGE3, **RELEASE})),
         (A, _t(2, 128, "fp32"), _hw(2, 3, {**NO_PERSIST, **RELEASE})),
         (B, _t(2, 128, "fp32"), _hw(4, 3, RELEASE)),
+        (D, _t(2, 128, mixed, 2), _hw(2, 1, SMALL_REDUCE)),
+        (D, _t(2, 128, "fp32"), _hw(2, 2, SMALL_REDUCE)),
+        (D, _t(2, 128, mixed), _hw(2, 3, {**SMALL_STAGE3, **RELEASE})),
     ]
     out = []
     for m, t, h in runs:
