@@ -205,9 +205,8 @@ const NOT_MODELLED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Issue 10's second bound: over every measured run the tests above hold (the six files,
-/// old and new, less the regimes listed as not modelled), the median error stays within
-/// 1 %.
+/// Issue 10's second bound: over every measured run the tests above hold (the seven files,
+/// old and new, less the runs listed as not modelled), the median error stays within 1 %.
 #[test]
 fn the_whole_held_set_has_a_median_error_within_1_percent() {
     let files = [
@@ -217,11 +216,13 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
         include_str!("data/torch_regimes.json"),
         include_str!("data/torch_fsdp.json"),
         include_str!("data/torch_nanochat_wte.json"),
+        include_str!("data/deepspeed_zero_cpu.json"),
     ];
     let mut errs: Vec<f64> = files
         .iter()
         .flat_map(|f| errors_in(f))
         .filter(|(id, ..)| !NOT_MODELLED.iter().any(|(x, _)| x == id))
+        .filter(|(id, ..)| !ZERO_NOT_MODELLED.iter().any(|(x, _)| x == id))
         .map(|(.., e)| e.abs())
         .collect();
     assert!(errs.len() >= 155, "{} held runs", errs.len());
@@ -291,3 +292,56 @@ const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[(
     "the ranks disagree: rank 0 measured 111.6 MB (+6.2 %), rank 2 119.3 MB (-0.6 %); \
      the peak is in a recomputed block's backward, where gloo's worker thread frees",
 )];
+
+/// `tests/data/deepspeed_zero_cpu.json` (`tools/measure_deepspeed_zero.py`): DeepSpeed
+/// 0.19.6's own engine (`deepspeed.initialize`, its CPU accelerator) with ZeRO-1, 2 and 3
+/// over gloo, 2 and 4 CPU processes on one host (`gpu = "cpu"`, `gpus = N`), rank 0's peak
+/// of one steady-state step; fp32 and DeepSpeed's bf16 (`bf16-mixed`), accumulation 1 and
+/// 2, the default buckets and smaller ones.
+#[test]
+fn deepspeed_zero_peaks_on_the_cpu_are_predicted_within_3_percent() {
+    let errs = errors_in(include_str!("data/deepspeed_zero_cpu.json"));
+    let mut worst = 0.0f64;
+    let mut beyond = Vec::new();
+    for (id, m, p, e) in &errs {
+        let why = ZERO_NOT_MODELLED
+            .iter()
+            .find(|(x, _)| x == id)
+            .map(|(_, w)| *w);
+        println!(
+            "{id:90} measured {m:>11} predicted {p:>11} error {:+.2} %{}",
+            e * 100.0,
+            why.map(|w| format!("  (not held: {w})"))
+                .unwrap_or_default()
+        );
+        if why.is_none() {
+            worst = worst.max(e.abs());
+            if e.abs() > ZERO_BOUND {
+                beyond.push(format!("{id}: {:+.2} %", e * 100.0));
+            }
+        }
+    }
+    println!("worst {:.2} % over {} runs", worst * 100.0, errs.len());
+    assert!(beyond.is_empty(), "beyond 3 %: {beyond:?}");
+    let stages = ["-zero1-", "-zero2-", "-zero3-"];
+    for st in stages {
+        let n = errs.iter().filter(|e| e.0.contains(st)).count();
+        assert!(n >= 4, "at least 4 runs of {st}, {n}");
+    }
+    let four = errs.iter().filter(|e| e.0.contains("-x4")).count();
+    assert!(four >= 4, "at least 4 runs over 4 processes, {four}");
+    assert!(
+        errs.len() >= 27,
+        "at least 27 measured ZeRO runs, {}",
+        errs.len()
+    );
+    for (id, _) in ZERO_NOT_MODELLED {
+        assert!(errs.iter().any(|e| e.0 == *id), "{id} is not in the data");
+    }
+}
+
+/// Issue 10's bound for DeepSpeed ZeRO on the CPU.
+const ZERO_BOUND: f64 = 0.03;
+
+/// ZeRO runs the model does not reproduce, with the reason (docs/accuracy.md).
+const ZERO_NOT_MODELLED: &[(&str, &str)] = &[];

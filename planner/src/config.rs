@@ -149,6 +149,24 @@ pub struct RawHardware {
     /// DeepSpeed's `offload_param.device`: "none" or "cpu" (ZeRO-3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offload_params: Option<String>,
+    /// DeepSpeed ZeRO's `reduce_bucket_size`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reduce_bucket_size: Option<u64>,
+    /// DeepSpeed ZeRO's `allgather_bucket_size`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allgather_bucket_size: Option<u64>,
+    /// DeepSpeed ZeRO-3's `stage3_prefetch_bucket_size`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage3_prefetch_bucket_size: Option<u64>,
+    /// DeepSpeed ZeRO-3's `stage3_max_live_parameters`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage3_max_live_parameters: Option<u64>,
+    /// DeepSpeed ZeRO-3's `stage3_param_persistence_threshold`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage3_param_persistence_threshold: Option<u64>,
+    /// DeepSpeed ZeRO-3's `stage3_max_reuse_distance`, in elements.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage3_max_reuse_distance: Option<u64>,
 }
 
 impl RawConfig {
@@ -583,6 +601,69 @@ impl RawHardware {
                 &self.offload_params,
                 defaults::OFFLOAD,
             )?,
+            zero: self.zero_buckets()?,
+        })
+    }
+
+    /// DeepSpeed's bucket keys over its defaults; the sizes it accepts (0.19.6
+    /// `runtime/zero/config.py` L113, L132, L215, L221, L238, L244: the reduce bucket
+    /// above 0, the others 0 or more), at most [`MAX_BUCKET`] elements; the all-gather
+    /// bucket even (`stage_1_and_2.py` L351–353 asserts a multiple of 2).
+    fn zero_buckets(&self) -> Result<crate::spec::ZeroBuckets> {
+        let d = crate::spec::ZeroBuckets::default();
+        let size = |key: &str, v: Option<u64>, default: u64, min: u64| match v {
+            None => Ok(default),
+            Some(n) if (min..=MAX_BUCKET).contains(&n) => Ok(n),
+            Some(n) => Err(PlanError::invalid(
+                key,
+                n,
+                format!("a whole number of elements from {min} to {MAX_BUCKET}"),
+            )),
+        };
+        if let Some(n) = self.allgather_bucket_size.filter(|n| n % 2 == 1) {
+            return Err(PlanError::invalid(
+                "hardware.allgather_bucket_size",
+                n,
+                "an even number of elements (DeepSpeed asserts a multiple of 2)",
+            ));
+        }
+        Ok(crate::spec::ZeroBuckets {
+            reduce_bucket_size: size(
+                "hardware.reduce_bucket_size",
+                self.reduce_bucket_size,
+                d.reduce_bucket_size,
+                1,
+            )?,
+            allgather_bucket_size: size(
+                "hardware.allgather_bucket_size",
+                self.allgather_bucket_size,
+                d.allgather_bucket_size,
+                0,
+            )?,
+            prefetch_bucket_size: size(
+                "hardware.stage3_prefetch_bucket_size",
+                self.stage3_prefetch_bucket_size,
+                d.prefetch_bucket_size,
+                0,
+            )?,
+            max_live_parameters: size(
+                "hardware.stage3_max_live_parameters",
+                self.stage3_max_live_parameters,
+                d.max_live_parameters,
+                0,
+            )?,
+            param_persistence_threshold: size(
+                "hardware.stage3_param_persistence_threshold",
+                self.stage3_param_persistence_threshold,
+                d.param_persistence_threshold,
+                0,
+            )?,
+            max_reuse_distance: size(
+                "hardware.stage3_max_reuse_distance",
+                self.stage3_max_reuse_distance,
+                d.max_reuse_distance,
+                0,
+            )?,
         })
     }
 }
@@ -608,6 +689,9 @@ fn check_embedding_dtype(t: &TrainSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// The largest DeepSpeed bucket size accepted, in elements.
+pub const MAX_BUCKET: u64 = 1 << 40;
 
 /// The rules that join sections: what one section allows depends on another.
 pub fn check_run(spec: &RunSpec) -> Result<()> {
@@ -645,12 +729,13 @@ pub fn check_run(spec: &RunSpec) -> Result<()> {
         ));
     }
     // On the CPU, gpus = N means N processes on one host (gloo), each estimated alone;
-    // only FSDP2 has been measured that way (tests/data/torch_fsdp.json).
-    if !h.device.is_cuda() && h.gpus > 1 && h.sharding != Sharding::Fsdp2 {
+    // FSDP2 and DeepSpeed ZeRO have been measured that way (tests/data/torch_fsdp.json,
+    // tests/data/deepspeed_zero_cpu.json), DDP has not.
+    if !h.device.is_cuda() && h.gpus > 1 && h.sharding == Sharding::Ddp {
         return Err(PlanError::invalid(
             "hardware.gpus",
             h.gpus,
-            "1 with gpu = \"cpu\" unless sharding = \"fsdp2\" (N processes over gloo)",
+            "1 with gpu = \"cpu\" unless sharding = \"fsdp2\" | \"zero1\" | \"zero2\" | \"zero3\" (N processes over gloo)",
         ));
     }
     check_offload(spec)?;

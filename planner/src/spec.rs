@@ -469,6 +469,41 @@ pub struct HardwareSpec {
     /// DeepSpeed ZeRO-Infinity's parameter offload: the 16-bit parameter partitions in host
     /// memory, gathered to the GPU module by module (ZeRO-3 only).
     pub offload_params: Offload,
+    /// DeepSpeed ZeRO's buffer sizes (`zero_optimization`).
+    pub zero: ZeroBuckets,
+}
+
+/// DeepSpeed ZeRO's buffer sizes in elements, named as in its `zero_optimization`
+/// section; the defaults are DeepSpeed 0.19.6's (`runtime/zero/config.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ZeroBuckets {
+    /// The gradient bucket (IPG buffer) backward copies gradients into (5·10⁸).
+    pub reduce_bucket_size: u64,
+    /// ZeRO-1/2's all-gather of the updated partitions, in pieces of this size (5·10⁸).
+    pub allgather_bucket_size: u64,
+    /// ZeRO-3: elements of upcoming parameters gathered ahead (`stage3_prefetch_bucket_size`, 5·10⁷).
+    pub prefetch_bucket_size: u64,
+    /// ZeRO-3: gathered elements kept at once (`stage3_max_live_parameters`, 10⁹).
+    pub max_live_parameters: u64,
+    /// ZeRO-3: parameters of at most this many elements stay whole on every rank
+    /// (`stage3_param_persistence_threshold`, 10⁵).
+    pub param_persistence_threshold: u64,
+    /// ZeRO-3: a module's gathered parameters are kept while they are used again within
+    /// this many elements of the trace (`stage3_max_reuse_distance`, 10⁹).
+    pub max_reuse_distance: u64,
+}
+
+impl Default for ZeroBuckets {
+    fn default() -> ZeroBuckets {
+        ZeroBuckets {
+            reduce_bucket_size: 500_000_000,
+            allgather_bucket_size: 500_000_000,
+            prefetch_bucket_size: 50_000_000,
+            max_live_parameters: 1_000_000_000,
+            param_persistence_threshold: 100_000,
+            max_reuse_distance: 1_000_000_000,
+        }
+    }
 }
 
 impl HardwareSpec {

@@ -303,8 +303,12 @@ const REGIME_ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless gpu is a GPU"),
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer = \"sgd\"\nprecision = \"fp32\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless optimizer is an adamw"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\nsharding = \"zero2\"\noffload_optimizer = \"cpu\"\n", "hardware.offload_optimizer = \"cpu\": \"none\" unless precision = \"fp32\" | \"bf16-mixed\""),
-    // Several CPU processes are measured under FSDP2 only (tests/data/torch_fsdp.json).
-    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\nsharding = \"zero3\"\n", "hardware.gpus = 2: 1 with gpu = \"cpu\" unless sharding = \"fsdp2\""),
+    // Several CPU processes are measured under FSDP2 and ZeRO (tests/data/torch_fsdp.json,
+    // tests/data/deepspeed_zero_cpu.json), not under DDP.
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\nsharding = \"ddp\"\n", "hardware.gpus = 2: 1 with gpu = \"cpu\" unless sharding = \"fsdp2\" | \"zero1\""),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"cpu\"\ngpus = 2\nsharding = \"zero2\"\nreduce_bucket_size = 0\n", "hardware.reduce_bucket_size = 0: a whole number of elements from 1 to"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero3\"\nstage3_max_reuse_distance = 2000000000000\n", "hardware.stage3_max_reuse_distance = 2000000000000: a whole number of elements from 0 to"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 2\nsharding = \"zero1\"\nallgather_bucket_size = 5\n", "hardware.allgather_bucket_size = 5: an even number of elements"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\nreshard_after_forward = false\n", "hardware.reshard_after_forward = false: true unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 4\nsharding = \"zero3\"\ngpus_per_node = 2\n", "hardware.gpus_per_node = 2: gpus = 4 unless sharding = \"fsdp2\""),
     ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ngpus = 6\nsharding = \"fsdp2\"\ngpus_per_node = 4\n", "hardware.gpus_per_node = 4: a divisor of gpus = 6"),

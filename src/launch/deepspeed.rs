@@ -57,7 +57,33 @@ pub(super) const TABLE: &[Row] = &[
             Ok(())
         }),
     ),
-    // Communication buckets: DeepSpeed's buffers, outside vramplan's ZeRO inventory.
+    // The buckets the ZeRO inventory sizes (`docs/model.md`, "DeepSpeed ZeRO"); DeepSpeed
+    // writes them as numbers, "auto" leaves DeepSpeed's default.
+    (
+        "zero_optimization.reduce_bucket_size",
+        Rule::Set(|d, v, _| bucket(&mut d.reduce_bucket_size, v)),
+    ),
+    (
+        "zero_optimization.allgather_bucket_size",
+        Rule::Set(|d, v, _| bucket(&mut d.allgather_bucket_size, v)),
+    ),
+    (
+        "zero_optimization.stage3_prefetch_bucket_size",
+        Rule::Set(|d, v, _| bucket(&mut d.stage3_prefetch_bucket_size, v)),
+    ),
+    (
+        "zero_optimization.stage3_max_live_parameters",
+        Rule::Set(|d, v, _| bucket(&mut d.stage3_max_live_parameters, v)),
+    ),
+    (
+        "zero_optimization.stage3_param_persistence_threshold",
+        Rule::Set(|d, v, _| bucket(&mut d.stage3_param_persistence_threshold, v)),
+    ),
+    (
+        "zero_optimization.stage3_max_reuse_distance",
+        Rule::Set(|d, v, _| bucket(&mut d.stage3_max_reuse_distance, v)),
+    ),
+    // The rest (overlap_comm, contiguous_gradients, ...): not in the inventory.
     ("zero_optimization.*", Rule::Ignore),
     (
         "optimizer.type",
@@ -96,6 +122,21 @@ pub(super) const TABLE: &[Row] = &[
     ("comms_logger.*", Rule::Ignore),
     ("autotuning.*", Rule::Ignore),
 ];
+
+/// A bucket size: a whole number of elements (DeepSpeed accepts `5e8` written as a float),
+/// or "auto".
+fn bucket(slot: &mut Option<u64>, v: &Value) -> Result<(), Refusal> {
+    if v.as_str() == Some("auto") {
+        return Ok(());
+    }
+    let n = v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| *f >= 0.0 && f.fract() == 0.0)
+            .map(|f| f as u64)
+    });
+    *slot = Some(n.ok_or_else(|| Refusal::Bad("a whole number of elements, or \"auto\"".into()))?);
+    Ok(())
+}
 
 fn auto_or(v: &Value, set: impl FnOnce(u64)) -> Result<(), Refusal> {
     if v.as_str() != Some("auto") {

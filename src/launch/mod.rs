@@ -173,6 +173,13 @@ pub struct Draft {
     /// DeepSpeed's `offload_optimizer.device` / `offload_param.device` ("cpu").
     pub offload_optimizer: Option<String>,
     pub offload_params: Option<String>,
+    /// DeepSpeed ZeRO's bucket sizes (`zero_optimization`), in elements.
+    pub reduce_bucket_size: Option<u64>,
+    pub allgather_bucket_size: Option<u64>,
+    pub stage3_prefetch_bucket_size: Option<u64>,
+    pub stage3_max_live_parameters: Option<u64>,
+    pub stage3_param_persistence_threshold: Option<u64>,
+    pub stage3_max_reuse_distance: Option<u64>,
     pub implementation: Option<String>,
     pub compile: Option<bool>,
     pub offload_activations: Option<bool>,
@@ -234,6 +241,12 @@ impl Draft {
                 gpus_per_node: self.gpus_per_node,
                 offload_optimizer: self.offload_optimizer,
                 offload_params: self.offload_params,
+                reduce_bucket_size: self.reduce_bucket_size,
+                allgather_bucket_size: self.allgather_bucket_size,
+                stage3_prefetch_bucket_size: self.stage3_prefetch_bucket_size,
+                stage3_max_live_parameters: self.stage3_max_live_parameters,
+                stage3_param_persistence_threshold: self.stage3_param_persistence_threshold,
+                stage3_max_reuse_distance: self.stage3_max_reuse_distance,
                 ..RawHardware::default()
             },
             lora: self.lora,

@@ -17,6 +17,7 @@
 mod block;
 mod checkpoint;
 mod compiled;
+mod deepspeed;
 mod lora;
 mod loss;
 mod nanochat;
@@ -67,6 +68,8 @@ struct Run<'a> {
     /// DeepSpeed's CPU offload of the optimizer and of the parameters (`shard`).
     offload_optimizer: bool,
     offload_params: bool,
+    /// DeepSpeed ZeRO's buffer sizes (`deepspeed`).
+    zero: crate::spec::ZeroBuckets,
     params: Rc<Vec<Param>>,
     /// The parameters with gradients and optimizer state (all but LoRA's frozen base).
     trainable: Rc<Vec<Param>>,
@@ -139,6 +142,7 @@ impl Run<'_> {
             reshard_after_forward: hw.reshard_after_forward,
             offload_optimizer: hw.offload_optimizer == crate::spec::Offload::Cpu,
             offload_params: hw.offload_params == crate::spec::Offload::Cpu,
+            zero: hw.zero,
             by_layer,
             layer_numel,
             params,
@@ -250,12 +254,17 @@ pub fn play(spec: &RunSpec) -> Timeline {
     run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
     shard::end_of_backward(&mut s, &run, &mut grads);
+    deepspeed::end_of_backward(&mut s, &mut grads);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
     }
     // Optimizer step, then zero_grad(set_to_none=True).
     fwd.root.into_iter().for_each(|id| s.free(id));
     s.phase("optimizer step");
+    if let Some(bucket) = grads.zero.take() {
+        deepspeed::step(&mut s, &run, bucket);
+        return s.finish();
+    }
     let masters = shard::master_gradients(&mut s, &run, &mut grads);
     // Offloaded, the step runs on the CPU (DeepSpeedCPUAdam).
     if !run.t.optimizer_in_backward && !run.offload_optimizer {
@@ -319,6 +328,9 @@ fn shared_model_state(spec: &RunSpec, run: &Run, room: (usize, usize)) -> (Step,
 /// Before the step: weights, optimizer state, DDP's gradient buckets, and with
 /// accumulation the gradients earlier micro-steps made.
 fn model_state(s: &mut Step, run: &Run) -> Grads {
+    if deepspeed::zero(run) {
+        return deepspeed::model_state(s, run);
+    }
     let weight_shards = if run.stage >= 3 { run.shards } else { 1 };
     if let Some(p) = shard::stored_weights(run) {
         for w in run.params.iter() {
@@ -451,7 +463,7 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         d.tok(d.h, d.r),
     );
     // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done.
-    let copies = if shard::reshards_after_forward(run) || whole {
+    let copies = if shard::reshards_after_forward(run, l) || whole {
         copies.into_iter().for_each(|c| s.free(c));
         vec![]
     } else {
@@ -619,7 +631,7 @@ fn blocks_backward(
         let frame = frames.pop().expect("one frame per block");
         s.phase(Name::block("backward: block ", l, ["", "", ""]));
         let mut copies = frame.copies;
-        if whole || shard::reshards_after_forward(run) {
+        if whole || shard::reshards_after_forward(run, l) {
             let gathered = prefetched.take();
             copies.extend(weight_copies(s, run, l, gathered.is_none()));
             copies.extend(gathered);
@@ -677,7 +689,13 @@ fn weight_copies(s: &mut Step, run: &Run, l: u64, gather: bool) -> Vec<TensorId>
     let d = &run.d;
     let mut out = Vec::with_capacity(2);
     let (matrices, all) = run.layer_numel[l as usize];
-    if gather {
+    if gather && deepspeed::zero(run) {
+        out.extend(
+            (run.stage >= 3)
+                .then(|| deepspeed::gathered(s, run, l))
+                .flatten(),
+        );
+    } else if gather {
         out.extend(shard::gathered(s, run, l, all));
     }
     if d.autocast && matrices > 0 {
@@ -797,6 +815,8 @@ struct Grads {
     to_host: bool,
     /// FSDP2: the unsharded gradients waiting for their group's reduce-scatter.
     fsdp2: Option<shard::Reducer>,
+    /// DeepSpeed ZeRO: the gradients' way through its bucket.
+    zero: Option<deepspeed::Bucket>,
 }
 
 impl Grads {
@@ -809,6 +829,7 @@ impl Grads {
             pre_reduce: vec![dtype],
             to_host: false,
             fsdp2: None,
+            zero: None,
         }
     }
 
@@ -856,6 +877,10 @@ impl Grads {
             }
             if let Some(r) = self.fsdp2.as_mut() {
                 r.unsharded(s, i, p, full);
+                continue;
+            }
+            if let Some(z) = self.zero.as_mut() {
+                z.grad(s, i, p, &full);
                 continue;
             }
             match self.ids[i] {

@@ -57,7 +57,7 @@ fn sharded_params(run: &Run) -> bool {
 }
 
 /// The dtype of the parameters the matmuls read (bf16 copies under `bf16-mixed`).
-fn compute_dtype(run: &Run) -> DType {
+pub(super) fn compute_dtype(run: &Run) -> DType {
     if run.t.precision.is_mixed() {
         run.d.c
     } else {
@@ -243,8 +243,12 @@ pub fn end_of_backward(s: &mut Step, run: &Run, grads: &mut Grads) {
     }
 }
 
-/// Whether a block's gathered parameters are freed after its forward.
-pub fn reshards_after_forward(run: &Run) -> bool {
+/// Whether block `l`'s gathered parameters are freed after its forward (DeepSpeed
+/// ZeRO-3: by its reuse distance, `deepspeed::releases_after_forward`).
+pub fn reshards_after_forward(run: &Run, l: u64) -> bool {
+    if super::deepspeed::zero(run) {
+        return run.stage >= 3 && super::deepspeed::releases_after_forward(run, l);
+    }
     sharded_params(run) && (run.sharding != Sharding::Fsdp2 || run.reshard_after_forward)
 }
 
@@ -266,7 +270,7 @@ pub fn gathered(s: &mut Step, run: &Run, l: u64, numel: u64) -> Option<TensorId>
 
 /// FSDP2's backward prefetch: while block `l` runs backward, block `l - 1` is gathered.
 pub fn prefetch(s: &mut Step, run: &Run, l: u64) -> Option<TensorId> {
-    if !fsdp2(run) || !reshards_after_forward(run) || l == 0 {
+    if !fsdp2(run) || !reshards_after_forward(run, l) || l == 0 {
         return None;
     }
     let numel = run
@@ -287,6 +291,12 @@ pub fn root_prefetch(s: &mut Step, run: &Run) -> Option<TensorId> {
 
 /// FSDP2's root parameters (everything outside the blocks), gathered for the whole step.
 pub fn root_gathered(s: &mut Step, run: &Run) -> Vec<TensorId> {
+    if super::deepspeed::zero(run) {
+        if run.stage < 3 {
+            return Vec::new();
+        }
+        return super::deepspeed::root_gathered(s, run);
+    }
     let from_host = run.offload_params && sharded_params(run);
     if !(fsdp2(run) || from_host) {
         return Vec::new();
