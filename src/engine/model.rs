@@ -498,11 +498,7 @@ impl Model {
     /// head's matmul in the compute dtype, then the cast, then nanochat's soft-cap. T5's
     /// rows come normalized and scaled from its decoder ([`crate::engine::t5`]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let z = self.raw_logits(h)?;
-        match self.softcap() {
-            Some(cap) => (z / cap)?.tanh()? * cap,
-            None => Ok(z),
-        }
+        super::xent::softcapped(&self.raw_logits(h)?, self.softcap())
     }
 
     /// The logits before nanochat's soft-cap, in at least f32.

@@ -108,6 +108,14 @@ fn capped(z: &Tensor, softcap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> 
     }
 }
 
+/// The logits `cap·tanh(z/cap)` of the raw logits `z`, or `z`.
+pub(crate) fn softcapped(z: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    match softcap {
+        Some(c) => (z / c)?.tanh()? * c,
+        None => Ok(z.clone()),
+    }
+}
+
 /// log Σ exp over each row of `c`, `(R, 1)`.
 fn lse(c: &Tensor) -> Result<Tensor> {
     let m = c.max_keepdim(1)?;
