@@ -549,7 +549,7 @@ fn a_plan_over_the_memory_limit_is_refused() {
             32,
             256,
             4096,
-            16,
+            32,
             128,
             "none",
             "float-cast",
