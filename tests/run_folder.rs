@@ -435,10 +435,15 @@ fn a_torch_plan_is_translated_and_one_that_does_not_fit_is_refused() {
         "written for the torch engine, which needs ",
         " as written, which does not fit; training on candle with ",
         "train.engine \"torch\" → \"candle\"",
-        "train.micro_batch 16 → ",
     ] {
         assert!(note.contains(part), "{part:?} in {note}");
     }
+    // And what else it changed to fit: checkpointing or the micro-batch.
+    assert!(
+        note.contains("train.checkpointing \"none\" → ")
+            || note.contains("train.micro_batch 16 → "),
+        "{note}"
+    );
     // The global batch is kept: micro-batch × accumulation = 16.
     let t = text(&o);
     let line = t.lines().find(|l| l.contains(" tokens × ")).unwrap();
