@@ -46,11 +46,7 @@ pub fn head_losses(
 
 /// `h·wᵀ` outside the graph, in at least f32.
 fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let z = h.detach().matmul(&w.detach().t()?)?;
-    match z.dtype() {
-        DType::F64 | DType::F32 => Ok(z),
-        _ => z.to_dtype(DType::F32),
-    }
+    super::model::wide(&h.detach().matmul(&w.detach().t()?)?)
 }
 
 /// The per-row losses of the logits `z`.
