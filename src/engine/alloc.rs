@@ -6,9 +6,13 @@
 //! two numbers for tensors alone, leaving out allocations aligned to 64 bytes or more:
 //! gemm's packing buffers (cache-line aligned scratch, made and freed inside each CPU
 //! matmul), which a GPU's matmul does not have; candle's `Vec`s are aligned to at most 8.
+//!
+//! For calibration it can also take a census (`VRAMPLAN_MEM_DEBUG=census`): which tensor
+//! allocations are live at each stage's high-water mark, by size, so that what a stage's
+//! peak holds can be matched to the shapes of the step.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub struct Counting;
 
@@ -20,12 +24,59 @@ static TENSORS_PEAK: AtomicU64 = AtomicU64::new(0);
 /// Allocations aligned to this or more are matmul scratch, not tensors.
 const SCRATCH_ALIGN: usize = 64;
 
+/// The census: tensor allocations of at least `CENSUS_MIN` bytes, by address, and their
+/// sizes as they were at the last high-water mark of the tensors' bytes.
+const SLOTS: usize = 16_384;
+const CENSUS_MIN: usize = 4096;
+static CENSUS: AtomicBool = AtomicBool::new(false);
+static PTRS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+static SIZES: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+static AT_PEAK: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+
+fn counted(layout: Layout) -> bool {
+    CENSUS.load(Ordering::Relaxed) && layout.align() < SCRATCH_ALIGN && layout.size() >= CENSUS_MIN
+}
+
+/// Records a live allocation in a free slot (none is lost silently: a full table leaves
+/// the allocation out of the census only).
+fn enter(p: *mut u8, size: usize) {
+    for (ptr, bytes) in PTRS.iter().zip(&SIZES) {
+        if ptr
+            .compare_exchange(0, p as usize, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            bytes.store(size as u64, Ordering::Release);
+            return;
+        }
+    }
+}
+
+fn leave(p: *mut u8) {
+    for (ptr, bytes) in PTRS.iter().zip(&SIZES) {
+        if ptr.load(Ordering::Acquire) == p as usize {
+            bytes.store(0, Ordering::Release);
+            ptr.store(0, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Copies the live sizes as the high-water mark's.
+fn snapshot() {
+    for (now, at_peak) in SIZES.iter().zip(&AT_PEAK) {
+        at_peak.store(now.load(Ordering::Acquire), Ordering::Relaxed);
+    }
+}
+
 fn grow(layout: Layout, n: u64) {
     let now = CURRENT.fetch_add(n, Ordering::Relaxed) + n;
     PEAK.fetch_max(now, Ordering::Relaxed);
     if layout.align() < SCRATCH_ALIGN {
         let now = TENSORS.fetch_add(n, Ordering::Relaxed) + n;
-        TENSORS_PEAK.fetch_max(now, Ordering::Relaxed);
+        let before = TENSORS_PEAK.fetch_max(now, Ordering::Relaxed);
+        if now > before && CENSUS.load(Ordering::Relaxed) {
+            snapshot();
+        }
     }
 }
 
@@ -42,6 +93,9 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
+            if counted(layout) {
+                enter(p, layout.size());
+            }
             grow(layout, layout.size() as u64);
         }
         p
@@ -51,6 +105,9 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
+            if counted(layout) {
+                enter(p, layout.size());
+            }
             grow(layout, layout.size() as u64);
         }
         p
@@ -59,6 +116,9 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) };
+        if counted(layout) {
+            leave(ptr);
+        }
         shrink(layout, layout.size() as u64);
     }
 
@@ -66,6 +126,15 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
+            if counted(layout) {
+                leave(ptr);
+            }
+            if CENSUS.load(Ordering::Relaxed) {
+                let grown = Layout::from_size_align(new_size, layout.align()).unwrap_or(layout);
+                if counted(grown) {
+                    enter(p, new_size);
+                }
+            }
             shrink(layout, layout.size() as u64);
             grow(layout, new_size as u64);
         }
@@ -97,4 +166,27 @@ pub fn tensors_peak() -> u64 {
 pub fn reset_peak() {
     PEAK.store(current(), Ordering::Relaxed);
     TENSORS_PEAK.store(tensors_current(), Ordering::Relaxed);
+    if CENSUS.load(Ordering::Relaxed) {
+        snapshot();
+    }
+}
+
+/// Starts (or stops) the census of live tensor allocations. Allocations made before it
+/// started are not in it.
+pub fn census(on: bool) {
+    CENSUS.store(on, Ordering::Relaxed);
+}
+
+/// The tensor allocations of at least 4 KiB live at the tensors' last high-water mark:
+/// (size in bytes, how many), largest total first.
+pub fn census_at_peak() -> Vec<(u64, u64)> {
+    let mut by_size = std::collections::BTreeMap::new();
+    for bytes in AT_PEAK.iter().map(|b| b.load(Ordering::Relaxed)) {
+        if bytes > 0 {
+            *by_size.entry(bytes).or_insert(0u64) += 1;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = by_size.into_iter().collect();
+    out.sort_by_key(|&(size, n)| std::cmp::Reverse(size * n));
+    out
 }

@@ -162,6 +162,78 @@ impl candle_core::CustomOp1 for FrozenLinear {
     }
 }
 
+/// `x ⊙ w` or `x + w` for a frozen `w` broadcast over `x`'s leading dimensions (a norm's
+/// scale, a bias) as one candle op whose backward gives `x` its gradient and `w` none.
+/// candle's own backward of a broadcast op gives the untracked operand, a leaf, a gradient
+/// of `x`'s whole shape that nothing consumes: under LoRA one `(N, C)` tensor per norm and
+/// bias, kept in the store until the backward ends (measured: most of what a LoRA step's
+/// backward held beyond the full fine-tune's, `VRAMPLAN_MEM_DEBUG=census`).
+struct FrozenOperand {
+    w: Tensor,
+    add: bool,
+}
+
+impl FrozenOperand {
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        l: &candle_core::Layout,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, candle_core::Shape)> {
+        let (storage, wl) = self.w.storage_and_layout();
+        let Some(w) = pick(&storage) else {
+            candle_core::bail!("frozen operand: the weight is on another device than its input");
+        };
+        let wl = wl.broadcast_as(l.shape().clone())?;
+        let y = if self.add {
+            x.binary_impl::<candle_core::op::Add>(w, l, &wl)?
+        } else {
+            x.binary_impl::<candle_core::op::Mul>(w, l, &wl)?
+        };
+        Ok((y, l.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenOperand {
+    fn name(&self) -> &'static str {
+        if self.add {
+            "frozen-bias"
+        } else {
+            "frozen-scale"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.fwd(x, l, |s| match s {
+            candle_core::Storage::Cpu(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.fwd(x, l, |s| match s {
+            candle_core::Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if self.add {
+            Ok(Some(g.clone()))
+        } else {
+            Ok(Some(g.broadcast_mul(&self.w)?))
+        }
+    }
+}
+
 /// Rotary tables `(T, D/2)`, and the sense of the rotation.
 pub struct Rope {
     cos: Tensor,
@@ -301,6 +373,20 @@ impl Model {
         self.p(name).to_dtype(self.compute)
     }
 
+    /// `x ⊙ w`, or `x + w` with `add`, for parameter `name` broadcast over `x`'s rows (a
+    /// norm's scale, a bias): a frozen `w` over a tracked `x` through [`FrozenOperand`].
+    fn broadcast_op(&self, x: &Tensor, name: &str, add: bool) -> Result<Tensor> {
+        let w = self.w(name)?;
+        if self.trains(name) || !x.track_op() {
+            return if add {
+                x.broadcast_add(&w)
+            } else {
+                x.broadcast_mul(&w)
+            };
+        }
+        x.apply_op1(FrozenOperand { w, add })
+    }
+
     pub fn p(&self, name: &str) -> &Tensor {
         match (self.params.get(name), self.frozen.get(name)) {
             (Some(v), _) => v.as_tensor(),
@@ -361,7 +447,7 @@ impl Model {
         let y = rms(x, self.numerics.rms_eps)?;
         match self.spec.arch {
             Arch::Nanochat => Ok(y),
-            _ => y.broadcast_mul(&self.w(weight)?),
+            _ => self.broadcast_op(&y, weight, false),
         }
     }
 
@@ -427,7 +513,7 @@ impl Model {
         let project = |i: usize, h: usize| -> Result<Tensor> {
             let mut y = self.lin(x, &stem(i))?;
             if s.arch == Arch::Qwen2 {
-                y = y.broadcast_add(&self.w(&format!("layers.{l}.{}.bias", names[i]))?)?;
+                y = self.broadcast_op(&y, &format!("layers.{l}.{}.bias", names[i]), true)?;
             }
             y.reshape((b, t, h, hd))?.transpose(1, 2)
         };
@@ -441,10 +527,12 @@ impl Model {
             }
             // Qwen3 normalizes each head before RoPE, with weights.
             Arch::Qwen3 => {
-                let qn = self.w(&format!("layers.{l}.self_attn.q_norm.weight"))?;
-                let kn = self.w(&format!("layers.{l}.self_attn.k_norm.weight"))?;
-                q = rope.apply(&rms(&q, eps)?.broadcast_mul(&qn)?)?;
-                k = rope.apply(&rms(&k, eps)?.broadcast_mul(&kn)?)?;
+                let (qn, kn) = (
+                    format!("layers.{l}.self_attn.q_norm.weight"),
+                    format!("layers.{l}.self_attn.k_norm.weight"),
+                );
+                q = rope.apply(&self.broadcast_op(&rms(&q, eps)?, &qn, false)?)?;
+                k = rope.apply(&self.broadcast_op(&rms(&k, eps)?, &kn, false)?)?;
             }
             _ => {
                 q = rope.apply(&q)?;
@@ -582,5 +670,45 @@ impl Model {
             .filter(|n| self.trains(n))
             .map(str::to_string)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frozen scale or bias gives the same values and the same input gradient as the
+    /// broadcast op, and leaves the store no gradient of the weight (the broadcast op
+    /// leaves one of the weight's broadcast view, `x`'s whole shape).
+    #[test]
+    fn frozen_operands_match_the_broadcast_ops_and_leave_no_weight_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (6, 4), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., 4, &dev)?;
+        let g = Tensor::randn(0f32, 1., (6, 4), &dev)?;
+        for add in [false, true] {
+            let frozen = x
+                .as_tensor()
+                .apply_op1(FrozenOperand { w: w.clone(), add })?;
+            let plain = if add {
+                x.broadcast_add(&w)?
+            } else {
+                x.broadcast_mul(&w)?
+            };
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert_eq!(diff(&frozen, &plain)?, 0.0);
+            let (fs, ps) = (
+                (&frozen * &g)?.sum_all()?.backward()?,
+                (&plain * &g)?.sum_all()?.backward()?,
+            );
+            let (fx, px) = (fs.get(&x).unwrap(), ps.get(&x).unwrap());
+            assert!(diff(fx, px)? < 1e-6, "add {add}");
+            // Both stores also hold the gradient of `g`, the untracked factor of the sum.
+            assert_eq!(fs.get_ids().count(), 2, "add {add}");
+            assert_eq!(ps.get_ids().count(), 3, "add {add}");
+        }
+        Ok(())
     }
 }

@@ -23,6 +23,9 @@ pub struct Mark {
     pub label: String,
     pub live: u64,
     pub peak: u64,
+    /// With the allocator's census on, the tensors live at the stage's high-water mark:
+    /// (bytes, how many), largest total first; empty otherwise.
+    pub census: Vec<(u64, u64)>,
 }
 
 /// Records each stage from the counting allocator (the CPU heap) and starts a new
@@ -72,6 +75,7 @@ impl Probe for Recorder {
             label: label.to_string(),
             live,
             peak,
+            census: alloc::census_at_peak(),
         });
         alloc::reset_peak();
     }

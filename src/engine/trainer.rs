@@ -123,6 +123,11 @@ fn mem_debug() -> bool {
     std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some()
 }
 
+/// Whether `VRAMPLAN_MEM_DEBUG=census` also asks which tensors each stage's peak holds.
+fn census_debug() -> bool {
+    std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some_and(|v| v == "census")
+}
+
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 /// Returns `None` when a resumed run had no step left to do (its summary is kept).
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
@@ -144,6 +149,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
             meter.baseline
         );
     }
+    alloc::census(census_debug());
     let mut model = Model::new(
         &spec.model,
         DType::F32,
@@ -184,6 +190,9 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
             for m in r.take() {
                 let (live, peak) = (m.live - meter.baseline, m.peak - meter.baseline);
                 eprintln!("mem: {:>8}: live {live} peak {peak}", m.label);
+                for (bytes, n) in m.census.iter().take(16) {
+                    eprintln!("mem:           {n:>4} x {bytes:>10} B");
+                }
             }
         }
         let saving = checkpointer.due(line.step);
