@@ -234,6 +234,21 @@ impl candle_core::CustomOp1 for FrozenOperand {
     }
 }
 
+/// `x ⊙ w`, or `x + w` with `add`, for a `w` that never needs a gradient (a frozen
+/// weight, the rotary tables, the causal mask) broadcast over `x`: through
+/// [`FrozenOperand`] where `x` is tracked, else the plain broadcast op (which then records
+/// nothing).
+pub(crate) fn frozen_op(x: &Tensor, w: &Tensor, add: bool) -> Result<Tensor> {
+    if !x.track_op() {
+        return if add {
+            x.broadcast_add(w)
+        } else {
+            x.broadcast_mul(w)
+        };
+    }
+    x.apply_op1(FrozenOperand { w: w.clone(), add })
+}
+
 /// Rotary tables `(T, D/2)`, and the sense of the rotation.
 pub struct Rope {
     cos: Tensor,
@@ -272,8 +287,9 @@ impl Rope {
         let d = x.dim(3)?;
         let x1 = x.narrow(3, 0, d / 2)?;
         let x2 = x.narrow(3, d / 2, d / 2)?;
-        let (c1, c2) = (x1.broadcast_mul(&self.cos)?, x2.broadcast_mul(&self.cos)?);
-        let (s1, s2) = (x1.broadcast_mul(&self.sin)?, x2.broadcast_mul(&self.sin)?);
+        let (cos, sin) = (&self.cos, &self.sin);
+        let (c1, c2) = (frozen_op(&x1, cos, false)?, frozen_op(&x2, cos, false)?);
+        let (s1, s2) = (frozen_op(&x1, sin, false)?, frozen_op(&x2, sin, false)?);
         let (y1, y2) = if self.hf {
             ((c1 - s2)?, (c2 + s1)?)
         } else {
@@ -377,14 +393,14 @@ impl Model {
     /// norm's scale, a bias): a frozen `w` over a tracked `x` through [`FrozenOperand`].
     fn broadcast_op(&self, x: &Tensor, name: &str, add: bool) -> Result<Tensor> {
         let w = self.w(name)?;
-        if self.trains(name) || !x.track_op() {
+        if self.trains(name) {
             return if add {
                 x.broadcast_add(&w)
             } else {
                 x.broadcast_mul(&w)
             };
         }
-        x.apply_op1(FrozenOperand { w, add })
+        frozen_op(x, &w, add)
     }
 
     pub fn p(&self, name: &str) -> &Tensor {
@@ -551,7 +567,7 @@ impl Model {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let att = candle_nn::ops::softmax(&wide(&att)?.broadcast_add(mask)?, D::Minus1)?
+        let att = candle_nn::ops::softmax(&frozen_op(&wide(&att)?, mask, true)?, D::Minus1)?
             .to_dtype(self.compute)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;

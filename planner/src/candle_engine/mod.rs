@@ -264,30 +264,28 @@ fn grads_at_peak(spec: &RunSpec, l: &crate::lora::LoraSpec) -> f64 {
 /// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
 /// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k is squared,
 /// divided by its RMS and multiplied by the norm's weight, three kept copies a block
-/// (`3·(N·H·D + N·KV·D)`); their backward runs after the attention scores' and holds
-/// about four gradients of q and k, of which only what exceeds the scores' freed gradient
-/// (`B·H·T²`) raises the peak (measured: `4·(N·H·D + N·KV·D) − B·H·T²`). With checkpointing the attention half's forward holds the copies
-/// and its recompute-and-backward both; without, the graph holds them for every block and
-/// the backward the gradients of one. Under LoRA the norms' weights are frozen and their
-/// backward makes no gradient of their broadcast (`FrozenOperand`): two of those four
-/// gradients (measured on the qwen3 plan of `tests/train.rs`, rank 8 and all-linear 16).
-fn arch_extras(arch: Arch, u: &Units, half: bool, lora: bool, ws: &mut WorkingSets) {
+/// (`3·(N·H·D + N·KV·D)`; under 16-bit compute four f32 copies' worth). With checkpointing the attention half's forward holds the
+/// copies and its recompute-and-backward the same (measured against llama of the same
+/// shapes, six shapes: `3·(N·H·D + N·KV·D)` plus the norms' statistics, within 0.14 MB;
+/// their gradients stay below the attention scores' peak); without, the graph holds them
+/// for every block, and the backward's peak one more gradient of q and k (measured 0.2 to
+/// 0.6 MB on three shapes, where this term is 0.2 to 0.8 MB).
+fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
     let act = |x: f64| if half { x / 2.0 } else { x };
-    let copies = if lora { 2.0 } else { 4.0 };
     let (kept, grads) = match arch {
         Arch::Qwen2 => (act(u.nq + 2.0 * u.nkv), 0.0),
-        // `rms` squares and divides in f32 whatever the compute dtype: under 16-bit
-        // compute those two copies stay f32 and the cast and weighted copies are half,
-        // three f32 copies' worth either way.
+        // `rms` widens, squares and divides in f32 whatever the compute dtype: under 16-bit
+        // compute the widened copy, the square and the quotient are f32 and the cast back
+        // and the weighted copy half, four f32 copies' worth (measured on six shapes).
         Arch::Qwen3 => (
-            3.0 * (u.nq + u.nkv),
-            act((copies * (u.nq + u.nkv) - u.s).max(0.0)),
+            if half { 4.0 } else { 3.0 } * (u.nq + u.nkv),
+            act(u.nq + u.nkv),
         ),
         _ => return,
     };
     let b = |x: f64| x.round() as u64;
     ws.fwd_attn += b(kept);
-    ws.bwd_attn += b(kept + grads);
+    ws.bwd_attn += b(kept);
     ws.graph += b(u.layers * kept);
     ws.fwd_peak += b(u.layers * kept);
     ws.bwd_peak += b(grads);
@@ -333,7 +331,7 @@ impl<'a> Plan<'a> {
         let u = units(spec, &trained);
         let mut ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
         let half = spec.train.precision != Precision::Fp32;
-        arch_extras(m.arch, &u, half, spec.lora.is_some(), &mut ws);
+        arch_extras(m.arch, &u, half, &mut ws);
         if let Some(l) = &spec.lora {
             lora_extras(spec, l, &u, &mut ws);
         }
