@@ -102,6 +102,34 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
+/// A frozen op's `cpu_fwd` and `cuda_fwd`: its generic `fwd` over the storage of the
+/// input's device, with the weight's storage picked from the same device.
+macro_rules! storage_forwards {
+    () => {
+        fn cpu_fwd(
+            &self,
+            x: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.fwd(x, l, |s| match s {
+                candle_core::Storage::Cpu(w) => Some(w),
+                _ => None,
+            })
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &candle_core::CudaStorage,
+            l: &candle_core::Layout,
+        ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.fwd(x, l, |s| match s {
+                candle_core::Storage::Cuda(w) => Some(w),
+                _ => None,
+            })
+        }
+    };
+}
+
 /// `x·Wᵀ` for a frozen `W` (`out × in`, not a `Var`) as one candle op whose backward gives
 /// `x` its gradient `g·W` and `W` none. candle's own matmul backward computes the gradient
 /// of both operands whether they need one or not (`backprop.rs`, `Op::Matmul`), so under
@@ -135,27 +163,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.fwd(x, l, |s| match s {
-            candle_core::Storage::Cpu(w) => Some(w),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.fwd(x, l, |s| match s {
-            candle_core::Storage::Cuda(w) => Some(w),
-            _ => None,
-        })
-    }
+    storage_forwards!();
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(g.matmul(&self.w)?))
@@ -203,27 +211,7 @@ impl candle_core::CustomOp1 for FrozenOperand {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.fwd(x, l, |s| match s {
-            candle_core::Storage::Cpu(w) => Some(w),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.fwd(x, l, |s| match s {
-            candle_core::Storage::Cuda(w) => Some(w),
-            _ => None,
-        })
-    }
+    storage_forwards!();
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         if self.add {

@@ -128,6 +128,18 @@ fn census_debug() -> bool {
     std::env::var_os("VRAMPLAN_MEM_DEBUG").is_some_and(|v| v == "census")
 }
 
+/// `VRAMPLAN_MEM_DEBUG`'s lines: each stage's live bytes and high-water mark above the
+/// baseline, and with the census the largest sizes live at that mark.
+fn print_marks(r: &Recorder, baseline: u64) {
+    for m in r.take() {
+        let (live, peak) = (m.live - baseline, m.peak - baseline);
+        eprintln!("mem: {:>8}: live {live} peak {peak}", m.label);
+        for (bytes, n) in m.census.iter().take(16) {
+            eprintln!("mem:           {n:>4} x {bytes:>10} B");
+        }
+    }
+}
+
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 /// Returns `None` when a resumed run had no step left to do (its summary is kept).
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
@@ -187,13 +199,7 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
         let probe: &dyn Probe = debug.as_ref().map_or(&NoProbe, |r| r as &dyn Probe);
         let mut line = run.step(s, &mut meter, &checkpointer, probe, s > start)?;
         if let Some(r) = &debug {
-            for m in r.take() {
-                let (live, peak) = (m.live - meter.baseline, m.peak - meter.baseline);
-                eprintln!("mem: {:>8}: live {live} peak {peak}", m.label);
-                for (bytes, n) in m.census.iter().take(16) {
-                    eprintln!("mem:           {n:>4} x {bytes:>10} B");
-                }
-            }
+            print_marks(r, meter.baseline);
         }
         let saving = checkpointer.due(line.step);
         // A checkpoint ranked by validation loss needs one at its step.
