@@ -264,12 +264,13 @@ fn grads_at_peak(spec: &RunSpec, l: &crate::lora::LoraSpec) -> f64 {
 /// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
 /// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k is squared,
 /// divided by its RMS and multiplied by the norm's weight, three kept copies a block
-/// (`3·(N·H·D + N·KV·D)`; under 16-bit compute four f32 copies' worth). With checkpointing the attention half's forward holds the
-/// copies and its recompute-and-backward the same (measured against llama of the same
-/// shapes, six shapes: `3·(N·H·D + N·KV·D)` plus the norms' statistics, within 0.14 MB;
-/// their gradients stay below the attention scores' peak); without, the graph holds them
-/// for every block, and the backward's peak one more gradient of q and k (measured 0.2 to
-/// 0.6 MB on three shapes, where this term is 0.2 to 0.8 MB).
+/// (`3·(N·H·D + N·KV·D)`; under 16-bit compute four f32 copies' worth). With
+/// checkpointing the attention half's forward holds the copies and its
+/// recompute-and-backward the same (measured against llama of the same shapes, six
+/// shapes: the copies plus the norms' statistics, within 0.14 MB; their gradients stay
+/// below the attention scores' peak); without, the graph holds them for every block, and
+/// the backward's peak one more gradient of q and k (measured 0.2 to 0.6 MB on three
+/// shapes, where this term is 0.2 to 0.8 MB).
 fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
     let act = |x: f64| if half { x / 2.0 } else { x };
     let (kept, grads) = match arch {
