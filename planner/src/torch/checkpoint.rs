@@ -86,10 +86,12 @@ pub fn op_recompute(s: &mut Step, blk: &Block, l: u64, _d: &Dims, cuda: bool) ->
         .collect()
 }
 
-/// Frees the block's saved tensors from the device; returns them as one host buffer.
-pub fn offload(s: &mut Step, saved: Vec<TensorId>, layouts: &[Layout]) -> Option<Layout> {
+/// Frees the block's saved tensors from the device; returns their layouts, which come
+/// back one tensor each (`save_on_cpu`'s unpack hook copies each saved tensor back on
+/// its own, so each is rounded by the caching allocator on its own).
+pub fn offload(s: &mut Step, saved: Vec<TensorId>, layouts: &[Layout]) -> Vec<Layout> {
     saved.into_iter().for_each(|id| s.free(id));
-    (!layouts.is_empty()).then(|| Layout::concat(layouts))
+    layouts.to_vec()
 }
 
 /// What block `l` keeps after its forward under `ck` (what offloading moves to host).

@@ -369,7 +369,7 @@ struct Frame {
     saved: Vec<TensorId>,
     copies: Vec<TensorId>,
     /// What went to host memory (offloading), brought back for the block's backward.
-    offloaded: Option<Layout>,
+    offloaded: Vec<Layout>,
 }
 
 /// What the forward leaves for backward.
@@ -450,7 +450,7 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         let layouts = checkpoint::kept_layouts(ck, l, blk, d, run.cuda);
         (vec![], checkpoint::offload(s, saved, &layouts))
     } else {
-        (saved, None)
+        (saved, Vec::new())
     };
     s.transient(
         Name::block("block ", l, [" forward temporaries", "", ""]),
@@ -637,13 +637,17 @@ fn blocks_backward(
             copies.extend(gathered);
         }
         prefetched = shard::prefetch(s, run, l);
-        let reloaded = frame.offloaded.map(|o| {
-            s.alloc(
-                Name::block("block ", l, [" saved tensors (back from host)", "", ""]),
-                Component::Activations,
-                o,
-            )
-        });
+        let reloaded: Vec<TensorId> = frame
+            .offloaded
+            .into_iter()
+            .map(|o| {
+                s.alloc(
+                    Name::block("block ", l, [" saved tensor (back from host)", "", ""]),
+                    Component::Activations,
+                    o,
+                )
+            })
+            .collect();
         let recomputed = if ck == Checkpointing::SelectiveOp && !whole {
             checkpoint::op_recompute(s, blk, l, d, run.cuda)
         } else {
