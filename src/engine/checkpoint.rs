@@ -51,7 +51,7 @@ pub struct Meta {
     /// Whether ids come from `OUT/tokenizer.json` rather than bytes.
     #[serde(default)]
     pub tokenizer: bool,
-    /// File name → `crc32:XXXXXXXX` of its bytes, checked on load.
+    /// File name → `crc32:` and the eight hex digits of its bytes' CRC-32, checked on load.
     #[serde(default)]
     pub checksums: BTreeMap<String, String>,
     /// The Hugging Face `config.json` the run started from (`train --init`): its RMSNorm

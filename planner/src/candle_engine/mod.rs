@@ -184,7 +184,15 @@ pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: adapters that le
 /// ([`untracked_k`]), and the backward's peak holds the gradients of the trained
 /// parameters instead of the full fine-tune's ([`grads_at_peak`]). The frozen embedding
 /// has no backward.
-fn lora_extras(spec: &RunSpec, l: &crate::lora::LoraSpec, u: &Units, ws: &mut WorkingSets) {
+///
+/// `adapted` is the plan's parameters under LoRA (the frozen base and the adapters).
+fn lora_extras(
+    spec: &RunSpec,
+    l: &crate::lora::LoraSpec,
+    adapted: &[params::Param],
+    u: &Units,
+    ws: &mut WorkingSets,
+) {
     let half = spec.train.precision != Precision::Fp32;
     let act = |x: f64| if half { x / 2.0 } else { x };
     let rows = u.n / F;
@@ -212,7 +220,7 @@ fn lora_extras(spec: &RunSpec, l: &crate::lora::LoraSpec, u: &Units, ws: &mut Wo
         (u.layers * act(attn + mlp) - act(2.0 * u.nc) - act(untracked_k(spec, l, u))).max(0.0);
     ws.graph += b(graph);
     ws.fwd_peak += b(graph);
-    ws.bwd_peak = b((ws.bwd_peak as f64 + grads_at_peak(spec, l)).max(0.0));
+    ws.bwd_peak = b((ws.bwd_peak as f64 + grads_at_peak(spec, adapted)).max(0.0));
     ws.embedding = 0;
 }
 
@@ -244,7 +252,7 @@ fn untracked_k(spec: &RunSpec, l: &crate::lora::LoraSpec, u: &Units) -> f64 {
 /// of every block parameter but that attention's projections exist by then. The full
 /// fine-tune's fit holds those of the base model; a LoRA step those of the adapters
 /// (f32 bytes, the trained minus the fitted).
-fn grads_at_peak(spec: &RunSpec, l: &crate::lora::LoraSpec) -> f64 {
+fn grads_at_peak(spec: &RunSpec, adapted: &[params::Param]) -> f64 {
     let before_peak = |p: &&params::Param| {
         p.layer.is_some()
             && !(p.layer == Some(0) && p.name.contains("_proj") && p.name.contains("attn"))
@@ -256,8 +264,7 @@ fn grads_at_peak(spec: &RunSpec, l: &crate::lora::LoraSpec) -> f64 {
             .map(|p| p.numel() as f64 * F)
             .sum()
     };
-    let base = params::shared(&spec.model);
-    bytes(&crate::lora::parameters(&base, l), true) - bytes(&base, false)
+    bytes(adapted, true) - bytes(&params::shared(&spec.model), false)
 }
 
 /// What qwen2's biases and qwen3's per-head q/k norms add to llama's fitted working sets
@@ -334,7 +341,7 @@ impl<'a> Plan<'a> {
         let half = spec.train.precision != Precision::Fp32;
         arch_extras(m.arch, &u, half, &mut ws);
         if let Some(l) = &spec.lora {
-            lora_extras(spec, l, &u, &mut ws);
+            lora_extras(spec, l, &params, &u, &mut ws);
         }
         let mut blocks = vec![BlockBytes::default(); m.num_layers as usize];
         for p in params.iter().filter(|p| p.trainable) {
