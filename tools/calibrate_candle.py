@@ -8,9 +8,11 @@
     python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/data/candle_f16.toml
     python3 tools/calibrate_candle.py check docs/data/candle_f16_stages.tsv --binary target/release/vramplan
     (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml)
+    python3 tools/calibrate_candle.py measure --arch t5 --dtype f16 --tensors --count 400 --seed 12 \
+        --append --out docs/data/candle_f16_stages.tsv     (T5's configurations, the same files)
 
-`measure` draws random small configurations (both architectures, with and without
-checkpointing, at least 256 rows per micro-batch), runs `vramplan calibrate-candle` (a
+`measure` draws random small configurations (nanochat and llama, or with `--arch t5` T5
+encoder-decoders, with and without checkpointing, at least 256 rows per micro-batch), runs `vramplan calibrate-candle` (a
 hidden subcommand) on them (two steps each; the second is measured with the counting allocator) and
 writes one line per configuration: the configuration, then `stage:working_set:live` for
 every stage (bytes; the working set is the stage's high-water mark above the live bytes
@@ -32,6 +34,8 @@ import sys
 import tempfile
 
 FIELDS = "arch ckpt layers hidden heads kv head_dim ffn vocab batch seq chunk".split()
+# A t5 line adds its decoder layers and whether its feed-forward is gated GELU (1) or ReLU (0).
+T5_FIELDS = ["dec", "gated"]
 
 
 def draw(rng, ckpt):
@@ -49,9 +53,25 @@ def draw(rng, ckpt):
     return [arch, int(ckpt), layers, hidden, heads, kv, head_dim, ffn, vocab, batch, seq, chunk]
 
 
+def draw_t5(rng, ckpt):
+    """A T5 (encoder-decoder) configuration: both stacks read `seq` positions."""
+    heads = rng.choice([1, 2, 4])
+    head_dim = rng.choice([8, 16, 24, 32, 48])
+    hidden = rng.choice([32, 48, 64, 96, 128, 192])
+    ffn = rng.choice([64, 128, 192, 256, 384, 512])
+    vocab = rng.choice([256, 512, 1024, 2048, 4096])
+    seq = rng.choice([16, 32, 64, 128, 256])
+    batch = rng.choice([b for b in (1, 2, 4, 8, 16, 32) if 256 <= b * seq <= 4096] or [256 // seq])
+    chunk = rng.choice([32, 64, 128, 256, 512, 1024, 4096])
+    layers, dec = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+    gated = int(rng.random() < 0.3)
+    return ["t5", int(ckpt), layers, hidden, heads, heads, head_dim, ffn, vocab, batch, seq, chunk, dec, gated]
+
+
 def measure(args):
     rng = random.Random(args.seed)
-    configs = [draw(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
+    pick = draw_t5 if args.arch == "t5" else draw
+    configs = [pick(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
     with tempfile.TemporaryDirectory() as tmp:
         path, measured = os.path.join(tmp, "configs.txt"), os.path.join(tmp, "measured.txt")
         with open(path, "w") as f:
@@ -82,6 +102,7 @@ def parse(path):
         cfg, stages, step = [p.strip() for p in line.split("|")]
         f = cfg.split()
         c = {k: (f[i] if k == "arch" else int(f[i])) for i, k in enumerate(FIELDS)}
+        c.update({k: int(f[len(FIELDS) + i]) if len(f) > len(FIELDS) else 0 for i, k in enumerate(T5_FIELDS)})
         st = {}
         for s in stages.split():
             name, ws, live = s.rsplit(":", 2)
@@ -115,11 +136,23 @@ def units(c):
         one=1.0,
     )
     u["mvc"] = u["vc"] if rows < n else 0.0
+    # T5: gated GELU's second MLP projection and its output; the query width again when
+    # there is one head (candle then skips the heads' transposed copies); the position
+    # biases and masks built once (`tables` in planner/src/candle_engine/t5.rs: per stack
+    # the bucket indices T² and the gathered bias H·T², transposed into a copy when H > 1;
+    # the causal mask T², the key mask B·T; f32).
+    u["gni"] = u["ni"] if c["gated"] else 0.0
+    u["gci"] = u["ci"] if c["gated"] else 0.0
+    u["nq1"] = u["nq"] if c["heads"] == 1 else 0.0
+    h, t2 = c["heads"], c["seq"] ** 2
+    u["tab"] = (2 * t2 * (1 + h + (h if h > 1 else 0)) + t2 + n) * F
     return u
 
 
 # The measured working set of each stage (bytes above the live bytes before it).
 def targets(c):
+    if c["arch"] == "t5":
+        return targets_t5(c)
     st = c["stages"]
     L = c["layers"]
     t = {}
@@ -139,7 +172,64 @@ def targets(c):
     return t
 
 
+def targets_t5(c):
+    """T5's stages: with checkpointing each stack's first block forward and backward (the
+    position-bias tables and the first embedding are their own stage, modelled exactly),
+    each stack's end (final norm, and the next embedding or the encoder-gradient buffer);
+    without, the whole graph as the decoder-only step's."""
+    st = c["stages"]
+    L, D = c["layers"], c["dec"]
+    t = {}
+    if c["ckpt"]:
+        t["fwd_enc"] = st["fwd0"][0]
+        t["enc_out"] = st["enc"][0]
+        t["fwd_dec"] = st[f"fwd{L}"][0]
+        t["dec_out"] = st["fwd"][0]
+        t["loss"] = st["loss"][0]
+        t["bwd_dec_out"] = st["bwddec"][0]
+        t["bwd_dec"] = st[f"bwd{L + D - 1}"][0]
+        t["bwd_enc_out"] = st["bwdenc"][0]
+        t["bwd_enc"] = st[f"bwd{L - 1}"][0]
+        t["emb"] = st["emb"][0]
+    else:
+        t["graph"] = st["fwd"][1] - st["start"][1]
+        t["fwd_peak"] = st["fwd"][0]
+        t["loss"] = st["loss"][0]
+        t["bwd_peak"] = st["bwd"][0]
+    t["opt"] = st["opt"][0]
+    return t
+
+
+def basis_t5(stage, c, u):
+    L, D = c["layers"], c["dec"]
+    block = ["nc", "nq", "nq1", "ni", "gni", "s", "n", "bht", "cq", "ci", "gci"]
+    if stage in ("fwd_enc", "fwd_dec", "bwd_enc", "bwd_dec"):
+        return {k: u[k] for k in block}
+    if stage in ("enc_out", "dec_out", "bwd_dec_out", "bwd_enc_out"):
+        return {k: u[k] for k in ["nc", "n"]}
+    if stage == "loss":
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
+    if stage == "emb":
+        return {k: u[k] for k in ["vc", "nc", "n"]}
+    per_block = ["nc", "nq", "nq1", "ni", "gni", "s", "bht", "n", "cq", "ci", "gci"]
+    if stage in ("graph", "fwd_peak"):
+        b = {f"L*{k}": L * u[k] for k in per_block}
+        b.update({f"D*{k}": D * u[k] for k in per_block})
+        b.update({k: u[k] for k in ["nc", "tab"]})
+        return b
+    if stage == "bwd_peak":
+        b = {k: u[k] for k in per_block + ["vc", "tab"]}
+        b.update({f"L*{k}": L * u[k] for k in per_block})
+        b.update({f"D*{k}": D * u[k] for k in per_block})
+        return b
+    if stage == "opt":
+        return {"adam": adam_peak(c)}
+    raise KeyError(stage)
+
+
 def basis(stage, c, u):
+    if c["arch"] == "t5":
+        return basis_t5(stage, c, u)
     b = basis_all(stage, c, u)
     if c["arch"] == "nanochat":  # keys and values have the queries' width
         b = {k: v for k, v in b.items() if "kv" not in k}
@@ -173,7 +263,11 @@ def basis_all(stage, c, u):
     raise KeyError(stage)
 
 
-PLANES = {"fwd_attn": 2, "fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 3, "loss": 3, "emb": 2, "bwd_peak": 3}
+PLANES = {"fwd_attn": 2, "fwd_mlp": 2, "bwd_mlp": 2, "bwd_attn": 3, "loss": 3, "emb": 2, "bwd_peak": 3,
+          "fwd_enc": 2, "fwd_dec": 2, "bwd_enc": 3, "bwd_dec": 3}
+ARCHS = ["nanochat", "llama", "t5"]
+# T5's whole-graph backward peak has more terms than points for three planes.
+T5_PLANES = dict(PLANES, bwd_peak=3)
 
 
 def fit(args):
@@ -181,7 +275,7 @@ def fit(args):
 
     rows = parse(args.path)
     fits, quality = {}, {}
-    for arch in ["nanochat", "llama"]:
+    for arch in [a for a in ARCHS if any(c["arch"] == a for c in rows)]:
         fits[arch], quality[arch] = {}, {}
         print(f"== {arch}")
         stages = sorted({s for c in rows if c["arch"] == arch for s in targets(c)})
@@ -191,7 +285,7 @@ def fit(args):
             keys = list(data[0][0].keys()) + ["one"]
             X = np.array([[b.get(k, 1.0) for k in keys] for b, _ in data])
             y = np.array([float(t) for _, t in data])
-            planes = PLANES.get(stage, 1)
+            planes = (T5_PLANES if arch == "t5" else PLANES).get(stage, 1)
             coef, pred = fit_planes(np, X, y, planes)
             fits[arch][stage] = (keys, coef)
             rel = (pred - y) / y
@@ -210,17 +304,28 @@ STAGE_NAMES = {"fwd_attn": "a half's forward, attention", "fwd_mlp": "a half's f
                "loss": "the loss stage", "emb": "the embedding's backward",
                "graph": "without checkpointing, the graph kept", "fwd_peak": "the forward's peak",
                "bwd_peak": "the whole graph's backward", "opt": "AdamW"}
+T5_STAGE_NAMES = {"fwd_enc": "an encoder block's forward", "enc_out": "the encoder's final norm and the decoder's embedding",
+                  "fwd_dec": "a decoder block's forward", "dec_out": "the decoder's final norm and scale",
+                  "loss": "the loss stage", "bwd_dec_out": "the decoder's final norm backward, the encoder-gradient buffer",
+                  "bwd_dec": "a decoder block's recompute and backward",
+                  "bwd_enc_out": "the encoder's final norm backward",
+                  "bwd_enc": "an encoder block's recompute and backward", "emb": "the shared embedding's backward",
+                  "graph": "without checkpointing, the graph kept", "fwd_peak": "the forward's peak",
+                  "bwd_peak": "the whole graph's backward", "opt": "AdamW"}
 
 # The variables whose calibrated range the data file records, in f32 elements (the
 # units' bytes / 4): the planner warns when a run falls outside it.
 DOMAIN = ["n", "nc", "nq", "nkv", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam"]
+T5_DOMAIN = ["n", "nc", "nq", "nq1", "ni", "gni", "s", "rv", "rc", "vc", "bht", "cq", "ci", "gci", "tab", "adam"]
 
 
 def domain(rows, arch):
-    """Min and max of each unit (and of the layer count) over one arch's calibration set."""
+    """Min and max of each unit (and of the layer counts) over one arch's calibration set."""
     cs = [c for c in rows if c["arch"] == arch]
     vals = {"layers": [c["layers"] for c in cs]}
-    for k in DOMAIN:
+    if arch == "t5":
+        vals["dec_layers"] = [c["dec"] for c in cs]
+    for k in T5_DOMAIN if arch == "t5" else DOMAIN:
         vals[k] = [(adam_peak(c) if k == "adam" else units(c)[k]) / 4.0 for c in cs]
     return {k: (min(v), max(v)) for k, v in vals.items()}
 
@@ -258,14 +363,15 @@ def data_file(fits, quality, rows, args):
              "domain: each unit's min and max over the calibration set, in f32 elements (bytes / 4)."]
     out = ["# " + l for l in head]
     out += ["", f'compute = "{"f16" if half else "f32"}"', f'data = "{data}"', f"configurations = {len(rows)}"]
-    for arch in ["nanochat", "llama"]:
+    for arch in fits:
         out += ["", f"[{arch}.domain]"]
         for k, (lo, hi) in domain(rows, arch).items():
             out.append(f"{k} = [{lo:.0f}, {hi:.0f}]")
-        for stage in STAGE_NAMES:
+        names = T5_STAGE_NAMES if arch == "t5" else STAGE_NAMES
+        for stage in names:
             keys, planes = fits[arch][stage]
             rms, worst = quality[arch][stage]
-            out += ["", f"# {STAGE_NAMES[stage]}", f"[{arch}.{stage}]", f"rms = {rms:.2f}", f"worst = {worst:.2f}",
+            out += ["", f"# {names[stage]}", f"[{arch}.{stage}]", f"rms = {rms:.2f}", f"worst = {worst:.2f}",
                     "planes = ["]
             out += [f"    {toml_plane(keys, cf)}," for cf in planes]
             out.append("]")
@@ -310,10 +416,13 @@ def fit_planes(np, X, y, planes, restarts=40):
 def adam_peak(c):
     """AdamW's update runs over the parameters in name order, making about four f32
     copies of each while the gradients before it are already freed: the largest
-    `4·bytes(p) − bytes(gradients before p)` (what the planner computes exactly)."""
+    `4·bytes(p) − bytes(gradients before p)`, or the gradient norm's square of the largest
+    gradient if that is more (what the planner computes exactly)."""
     C, H, KV, D, I, V, L = (c[k] for k in ["hidden", "heads", "kv", "head_dim", "ffn", "vocab", "layers"])
     q, kv = H * D, KV * D
-    if c["arch"] == "nanochat":
+    if c["arch"] == "t5":
+        p = t5_params(c)
+    elif c["arch"] == "nanochat":
         p = [("wte.weight", V * C), ("lm_head.weight", V * C)]
         for l in range(L):
             p += [(f"layers.{l}.attn.c_q.weight", q * C), (f"layers.{l}.attn.c_k.weight", kv * C),
@@ -331,10 +440,31 @@ def adam_peak(c):
     for _, n in sorted(p):
         peak = max(peak, 4 * 4 * n - done)
         done += 4 * n
-    return float(peak)
+    # The gradient norm squares each gradient while all of them are live.
+    return float(max(peak, 4 * max(n for _, n in p)))
+
+
+def t5_params(c):
+    """(name, numel) of a T5 as the planner lists them (planner/src/params.rs, `t5`)."""
+    C, H, D, I, V = (c[k] for k in ["hidden", "heads", "head_dim", "ffn", "vocab"])
+    q = H * D
+    p = [("shared.weight", V * C), ("encoder.final_layer_norm.weight", C), ("decoder.final_layer_norm.weight", C)]
+    for l in range(c["layers"] + c["dec"]):
+        stacks = ["self_attn"] + (["cross_attn"] if l >= c["layers"] else [])
+        for a in stacks:
+            p += [(f"layers.{l}.{a}.{w}.weight", q * C) for w in "qkvo"]
+            p.append((f"layers.{l}.{a}.layer_norm.weight", C))
+        if l in (0, c["layers"]):
+            p.append((f"layers.{l}.self_attn.relative_attention_bias", 32 * H))
+        wi = ["wi_0", "wi_1"] if c["gated"] else ["wi"]
+        p += [(f"layers.{l}.ffn.{w}.weight", I * C) for w in wi + ["wo"]]
+        p.append((f"layers.{l}.ffn.layer_norm.weight", C))
+    return p
 
 
 def plan_toml(c, precision):
+    if c["arch"] == "t5":
+        return plan_toml_t5(c, precision)
     return f"""[model]
 name = "calibration"
 arch = "{c['arch']}"
@@ -346,6 +476,33 @@ head_dim = {c['head_dim']}
 intermediate_size = {c['ffn']}
 vocab_size = {c['vocab']}
 tie_embeddings = {'true' if c['arch'] == 'llama' else 'false'}
+[train]
+micro_batch = {c['batch']}
+seq_len = {c['seq']}
+precision = "{precision}"
+checkpointing = "{'full' if c['ckpt'] else 'none'}"
+loss = "chunked"
+loss_chunk = {c['chunk']}
+optimizer = "adamw"
+engine = "candle"
+[hardware]
+gpu = "cpu"
+"""
+
+
+def plan_toml_t5(c, precision):
+    return f"""[model]
+name = "calibration"
+arch = "t5"
+hidden_size = {c['hidden']}
+num_layers = {c['layers']}
+num_decoder_layers = {c['dec']}
+num_heads = {c['heads']}
+head_dim = {c['head_dim']}
+intermediate_size = {c['ffn']}
+vocab_size = {c['vocab']}
+tie_embeddings = true
+gated_ffn = {'true' if c['gated'] else 'false'}
 [train]
 micro_batch = {c['batch']}
 seq_len = {c['seq']}
@@ -395,6 +552,8 @@ def main():
     m.add_argument("--count", type=int, default=300)
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--checkpointed", type=float, default=0.5, help="share of checkpointed configurations")
+    m.add_argument("--arch", default="decoder", choices=["decoder", "t5"],
+                   help="draw decoder-only configurations (nanochat and llama) or T5 ones")
     m.add_argument("--append", action="store_true", help="add to --out rather than replace it")
     m.add_argument("--out", required=True)
     m.add_argument("--binary", help="a built vramplan to run (default: cargo run --release); "

@@ -57,7 +57,7 @@ pub use oom::{
 };
 pub use params::{count as param_count, parameters, Param, Role};
 pub use presets::{Presets, GPUS_TOML, MODEL_FILES};
-pub use report::{estimate, model_flops_per_token, play, Report, T5_CANDLE_UNCALIBRATED};
+pub use report::{estimate, model_flops_per_token, play, Report};
 pub use schedule::{
     epochs, steps_per_epoch, training_time, DataSize, TrainingTime, Utilization,
     DEFAULT_UTILIZATION,

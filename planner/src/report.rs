@@ -185,9 +185,6 @@ pub fn estimate(spec: &RunSpec) -> Report {
             0.0
         },
         warnings: match spec.train.engine {
-            Engine::Candle if spec.model.arch == crate::spec::Arch::T5 => {
-                vec![T5_CANDLE_UNCALIBRATED.to_string()]
-            }
             Engine::Candle => crate::candle_engine::warnings(spec),
             Engine::Torch => Vec::new(),
         },
@@ -196,10 +193,6 @@ pub fn estimate(spec: &RunSpec) -> Report {
         timeline,
     }
 }
-
-/// What a candle T5 plan's estimate says: the candle inventory plays decoder-only blocks
-/// (`candle_engine`), not T5's encoder, decoder and cross-attention.
-pub const T5_CANDLE_UNCALIBRATED: &str = "the candle engine's T5 is not in its calibrated inventory: this peak plays decoder-only blocks of the encoder's size, not the encoder, decoder and cross-attention the engine runs (on the tiny T5 plans of tests/t5.rs it is 17-22 % below the peak the engine measured); `vramplan train` measures the real peak";
 
 /// Bytes outside the allocator (paged optimizer state, offloaded activations) and the
 /// regime in words.

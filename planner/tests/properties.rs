@@ -502,8 +502,8 @@ fn absurd_sizes_are_clear_errors() {
     }
 }
 
-/// The candle engine: its working sets are fitted planes (planner/data/candle_*.toml), so
-/// the invariants above are not given by construction. What holds, and where: inside the
+/// The candle engine (nanochat, llama, T5): its working sets are fitted planes
+/// (planner/data/candle_*.toml), so the invariants above are not given by construction. What holds, and where: inside the
 /// calibrated domain (every report without warnings) the peak never falls as micro-batch
 /// or sequence grows; below it (fewer than 256 rows) it can, by up to about 17 %, and
 /// those reports carry a warning. `fit` may prune by monotonicity only between
@@ -516,7 +516,7 @@ mod candle {
     fn candle_run(batches: std::ops::RangeInclusive<u64>) -> impl Strategy<Value = RunSpec> {
         (
             (
-                prop::sample::select(vec!["nanochat", "llama"]),
+                prop::sample::select(vec!["nanochat", "llama", "t5"]),
                 prop::sample::select(vec![1u64, 2, 4]), // heads
                 prop::sample::select(vec![1u64, 2, 4]), // kv heads (a divisor, for llama)
                 prop::sample::select(vec![8u64, 16, 24, 32, 48]), // head dim
@@ -541,7 +541,7 @@ mod candle {
                     (arch, heads, kv, d, c, i, v, layers),
                     (b, seq, chunk, ck, loss, prec, ga, gpu),
                 )| {
-                    let kv = if arch == "nanochat" || heads % kv != 0 {
+                    let kv = if arch != "llama" || heads % kv != 0 {
                         heads
                     } else {
                         kv
@@ -557,7 +557,9 @@ mod candle {
                             head_dim: Some(d),
                             intermediate_size: Some(i),
                             vocab_size: Some(v),
-                            tie_embeddings: Some(arch == "llama"),
+                            tie_embeddings: Some(arch != "nanochat"),
+                            // T5: as many decoder layers as encoder layers.
+                            num_decoder_layers: (arch == "t5").then_some(layers),
                             ..RawModel::default()
                         },
                         train: RawTrain {

@@ -368,7 +368,12 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => (planned.loaded, planned.text, report),
     };
     let spec = &loaded.spec;
-    let tokenizer = tokenizer(&a, planned.init.as_ref(), spec, &report)?;
+    // What the estimate says of its own prediction (outside the calibrated sizes, LoRA
+    // targets it does not model), before the run measures it.
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let tokenizer = tokenizer(&a, planned.init.as_ref(), spec)?;
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
         refuse(&e, &report, &loaded, &a);
         return Ok(ExitCode::from(DOES_NOT_FIT));
@@ -449,20 +454,12 @@ fn train_on(
 }
 
 /// The run's tokenizer.json (`--tokenizer`, else `--init`'s, else none: bytes), checked
-/// against the model's vocabulary; says the estimate's warning a T5 plan has.
+/// against the model's vocabulary.
 fn tokenizer(
     a: &Args,
     init: Option<&hf::Pretrained>,
     spec: &vramplan_planner::RunSpec,
-    report: &Report,
 ) -> Result<Option<PathBuf>> {
-    if report
-        .warnings
-        .iter()
-        .any(|w| w == vramplan_planner::T5_CANDLE_UNCALIBRATED)
-    {
-        eprintln!("warning: {}", vramplan_planner::T5_CANDLE_UNCALIBRATED);
-    }
     let tokenizer = a.tokenizer.clone().or(init_tokenizer(init));
     match &tokenizer {
         Some(p) => drop(engine::load_tokenizer(p, spec)?),

@@ -2,8 +2,11 @@
 //! the planner's candle working sets to (`vramplan calibrate-candle`).
 //!
 //! A configuration is one line, `arch ckpt L C H KV D I V B T chunk` (architecture
-//! `llama` or `nanochat`, checkpointing 0 or 1, layers, width, heads, KV heads, head
-//! width, MLP width, vocabulary, micro-batch, sequence length, loss chunk rows). Its
+//! `llama`, `nanochat` or `t5`, checkpointing 0 or 1, layers, width, heads, KV heads, head
+//! width, MLP width, vocabulary, micro-batch, sequence length, loss chunk rows); a `t5`
+//! line adds `Ldec gated` (decoder layers; 1 for gated GELU, 0 for ReLU), its KV heads are
+//! its heads, and both its stacks read `T` positions (prompt and response of `T` tokens
+//! each, the shapes `engine::sft` pads to). Its
 //! measurement is the line, then ` |`, then per stage of the second step (the first
 //! creates AdamW's state) ` label:working_set:live` (bytes: the stage's high-water mark
 //! above the live bytes at the end of the previous stage, and the live bytes at its end
@@ -14,14 +17,15 @@ use crate::engine::model::Model;
 use crate::engine::optim::AdamW;
 use crate::engine::probe::{NoProbe, Probe, Recorder};
 use crate::engine::rng::Rng;
+use crate::engine::sft::{seq2seq_rows, Example, Micro};
 use crate::engine::step::{forward_backward, Grads, Opts};
-use crate::engine::{alloc, bad, data, warm_up};
+use crate::engine::{alloc, bad, data, t5, warm_up};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use vramplan_planner::{Arch, ModelSpec};
 
 /// The fields of a configuration line, for error messages.
-pub const FIELDS: &str = "arch ckpt L C H KV D I V B T chunk";
+pub const FIELDS: &str = "arch ckpt L C H KV D I V B T chunk (t5: Ldec gated)";
 
 /// One configuration to measure.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,18 +44,24 @@ impl Config {
     pub fn parse(file: &str, n: usize, line: &str) -> Result<Config> {
         let f: Vec<&str> = line.split_whitespace().collect();
         let at = format!("{file}: line {n}");
-        if f.len() != 12 {
-            return Err(bad(&at, format!("{} fields; expected 12: {FIELDS}", f.len())).into());
-        }
-        let arch = match f[0] {
+        let arch = match f.first().copied().unwrap_or("") {
             "llama" => Arch::Llama,
             "nanochat" => Arch::Nanochat,
-            a => return Err(bad(&at, format!("arch {a:.40?}: one of llama, nanochat")).into()),
+            "t5" => Arch::T5,
+            a => return Err(bad(&at, format!("arch {a:.40?}: one of llama, nanochat, t5")).into()),
         };
+        let fields = if arch == Arch::T5 { 14 } else { 12 };
+        if f.len() != fields {
+            return Err(bad(
+                &at,
+                format!("{} fields; expected {fields}: {FIELDS}", f.len()),
+            )
+            .into());
+        }
         let u = |i: usize| {
             f[i].parse::<u64>()
                 .ok()
-                .filter(|v| *v > 0 || i == 1)
+                .filter(|v| *v > 0 || i == 1 || i == 13)
                 .ok_or_else(|| {
                     bad(
                         &at,
@@ -64,15 +74,15 @@ impl Config {
             arch,
             hidden_size: u(3)?,
             num_layers: u(2)?,
-            num_decoder_layers: 0,
+            num_decoder_layers: if arch == Arch::T5 { u(12)? } else { 0 },
             num_heads: u(4)?,
-            num_kv_heads: u(5)?,
+            num_kv_heads: if arch == Arch::T5 { u(4)? } else { u(5)? },
             head_dim: u(6)?,
             intermediate_size: u(7)?,
             vocab_size: u(8)?,
-            tie_embeddings: arch == Arch::Llama,
+            tie_embeddings: arch != Arch::Nanochat,
             max_positions: 0,
-            gated_ffn: false,
+            gated_ffn: arch == Arch::T5 && u(13)? == 1,
             features: Default::default(),
         };
         Ok(Config {
@@ -107,9 +117,15 @@ pub fn measure(c: &Config, compute: DType, recorder: &Recorder) -> Result<String
         .collect();
     let mut step = |probe: &dyn Probe| -> Result<()> {
         let mut g = Grads::new();
-        let (x, y) = data::batch(&toks, c.batch, c.seq, &mut r)?;
-        probe.mark("batch");
-        forward_backward(&m, &x, &y, c.batch, opts, &mut g, probe)?;
+        if c.spec.arch == Arch::T5 {
+            let micro = seq2seq_micro(&toks, c, &mut r)?;
+            probe.mark("batch");
+            t5::forward_backward(&m, &micro, c.batch, opts, &mut g, probe)?;
+        } else {
+            let (x, y) = data::batch(&toks, c.batch, c.seq, &mut r)?;
+            probe.mark("batch");
+            forward_backward(&m, &x, &y, c.batch, opts, &mut g, probe)?;
+        }
         probe.mark("fb");
         opt.step(&m, g, 1e-3)?;
         probe.mark("opt");
@@ -132,6 +148,22 @@ pub fn measure(c: &Config, compute: DType, recorder: &Recorder) -> Result<String
         prev = mark.live;
     }
     Ok(format!("{out} | STEP {top}"))
+}
+
+/// A T5 micro-batch of `c.batch` rows, each a prompt of `c.seq` tokens and a response of
+/// as many, drawn from `toks`: every encoder and decoder position is a token.
+fn seq2seq_micro(toks: &[u32], c: &Config, r: &mut Rng) -> Result<Micro> {
+    let rows: Vec<Example> = (0..c.batch)
+        .map(|_| {
+            let start = r.below(toks.len() - 2 * c.seq);
+            Example {
+                tokens: toks[start..start + 2 * c.seq].to_vec(),
+                loss: (0..2 * c.seq).map(|i| i >= c.seq).collect(),
+                bytes: c.seq,
+            }
+        })
+        .collect();
+    Ok(seq2seq_rows(&rows, c.seq, 0)?)
 }
 
 #[cfg(test)]
@@ -201,5 +233,28 @@ mod tests {
             let live: u64 = s.rsplit(':').next().unwrap().parse().unwrap();
             assert!(live <= peak, "{s} above the step's peak {peak}");
         }
+    }
+
+    /// A T5 line: encoder and decoder blocks each a stage forward and backward, the
+    /// stacks' ends their own stages.
+    #[test]
+    fn a_t5_measurement_lists_both_stacks() {
+        let line = "t5 1 2 8 2 2 4 12 64 2 5 4 1 1";
+        let c = Config::parse("cfgs.txt", 1, line).unwrap();
+        assert_eq!((c.spec.num_decoder_layers, c.spec.gated_ffn), (1, true));
+        let out = measure(&c, DType::F32, &Recorder::new(false)).unwrap();
+        let (_, rest) = out.split_once(" | ").unwrap();
+        let (stages, _) = rest.split_once(" | STEP ").unwrap();
+        let labels: Vec<&str> = stages
+            .split(' ')
+            .map(|s| s.split(':').next().unwrap())
+            .collect();
+        let want = [
+            "batch", "start", "tables", "fwd0", "fwd1", "enc", "fwd2", "fwd", "loss", "bwddec",
+            "bwd2", "bwdenc", "bwd1", "bwd0", "emb", "fb", "opt",
+        ];
+        assert_eq!(labels, want);
+        let e = Config::parse("cfgs.txt", 2, "t5 1 2 8 2 2 4 12 64 2 5 4").unwrap_err();
+        assert!(e.to_string().contains("12 fields; expected 14"), "{e}");
     }
 }

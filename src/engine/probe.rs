@@ -34,6 +34,9 @@ pub struct Recorder {
     /// Tensors alone (no matmul scratch) rather than the whole heap.
     tensors: bool,
     marks: RefCell<Vec<Mark>>,
+    /// The highest high-water marks (the whole heap, tensors alone) of the stages so far:
+    /// each mark starts a new one, so the step's own is their largest.
+    top: std::cell::Cell<(u64, u64)>,
 }
 
 impl Recorder {
@@ -41,7 +44,13 @@ impl Recorder {
         Recorder {
             tensors,
             marks: RefCell::new(Vec::new()),
+            top: std::cell::Cell::new((0, 0)),
         }
+    }
+
+    /// The highest heap and tensor high-water marks of the stages recorded so far.
+    pub fn top(&self) -> (u64, u64) {
+        self.top.get()
     }
 
     /// Live bytes now, counted as this recorder counts.
@@ -66,6 +75,9 @@ impl Recorder {
 
 impl Probe for Recorder {
     fn mark(&self, label: &str) {
+        let (heap, tensors) = self.top.get();
+        self.top
+            .set((heap.max(alloc::peak()), tensors.max(alloc::tensors_peak())));
         let (live, peak) = if self.tensors {
             (alloc::tensors_current(), alloc::tensors_peak())
         } else {

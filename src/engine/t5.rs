@@ -26,7 +26,7 @@
 //! `shared.weight`; block 0 of each stack has `self_attn.relative_attention_bias`, stored
 //! as transformers' `(buckets, heads)`.
 
-use crate::engine::model::{causal_mask, rms, wide, Model};
+use crate::engine::model::{causal_mask, frozen_op, rms, wide, Model};
 use crate::engine::probe::Probe;
 use crate::engine::rng::Rng;
 use crate::engine::sft::Micro;
@@ -161,8 +161,11 @@ pub struct Scores {
 }
 
 impl Scores {
+    /// The mask, a constant, through [`frozen_op`]: candle's own broadcast add would give it
+    /// a gradient of the scores' whole shape that nothing reads, held until the backward
+    /// ends (one `(B, H, tq, tk)` tensor per attention).
     fn add(&self, s: &Tensor) -> Result<Tensor> {
-        let s = s.broadcast_add(&self.mask)?;
+        let s = frozen_op(s, &self.mask, true)?;
         match &self.bias {
             Some(b) => s.broadcast_add(b),
             None => Ok(s),
@@ -354,6 +357,8 @@ pub fn forward_backward(
     drop(g);
     let names: Vec<String> = model.params.keys().cloned().collect();
     step::collect(model, &store, &names, grads)?;
+    // The store's gradients hold the forward graph through their ops: gone with it.
+    drop(store);
     probe.mark("bwd");
     Ok(loss)
 }
@@ -390,16 +395,20 @@ fn checkpointed(
     let (enc_ids, dec_ids) = (enc_ids.to_device(dev)?, m.ids.to_device(dev)?);
     let t = Tables::new(model, keep, b, dec_ids.dim(0)? / b)?;
     let mut xs = vec![model.embed(&enc_ids)?.detach()];
+    probe.mark("tables");
     for l in encoders(model) {
         let x = encoder_block(model, l, &xs[xs.len() - 1], b, &t)?.detach();
         xs.push(x);
+        probe.mark(&format!("fwd {l}"));
     }
     let enc_last = xs.pop().expect("the embedding's output");
     let enc = encoder_out(model, &enc_last)?.detach();
     let mut ys = vec![model.embed(&dec_ids)?.detach()];
+    probe.mark("enc");
     for l in decoders(model) {
         let y = decoder_block(model, l, &ys[ys.len() - 1], &enc, b, &t)?.detach();
         ys.push(y);
+        probe.mark(&format!("fwd {l}"));
     }
     let dec_last = ys.pop().expect("the embedding's output");
     let last = decoder_out(model, &dec_last)?.detach();
@@ -408,15 +417,17 @@ fn checkpointed(
         step::loss_stage_weighted(model, &last, targets, m.weights.as_ref(), opts, grads)?;
     drop(last);
     probe.mark("loss");
+    let g_out = g;
     let g = step::half_backward(
         model,
         dec_last,
-        &g,
+        &g_out,
         &["decoder.final_layer_norm.weight".into()],
         grads,
         |y| decoder_out(model, y),
     )?;
-    let (g_dec, g_enc) = decoder_backward(model, ys, &enc, g, b, &t, grads)?;
+    drop(g_out);
+    let (g_dec, g_enc) = decoder_backward(model, ys, &enc, g, (b, &t), grads, probe)?;
     let mut g = step::half_backward(
         model,
         enc_last,
@@ -426,13 +437,14 @@ fn checkpointed(
         |x| encoder_out(model, x),
     )?;
     drop(g_enc);
+    probe.mark("bwd enc");
     for l in encoders(model).rev() {
         let input = xs.pop().expect("one input per block");
         g = step::half_backward(model, input, &g, &block_params(model, l), grads, |x| {
             encoder_block(model, l, x, b, &t)
         })?;
+        probe.mark(&format!("bwd {l}"));
     }
-    probe.mark("bwd");
     let emb = model.embedding_name();
     if model.trains(emb) {
         let s = ((model.embed(&enc_ids)? * &g)?.sum_all()?
@@ -452,11 +464,12 @@ fn decoder_backward(
     mut ys: Vec<Tensor>,
     enc: &Tensor,
     mut g: Tensor,
-    b: usize,
-    t: &Tables,
+    (b, t): (usize, &Tables),
     grads: &mut Grads,
+    probe: &dyn Probe,
 ) -> Result<(Tensor, Tensor)> {
     let mut g_enc = enc.zeros_like()?;
+    probe.mark("bwd dec");
     for l in decoders(model).rev() {
         let (input, enc_leaf) = (
             Var::from_tensor(&ys.pop().expect("one input per block"))?,
@@ -473,6 +486,8 @@ fn decoder_backward(
         };
         g = gi.detach();
         g_enc = (g_enc + ge.detach())?;
+        drop(store);
+        probe.mark(&format!("bwd {l}"));
     }
     Ok((g, g_enc))
 }

@@ -199,6 +199,9 @@ pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
         let probe: &dyn Probe = debug.as_ref().map_or(&NoProbe, |r| r as &dyn Probe);
         let mut line = run.step(s, &mut meter, &checkpointer, probe, s > start)?;
         if let Some(r) = &debug {
+            if let Some(peak) = meter.include(r.top()) {
+                line.peak_bytes = peak;
+            }
             print_marks(r, meter.baseline);
         }
         let saving = checkpointer.due(line.step);
@@ -368,6 +371,23 @@ impl Meter {
 
     fn process_peak(&self) -> u64 {
         self.process_peak.max(alloc::peak())
+    }
+
+    /// Takes a recorded step's highest CPU heap and tensor marks into the measurement
+    /// (each stage mark restarts the allocator's high-water mark, so what `end` read was
+    /// the last stage's) and returns the step's peak above the baseline. On a GPU the
+    /// device's own high-water mark is untouched by the marks and stands: `None`.
+    fn include(&mut self, (heap, tensors): (u64, u64)) -> Option<u64> {
+        if !matches!(self.device, device::Meter::Cpu) {
+            return None;
+        }
+        self.process_peak = self.process_peak.max(heap);
+        let peak = heap.saturating_sub(self.baseline);
+        self.measured = self.measured.max(peak);
+        self.measured_tensors = self
+            .measured_tensors
+            .max(tensors.saturating_sub(self.tensors_baseline));
+        Some(peak)
     }
 }
 

@@ -28,10 +28,13 @@
 //! configuration and for 97–98 % of the others; `tests/train.rs` asserts 2 % over fourteen
 //! plans in each.
 //!
+//! T5's encoder-decoder step has its own play and fits ([`t5`]).
+//!
 //! The step is played in the phases every engine shares: model state, micro-step inputs,
 //! forward, loss, backward, optimizer. Checkpointing changes the forward and the backward
 //! only, so each has one function per mode; the per-half recompute is written once.
 
+mod t5;
 mod working_sets;
 
 use crate::params::{self, Role};
@@ -91,7 +94,8 @@ pub(crate) fn check_lora(
 /// AdamW's update (`src/engine/optim.rs`) runs over the parameters in name order, making
 /// about four f32 copies of each while the gradients of those before it are already freed:
 /// its peak above the live bytes before it is the largest `4·bytes(p) − bytes(gradients
-/// before p)`.
+/// before p)`, or, where that is less, the largest gradient's square, which the gradient
+/// norm takes first while every gradient is live (T5, whose shared embedding sorts last).
 fn adam_peak(params: &[params::Param]) -> f64 {
     let mut sorted: Vec<(&str, f64)> = params
         .iter()
@@ -100,11 +104,13 @@ fn adam_peak(params: &[params::Param]) -> f64 {
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut done = 0.0;
     let mut peak = f64::NEG_INFINITY;
+    let mut largest: f64 = 0.0;
     for (_, bytes) in sorted {
         peak = peak.max(4.0 * bytes - done);
         done += bytes;
+        largest = largest.max(bytes);
     }
-    peak.max(0.0)
+    peak.max(largest).max(0.0)
 }
 
 /// Rows the loss computes at once: a chunk, or every row.
@@ -148,6 +154,11 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
         ci: c * i * F,
         adam: adam_peak(params),
         layers: m.num_layers as f64,
+        dec_layers: m.num_decoder_layers as f64,
+        gni: if m.gated_ffn { n * i * F } else { 0.0 },
+        gci: if m.gated_ffn { c * i * F } else { 0.0 },
+        nq1: if m.num_heads == 1 { n * h * d * F } else { 0.0 },
+        tab: t5::tables(b, seq, h),
     }
 }
 
@@ -389,11 +400,14 @@ impl<'a> Plan<'a> {
 
 /// Plays one optimizer step of `spec` on the candle engine.
 pub fn play(spec: &RunSpec) -> Timeline {
+    if spec.model.arch == Arch::T5 {
+        return t5::play(spec);
+    }
     let plan = Plan::new(spec);
     // Two or three tensors a parameter (weight, moments, gradient), a dozen a block.
     let layers = plan.blocks.len();
     let mut s = Step::with_capacity(plan.params.len() * 3 + layers * 16 + 64, layers * 3 + 16);
-    let grads = model_state(&mut s, &plan);
+    let grads = model_state(&mut s, &plan.params, plan.accum);
     let inputs = micro_step_inputs(&mut s, &plan);
     let mut kept = Vec::new();
     if spec.train.checkpointing == Checkpointing::Full {
@@ -404,31 +418,31 @@ pub fn play(spec: &RunSpec) -> Timeline {
     for id in inputs {
         s.free(id);
     }
-    optimizer(&mut s, &plan, kept.into_iter().chain(grads));
+    optimizer(&mut s, plan.ws.optimizer, kept.into_iter().chain(grads));
     s.finish()
 }
 
 /// Before the step: weights and AdamW's fp32 moments, and with accumulation the
 /// gradients of the earlier micro-steps.
-fn model_state(s: &mut Step, plan: &Plan) -> Vec<TensorId> {
-    for p in plan.params.iter() {
+fn model_state(s: &mut Step, params: &[params::Param], accum: bool) -> Vec<TensorId> {
+    for p in params {
         s.persistent(
             Name::of("", &p.name, ""),
             Component::Weights,
             Bytes::of(p.numel(), 4),
         );
     }
-    for p in plan.params.iter().filter(|p| p.trainable) {
+    for p in params.iter().filter(|p| p.trainable) {
         s.persistent(
             Name::of("AdamW m, v of ", &p.name, ""),
             Component::Optimizer,
             Bytes::of(p.numel(), 8),
         );
     }
-    if !plan.accum {
+    if !accum {
         return Vec::new();
     }
-    plan.params
+    params
         .iter()
         .filter(|p| p.trainable)
         .map(|p| {
@@ -631,13 +645,13 @@ fn whole_graph(s: &mut Step, plan: &Plan, kept: &mut Vec<TensorId>) {
     s.free(gr);
 }
 
-/// AdamW's update over the gradients, which it frees.
-fn optimizer(s: &mut Step, plan: &Plan, grads: impl Iterator<Item = TensorId>) {
+/// AdamW's update over the gradients, which it frees; `temporaries` its working set.
+fn optimizer(s: &mut Step, temporaries: u64, grads: impl Iterator<Item = TensorId>) {
     s.phase("optimizer step");
     s.transient(
         "AdamW update temporaries",
         Component::Temporaries,
-        Bytes(plan.ws.optimizer),
+        Bytes(temporaries),
     );
     for id in grads {
         s.free(id);

@@ -47,6 +47,35 @@ pub(super) struct Units {
     /// AdamW's peak from the parameters' sizes in update order (`adam_peak`)
     pub adam: f64,
     pub layers: f64,
+    /// T5: decoder layers (a count), the gated feed-forward's second projection and its
+    /// output (`ci`, `ni` when gated, else 0), the query width again with one head (candle
+    /// then makes no transposed copies of the heads), and the position biases and masks
+    /// (`t5::tables`).
+    pub dec_layers: f64,
+    pub gni: f64,
+    pub gci: f64,
+    pub nq1: f64,
+    pub tab: f64,
+}
+
+/// T5's calibrated working sets (`src/engine/t5.rs`), each above the live bytes before its
+/// stage: with checkpointing one block of each stack forward and backward and each
+/// stack's end; without, the whole graph as [`WorkingSets`]'s.
+pub(super) struct T5WorkingSets {
+    pub fwd_enc: u64,
+    pub enc_out: u64,
+    pub fwd_dec: u64,
+    pub dec_out: u64,
+    pub loss: u64,
+    pub bwd_dec_out: u64,
+    pub bwd_dec: u64,
+    pub bwd_enc_out: u64,
+    pub bwd_enc: u64,
+    pub embedding: u64,
+    pub graph: u64,
+    pub fwd_peak: u64,
+    pub bwd_peak: u64,
+    pub optimizer: u64,
 }
 
 /// The calibrated working sets of one step, each above the live bytes before its stage.
@@ -91,10 +120,15 @@ enum Unit {
     Mvc,
     Adam,
     Layers,
+    DecLayers,
+    Gni,
+    Gci,
+    Nq1,
+    Tab,
 }
 
 /// (name in the files, what users would call it).
-const UNITS: [(Unit, &str, &str); 17] = [
+const UNITS: [(Unit, &str, &str); 22] = [
     (Unit::N, "n", "rows (micro_batch × seq_len)"),
     (Unit::Nc, "nc", "rows × hidden_size"),
     (Unit::Nq, "nq", "rows × query width"),
@@ -116,6 +150,15 @@ const UNITS: [(Unit, &str, &str); 17] = [
     (Unit::Mvc, "mvc", "the head matrix, with a chunked loss"),
     (Unit::Adam, "adam", "AdamW's largest update"),
     (Unit::Layers, "layers", "num_layers"),
+    (Unit::DecLayers, "dec_layers", "num_decoder_layers"),
+    (
+        Unit::Gni,
+        "gni",
+        "rows × intermediate_size of a gated feed-forward",
+    ),
+    (Unit::Gci, "gci", "a gated feed-forward's second projection"),
+    (Unit::Nq1, "nq1", "rows × query width with one head"),
+    (Unit::Tab, "tab", "the position biases and masks"),
 ];
 
 impl Unit {
@@ -146,25 +189,32 @@ impl Unit {
             Unit::Mvc => u.multi * u.vc,
             Unit::Adam => u.adam,
             Unit::Layers => u.layers,
+            Unit::DecLayers => u.dec_layers,
+            Unit::Gni => u.gni,
+            Unit::Gci => u.gci,
+            Unit::Nq1 => u.nq1,
+            Unit::Tab => u.tab,
         }
     }
 
     /// The value in the domain's terms: f32 elements, or a count of layers.
     fn size(self, u: &Units) -> f64 {
         match self {
-            Unit::Layers => u.layers,
+            Unit::Layers | Unit::DecLayers => self.value(u),
             _ => self.value(u) / F,
         }
     }
 }
 
 /// What multiplies a term's coefficient: 1, the layer count (`L*x`: one per block's
-/// graph kept) or one fewer (`L1*x`: the blocks behind the one being differentiated).
+/// graph kept), one fewer (`L1*x`: the blocks behind the one being differentiated) or
+/// T5's decoder layers (`D*x`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Scale {
     One,
     Layers,
     LayersBelow,
+    DecLayers,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +244,7 @@ impl Plane {
                     Scale::One => t.coefficient,
                     Scale::Layers => t.coefficient * u.layers,
                     Scale::LayersBelow => t.coefficient * l1,
+                    Scale::DecLayers => t.coefficient * u.dec_layers,
                 };
                 c * t.unit.value(u)
             })
@@ -223,16 +274,34 @@ struct Range {
     max: f64,
 }
 
-/// One arch's fits and domain.
+/// One arch's fits (in the order of its stage list) and domain.
 #[derive(Debug, Clone)]
 struct ArchFit {
     domain: Vec<Range>,
-    stages: [Stage; STAGES.len()],
+    stages: Vec<Stage>,
 }
 
-/// The stages a data file must fit, in `WorkingSets` order.
+/// The stages a data file must fit for a decoder-only arch, in `WorkingSets` order.
 const STAGES: [&str; 10] = [
     "fwd_attn", "fwd_mlp", "bwd_mlp", "bwd_attn", "graph", "fwd_peak", "bwd_peak", "loss", "emb",
+    "opt",
+];
+
+/// T5's stages, in `T5WorkingSets` order.
+const T5_STAGES: [&str; 14] = [
+    "fwd_enc",
+    "enc_out",
+    "fwd_dec",
+    "dec_out",
+    "loss",
+    "bwd_dec_out",
+    "bwd_dec",
+    "bwd_enc_out",
+    "bwd_enc",
+    "emb",
+    "graph",
+    "fwd_peak",
+    "bwd_peak",
     "opt",
 ];
 
@@ -243,6 +312,7 @@ pub(super) struct Fits {
     compute: String,
     nanochat: ArchFit,
     llama: ArchFit,
+    t5: ArchFit,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +325,7 @@ struct RawFits {
     configurations: u64,
     nanochat: BTreeMap<String, toml::Value>,
     llama: BTreeMap<String, toml::Value>,
+    t5: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +350,8 @@ fn term(coefficient: f64, name: &str) -> Option<Term> {
         (Scale::LayersBelow, u)
     } else if let Some(u) = name.strip_prefix("L*") {
         (Scale::Layers, u)
+    } else if let Some(u) = name.strip_prefix("D*") {
+        (Scale::DecLayers, u)
     } else {
         (Scale::One, name)
     };
@@ -309,7 +382,7 @@ fn stage(arch: &str, name: &str, value: Option<&toml::Value>) -> Result<Stage, S
                     term(*c, u).ok_or_else(|| {
                         let known: Vec<&str> = UNITS.iter().map(|u| u.1).collect();
                         format!(
-                            "{arch}.{name}: unknown unit {u:?}; expected one of {} (optionally L*x or L1*x)",
+                            "{arch}.{name}: unknown unit {u:?}; expected one of {} (optionally L*x, L1*x or D*x)",
                             known.join(", ")
                         )
                     })
@@ -348,21 +421,22 @@ fn domain(arch: &str, value: Option<&toml::Value>) -> Result<Vec<Range>, String>
         })
 }
 
-fn arch_fit(arch: &str, mut t: BTreeMap<String, toml::Value>) -> Result<ArchFit, String> {
+fn arch_fit(
+    arch: &str,
+    names: &[&str],
+    mut t: BTreeMap<String, toml::Value>,
+) -> Result<ArchFit, String> {
     let domain = domain(arch, t.remove("domain").as_ref())?;
-    let mut stages = Vec::with_capacity(STAGES.len());
-    for name in STAGES {
-        stages.push(stage(arch, name, t.remove(name).as_ref())?);
+    let mut stages = Vec::with_capacity(names.len());
+    for name in names {
+        stages.push(stage(arch, name, t.remove(*name).as_ref())?);
     }
     if let Some(extra) = t.keys().next() {
         return Err(format!(
             "{arch}.{extra}: unknown stage; expected domain, {}",
-            STAGES.join(", ")
+            names.join(", ")
         ));
     }
-    let stages = stages
-        .try_into()
-        .map_err(|_| format!("{arch}: {} stages", STAGES.len()))?;
     Ok(ArchFit { domain, stages })
 }
 
@@ -371,8 +445,9 @@ pub(super) fn parse(text: &str) -> Result<Fits, String> {
     let raw: RawFits = toml::from_str(text).map_err(|e| e.message().to_string())?;
     Ok(Fits {
         compute: raw.compute,
-        nanochat: arch_fit("nanochat", raw.nanochat)?,
-        llama: arch_fit("llama", raw.llama)?,
+        nanochat: arch_fit("nanochat", &STAGES, raw.nanochat)?,
+        llama: arch_fit("llama", &STAGES, raw.llama)?,
+        t5: arch_fit("t5", &T5_STAGES, raw.t5)?,
     })
 }
 
@@ -394,20 +469,26 @@ pub(super) fn fits(precision: Precision) -> &'static Fits {
 }
 
 impl Fits {
-    /// Only nanochat, llama, qwen2 and qwen3 run on the candle engine (validated with the
-    /// config); llama's block is the general one, used for qwen2 (q/k/v biases) and qwen3
-    /// (per-head q/k norms) too, whose extra tensors are added from the shapes
+    /// Only nanochat, llama, qwen2, qwen3 and t5 run on the candle engine (validated with
+    /// the config); llama's block is the general one, used for qwen2 (q/k/v biases) and
+    /// qwen3 (per-head q/k norms) too, whose extra tensors are added from the shapes
     /// (`arch_extras`).
     fn arch(&self, arch: Arch) -> &ArchFit {
         match arch {
             Arch::Nanochat => &self.nanochat,
+            Arch::T5 => &self.t5,
             _ => &self.llama,
         }
     }
 
+    /// The stages of `fit` evaluated at `u`, as many as `N` (its stage list's length).
+    fn eval<const N: usize>(fit: &ArchFit, u: &Units) -> [u64; N] {
+        std::array::from_fn(|i| fit.stages.get(i).map_or(0, |s| s.eval(u)))
+    }
+
     pub fn working_sets(&self, arch: Arch, u: &Units) -> WorkingSets {
         let [fwd_attn, fwd_mlp, bwd_mlp, bwd_attn, graph, fwd_peak, bwd_peak, loss, embedding, optimizer] =
-            self.arch(arch).stages.each_ref().map(|s| s.eval(u));
+            Self::eval::<10>(self.arch(arch), u);
         WorkingSets {
             fwd_attn,
             fwd_mlp,
@@ -418,6 +499,27 @@ impl Fits {
             bwd_peak,
             loss,
             embedding,
+            optimizer,
+        }
+    }
+
+    pub fn t5_working_sets(&self, u: &Units) -> T5WorkingSets {
+        let [fwd_enc, enc_out, fwd_dec, dec_out, loss, bwd_dec_out, bwd_dec, bwd_enc_out, bwd_enc, embedding, graph, fwd_peak, bwd_peak, optimizer] =
+            Self::eval::<14>(&self.t5, u);
+        T5WorkingSets {
+            fwd_enc,
+            enc_out,
+            fwd_dec,
+            dec_out,
+            loss,
+            bwd_dec_out,
+            bwd_dec,
+            bwd_enc_out,
+            bwd_enc,
+            embedding,
+            graph,
+            fwd_peak,
+            bwd_peak,
             optimizer,
         }
     }
@@ -468,8 +570,13 @@ mod tests {
         for (name, text) in [("f32", F32_TEXT), ("f16", F16_TEXT)] {
             let f = parse(text).unwrap_or_else(|e| panic!("candle_{name}.toml: {e}"));
             assert_eq!(f.compute, name);
-            for (arch, a) in [("nanochat", &f.nanochat), ("llama", &f.llama)] {
-                for (stage, s) in STAGES.iter().zip(&a.stages) {
+            for (arch, a, names) in [
+                ("nanochat", &f.nanochat, &STAGES[..]),
+                ("llama", &f.llama, &STAGES[..]),
+                ("t5", &f.t5, &T5_STAGES[..]),
+            ] {
+                assert_eq!(a.stages.len(), names.len(), "{name} {arch}");
+                for (stage, s) in names.iter().zip(&a.stages) {
                     assert!(!s.planes.is_empty(), "{name} {arch} {stage}");
                     for t in s.planes.iter().flat_map(|p| &p.terms) {
                         let u = if t.unit == Unit::Mvc {
