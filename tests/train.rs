@@ -268,6 +268,36 @@ fn candle_inventory_of_lora_plans() {
     );
 }
 
+/// LoRA targets that leave out q_proj or v_proj (the estimate warns): without
+/// checkpointing the first block is played op by op, the backward's terms are the q/v
+/// fits'. Measured on 2 cores (Dec 2026): +0.44 % to +2.51 % on these twelve; over a wider
+/// set (docs/sft.md) −2.62 % to +4.11 %.
+const LORA_OUTSIDE_BOUND: f64 = 0.045;
+
+#[test]
+fn candle_inventory_of_lora_targets_without_q_or_v() {
+    let dir = tmp("accuracy-lora-targets");
+    let tomls: Vec<String> = [10, 12, 7]
+        .iter()
+        .flat_map(|&k| {
+            [
+                "[\"o_proj\"]",
+                "[\"down_proj\"]",
+                "[\"gate_proj\", \"up_proj\", \"down_proj\"]",
+                "[\"k_proj\"]",
+            ]
+            .map(|t| PLANS[k].toml() + &format!("[lora]\nrank = 8\ntarget_modules = {t}\n"))
+        })
+        .collect();
+    let (report, worst) = inventory_errors(&dir, &tomls, "lora-t", "measured_peak_bytes");
+    println!("{report}");
+    assert!(
+        worst <= LORA_OUTSIDE_BOUND,
+        "worst error {:.2} %:\n{report}",
+        100.0 * worst
+    );
+}
+
 pub(crate) fn losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
