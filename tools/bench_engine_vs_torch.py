@@ -4,6 +4,7 @@ backward, gradient clipping, AdamW), same dimensions, batch, sequence and thread
 
     python tools/bench_engine_vs_torch.py [--threads 1,2] [--reps 5] [--sizes 0,1,2]
         [--binary target/release/vramplan] [--out docs/data/cpu_bench.json]
+        [--baseline-binary OTHER --baseline-commit C] [--runners engine,engine_baseline,torch]
 
 Every configuration (`--sizes`: indices into CONFIGS, default all) runs at each thread
 count (default 1 and 2: how each framework scales matters as much as its single-thread
@@ -25,6 +26,10 @@ its own:
   AdamW as a chain of out-of-place tensor ops per parameter. The engine vs this runner
   compares the frameworks' kernels and per-op costs on the same math; torch vs
   torch-unfused is what PyTorch's fused kernels are worth.
+
+- engine_baseline (with `--baseline-binary B`): the engine runner with another build, to
+  measure an engine change side by side with its baseline in the same run (the ratio
+  `engine_over_engine_baseline`). `--runners` picks which runners to alternate.
 
 Threads, per child: its CPU affinity is exactly N cores (the first N the harness may
 run on, set with `os.sched_setaffinity` between fork and exec, so every thread the
@@ -506,12 +511,13 @@ def bench_row(i, n, a, binary, work):
     """All repetitions of size i at n threads, the runners alternated; the row's summary."""
     fns = {
         "engine": lambda: engine_run(binary, i, n, work),
+        "engine_baseline": lambda: engine_run(a.baseline_binary, i, n, work),
         "torch": lambda: torch_run("torch", i, n, work),
         "torch_unfused": lambda: torch_run("torch_unfused", i, n, work),
     }
-    runs, discarded = {k: [] for k in RUNNERS}, []
+    runs, discarded = {k: [] for k in a.runners}, []
     for r in range(a.reps):
-        for k in RUNNERS:
+        for k in a.runners:
             runs[k].append(run_kept(k, fns[k], a, discarded))
         line = ", ".join(f"{k} {v[-1]['tokens_per_second']:.0f} ({v[-1]['cpu_per_wall']:.2f} CPU)"
                          for k, v in runs.items())
@@ -534,9 +540,10 @@ def summary(i, n, reps, runs, discarded):
         **{f"{k}_min_max": spread(v) for k, v in tps.items()},
         **{f"{k}_cpu_per_wall": round(statistics.median(x["cpu_per_wall"] for x in v), 3)
            for k, v in runs.items()},
-        "ratio_engine_over_torch": round(med["engine"] / med["torch"], 3),
-        "ratio_engine_over_torch_unfused": round(med["engine"] / med["torch_unfused"], 3),
-        "ratio_torch_unfused_over_torch": round(med["torch_unfused"] / med["torch"], 3),
+        **{f"ratio_{x}_over_{y}": round(med[x] / med[y], 3)
+           for x, y in (("engine", "torch"), ("engine", "torch_unfused"),
+                        ("torch_unfused", "torch"), ("engine", "engine_baseline"))
+           if x in med and y in med},
         "runs": runs,
         "discarded_runs": discarded,
     }
@@ -548,15 +555,18 @@ def print_table(doc):
     print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} cores, "
           f"{m['cpus_allowed']} allowed); features: {feats}")
     print(f"torch {t['version']} (CPU capability {t['cpu_capability']}, {t['parallel_backend']}); "
-          f"engine {doc['engine_commit'] or 'unknown commit'}")
-    print(f"{'size':<28} {'thr':>3} {'cores':>5}  {'engine':>16}  {'torch':>16}  {'unfused':>16}  "
-          f"engine/torch  engine/unfused")
+          f"engine {doc['engine_commit'] or 'unknown commit'}"
+          + (f", baseline {doc['baseline_commit'] or 'unknown commit'}" if doc.get("baseline_commit") else ""))
+    runners = doc["runners"]
+    ratios = [k[len("ratio_"):] for k in doc["rows"][0] if k.startswith("ratio_")] if doc["rows"] else []
+    print(f"{'size':<28} {'thr':>3} {'cores':>5}  " + "  ".join(f"{k:>16}" for k in runners) + "  "
+          + "  ".join(ratios))
     for r in doc["rows"]:
-        cores = ",".join(str(x) for x in r["runs"]["engine"][0]["cores"] or [])
+        cores = ",".join(str(x) for x in r["runs"][runners[0]][0]["cores"] or [])
         cells = "  ".join(f"{r[f'{k}_tokens_per_second']:>9.0f} ({r[f'{k}_cpu_per_wall']:.2f})"
-                          for k in RUNNERS)
+                          for k in runners)
         print(f"{r['config']:<28} {r['threads']:>3} {cores:>5}  {cells}  "
-              f"{r['ratio_engine_over_torch']:>12.2f}  {r['ratio_engine_over_torch_unfused']:>14.2f}")
+              + "  ".join(f"{r['ratio_' + k]:>{len(k)}.2f}" for k in ratios))
     print("tokens/s, median over runs (CPU time / wall time of the run's process in brackets)")
 
 
@@ -569,6 +579,12 @@ def parse_args():
     ap.add_argument("--binary", default=None,
                     help="a prebuilt engine (default: target/release/vramplan, built first)")
     ap.add_argument("--engine-commit", default=None, help="the commit a prebuilt --binary was built from")
+    ap.add_argument("--baseline-binary", default=None,
+                    help="another engine build, run as the runner engine_baseline beside the others")
+    ap.add_argument("--baseline-commit", default=None, help="the commit --baseline-binary was built from")
+    ap.add_argument("--runners", default=None,
+                    help="comma-separated runners to alternate (default: engine, torch, torch_unfused, "
+                         "and engine_baseline with --baseline-binary)")
     ap.add_argument("--out", default=str(ROOT / "docs/data/cpu_bench.json"))
     ap.add_argument("--quiet-below", type=float, default=0.10,
                     help="before each run, wait until other processes use less than this CPU share")
@@ -584,6 +600,14 @@ def parse_args():
 
 def bench(a):
     sizes = range(len(CONFIGS)) if a.sizes is None else [int(i) for i in a.sizes.split(",")]
+    if a.baseline_binary:
+        a.baseline_binary = str(Path(a.baseline_binary).resolve())
+    default = RUNNERS + (("engine_baseline",) if a.baseline_binary else ())
+    a.runners = tuple(a.runners.split(",")) if a.runners else default
+    unknown = [k for k in a.runners if k not in RUNNERS + ("engine_baseline",)]
+    if unknown or ("engine_baseline" in a.runners and not a.baseline_binary):
+        sys.exit(f"--runners: {','.join(unknown) or 'engine_baseline'}: expected some of "
+                 f"{', '.join(RUNNERS)}, engine_baseline (with --baseline-binary)")
     thread_counts = [int(x) for x in a.threads.split(",")]
     if a.binary is None:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -593,6 +617,8 @@ def bench(a):
     doc = {
         "machine": machine(), "threads": thread_counts, "python": platform.python_version(),
         "engine_commit": commit, "engine_binary": "prebuilt" if a.binary else "target/release/vramplan",
+        "runners": list(a.runners),
+        "baseline_commit": a.baseline_commit if a.baseline_binary else None,
         "child_thread_variables": list(THREAD_VARS),
         "inherited_spin_variables": {k: os.environ[k] for k in SPIN_VARS if k in os.environ},
     }

@@ -368,11 +368,6 @@ pub fn run(env: &Env, a: Args) -> Result<ExitCode> {
         None => (planned.loaded, planned.text, report),
     };
     let spec = &loaded.spec;
-    // What the estimate says of its own prediction (outside the calibrated sizes, LoRA
-    // targets it does not model), before the run measures it.
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
     let tokenizer = tokenizer(&a, planned.init.as_ref(), spec)?;
     if let Err(e) = engine::check_fits(&loaded.name, &report) {
         refuse(&e, &report, &loaded, &a);

@@ -203,36 +203,126 @@ fn rows<'a, T: candle_core::WithDType>(
     Ok((&s.as_slice::<T>()?[a..b], r, v))
 }
 
-/// The element type the op runs in: f32 or f64.
-trait Float: candle_core::WithDType + Send + Sync {}
-impl Float for f32 {}
-impl Float for f64 {}
+/// The element type the op runs in, f32 or f64, with its own exp and tanh: f32 logits are
+/// computed in f32 with [`exp_f32`] (glibc's f64 `exp` and `tanh` were a quarter of a
+/// small model's step, its scalar `expf` still an eighth), f64 ones with the standard
+/// library's; row sums go through [`lane_sum`].
+trait Float: candle_core::WithDType + Send + Sync + PartialOrd {
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
+}
 
-/// The capped logit of `z` and the derivative of the cap at `z`.
-fn cap(z: f64, softcap: Option<f64>) -> (f64, f64) {
-    match softcap {
-        Some(c) => {
-            let t = (z / c).tanh();
-            (c * t, 1.0 - t * t)
-        }
-        None => (z, 1.0),
+impl Float for f32 {
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> f32 {
+        // 1 − 2/(e^{2x} + 1): absolute error about 1e-7 (the logits' own f32 rounding at
+        // the soft-cap's scale), exact limits ±1.
+        1.0 - 2.0 / (exp_f32(2.0 * self) + 1.0)
     }
 }
 
-/// log Σ exp(c_j) of one row of capped logits, in one pass (the running maximum rescales
-/// the running sum).
-fn log_sum_exp<T: Float>(row: &[T], softcap: Option<f64>) -> f64 {
-    let (mut m, mut s) = (f64::NEG_INFINITY, 0.0);
-    for z in row {
-        let c = cap(z.to_f64(), softcap).0;
-        if c > m {
-            s = s * (m - c).exp() + 1.0;
-            m = c;
-        } else {
-            s += (c - m).exp();
+impl Float for f64 {
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
+    }
+}
+
+/// `e^x` in f32 without branches, so that loops over rows vectorize: `x = k·ln 2 + r`
+/// (`k` rounded to nearest by adding 1.5·2²³, `ln 2` in two parts), `e^r` by Cephes'
+/// degree-6 polynomial on `|r| ≤ ln 2 / 2` (within 2 ulp of `f32::exp` there), and `2^k`
+/// put into the exponent bits. `x` is clamped to [−87, 88], where `e^x` is a normal f32:
+/// a loss row's exponentials are relative to its largest logit, so none is below e^−87
+/// that matters.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5·2²³
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let k = t - SHIFT;
+    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let bits = ((t.to_bits() as i32 - SHIFT.to_bits() as i32 + 127) << 23) as u32;
+    er * f32::from_bits(bits)
+}
+
+/// `Σ f(x)` over `row` in eight independent lanes (the loop vectorizes), the lanes and
+/// the tail added in f64.
+#[inline(always)]
+fn lane_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> f64 {
+    let mut acc = [T::from_f64(0.0); 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&z| f(z).to_f64()).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
         }
     }
-    m + s.ln()
+    acc.iter().map(|a| a.to_f64()).sum::<f64>() + tail
+}
+
+/// The soft-cap of a row in `T`: `cap·tanh(z/cap)`, with `tanh(z/cap)` returned so that
+/// its derivative `1 − tanh²` needs no second `tanh`.
+struct Cap<T> {
+    cap: T,
+    inv: T,
+}
+
+impl<T: Float> Cap<T> {
+    fn new(softcap: Option<f64>) -> Option<Cap<T>> {
+        softcap.map(|c| Cap {
+            cap: T::from_f64(c),
+            inv: T::from_f64(1.0 / c),
+        })
+    }
+
+    fn tanh(&self, z: T) -> T {
+        (z * self.inv).tanh()
+    }
+}
+
+/// The largest capped logit of a row: the cap is increasing, so the cap of the largest.
+fn row_max<T: Float>(row: &[T], cap: &Option<Cap<T>>) -> T {
+    let mut m = row[0];
+    for &z in &row[1..] {
+        if z > m {
+            m = z;
+        }
+    }
+    match cap {
+        Some(c) => c.cap * c.tanh(m),
+        None => m,
+    }
+}
+
+/// `(max, Σ exp(c_j − max))` over a row's capped logits, the sum in f64.
+fn row_exp_sum<T: Float>(row: &[T], cap: &Option<Cap<T>>) -> (T, f64) {
+    let m = row_max(row, cap);
+    let s = match cap {
+        Some(c) => lane_sum(row, |z| (c.cap * c.tanh(z) - m).exp()),
+        None => lane_sum(row, |z| (z - m).exp()),
+    };
+    (m, s)
+}
+
+/// The capped logit of `z`.
+fn capped_one<T: Float>(z: T, cap: &Option<Cap<T>>) -> T {
+    match cap {
+        Some(c) => c.cap * c.tanh(z),
+        None => z,
+    }
 }
 
 fn target(t: u32, v: usize) -> Result<usize> {
@@ -249,16 +339,22 @@ fn row_losses<T: Float>(
     v: usize,
     softcap: Option<f64>,
 ) -> Result<Vec<T>> {
+    let cap = Cap::new(softcap);
     z.par_chunks(v)
         .zip(targets.par_iter())
         .map(|(row, &t)| {
             let t = target(t, v)?;
-            let picked = cap(row[t].to_f64(), softcap).0;
-            Ok(T::from_f64(log_sum_exp(row, softcap) - picked))
+            let (m, s) = row_exp_sum(row, &cap);
+            let picked = capped_one(row[t], &cap).to_f64();
+            Ok(T::from_f64(m.to_f64() + s.ln() - picked))
         })
         .collect()
 }
 
+/// Each row's gradient `g·(softmax(c) − onehot(t))·c'(z)`: without a cap the row's
+/// exponentials are written once and scaled; with one, the row's `tanh` is kept in the
+/// output while the sum is taken, then turned into the gradient (one `tanh` and two
+/// `exp` an element).
 fn gradient<T: Float>(
     z: &[T],
     targets: &[u32],
@@ -266,18 +362,44 @@ fn gradient<T: Float>(
     v: usize,
     softcap: Option<f64>,
 ) -> Result<Vec<T>> {
+    let cap = Cap::new(softcap);
     let mut out = vec![T::from_f64(0.0); z.len()];
     out.par_chunks_mut(v)
         .zip(z.par_chunks(v))
         .zip(targets.par_iter().zip(g.par_iter()))
         .try_for_each(|((dz, row), (&t, &g))| {
             let t = target(t, v)?;
-            let (lse, g) = (log_sum_exp(row, softcap), g.to_f64());
-            for (j, (d, z)) in dz.iter_mut().zip(row).enumerate() {
-                let (c, dc) = cap(z.to_f64(), softcap);
-                let p = (c - lse).exp() - if j == t { 1.0 } else { 0.0 };
-                *d = T::from_f64(g * p * dc);
+            let m = row_max(row, &cap);
+            let one = T::from_f64(1.0);
+            match &cap {
+                None => {
+                    for (d, &z) in dz.iter_mut().zip(row) {
+                        *d = (z - m).exp();
+                    }
+                    let scale = T::from_f64(g.to_f64() / lane_sum(dz, |e| e));
+                    dz.iter_mut().for_each(|d| *d *= scale);
+                }
+                Some(c) => {
+                    for (d, &z) in dz.iter_mut().zip(row) {
+                        *d = c.tanh(z);
+                    }
+                    let s = lane_sum(dz, |th| (c.cap * th - m).exp());
+                    let scale = T::from_f64(g.to_f64() / s);
+                    for d in dz.iter_mut() {
+                        let th = *d;
+                        *d = (c.cap * th - m).exp() * scale * (one - th * th);
+                    }
+                }
             }
+            // The target's `− g·c'(z_t)`.
+            let dc = match &cap {
+                Some(c) => {
+                    let th = c.tanh(row[t]);
+                    one - th * th
+                }
+                None => one,
+            };
+            dz[t] -= g * dc;
             Ok::<(), candle_core::Error>(())
         })?;
     Ok(out)
@@ -419,6 +541,30 @@ mod tests {
             let o = logits_grad_by_ops(&z, &t, &g, cap).unwrap();
             assert!(max_diff(&k, &o) < 1e-12);
         }
+    }
+
+    /// The branch-free f32 `exp` within 3 ulp of the standard library's over [−87, 88],
+    /// and `tanh` from it within 2e-7 absolute.
+    #[test]
+    fn the_f32_exp_and_tanh_are_the_standard_ones() {
+        let mut worst: f32 = 0.0;
+        for i in 0..=350_000 {
+            let x = -87.0 + i as f32 * 175.0 / 350_000.0;
+            let (got, want) = (exp_f32(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            let th = <f32 as Float>::tanh(x / 8.0);
+            assert!(
+                (th - (x / 8.0).tanh()).abs() < 2e-7,
+                "tanh({}) = {th}",
+                x / 8.0
+            );
+        }
+        assert!(
+            worst < 3.0 * f32::EPSILON,
+            "exp: worst relative error {worst}"
+        );
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1e9) > 0.0 && exp_f32(-1e9) < 1e-37);
     }
 
     #[test]
