@@ -463,47 +463,24 @@ def t5_params(c):
 
 
 def plan_toml(c, precision):
+    """The plan `vramplan estimate` reads for configuration c (T5: its decoder layers,
+    gated feed-forward and tied head)."""
     if c["arch"] == "t5":
-        return plan_toml_t5(c, precision)
+        model = (f"num_decoder_layers = {c['dec']}\n"
+                 f"tie_embeddings = true\ngated_ffn = {'true' if c['gated'] else 'false'}\n")
+    else:
+        model = (f"num_kv_heads = {c['kv']}\n"
+                 f"tie_embeddings = {'true' if c['arch'] == 'llama' else 'false'}\n")
     return f"""[model]
 name = "calibration"
 arch = "{c['arch']}"
 hidden_size = {c['hidden']}
 num_layers = {c['layers']}
 num_heads = {c['heads']}
-num_kv_heads = {c['kv']}
 head_dim = {c['head_dim']}
 intermediate_size = {c['ffn']}
 vocab_size = {c['vocab']}
-tie_embeddings = {'true' if c['arch'] == 'llama' else 'false'}
-[train]
-micro_batch = {c['batch']}
-seq_len = {c['seq']}
-precision = "{precision}"
-checkpointing = "{'full' if c['ckpt'] else 'none'}"
-loss = "chunked"
-loss_chunk = {c['chunk']}
-optimizer = "adamw"
-engine = "candle"
-[hardware]
-gpu = "cpu"
-"""
-
-
-def plan_toml_t5(c, precision):
-    return f"""[model]
-name = "calibration"
-arch = "t5"
-hidden_size = {c['hidden']}
-num_layers = {c['layers']}
-num_decoder_layers = {c['dec']}
-num_heads = {c['heads']}
-head_dim = {c['head_dim']}
-intermediate_size = {c['ffn']}
-vocab_size = {c['vocab']}
-tie_embeddings = true
-gated_ffn = {'true' if c['gated'] else 'false'}
-[train]
+{model}[train]
 micro_batch = {c['batch']}
 seq_len = {c['seq']}
 precision = "{precision}"

@@ -589,33 +589,51 @@ fn recompute_half(
 /// Without checkpointing: the whole forward graph kept for backward, then one backward
 /// over it.
 fn whole_graph(s: &mut Step, plan: &Plan, kept: &mut Vec<TensorId>) {
-    let ws = &plan.ws;
-    s.phase("forward (graph kept for backward)");
-    let gr = s.alloc("forward graph", Component::Activations, Bytes(ws.graph));
-    s.transient(
-        "forward temporaries",
-        Component::Temporaries,
-        Bytes(ws.fwd_peak.saturating_sub(ws.graph)),
-    );
-    let g = loss(s, plan, kept);
-    s.phase("backward");
-    s.transient(
-        "backward working set",
-        Component::Temporaries,
-        Bytes(ws.bwd_peak),
-    );
-    if !plan.accum {
-        let rest: u64 = plan.blocks.iter().map(|b| b.attn + b.mlp).sum::<u64>()
+    let grads = (!plan.accum).then(|| {
+        plan.blocks.iter().map(|b| b.attn + b.mlp).sum::<u64>()
             + if plan.spec.model.tie_embeddings {
                 0
             } else {
                 plan.emb_bytes.0
-            };
-        kept.push(s.alloc(
-            "grads of blocks and embedding",
-            Component::Gradients,
-            Bytes(rest),
-        ));
+            }
+    });
+    let ws = &plan.ws;
+    whole_graph_step(
+        s,
+        (ws.graph, ws.fwd_peak, ws.bwd_peak),
+        ("grads of blocks and embedding", grads),
+        kept,
+        |s, kept| loss(s, plan, kept),
+    );
+}
+
+/// The whole-graph step every arch plays: the forward graph (`graph`) kept, the forward's
+/// temporaries up to `fwd_peak`, the loss (`loss` plays it and returns the gradient it
+/// passes back), the backward's working set `bwd_peak` above it, then the parameters'
+/// gradients (`grads`: their name and bytes, none when accumulating) kept in `kept`.
+fn whole_graph_step(
+    s: &mut Step,
+    (graph, fwd_peak, bwd_peak): (u64, u64, u64),
+    grads: (&'static str, Option<u64>),
+    kept: &mut Vec<TensorId>,
+    loss: impl FnOnce(&mut Step, &mut Vec<TensorId>) -> TensorId,
+) {
+    s.phase("forward (graph kept for backward)");
+    let gr = s.alloc("forward graph", Component::Activations, Bytes(graph));
+    s.transient(
+        "forward temporaries",
+        Component::Temporaries,
+        Bytes(fwd_peak.saturating_sub(graph)),
+    );
+    let g = loss(s, kept);
+    s.phase("backward");
+    s.transient(
+        "backward working set",
+        Component::Temporaries,
+        Bytes(bwd_peak),
+    );
+    if let (name, Some(bytes)) = grads {
+        kept.push(s.alloc(name, Component::Gradients, Bytes(bytes)));
     }
     s.free(g);
     s.free(gr);

@@ -13,7 +13,7 @@
 //! kept, the forward's and the backward's peaks; the loss chunk; AdamW's update.
 
 use super::working_sets::{self, T5WorkingSets, F};
-use super::{bytes, loss_rows, model_state, optimizer, units};
+use super::{bytes, loss_rows, model_state, optimizer, units, whole_graph_step};
 use crate::params::{self, Role};
 use crate::spec::{Checkpointing, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
@@ -307,31 +307,15 @@ fn replace(s: &mut Step, old: TensorId, name: &'static str, bytes: Bytes) -> Ten
 /// Without checkpointing: the whole forward graph of both stacks kept for one backward.
 fn whole_graph(s: &mut Step, plan: &Plan, kept: &mut Vec<TensorId>) {
     let ws = &plan.ws;
-    s.phase("forward (graph kept for backward)");
-    let gr = s.alloc(
-        "forward graph (both stacks)",
-        Component::Activations,
-        Bytes(ws.graph),
-    );
-    s.transient(
-        "forward temporaries",
-        Component::Temporaries,
-        Bytes(ws.fwd_peak.saturating_sub(ws.graph)),
-    );
-    let g = loss(s, plan, kept);
-    s.phase("backward");
-    s.transient(
-        "backward working set",
-        Component::Temporaries,
-        Bytes(ws.bwd_peak),
-    );
-    if !plan.accum {
-        kept.push(s.alloc(
+    let grads = plan.blocks.iter().sum::<u64>() + 2 * plan.spec.model.hidden_size * 4;
+    whole_graph_step(
+        s,
+        (ws.graph, ws.fwd_peak, ws.bwd_peak),
+        (
             "grads of blocks and final norms",
-            Component::Gradients,
-            Bytes(plan.blocks.iter().sum::<u64>() + 2 * plan.spec.model.hidden_size * 4),
-        ));
-    }
-    s.free(g);
-    s.free(gr);
+            (!plan.accum).then_some(grads),
+        ),
+        kept,
+        |s, kept| loss(s, plan, kept),
+    );
 }
