@@ -164,12 +164,16 @@ def targets(c):
         t["bwd_attn"] = st[f"bwd{L - 1}"][0]
         t["emb"] = st["emb"][0]
     else:
-        t["graph"] = st["fwd"][1] - st["start"][1]
-        t["fwd_peak"] = st["fwd"][0]
-        t["loss"] = st["loss"][0]
-        t["bwd_peak"] = st["bwd"][0]
+        t.update(whole_graph_targets(st))
     t["opt"] = st["opt"][0]
     return t
+
+
+def whole_graph_targets(st):
+    """Without checkpointing, every arch: the graph kept, the forward's peak, the loss,
+    the backward's peak."""
+    return {"graph": st["fwd"][1] - st["start"][1], "fwd_peak": st["fwd"][0],
+            "loss": st["loss"][0], "bwd_peak": st["bwd"][0]}
 
 
 def targets_t5(c):
@@ -192,10 +196,7 @@ def targets_t5(c):
         t["bwd_enc"] = st[f"bwd{L - 1}"][0]
         t["emb"] = st["emb"][0]
     else:
-        t["graph"] = st["fwd"][1] - st["start"][1]
-        t["fwd_peak"] = st["fwd"][0]
-        t["loss"] = st["loss"][0]
-        t["bwd_peak"] = st["bwd"][0]
+        t.update(whole_graph_targets(st))
     t["opt"] = st["opt"][0]
     return t
 

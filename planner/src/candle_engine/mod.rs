@@ -385,17 +385,32 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let mut s = Step::with_capacity(plan.params.len() * 3 + layers * 16 + 64, layers * 3 + 16);
     let grads = model_state(&mut s, &plan.params, plan.accum);
     let inputs = micro_step_inputs(&mut s, &plan);
+    micro_step_and_update(&mut s, (inputs, grads), plan.ws.optimizer, |s, kept| {
+        if spec.train.checkpointing == Checkpointing::Full {
+            checkpointed(s, &plan, kept);
+        } else {
+            whole_graph(s, &plan, kept);
+        }
+    });
+    s.finish()
+}
+
+/// The phases after the model state, for every arch: `body` plays forward, loss and
+/// backward while the micro-step's `inputs` live, keeping the gradients it makes; then
+/// the inputs are freed and AdamW (working set `optimizer_ws`) frees those gradients and
+/// the earlier micro-steps' (`grads`).
+fn micro_step_and_update(
+    s: &mut Step,
+    (inputs, grads): (impl IntoIterator<Item = TensorId>, Vec<TensorId>),
+    optimizer_ws: u64,
+    body: impl FnOnce(&mut Step, &mut Vec<TensorId>),
+) {
     let mut kept = Vec::new();
-    if spec.train.checkpointing == Checkpointing::Full {
-        checkpointed(&mut s, &plan, &mut kept);
-    } else {
-        whole_graph(&mut s, &plan, &mut kept);
-    }
+    body(s, &mut kept);
     for id in inputs {
         s.free(id);
     }
-    optimizer(&mut s, plan.ws.optimizer, kept.into_iter().chain(grads));
-    s.finish()
+    optimizer(s, optimizer_ws, kept.into_iter().chain(grads));
 }
 
 /// Before the step: weights and AdamW's fp32 moments, and with accumulation the

@@ -13,7 +13,7 @@
 //! kept, the forward's and the backward's peaks; the loss chunk; AdamW's update.
 
 use super::working_sets::{self, T5WorkingSets, F};
-use super::{bytes, loss_rows, model_state, optimizer, units, whole_graph_step};
+use super::{bytes, loss_rows, micro_step_and_update, model_state, units, whole_graph_step};
 use crate::params::{self, Role};
 use crate::spec::{Checkpointing, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
@@ -82,16 +82,13 @@ pub(super) fn play(spec: &RunSpec) -> Timeline {
     let mut s = Step::with_capacity(params.len() * 3 + plan.blocks.len() * 8 + 64, 64);
     let grads = model_state(&mut s, &params, plan.accum);
     let inputs = micro_batch(&mut s, &plan);
-    let mut kept = Vec::new();
-    if spec.train.checkpointing == Checkpointing::Full {
-        checkpointed(&mut s, &plan, &mut kept);
-    } else {
-        whole_graph(&mut s, &plan, &mut kept);
-    }
-    for id in inputs {
-        s.free(id);
-    }
-    optimizer(&mut s, plan.ws.optimizer, kept.into_iter().chain(grads));
+    micro_step_and_update(&mut s, (inputs, grads), plan.ws.optimizer, |s, kept| {
+        if spec.train.checkpointing == Checkpointing::Full {
+            checkpointed(s, &plan, kept);
+        } else {
+            whole_graph(s, &plan, kept);
+        }
+    });
     s.finish()
 }
 
@@ -215,7 +212,8 @@ fn backward_block(
     gi
 }
 
-/// A stack's end: its final norm (and what follows it) as a working set, `out` kept.
+/// A stage played as its fitted working set alone (a stack's end, the embedding's
+/// backward): a phase and one transient.
 fn stage(s: &mut Step, phase: &'static str, ws: u64) {
     s.phase(phase);
     s.transient(phase, Component::Temporaries, Bytes(ws));
