@@ -108,6 +108,27 @@ fn nanochat_with_a_bf16_embedding_is_predicted_within_3_percent() {
     assert!(worst <= 0.03, "worst {:.2} %", worst * 100.0);
 }
 
+/// `tests/data/torch_torchtitan.json` (`tools/measure_frameworks.py --set torchtitan`):
+/// torchtitan 0.3.0's own Llama3Model (fused `wqkv`, complex RoPE), its
+/// `ChunkedLossWrapper` or whole-logits cross-entropy, its `FullAC` and `SelectiveAC`,
+/// eager and compiled per block as its `apply_compile` does, fp32 and bf16, on the CPU
+/// (its SDPA module in place of flex attention, whose backward does not run there).
+#[test]
+fn torchtitan_peaks_are_predicted_within_3_percent() {
+    let errs = errors_in(include_str!("data/torch_torchtitan.json"));
+    let mut worst = 0.0f64;
+    for (id, m, p, e) in &errs {
+        println!(
+            "{id:90} measured {m:>11} predicted {p:>11} error {:+.2} %",
+            e * 100.0
+        );
+        worst = worst.max(e.abs());
+    }
+    let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
+    assert!(errs.len() >= 18 && compiled >= 6, "{} runs", errs.len());
+    assert!(worst <= 0.03, "worst {:.2} %", worst * 100.0);
+}
+
 /// The bound this model meets today; the target of the issue is 5 %.
 const BOUND: f64 = 0.05;
 
@@ -212,6 +233,7 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
     let files = [
         include_str!("data/torch_cpu.json"),
         include_str!("data/torch_frameworks.json"),
+        include_str!("data/torch_torchtitan.json"),
         include_str!("data/torch_lora.json"),
         include_str!("data/torch_regimes.json"),
         include_str!("data/torch_fsdp.json"),

@@ -4,7 +4,7 @@ peak live memory of ONE steady-state training step of each framework's own model
 eager and compiled, measured on the CPU with the profiler's memory timeline.
 
 Usage:
-    python tools/measure_frameworks.py [--out tests/data/torch_frameworks.json] [--only ID_SUBSTRING]
+    python tools/measure_frameworks.py [--set frameworks|torchtitan] [--out FILE] [--only ID_SUBSTRING]
 
 The method is tools/measure_torch.py's (warm-up step, then one profiled step; peak = max
 of export_memory_timeline(device="cpu") summed over categories): this script imports its
@@ -28,6 +28,19 @@ Implementations (train.implementation):
     `set_num_output_chunks`) as its recipes configure it. Compiled with its own
     `torchtune.training.compile_model` (each layer) and `compile_loss` (the chunk's
     upcast + cross-entropy), as the recipes do under `compile: True`.
+  * torchtitan (0.3.0): `torchtitan.models.llama3.Llama3Model` built from its own layer
+    builder (`_build_llama3_layers`: fused `wqkv`, ComplexRoPE, SiLU-gated MLP, its
+    initialisation), the loss its training configs use: `ChunkedLossWrapper` (8 chunks of
+    the sequence, `lm_head` and a per-chunk backward inside the loss call; loss `chunked`)
+    over `CrossEntropyLoss`, or `CrossEntropyLoss` over the whole logits (loss
+    `float-cast`, its `llama3_debugmodel_ce_loss`). Checkpointing with its own
+    `FullAC` (`full`) and `SelectiveAC` (`selective-op`: its op save list, every second
+    matmul recomputed). Compiled as its `apply_compile` does (each block,
+    `fullgraph=True`) with the loss function compiled through `CompileConfig`. One
+    substitution: its language-model attention is flex attention, whose backward does
+    not run on the CPU, so the inner attention is torchtitan's own
+    `ScaledDotProductAttention` module (causal SDPA; the same q, k, v, output and
+    log-sum-exp are saved; flex's block mask, a few index tensors, is not made).
 
 torch.compile runs inductor's C++ backend on the CPU; its generated kernels allocate
 through the same allocator, so the memory timeline sees every buffer. The first (warm-up)
@@ -37,6 +50,7 @@ step compiles; the profiled step runs the compiled code.
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -100,12 +114,109 @@ def configs():
         for prec in ("fp32", "bf16-autocast", "bf16"):
             runs.append((tune, _train(2, 256, prec, "torchtune", compiled, "chunked")))
         runs.append((tune_big, _train(2, 512, "bf16-autocast", "torchtune", compiled, "chunked")))
+    return _with_ids(runs)
+
+
+def _with_ids(runs):
     out = []
     for m, t in runs:
         out.append({"id": _run_id(m, t), "model": m, "train": t, "hardware": {"gpu": "cpu"}})
     ids = [c["id"] for c in out]
     assert len(ids) == len(set(ids)), "duplicate run ids"
     return out
+
+
+def torchtitan_configs():
+    """torchtitan's Llama (`--set torchtitan`): eager and compiled, its losses,
+    checkpointing and precisions."""
+    L = "llama"
+    small = mt._llama_like(L, 256, 3, 4, 2, 688, 4096, False)
+    wide = mt._llama_like(L, 512, 2, 8, 8, 1376, 8192, False)
+    tied = mt._llama_like(L, 256, 2, 4, 4, 688, 32000, True)
+
+    def tt(b, s, prec, compiled, loss="chunked", ckpt="none"):
+        t = _train(b, s, prec, "torchtitan", compiled, loss)
+        t["checkpointing"] = ckpt
+        return t
+
+    runs = []
+    for prec in ("fp32", "bf16"):
+        for ckpt in ("none", "full", "selective-op"):
+            runs.append((small, tt(8, 512, prec, False, ckpt=ckpt)))
+        runs.append((small, tt(8, 512, prec, True)))
+        runs.append((small, tt(8, 512, prec, False, "float-cast")))
+        runs.append((small, tt(8, 512, prec, True, "float-cast")))
+    runs += [
+        (wide, tt(4, 512, "bf16", False)),
+        (wide, tt(4, 512, "bf16", True)),
+        (wide, tt(4, 512, "bf16", False, ckpt="selective-op")),
+        (tied, tt(2, 1024, "fp32", False)),
+        (tied, tt(2, 1024, "fp32", True)),
+        (tied, tt(8, 256, "bf16", False, ckpt="full")),
+    ]
+    return _with_ids(runs)
+
+
+def build_torchtitan(cfg):
+    """torchtitan's Llama 3 and its loss, as its trainer wires them; returns (model, fwd)."""
+    import torchtitan.models.llama3 as tl
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.config import CompileConfig
+    from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    m, t = cfg["model"], cfg["train"]
+    h, v, heads = m["hidden_size"], m["vocab_size"], m["num_heads"]
+    layers = tl._build_llama3_layers(
+        n_layers=m["num_layers"], dim=h, n_heads=heads, n_kv_heads=m["num_kv_heads"],
+        hidden_dim=m["intermediate_size"], attn_backend="flex",
+        rope=ComplexRoPE.Config(dim=h // heads, max_seq_len=t["seq_len"], theta=500000,
+                                scaling="llama"),
+    )
+    for layer in layers:
+        # Flex attention's backward does not run on the CPU (see the module docstring).
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    config = tl.Llama3Model.Config(
+        dim=h, vocab_size=v, enable_weight_tying=m["tie_embeddings"],
+        tok_embeddings=Embedding.Config(num_embeddings=v, embedding_dim=h,
+                                        param_init=tl._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=h, param_init=tl._NORM_INIT),
+        lm_head=Linear.Config(in_features=h, out_features=v,
+                              param_init=tl._output_linear_init(h)),
+        layers=layers,
+    )
+    model = config.build()
+    model.init_states()
+    ac = {"none": None, "full": FullAC.Config(), "selective-op": SelectiveAC.Config()}
+    if ac[t["checkpointing"]] is not None:
+        ac[t["checkpointing"]].build().apply(model)
+    compile_config = CompileConfig(enable=t["compile"], components=["model", "loss"])
+    if t["compile"]:
+        from types import SimpleNamespace
+
+        from torchtitan.distributed.compile import apply_compile
+
+        apply_compile(model, compile_config=compile_config,
+                      parallel_dims=SimpleNamespace(tp_enabled=False))
+    ce = CrossEntropyLoss.Config(global_vocab_size=v)
+    if t["loss"] == "chunked":
+        loss_fn = ChunkedLossWrapper.Config(loss_fn=ce).build(compile_config=compile_config)
+        loss_fn.set_lm_head(model.lm_head)
+        model._skip_lm_head = True
+    elif t["loss"] == "float-cast":
+        loss_fn = ce.build(compile_config=compile_config)
+    else:
+        raise ValueError("torchtitan runs are measured with loss chunked or float-cast")
+    b, s = t["micro_batch"], t["seq_len"]
+    valid = torch.tensor(b * s)
+
+    def fwd(x):
+        pred = model(x)
+        loss, _ = loss_fn(pred, x, valid)
+        return loss
+
+    return model, fwd
 
 
 def build_torchtune(cfg):
@@ -151,6 +262,9 @@ def setup(cfg):
         def fwd(x):
             return loss_fn(model(x), x)
 
+    elif impl == "torchtitan":
+        # Compiled inside the builder, as torchtitan's parallelize_llama does it.
+        model, fwd = build_torchtitan(cfg)
     else:
         model, fwd = mt.build_model(cfg)
         if compiled:
@@ -181,7 +295,10 @@ def setup(cfg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="tests/data/torch_frameworks.json")
+    ap.add_argument("--set", choices=sorted(SETS), default="frameworks",
+                    help="which runs: frameworks (tests/data/torch_frameworks.json) or "
+                         "torchtitan (tests/data/torch_torchtitan.json)")
+    ap.add_argument("--out", default=None, help="default: the set's file")
     ap.add_argument("--only", default=None, help="run only configs whose id contains this")
     ap.add_argument("--list", action="store_true", help="list run ids and exit")
     args = ap.parse_args()
@@ -194,22 +311,25 @@ def main():
     # measure_torch.measure builds each run through the module's `setup`.
     mt.setup = setup
 
-    cfgs = configs()
+    configs_of, default_out = SETS[args.set]
+    args.out = args.out or default_out
+    cfgs = configs_of()
     if args.only:
         cfgs = [c for c in cfgs if args.only in c["id"]]
     if args.list:
         for c in cfgs:
             print(c["id"])
         return
-    old, tune_version = [], None
+    old, versions = [], {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             data = json.load(f)
-        old, tune_version = data.get("runs", []), data.get("tool", {}).get("torchtune")
-    if any(c["train"]["implementation"] == "torchtune" for c in cfgs):
-        import torchtune
-
-        tune_version = torchtune.__version__
+        old, tool = data.get("runs", []), data.get("tool", {})
+        versions = {k: tool.get(k) for k in ("torchtune", "torchtitan")}
+    for name in ("torchtune", "torchtitan"):
+        if any(c["train"]["implementation"] == name for c in cfgs):
+            versions[name] = __import__(name).__version__ if name == "torchtune" else (
+                importlib.metadata.version(name))
     runs = []
     for cfg in cfgs:
         r = mt.measure(cfg)
@@ -220,12 +340,12 @@ def main():
             flush=True,
         )
         gc.collect()
-        _write(args.out, old, runs, transformers.__version__, tune_version)
+        _write(args.out, old, runs, transformers.__version__, versions, configs_of)
 
 
-def _write(path, old, runs, tf_version, tune_version):
+def _write(path, old, runs, tf_version, versions, configs_of):
     """Writes after every run (a long measurement keeps what it has), merging by id."""
-    order = [c["id"] for c in configs()]
+    order = [c["id"] for c in configs_of()]
     new_ids = {r["id"] for r in runs}
     merged = [r for r in old if r["id"] not in new_ids and r["id"] in order] + runs
     merged.sort(key=lambda r: order.index(r["id"]))
@@ -233,7 +353,8 @@ def _write(path, old, runs, tf_version, tune_version):
         "tool": {
             "torch": torch.__version__.split("+")[0],
             "transformers": tf_version,
-            "torchtune": tune_version,
+            "torchtune": versions.get("torchtune"),
+            "torchtitan": versions.get("torchtitan"),
             "python": platform.python_version(),
         },
         "method": (
@@ -242,11 +363,15 @@ def _write(path, old, runs, tf_version, tune_version):
             "framework's own model and loss: hf = transformers LlamaForCausalLM / "
             "Qwen2ForCausalLM with labels (ForCausalLMLoss); nanochat = measure_torch.py's "
             "nanochat GPT; torchtune = torchtune 0.6.1 llama3 component builder with "
-            "CEWithChunkedOutputLoss (8 chunks). The wte-bf16 nanochat runs cast the token "
+            "CEWithChunkedOutputLoss (8 chunks); torchtitan = torchtitan 0.3.0 Llama3Model "
+            "from its layer builder with its ScaledDotProductAttention module as the inner "
+            "attention (flex attention's backward does not run on the CPU), ChunkedLossWrapper "
+            "(8 chunks, loss chunked) or CrossEntropyLoss (float-cast), FullAC / SelectiveAC. The wte-bf16 nanochat runs cast the token "
             "embedding to bf16 before the optimizer is made (nanochat's init_weights on CUDA). "
             "compile: hf and nanochat "
             "model.compile(dynamic=False) (inductor, C++ backend on the CPU); torchtune "
-            "training.compile_model (per layer) and training.compile_loss. The warm-up step "
+            "training.compile_model (per layer) and training.compile_loss; torchtitan "
+            "apply_compile (per block, fullgraph) and the loss through CompileConfig. The warm-up step "
             "compiles. AdamW(lr=1e-4, weight_decay=0.1), torch.set_num_threads(2), seed 0."
         ),
         "runs": merged,
@@ -255,6 +380,12 @@ def _write(path, old, runs, tf_version, tune_version):
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")
+
+
+SETS = {
+    "frameworks": (configs, "tests/data/torch_frameworks.json"),
+    "torchtitan": (torchtitan_configs, "tests/data/torch_torchtitan.json"),
+}
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ pub struct Block {
     /// The largest extra live bytes during the block's backward (gradients of its
     /// intermediate activations), beyond the incoming and outgoing gradient.
     pub bwd_transient: Layout,
+    /// Whether autograd keeps the block's input (and the final norm's) for backward
+    /// when no checkpoint wrapper does: an RMSNorm that upcasts a bf16 stream keeps its
+    /// fp32 copy instead, and the residual add keeps nothing.
+    pub input_saved: bool,
 }
 
 impl Default for Block {
@@ -59,6 +63,7 @@ impl Default for Block {
             saved: Vec::new(),
             fwd_transient: none.clone(),
             bwd_transient: none,
+            input_saved: true,
         }
     }
 }
@@ -251,6 +256,13 @@ fn attention_core(blk: &mut Block, d: &Dims, attention: Attention, gqa_copies: b
 }
 
 pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
+    llama_normed(d, attention, gqa, d.r)
+}
+
+/// [`llama`] with the norms' normalized input kept in `normalized`: transformers' RMSNorm
+/// casts it back to the stream's dtype before the weight, `nn.RMSNorm` (torchtitan) keeps
+/// its fp32 decomposition's.
+pub(super) fn llama_normed(d: &Dims, attention: Attention, gqa: bool, normalized: DType) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
     // `hidden_states.to(float32)`: a copy of a bf16 residual stream, kept by `pow` and the
@@ -259,7 +271,11 @@ pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
         blk.keep("input_layernorm x.float()", d.tok(d.h, DType::F32));
     }
     // input_layernorm: fp32 normalized input, then weight * x (fp32 under autocast).
-    blk.keep_input("input_layernorm normalized", d.tok(d.h, r), NORM_WEIGHT);
+    blk.keep_input(
+        "input_layernorm normalized",
+        d.tok(d.h, normalized),
+        NORM_WEIGHT,
+    );
     if d.autocast {
         // q, k and v projections each cast the norm output to bf16 and save their copy.
         blk.keep_input("q_proj input (bf16 copy)", d.tok(d.h, d.c), &["q_proj"]);
@@ -287,7 +303,7 @@ pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     }
     blk.keep_input(
         "post_attention_layernorm normalized",
-        d.tok(d.h, r),
+        d.tok(d.h, normalized),
         NORM_WEIGHT,
     );
     if d.autocast {
@@ -306,8 +322,10 @@ pub(super) fn llama(d: &Dims, attention: Attention, gqa: bool) -> Block {
     blk.keep("up", d.tok(d.i, c));
     blk.keep_input("silu(gate) * up", d.tok(d.i, c), &["down_proj"]);
     blk.fwd_at_least(Layout::concat(&[d.tok(d.h, r), d.tok(d.q, r)]));
-    // Backward of the MLP holds the gradients of gate, up and their product at once.
-    blk.bwd_transient = Layout::concat(&[d.tok_n(3, d.i, c), d.tok(d.h, r)]);
+    // Backward of the MLP: once down_proj's backward has freed the product it saved, the
+    // gradients of the product, silu(gate) and up are live at once.
+    blk.bwd_transient = d.tok_n(2, d.i, c);
+    blk.input_saved = r == DType::F32;
     blk
 }
 

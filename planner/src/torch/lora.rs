@@ -49,6 +49,7 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims, input_gr
         saved,
         fwd_transient: blk.fwd_transient.clone(),
         bwd_transient: blk.bwd_transient.clone(),
+        input_saved: blk.input_saved,
     };
     out.bwd_transient = released_in_backward(&out.bwd_transient, lora, &shapes, d);
     if lora.quantize != Quantize::None {

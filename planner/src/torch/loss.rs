@@ -32,6 +32,15 @@
 //!   backward walks the chunks, one chunk's fp32 gradients at a time. Compiled
 //!   (`training.compile_loss` compiles the chunk's upcast and cross-entropy), each chunk
 //!   keeps its logits in compute precision and its two row statistics.
+//! - torchtitan's `chunked` (`ChunkedLossWrapper`, `torchtitan/components/loss.py`, 8
+//!   chunks along the sequence): inside the loss call, the final hidden states are split
+//!   (a contiguous copy of every chunk at once where the micro-batch has more than one
+//!   row), and each chunk runs `lm_head`, the cross-entropy and its own backward before the
+//!   next; the chunk's gradient is copied into one fp32 buffer of the hidden states' size,
+//!   and `lm_head`'s weight gradient is made by the first chunk and accumulated by the
+//!   others. The loop's `logits` variable keeps a chunk's logits until the next chunk's
+//!   replace them. The buffer, cast to the hidden states' dtype, is what backward then
+//!   sends down the decoder.
 
 use crate::spec::{Arch, Implementation, LossMode, ModelSpec, TrainSpec};
 use crate::timeline::{Component, Layout, Step, TensorId};
@@ -128,13 +137,31 @@ fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState
     }
 }
 
-/// Plays the loss forward. `c` is the logits' dtype.
-pub fn forward(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType, cuda: bool) -> LossState {
+/// Whether the loss makes the head's weight gradient itself, inside the forward's loss
+/// call (torchtitan's `ChunkedLossWrapper`): [`forward`] then calls its `head_grad` once a
+/// chunk.
+pub fn grads_head(t: &TrainSpec) -> bool {
+    t.implementation == Implementation::Torchtitan && t.loss == LossMode::Chunked
+}
+
+/// Plays the loss forward. `c` is the logits' dtype; `head_grad` makes (or accumulates)
+/// the head's weight gradient where [`grads_head`].
+pub fn forward(
+    s: &mut Step,
+    m: &ModelSpec,
+    t: &TrainSpec,
+    c: DType,
+    cuda: bool,
+    head_grad: &mut dyn FnMut(&mut Step),
+) -> LossState {
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
     s.phase("loss");
     if t.implementation == Implementation::Torchtune && t.loss == LossMode::Chunked {
         return output_chunks(s, m, t, c);
+    }
+    if grads_head(t) {
+        return wrapper_chunks(s, m, t, c, head_grad);
     }
     if t.compile && t.loss == LossMode::FloatCast {
         return compiled(s, m, t, c, cuda);
@@ -266,7 +293,7 @@ fn compiled(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType, cuda: bool) ->
             Layout::new(&[t.micro_batch, t.seq_len.saturating_add(1)], DType::I64),
         ));
     }
-    if c != DType::F32 && !cuda {
+    if c != DType::F32 && !cuda && t.implementation != Implementation::Torchtitan {
         // The upcast logits are read by several reductions (row max, sum of exponentials,
         // the target's logit): inductor's C++ backend writes them out once instead of
         // fusing (its heavy-op heuristic, CPU only; see the module doc).
@@ -309,6 +336,102 @@ fn compiled_backward(
     let g = s.alloc("grad of logits (fused)", Component::Logits, bv(t, v, c));
     saved.into_iter().chain(zeros).for_each(|id| s.free(id));
     g
+}
+
+/// `ChunkedLossWrapper.num_chunks` in torchtitan's training configs.
+const TORCHTITAN_CHUNKS: u64 = 8;
+
+/// torchtitan's `ChunkedLossWrapper`: every chunk's forward and backward inside the loss
+/// call; returns the accumulated gradient of the hidden states for the decoder's backward.
+fn wrapper_chunks(
+    s: &mut Step,
+    m: &ModelSpec,
+    t: &TrainSpec,
+    c: DType,
+    head_grad: &mut dyn FnMut(&mut Step),
+) -> LossState {
+    let (b, h, v) = (t.micro_batch, m.hidden_size, m.vocab_size);
+    let rows = b.saturating_mul(t.seq_len.div_ceil(TORCHTITAN_CHUNKS));
+    // `torch.split` along the sequence, then `.contiguous()`: copies unless B = 1.
+    let copies: Vec<TensorId> = (b > 1)
+        .then(|| {
+            let hidden = Layout::new(&[b, t.seq_len, h], c);
+            let labels = Layout::new(&[b, t.seq_len], DType::I64);
+            [("hidden-state chunks (copies)", hidden), ("label chunks", labels)]
+                .map(|(name, l)| s.alloc(name, Component::Logits, l))
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    let buffer = s.alloc(
+        "grad of final hidden states (fp32 accumulator)",
+        Component::Logits,
+        Layout::new(&[b, t.seq_len, h], DType::F32),
+    );
+    let mut last = None;
+    for _ in 0..TORCHTITAN_CHUNKS.min(t.seq_len.max(1)) {
+        let logits = s.alloc("logits chunk", Component::Logits, rv(rows, v, c));
+        if let Some(prev) = last.replace(logits) {
+            s.free(prev);
+        }
+        let g = chunk_cross_entropy(s, rows, v, c, t.compile);
+        // lm_head's backward: the chunk's input gradient and the weight gradient together.
+        let gh = s.alloc(
+            "grad of a hidden-state chunk",
+            Component::Logits,
+            Layout::new(&[rows, h], c),
+        );
+        head_grad(s);
+        s.free(g);
+        s.free(gh);
+    }
+    let grad = if c != DType::F32 {
+        let cast = s.alloc(
+            "grad of final hidden states (cast)",
+            Component::Logits,
+            Layout::new(&[b, t.seq_len, h], c),
+        );
+        s.free(buffer);
+        cast
+    } else {
+        buffer
+    };
+    last.into_iter().chain(copies).for_each(|id| s.free(id));
+    LossState {
+        saved: vec![],
+        plan: Plan::Eager,
+        grad_hidden: Some(grad),
+    }
+}
+
+/// One chunk's cross-entropy forward and backward, down to the gradient of its logits in
+/// compute precision: eager (`.float()`, `log_softmax` and their backward) or compiled
+/// (the fused reductions and the fused gradient kernel).
+fn chunk_cross_entropy(s: &mut Step, rows: u64, v: u64, c: DType, compiled: bool) -> TensorId {
+    if compiled {
+        let stats = s.alloc(
+            "chunk row max and log-sum-exp (fp32)",
+            Component::Logits,
+            Layout::new(&[2, rows], DType::F32),
+        );
+        let g = s.alloc("grad of logits chunk (fused)", Component::Logits, rv(rows, v, c));
+        s.free(stats);
+        return g;
+    }
+    let f32_copy = (c != DType::F32)
+        .then(|| s.alloc("logits chunk .float()", Component::Logits, rv(rows, v, DType::F32)));
+    let lsm = s.alloc("log_softmax chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
+    f32_copy.into_iter().for_each(|id| s.free(id));
+    let g_lp = s.alloc("grad of log_softmax chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
+    let g32 = s.alloc("grad of logits chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
+    s.free(g_lp);
+    s.free(lsm);
+    if c == DType::F32 {
+        return g32;
+    }
+    let gc = s.alloc("grad of logits chunk (compute dtype)", Component::Logits, rv(rows, v, c));
+    s.free(g32);
+    gc
 }
 
 /// torchtune's chunked-output loss forward: every chunk's logits, and per chunk what its

@@ -241,7 +241,7 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let layers = run.layers as usize;
     let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
-    let fwd = forward(&mut s, &run);
+    let fwd = forward(&mut s, &run, &mut grads);
     let prefetched = shard::root_prefetch(&mut s, &run);
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
     let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads, prefetched);
@@ -365,7 +365,8 @@ fn model_state(s: &mut Step, run: &Run) -> Grads {
 
 /// What a block's forward leaves for its backward.
 struct Frame {
-    input: TensorId,
+    /// The block's input, where something keeps it for backward.
+    input: Option<TensorId>,
     saved: Vec<TensorId>,
     copies: Vec<TensorId>,
     /// What went to host memory (offloading), brought back for the block's backward.
@@ -381,8 +382,8 @@ struct Forward {
     frames: Vec<Frame>,
     /// FSDP2's root parameters (embedding, final norm, head), gathered for the whole step.
     root: Vec<TensorId>,
-    /// The last block's output.
-    x: TensorId,
+    /// The last block's output, where the final norm keeps it.
+    x: Option<TensorId>,
     head: Head,
 }
 
@@ -393,7 +394,7 @@ struct Head {
     loss: loss::LossState,
 }
 
-fn forward(s: &mut Step, run: &Run) -> Forward {
+fn forward(s: &mut Step, run: &Run, grads: &mut Grads) -> Forward {
     let d = &run.d;
     s.phase("forward: embedding");
     let mut inputs = vec![
@@ -414,13 +415,21 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
         .pop()
         .expect("the embedding makes the first block's input");
     let mut frames = Vec::with_capacity(run.layers as usize);
+    let mut cached = Vec::new();
     for l in 0..run.layers {
         s.phase(Name::block("forward: block ", l, ["", "", ""]));
-        let (frame, out) = block_forward(s, run, l, x);
+        let (frame, out, copy) = block_forward(s, run, l, x);
         frames.push(frame);
+        cached.extend(copy);
         x = out;
     }
-    let head = head_forward(s, run);
+    let (head, x) = head_forward(s, run, grads, x);
+    if !cached.is_empty() {
+        // Leaving autocast clears its cache (the checkpointed blocks' weight copies)
+        // before backward.
+        s.phase("leaving autocast");
+        cached.into_iter().for_each(|id| s.free(id));
+    }
     Forward {
         inputs,
         stem,
@@ -431,7 +440,14 @@ fn forward(s: &mut Step, run: &Run) -> Forward {
     }
 }
 
-fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, TensorId) {
+/// Block `l`'s forward: its frame for backward, its output, and autocast's cached weight
+/// copies where only the cache keeps them.
+fn block_forward(
+    s: &mut Step,
+    run: &Run,
+    l: u64,
+    input: TensorId,
+) -> (Frame, TensorId, Option<TensorId>) {
     let (d, ck) = (&run.d, run.t.checkpointing);
     let blk = run.block(l);
     let whole = run.whole(l);
@@ -462,20 +478,38 @@ fn block_forward(s: &mut Step, run: &Run, l: u64, input: TensorId) -> (Frame, Te
         Component::Activations,
         d.tok(d.h, d.r),
     );
-    // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done.
-    let copies = if shard::reshards_after_forward(run, l) || whole {
+    // ZeRO-3 and checkpointing drop the weight copies once the block's forward is done,
+    // but for autocast's cache: under a checkpoint (non-reentrant, grad enabled) autocast
+    // still caches its bf16 casts of the weights that require grad until the forward
+    // leaves autocast (LoRA's frozen base is cast afresh and not cached).
+    let mut cached = None;
+    let copies = if shard::reshards_after_forward(run, l) {
+        copies.into_iter().for_each(|c| s.free(c));
+        vec![]
+    } else if whole {
+        let mut copies = copies;
+        if d.autocast && run.lora.is_none() {
+            cached = copies.pop();
+        }
         copies.into_iter().for_each(|c| s.free(c));
         vec![]
     } else {
         copies
     };
+    // Outside a checkpoint wrapper, a block whose norms keep their own copy of the input
+    // leaves the input itself to be freed once the residual add has read it.
+    let wrapped = whole || matches!(ck, Checkpointing::Selective | Checkpointing::SelectiveOp);
+    let input = (blk.input_saved || wrapped).then_some(input).or_else(|| {
+        s.free(input);
+        None
+    });
     let frame = Frame {
         input,
         saved,
         copies,
         offloaded,
     };
-    (frame, out)
+    (frame, out, cached)
 }
 
 /// Whether forward keeps `sv` for backward (selective checkpointing drops the attention core).
@@ -509,8 +543,14 @@ fn save(
     ids
 }
 
-/// The final norm, autocast's copy of the head weight, and the loss forward.
-fn head_forward(s: &mut Step, run: &Run) -> Head {
+/// The final norm, autocast's copy of the head weight, and the loss forward; returns
+/// them with the last block's output `x` where the norm keeps it.
+fn head_forward(
+    s: &mut Step,
+    run: &Run,
+    grads: &mut Grads,
+    x: TensorId,
+) -> (Head, Option<TensorId>) {
     let d = &run.d;
     s.phase("forward: final norm and head");
     let saved = match &run.recipe.head {
@@ -520,6 +560,10 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
             .collect(),
         None => eager_head(s, run),
     };
+    let x = run.recipe.encoder.input_saved.then_some(x).or_else(|| {
+        s.free(x);
+        None
+    });
     let copy = d.autocast.then(|| {
         s.alloc(
             "lm_head weight (bf16 copy)",
@@ -527,12 +571,17 @@ fn head_forward(s: &mut Step, run: &Run) -> Head {
             Layout::new(&[run.m.vocab_size, run.m.hidden_size], d.c),
         )
     });
-    let loss = loss::forward(s, run.m, run.t, d.c, run.cuda);
-    if run.t.checkpointing == Checkpointing::Full && d.autocast {
-        // Leaving autocast clears its cache (the forward's weight copies) before backward.
-        s.phase("leaving autocast");
-    }
-    Head { saved, copy, loss }
+    let loss = if loss::grads_head(run.t) {
+        // The loss splits the final norm's output; the trainer drops it when the loss returns.
+        let output = s.alloc("final norm output", Component::Activations, d.tok(d.h, d.c));
+        let mut head_grad = |s: &mut Step| grads.for_params(s, head_params(run), d.autocast, d);
+        let loss = loss::forward(s, run.m, run.t, d.c, run.cuda, &mut head_grad);
+        s.free(output);
+        loss
+    } else {
+        loss::forward(s, run.m, run.t, d.c, run.cuda, &mut |_| {})
+    };
+    (Head { saved, copy, loss }, x)
 }
 
 /// Eager's final norm: its normalized input and the head's input (autocast's copy), each
@@ -548,7 +597,15 @@ fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
         },
         d.tok(d.h, if d.autocast { d.c } else { d.r }),
     );
-    let mut saved = Vec::with_capacity(2);
+    let mut saved = Vec::with_capacity(3);
+    if !run.recipe.encoder.input_saved {
+        // The norm's upcast of a bf16 stream, kept in its place (`Block::input_saved`).
+        saved.push(s.alloc(
+            "final norm x.float()",
+            Component::Activations,
+            d.tok(d.h, DType::F32),
+        ));
+    }
     for (keep, (name, layout)) in [
         (run.lora.is_none(), normed),
         (lora::head_trains(&run.params, run.m), input),
@@ -564,17 +621,17 @@ fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
 
 /// The loss backward, the head's gradients and the final norm's backward; returns the
 /// gradient flowing into the last block.
-fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut Grads) -> TensorId {
+fn head_backward(
+    s: &mut Step,
+    run: &Run,
+    head: Head,
+    x: Option<TensorId>,
+    grads: &mut Grads,
+) -> TensorId {
     let d = &run.d;
     let grad_hidden_fwd = head.loss.grad_hidden;
     let g_logits = loss::backward(s, run.m, run.t, d.c, head.loss);
     s.phase("backward: head");
-    let head_params = run
-        .params
-        .iter()
-        .find(|p| p.role == Role::Head)
-        .into_iter()
-        .chain(tied_embedding(&run.params, run.m));
     let grad_hidden = |s: &mut Step| {
         s.alloc(
             "grad of final hidden states",
@@ -587,7 +644,7 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
     let g = match g_logits {
         Some(gl) => {
             let gh = grad_hidden(s);
-            grads.for_params(s, head_params, d.autocast, d);
+            grads.for_params(s, head_params(run), d.autocast, d);
             // The head's AccumulateGrad (and its hook) runs after the matmul's backward
             // has released the logits' gradient.
             s.free(gl);
@@ -595,7 +652,9 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
             gh
         }
         None => {
-            grads.for_params(s, head_params, d.autocast, d);
+            if !loss::grads_head(run.t) {
+                grads.for_params(s, head_params(run), d.autocast, d);
+            }
             run.steps_in_backward(s, grads, &untied);
             grad_hidden_fwd.unwrap_or_else(|| grad_hidden(s))
         }
@@ -609,8 +668,7 @@ fn head_backward(s: &mut Step, run: &Run, head: Head, x: TensorId, grads: &mut G
         d.tok(d.h, d.r),
     );
     s.free(g);
-    head.saved.into_iter().for_each(|id| s.free(id));
-    s.free(x);
+    head.saved.into_iter().chain(x).for_each(|id| s.free(id));
     gn
 }
 
@@ -674,10 +732,19 @@ fn blocks_backward(
         );
         s.free(g);
         g = gi;
-        s.free(frame.input);
+        frame.input.into_iter().for_each(|id| s.free(id));
         shard::post_backward(s, run, grads, Some(l));
     }
     g
+}
+
+/// The parameters the head's matmul makes gradients for: the head, or the tied embedding.
+fn head_params<'r>(run: &'r Run) -> impl Iterator<Item = &'r Param> {
+    run.params
+        .iter()
+        .find(|p| p.role == Role::Head)
+        .into_iter()
+        .chain(tied_embedding(&run.params, run.m))
 }
 
 /// Under tied embeddings the head's gradient lands on the embedding weight.

@@ -80,13 +80,6 @@ pub fn check(m: &ModelSpec, t: &TrainSpec) -> Result<()> {
             format!("{} for arch {}", fits.join(" | "), m.arch),
         ));
     }
-    if t.implementation == Code::Torchtitan && !t.compile {
-        return Err(PlanError::invalid(
-            "train.compile",
-            false,
-            "true with implementation = \"torchtitan\" (its eager step is not modelled)",
-        ));
-    }
     if !t.compile {
         return Ok(());
     }

@@ -1,23 +1,34 @@
 //! torchtitan 0.3.0's Llama 3 (`torchtitan/models/llama3/model.py` on
-//! `torchtitan/models/common/decoder.py`, `attention.py`, `feed_forward.py`, `rope.py`),
-//! compiled as its training configs run it (`compile.enable`, components model and loss).
+//! `torchtitan/models/common/decoder.py`, `attention.py`, `feed_forward.py`, `rope.py`,
+//! `nn_modules.py`), as its trainer runs it: eager, or each block compiled
+//! (`torchtitan/distributed/compile.py`, `apply_compile`: `block.compile(fullgraph=True)`
+//! after the checkpointing wrapper) with the final norm and `lm_head` eager.
 //!
 //! A block is `x + attention(attention_norm(x))`, then `h + feed_forward(ffn_norm(h))`:
-//! RMSNorm, one fused `wqkv` projection, complex RoPE, flex attention (the only language
-//! model attention torchtitan 0.3.0 accepts besides varlen; `enable_gqa`, so k and v reach
-//! the kernel at their own N·K width, and its block mask is a few index tensors, not a
-//! T × T matrix), `wo`, and the SiLU-gated `w1`/`w3`/`w2` MLP. Under compile the
-//! partitioner keeps what it keeps for transformers' Llama (`compiled::llama`), with k and
-//! v at N·K; the loss (`components/loss.py`, `cross_entropy_loss`: `pred.float()` then a
-//! sum-reduced cross-entropy) compiles to the fused loss of `loss.rs`.
+//! `nn.RMSNorm`, one fused `wqkv` projection, complex RoPE, flex attention (`enable_gqa`,
+//! so k and v reach the kernel at their own N·K width; its block mask is a few index
+//! tensors, not a T × T matrix), `wo`, and the SiLU-gated `w1`/`w3`/`w2` MLP. Eager, a
+//! block saves what transformers' Llama block saves (`block::llama`, read from the
+//! saved-tensor hooks on the CPU: the fused projection's input once, RoPE's multiply by
+//! the complex table keeps only the table) except that `nn.RMSNorm`'s decomposition keeps
+//! its normalized input in fp32 where the stream is bf16. Compiled, a block keeps what the
+//! partitioner keeps for transformers' Llama (`compiled::llama`), k and v at N·K.
 //!
-//! Unmeasured: torchtitan 0.3.0's Llama needs a flex-attention block mask built by its
-//! trainer, which the CPU measurement does not run; this profile follows the source.
+//! The loss is `loss.rs`'s: `chunked` is `ChunkedLossWrapper` (8 chunks along the
+//! sequence, each chunk's `lm_head`, cross-entropy and backward inside the loss call),
+//! `float-cast` is `CrossEntropyLoss` over the whole logits; `compile` compiles the
+//! cross-entropy of each (`components/loss.py`).
+//!
+//! Measured on the CPU (`tests/data/torch_torchtitan.json`) with torchtitan's own
+//! `ScaledDotProductAttention` module in place of flex attention, whose backward does not
+//! run on the CPU; both keep q, k, v, the output and the log-sum-exp.
 
 use super::block::{self, Dims};
 use super::compiled;
 use super::recipe::{Implementation, Recipe};
-use crate::spec::{ModelSpec, TrainSpec};
+use crate::spec::{LossMode, ModelSpec, TrainSpec};
+use crate::timeline::Layout;
+use crate::units::DType;
 
 pub struct Torchtitan;
 
@@ -25,10 +36,30 @@ impl Implementation for Torchtitan {
     fn recipe(&self, m: &ModelSpec, t: &TrainSpec) -> Recipe {
         let d = Dims::new(m, t);
         let eager = block::Transformers.recipe(m, t);
+        let encoder = if t.compile {
+            compiled::llama(&d, d.k)
+        } else {
+            block::llama_normed(&d, t.attention, false, DType::F32)
+        };
         Recipe {
-            encoder: compiled::llama(&d, d.k),
-            head: Some(compiled::head(&d)),
+            encoder,
+            head: Some(final_norm(&d, t)),
             ..eager
         }
     }
+}
+
+/// What the eager final norm keeps: a bf16 stream's fp32 copy, the fp32 normalized input,
+/// and, where `lm_head` runs on the whole output (`float-cast`), that output. The chunked
+/// wrapper detaches its chunks, so the norm's output is not kept past the loss.
+fn final_norm(d: &Dims, t: &TrainSpec) -> Vec<(&'static str, Layout)> {
+    let mut kept = Vec::with_capacity(3);
+    if d.r != DType::F32 {
+        kept.push(("final norm x.float()", d.tok(d.h, DType::F32)));
+    }
+    kept.push(("final norm normalized (fp32)", d.tok(d.h, DType::F32)));
+    if t.loss != LossMode::Chunked {
+        kept.push(("final norm output", d.tok(d.h, d.c)));
+    }
+    kept
 }
