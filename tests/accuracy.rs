@@ -125,7 +125,7 @@ fn torchtitan_peaks_are_predicted_within_3_percent() {
         worst = worst.max(e.abs());
     }
     let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
-    assert!(errs.len() >= 18 && compiled >= 6, "{} runs", errs.len());
+    assert!(errs.len() >= 20 && compiled >= 8, "{} runs", errs.len());
     assert!(worst <= 0.03, "worst {:.2} %", worst * 100.0);
 }
 
@@ -220,10 +220,6 @@ const NOT_MODELLED: &[(&str, &str)] = &[
         "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-adamw-8bit",
         "bitsandbytes' CPU fallback dequantizes states; the model follows the CUDA kernel",
     ),
-    (
-        "llama-h512-l6-kv4-v4096-b4-s512-bf16-mixed-sdpa-none-adamw",
-        "4 % under: a bf16-mixed loss-phase tensor not found yet",
-    ),
 ];
 
 /// Issue 10's second bound: over every measured run the tests above hold (the seven files,
@@ -308,12 +304,9 @@ fn fsdp2_peaks_on_the_cpu_are_predicted_within_3_percent() {
 const FSDP2_BOUND: f64 = 0.03;
 
 /// FSDP2 runs not within 3 %, with the bound each meets today and why (docs/accuracy.md).
-const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[(
-    "llama-h512-l4-kv4-v4096-b4-s256-bf16-mixed-sdpa-full-fsdp2-x4-reduce-fp32",
-    0.07,
-    "the ranks disagree: rank 0 measured 111.6 MB (+6.2 %), rank 2 119.3 MB (-0.6 %); \
-     the peak is in a recomputed block's backward, where gloo's worker thread frees",
-)];
+/// None today: the run whose ranks disagree (rank 0 111.6 MB, rank 2 119.3 MB) was +6.2 %
+/// against rank 0 until the MLP's backward freed down_proj's saved product; +2.9 % now.
+const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[];
 
 /// `tests/data/deepspeed_zero_cpu.json` (`tools/measure_deepspeed_zero.py`): DeepSpeed
 /// 0.19.6's own engine (`deepspeed.initialize`, its CPU accelerator) with ZeRO-1, 2 and 3

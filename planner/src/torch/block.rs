@@ -54,6 +54,9 @@ pub struct Block {
     /// when no checkpoint wrapper does: an RMSNorm that upcasts a bf16 stream keeps its
     /// fp32 copy instead, and the residual add keeps nothing.
     pub input_saved: bool,
+    /// One fused q/k/v projection (torchtitan) instead of three: what the op-level
+    /// checkpointing policy counts as matmuls (`checkpoint.rs`).
+    pub fused_qkv: bool,
 }
 
 impl Default for Block {
@@ -64,6 +67,7 @@ impl Default for Block {
             fwd_transient: none.clone(),
             bwd_transient: none,
             input_saved: true,
+            fused_qkv: false,
         }
     }
 }

@@ -16,7 +16,10 @@
 //!   tensors the block saves anyway (sdpa saves v, silu saves gate); q_proj's output is
 //!   not (the attention saves q rotated) and neither is down_proj's. On CPU the attention
 //!   is `_scaled_dot_product_flash_attention_for_cpu`, not in the list: recomputed. On
-//!   CUDA the flash kernel's output and log-sum-exp are kept.
+//!   CUDA the flash kernel's output and log-sum-exp are kept. torchtitan 0.3.0's block has
+//!   one fused `wqkv` projection, so it runs five mm (wqkv, wo, w1, w3, w2) and keeps the
+//!   1st, 3rd and 5th: the fused projection's output (N·(Q+2K)), gate and w2's output; its
+//!   attention's v is its own tensor, not an mm output, and is recomputed.
 //! - offloading (`torch.autograd.graph.save_on_cpu`, torchtune's `OffloadActivations`):
 //!   each saved tensor is copied to host memory as forward saves it and its device copy
 //!   freed; backward brings one block's set back before that block's backward. The block
@@ -26,19 +29,35 @@ use super::block::{Block, Dims};
 use crate::spec::Checkpointing;
 use crate::timeline::{Component, Layout, Name, Step, TensorId};
 
-/// Saved tensors that are the outputs of kept mm ops (the same storage).
+/// Saved tensors that are the outputs of kept mm ops (the same storage), with separate
+/// q, k and v projections and with torchtitan's fused one.
 const MM_KEPT: [&str; 2] = ["v", "gate"];
+const MM_KEPT_FUSED: [&str; 1] = ["gate"];
 /// What the flash kernel returns and the policy keeps on CUDA.
 const ATTENTION_KEPT: [&str; 2] = ["attention output", "log-sum-exp"];
 
-fn policy_keeps(name: &str, cuda: bool) -> bool {
-    MM_KEPT.contains(&name) || (cuda && ATTENTION_KEPT.contains(&name))
+fn policy_keeps(blk: &Block, name: &str, cuda: bool) -> bool {
+    let mm: &[&str] = if blk.fused_qkv {
+        &MM_KEPT_FUSED
+    } else {
+        &MM_KEPT
+    };
+    mm.contains(&name) || (cuda && ATTENTION_KEPT.contains(&name))
 }
 
-/// The kept mm outputs the block does not otherwise save: q_proj's and down_proj's.
-fn extra(d: &Dims) -> [(&'static str, Layout); 2] {
+/// The kept mm outputs the block does not otherwise save: q_proj's (or the fused
+/// projection's) and down_proj's.
+fn extra(blk: &Block, d: &Dims) -> [(&'static str, Layout); 2] {
+    let first = if blk.fused_qkv {
+        (
+            " wqkv output (kept by the op policy)",
+            d.tok(d.q.saturating_add(d.k.saturating_mul(2)), d.c),
+        )
+    } else {
+        (" q_proj output (kept by the op policy)", d.tok(d.q, d.c))
+    };
     [
-        (" q_proj output (kept by the op policy)", d.tok(d.q, d.c)),
+        first,
         (" down_proj output (kept by the op policy)", d.tok(d.h, d.c)),
     ]
 }
@@ -55,13 +74,13 @@ pub fn op_forward(
 ) -> Vec<TensorId> {
     let mut kept = Vec::new();
     for (sv, id) in blk.saved.iter().zip(made) {
-        if policy_keeps(sv.name, cuda) {
+        if policy_keeps(blk, sv.name, cuda) {
             kept.push(id);
         } else {
             s.free(id);
         }
     }
-    for (name, layout) in extra(d) {
+    for (name, layout) in extra(blk, d) {
         kept.push(s.alloc(
             Name::block("block ", l, [name, "", ""]),
             Component::Activations,
@@ -72,10 +91,21 @@ pub fn op_forward(
 }
 
 /// Backward's recomputation under the op policy: everything the policy did not keep.
-pub fn op_recompute(s: &mut Step, blk: &Block, l: u64, _d: &Dims, cuda: bool) -> Vec<TensorId> {
-    blk.saved
+/// The kept mm outputs that no backward op saves ([`extra`], the last of `kept`, where
+/// the forward left them on the device) only feed the recomputation, which consumes
+/// them: they are freed once it is done.
+pub fn op_recompute(
+    s: &mut Step,
+    blk: &Block,
+    l: u64,
+    d: &Dims,
+    cuda: bool,
+    kept: &mut Vec<TensorId>,
+) -> Vec<TensorId> {
+    let recomputed = blk
+        .saved
         .iter()
-        .filter(|sv| !policy_keeps(sv.name, cuda))
+        .filter(|sv| !policy_keeps(blk, sv.name, cuda))
         .map(|sv| {
             s.alloc(
                 Name::block("block ", l, [" ", sv.name, " (recomputed)"]),
@@ -83,7 +113,12 @@ pub fn op_recompute(s: &mut Step, blk: &Block, l: u64, _d: &Dims, cuda: bool) ->
                 sv.layout.clone(),
             )
         })
-        .collect()
+        .collect();
+    let extras = extra(blk, d).len();
+    if kept.len() >= extras {
+        kept.drain(kept.len() - extras..).for_each(|id| s.free(id));
+    }
+    recomputed
 }
 
 /// Frees the block's saved tensors from the device; returns their layouts, which come
@@ -103,9 +138,9 @@ pub fn kept_layouts(ck: Checkpointing, l: u64, blk: &Block, d: &Dims, cuda: bool
         Checkpointing::SelectiveOp => blk
             .saved
             .iter()
-            .filter(|sv| policy_keeps(sv.name, cuda))
+            .filter(|sv| policy_keeps(blk, sv.name, cuda))
             .map(|sv| sv.layout.clone())
-            .chain(extra(d).into_iter().map(|(_, l)| l))
+            .chain(extra(blk, d).into_iter().map(|(_, l)| l))
             .collect(),
         Checkpointing::Selective => blk
             .saved

@@ -50,6 +50,7 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims, input_gr
         fwd_transient: blk.fwd_transient.clone(),
         bwd_transient: blk.bwd_transient.clone(),
         input_saved: blk.input_saved,
+        fused_qkv: blk.fused_qkv,
     };
     out.bwd_transient = released_in_backward(&out.bwd_transient, lora, &shapes, d);
     if lora.quantize != Quantize::None {

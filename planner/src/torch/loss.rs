@@ -357,8 +357,11 @@ fn wrapper_chunks(
         .then(|| {
             let hidden = Layout::new(&[b, t.seq_len, h], c);
             let labels = Layout::new(&[b, t.seq_len], DType::I64);
-            [("hidden-state chunks (copies)", hidden), ("label chunks", labels)]
-                .map(|(name, l)| s.alloc(name, Component::Logits, l))
+            [
+                ("hidden-state chunks (copies)", hidden),
+                ("label chunks", labels),
+            ]
+            .map(|(name, l)| s.alloc(name, Component::Logits, l))
         })
         .into_iter()
         .flatten()
@@ -414,22 +417,47 @@ fn chunk_cross_entropy(s: &mut Step, rows: u64, v: u64, c: DType, compiled: bool
             Component::Logits,
             Layout::new(&[2, rows], DType::F32),
         );
-        let g = s.alloc("grad of logits chunk (fused)", Component::Logits, rv(rows, v, c));
+        let g = s.alloc(
+            "grad of logits chunk (fused)",
+            Component::Logits,
+            rv(rows, v, c),
+        );
         s.free(stats);
         return g;
     }
-    let f32_copy = (c != DType::F32)
-        .then(|| s.alloc("logits chunk .float()", Component::Logits, rv(rows, v, DType::F32)));
-    let lsm = s.alloc("log_softmax chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
+    let f32_copy = (c != DType::F32).then(|| {
+        s.alloc(
+            "logits chunk .float()",
+            Component::Logits,
+            rv(rows, v, DType::F32),
+        )
+    });
+    let lsm = s.alloc(
+        "log_softmax chunk (fp32)",
+        Component::Logits,
+        rv(rows, v, DType::F32),
+    );
     f32_copy.into_iter().for_each(|id| s.free(id));
-    let g_lp = s.alloc("grad of log_softmax chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
-    let g32 = s.alloc("grad of logits chunk (fp32)", Component::Logits, rv(rows, v, DType::F32));
+    let g_lp = s.alloc(
+        "grad of log_softmax chunk (fp32)",
+        Component::Logits,
+        rv(rows, v, DType::F32),
+    );
+    let g32 = s.alloc(
+        "grad of logits chunk (fp32)",
+        Component::Logits,
+        rv(rows, v, DType::F32),
+    );
     s.free(g_lp);
     s.free(lsm);
     if c == DType::F32 {
         return g32;
     }
-    let gc = s.alloc("grad of logits chunk (compute dtype)", Component::Logits, rv(rows, v, c));
+    let gc = s.alloc(
+        "grad of logits chunk (compute dtype)",
+        Component::Logits,
+        rv(rows, v, c),
+    );
     s.free(g32);
     gc
 }

@@ -706,8 +706,9 @@ fn blocks_backward(
                 )
             })
             .collect();
+        let mut saved = frame.saved;
         let recomputed = if ck == Checkpointing::SelectiveOp && !whole {
-            checkpoint::op_recompute(s, blk, l, d, run.cuda)
+            checkpoint::op_recompute(s, blk, l, d, run.cuda, &mut saved)
         } else {
             save(s, blk, l, " (recomputed)", |sv| whole || !kept(ck, sv))
         };
@@ -718,8 +719,7 @@ fn blocks_backward(
         );
         let ps: Vec<&Param> = run.layer_params(l).collect();
         run.grads_of(s, grads, &ps, d.autocast);
-        frame
-            .saved
+        saved
             .into_iter()
             .chain(recomputed)
             .chain(copies)

@@ -36,11 +36,12 @@ impl Implementation for Torchtitan {
     fn recipe(&self, m: &ModelSpec, t: &TrainSpec) -> Recipe {
         let d = Dims::new(m, t);
         let eager = block::Transformers.recipe(m, t);
-        let encoder = if t.compile {
+        let mut encoder = if t.compile {
             compiled::llama(&d, d.k)
         } else {
             block::llama_normed(&d, t.attention, false, DType::F32)
         };
+        encoder.fused_qkv = true;
         Recipe {
             encoder,
             head: Some(final_norm(&d, t)),
