@@ -358,14 +358,23 @@ fn torchtune_recipes() {
 
 #[test]
 fn torchtitan_train_configs() {
-    // torchtitan's Llama is modelled compiled; its three train configs run it eager.
-    for f in ["debug_model.toml", "llama3_8b.toml"] {
-        refused(
-            &format!("torchtitan/{f}"),
-            A100,
-            "compile.enable = false changes memory and is not modelled: torchtitan's eager step",
-        );
-    }
+    // Its train configs run its Llama eager (compile.enable = false), one GPU autocast.
+    plans(
+        "torchtitan/debug_model.toml",
+        A100,
+        "torchtitan-llama3-debugmodel on 1 × a100-80gb (A100 80 GB), torch engine (torchtitan, eager)\n\
+         micro-batch 8 × seq 2048 × accumulation 1 × 1 GPU(s) = 16384 tokens per step\n\
+         bf16-autocast, adamw-fused, checkpointing every-2, loss float-cast, attention sdpa, ddp",
+        "not modelled, no effect on GPU memory: checkpoint, compile, job, lr_scheduler",
+    );
+    plans(
+        "torchtitan/llama3_8b.toml",
+        A100,
+        "torchtitan-llama3-8B on 1 × a100-80gb (A100 80 GB), torch engine (torchtitan, eager)\n\
+         micro-batch 1 × seq 8192 × accumulation 1 × 1 GPU(s) = 8192 tokens per step\n\
+         bf16-autocast, adamw-fused, checkpointing selective-op, loss float-cast, attention sdpa, ddp",
+        "not modelled, no effect on GPU memory: checkpoint, compile, job, lr_scheduler",
+    );
     refused(
         "torchtitan/llama3_70b.toml",
         A100,

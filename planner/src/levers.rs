@@ -766,8 +766,8 @@ mod tests {
     /// one is kept with why it did not.
     #[test]
     fn the_first_length_that_fits_is_taken() {
-        let req = request(&raw("qwen2.5-0.5b", "rtx3060-12gb", 1), 2048, 16);
-        let lengths = [16384, 8192, 4096, 2048];
+        let req = request(&raw("qwen2.5-0.5b", "rtx4060ti-16gb", 1), 2048, 16);
+        let lengths = [32768, 16384, 8192, 4096];
         let misses: Vec<bool> = lengths
             .iter()
             .map(|&s| {

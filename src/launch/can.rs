@@ -21,8 +21,8 @@ pub struct Caps {
     /// Sharding on several GPUs (plain DDP is always there).
     pub sharding: &'static [Sharding],
     pub lora: bool,
-    /// `torch.compile`: `None` when it is the launcher's only mode (torchtitan, as modelled;
-    /// nanochat's `base_train`).
+    /// `torch.compile`: `None` when it is the launcher's only mode (nanochat's
+    /// `base_train`).
     pub compile: Option<bool>,
     pub offload_activations: bool,
     pub optimizer_in_backward: bool,
@@ -161,7 +161,7 @@ pub const CAPS: &[Caps] = &[
         ],
         sharding: &[Sharding::Fsdp2],
         lora: false,
-        compile: None,
+        compile: Some(true),
         offload_activations: false,
         offload_state: false,
         optimizer_in_backward: true,
@@ -409,10 +409,6 @@ pub fn adapt(format: Format, raw: &mut RawConfig) -> Vec<String> {
         }
         Format::Torchtitan => {
             put(&mut t.implementation, "implementation", "torchtitan");
-            if t.compile != Some(true) {
-                t.compile = Some(true);
-                put(&mut None, "compile", "true");
-            }
             if gpus > 1 {
                 put(&mut h.sharding, "sharding", "fsdp2");
                 if bf16 {
@@ -456,7 +452,7 @@ mod tests {
         assert_eq!(tune.train.precision.as_deref(), Some("bf16"));
         let mut titan = raw.clone();
         adapt(Format::Torchtitan, &mut titan);
-        assert_eq!(titan.train.compile, Some(true));
+        assert_eq!(titan.train.implementation.as_deref(), Some("torchtitan"));
         assert_eq!(titan.train.precision.as_deref(), Some("bf16-mixed"));
         // One GPU, plain DDP: the Trainer's bf16 is autocast, nothing to change.
         let mut one = RawConfig::default();

@@ -169,12 +169,7 @@ pub(super) const TABLE: &[Row] = &[
     (
         "compile.enable",
         Rule::Set(|d, v, _| {
-            if !flag(v)? {
-                return Err(Refusal::Unmodelled(
-                    "torchtitan's eager step (vramplan models its Llama compiled)".into(),
-                ));
-            }
-            d.compile = Some(true);
+            d.compile = Some(flag(v)?);
             Ok(())
         }),
     ),
