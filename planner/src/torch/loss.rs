@@ -87,6 +87,74 @@ pub fn fused_rows(m: &ModelSpec, n: u64) -> u64 {
     n.div_ceil(inc).max(1).next_power_of_two().min(n.max(1))
 }
 
+/// Names of the eager cross-entropy's tensors over the whole logits or one chunk.
+struct Names {
+    upcast: &'static str,
+    log_softmax: &'static str,
+    grad_log_softmax: &'static str,
+    grad_f32: &'static str,
+    grad: &'static str,
+}
+
+const WHOLE: Names = Names {
+    upcast: "logits.float() (fp32 copy)",
+    log_softmax: "log_softmax (fp32, saved)",
+    grad_log_softmax: "grad of log_softmax (fp32)",
+    grad_f32: "grad of logits (fp32)",
+    grad: "grad of logits (compute dtype)",
+};
+
+const CHUNK: Names = Names {
+    upcast: "logits chunk .float()",
+    log_softmax: "log_softmax chunk (fp32, saved)",
+    grad_log_softmax: "grad of log_softmax chunk (fp32)",
+    grad_f32: "grad of logits chunk (fp32)",
+    grad: "grad of logits chunk",
+};
+
+/// Eager `cross_entropy` over logits of `shape` in `c`: their `.float()` copy where `c` is
+/// narrower, freed once `log_softmax` has made its fp32 output, which is kept; returns it.
+fn upcast_log_softmax(s: &mut Step, n: &Names, shape: &[u64], c: DType) -> TensorId {
+    let copy = (c != DType::F32)
+        .then(|| s.alloc(n.upcast, Component::Logits, Layout::new(shape, DType::F32)));
+    let lsm = s.alloc(
+        n.log_softmax,
+        Component::Logits,
+        Layout::new(shape, DType::F32),
+    );
+    copy.into_iter().for_each(|id| s.free(id));
+    lsm
+}
+
+/// Its backward: `nll_loss`'s and `log_softmax`'s fp32 gradients, `lsm` released when
+/// the latter's node is done, then the cast back to `c`; returns the logits' gradient.
+fn log_softmax_backward(
+    s: &mut Step,
+    n: &Names,
+    shape: &[u64],
+    c: DType,
+    lsm: Option<TensorId>,
+) -> TensorId {
+    let g_lp = s.alloc(
+        n.grad_log_softmax,
+        Component::Logits,
+        Layout::new(shape, DType::F32),
+    );
+    let g32 = s.alloc(
+        n.grad_f32,
+        Component::Logits,
+        Layout::new(shape, DType::F32),
+    );
+    s.free(g_lp);
+    lsm.into_iter().for_each(|id| s.free(id));
+    if c == DType::F32 {
+        return g32;
+    }
+    let gc = s.alloc(n.grad, Component::Logits, Layout::new(shape, c));
+    s.free(g32);
+    gc
+}
+
 /// nanochat (15) and Gemma 2 (`final_logit_softcapping`, 30) cap the logits with
 /// `cap · tanh(logits / cap)` in the logits' dtype before the loss.
 fn softcapped(m: &ModelSpec) -> bool {
@@ -113,22 +181,12 @@ fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState
     } else {
         logits
     };
-    let f32_copy = (c != DType::F32).then(|| {
-        s.alloc(
-            "logits.float() (fp32 copy)",
-            Component::Logits,
-            bv(t, v, DType::F32),
-        )
-    });
-    let lsm = s.alloc(
-        "log_softmax (fp32, saved)",
-        Component::Logits,
-        bv(t, v, DType::F32),
-    );
-    saved.push(lsm);
-    if let Some(f) = f32_copy {
-        s.free(f);
-    }
+    saved.push(upcast_log_softmax(
+        s,
+        &WHOLE,
+        &[t.micro_batch, t.seq_len, v],
+        c,
+    ));
     s.free(capped);
     LossState {
         saved,
@@ -235,31 +293,9 @@ pub fn backward(
         Plan::Eager if t.loss != LossMode::FloatCast => return None,
         Plan::Eager => {}
     }
-    let g_lp = s.alloc(
-        "grad of log_softmax (fp32)",
-        Component::Logits,
-        bv(t, v, DType::F32),
-    );
-    let g32 = s.alloc(
-        "grad of logits (fp32)",
-        Component::Logits,
-        bv(t, v, DType::F32),
-    );
-    s.free(g_lp);
     let mut saved = st.saved.into_iter();
-    if let Some(lsm) = saved.next_back() {
-        s.free(lsm);
-    }
-    let mut g = g32;
-    if c != DType::F32 {
-        let gc = s.alloc(
-            "grad of logits (compute dtype)",
-            Component::Logits,
-            bv(t, v, c),
-        );
-        s.free(g);
-        g = gc;
-    }
+    let lsm = saved.next_back();
+    let mut g = log_softmax_backward(s, &WHOLE, &[t.micro_batch, t.seq_len, v], c, lsm);
     if softcapped(m) {
         // × 15, tanh', / 15: each a new tensor from the previous one.
         for step in [
@@ -425,41 +461,8 @@ fn chunk_cross_entropy(s: &mut Step, rows: u64, v: u64, c: DType, compiled: bool
         s.free(stats);
         return g;
     }
-    let f32_copy = (c != DType::F32).then(|| {
-        s.alloc(
-            "logits chunk .float()",
-            Component::Logits,
-            rv(rows, v, DType::F32),
-        )
-    });
-    let lsm = s.alloc(
-        "log_softmax chunk (fp32)",
-        Component::Logits,
-        rv(rows, v, DType::F32),
-    );
-    f32_copy.into_iter().for_each(|id| s.free(id));
-    let g_lp = s.alloc(
-        "grad of log_softmax chunk (fp32)",
-        Component::Logits,
-        rv(rows, v, DType::F32),
-    );
-    let g32 = s.alloc(
-        "grad of logits chunk (fp32)",
-        Component::Logits,
-        rv(rows, v, DType::F32),
-    );
-    s.free(g_lp);
-    s.free(lsm);
-    if c == DType::F32 {
-        return g32;
-    }
-    let gc = s.alloc(
-        "grad of logits chunk (compute dtype)",
-        Component::Logits,
-        rv(rows, v, c),
-    );
-    s.free(g32);
-    gc
+    let lsm = upcast_log_softmax(s, &CHUNK, &[rows, v], c);
+    log_softmax_backward(s, &CHUNK, &[rows, v], c, Some(lsm))
 }
 
 /// torchtune's chunked-output loss forward: every chunk's logits, and per chunk what its
@@ -486,19 +489,7 @@ fn output_chunks(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossSt
         }
     } else {
         for _ in 0..chunks {
-            let f32_copy = (c != DType::F32).then(|| {
-                s.alloc(
-                    "logits chunk .float()",
-                    Component::Logits,
-                    rv(rows, v, DType::F32),
-                )
-            });
-            saved.push(s.alloc(
-                "log_softmax chunk (fp32, saved)",
-                Component::Logits,
-                rv(rows, v, DType::F32),
-            ));
-            f32_copy.into_iter().for_each(|id| s.free(id));
+            saved.push(upcast_log_softmax(s, &CHUNK, &[rows, v], c));
         }
         // The list of logits is dropped when the loss returns.
         logits.into_iter().for_each(|id| s.free(id));
@@ -527,7 +518,7 @@ fn chunks_backward(
     let mut saved = saved;
     let mut last = None;
     while !saved.is_empty() {
-        let chunk: Vec<TensorId> = saved.split_off(saved.len().saturating_sub(per_chunk));
+        let mut chunk: Vec<TensorId> = saved.split_off(saved.len().saturating_sub(per_chunk));
         if let Some(g) = last.take() {
             s.free(g);
         }
@@ -538,24 +529,7 @@ fn chunks_backward(
                 rv(rows, v, c),
             )
         } else {
-            let g_lp = s.alloc(
-                "grad of log_softmax chunk (fp32)",
-                Component::Logits,
-                rv(rows, v, DType::F32),
-            );
-            let g32 = s.alloc(
-                "grad of logits chunk (fp32)",
-                Component::Logits,
-                rv(rows, v, DType::F32),
-            );
-            s.free(g_lp);
-            if c == DType::F32 {
-                g32
-            } else {
-                let gc = s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c));
-                s.free(g32);
-                gc
-            }
+            log_softmax_backward(s, &CHUNK, &[rows, v], c, chunk.pop())
         };
         chunk.into_iter().for_each(|id| s.free(id));
         if last.is_some() || !saved.is_empty() {
