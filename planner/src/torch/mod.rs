@@ -488,7 +488,8 @@ fn block_forward(
         vec![]
     } else if whole {
         let mut copies = copies;
-        if d.autocast && run.lora.is_none() {
+        // `weight_copies` makes autocast's copy last, where the block has matrices.
+        if d.autocast && run.lora.is_none() && run.layer_numel[l as usize].0 > 0 {
             cached = copies.pop();
         }
         copies.into_iter().for_each(|c| s.free(c));
