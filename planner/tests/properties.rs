@@ -65,6 +65,15 @@ fn spec(raw: &RawConfig) -> RunSpec {
         .expect("generated configs are valid")
 }
 
+/// What a checkpoint wrapper keeps that no-checkpointing may not: every block's input
+/// (in a bf16 model the norm keeps its fp32 upcast instead, and without a wrapper the
+/// bf16 input itself is freed), at 4 bytes an element. Where activations are negligible
+/// beside the weights, checkpointing is up to this much above no checkpointing.
+fn kept_inputs(s: &RunSpec) -> u64 {
+    let (t, m) = (&s.train, &s.model);
+    m.num_layers * t.micro_batch * t.seq_len * m.hidden_size * 4
+}
+
 /// Live tensor bytes at the peak before the allocator's rounding.
 fn live_peak(s: &RunSpec) -> u64 {
     play(s).peak.total.0
@@ -92,7 +101,7 @@ proptest! {
         for ck in [Checkpointing::Selective, Checkpointing::Full] {
             let mut c = s.clone();
             c.train.checkpointing = ck;
-            prop_assert!(live_peak(&c) <= base, "{ck}");
+            prop_assert!(live_peak(&c) <= base + kept_inputs(&s), "{ck}");
         }
         // A loss that never holds the whole logits saves memory where the logits are large
         // beside the head: with a vocabulary near the hidden width (256 beside 256) the fused
@@ -266,7 +275,8 @@ proptest! {
             live_peak(&c)
         };
         let (none, every, full) = (at(Checkpointing::None), at(Checkpointing::Every(n)), at(Checkpointing::Full));
-        prop_assert!(full <= every && every <= none, "full {full}, every-{n} {every}, none {none}");
+        let slack = kept_inputs(&s);
+        prop_assert!(full <= every + slack && every <= none + slack, "full {full}, every-{n} {every}, none {none}");
         prop_assert_eq!(at(Checkpointing::Every(1)), full);
     }
 
