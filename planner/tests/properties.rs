@@ -200,7 +200,12 @@ proptest! {
         let mut off = s.clone();
         off.train.offload_activations = true;
         let r = estimate(&off);
-        prop_assert!(r.peak_allocated_bytes <= base.peak_allocated_bytes);
+        // The tensors offloading leaves never outnumber the ones it replaces; what the
+        // caching allocator makes of them depends on the order they come back in (a large
+        // cached block reused whole when splitting it would leave under 1 MiB counts whole
+        // in the allocated bytes), so the allocator's figures get a margin.
+        prop_assert!(live_peak(&off) <= live_peak(&s));
+        prop_assert!(r.peak_allocated_bytes <= base.peak_allocated_bytes + 2 * 1024 * 1024);
         prop_assert!(r.device_bytes <= base.device_bytes + 20 * 1024 * 1024);
         prop_assert!(r.host_bytes > 0);
         // Stepped inside backward, a parameter's step temporaries meet the saved
