@@ -968,10 +968,15 @@ impl Grads {
                 ),
                 None => {
                     if self.sharded {
+                        // A parameter narrower than the run's gradients (nanochat's bf16
+                        // `wte`) has autograd make its gradient in its own dtype.
                         let mut parts: Vec<Layout> = self
                             .pre_reduce
                             .iter()
-                            .map(|dt| Layout::new(&full.shape, *dt))
+                            .map(|dt| {
+                                let narrow = full.dtype.bytes() < dt.bytes();
+                                Layout::new(&full.shape, if narrow { full.dtype } else { *dt })
+                            })
                             .collect();
                         let before = match parts.len() {
                             1 => parts.remove(0),
