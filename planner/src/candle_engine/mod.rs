@@ -224,10 +224,10 @@ fn lora_extras(
     }
     let (fa, fm) = (act(attn - u.nc).max(0.0), act(mlp - u.nc).max(0.0));
     let b = |x: f64| x.round() as u64;
-    ws.fwd_attn += b(fa);
-    ws.fwd_mlp += b(fm);
-    ws.bwd_attn += b(fa + act(attn_out));
-    ws.bwd_mlp += b(fm);
+    ws.fwd_attn = ws.fwd_attn.saturating_add(b(fa));
+    ws.fwd_mlp = ws.fwd_mlp.saturating_add(b(fm));
+    ws.bwd_attn = ws.bwd_attn.saturating_add(b(fa + act(attn_out)));
+    ws.bwd_mlp = ws.bwd_mlp.saturating_add(b(fm));
     let graph = u.layers * act(attn + mlp) - lora_graph::first_block_untracked(spec, &l.targets);
     ws.graph = b((ws.graph as f64 + graph).max(0.0));
     ws.fwd_peak = b((ws.fwd_peak as f64 + graph).max(0.0));
@@ -279,11 +279,12 @@ fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
         _ => return,
     };
     let b = |x: f64| x.round() as u64;
-    ws.fwd_attn += b(kept);
-    ws.bwd_attn += b(kept);
-    ws.graph += b(u.layers * kept);
-    ws.fwd_peak += b(u.layers * kept);
-    ws.bwd_peak += b(grads);
+    // Saturating: a hostile config's sizes saturate the f64 → u64 casts.
+    ws.fwd_attn = ws.fwd_attn.saturating_add(b(kept));
+    ws.bwd_attn = ws.bwd_attn.saturating_add(b(kept));
+    ws.graph = ws.graph.saturating_add(b(u.layers * kept));
+    ws.fwd_peak = ws.fwd_peak.saturating_add(b(u.layers * kept));
+    ws.bwd_peak = ws.bwd_peak.saturating_add(b(grads));
 }
 
 fn bytes(x: f64) -> Bytes {
@@ -336,9 +337,9 @@ impl<'a> Plan<'a> {
                 continue;
             };
             if p.name.contains("attn") || p.name.contains("input_layernorm") {
-                b.attn += p.numel() * 4;
+                b.attn = b.attn.saturating_add(p.numel().saturating_mul(4));
             } else {
-                b.mlp += p.numel() * 4;
+                b.mlp = b.mlp.saturating_add(p.numel().saturating_mul(4));
             }
         }
         let head_bytes = params

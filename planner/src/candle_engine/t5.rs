@@ -62,7 +62,7 @@ pub(super) fn play(spec: &RunSpec) -> Timeline {
     let mut blocks = vec![0u64; (m.num_layers + m.num_decoder_layers) as usize];
     for p in params.iter() {
         if let Some(b) = p.layer.and_then(|l| blocks.get_mut(l as usize)) {
-            *b += p.numel() * 4;
+            *b = b.saturating_add(p.numel().saturating_mul(4));
         }
     }
     let plan = Plan {
