@@ -17,7 +17,9 @@
 //!   softcap and `log_softmax` into one reduction; the partitioner keeps the logits as the
 //!   head's matmul made them (compute precision) and two fp32 statistics per row (maximum
 //!   and log-sum-exp); on the CPU, in forward the upcast logits are written out once as a
-//!   temporary (N·V·4, several reductions read them: measured); backward is one fused
+//!   temporary (N·V·4, several reductions read them: measured) where the loss is compiled
+//!   with the model (transformers, nanochat), not in torchtitan's cross-entropy compiled on
+//!   its own (a bare cast, fused into the reductions: measured); backward is one fused
 //!   kernel writing the logits' gradient in compute precision. On CUDA the upcast is not
 //!   written out: inductor's `StorageBox.should_realize_on_reuse` (torch 2.15
 //!   `torch/_inductor/ir.py`) realizes a reused pointwise node on the CPU when its body
