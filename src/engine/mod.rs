@@ -12,6 +12,7 @@
 //! creates the optimizer state) and is not counted.
 
 pub mod alloc;
+pub mod attention;
 pub mod calibrate;
 pub mod capability;
 pub mod checkpoint;

@@ -554,8 +554,8 @@ impl Model {
             v = expand(&v)?;
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let att = candle_nn::ops::softmax(&frozen_op(&wide(&att)?, mask, true)?, D::Minus1)?
+        let att = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let att = super::attention::causal_softmax(&wide(&att)?, scale, self.window(), mask)?
             .to_dtype(self.compute)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;

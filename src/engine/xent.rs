@@ -207,7 +207,7 @@ fn rows<'a, T: candle_core::WithDType>(
 /// computed in f32 with [`exp_f32`] (glibc's f64 `exp` and `tanh` were a quarter of a
 /// small model's step, its scalar `expf` still an eighth), f64 ones with the standard
 /// library's; row sums go through [`lane_sum`].
-trait Float: candle_core::WithDType + Send + Sync + PartialOrd {
+pub(crate) trait Float: candle_core::WithDType + Send + Sync + PartialOrd {
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
 }
@@ -241,7 +241,7 @@ impl Float for f64 {
 /// a loss row's exponentials are relative to its largest logit, so none is below e^−87
 /// that matters.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0; // 1.5·2²³
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + SHIFT;
@@ -261,7 +261,7 @@ fn exp_f32(x: f32) -> f32 {
 /// `Σ f(x)` over `row` in eight independent lanes (the loop vectorizes), the lanes and
 /// the tail added in f64.
 #[inline(always)]
-fn lane_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> f64 {
+pub(crate) fn lane_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> f64 {
     let mut acc = [T::from_f64(0.0); 8];
     let chunks = row.chunks_exact(8);
     let tail: f64 = chunks.remainder().iter().map(|&z| f(z).to_f64()).sum();
