@@ -12,7 +12,7 @@
 //! creates the optimizer state) and is not counted.
 
 pub mod alloc;
-pub mod attention;
+pub mod fused;
 pub mod calibrate;
 pub mod capability;
 pub mod checkpoint;
@@ -150,6 +150,7 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
 /// workers take part, and a worker that first multiplies during the step adds its slab to
 /// the measured peak.
 pub fn warm_up(compute: DType) -> Result<()> {
+    alloc::keep_freed_pages();
     let matmuls = || -> candle_core::Result<()> {
         let dtypes: &[DType] = if compute == DType::F32 {
             &[DType::F32]

@@ -28,7 +28,7 @@
 //! f32 one.
 
 use crate::engine::rng::Rng;
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use vramplan_planner::{Arch, ModelSpec, Role};
 
@@ -92,9 +92,7 @@ pub fn wide(x: &Tensor) -> Result<Tensor> {
 /// `x / sqrt(mean(x²) + eps)` over the last dimension, computed in at least f32 and
 /// returned in `x`'s dtype.
 pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let xf = wide(x)?;
-    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())
+    super::fused::rms_norm(&wide(x)?, eps)?.to_dtype(x.dtype())
 }
 
 /// `x · wᵀ`.
@@ -555,7 +553,7 @@ impl Model {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let att = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-        let att = super::attention::causal_softmax(&wide(&att)?, scale, self.window(), mask)?
+        let att = super::fused::causal_softmax(&wide(&att)?, scale, self.window(), mask)?
             .to_dtype(self.compute)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;
