@@ -115,7 +115,10 @@ fn visible(i: usize, window: usize) -> (usize, usize) {
 }
 
 /// A contiguous `(B, H, T, T)` slice and `T`.
-fn scores<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], usize)> {
+fn scores<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<(&'a [T], usize)> {
     let (_, _, t, t2) = l.shape().dims4()?;
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("causal softmax: non-contiguous scores");
@@ -131,7 +134,10 @@ fn rows<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("rms norm: a non-contiguous input");
     };
-    Ok((&s.as_slice::<T>()?[a..b], l.dims().last().copied().unwrap_or(1).max(1)))
+    Ok((
+        &s.as_slice::<T>()?[a..b],
+        l.dims().last().copied().unwrap_or(1).max(1),
+    ))
 }
 
 fn forward<T: Float>(s: &[T], t: usize, scale: f64, window: usize) -> Vec<T> {
@@ -331,11 +337,19 @@ impl CustomOp1 for RmsNorm {
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (x, y, g) = (x.detach(), y.detach(), g.detach().contiguous()?);
         if !x.device().is_cpu() {
-            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+                .sqrt()?
+                .recip()?;
             let m = (&g * &y)?.mean_keepdim(D::Minus1)?;
-            return Ok(Some(g.broadcast_sub(&y.broadcast_mul(&m)?)?.broadcast_mul(&r)?));
+            return Ok(Some(
+                g.broadcast_sub(&y.broadcast_mul(&m)?)?.broadcast_mul(&r)?,
+            ));
         }
-        Ok(Some(x.apply_op3_no_bwd(&y, &g, &RmsNormGrad { eps: self.eps })?))
+        Ok(Some(x.apply_op3_no_bwd(
+            &y,
+            &g,
+            &RmsNormGrad { eps: self.eps },
+        )?))
     }
 }
 
@@ -360,13 +374,19 @@ impl CustomOp3 for RmsNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match x {
             CpuStorage::F32(_) => {
-                let ((x, c), (y, _), (g, _)) =
-                    (rows::<f32>(x, lx)?, rows::<f32>(y, ly)?, rows::<f32>(g, lg)?);
+                let ((x, c), (y, _), (g, _)) = (
+                    rows::<f32>(x, lx)?,
+                    rows::<f32>(y, ly)?,
+                    rows::<f32>(g, lg)?,
+                );
                 CpuStorage::F32(rms_backward(x, y, g, c, self.eps))
             }
             CpuStorage::F64(_) => {
-                let ((x, c), (y, _), (g, _)) =
-                    (rows::<f64>(x, lx)?, rows::<f64>(y, ly)?, rows::<f64>(g, lg)?);
+                let ((x, c), (y, _), (g, _)) = (
+                    rows::<f64>(x, lx)?,
+                    rows::<f64>(y, ly)?,
+                    rows::<f64>(g, lg)?,
+                );
                 CpuStorage::F64(rms_backward(x, y, g, c, self.eps))
             }
             _ => candle_core::bail!("rms norm: an input in f32 or f64"),
@@ -412,13 +432,19 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let (a, b) = (Var::from_tensor(&s0).unwrap(), Var::from_tensor(&s0).unwrap());
+        let (a, b) = (
+            Var::from_tensor(&s0).unwrap(),
+            Var::from_tensor(&s0).unwrap(),
+        );
         let pa = causal_softmax(a.as_tensor(), scale, window, &mask).unwrap();
         let pb = composed(b.as_tensor(), scale, &mask).unwrap();
         assert!(max_diff(&pa, &pb) < tol, "forward");
         let ga = (pa * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (pb * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (da, db) = (ga.get(a.as_tensor()).unwrap(), gb.get(b.as_tensor()).unwrap());
+        let (da, db) = (
+            ga.get(a.as_tensor()).unwrap(),
+            gb.get(b.as_tensor()).unwrap(),
+        );
         assert!(max_diff(da, db) < tol, "backward");
     }
 
@@ -442,7 +468,10 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let (a, b) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&x0).unwrap());
+            let (a, b) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&x0).unwrap(),
+            );
             // A transposed view: the node makes its input contiguous.
             let ya = rms_norm(&a.as_tensor().transpose(0, 1).unwrap(), 1e-6)
                 .unwrap()
@@ -456,7 +485,10 @@ mod tests {
             assert!(max_diff(&ya, &yb) < tol, "forward");
             let ga = (ya * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (yb * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let (da, db) = (ga.get(a.as_tensor()).unwrap(), gb.get(b.as_tensor()).unwrap());
+            let (da, db) = (
+                ga.get(a.as_tensor()).unwrap(),
+                gb.get(b.as_tensor()).unwrap(),
+            );
             assert!(max_diff(da, db) < tol, "backward");
         }
     }

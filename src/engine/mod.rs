@@ -12,13 +12,13 @@
 //! creates the optimizer state) and is not counted.
 
 pub mod alloc;
-pub mod fused;
 pub mod calibrate;
 pub mod capability;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fused;
 pub mod hf;
 pub mod lora;
 pub mod model;

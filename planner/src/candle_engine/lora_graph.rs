@@ -63,15 +63,15 @@ impl Block {
         }
     }
 
-    /// `rms` over rows of `width` (`rows · width` elements) and the weight's product.
-    fn norm(&mut self, x: usize, rows: f64, width: f64) -> usize {
-        let xf = self.wide(x, rows * width);
-        let sq = self.add(rows * width * WIDE, &[xf]);
-        let sum = self.add(rows * WIDE, &[sq]);
-        let mean = self.add(rows * WIDE, &[sum]);
-        let eps = self.add(rows * WIDE, &[mean]);
-        let root = self.add(rows * WIDE, &[eps]);
-        let y = self.add(rows * width * WIDE, &[xf, root]);
+    /// `rms` over rows of `width` (`rows · width` elements), one node keeping its input
+    /// and output (`src/engine/fused.rs`), and the weight's product. A `strided` input (a
+    /// head's transposed view) is first copied contiguous, unless widening copied it.
+    fn norm(&mut self, x: usize, rows: f64, width: f64, strided: bool) -> usize {
+        let mut xf = self.wide(x, rows * width);
+        if strided && xf == x {
+            xf = self.add(rows * width * self.act, &[x]);
+        }
+        let y = self.add(rows * width * WIDE, &[xf]);
         let y = self.narrow(y, rows * width);
         self.add(rows * width * self.act, &[y])
     }
@@ -142,7 +142,6 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
     );
     let (q_el, kv_el) = (rows * h * d, rows * kv * d);
     let scores = t.micro_batch as f64 * h * (t.seq_len as f64).powi(2);
-    let stats = t.micro_batch as f64 * h * t.seq_len as f64;
     let mut b = Block {
         nodes: Vec::with_capacity(64),
         act: if t.precision == Precision::Fp32 {
@@ -152,12 +151,12 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
         },
     };
     let x = b.add(0.0, &[]);
-    let hn = b.norm(x, rows, c);
+    let hn = b.norm(x, rows, c, false);
     let proj = |b: &mut Block, name: &str, elems: f64| {
         let y = b.linear(hn, elems, adapted(name));
         match m.arch {
             Arch::Qwen2 => b.add(elems * b.act, &[y]),
-            Arch::Qwen3 if name != "v_proj" => b.norm(y, elems / d, d),
+            Arch::Qwen3 if name != "v_proj" => b.norm(y, elems / d, d, true),
             _ => y,
         }
     };
@@ -173,14 +172,9 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
     }
     let kt = b.add(q_el * b.act, &[k]);
     let s = b.add(scores * b.act, &[q, kt]);
-    let s = b.add(scores * b.act, &[s]);
     let s = b.wide(s, scores);
-    let masked = b.add(scores * WIDE, &[s]);
-    let max = b.add(stats * WIDE, &[masked]);
-    let diff = b.add(scores * WIDE, &[masked, max]);
-    let exp = b.add(scores * WIDE, &[diff]);
-    let den = b.add(stats * WIDE, &[exp]);
-    let p = b.add(scores * WIDE, &[exp, den]);
+    // The softmax is one node keeping the widened scores and its output (`fused.rs`).
+    let p = b.add(scores * WIDE, &[s]);
     let p = b.narrow(p, scores);
     // Without the kv repeat, v's transposed view is made contiguous for the matmul.
     let vc = if kv < h {
@@ -192,7 +186,7 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
     let y = b.add(q_el * b.act, &[av]);
     let o = b.linear(y, rows * c, adapted("o_proj"));
     let mid = b.add(rows * c * b.act, &[x, o]);
-    let hn = b.norm(mid, rows, c);
+    let hn = b.norm(mid, rows, c, false);
     let g = b.linear(hn, rows * i, adapted("gate_proj"));
     let gs = b.add(rows * i * b.act, &[g]);
     let u = b.linear(hn, rows * i, adapted("up_proj"));

@@ -39,7 +39,7 @@ mod t5;
 mod working_sets;
 
 use crate::params::{self, Role};
-use crate::spec::{Arch, Checkpointing, LossMode, Precision, RunSpec};
+use crate::spec::{Arch, Checkpointing, Device, LossMode, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
 use crate::units::Bytes;
 use std::rc::Rc;
@@ -92,11 +92,15 @@ pub(crate) fn check_lora(
     Ok(())
 }
 
-/// AdamW's update (`src/engine/optim.rs`) runs over the parameters in name order, making
-/// about four f32 copies of each while the gradients of those before it are already freed:
-/// its peak above the live bytes before it is the largest `4·bytes(p) − bytes(gradients
-/// before p)`, or, where that is less, the largest gradient's square, which the gradient
-/// norm takes first while every gradient is live (T5, whose shared embedding sorts last).
+/// AdamW's update built from tensor ops (`src/engine/optim.rs`, off the CPU) runs over the
+/// parameters in name order, making about four f32 copies of each while the gradients of
+/// those before it are already freed: its peak above the live bytes before it is the
+/// largest `4·bytes(p) − bytes(gradients before p)`, or, where that is less, the largest
+/// gradient's square, which the gradient norm takes first while every gradient is live
+/// (T5, whose shared embedding sorts last). On the CPU the update is in place and
+/// allocates nothing of a parameter's size: its working set is the fitted constant of the
+/// `opt` stage (about 0.5 KiB), and this peak applies off the CPU only
+/// ([`optimizer_working_set`]; computed from the engine's code, unmeasured on a GPU).
 fn adam_peak(params: &[params::Param]) -> f64 {
     let mut sorted: Vec<(&str, f64)> = params
         .iter()
@@ -112,6 +116,15 @@ fn adam_peak(params: &[params::Param]) -> f64 {
         largest = largest.max(bytes);
     }
     peak.max(largest).max(0.0)
+}
+
+/// The optimizer's working set: the CPU's fitted in-place update, or off the CPU the
+/// tensor-op update's computed peak ([`adam_peak`]).
+fn optimizer_working_set(spec: &RunSpec, u: &Units, fitted: u64) -> u64 {
+    match spec.hardware.device {
+        Device::Cpu { .. } => fitted,
+        _ => bytes(u.adam).0,
+    }
 }
 
 /// Rows the loss computes at once: a chunk, or every row.
@@ -256,9 +269,10 @@ fn grads_at_peak(spec: &RunSpec, adapted: &[params::Param]) -> f64 {
 
 /// What qwen2's biases and qwen3's per-head q/k norms add to llama's fitted working sets
 /// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
-/// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k is squared,
-/// divided by its RMS and multiplied by the norm's weight, three kept copies a block
-/// (`3·(N·H·D + N·KV·D)`; under 16-bit compute four f32 copies' worth). With
+/// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k (a transposed
+/// view of its projection) is made contiguous (under 16-bit compute: widened), normalized
+/// by the fused RMSNorm and multiplied by the norm's weight, three kept f32 copies' worth a
+/// block (`3·(N·H·D + N·KV·D)`; under 16-bit the cast back and the product are half). With
 /// checkpointing the attention half's forward holds the copies and its
 /// recompute-and-backward the same (measured against llama of the same shapes, six
 /// shapes: the copies plus the norms' statistics, within 0.14 MB; their gradients stay
@@ -269,13 +283,9 @@ fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
     let act = |x: f64| if half { x / 2.0 } else { x };
     let (kept, grads) = match arch {
         Arch::Qwen2 => (act(u.nq + 2.0 * u.nkv), 0.0),
-        // `rms` widens, squares and divides in f32 whatever the compute dtype: under 16-bit
-        // compute the widened copy, the square and the quotient are f32 and the cast back
-        // and the weighted copy half, four f32 copies' worth (measured on six shapes).
-        Arch::Qwen3 => (
-            if half { 4.0 } else { 3.0 } * (u.nq + u.nkv),
-            act(u.nq + u.nkv),
-        ),
+        // f32: the contiguous copy, the norm's output and the product; 16-bit: the widened
+        // copy and the norm's output in f32, the cast back and the product half.
+        Arch::Qwen3 => (3.0 * (u.nq + u.nkv), act(u.nq + u.nkv)),
         _ => return,
     };
     let b = |x: f64| x.round() as u64;
@@ -326,6 +336,7 @@ impl<'a> Plan<'a> {
         let trained: Vec<params::Param> = params.iter().filter(|p| p.trainable).cloned().collect();
         let u = units(spec, &trained);
         let mut ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
+        ws.optimizer = optimizer_working_set(spec, &u, ws.optimizer);
         let half = spec.train.precision != Precision::Fp32;
         arch_extras(m.arch, &u, half, &mut ws);
         if let Some(l) = &spec.lora {

@@ -13,7 +13,10 @@
 //! kept, the forward's and the backward's peaks; the loss chunk; AdamW's update.
 
 use super::working_sets::{self, T5WorkingSets, F};
-use super::{bytes, loss_rows, micro_step_and_update, model_state, units, whole_graph_step};
+use super::{
+    bytes, loss_rows, micro_step_and_update, model_state, optimizer_working_set, units,
+    whole_graph_step,
+};
 use crate::params::{self, Role};
 use crate::spec::{Checkpointing, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
@@ -65,9 +68,11 @@ pub(super) fn play(spec: &RunSpec) -> Timeline {
             *b = b.saturating_add(p.numel().saturating_mul(4));
         }
     }
+    let mut ws = working_sets::fits(spec.train.precision).t5_working_sets(&u);
+    ws.optimizer = optimizer_working_set(spec, &u, ws.optimizer);
     let plan = Plan {
         spec,
-        ws: working_sets::fits(spec.train.precision).t5_working_sets(&u),
+        ws,
         half: spec.train.precision != Precision::Fp32,
         accum: spec.train.grad_accum > 1,
         blocks,
