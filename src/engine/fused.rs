@@ -1,6 +1,6 @@
-//! Two graph nodes of candle's with their backward, each replacing a chain of tensor ops
+//! Three graph nodes of candle's with their backward, each replacing a chain of tensor ops
 //! whose every step was one more pass over the activation and one more tensor kept for
-//! backward: the attention's softmax and RMSNorm.
+//! backward: the attention's softmax, RMSNorm and the rotary embedding.
 //!
 //! **The attention's softmax**, `softmax(scale·S + causal mask)` over each row of the raw
 //! scores `S = q·kᵀ` `(B, H, T, T)`. Built from tensor ops (`* scale`, the mask's add,
@@ -17,6 +17,12 @@
 //! input and output (the chain kept `x²`, the mean, `+eps`, the root and the quotient);
 //! backward is `r·(g − y·mean(g·y))` with each row's `r = 1/sqrt(mean(x²) + eps)` computed
 //! again from `x`.
+//!
+//! **RoPE** on `(B, H, T, D)` with the tables `cos`, `sin` `(T, D/2)`: `(x₁·cos ∓ x₂·sin,
+//! x₂·cos ± x₁·sin)` in transformers' sense (upper signs) or nanochat's. The node keeps its
+//! input, made contiguous (q and k arrive as transposed views of their projections), and
+//! its output (the chain kept four half products, two sums and their concatenation); its
+//! backward is the rotation the other way.
 //!
 //! On the CPU the rows are split over rayon's threads. On other devices each node runs its
 //! arithmetic as tensor ops outside the graph (for the softmax candle's fused
@@ -395,6 +401,136 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
+/// RoPE on `x` `(B, H, T, D)` (any float dtype, any layout) with the tables `cos`, `sin`
+/// `(T, D/2)` of `x`'s dtype: transformers' sense (`hf`) or nanochat's, as one node with
+/// its backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, hf: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let sense = if hf { 1.0 } else { -1.0 };
+    let ready = Precomputed::default();
+    if !x.device().is_cpu() {
+        ready.put(rotate_by_ops(&x.detach(), cos, sin, sense)?)?;
+    }
+    let op = Rope {
+        cos: cos.clone(),
+        sin: sin.clone(),
+        sense,
+        ready,
+    };
+    x.apply_op1_arc(Arc::new(Box::new(op)))
+}
+
+/// The rotation as tensor ops: `(x₁·cos − s·x₂·sin, x₂·cos + s·x₁·sin)` for the sense `s`.
+fn rotate_by_ops(x: &Tensor, cos: &Tensor, sin: &Tensor, sense: f64) -> Result<Tensor> {
+    let d = x.dim(3)?;
+    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+    let y1 = (x1.broadcast_mul(cos)? - (x2.broadcast_mul(sin)? * sense)?)?;
+    let y2 = (x2.broadcast_mul(cos)? + (x1.broadcast_mul(sin)? * sense)?)?;
+    Tensor::cat(&[y1, y2], 3)
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// +1 in transformers' sense, −1 in nanochat's.
+    sense: f64,
+    ready: Precomputed,
+}
+
+/// Each row `(D)` of a contiguous `(B, H, T, D)` rotated by its position's angles.
+fn rotate<T: candle_core::WithDType>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    t: usize,
+    sense: f64,
+) -> Vec<T> {
+    let half = cos.len() / t.max(1);
+    let d = 2 * half;
+    let s = T::from_f64(sense);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .with_min_len(MIN_ROWS)
+        .for_each(|(r, (y, x))| {
+            let pos = (r % t) * half;
+            let (c, sn) = (&cos[pos..pos + half], &sin[pos..pos + half]);
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for i in 0..half {
+                y1[i] = x1[i] * c[i] - s * x2[i] * sn[i];
+                y2[i] = x2[i] * c[i] + s * x1[i] * sn[i];
+            }
+        });
+    out
+}
+
+/// A contiguous table's elements in `T`.
+fn table<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+impl Rope {
+    /// The rotation of a contiguous `(B, H, T, D)` storage on the CPU by `sense`.
+    fn cpu(&self, x: &CpuStorage, l: &Layout, sense: f64) -> Result<CpuStorage> {
+        let (_, _, t, _) = l.shape().dims4()?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("rope: a non-contiguous input");
+        };
+        macro_rules! rotated {
+            ($variant:ident, $ty:ty) => {{
+                let x = &x.as_slice::<$ty>()?[a..b];
+                let (c, s) = (table::<$ty>(&self.cos)?, table::<$ty>(&self.sin)?);
+                CpuStorage::$variant(rotate(x, &c, &s, t, sense))
+            }};
+        }
+        Ok(match x {
+            CpuStorage::F32(_) => rotated!(F32, f32),
+            CpuStorage::F64(_) => rotated!(F64, f64),
+            CpuStorage::F16(_) => rotated!(F16, half::f16),
+            CpuStorage::BF16(_) => rotated!(BF16, half::bf16),
+            _ => candle_core::bail!("rope: a float input"),
+        })
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.cpu(x, l, self.sense)?, l.shape().clone()))
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.ready.take_cuda(self.name())
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.detach().contiguous()?;
+        if !g.device().is_cpu() {
+            return Ok(Some(rotate_by_ops(&g, &self.cos, &self.sin, -self.sense)?));
+        }
+        let back = RopeGrad(self);
+        Ok(Some(g.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// The CPU's backward of [`Rope`]: the rotation the other way.
+struct RopeGrad<'a>(&'a Rope);
+
+impl CustomOp1 for RopeGrad<'_> {
+    fn name(&self) -> &'static str {
+        "rope-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.0.cpu(g, l, -self.0.sense)?, l.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +626,42 @@ mod tests {
                 gb.get(b.as_tensor()).unwrap(),
             );
             assert!(max_diff(da, db) < tol, "backward");
+        }
+    }
+
+    #[test]
+    fn the_fused_rope_and_its_gradient_equal_the_composed_ones() {
+        let dev = Device::Cpu;
+        let (t, half) = (7, 4);
+        let angles: Vec<f64> = (0..t * half).map(|i| 0.3 * i as f64).collect();
+        let mk = |f: fn(f64) -> f64| {
+            Tensor::from_vec(
+                angles.iter().map(|&a| f(a)).collect::<Vec<_>>(),
+                (t, half),
+                &dev,
+            )
+        };
+        let (cos, sin) = (mk(f64::cos).unwrap(), mk(f64::sin).unwrap());
+        let x0 = Tensor::randn(0f64, 1.0, (2, t, 3, 2 * half), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (2, 3, t, 2 * half), &dev).unwrap();
+        for hf in [true, false] {
+            let (a, b) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&x0).unwrap(),
+            );
+            // Transposed views, as q and k arrive.
+            let ya = rope(&a.as_tensor().transpose(1, 2).unwrap(), &cos, &sin, hf).unwrap();
+            let sense = if hf { 1.0 } else { -1.0 };
+            let yb =
+                rotate_by_ops(&b.as_tensor().transpose(1, 2).unwrap(), &cos, &sin, sense).unwrap();
+            assert!(max_diff(&ya, &yb) < 1e-12, "forward");
+            let ga = (ya * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (yb * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (da, db) = (
+                ga.get(a.as_tensor()).unwrap(),
+                gb.get(b.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(da, db) < 1e-12, "backward");
         }
     }
 

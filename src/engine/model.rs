@@ -272,18 +272,7 @@ impl Rope {
     /// On `(B, H, T, D)` with halves `(x1, x2)`: transformers' `(x1·cos − x2·sin,
     /// x2·cos + x1·sin)`, or nanochat's `(x1·cos + x2·sin, x2·cos − x1·sin)`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(3)?;
-        let x1 = x.narrow(3, 0, d / 2)?;
-        let x2 = x.narrow(3, d / 2, d / 2)?;
-        let (cos, sin) = (&self.cos, &self.sin);
-        let (c1, c2) = (frozen_op(&x1, cos, false)?, frozen_op(&x2, cos, false)?);
-        let (s1, s2) = (frozen_op(&x1, sin, false)?, frozen_op(&x2, sin, false)?);
-        let (y1, y2) = if self.hf {
-            ((c1 - s2)?, (c2 + s1)?)
-        } else {
-            ((c1 + s2)?, (c2 - s1)?)
-        };
-        Tensor::cat(&[y1, y2], 3)
+        super::fused::rope(x, &self.cos, &self.sin, self.hf)
     }
 }
 

@@ -83,18 +83,16 @@ impl Block {
         y
     }
 
-    /// The rotation of `x` (`elems` elements): four half products, two sums, their cat.
-    fn rope(&mut self, x: usize, elems: f64) -> usize {
-        let half = elems / 2.0 * self.act;
-        let (c1, c2, s1, s2) = (
-            self.add(half, &[x]),
-            self.add(half, &[x]),
-            self.add(half, &[x]),
-            self.add(half, &[x]),
-        );
-        let y1 = self.add(half, &[c1, s2]);
-        let y2 = self.add(half, &[c2, s1]);
-        self.add(elems * self.act, &[y1, y2])
+    /// The rotation of `x` (`elems` elements), one node keeping its input and output
+    /// (`src/engine/fused.rs`); a `strided` input (a projection's transposed view) is
+    /// first copied contiguous.
+    fn rope(&mut self, x: usize, elems: f64, strided: bool) -> usize {
+        let x = if strided {
+            self.add(elems * self.act, &[x])
+        } else {
+            x
+        };
+        self.add(elems * self.act, &[x])
     }
 
     /// Which tensors are tracked (need a gradient), then the bytes of those held by a
@@ -163,8 +161,10 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
     let q = proj(&mut b, "q_proj", q_el);
     let k = proj(&mut b, "k_proj", kv_el);
     let v = proj(&mut b, "v_proj", kv_el);
-    let q = b.rope(q, q_el);
-    let mut k = b.rope(k, kv_el);
+    // Qwen3's q and k reach the rotation from its norms, contiguous.
+    let strided = m.arch != Arch::Qwen3;
+    let q = b.rope(q, q_el, strided);
+    let mut k = b.rope(k, kv_el, strided);
     let mut v_held = v;
     if kv < h {
         k = b.add(q_el * b.act, &[k]);
@@ -229,15 +229,14 @@ mod tests {
         t.iter().map(|s| s.to_string()).collect()
     }
 
-    /// With q_proj and v_proj adapted the first norm keeps nothing but its output (its
-    /// square and quotient, `2·N·C`, and four row statistics are gone) and the k path
-    /// nothing but its transposed copy (the projection, the rotation's four halves, two
-    /// sums and its cat, `5·N·KV·D`, and the copy repeating it to every head, `N·H·D`):
-    /// the terms the census of the engine's LoRA step found.
+    /// With q_proj and v_proj adapted the first norm keeps nothing but its weighted output
+    /// (the fused norm's own output, `N·C`, is gone) and the k path nothing but its
+    /// transposed copy (the projection, its contiguous copy and the rotation, `3·N·KV·D`,
+    /// and the copy repeating it to every head, `N·H·D`).
     #[test]
     fn q_and_v_leave_the_first_norm_and_the_k_path_untracked() {
         let (n, c, kv, q) = (1024.0 * 4.0, 64.0, 32.0, 64.0);
-        let want = 2.0 * n * c + 4.0 * n + 5.0 * n * kv + n * q;
+        let want = n * c + 3.0 * n * kv + n * q;
         let got = first_block_untracked(&spec(), &targets(&["q_proj", "v_proj"]));
         assert_eq!(got, want);
     }

@@ -12,7 +12,8 @@
 //!
 //! Exact terms: weights, AdamW moments, parameter gradients, ids, targets, rotary tables,
 //! mask, block inputs, the gradient flowing between blocks, and the gradients the loss
-//! keeps; AdamW's update is computed from the parameters' sizes in update order. Calibrated
+//! keeps; AdamW's update on the CPU is in place (a fitted constant), elsewhere computed from
+//! the parameters' sizes in update order. Calibrated
 //! terms: candle keeps every intermediate of a graph alive until the graph is dropped, and
 //! its backward allocates a gradient for every input including constants, plus gemm's
 //! packing buffers on the CPU; these working sets are linear forms in the step's tensor
