@@ -62,7 +62,7 @@ pub fn causal_softmax(s: &Tensor, scale: f64, window: usize, mask: &Tensor) -> R
 /// `x / sqrt(mean(x²) + eps)` over the last dimension of `x` (f32 or f64), as one node
 /// with its backward.
 pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = x.contiguous()?;
+    let x = rows_in_place(x)?;
     let ready = Precomputed::default();
     if !x.device().is_cpu() {
         let d = x.detach();
@@ -135,15 +135,54 @@ fn scores<'a, T: candle_core::WithDType>(
     Ok((&s.as_slice::<T>()?[a..b], t))
 }
 
-/// A contiguous slice and its last dimension.
-fn rows<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], usize)> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("rms norm: a non-contiguous input");
-    };
-    Ok((
-        &s.as_slice::<T>()?[a..b],
-        l.dims().last().copied().unwrap_or(1).max(1),
-    ))
+/// The rows (the last dimension) of a tensor whose last dimension is contiguous in
+/// memory, the rows themselves at any strides (a transposed view of a projection's heads):
+/// read in place, without a contiguous copy.
+struct Rows<'a, T> {
+    data: &'a [T],
+    width: usize,
+    count: usize,
+    /// The leading dimensions and their strides, innermost last.
+    lead: Vec<(usize, usize)>,
+    offset: usize,
+}
+
+impl<'a, T: candle_core::WithDType> Rows<'a, T> {
+    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Rows<'a, T>> {
+        let (dims, strides) = (l.dims(), l.stride());
+        let Some((&width, lead)) = dims.split_last() else {
+            candle_core::bail!("fused op: a scalar input");
+        };
+        if width > 1 && strides.last() != Some(&1) {
+            candle_core::bail!("fused op: rows not contiguous in memory");
+        }
+        Ok(Rows {
+            data: s.as_slice::<T>()?,
+            width,
+            count: lead.iter().product(),
+            lead: lead.iter().copied().zip(strides.iter().copied()).collect(),
+            offset: l.start_offset(),
+        })
+    }
+
+    /// Row `r` in row-major order of the leading dimensions.
+    #[inline(always)]
+    fn row(&self, mut r: usize) -> &'a [T] {
+        let mut at = self.offset;
+        for &(dim, stride) in self.lead.iter().rev() {
+            at += (r % dim) * stride;
+            r /= dim;
+        }
+        &self.data[at..at + self.width]
+    }
+}
+
+/// `x` itself where its last dimension is contiguous in memory, else a contiguous copy.
+fn rows_in_place(x: &Tensor) -> Result<Tensor> {
+    match x.stride().last() {
+        Some(1) => Ok(x.clone()),
+        _ => x.contiguous(),
+    }
 }
 
 fn forward<T: Float>(s: &[T], t: usize, scale: f64, window: usize) -> Vec<T> {
@@ -287,12 +326,14 @@ fn inv_rms<T: Float>(row: &[T], eps: f64) -> T {
     T::from_f64(1.0 / (lane_sum(row, |x| x * x) / row.len() as f64 + eps).sqrt())
 }
 
-fn rms_forward<T: Float>(x: &[T], c: usize, eps: f64) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); x.len()];
+fn rms_forward<T: Float>(x: &Rows<T>, eps: f64) -> Vec<T> {
+    let c = x.width;
+    let mut out = vec![T::from_f64(0.0); x.count * c];
     out.par_chunks_mut(c)
-        .zip(x.par_chunks(c))
+        .enumerate()
         .with_min_len(MIN_ROWS)
-        .for_each(|(y, row)| {
+        .for_each(|(i, y)| {
+            let row = x.row(i);
             let r = inv_rms(row, eps);
             for (y, &x) in y.iter_mut().zip(row) {
                 *y = x * r;
@@ -301,12 +342,14 @@ fn rms_forward<T: Float>(x: &[T], c: usize, eps: f64) -> Vec<T> {
     out
 }
 
-fn rms_backward<T: Float>(x: &[T], y: &[T], g: &[T], c: usize, eps: f64) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); x.len()];
+fn rms_backward<T: Float>(x: &Rows<T>, y: &Rows<T>, g: &Rows<T>, eps: f64) -> Vec<T> {
+    let c = x.width;
+    let mut out = vec![T::from_f64(0.0); x.count * c];
     out.par_chunks_mut(c)
-        .zip(x.par_chunks(c).zip(y.par_chunks(c).zip(g.par_chunks(c))))
+        .enumerate()
         .with_min_len(MIN_ROWS)
-        .for_each(|(d, (x, (y, g)))| {
+        .for_each(|(i, d)| {
+            let (x, y, g) = (x.row(i), y.row(i), g.row(i));
             let r = inv_rms(x, eps);
             let m = T::from_f64(dot(g, y) / c as f64);
             for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
@@ -323,17 +366,11 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match x {
-            CpuStorage::F32(_) => {
-                let (x, c) = rows::<f32>(x, l)?;
-                CpuStorage::F32(rms_forward(x, c, self.eps))
-            }
-            CpuStorage::F64(_) => {
-                let (x, c) = rows::<f64>(x, l)?;
-                CpuStorage::F64(rms_forward(x, c, self.eps))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(rms_forward(&Rows::<f32>::new(x, l)?, self.eps)),
+            CpuStorage::F64(_) => CpuStorage::F64(rms_forward(&Rows::<f64>::new(x, l)?, self.eps)),
             _ => candle_core::bail!("rms norm: an input in f32 or f64"),
         };
-        Ok((out, l.shape().clone()))
+        Ok((out, Shape::from(l.dims())))
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -380,24 +417,16 @@ impl CustomOp3 for RmsNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match x {
             CpuStorage::F32(_) => {
-                let ((x, c), (y, _), (g, _)) = (
-                    rows::<f32>(x, lx)?,
-                    rows::<f32>(y, ly)?,
-                    rows::<f32>(g, lg)?,
-                );
-                CpuStorage::F32(rms_backward(x, y, g, c, self.eps))
+                let (x, y, g) = (Rows::new(x, lx)?, Rows::new(y, ly)?, Rows::new(g, lg)?);
+                CpuStorage::F32(rms_backward::<f32>(&x, &y, &g, self.eps))
             }
             CpuStorage::F64(_) => {
-                let ((x, c), (y, _), (g, _)) = (
-                    rows::<f64>(x, lx)?,
-                    rows::<f64>(y, ly)?,
-                    rows::<f64>(g, lg)?,
-                );
-                CpuStorage::F64(rms_backward(x, y, g, c, self.eps))
+                let (x, y, g) = (Rows::new(x, lx)?, Rows::new(y, ly)?, Rows::new(g, lg)?);
+                CpuStorage::F64(rms_backward::<f64>(&x, &y, &g, self.eps))
             }
             _ => candle_core::bail!("rms norm: an input in f32 or f64"),
         };
-        Ok((out, lx.shape().clone()))
+        Ok((out, Shape::from(lx.dims())))
     }
 }
 
@@ -405,7 +434,7 @@ impl CustomOp3 for RmsNormGrad {
 /// `(T, D/2)` of `x`'s dtype: transformers' sense (`hf`) or nanochat's, as one node with
 /// its backward.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, hf: bool) -> Result<Tensor> {
-    let x = x.contiguous()?;
+    let x = rows_in_place(x)?;
     let sense = if hf { 1.0 } else { -1.0 };
     let ready = Precomputed::default();
     if !x.device().is_cpu() {
@@ -439,24 +468,22 @@ struct Rope {
 
 /// Each row `(D)` of a contiguous `(B, H, T, D)` rotated by its position's angles.
 fn rotate<T: candle_core::WithDType>(
-    x: &[T],
+    x: &Rows<T>,
     cos: &[T],
     sin: &[T],
     t: usize,
     sense: f64,
 ) -> Vec<T> {
     let half = cos.len() / t.max(1);
-    let d = 2 * half;
     let s = T::from_f64(sense);
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
+    let mut out = vec![T::from_f64(0.0); x.count * x.width];
+    out.par_chunks_mut(2 * half)
         .enumerate()
         .with_min_len(MIN_ROWS)
-        .for_each(|(r, (y, x))| {
+        .for_each(|(r, y)| {
             let pos = (r % t) * half;
             let (c, sn) = (&cos[pos..pos + half], &sin[pos..pos + half]);
-            let (x1, x2) = x.split_at(half);
+            let (x1, x2) = x.row(r).split_at(half);
             let (y1, y2) = y.split_at_mut(half);
             for i in 0..half {
                 y1[i] = x1[i] * c[i] - s * x2[i] * sn[i];
@@ -475,14 +502,10 @@ impl Rope {
     /// The rotation of a contiguous `(B, H, T, D)` storage on the CPU by `sense`.
     fn cpu(&self, x: &CpuStorage, l: &Layout, sense: f64) -> Result<CpuStorage> {
         let (_, _, t, _) = l.shape().dims4()?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("rope: a non-contiguous input");
-        };
         macro_rules! rotated {
             ($variant:ident, $ty:ty) => {{
-                let x = &x.as_slice::<$ty>()?[a..b];
                 let (c, s) = (table::<$ty>(&self.cos)?, table::<$ty>(&self.sin)?);
-                CpuStorage::$variant(rotate(x, &c, &s, t, sense))
+                CpuStorage::$variant(rotate(&Rows::<$ty>::new(x, l)?, &c, &s, t, sense))
             }};
         }
         Ok(match x {
@@ -501,7 +524,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((self.cpu(x, l, self.sense)?, l.shape().clone()))
+        Ok((self.cpu(x, l, self.sense)?, Shape::from(l.dims())))
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -527,7 +550,7 @@ impl CustomOp1 for RopeGrad<'_> {
     }
 
     fn cpu_fwd(&self, g: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((self.0.cpu(g, l, -self.0.sense)?, l.shape().clone()))
+        Ok((self.0.cpu(g, l, -self.0.sense)?, Shape::from(l.dims())))
     }
 }
 

@@ -64,13 +64,10 @@ impl Block {
     }
 
     /// `rms` over rows of `width` (`rows · width` elements), one node keeping its input
-    /// and output (`src/engine/fused.rs`), and the weight's product. A `strided` input (a
-    /// head's transposed view) is first copied contiguous, unless widening copied it.
-    fn norm(&mut self, x: usize, rows: f64, width: f64, strided: bool) -> usize {
-        let mut xf = self.wide(x, rows * width);
-        if strided && xf == x {
-            xf = self.add(rows * width * self.act, &[x]);
-        }
+    /// (read in place, also as a transposed view) and its output (`src/engine/fused.rs`),
+    /// and the weight's product.
+    fn norm(&mut self, x: usize, rows: f64, width: f64) -> usize {
+        let xf = self.wide(x, rows * width);
         let y = self.add(rows * width * WIDE, &[xf]);
         let y = self.narrow(y, rows * width);
         self.add(rows * width * self.act, &[y])
@@ -83,15 +80,9 @@ impl Block {
         y
     }
 
-    /// The rotation of `x` (`elems` elements), one node keeping its input and output
-    /// (`src/engine/fused.rs`); a `strided` input (a projection's transposed view) is
-    /// first copied contiguous.
-    fn rope(&mut self, x: usize, elems: f64, strided: bool) -> usize {
-        let x = if strided {
-            self.add(elems * self.act, &[x])
-        } else {
-            x
-        };
+    /// The rotation of `x` (`elems` elements), one node keeping its input (read in place,
+    /// also as a transposed view) and its output (`src/engine/fused.rs`).
+    fn rope(&mut self, x: usize, elems: f64) -> usize {
         self.add(elems * self.act, &[x])
     }
 
@@ -149,22 +140,20 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
         },
     };
     let x = b.add(0.0, &[]);
-    let hn = b.norm(x, rows, c, false);
+    let hn = b.norm(x, rows, c);
     let proj = |b: &mut Block, name: &str, elems: f64| {
         let y = b.linear(hn, elems, adapted(name));
         match m.arch {
             Arch::Qwen2 => b.add(elems * b.act, &[y]),
-            Arch::Qwen3 if name != "v_proj" => b.norm(y, elems / d, d, true),
+            Arch::Qwen3 if name != "v_proj" => b.norm(y, elems / d, d),
             _ => y,
         }
     };
     let q = proj(&mut b, "q_proj", q_el);
     let k = proj(&mut b, "k_proj", kv_el);
     let v = proj(&mut b, "v_proj", kv_el);
-    // Qwen3's q and k reach the rotation from its norms, contiguous.
-    let strided = m.arch != Arch::Qwen3;
-    let q = b.rope(q, q_el, strided);
-    let mut k = b.rope(k, kv_el, strided);
+    let q = b.rope(q, q_el);
+    let mut k = b.rope(k, kv_el);
     let mut v_held = v;
     if kv < h {
         k = b.add(q_el * b.act, &[k]);
@@ -186,7 +175,7 @@ fn block(spec: &RunSpec, adapted: &dyn Fn(&str) -> bool) -> Block {
     let y = b.add(q_el * b.act, &[av]);
     let o = b.linear(y, rows * c, adapted("o_proj"));
     let mid = b.add(rows * c * b.act, &[x, o]);
-    let hn = b.norm(mid, rows, c, false);
+    let hn = b.norm(mid, rows, c);
     let g = b.linear(hn, rows * i, adapted("gate_proj"));
     let gs = b.add(rows * i * b.act, &[g]);
     let u = b.linear(hn, rows * i, adapted("up_proj"));
@@ -231,12 +220,12 @@ mod tests {
 
     /// With q_proj and v_proj adapted the first norm keeps nothing but its weighted output
     /// (the fused norm's own output, `N·C`, is gone) and the k path nothing but its
-    /// transposed copy (the projection, its contiguous copy and the rotation, `3·N·KV·D`,
-    /// and the copy repeating it to every head, `N·H·D`).
+    /// transposed copy (the projection and the rotation, `2·N·KV·D`, and the copy
+    /// repeating it to every head, `N·H·D`).
     #[test]
     fn q_and_v_leave_the_first_norm_and_the_k_path_untracked() {
         let (n, c, kv, q) = (1024.0 * 4.0, 64.0, 32.0, 64.0);
-        let want = n * c + 3.0 * n * kv + n * q;
+        let want = n * c + 2.0 * n * kv + n * q;
         let got = first_block_untracked(&spec(), &targets(&["q_proj", "v_proj"]));
         assert_eq!(got, want);
     }

@@ -271,9 +271,10 @@ fn grads_at_peak(spec: &RunSpec, adapted: &[params::Param]) -> f64 {
 /// What qwen2's biases and qwen3's per-head q/k norms add to llama's fitted working sets
 /// (`src/engine/model.rs`, `attention`), from the shapes. Qwen2: each bias add is a new
 /// tensor the graph keeps, `N·H·D + 2·N·KV·D` a block. Qwen3: each of q and k (a transposed
-/// view of its projection) is made contiguous (under 16-bit compute: widened), normalized
-/// by the fused RMSNorm and multiplied by the norm's weight, three kept f32 copies' worth a
-/// block (`3·(N·H·D + N·KV·D)`; under 16-bit the cast back and the product are half). With
+/// view of its projection, read in place) is normalized by the fused RMSNorm and
+/// multiplied by the norm's weight, two kept copies a block (`2·(N·H·D + N·KV·D)`); under
+/// 16-bit compute the widened copy and the norm's output are f32, the cast back and the
+/// product half, three f32 copies' worth. With
 /// checkpointing the attention half's forward holds the copies and its
 /// recompute-and-backward the same (measured against llama of the same shapes, six
 /// shapes: the copies plus the norms' statistics, within 0.14 MB; their gradients stay
@@ -284,9 +285,10 @@ fn arch_extras(arch: Arch, u: &Units, half: bool, ws: &mut WorkingSets) {
     let act = |x: f64| if half { x / 2.0 } else { x };
     let (kept, grads) = match arch {
         Arch::Qwen2 => (act(u.nq + 2.0 * u.nkv), 0.0),
-        // f32: the contiguous copy, the norm's output and the product; 16-bit: the widened
-        // copy and the norm's output in f32, the cast back and the product half.
-        Arch::Qwen3 => (3.0 * (u.nq + u.nkv), act(u.nq + u.nkv)),
+        Arch::Qwen3 => (
+            if half { 3.0 } else { 2.0 } * (u.nq + u.nkv),
+            act(u.nq + u.nkv),
+        ),
         _ => return,
     };
     let b = |x: f64| x.round() as u64;
