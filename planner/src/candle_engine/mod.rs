@@ -173,6 +173,11 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
         gni: if m.gated_ffn { n * i * F } else { 0.0 },
         gci: if m.gated_ffn { c * i * F } else { 0.0 },
         nq1: if m.num_heads == 1 { n * h * d * F } else { 0.0 },
+        nkv1: if m.num_kv_heads == 1 {
+            n * kv * d * F
+        } else {
+            0.0
+        },
         tab: t5::tables(b, seq, h),
     }
 }

@@ -56,6 +56,9 @@ pub(super) struct Units {
     pub gci: f64,
     pub nq1: f64,
     pub tab: f64,
+    /// The key/value width again with one key/value head (decoders: candle then makes no
+    /// transposed copies of k and v), and `nq1` likewise for the queries.
+    pub nkv1: f64,
 }
 
 /// T5's calibrated working sets (`src/engine/t5.rs`), each above the live bytes before its
@@ -125,10 +128,11 @@ enum Unit {
     Gci,
     Nq1,
     Tab,
+    Nkv1,
 }
 
 /// (name in the files, what users would call it).
-const UNITS: [(Unit, &str, &str); 22] = [
+const UNITS: [(Unit, &str, &str); 23] = [
     (Unit::N, "n", "rows (micro_batch × seq_len)"),
     (Unit::Nc, "nc", "rows × hidden_size"),
     (Unit::Nq, "nq", "rows × query width"),
@@ -159,6 +163,7 @@ const UNITS: [(Unit, &str, &str); 22] = [
     (Unit::Gci, "gci", "a gated feed-forward's second projection"),
     (Unit::Nq1, "nq1", "rows × query width with one head"),
     (Unit::Tab, "tab", "the position biases and masks"),
+    (Unit::Nkv1, "nkv1", "rows × key/value width with one key/value head"),
 ];
 
 impl Unit {
@@ -194,6 +199,7 @@ impl Unit {
             Unit::Gci => u.gci,
             Unit::Nq1 => u.nq1,
             Unit::Tab => u.tab,
+            Unit::Nkv1 => u.nkv1,
         }
     }
 
