@@ -128,8 +128,8 @@ const fn p(
 
 /// Fourteen small configurations over architecture, vocabulary, batch, sequence,
 /// checkpointing and chunk size (the test adds two with accumulation). Measured on 2 cores
-/// (candle 0.11.1, Dec 2026): all sixteen within 0.7 % (worst −0.69 %, plan 14), qwen2
-/// −0.42 % (plan 12), qwen3 −0.61 % (plan 13).
+/// (candle 0.11.1, Dec 2026, with the fused norm, RoPE and softmax): all sixteen within
+/// 1.3 % (worst −1.29 %, plan 3), qwen2 −0.37 % (plan 12), qwen3 −0.45 % (plan 13).
 #[rustfmt::skip]
 const PLANS: [Plan; 14] = [
     // arch, width, heads, kv heads, head dim, MLP, vocab, batch, seq, checkpointing, loss, chunk, layers
@@ -241,9 +241,8 @@ fn candle_inventory_with_16_bit_compute() {
 
 /// The LoRA plans: the llama, qwen2 and qwen3 plans, with `[lora]` rank 8 on q/v
 /// (PEFT's default targets) and rank 16 on every linear, over random frozen bases.
-/// Measured on 2 cores (candle 0.11.1, Dec 2026): from −1.47 % (lora plan 4: llama, width
-/// 128, q/v) to +1.35 % (lora plan 13: qwen3, all-linear); the full fine-tune's inventory
-/// for the same plans was −26.7 % to +10.6 % off.
+/// Measured on 2 cores (candle 0.11.1, Dec 2026, with the fused nodes): from −0.51 % (lora
+/// plan 5: llama, width 128, all-linear) to +1.76 % (lora plan 4: the same, q/v).
 const LORA_BOUND: f64 = 0.02;
 
 #[test]
@@ -270,8 +269,8 @@ fn candle_inventory_of_lora_plans() {
 
 /// LoRA targets that leave out q_proj or v_proj (the estimate warns): without
 /// checkpointing the first block is played op by op, the backward's terms are the q/v
-/// fits'. Measured on 2 cores (Dec 2026): +0.44 % to +2.51 % on these twelve; over a wider
-/// set (docs/sft.md) −2.62 % to +4.11 %.
+/// fits'. Measured on 2 cores (Dec 2026, with the fused nodes): −0.51 % to +3.43 % on these
+/// twelve (down_proj alone, the three highest).
 const LORA_OUTSIDE_BOUND: f64 = 0.045;
 
 #[test]

@@ -214,7 +214,13 @@ pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: adapters that le
 /// block, fed by the frozen embedding, keeps only what follows an adapted linear
 /// ([`lora_graph::first_block_untracked`], op by op), and the backward's peak holds the
 /// gradients of the trained parameters instead of the full fine-tune's
-/// ([`grads_at_peak`]). The frozen embedding has no backward.
+/// ([`grads_at_peak`]). The frozen embedding has no backward. An MLP linear with no
+/// adapter makes no weight gradient, so its backward makes no transposed copy of its input
+/// either: the MLP half's backward holds `N·C` less for each of gate and up, `N·I` for
+/// down (measured on tests/train.rs's plan 7 with q/v adapters, where that half is the
+/// step's peak: one `N·I` and two `N·C` tensors fewer than the full fine-tune's), and so
+/// does the whole graph's backward peak without checkpointing (plans 10, 11, 12 with q/v:
+/// the full fine-tune's fit was 1.1–1.7 MB over, these copies are 1.3–1.8 MB).
 ///
 /// `adapted` is the plan's parameters under LoRA (the frozen base and the adapters).
 fn lora_extras(
@@ -228,11 +234,14 @@ fn lora_extras(
     let act = |x: f64| if half { x / 2.0 } else { x };
     let rows = u.n / F;
     let m = &spec.model;
-    let (mut attn, mut mlp, mut attn_out) = (0.0, 0.0, 0.0);
-    for p in params::shared(m)
-        .iter()
-        .filter(|p| p.layer == Some(0) && l.targets(p))
-    {
+    let (mut attn, mut mlp, mut attn_out, mut frozen_mlp_in) = (0.0, 0.0, 0.0, 0.0);
+    for p in params::shared(m).iter().filter(|p| p.layer == Some(0)) {
+        if !l.targets(p) {
+            if crate::lora::module_of(p).is_some() && p.name.contains("mlp") {
+                frozen_mlp_in += rows * p.cols as f64 * F;
+            }
+            continue;
+        }
         let kept = rows * (l.rank as f64 + 3.0 * p.rows as f64) * F;
         if p.name.contains("attn") {
             attn += kept;
@@ -246,11 +255,12 @@ fn lora_extras(
     ws.fwd_attn = ws.fwd_attn.saturating_add(b(fa));
     ws.fwd_mlp = ws.fwd_mlp.saturating_add(b(fm));
     ws.bwd_attn = ws.bwd_attn.saturating_add(b(fa + act(attn_out)));
-    ws.bwd_mlp = ws.bwd_mlp.saturating_add(b(fm));
+    ws.bwd_mlp = b((ws.bwd_mlp as f64 + fm - act(frozen_mlp_in)).max(0.0));
     let graph = u.layers * act(attn + mlp) - lora_graph::first_block_untracked(spec, &l.targets);
     ws.graph = b((ws.graph as f64 + graph).max(0.0));
     ws.fwd_peak = b((ws.fwd_peak as f64 + graph).max(0.0));
-    ws.bwd_peak = b((ws.bwd_peak as f64 + grads_at_peak(spec, adapted)).max(0.0));
+    ws.bwd_peak =
+        b((ws.bwd_peak as f64 + grads_at_peak(spec, adapted) - act(frozen_mlp_in)).max(0.0));
     ws.embedding = 0;
 }
 

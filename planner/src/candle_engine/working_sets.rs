@@ -163,7 +163,11 @@ const UNITS: [(Unit, &str, &str); 23] = [
     (Unit::Gci, "gci", "a gated feed-forward's second projection"),
     (Unit::Nq1, "nq1", "rows × query width with one head"),
     (Unit::Tab, "tab", "the position biases and masks"),
-    (Unit::Nkv1, "nkv1", "rows × key/value width with one key/value head"),
+    (
+        Unit::Nkv1,
+        "nkv1",
+        "rows × key/value width with one key/value head",
+    ),
 ];
 
 impl Unit {
