@@ -411,10 +411,12 @@ fn keep_best_and_eval_over_several_checkpoints() {
 }
 
 /// A plan written for the torch engine (a small llama, no checkpointing, the fp32 logits
-/// whole): the candle engine needs about three times torch's prediction as written
-/// (`vramplan estimate`: 11.6 MB against 36.6 MB), so under 0.02 GiB it is translated to
-/// the planner's fitting candle configuration with the same global batch; under 0.005 GiB,
-/// less than torch's own prediction, it is refused with the breakdown.
+/// whole): the candle engine needs more than torch's prediction as written (11.1 MiB
+/// against 13.8 MiB), so under 0.012 GiB (12.3 MiB) it is translated to the planner's
+/// fitting candle configuration with the same global batch; under 0.005 GiB, less than
+/// torch's own prediction, it is refused with the breakdown. One step is run, so nothing
+/// is measured (the first step, which creates the optimizer state, is not counted) and
+/// the summary says so rather than give an error of zero.
 #[test]
 fn a_torch_plan_is_translated_and_one_that_does_not_fit_is_refused() {
     let dir = tmp("torch");
@@ -428,7 +430,7 @@ fn a_torch_plan_is_translated_and_one_that_does_not_fit_is_refused() {
     )
     .unwrap();
     let out = dir.join("out");
-    let o = train(&plan, &out, &["--memory-limit", "0.02", "--steps", "1"]);
+    let o = train(&plan, &out, &["--memory-limit", "0.012", "--steps", "1"]);
     assert!(o.status.success(), "{}", text(&o));
     let note = String::from_utf8_lossy(&o.stderr);
     for part in [
@@ -455,7 +457,9 @@ fn a_torch_plan_is_translated_and_one_that_does_not_fit_is_refused() {
     );
     assert_eq!(micro * accum, 16, "{line}");
     let s = summary(&out);
-    assert!(s["predicted_peak_bytes"].as_u64().unwrap() < (0.02 * (1u64 << 30) as f64) as u64);
+    assert!(s["predicted_peak_bytes"].as_u64().unwrap() < (0.012 * (1u64 << 30) as f64) as u64);
+    assert!(s["peak_error"].is_null(), "{s}");
+    assert!(t.contains("not measured (the first step"), "{t}");
     let o = train(
         &plan,
         &dir.join("out2"),

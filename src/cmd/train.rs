@@ -566,17 +566,27 @@ fn render_summary(s: &engine::Summary, out: &Path) -> String {
     } else {
         String::new()
     };
+    let measured = match s.peak_error {
+        Some(error) => format!(
+            "measured {} ({} B, {}){tensors}; error {:+.2} % against {}",
+            Bytes(s.measured_peak_bytes),
+            s.measured_peak_bytes,
+            s.measured_by,
+            100.0 * error,
+            if s.compute_dtype == "f32" {
+                "the measured peak"
+            } else {
+                "the tensors (the 16-bit inventory leaves out the CPU's matmul scratch, as a GPU has none)"
+            }
+        ),
+        None => "not measured (the first step, which creates the optimizer state, is not counted: run 2 or more steps)".to_string(),
+    };
     line(format!(
-        "peak memory of a step on {} ({}): predicted {} ({} B), measured {} ({} B, {}){tensors}; error {:+.2} % against {}",
+        "peak memory of a step on {} ({}): predicted {} ({} B), {measured}",
         s.device,
         s.compute_dtype,
         Bytes(s.predicted_peak_bytes),
         s.predicted_peak_bytes,
-        Bytes(s.measured_peak_bytes),
-        s.measured_peak_bytes,
-        s.measured_by,
-        100.0 * s.peak_error,
-        if s.compute_dtype == "f32" { "the measured peak" } else { "the tensors (the 16-bit inventory leaves out the CPU's matmul scratch, as a GPU has none)" }
     ));
     line(format!(
         "summary written to {}",

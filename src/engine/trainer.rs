@@ -86,8 +86,10 @@ pub struct Summary {
     pub measured_tensor_peak_bytes: u64,
     /// (predicted − measured) / measured, against `measured_peak_bytes` in f32 (the f32
     /// inventory is the CPU's whole heap) and against `measured_tensor_peak_bytes` with
-    /// 16-bit compute (that inventory is the tensors', as on a GPU).
-    pub peak_error: f64,
+    /// 16-bit compute (that inventory is the tensors', as on a GPU). None (null) when no
+    /// step was measured: the first step, which creates the optimizer state, is not
+    /// counted, so a one-step run has nothing to compare against.
+    pub peak_error: Option<f64>,
     /// The whole process's heap high-water mark over the run: the data as loaded, the
     /// model and every step (streamed Parquet data keeps it far below the file's size).
     pub process_peak_bytes: u64,
@@ -778,11 +780,8 @@ impl Progress {
         } else {
             meter.measured_tensors
         };
-        let peak_error = if against > 0 {
-            (o.predicted_peak as f64 - against as f64) / against as f64
-        } else {
-            0.0
-        };
+        let peak_error =
+            (against > 0).then(|| (o.predicted_peak as f64 - against as f64) / against as f64);
         let tokens_per_second = if self.seconds > 0.0 {
             self.tokens as f64 / self.seconds
         } else {
