@@ -33,12 +33,13 @@ its own:
 
 Threads, per child: its CPU affinity is exactly N cores (the first N the harness may
 run on, set with `os.sched_setaffinity` between fork and exec, so every thread the
-child starts inherits it), and OMP_NUM_THREADS, MKL_NUM_THREADS, RAYON_NUM_THREADS and
-CANDLE_NUM_THREADS are N. candle-core 0.11 (`utils.rs`) sizes its rayon pool and gemm's
-parallelism from RAYON_NUM_THREADS and its barrier pool (CANDLE_NUM_THREADS - 1
-workers) from CANDLE_NUM_THREADS, which defaults to RAYON_NUM_THREADS; CANDLE_CPU_MASK
-and CANDLE_CPU_AFFINITY, with which candle would re-pin its threads, are removed from
-the child's environment. The torch child also calls `torch.set_num_threads(N)` and
+child starts inherits it), and OMP_NUM_THREADS, MKL_NUM_THREADS and RAYON_NUM_THREADS
+are N. candle-core 0.11 (`utils.rs`) sizes gemm's parallelism from RAYON_NUM_THREADS and
+its barrier pool for elementwise ops (CANDLE_NUM_THREADS - 1 workers) from
+CANDLE_NUM_THREADS, which defaults to RAYON_NUM_THREADS; the engine sets it to 1 where
+it is not set (`engine::on_step_pool`). CANDLE_NUM_THREADS, and CANDLE_CPU_MASK and
+CANDLE_CPU_AFFINITY, with which candle would re-pin its threads, are removed from the
+child's environment, so every build runs as its users run it. The torch child also calls `torch.set_num_threads(N)` and
 checks it. The harness never imports torch (only its children do), so no OpenMP pool
 of the harness spins while another runner runs: OMP_WAIT_POLICY=PASSIVE is not needed.
 
@@ -90,8 +91,11 @@ CONFIGS = [
 ]
 SKIP = 2  # warm-up steps left out of each run
 RUNNERS = ("engine", "torch", "torch_unfused")
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "CANDLE_NUM_THREADS")
-REPIN_VARS = ("CANDLE_CPU_MASK", "CANDLE_CPU_AFFINITY")  # candle would pin its threads to these
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
+# Removed from a child's environment: candle would pin its threads to the first two, and
+# the engine sizes candle's elementwise pool itself unless CANDLE_NUM_THREADS is set, so
+# each build runs as a user runs it.
+REPIN_VARS = ("CANDLE_CPU_MASK", "CANDLE_CPU_AFFINITY", "CANDLE_NUM_THREADS")
 SPIN_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "CANDLE_BARRIER_POOL_SPIN_LIMIT")
 FLAGS = ("fma", "f16c", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
          "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")

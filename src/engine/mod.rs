@@ -143,6 +143,33 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
     Ok(())
 }
 
+/// The stack of the step's thread and of its helpers: candle walks the backward graph
+/// recursively, and a deep model's graph needs more than a spawned thread's default 2 MiB
+/// (the main thread has 8).
+const STEP_STACK: usize = 64 << 20;
+
+/// Runs `f`, a training run on the CPU, on a thread of a rayon pool of its own, sized as
+/// candle sizes gemm's parallelism (`RAYON_NUM_THREADS`, else every core), with candle's
+/// elementwise ops on that thread alone unless `CANDLE_NUM_THREADS` is set. The step's
+/// thread then works on its matmuls with the pool's other workers instead of sleeping
+/// while they run, and no second pool of workers spins on the cores gemm uses between
+/// elementwise ops (candle 0.11's `BarrierPool`, sized by `CANDLE_NUM_THREADS`, which
+/// defaults to the rayon count): measured side by side on 2 cores, 1.18–1.34 × the
+/// tokens/s of the same build without it (`docs/performance.md`).
+pub fn on_step_pool<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Read once, when candle first splits an elementwise op; nothing has yet.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .stack_size(STEP_STACK)
+        .thread_name(|i| format!("vramplan-step-{i}"))
+        .build()
+        .map_err(|e| candle_core::Error::msg(format!("starting the CPU threads: {e}")))?;
+    Ok(pool.install(f))
+}
+
 /// Runs a few matmuls on the calling thread and on every thread of the pool, so that the
 /// pool and gemm's per-thread packing buffers (one L2-sized slab per thread, made on a
 /// thread's first matmul) exist before the baseline is taken: they are the process's, not

@@ -14,8 +14,8 @@ use crate::engine::rng::Rng;
 use crate::engine::rundir::{self, Lock};
 use crate::engine::sft::{self, Formatter, TrainOn};
 use crate::engine::{
-    alloc, bad, check_vocab, device, device_name, load_tokenizer, matmul_rate, step, step_opts,
-    warm_up,
+    alloc, bad, check_vocab, device, device_name, load_tokenizer, matmul_rate, on_step_pool, step,
+    step_opts, warm_up,
 };
 use crate::Error;
 use anyhow::Result;
@@ -145,6 +145,14 @@ fn print_marks(r: &Recorder, baseline: u64) {
 /// Trains `spec` and writes `OUT/metrics.jsonl`, checkpoints and `OUT/summary.json`.
 /// Returns `None` when a resumed run had no step left to do (its summary is kept).
 pub fn train(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
+    if o.device.is_cpu() {
+        on_step_pool(|| train_here(spec, o))?
+    } else {
+        train_here(spec, o)
+    }
+}
+
+fn train_here(spec: &RunSpec, o: &Opts) -> Result<Option<Summary>> {
     let hf = tokenizer(spec, o)?;
     let fmt = Formatter::load(o.tokenizer.as_deref(), o.train_on)?
         .for_model(spec, o.hf_config.as_deref());
