@@ -8,6 +8,8 @@
     python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/data/candle_f16.toml
     python3 tools/calibrate_candle.py check docs/data/candle_f16_stages.tsv --binary target/release/vramplan
     (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml)
+    python3 tools/calibrate_candle.py remeasure docs/data/candle_f32_stages.tsv --out NEW.tsv --note "..."
+        (the same configurations measured again, e.g. after an engine change)
     python3 tools/calibrate_candle.py measure --arch t5 --dtype f16 --tensors --count 400 --seed 12 \
         --append --out docs/data/candle_f16_stages.tsv     (T5's configurations, the same files)
 
@@ -92,6 +94,37 @@ def measure(args):
         for l in lines:
             f.write(l + "\n")
     print(f"{len(lines)} configurations {'added to' if args.append else 'written to'} {args.out}")
+
+
+def remeasure(args):
+    """Measures every configuration of an existing file again (with another build, or
+    after an engine change), keeping its comment lines; `--note` is added to each
+    section's comment."""
+    src = open(args.path).read().splitlines()
+    configs = [l.split("|")[0].strip() for l in src if l.strip() and not l.startswith("#")]
+    tensors = any(l.startswith("#") and "tensors only" in l for l in src)
+    dtype = "f16" if any(l.startswith("# compute dtype f16") for l in src) else "f32"
+    with tempfile.TemporaryDirectory() as tmp:
+        path, measured = os.path.join(tmp, "configs.txt"), os.path.join(tmp, "measured.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(configs) + "\n")
+        run = [args.binary] if args.binary else ["cargo", "run", "--release", "--quiet", "--"]
+        cmd = run + ["calibrate-candle", path, "--out", measured, "--dtype", dtype] + (["--tensors"] if tensors else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = open(measured).read().splitlines() if out.returncode == 0 else []
+    if len(lines) != len(configs):
+        sys.exit(f"calibrate-candle failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
+    rows = iter(lines)
+    with open(args.out, "w") as f:
+        for i, l in enumerate(src):
+            if not l.strip():
+                continue
+            if not l.startswith("#"):
+                l = next(rows)
+            elif i > 0 and args.note and args.note not in l:
+                l = f"{l}; {args.note}"
+            f.write(l + "\n")
+    print(f"{len(lines)} configurations measured again into {args.out}")
 
 
 def parse(path):
@@ -544,6 +577,11 @@ def main():
                    "the allocations do not depend on the build profile")
     m.add_argument("--tensors", action="store_true",
                    help="count tensors only, leaving out gemm's 64-byte-aligned packing scratch (what a GPU allocates)")
+    r = sub.add_parser("remeasure")
+    r.add_argument("path")
+    r.add_argument("--out", required=True)
+    r.add_argument("--binary", help="a built vramplan to run (default: cargo run --release)")
+    r.add_argument("--note", help="added to each section's comment, e.g. the build that measured it")
     f = sub.add_parser("fit")
     f.add_argument("path")
     f.add_argument("--write", metavar="FILE", help="write the planner's data file (planner/data/candle_f32.toml or candle_f16.toml)")
@@ -551,7 +589,7 @@ def main():
     k.add_argument("path")
     k.add_argument("--binary", default="target/release/vramplan")
     args = ap.parse_args()
-    {"measure": measure, "fit": fit, "check": check}[args.cmd](args)
+    {"measure": measure, "remeasure": remeasure, "fit": fit, "check": check}[args.cmd](args)
 
 
 if __name__ == "__main__":
