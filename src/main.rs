@@ -11,6 +11,8 @@ mod render;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    #[cfg(feature = "engine")]
+    vramplan::engine::keep_elementwise_on_one_thread();
     match cli::run() {
         Ok(code) => code,
         Err(e) => {

@@ -37,7 +37,7 @@ child starts inherits it), and OMP_NUM_THREADS, MKL_NUM_THREADS and RAYON_NUM_TH
 are N. candle-core 0.11 (`utils.rs`) sizes gemm's parallelism from RAYON_NUM_THREADS and
 its barrier pool for elementwise ops (CANDLE_NUM_THREADS - 1 workers) from
 CANDLE_NUM_THREADS, which defaults to RAYON_NUM_THREADS; the engine sets it to 1 where
-it is not set (`engine::on_step_pool`). CANDLE_NUM_THREADS, and CANDLE_CPU_MASK and
+it is not set (`engine::keep_elementwise_on_one_thread`). CANDLE_NUM_THREADS, and CANDLE_CPU_MASK and
 CANDLE_CPU_AFFINITY, with which candle would re-pin its threads, are removed from the
 child's environment, so every build runs as its users run it. The torch child also calls `torch.set_num_threads(N)` and
 checks it. The harness never imports torch (only its children do), so no OpenMP pool

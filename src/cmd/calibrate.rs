@@ -38,12 +38,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "f16" => candle_core::DType::F16,
         _ => candle_core::DType::F32,
     };
-    let recorder = Recorder::new(a.tensors);
-    let mut out = String::new();
-    for c in &configs {
-        out += &calibrate::measure(c, compute, &recorder)?;
-        out.push('\n');
-    }
+    // On the threads `train` runs its steps on.
+    let out = vramplan::engine::on_step_pool(|| -> Result<String> {
+        let recorder = Recorder::new(a.tensors);
+        let mut out = String::new();
+        for c in &configs {
+            out += &calibrate::measure(c, compute, &recorder)?;
+            out.push('\n');
+        }
+        Ok(out)
+    })??;
     vramplan::write_atomic(&a.out, &out)?;
     eprintln!(
         "{} configurations measured into {}",

@@ -20,11 +20,11 @@
 //!
 //! **RoPE** on `(B, H, T, D)` with the tables `cos`, `sin` `(T, D/2)`: `(x₁·cos ∓ x₂·sin,
 //! x₂·cos ± x₁·sin)` in transformers' sense (upper signs) or nanochat's. The node keeps its
-//! input, made contiguous (q and k arrive as transposed views of their projections), and
-//! its output (the chain kept four half products, two sums and their concatenation); its
-//! backward is the rotation the other way.
+//! input, whose rows it reads in place (q and k arrive as transposed views of their
+//! projections, with contiguous rows), and its output (the chain kept four half products,
+//! two sums and their concatenation); its backward is the rotation the other way.
 //!
-//! On the CPU the rows are split over rayon's threads. On other devices each node runs its
+//! On the CPU the rows are split over rayon's threads. On CUDA each node runs its
 //! arithmetic as tensor ops outside the graph (for the softmax candle's fused
 //! `softmax_last_dim`), whose temporaries are freed within each pass, and hands the
 //! result to the node ([`Precomputed`]): the graph keeps the same two tensors.
@@ -435,6 +435,14 @@ impl CustomOp3 for RmsNormGrad {
 /// its backward.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, hf: bool) -> Result<Tensor> {
     let x = rows_in_place(x)?;
+    let (_, _, t, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims2()? != (t, d / 2) || sin.dims2()? != (t, d / 2) {
+        candle_core::bail!(
+            "rope: tables {:?} and {:?} for rows of {d} at {t} positions",
+            cos.dims(),
+            sin.dims()
+        );
+    }
     let sense = if hf { 1.0 } else { -1.0 };
     let ready = Precomputed::default();
     if !x.device().is_cpu() {
@@ -466,7 +474,8 @@ struct Rope {
     ready: Precomputed,
 }
 
-/// Each row `(D)` of a contiguous `(B, H, T, D)` rotated by its position's angles.
+/// Each row `(D)` of a `(B, H, T, D)` rotated by its position's angles (`cos`, `sin`:
+/// `(T, D/2)`, checked by [`rope`]).
 fn rotate<T: candle_core::WithDType>(
     x: &Rows<T>,
     cos: &[T],
@@ -499,7 +508,7 @@ fn table<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
 }
 
 impl Rope {
-    /// The rotation of a contiguous `(B, H, T, D)` storage on the CPU by `sense`.
+    /// The rotation of a `(B, H, T, D)` storage on the CPU by `sense`, its rows read in place.
     fn cpu(&self, x: &CpuStorage, l: &Layout, sense: f64) -> Result<CpuStorage> {
         let (_, _, t, _) = l.shape().dims4()?;
         macro_rules! rotated {
@@ -631,7 +640,7 @@ mod tests {
                 Var::from_tensor(&x0).unwrap(),
                 Var::from_tensor(&x0).unwrap(),
             );
-            // A transposed view: the node makes its input contiguous.
+            // A transposed view: the node reads its rows in place.
             let ya = rms_norm(&a.as_tensor().transpose(0, 1).unwrap(), 1e-6)
                 .unwrap()
                 .transpose(0, 1)

@@ -148,23 +148,32 @@ pub fn check_vocab(spec: &RunSpec) -> Result<()> {
 /// (the main thread has 8).
 const STEP_STACK: usize = 64 << 20;
 
-/// Runs `f`, a training run on the CPU, on a thread of a rayon pool of its own, sized as
-/// candle sizes gemm's parallelism (`RAYON_NUM_THREADS`, else every core), with candle's
-/// elementwise ops on that thread alone unless `CANDLE_NUM_THREADS` is set. The step's
-/// thread then works on its matmuls with the pool's other workers instead of sleeping
-/// while they run, and no second pool of workers spins on the cores gemm uses between
-/// elementwise ops (candle 0.11's `BarrierPool`, sized by `CANDLE_NUM_THREADS`, which
-/// defaults to the rayon count): measured side by side on 2 cores, 1.18–1.34 × the
-/// tokens/s of the same build without it (`docs/performance.md`).
-pub fn on_step_pool<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
+/// Keeps candle's elementwise ops on the thread that runs them unless `CANDLE_NUM_THREADS`
+/// says otherwise. candle-core 0.11 splits binary ops over a pool of its own (its
+/// `BarrierPool`, `CANDLE_NUM_THREADS − 1` workers, by default as many as gemm's threads
+/// less one) whose workers spin for up to 25,000 rounds after each op, on the cores gemm's
+/// threads use; on 2 cores the step ran faster without it (`docs/performance.md`).
+/// Measured on 2 cores only. The variable is read once, when candle first splits an op:
+/// call this first thing in `main`, before any thread starts.
+pub fn keep_elementwise_on_one_thread() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Read once, when candle first splits an elementwise op; nothing has yet.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+}
+
+/// Runs `f`, the CPU steps of a training run or a calibration, on a thread of a rayon
+/// pool of its own, as many threads as candle gives gemm (`RAYON_NUM_THREADS`, else
+/// candle's default: a thread per physical core), pinned as candle pins its own pool's.
+/// The step's thread then works on its matmuls with the pool's other workers instead of
+/// handing them over and sleeping while they run: with
+/// [`keep_elementwise_on_one_thread`], measured side by side on 2 cores, 1.18–1.40 × the
+/// tokens/s of the same build without either (`docs/performance.md`).
+pub fn on_step_pool<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(candle_core::utils::get_num_threads())
         .stack_size(STEP_STACK)
         .thread_name(|i| format!("vramplan-step-{i}"))
+        .start_handler(|_| candle_core::utils::set_thread_affinity())
         .build()
         .map_err(|e| candle_core::Error::msg(format!("starting the CPU threads: {e}")))?;
     Ok(pool.install(f))

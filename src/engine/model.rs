@@ -1,6 +1,6 @@
 //! The architectures the engine trains, written with differentiable candle ops (candle's
-//! fused `rms_norm`, `softmax_last_dim` and `rope` have no backward), but for RMSNorm and
-//! the attention's softmax, which are the engine's own nodes with their backward
+//! fused `rms_norm`, `softmax_last_dim` and `rope` have no backward), but for RMSNorm, RoPE
+//! and the attention's softmax, which are the engine's own nodes with their backward
 //! ([`crate::engine::fused`]), and the loss chunk ([`crate::engine::xent`]).
 //!
 //! - `nanochat` (karpathy/nanochat `gpt.py`): `x = norm(wte[ids])`; per block
