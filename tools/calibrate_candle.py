@@ -353,7 +353,7 @@ T5_STAGE_NAMES = {"fwd_enc": "an encoder block's forward", "enc_out": "the encod
 
 # The variables whose calibrated range the data file records, in f32 elements (the
 # units' bytes / 4): the planner warns when a run falls outside it.
-DOMAIN = ["n", "nc", "nq", "nkv", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam"]
+DOMAIN = ["n", "nc", "nq", "nkv", "nq1", "nkv1", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam"]
 T5_DOMAIN = ["n", "nc", "nq", "nq1", "ni", "gni", "s", "rv", "rc", "vc", "bht", "cq", "ci", "gci", "tab", "adam"]
 
 

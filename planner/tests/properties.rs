@@ -654,9 +654,9 @@ mod candle {
     }
 
     /// Below the calibrated rows the fitted planes extrapolate, and the peak may fall as
-    /// micro-batch grows (the fit before the fused loss chunk predicted more at 32 rows
-    /// than at 64 for this calibration configuration; today's the same). Both reports
-    /// warn, so `fit` must not prune there.
+    /// micro-batch grows (the fits before the AVX-512 refit predicted more at 32 rows than
+    /// at 64 for this calibration configuration; today's predict 8,673,653 B and
+    /// 9,125,891 B). Both reports warn, so `fit` must not prune there.
     #[test]
     fn below_the_calibrated_rows_the_peak_may_fall_and_says_so() {
         let text = "[model]\nname = \"c\"\narch = \"nanochat\"\nhidden_size = 96\nnum_layers = 2\n\
@@ -669,12 +669,6 @@ mod candle {
             .resolve(&presets(), &Context::default())
             .unwrap();
         let (one, two) = (estimate(&s), estimate(&with(&s, 2, 32)));
-        assert!(
-            two.peak_allocated_bytes <= one.peak_allocated_bytes,
-            "{} {}",
-            one.peak_allocated_bytes,
-            two.peak_allocated_bytes
-        );
         for r in [&one, &two] {
             assert!(
                 r.warnings
