@@ -70,22 +70,26 @@ def draw_t5(rng, ckpt):
     return ["t5", int(ckpt), layers, hidden, heads, heads, head_dim, ffn, vocab, batch, seq, chunk, dec, gated]
 
 
-def measure(args):
-    rng = random.Random(args.seed)
-    pick = draw_t5 if args.arch == "t5" else draw
-    configs = [pick(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
+def run_calibrate(binary, configs, dtype, tensors):
+    """`vramplan calibrate-candle` on configuration lines: one measurement line each."""
     with tempfile.TemporaryDirectory() as tmp:
         path, measured = os.path.join(tmp, "configs.txt"), os.path.join(tmp, "measured.txt")
         with open(path, "w") as f:
-            for c in configs:
-                f.write(" ".join(map(str, c)) + "\n")
-        run = [args.binary] if args.binary else ["cargo", "run", "--release", "--quiet", "--"]
-        cmd = run + ["calibrate-candle", path,
-               "--out", measured, "--dtype", args.dtype] + (["--tensors"] if args.tensors else [])
+            f.write("\n".join(configs) + "\n")
+        run = [binary] if binary else ["cargo", "run", "--release", "--quiet", "--"]
+        cmd = run + ["calibrate-candle", path, "--out", measured, "--dtype", dtype] + (["--tensors"] if tensors else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = open(measured).read().splitlines() if out.returncode == 0 else []
     if len(lines) != len(configs):
         sys.exit(f"calibrate-candle failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
+    return lines
+
+
+def measure(args):
+    rng = random.Random(args.seed)
+    pick = draw_t5 if args.arch == "t5" else draw
+    configs = [pick(rng, rng.random() < args.checkpointed) for _ in range(args.count)]
+    lines = run_calibrate(args.binary, [" ".join(map(str, c)) for c in configs], args.dtype, args.tensors)
     with open(args.out, "a" if args.append else "w") as f:
         if not args.append:
             f.write("# " + " ".join(FIELDS) + " | stage:working_set:live ... | STEP peak\n")
@@ -104,16 +108,7 @@ def remeasure(args):
     configs = [l.split("|")[0].strip() for l in src if l.strip() and not l.startswith("#")]
     tensors = any(l.startswith("#") and "tensors only" in l for l in src)
     dtype = "f16" if any(l.startswith("# compute dtype f16") for l in src) else "f32"
-    with tempfile.TemporaryDirectory() as tmp:
-        path, measured = os.path.join(tmp, "configs.txt"), os.path.join(tmp, "measured.txt")
-        with open(path, "w") as f:
-            f.write("\n".join(configs) + "\n")
-        run = [args.binary] if args.binary else ["cargo", "run", "--release", "--quiet", "--"]
-        cmd = run + ["calibrate-candle", path, "--out", measured, "--dtype", dtype] + (["--tensors"] if tensors else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = open(measured).read().splitlines() if out.returncode == 0 else []
-    if len(lines) != len(configs):
-        sys.exit(f"calibrate-candle failed ({len(lines)} of {len(configs)} lines):\n{out.stderr[-3000:]}")
+    lines = run_calibrate(args.binary, configs, dtype, tensors)
     rows = iter(lines)
     with open(args.out, "w") as f:
         for i, l in enumerate(src):
