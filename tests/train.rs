@@ -241,8 +241,8 @@ fn candle_inventory_with_16_bit_compute() {
 
 /// The LoRA plans: the llama, qwen2 and qwen3 plans, with `[lora]` rank 8 on q/v
 /// (PEFT's default targets) and rank 16 on every linear, over random frozen bases.
-/// Measured on 2 cores (candle 0.11.1, Dec 2026, with the fused nodes): from −0.51 % (lora
-/// plan 5: llama, width 128, all-linear) to +1.76 % (lora plan 4: the same, q/v).
+/// Measured on 2 cores (candle 0.11.1, Dec 2026, per-linear adapter terms): from −0.47 %
+/// (lora plans 6 and 10) to +1.77 % (lora plan 4: llama, width 128, one KV head, q/v).
 const LORA_BOUND: f64 = 0.02;
 
 #[test]
@@ -267,23 +267,26 @@ fn candle_inventory_of_lora_plans() {
     );
 }
 
-/// LoRA targets that leave out q_proj or v_proj (the estimate warns): without
-/// checkpointing the first block is played op by op, the backward's terms are the q/v
-/// fits'. Measured on 2 cores (Dec 2026, with the fused nodes): −0.51 % to +3.43 % on these
-/// twelve (down_proj alone, the three highest).
-const LORA_OUTSIDE_BOUND: f64 = 0.045;
-
+/// Each projection adapted alone, and the MLP's three together: without checkpointing
+/// (llama plan 10, qwen2 plan 12) and with it (llama plan 7, qwen3 plan 13, where the
+/// attention half's backward is the step's peak). Measured on 2 cores (Dec 2026): −0.51 %
+/// to +0.46 % on these 32. The MLP alone without checkpointing is warned of (gate_proj
+/// alone there: −7.9 %), but these two pass.
 #[test]
-fn candle_inventory_of_lora_targets_without_q_or_v() {
+fn candle_inventory_of_lora_targets_one_by_one() {
     let dir = tmp("accuracy-lora-targets");
-    let tomls: Vec<String> = [10, 12, 7]
+    let tomls: Vec<String> = [10, 12, 7, 13]
         .iter()
         .flat_map(|&k| {
             [
+                "[\"q_proj\"]",
+                "[\"k_proj\"]",
+                "[\"v_proj\"]",
                 "[\"o_proj\"]",
+                "[\"up_proj\"]",
                 "[\"down_proj\"]",
                 "[\"gate_proj\", \"up_proj\", \"down_proj\"]",
-                "[\"k_proj\"]",
+                "[\"q_proj\", \"gate_proj\"]",
             ]
             .map(|t| PLANS[k].toml() + &format!("[lora]\nrank = 8\ntarget_modules = {t}\n"))
         })
@@ -291,7 +294,7 @@ fn candle_inventory_of_lora_targets_without_q_or_v() {
     let (report, worst) = inventory_errors(&dir, &tomls, "lora-t", "measured_peak_bytes");
     println!("{report}");
     assert!(
-        worst <= LORA_OUTSIDE_BOUND,
+        worst <= LORA_BOUND,
         "worst error {:.2} %:\n{report}",
         100.0 * worst
     );
