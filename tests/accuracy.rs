@@ -299,9 +299,29 @@ fn fsdp2_peaks_on_the_cpu_are_predicted_within_3_percent() {
 const FSDP2_BOUND: f64 = 0.03;
 
 /// FSDP2 runs not within 3 %, with the bound each meets today and why (docs/accuracy.md).
-/// None today: the run whose ranks disagree (rank 0 111.6 MB, rank 2 119.3 MB) was +6.2 %
-/// against rank 0 until the MLP's backward freed down_proj's saved product; +2.9 % now.
-const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[];
+/// The three are torchtitan's own grouping (`apply_fsdp_to_decoder`, measured Dec 2026):
+/// its chunked loss unshards lm_head and turns gradient sync off for all chunks but the
+/// last, so FSDP2 accumulates lm_head's unsharded gradient across chunks in
+/// `reduce_dtype` (fp32 under `bf16-mixed`: two fp32 `V × C` tensors at the loss's peak,
+/// which the inventory does not hold yet); the tied run's ranks disagree (rank 0
+/// 122.2 MB, rank 1 133.7 MB).
+const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[
+    (
+        "llama-h256-l3-kv2-v16384-b2-s256-bf16-mixed-sdpa-none-untied-fsdp2-x2-torchtitan-chunked-reduce-fp32",
+        0.08,
+        "torchtitan's chunked loss accumulates lm_head's gradient in fp32 across chunks",
+    ),
+    (
+        "llama-h256-l3-kv2-v16384-b2-s256-bf16-mixed-sdpa-full-untied-fsdp2-x4-torchtitan-chunked-reduce-fp32",
+        0.04,
+        "torchtitan's chunked loss accumulates lm_head's gradient in fp32 across chunks",
+    ),
+    (
+        "llama-h256-l2-kv4-v16384-b2-s256-fp32-sdpa-none-fsdp2-x2-torchtitan-chunked",
+        0.04,
+        "tied under torchtitan: the ranks' peaks differ by 11 MB, not modelled",
+    ),
+];
 
 /// `tests/data/deepspeed_zero_cpu.json` (`tools/measure_deepspeed_zero.py`): DeepSpeed
 /// 0.19.6's own engine (`deepspeed.initialize`, its CPU accelerator) with ZeRO-1, 2 and 3

@@ -23,6 +23,11 @@ The step, per run (as torchtitan's parallelize and the FSDP2 docs apply it):
   precision bf16-mixed: P = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32|bf16)
   checkpointing full:   model.gradient_checkpointing_enable() before fully_shard
                         (torch.utils.checkpoint, use_reentrant=False, every layer)
+  implementation torchtitan: torchtitan 0.3.0's Llama3Model, loss and checkpointing as
+  tools/measure_frameworks.py builds them, sharded by torchtitan's own
+  `torchtitan.distributed.fsdp.apply_fsdp_to_decoder` (as its llama3 parallelize calls it:
+  the embedding, [norm, lm_head] and every block are groups of their own, the root holds
+  nothing; reshard_after_forward_policy "default" for R, "never" otherwise).
 What gloo and the profiler need (docs/accuracy.md, "FSDP2 on the CPU"): FSDP2's
 reduce-scatter is gloo's written out in Python (gloo_reduce_scatter), the profiler's leaf
 events are taken in time order (time_ordered_leaf_events), and a run whose profile still
@@ -48,6 +53,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure_frameworks as mfw  # noqa: E402
 import measure_torch as mt  # noqa: E402
 
 # Sizes of the other ground truth, kept small (hidden <= 512, <= 4 layers, vocab <= 8192).
@@ -62,6 +68,12 @@ def _t(b, s, prec, ckpt="none", reduce="fp32"):
     t = mt._train(b, s, prec, "sdpa", ckpt)
     if prec == "bf16-mixed":
         t["reduce_dtype"] = reduce
+    return t
+
+
+def _tt(b, s, prec, ckpt="none", loss="chunked", reduce="fp32"):
+    t = _t(b, s, prec, ckpt, reduce)
+    t.update(implementation="torchtitan", compile=False, loss=loss)
     return t
 
 
@@ -95,9 +107,25 @@ def configs():
         (B, _t(1, 64, "fp32"), _hw(4)),
         (P, _t(2, 128, "fp32"), _hw(4)),
     ]
+    # torchtitan's Llama under its own grouping (untied: the embedding and [norm, lm_head]
+    # apart; tied: the three together).
+    T = mt._llama_like("llama", 256, 3, 4, 2, 688, 16384, False)
+    TT = mt._llama_like("llama", 256, 2, 4, 4, 688, 16384, True)
+    runs += [
+        (T, _tt(2, 256, "fp32"), _hw(2)),
+        (T, _tt(2, 256, "fp32"), _hw(2, raf=False)),
+        (T, _tt(2, 256, mixed), _hw(2)),
+        (T, _tt(2, 256, "fp32", "full"), _hw(2)),
+        (T, _tt(2, 256, "fp32", loss="float-cast"), _hw(2)),
+        (TT, _tt(2, 256, "fp32"), _hw(2)),
+        (T, _tt(2, 256, "fp32"), _hw(4)),
+        (T, _tt(2, 256, mixed, "full"), _hw(4)),
+    ]
     out = []
     for m, t, h in runs:
         rid = mt._run_id(m, t) + f"-fsdp2-x{h['gpus']}"
+        if t.get("implementation"):
+            rid += f"-{t['implementation']}-{t['loss']}"
         if t["precision"] == "bf16-mixed":
             rid += f"-reduce-{t['reduce_dtype']}"
         if not h.get("reshard_after_forward", True):
@@ -168,7 +196,8 @@ def setup(cfg):
 
     torch.manual_seed(0)
     m, t, h = cfg["model"], cfg["train"], cfg["hardware"]
-    model, fwd = mt.build_model(cfg)
+    titan = t.get("implementation") == "torchtitan"
+    model, fwd = mfw.build_torchtitan(cfg) if titan else mt.build_model(cfg)
     model.train()
     mesh = init_device_mesh("cpu", (h["gpus"],))
     if t["precision"] == "bf16-mixed":
@@ -179,11 +208,22 @@ def setup(cfg):
     else:
         raise ValueError(t["precision"])
     raf = h.get("reshard_after_forward", True)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=raf, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if titan:
+        from torch.distributed.fsdp import FSDPModule
+        from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+        apply_fsdp_to_decoder(model, mesh, param_dtype=mp.param_dtype or torch.float32,
+                              reduce_dtype=mp.reduce_dtype or torch.float32,
+                              pp_enabled=False,
+                              reshard_after_forward_policy="default" if raf else "never")
+        sharded = [x for x in model.modules() if isinstance(x, FSDPModule)]
+    else:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=raf, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        sharded = [*model.model.layers, model]
     comm = gloo_reduce_scatter()
-    for module in [*model.model.layers, model]:
+    for module in sharded:
         module.set_custom_reduce_scatter(comm)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     xs = [torch.randint(0, m["vocab_size"], (t["micro_batch"], t["seq_len"]))]

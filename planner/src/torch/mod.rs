@@ -241,19 +241,32 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let layers = run.layers as usize;
     let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
-    let fwd = forward(&mut s, &run, &mut grads);
+    let mut fwd = forward(&mut s, &run, &mut grads);
     let prefetched = shard::root_prefetch(&mut s, &run);
+    let head_group = fwd.head.gathered.take();
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
-    let g = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads, prefetched);
+    let final_norm = |p: &&Param| p.layer.is_none() && p.role == Role::Vector;
+    if let Some(id) = head_group {
+        // torchtitan's [norm, lm_head] group: its post-backward follows the norm's.
+        let norm: Vec<&Param> = run.params.iter().filter(final_norm).collect();
+        run.grads_of(&mut s, &mut grads, &norm, false);
+        s.free(id);
+        shard::post_backward(&mut s, &run, &mut grads, None);
+    }
+    let (g, emb_prefetched) = blocks_backward(&mut s, &run, fwd.frames, g, &mut grads, prefetched);
     s.phase("backward: embedding");
     let emb = run
         .params
         .iter()
-        .filter(|p| p.role == Role::Embedding || (p.layer.is_none() && p.role == Role::Vector));
+        .filter(|p| p.role == Role::Embedding || (!shard::own_groups(&run) && final_norm(p)));
     let emb: Vec<&Param> = emb.collect();
     run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
     shard::end_of_backward(&mut s, &run, &mut grads);
+    emb_prefetched
+        .into_iter()
+        .chain(fwd.embedding)
+        .for_each(|id| s.free(id));
     deepspeed::end_of_backward(&mut s, &mut grads);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
@@ -382,6 +395,8 @@ struct Forward {
     frames: Vec<Frame>,
     /// FSDP2's root parameters (embedding, final norm, head), gathered for the whole step.
     root: Vec<TensorId>,
+    /// torchtitan's embedding group, not resharded after forward (`shard::own_groups`).
+    embedding: Option<TensorId>,
     /// The last block's output, where the final norm keeps it.
     x: Option<TensorId>,
     head: Head,
@@ -389,6 +404,8 @@ struct Forward {
 
 /// What the final norm, the head and the loss leave for backward.
 struct Head {
+    /// torchtitan's group of the final norm and the head (`shard::own_groups`).
+    gathered: Option<TensorId>,
     saved: Vec<TensorId>,
     copy: Option<TensorId>,
     loss: loss::LossState,
@@ -404,12 +421,20 @@ fn forward(s: &mut Step, run: &Run, grads: &mut Grads) -> Forward {
     if let Some(rope) = &run.recipe.rope {
         inputs.push(s.alloc("rotary cos/sin", Component::Activations, rope.clone()));
     }
+    let embedding = shard::embedding_gathered(s, run);
     let mut stem: Vec<TensorId> = run
         .recipe
         .stem
         .iter()
         .map(|(name, l)| s.alloc(*name, Component::Activations, l.clone()))
         .collect();
+    let embedding = match embedding {
+        Some(id) if run.reshard_after_forward => {
+            s.free(id);
+            None
+        }
+        kept => kept,
+    };
     let root = shard::root_gathered(s, run);
     let mut x = stem
         .pop()
@@ -435,6 +460,7 @@ fn forward(s: &mut Step, run: &Run, grads: &mut Grads) -> Forward {
         stem,
         frames,
         root,
+        embedding,
         x,
         head,
     }
@@ -554,6 +580,7 @@ fn head_forward(
 ) -> (Head, Option<TensorId>) {
     let d = &run.d;
     s.phase("forward: final norm and head");
+    let gathered = shard::head_gathered(s, run);
     let saved = match &run.recipe.head {
         Some(head) => head
             .iter()
@@ -582,7 +609,13 @@ fn head_forward(
     } else {
         loss::forward(s, run.m, run.t, d.c, run.cuda, &mut |_| {})
     };
-    (Head { saved, copy, loss }, x)
+    let head = Head {
+        gathered,
+        saved,
+        copy,
+        loss,
+    };
+    (head, x)
 }
 
 /// Eager's final norm: its normalized input and the head's input (autocast's copy), each
@@ -674,7 +707,8 @@ fn head_backward(
 }
 
 /// Backward through the blocks, last first, the last block's gathered parameters already
-/// `prefetched` under FSDP2; returns the gradient of the embedding output.
+/// `prefetched` under FSDP2; returns the gradient of the embedding output, and what block
+/// 0's backward prefetched (torchtitan's embedding group, `shard::own_groups`).
 fn blocks_backward(
     s: &mut Step,
     run: &Run,
@@ -682,7 +716,7 @@ fn blocks_backward(
     mut g: TensorId,
     grads: &mut Grads,
     mut prefetched: Option<TensorId>,
-) -> TensorId {
+) -> (TensorId, Option<TensorId>) {
     let (d, ck) = (&run.d, run.t.checkpointing);
     for l in (0..run.layers).rev() {
         let blk = run.block(l);
@@ -736,7 +770,7 @@ fn blocks_backward(
         frame.input.into_iter().for_each(|id| s.free(id));
         shard::post_backward(s, run, grads, Some(l));
     }
-    g
+    (g, prefetched)
 }
 
 /// The parameters the head's matmul makes gradients for: the head, or the tied embedding.

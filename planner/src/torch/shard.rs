@@ -10,7 +10,8 @@
 //!   parameters stay gathered from the forward to the end of backward. With
 //!   `reshard_after_forward = false` a block's gathered parameters live from its forward
 //!   to its backward. G is `gpus_per_node` under hybrid sharding (HSDP: shard within a
-//!   node, replicate across nodes).
+//!   node, replicate across nodes). torchtitan groups an untied model otherwise
+//!   ([`own_groups`]).
 //! - FSDP2's reduce (`_fsdp_collectives.py`, `foreach_reduce`), per parameter group: the
 //!   group's unsharded gradients wait for its post-backward hook, are copied into one flat
 //!   reduce-scatter input in `reduce_dtype` (kept until the next group's hook) and freed;
@@ -41,14 +42,61 @@
 //!   with and without offload and are outside the inventory either way.
 
 use super::{Grads, Run};
-use crate::params::{self, Param};
-use crate::spec::{Offload, ReduceDtype, RunSpec, Sharding};
+use crate::params::{self, Param, Role};
+use crate::spec::{Implementation, Offload, ReduceDtype, RunSpec, Sharding};
 use crate::timeline::{Component, Layout, Name, Step, TensorId};
 use crate::units::DType;
 use std::rc::Rc;
 
 fn fsdp2(run: &Run) -> bool {
     run.sharding == Sharding::Fsdp2 && run.stage >= 3 && run.shards > 1
+}
+
+/// torchtitan 0.3.0's `apply_fsdp_to_decoder` (`torchtitan/distributed/fsdp.py`, as its
+/// llama3 `parallelize` calls it) on an untied model: the embedding is a group of its own,
+/// resharded after forward as the blocks are (`reshard_after_forward_policy` "default",
+/// or kept with "never"); the final norm and `lm_head` are one group that is not
+/// (`reshard_after_forward = policy == "always"`), so it stays gathered from the head's
+/// forward to its post-backward, where its gradients are reduce-scattered; the root
+/// holds no parameters. Block 0's backward prefetches the embedding's all-gather, as any
+/// group's backward prefetches the group before it. A tied model is one group of the
+/// embedding, the norm and the head, not resharded: the root's timeline.
+pub fn own_groups(run: &Run) -> bool {
+    fsdp2(run) && run.t.implementation == Implementation::Torchtitan && !run.m.tie_embeddings
+}
+
+/// The embedding's gathered weight under [`own_groups`], from its pre-forward (or its
+/// prefetch in backward) to its reshard.
+pub fn embedding_gathered(s: &mut Step, run: &Run) -> Option<TensorId> {
+    own_groups(run).then(|| {
+        let numel = root_numel(run, |p| p.role == Role::Embedding);
+        s.alloc(
+            "embedding gathered (FSDP2, its own group)",
+            Component::WeightCopies,
+            Layout::new(&[numel], compute_dtype(run)),
+        )
+    })
+}
+
+/// The final norm's and the head's gathered weights under [`own_groups`].
+pub fn head_gathered(s: &mut Step, run: &Run) -> Option<TensorId> {
+    own_groups(run).then(|| {
+        let numel = root_numel(run, |p| p.role != Role::Embedding);
+        s.alloc(
+            "final norm and head gathered (FSDP2, their own group)",
+            Component::WeightCopies,
+            Layout::new(&[numel], compute_dtype(run)),
+        )
+    })
+}
+
+/// Elements of the parameters outside the blocks that `which` selects.
+fn root_numel(run: &Run, which: impl Fn(&Param) -> bool) -> u64 {
+    run.params
+        .iter()
+        .filter(|p| p.layer.is_none() && which(p))
+        .map(Param::numel)
+        .fold(0, u64::saturating_add)
 }
 
 /// ZeRO-3 over several GPUs, or with its partitions on the host (gathered even on one).
@@ -270,6 +318,9 @@ pub fn gathered(s: &mut Step, run: &Run, l: u64, numel: u64) -> Option<TensorId>
 
 /// FSDP2's backward prefetch: while block `l` runs backward, block `l - 1` is gathered.
 pub fn prefetch(s: &mut Step, run: &Run, l: u64) -> Option<TensorId> {
+    if l == 0 && run.reshard_after_forward {
+        return embedding_gathered(s, run);
+    }
     if !fsdp2(run) || !reshards_after_forward(run, l) || l == 0 {
         return None;
     }
@@ -298,15 +349,10 @@ pub fn root_gathered(s: &mut Step, run: &Run) -> Vec<TensorId> {
         return super::deepspeed::root_gathered(s, run);
     }
     let from_host = run.offload_params && sharded_params(run);
-    if !(fsdp2(run) || from_host) {
+    if !(fsdp2(run) || from_host) || own_groups(run) {
         return Vec::new();
     }
-    let numel = run
-        .params
-        .iter()
-        .filter(|p| p.layer.is_none())
-        .map(Param::numel)
-        .fold(0, u64::saturating_add);
+    let numel = root_numel(run, |_| true);
     let name = if fsdp2(run) {
         "root parameters gathered (FSDP2)"
     } else {
