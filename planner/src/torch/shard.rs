@@ -68,22 +68,32 @@ pub fn own_groups(run: &Run) -> bool {
 /// The embedding's gathered weight under [`own_groups`], from its pre-forward (or its
 /// prefetch in backward) to its reshard.
 pub fn embedding_gathered(s: &mut Step, run: &Run) -> Option<TensorId> {
-    own_groups(run).then(|| {
-        let numel = root_numel(run, |p| p.role == Role::Embedding);
-        s.alloc(
-            "embedding gathered (FSDP2, its own group)",
-            Component::WeightCopies,
-            Layout::new(&[numel], compute_dtype(run)),
-        )
+    group_gathered(s, run, "embedding gathered (FSDP2, its own group)", |p| {
+        p.role == Role::Embedding
     })
 }
 
 /// The final norm's and the head's gathered weights under [`own_groups`].
 pub fn head_gathered(s: &mut Step, run: &Run) -> Option<TensorId> {
+    group_gathered(
+        s,
+        run,
+        "final norm and head gathered (FSDP2, their own group)",
+        |p| p.role != Role::Embedding,
+    )
+}
+
+/// One of torchtitan's groups outside the blocks, gathered: the parameters `which` picks.
+fn group_gathered(
+    s: &mut Step,
+    run: &Run,
+    name: &'static str,
+    which: impl Fn(&Param) -> bool,
+) -> Option<TensorId> {
     own_groups(run).then(|| {
-        let numel = root_numel(run, |p| p.role != Role::Embedding);
+        let numel = root_numel(run, which);
         s.alloc(
-            "final norm and head gathered (FSDP2, their own group)",
+            name,
             Component::WeightCopies,
             Layout::new(&[numel], compute_dtype(run)),
         )
@@ -316,7 +326,8 @@ pub fn gathered(s: &mut Step, run: &Run, l: u64, numel: u64) -> Option<TensorId>
     })
 }
 
-/// FSDP2's backward prefetch: while block `l` runs backward, block `l - 1` is gathered.
+/// FSDP2's backward prefetch: while block `l` runs backward, block `l - 1` is gathered;
+/// while block 0 does, torchtitan's embedding group ([`own_groups`]).
 pub fn prefetch(s: &mut Step, run: &Run, l: u64) -> Option<TensorId> {
     if l == 0 && run.reshard_after_forward {
         return embedding_gathered(s, run);
