@@ -255,34 +255,35 @@ fn the_whole_held_set_has_a_median_error_within_1_percent() {
 /// and on the root over gloo, 2 and 4 CPU processes on one host (`gpu = "cpu"`,
 /// `gpus = N`), rank 0's peak of one steady-state step; fp32 and `bf16-mixed` with fp32
 /// or bf16 reduction, with and without resharding after forward and full checkpointing,
-/// and a model whose dims 4 does not divide (padded shards).
+/// a model whose dims 4 does not divide (padded shards), and torchtitan's own grouping
+/// (`apply_fsdp_to_decoder`) under its chunked loss and its float-cast one, tied and untied.
 #[test]
 fn fsdp2_peaks_on_the_cpu_are_predicted_within_3_percent() {
     let errs = errors_in(include_str!("data/torch_fsdp.json"));
-    let mut worst = 0.0f64;
     let mut beyond = Vec::new();
     for (id, m, p, e) in &errs {
         println!(
             "{id:92} measured {m:>11} predicted {p:>11} error {:+.2} %",
             e * 100.0
         );
-        let bound = FSDP2_OUTLIERS
+        let bound = FSDP2_GLOO
             .iter()
             .find(|(o, ..)| o == id)
             .map_or(FSDP2_BOUND, |(_, b, _)| *b);
         if e.abs() > bound {
             beyond.push(format!("{id}: {:+.2} %", e * 100.0));
         }
-        if bound == FSDP2_BOUND {
-            worst = worst.max(e.abs());
-        }
     }
-    println!(
-        "worst outside the listed outliers {:.2} % over {} runs",
-        worst * 100.0,
-        errs.len()
-    );
+    let worst = errs
+        .iter()
+        .filter(|e| !FSDP2_GLOO.iter().any(|(o, ..)| *o == e.0))
+        .map(|e| e.3.abs())
+        .fold(0.0, f64::max);
+    println!("worst {:.2} % over the others", worst * 100.0);
     assert!(beyond.is_empty(), "beyond their bound: {beyond:?}");
+    for (id, ..) in FSDP2_GLOO {
+        assert!(errs.iter().any(|e| e.0 == *id), "{id} is not in the data");
+    }
     assert!(
         errs.len() >= 16,
         "at least 16 measured FSDP2 runs, {}",
@@ -290,38 +291,22 @@ fn fsdp2_peaks_on_the_cpu_are_predicted_within_3_percent() {
     );
     let four = errs.iter().filter(|e| e.0.contains("-fsdp2-x4")).count();
     assert!(four >= 5, "at least 5 runs over 4 processes, {four}");
-    for (id, ..) in FSDP2_OUTLIERS {
-        assert!(errs.iter().any(|e| e.0 == *id), "{id} is not in the data");
-    }
 }
 
 /// Issue 10's bound for the sharding regimes measured on the CPU.
 const FSDP2_BOUND: f64 = 0.03;
 
-/// FSDP2 runs not within 3 %, with the bound each meets today and why (docs/accuracy.md).
-/// The three are torchtitan's own grouping (`apply_fsdp_to_decoder`, measured Dec 2026):
-/// its chunked loss unshards lm_head and turns gradient sync off for all chunks but the
-/// last, so FSDP2 accumulates lm_head's unsharded gradient across chunks in
-/// `reduce_dtype` (fp32 under `bf16-mixed`: two fp32 `V × C` tensors at the loss's peak,
-/// which the inventory does not hold yet); the tied run's ranks disagree (rank 0
-/// 122.2 MB, rank 1 133.7 MB).
-const FSDP2_OUTLIERS: &[(&str, f64, &str)] = &[
-    (
-        "llama-h256-l3-kv2-v16384-b2-s256-bf16-mixed-sdpa-none-untied-fsdp2-x2-torchtitan-chunked-reduce-fp32",
-        0.08,
-        "torchtitan's chunked loss accumulates lm_head's gradient in fp32 across chunks",
-    ),
-    (
-        "llama-h256-l3-kv2-v16384-b2-s256-bf16-mixed-sdpa-full-untied-fsdp2-x4-torchtitan-chunked-reduce-fp32",
-        0.04,
-        "torchtitan's chunked loss accumulates lm_head's gradient in fp32 across chunks",
-    ),
-    (
-        "llama-h256-l2-kv4-v16384-b2-s256-fp32-sdpa-none-fsdp2-x2-torchtitan-chunked",
-        0.04,
-        "tied under torchtitan: the ranks' peaks differ by 11 MB, not modelled",
-    ),
-];
+/// FSDP2 runs whose peak is set by gloo's own buffers, with the bound each meets and why
+/// (docs/accuracy.md). With bf16 reduction, torchtitan's peak is where the norm's
+/// pre-backward gathers [norm, lm_head] again, and there gloo's all-gather holds a copy of
+/// the input shard (4.19 MB) and a buffer the profiler sees without a tensor (8.39 MB):
+/// rank 0 measured 121.4 MB in three runs and 115.9 MB in one. NCCL gathers into the
+/// output, so the inventory leaves both out.
+const FSDP2_GLOO: &[(&str, f64, &str)] = &[(
+    "llama-h256-l3-kv2-v16384-b2-s256-bf16-mixed-sdpa-none-untied-fsdp2-x2-torchtitan-chunked-reduce-bf16",
+    0.05,
+    "gloo's all-gather buffers at the head group's second gather",
+)];
 
 /// `tests/data/deepspeed_zero_cpu.json` (`tools/measure_deepspeed_zero.py`): DeepSpeed
 /// 0.19.6's own engine (`deepspeed.initialize`, its CPU accelerator) with ZeRO-1, 2 and 3

@@ -121,6 +121,18 @@ def configs():
         (T, _tt(2, 256, "fp32"), _hw(4)),
         (T, _tt(2, 256, mixed, "full"), _hw(4)),
     ]
+    # Held out from the chunked loss's unsynced head gradient (measured after it was
+    # modelled): bf16 reduction, a tied bf16-mixed model, one row (no chunk copies),
+    # the float-cast loss under bf16-mixed, and the tied model over 4 processes.
+    T2 = mt._llama_like("llama", 384, 2, 6, 2, 1024, 24576, False)
+    runs += [
+        (T, _tt(2, 256, mixed, reduce="bf16"), _hw(2)),
+        (TT, _tt(2, 256, mixed), _hw(2)),
+        (T2, _tt(1, 512, mixed), _hw(2)),
+        (T, _tt(2, 256, mixed, loss="float-cast"), _hw(2)),
+        (TT, _tt(2, 256, "fp32"), _hw(4)),
+        (T2, _tt(1, 512, "fp32", "full"), _hw(4)),
+    ]
     out = []
     for m, t, h in runs:
         rid = mt._run_id(m, t) + f"-fsdp2-x{h['gpus']}"

@@ -40,7 +40,8 @@
 //!   row), and each chunk runs `lm_head`, the cross-entropy and its own backward before the
 //!   next; the chunk's gradient is copied into one fp32 buffer of the hidden states' size,
 //!   and `lm_head`'s weight gradient is made by the first chunk and accumulated by the
-//!   others. The loop's `logits` variable keeps a chunk's logits until the next chunk's
+//!   others ([`HeadGrad`]; under FSDP2 unsynced until the last chunk,
+//!   `shard::Reducer::chunk`). The loop's `logits` variable keeps a chunk's logits until the next chunk's
 //!   replace them. The buffer, cast to the hidden states' dtype, is what backward then
 //!   sends down the decoder.
 
@@ -198,10 +199,21 @@ fn float_cast(s: &mut Step, m: &ModelSpec, t: &TrainSpec, c: DType) -> LossState
 }
 
 /// Whether the loss makes the head's weight gradient itself, inside the forward's loss
-/// call (torchtitan's `ChunkedLossWrapper`): [`forward`] then calls its `head_grad` once a
-/// chunk.
+/// call (torchtitan's `ChunkedLossWrapper`): [`forward`] then calls its `head_grad` twice a
+/// chunk ([`HeadGrad`]).
 pub fn grads_head(t: &TrainSpec) -> bool {
     t.implementation == Implementation::Torchtitan && t.loss == LossMode::Chunked
+}
+
+/// Where in one chunk's backward [`forward`] calls `head_grad` (torchtitan's chunked loss).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadGrad {
+    /// lm_head's matmul backward makes the weight gradient; the chunk's logits gradient
+    /// is still live.
+    Made,
+    /// The gradient's accumulation, after the matmul's backward has released the logits
+    /// gradient; `first` and `last` name the loop's first and last chunks.
+    Accumulated { first: bool, last: bool },
 }
 
 /// Plays the loss forward. `c` is the logits' dtype; `head_grad` makes (or accumulates)
@@ -212,7 +224,7 @@ pub fn forward(
     t: &TrainSpec,
     c: DType,
     cuda: bool,
-    head_grad: &mut dyn FnMut(&mut Step),
+    head_grad: &mut dyn FnMut(&mut Step, HeadGrad),
 ) -> LossState {
     let n = t.tokens_per_micro_batch();
     let v = m.vocab_size;
@@ -386,7 +398,7 @@ fn wrapper_chunks(
     m: &ModelSpec,
     t: &TrainSpec,
     c: DType,
-    head_grad: &mut dyn FnMut(&mut Step),
+    head_grad: &mut dyn FnMut(&mut Step, HeadGrad),
 ) -> LossState {
     let (b, h, v) = (t.micro_batch, m.hidden_size, m.vocab_size);
     let rows = b.saturating_mul(t.seq_len.div_ceil(TORCHTITAN_CHUNKS));
@@ -409,10 +421,11 @@ fn wrapper_chunks(
         Component::Logits,
         Layout::new(&[b, t.seq_len, h], DType::F32),
     );
-    let mut last = None;
-    for _ in 0..TORCHTITAN_CHUNKS.min(t.seq_len.max(1)) {
+    let mut kept = None;
+    let chunks = TORCHTITAN_CHUNKS.min(t.seq_len.max(1));
+    for k in 0..chunks {
         let logits = s.alloc("logits chunk", Component::Logits, rv(rows, v, c));
-        if let Some(prev) = last.replace(logits) {
+        if let Some(prev) = kept.replace(logits) {
             s.free(prev);
         }
         let g = chunk_cross_entropy(s, rows, v, c, t.compile);
@@ -422,8 +435,10 @@ fn wrapper_chunks(
             Component::Logits,
             Layout::new(&[rows, h], c),
         );
-        head_grad(s);
+        head_grad(s, HeadGrad::Made);
         s.free(g);
+        let (first, last) = (k == 0, k + 1 == chunks);
+        head_grad(s, HeadGrad::Accumulated { first, last });
         s.free(gh);
     }
     let grad = if c != DType::F32 {
@@ -437,7 +452,7 @@ fn wrapper_chunks(
     } else {
         buffer
     };
-    last.into_iter().chain(copies).for_each(|id| s.free(id));
+    kept.into_iter().chain(copies).for_each(|id| s.free(id));
     LossState {
         saved: vec![],
         plan: Plan::Eager,

@@ -243,7 +243,11 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let mut fwd = forward(&mut s, &run, &mut grads);
     let prefetched = shard::root_prefetch(&mut s, &run);
-    let head_group = fwd.head.gathered.take();
+    let head_group = fwd
+        .head
+        .gathered
+        .take()
+        .or_else(|| shard::head_gathered(&mut s, &run));
     let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
     let final_norm = |p: &&Param| p.layer.is_none() && p.role == Role::Vector;
     if let Some(id) = head_group {
@@ -602,13 +606,22 @@ fn head_forward(
     let loss = if loss::grads_head(run.t) {
         // The loss splits the final norm's output; the trainer drops it when the loss returns.
         let output = s.alloc("final norm output", Component::Activations, d.tok(d.h, d.c));
-        let mut head_grad = |s: &mut Step| grads.for_params(s, head_params(run), d.autocast, d);
+        let mut head_grad = |s: &mut Step, at| grads.head_chunk(s, run, at);
         let loss = loss::forward(s, run.m, run.t, d.c, run.cuda, &mut head_grad);
         s.free(output);
         loss
     } else {
-        loss::forward(s, run.m, run.t, d.c, run.cuda, &mut |_| {})
+        loss::forward(s, run.m, run.t, d.c, run.cuda, &mut |_, _| {})
     };
+    // torchtitan's chunked loss reshards the [norm, lm_head] group after its loop
+    // (`lm_head.reshard()`); the norm's pre-backward gathers it again (`play`).
+    let gathered = gathered.and_then(|id| {
+        if loss::grads_head(run.t) {
+            s.free(id);
+            return None;
+        }
+        Some(id)
+    });
     let head = Head {
         gathered,
         saved,
@@ -958,6 +971,27 @@ impl Grads {
                 Component::Gradients,
                 self.size(i),
             ));
+        }
+    }
+
+    /// lm_head's weight gradient in one chunk of torchtitan's chunked loss: under FSDP2
+    /// it waits unsynced until the last chunk, which reduces it ([`shard::Reducer::chunk`]);
+    /// otherwise the first chunk's matmul makes it and the others' add into it.
+    fn head_chunk(&mut self, s: &mut Step, run: &Run, at: loss::HeadGrad) {
+        if !shard::head_sync_deferred(run) {
+            if at == loss::HeadGrad::Made {
+                self.for_params(s, head_params(run), run.d.autocast, &run.d);
+            }
+            return;
+        }
+        let head = head_params(run)
+            .next()
+            .and_then(|p| self.at.index.get(&p.name));
+        if let (Some(r), Some(&i)) = (self.fsdp2.as_mut(), head) {
+            r.chunk(s, i, &self.at.params[i], &self.at.layouts[i], at);
+        }
+        if let loss::HeadGrad::Accumulated { last: true, .. } = at {
+            shard::post_backward(s, run, self, None);
         }
     }
 

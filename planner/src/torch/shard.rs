@@ -41,6 +41,7 @@
 //!   (`reduce_bucket_size`), ZeRO-3's prefetch and its persistent small parameters exist
 //!   with and without offload and are outside the inventory either way.
 
+use super::loss::HeadGrad;
 use super::{Grads, Run};
 use crate::params::{self, Param, Role};
 use crate::spec::{Implementation, Offload, ReduceDtype, RunSpec, Sharding};
@@ -57,12 +58,21 @@ fn fsdp2(run: &Run) -> bool {
 /// resharded after forward as the blocks are (`reshard_after_forward_policy` "default",
 /// or kept with "never"); the final norm and `lm_head` are one group that is not
 /// (`reshard_after_forward = policy == "always"`), so it stays gathered from the head's
-/// forward to its post-backward, where its gradients are reduce-scattered; the root
+/// forward to its post-backward, where its gradients are reduce-scattered (under the
+/// chunked loss it is resharded when the loss's loop ends and gathered again by the
+/// norm's pre-backward, [`head_sync_deferred`]); the root
 /// holds no parameters. Block 0's backward prefetches the embedding's all-gather, as any
 /// group's backward prefetches the group before it. A tied model is one group of the
 /// embedding, the norm and the head, not resharded: the root's timeline.
 pub fn own_groups(run: &Run) -> bool {
     fsdp2(run) && run.t.implementation == Implementation::Torchtitan && !run.m.tie_embeddings
+}
+
+/// torchtitan under FSDP2, tied or not: `lm_head` is in a group of its own or in the
+/// tied one (`fully_shard([tok_embeddings, norm, lm_head])`), so its chunked loss runs
+/// with lm_head's gradient sync off ([`Reducer::chunk`]).
+pub fn head_sync_deferred(run: &Run) -> bool {
+    fsdp2(run) && run.t.implementation == Implementation::Torchtitan
 }
 
 /// The embedding's gathered weight under [`own_groups`], from its pre-forward (or its
@@ -175,6 +185,10 @@ pub struct Reducer {
     params: Vec<usize>,
     /// The last group's reduce-scatter input.
     input: Option<TensorId>,
+    /// The dtype a gradient accumulates in while its sync is off (`reduce_dtype`).
+    unsynced: DType,
+    /// lm_head's gradient from the current loss chunk's matmul ([`Reducer::chunk`]).
+    made: Option<TensorId>,
 }
 
 /// The reducer of an FSDP2 run.
@@ -184,6 +198,8 @@ pub fn reducer(run: &Run) -> Option<Reducer> {
         unsharded: Vec::new(),
         params: Vec::new(),
         input: None,
+        unsynced: reduce_dtype(run),
+        made: None,
     })
 }
 
@@ -215,6 +231,58 @@ impl Reducer {
             Component::Gradients,
             full,
         ));
+    }
+}
+
+impl Reducer {
+    /// lm_head's gradient (parameter `i`, `full` its layout) in one chunk of torchtitan's
+    /// chunked loss under [`own_groups`]. `ChunkedLossWrapper` (`components/loss.py`)
+    /// turns lm_head's gradient sync off for every chunk but the last
+    /// (`set_requires_gradient_sync(False)`); while it is off, FSDP2 sets the unsharded
+    /// parameter's `grad_dtype` to `reduce_dtype` (`FSDPParam.unsharded_grad_dtype`,
+    /// `_set_unsharded_grad_dtypes`), so where that is wider than the compute dtype,
+    /// AccumulateGrad upcasts each chunk's matmul gradient: into the unsharded gradient
+    /// on the first chunk, into a copy it adds in place on the others. The last chunk
+    /// syncs: `grad_dtype` is cleared and its gradient is added as made; the caller then
+    /// runs the group's post-backward ([`post_backward`]), inside the loss.
+    pub fn chunk(&mut self, s: &mut Step, i: usize, p: &Param, full: &Layout, at: HeadGrad) {
+        let HeadGrad::Accumulated { first, last } = at else {
+            let made = Layout::new(&full.shape, self.dtype);
+            self.made = Some(s.alloc(
+                Name::of("grad of ", &p.name, " (unsharded)"),
+                Component::Gradients,
+                made,
+            ));
+            return;
+        };
+        let Some(made) = self.made.take() else {
+            return;
+        };
+        let upcast = !last && self.unsynced.bytes() > self.dtype.bytes();
+        let wide = Layout::new(&full.shape, self.unsynced);
+        match (first, upcast) {
+            (true, false) => {
+                self.params.push(i);
+                self.unsharded.push(made);
+                return;
+            }
+            (true, true) => {
+                self.params.push(i);
+                let acc = s.alloc(
+                    Name::of("grad of ", &p.name, " (unsharded, upcast while unsynced)"),
+                    Component::Gradients,
+                    wide,
+                );
+                self.unsharded.push(acc);
+            }
+            (false, true) => s.transient(
+                Name::of("grad of ", &p.name, " (upcast, to accumulate)"),
+                Component::Temporaries,
+                wide,
+            ),
+            (false, false) => {}
+        }
+        s.free(made);
     }
 }
 
