@@ -117,11 +117,18 @@ fn all_within_3_percent(json: &str, runs: usize, compiled: usize) {
 /// `tests/data/torch_torchtitan.json` (`tools/measure_frameworks.py --set torchtitan`):
 /// torchtitan 0.3.0's own Llama3Model (fused `wqkv`, complex RoPE), its
 /// `ChunkedLossWrapper` or whole-logits cross-entropy, its `FullAC` and `SelectiveAC`,
-/// eager and compiled per block as its `apply_compile` does, fp32 and bf16, on the CPU
-/// (its SDPA module in place of flex attention, whose backward does not run there).
+/// eager and compiled per block as its `apply_compile` does (also over both checkpoint
+/// wrappers), fp32 and bf16, on the CPU (its SDPA module in place of flex attention,
+/// whose backward does not run there).
 #[test]
 fn torchtitan_peaks_are_predicted_within_3_percent() {
-    all_within_3_percent(include_str!("data/torch_torchtitan.json"), 20, 8);
+    let json = include_str!("data/torch_torchtitan.json");
+    all_within_3_percent(json, 27, 15);
+    let sac = errors_in(json)
+        .into_iter()
+        .filter(|e| e.0.contains("-selective-op-") && e.0.ends_with("-compiled"))
+        .count();
+    assert!(sac >= 7, "{sac} runs compiled over SelectiveAC");
 }
 
 /// The bound this model meets today; the target of the issue is 5 %.

@@ -155,10 +155,24 @@ def torchtitan_configs():
         (tied, tt(8, 256, "bf16", False, ckpt="full")),
     ]
     # Compiled over its full checkpoint wrapper, as torchtitan's configs can combine them.
-    # (Over SelectiveAC, measured once at 200693872 B fp32 / 100306032 B bf16, the
-    # partitioner's cut is not modelled yet.)
     for prec in ("fp32", "bf16"):
         runs.append((small, tt(8, 512, prec, True, ckpt="full")))
+    # Compiled over SelectiveAC: the partitioner saves the policy's kept mm outputs only
+    # where backward reads them.
+    for prec in ("fp32", "bf16"):
+        runs.append((small, tt(8, 512, prec, True, ckpt="selective-op")))
+    runs += [
+        (wide, tt(4, 512, "bf16", True, ckpt="selective-op")),
+        (small, tt(8, 512, "fp32", True, "float-cast", ckpt="selective-op")),
+        (tied, tt(2, 1024, "fp32", True, ckpt="selective-op")),
+    ]
+    # Held out from the rule that backward recomputes the normalized block input last.
+    mlp = mt._llama_like(L, 384, 2, 6, 2, 1536, 4096, False)
+    mha = mt._llama_like(L, 256, 2, 4, 4, 1024, 2048, False)
+    runs += [
+        (mlp, tt(4, 512, "bf16", True, ckpt="selective-op")),
+        (mha, tt(4, 1024, "fp32", True, ckpt="selective-op")),
+    ]
     return _with_ids(runs)
 
 

@@ -262,7 +262,7 @@ fn implementation_and_compile_refuse_what_is_not_modelled() {
         (format!("{NANOCHAT}[train]\nimplementation = \"hf\"\n"), "train.implementation = \"hf\": nanochat for arch nanochat"),
         (format!("{GPT2}[train]\nimplementation = \"torchtune\"\n"), "train.implementation = \"torchtune\": hf for arch gpt2"),
         (format!("{SMOLLM}[train]\nimplementation = \"nanochat\"\n"), "train.implementation = \"nanochat\": hf | torchtitan | torchtune for arch llama"),
-        (format!("{SMOLLM}[train]\nimplementation = \"torchtitan\"\ncompile = true\ncheckpointing = \"selective-op\"\n"), "train.compile = true: false with checkpointing = \"selective-op\""),
+        (format!("{SMOLLM}[train]\nimplementation = \"torchtune\"\ncompile = true\ncheckpointing = \"selective-op\"\n"), "train.compile = true: false with checkpointing = \"selective-op\""),
         (format!("{GPT2}[train]\ncompile = true\n"), "train.compile = true: false for arch gpt2: compile is modelled for llama, qwen2 and nanochat"),
         (format!("{SMOLLM}[train]\ncompile = true\ncheckpointing = \"full\"\n"), "train.compile = true: false with checkpointing = \"full\""),
         (format!("{SMOLLM}[train]\ncompile = true\nattention = \"eager\"\n"), "train.compile = true: false with attention = \"eager\""),

@@ -57,6 +57,9 @@ pub struct Block {
     /// One fused q/k/v projection (torchtitan) instead of three: what the op-level
     /// checkpointing policy counts as matmuls (`checkpoint.rs`).
     pub fused_qkv: bool,
+    /// Cut by AOTAutograd's partitioner (`compiled.rs`): under the op-level policy it
+    /// saves a kept mm output only where backward reads it.
+    pub compiled: bool,
 }
 
 impl Default for Block {
@@ -68,6 +71,7 @@ impl Default for Block {
             bwd_transient: none,
             input_saved: true,
             fused_qkv: false,
+            compiled: false,
         }
     }
 }

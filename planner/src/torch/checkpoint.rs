@@ -33,6 +33,12 @@ use crate::timeline::{Component, Layout, Name, Step, TensorId};
 /// q, k and v projections and with torchtitan's fused one.
 const MM_KEPT: [&str; 2] = ["v", "gate"];
 const MM_KEPT_FUSED: [&str; 1] = ["gate"];
+/// Compiled, backward recomputes each tensor where it first reads it (the partitioner
+/// orders the recomputation as autograd would run it): the normalized block input and
+/// its rstd are first read by the fused projection's weight gradient and the norm's
+/// backward, the block's last, after the MLP's backward has freed its tensors; they are
+/// left out of the recomputed set the block's backward peaks over.
+const READ_LAST: [&str; 2] = ["qkv input (cast once)", "attention norm rstd"];
 /// What the flash kernel returns and the policy keeps on CUDA.
 const ATTENTION_KEPT: [&str; 2] = ["attention output", "log-sum-exp"];
 
@@ -46,8 +52,9 @@ fn policy_keeps(blk: &Block, name: &str, cuda: bool) -> bool {
 }
 
 /// The kept mm outputs the block does not otherwise save: q_proj's (or the fused
-/// projection's) and down_proj's.
-fn extra(blk: &Block, d: &Dims) -> [(&'static str, Layout); 2] {
+/// projection's) and down_proj's. Compiled, down_proj's output feeds only the residual
+/// add, whose backward reads nothing, so the partitioner does not save it.
+fn extra(blk: &Block, d: &Dims) -> Vec<(&'static str, Layout)> {
     let first = if blk.fused_qkv {
         (
             " wqkv output (kept by the op policy)",
@@ -56,10 +63,12 @@ fn extra(blk: &Block, d: &Dims) -> [(&'static str, Layout); 2] {
     } else {
         (" q_proj output (kept by the op policy)", d.tok(d.q, d.c))
     };
-    [
-        first,
-        (" down_proj output (kept by the op policy)", d.tok(d.h, d.c)),
-    ]
+    let down = (" down_proj output (kept by the op policy)", d.tok(d.h, d.c));
+    let mut out = vec![first];
+    if !blk.compiled {
+        out.push(down);
+    }
+    out
 }
 
 /// Forward under the op policy: of `made` (the whole saved set, in order) the kept ones
@@ -106,6 +115,7 @@ pub fn op_recompute(
         .saved
         .iter()
         .filter(|sv| !policy_keeps(blk, sv.name, cuda))
+        .filter(|sv| !(blk.compiled && READ_LAST.contains(&sv.name)))
         .map(|sv| {
             s.alloc(
                 Name::block("block ", l, [" ", sv.name, " (recomputed)"]),

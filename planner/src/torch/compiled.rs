@@ -70,7 +70,10 @@ fn mid_block(blk: &mut Block, d: &Dims) {
 
 /// A Llama block as the partitioner cuts it; `kv` is the width of k and v at the kernel.
 pub fn llama(d: &Dims, kv: u64) -> Block {
-    let mut blk = Block::default();
+    let mut blk = Block {
+        compiled: true,
+        ..Block::default()
+    };
     keep(&mut blk, "attention norm rstd", rows(d, 1), false);
     keep(&mut blk, "qkv input (cast once)", d.tok(d.h, d.c), false);
     attention(&mut blk, d, kv);
@@ -154,6 +157,8 @@ impl Implementation for CompiledTransformers {
 
 #[cfg(test)]
 mod tests {
+    use super::super::checkpoint;
+    use super::super::torchtitan::Torchtitan;
     use super::super::torchtune::Torchtune;
     use super::*;
     use crate::config::{Context, RawConfig};
@@ -213,6 +218,46 @@ mod tests {
                 _ => (block::Transformers.recipe(m, &eager_t), CompiledTransformers.recipe(m, &compiled_t)),
             };
             prop_assert!(saved_bytes(&compiled) <= saved_bytes(&eager), "{toml}");
+            spec.train = compiled_t;
+            prop_assert!(crate::config::check_run(&spec).is_ok(), "{toml}");
+        }
+
+        /// Compiled over torchtitan's `SelectiveAC`, a block keeps no more after its
+        /// forward than the eager op policy keeps, on the CPU and on CUDA.
+        #[test]
+        fn compile_never_increases_what_the_op_policy_keeps(
+            heads_pow in 0u32..5,
+            kv_pow in 0u32..5,
+            head_dim in prop::sample::select(vec![32u64, 64, 128]),
+            ffn in 1u64..5,
+            b in 1u64..9,
+            t in 1u64..4097,
+            precision in prop::sample::select(vec!["fp32", "bf16-autocast", "bf16"]),
+            cuda in any::<bool>(),
+        ) {
+            let heads = 1u64 << heads_pow;
+            let kv = 1u64 << kv_pow.min(heads_pow);
+            let hidden = heads * head_dim;
+            let toml = format!(
+                "[model]\narch = \"llama\"\nhidden_size = {hidden}\nnum_layers = 2\nnum_heads = {heads}\nnum_kv_heads = {kv}\nintermediate_size = {}\nvocab_size = 1000\n[train]\nmicro_batch = {b}\nseq_len = {t}\nprecision = \"{precision}\"\nimplementation = \"torchtitan\"\ncheckpointing = \"selective-op\"\n",
+                hidden * ffn
+            );
+            let presets = Presets::builtin().unwrap();
+            let mut spec = RawConfig::from_toml(&toml)
+                .unwrap()
+                .resolve(&presets, &Context::default())
+                .unwrap();
+            let (m, eager_t) = (&spec.model, spec.train.clone());
+            let compiled_t = TrainSpec { compile: true, ..eager_t.clone() };
+            let d = Dims::new(m, &eager_t);
+            let kept = |t: &TrainSpec| -> u64 {
+                let r = Torchtitan.recipe(m, t);
+                checkpoint::kept_layouts(t.checkpointing, 1, &r.encoder, &d, cuda)
+                    .iter()
+                    .map(|l| l.bytes().0)
+                    .sum()
+            };
+            prop_assert!(kept(&compiled_t) <= kept(&eager_t), "{toml}");
             spec.train = compiled_t;
             prop_assert!(crate::config::check_run(&spec).is_ok(), "{toml}");
         }

@@ -51,6 +51,7 @@ pub fn adjust(blk: &Block, lora: &LoraSpec, params: &[Param], d: &Dims, input_gr
         bwd_transient: blk.bwd_transient.clone(),
         input_saved: blk.input_saved,
         fused_qkv: blk.fused_qkv,
+        compiled: blk.compiled,
     };
     out.bwd_transient = released_in_backward(&out.bwd_transient, lora, &shapes, d);
     if lora.quantize != Quantize::None {

@@ -94,14 +94,18 @@ pub fn check(m: &ModelSpec, t: &TrainSpec) -> Result<()> {
         ));
     }
     // torchtitan compiles each block over its checkpoint wrapper (`apply_compile` after
-    // `FullAC`): measured. Over `SelectiveAC` the partitioner's cut is not modelled yet.
-    let wrapped = t.implementation == Code::Torchtitan && t.checkpointing == Checkpointing::Full;
+    // `FullAC` or `SelectiveAC`): measured.
+    let wrapped = t.implementation == Code::Torchtitan
+        && matches!(
+            t.checkpointing,
+            Checkpointing::Full | Checkpointing::SelectiveOp
+        );
     if t.checkpointing != Checkpointing::None && !wrapped {
         return Err(PlanError::invalid(
             "train.compile",
             true,
             format!(
-                "false with checkpointing = \"{}\": compile is modelled without checkpointing (torchtitan: or full)",
+                "false with checkpointing = \"{}\": compile is modelled without checkpointing (torchtitan: or full, or selective-op)",
                 t.checkpointing
             ),
         ));

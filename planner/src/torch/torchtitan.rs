@@ -12,7 +12,8 @@
 //! saved-tensor hooks on the CPU: the fused projection's input once, RoPE's multiply by
 //! the complex table keeps only the table) except that `nn.RMSNorm`'s decomposition keeps
 //! its normalized input in fp32 where the stream is bf16. Compiled, a block keeps what the
-//! partitioner keeps for transformers' Llama (`compiled::llama`), k and v at N·K.
+//! partitioner keeps for transformers' Llama (`compiled::llama`), k and v at N·K; over
+//! `SelectiveAC` the policy's kept outputs that backward reads (`checkpoint.rs`).
 //!
 //! The loss is `loss.rs`'s: `chunked` is `ChunkedLossWrapper` (8 chunks along the
 //! sequence, each chunk's `lm_head`, cross-entropy and backward inside the loss call),
