@@ -205,24 +205,10 @@ fn torch_regime_peaks_are_predicted_within_3_percent() {
 const REGIME_BOUND: f64 = 0.03;
 
 /// Measured runs the model does not reproduce yet, with the reason (docs/accuracy.md).
-const NOT_MODELLED: &[(&str, &str)] = &[
-    (
-        "llama-h256-l4-kv2-v32000-b2-s256-fp32-sdpa-none-torchao-adamw-4bit",
-        "torchao's compiled 4-bit step keeps buffers the model does not list",
-    ),
-    (
-        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-torchao-adamw-8bit",
-        "torchao's compiled 8-bit step keeps buffers the model does not list",
-    ),
-    (
-        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-torchao-adamw-4bit",
-        "torchao's compiled 4-bit step keeps buffers the model does not list",
-    ),
-    (
-        "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-adamw-8bit",
-        "bitsandbytes' CPU fallback dequantizes states; the model follows the CUDA kernel",
-    ),
-];
+const NOT_MODELLED: &[(&str, &str)] = &[(
+    "llama-h512-l4-kv4-v8192-b1-s64-fp32-sdpa-none-untied-adamw-8bit",
+    "bitsandbytes' CPU fallback dequantizes states; the model follows the CUDA kernel",
+)];
 
 /// Issue 10's second bound: over every measured run the tests above hold (the seven files,
 /// old and new, less the runs listed as not modelled), the median error stays within 1 %.

@@ -96,6 +96,12 @@ def configs():
     runs.append((D, _t(D[1], D[2], "fp32", in_bwd=True)))
     runs.append((D, _t(D[1], D[2], "fp32", "adamw-foreach", in_bwd=True)))
     runs.append((D, _t(D[1], D[2], "bf16-mixed")))
+    # Held out from the torchao CPU step buffers (measured after they were modelled): a
+    # wider model whose step is its peak, and qwen2 under autocast with 4-bit states.
+    E = (mt._llama_like("llama", 384, 2, 6, 2, 1024, 12288, False), 1, 32)
+    for opt in ["torchao-adamw-8bit", "torchao-adamw-4bit"]:
+        runs.append((E, _t(E[1], E[2], "fp32", opt)))
+    runs.append((C, _t(C[1], C[2], "bf16-autocast", "torchao-adamw-4bit")))
     out = []
     for (m, _, _), t in runs:
         rid = mt._run_id(m, t) + "-" + t["optimizer"] + ("-inbwd" if t.get("optimizer_in_backward") else "")

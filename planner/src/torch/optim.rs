@@ -15,7 +15,8 @@
 //!   at least 4,096 elements divisible by the block (256 for 8-bit, 128 for 4-bit) keep
 //!   codes (one byte, or half a byte, an element), an fp32 scale per block and the
 //!   quantization map (256 or 16 fp32); the others `zeros_like(p)`. The step is
-//!   `single_param_adam` under `torch.compile`.
+//!   `single_param_adam` under `torch.compile`; on the CPU inductor's code allocates the
+//!   updated moments in fp32 per parameter (`torchao_cpu_buffers`).
 //! - `sgd` (momentum): one momentum buffer, updated in place. `adafactor` (transformers
 //!   `optimization.py`): row and column statistics for matrices, a full second moment for
 //!   vectors; per parameter `grad**2 + eps` and the factored estimate are live together.
@@ -103,20 +104,44 @@ fn state_of(p: &Param, opt: Optimizer, sd: DType, shard: u64) -> State {
             plain(sharded(Layout::new(&[2, p.rows, p.cols], DType::F32)))
         }
         o @ (Optimizer::TorchaoAdamW8bit | Optimizer::TorchaoAdamW4bit) => {
-            let (block, qmap, codes) = if o == Optimizer::TorchaoAdamW8bit {
-                (TORCHAO_8BIT_BLOCK, TORCHAO_8BIT_QMAP, n)
-            } else {
-                (TORCHAO_4BIT_BLOCK, TORCHAO_4BIT_QMAP, n / 2)
-            };
-            if n >= MIN_8BIT_SIZE && n.is_multiple_of(block) {
-                let one = codes + DType::F32.size(&[n / block + qmap]).0;
-                plain(flat(one.saturating_mul(2)))
-            } else {
-                plain(sharded(Layout::new(&[2, p.rows, p.cols], sd)))
+            match torchao_blocks(o, n) {
+                Some((block, qmap, codes)) => {
+                    let one = codes + DType::F32.size(&[n / block + qmap]).0;
+                    plain(flat(one.saturating_mul(2)))
+                }
+                None => plain(sharded(Layout::new(&[2, p.rows, p.cols], sd))),
             }
         }
         _ => plain(sharded(Layout::new(&[2, p.rows, p.cols], sd))),
     }
+}
+
+/// torchao's quantized state of an `n`-element parameter: (block, quantization map
+/// entries, code bytes), or `None` where the parameter keeps `zeros_like(p)` states.
+fn torchao_blocks(o: Optimizer, n: u64) -> Option<(u64, u64, u64)> {
+    let (block, qmap, codes) = if o == Optimizer::TorchaoAdamW8bit {
+        (TORCHAO_8BIT_BLOCK, TORCHAO_8BIT_QMAP, n)
+    } else {
+        (TORCHAO_4BIT_BLOCK, TORCHAO_4BIT_QMAP, n / 2)
+    };
+    (n >= MIN_8BIT_SIZE && n.is_multiple_of(block)).then_some((block, qmap, codes))
+}
+
+/// The buffers inductor's CPU code for torchao's compiled `single_param_adam` allocates
+/// for an `n`-element quantized parameter with blocks of `block` (measured,
+/// `tests/data/torch_regimes.json`): the two updated moments in fp32 before they are
+/// quantized again, and their new per-block scales; the 4-bit step makes four more
+/// fp32 copies and the two moments' new codes one byte an element (before packing).
+fn torchao_cpu_buffers(o: Optimizer, n: u64, block: u64) -> Layout {
+    let scales = Layout::new(&[2, n / block], DType::F32);
+    if o == Optimizer::TorchaoAdamW8bit {
+        return Layout::concat(&[Layout::new(&[2, n], DType::F32), scales]);
+    }
+    Layout::concat(&[
+        Layout::new(&[6, n], DType::F32),
+        Layout::new(&[2, n], DType::U8),
+        scales,
+    ])
 }
 
 /// Allocates the optimizer state; `shard` divides it (ZeRO stage ≥ 1). Returns the bytes
@@ -282,6 +307,16 @@ pub fn per_param(s: &mut Step, p: &Param, t: &TrainSpec, cuda: bool, shard: u64)
             s.free(a);
         }
         Optimizer::Muon => muon(s, p),
+        o @ (Optimizer::TorchaoAdamW8bit | Optimizer::TorchaoAdamW4bit) if !cuda => {
+            // On CUDA inductor's kernels for the step are not measured; none are counted.
+            if let Some((block, ..)) = torchao_blocks(o, n) {
+                s.transient(
+                    "torchao step buffers (inductor, CPU)",
+                    Component::Temporaries,
+                    torchao_cpu_buffers(o, n, block),
+                );
+            }
+        }
         Optimizer::Adafactor => {
             // `grad**2 + eps`, still referenced while `_approx_sq_grad`'s outer product
             // (the factored estimate) is made; the product with the gradient is in place.
