@@ -163,7 +163,7 @@ mod tests {
     use super::*;
     use crate::config::{Context, RawConfig};
     use crate::presets::Presets;
-    use crate::spec::Implementation as Code;
+    use crate::spec::{Implementation as Code, RunSpec};
     use proptest::prelude::*;
 
     /// A block's saved bytes without the norms' per-row rstd, which the eager
@@ -175,6 +175,32 @@ mod tests {
             .filter(|s| !s.name.ends_with("rstd"))
             .map(|s| s.layout.bytes().0)
             .sum()
+    }
+
+    /// The run of a two-block model of `arch` with `heads` (`kv` of them for keys and
+    /// values) of `head_dim`, an MLP `ffn` times the width, `b × t` tokens, and `train`
+    /// (more `[train]` lines).
+    #[allow(clippy::too_many_arguments)]
+    fn run_of(
+        arch: &str,
+        heads: u64,
+        kv: u64,
+        head_dim: u64,
+        ffn: u64,
+        b: u64,
+        t: u64,
+        train: &str,
+    ) -> (RunSpec, String) {
+        let hidden = heads * head_dim;
+        let toml = format!(
+            "[model]\narch = \"{arch}\"\nhidden_size = {hidden}\nnum_layers = 2\nnum_heads = {heads}\nnum_kv_heads = {kv}\nintermediate_size = {}\nvocab_size = 1000\n[train]\nmicro_batch = {b}\nseq_len = {t}\n{train}",
+            hidden * ffn
+        );
+        let spec = RawConfig::from_toml(&toml)
+            .unwrap()
+            .resolve(&Presets::builtin().unwrap(), &Context::default())
+            .unwrap();
+        (spec, toml)
     }
 
     proptest! {
@@ -196,21 +222,13 @@ mod tests {
         ) {
             let heads = 1u64 << heads_pow;
             let kv = 1u64 << kv_pow.min(heads_pow);
-            let hidden = heads * head_dim;
             let code = match arch {
                 "nanochat" => "nanochat",
                 "llama" if tune => "torchtune",
                 _ => "hf",
             };
-            let toml = format!(
-                "[model]\narch = \"{arch}\"\nhidden_size = {hidden}\nnum_layers = 2\nnum_heads = {heads}\nnum_kv_heads = {kv}\nintermediate_size = {}\nvocab_size = 1000\n[train]\nmicro_batch = {b}\nseq_len = {t}\nprecision = \"{precision}\"\nimplementation = \"{code}\"\n",
-                hidden * ffn
-            );
-            let presets = Presets::builtin().unwrap();
-            let mut spec = RawConfig::from_toml(&toml)
-                .unwrap()
-                .resolve(&presets, &Context::default())
-                .unwrap();
+            let train = format!("precision = \"{precision}\"\nimplementation = \"{code}\"\n");
+            let (mut spec, toml) = run_of(arch, heads, kv, head_dim, ffn, b, t, &train);
             let (m, eager_t) = (&spec.model, spec.train.clone());
             let compiled_t = TrainSpec { compile: true, ..eager_t.clone() };
             let (eager, compiled) = match spec.train.implementation {
@@ -237,16 +255,10 @@ mod tests {
         ) {
             let heads = 1u64 << heads_pow;
             let kv = 1u64 << kv_pow.min(heads_pow);
-            let hidden = heads * head_dim;
-            let toml = format!(
-                "[model]\narch = \"llama\"\nhidden_size = {hidden}\nnum_layers = 2\nnum_heads = {heads}\nnum_kv_heads = {kv}\nintermediate_size = {}\nvocab_size = 1000\n[train]\nmicro_batch = {b}\nseq_len = {t}\nprecision = \"{precision}\"\nimplementation = \"torchtitan\"\ncheckpointing = \"selective-op\"\n",
-                hidden * ffn
+            let train = format!(
+                "precision = \"{precision}\"\nimplementation = \"torchtitan\"\ncheckpointing = \"selective-op\"\n"
             );
-            let presets = Presets::builtin().unwrap();
-            let mut spec = RawConfig::from_toml(&toml)
-                .unwrap()
-                .resolve(&presets, &Context::default())
-                .unwrap();
+            let (mut spec, toml) = run_of("llama", heads, kv, head_dim, ffn, b, t, &train);
             let (m, eager_t) = (&spec.model, spec.train.clone());
             let compiled_t = TrainSpec { compile: true, ..eager_t.clone() };
             let d = Dims::new(m, &eager_t);
