@@ -391,7 +391,7 @@ fn torchtitan_train_configs() {
     );
     assert_eq!(
         regime("torchtitan/llama3_8b-8xb200-8k.toml", A100),
-        "regime: optimizer adamw-fused, stepped in backward, FSDP2 over 8 GPU(s)"
+        "regime: optimizer adamw-fused, stepped in backward, FSDP2 over 8 GPU(s), gradients reduced in bf16"
     );
 }
 

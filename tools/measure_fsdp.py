@@ -133,6 +133,11 @@ def configs():
         (TT, _tt(2, 256, "fp32"), _hw(4)),
         (T2, _tt(1, 512, "fp32", "full"), _hw(4)),
     ]
+    # Pure bf16 parameters (the models cast to bf16 before sharding).
+    runs += [
+        (A, _t(2, 256, "bf16"), _hw(2)),
+        (T, _tt(2, 256, "bf16"), _hw(2)),
+    ]
     out = []
     for m, t, h in runs:
         rid = mt._run_id(m, t) + f"-fsdp2-x{h['gpus']}"
@@ -217,6 +222,11 @@ def setup(cfg):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     elif t["precision"] == "fp32":
         mp = MixedPrecisionPolicy()
+    elif t["precision"] == "bf16":
+        # Pure bf16: the model's own parameters are bf16 (torchtitan's training.dtype;
+        # its MixedPrecisionPolicy still reduces in mixed_precision_reduce, fp32).
+        model.to(torch.bfloat16)
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32 if titan else None)
     else:
         raise ValueError(t["precision"])
     raf = h.get("reshard_after_forward", True)
@@ -224,7 +234,8 @@ def setup(cfg):
         from torch.distributed.fsdp import FSDPModule
         from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
-        apply_fsdp_to_decoder(model, mesh, param_dtype=mp.param_dtype or torch.float32,
+        own = next(model.parameters()).dtype
+        apply_fsdp_to_decoder(model, mesh, param_dtype=mp.param_dtype or own,
                               reduce_dtype=mp.reduce_dtype or torch.float32,
                               pp_enabled=False,
                               reshard_after_forward_policy="default" if raf else "never")

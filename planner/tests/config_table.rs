@@ -286,7 +286,7 @@ const REGIME_ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"every-4097\"\n", "train.checkpointing = \"every-4097\": expected one of"),
     ("[model]\npreset = \"gpt2\"\n[train]\ncheckpointing = \"selective-op\"\n", "train.checkpointing = \"selective-op\": none | selective | full | every-N for arch gpt2"),
     ("[model]\npreset = \"gpt2\"\n[train]\nreduce_dtype = \"fp16\"\n", "train.reduce_dtype = \"fp16\": expected one of fp32 | bf16"),
-    ("[model]\npreset = \"gpt2\"\n[train]\nreduce_dtype = \"bf16\"\n", "train.reduce_dtype = \"bf16\": fp32 unless precision = \"bf16-mixed\""),
+    ("[model]\npreset = \"gpt2\"\n[train]\nreduce_dtype = \"bf16\"\n", "train.reduce_dtype = \"bf16\": fp32 unless precision = \"bf16-mixed\" or implementation = \"torchtitan\""),
     ("[model]\npreset = \"gpt2\"\n[train]\noffload_activations = 1\n", "line 4: train.offload_activations: invalid type: integer `1`, expected a boolean"),
     ("[model]\npreset = \"gpt2\"\n[train]\noffload_activations = true\n", "train.offload_activations = true: false with gpu = \"cpu\""),
     ("[model]\npreset = \"gpt2\"\n[train]\noptimizer_in_backward = true\ngrad_accum = 2\n", "train.optimizer_in_backward = true: false with grad_accum above 1"),

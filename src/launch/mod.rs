@@ -62,7 +62,7 @@ pub struct Fsdp {
     /// The precision on several GPUs, where sharding changes it (torchtitan: FSDP2's
     /// `MixedPrecisionPolicy` instead of autocast).
     pub precision: Option<String>,
-    /// The gradient reduction dtype with that precision.
+    /// The gradient reduction dtype (torchtitan's `mixed_precision_reduce`).
     pub reduce_dtype: Option<String>,
 }
 
@@ -85,6 +85,9 @@ impl Launch {
         h.gpus_per_node = (f.replicas > 1).then(|| gpus / f.replicas);
         if let Some(p) = &f.precision {
             raw.train.precision = Some(p.clone());
+        }
+        // torchtitan's policy reduces in `mixed_precision_reduce` whatever the parameters.
+        if f.reduce_dtype.is_some() {
             raw.train.reduce_dtype = f.reduce_dtype.clone();
         }
         Ok(())

@@ -120,7 +120,8 @@ fn torchtitan_compiled_fsdp_with_the_step_in_backward() {
     assert_eq!(t.precision.as_deref(), Some("bf16"));
     assert_eq!(t.checkpointing.as_deref(), Some("none"));
     assert_eq!((h.gpus, h.sharding.as_deref()), (Some(8), Some("fsdp2")));
-    assert_eq!(t.reduce_dtype, None);
+    // Its policy reduces in mixed_precision_reduce over the pure bf16 parameters too.
+    assert_eq!(t.reduce_dtype.as_deref(), Some("bf16"));
 }
 
 #[test]

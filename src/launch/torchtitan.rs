@@ -336,7 +336,7 @@ fn degrees(d: &mut Draft) -> Result<Option<Fsdp>, String> {
                 d.sharding = Some("fsdp2".into());
                 d.gpus_per_node = (replicas > 1).then_some(n);
                 d.precision = fsdp.precision.or(d.precision.take());
-                d.reduce_dtype = fsdp.reduce_dtype.filter(|_| mixed);
+                d.reduce_dtype = fsdp.reduce_dtype;
             }
             Ok(None)
         }

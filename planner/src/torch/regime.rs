@@ -12,8 +12,8 @@
 
 use crate::error::{quote, PlanError, Result};
 use crate::spec::{
-    Arch, Checkpointing, Choice, Engine, Offload, Optimizer, Precision, ReduceDtype, RunSpec,
-    Sharding,
+    Arch, Checkpointing, Choice, Engine, Implementation, Offload, Optimizer, Precision,
+    ReduceDtype, RunSpec, Sharding,
 };
 
 /// Refuses combinations no framework runs, one key at a time.
@@ -80,11 +80,14 @@ pub fn check_regime(spec: &RunSpec) -> Result<()> {
             ),
         ));
     }
-    if t.reduce_dtype != ReduceDtype::Fp32 && t.precision != Precision::Bf16Mixed {
+    // torchtitan's policy reduces in `mixed_precision_reduce` over any parameters.
+    let policy =
+        t.precision == Precision::Bf16Mixed || t.implementation == Implementation::Torchtitan;
+    if t.reduce_dtype != ReduceDtype::Fp32 && !policy {
         return Err(PlanError::invalid(
             "train.reduce_dtype",
             quote(t.reduce_dtype.name()),
-            "fp32 unless precision = \"bf16-mixed\"",
+            "fp32 unless precision = \"bf16-mixed\" or implementation = \"torchtitan\"",
         ));
     }
     check_sharding(spec)
@@ -192,6 +195,9 @@ pub fn describe(spec: &RunSpec) -> String {
             "CPU processes"
         };
         let mut s = format!("FSDP2 over {group} {ranks}");
+        if t.precision != Precision::Bf16Mixed && t.implementation == Implementation::Torchtitan {
+            s.push_str(&format!(", gradients reduced in {}", t.reduce_dtype));
+        }
         if group < h.gpus {
             s.push_str(&format!(", replicated {}×", h.gpus / group));
         }

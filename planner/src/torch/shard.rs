@@ -203,9 +203,13 @@ pub fn reducer(run: &Run) -> Option<Reducer> {
     })
 }
 
-/// FSDP2's reduce-scatter runs in this dtype.
+/// FSDP2's reduce-scatter runs in this dtype: `reduce_dtype` under `bf16-mixed`, and
+/// under torchtitan whatever the parameters' dtype (its `MixedPrecisionPolicy` always
+/// carries `mixed_precision_reduce`, fp32 by default, over pure bf16 parameters too:
+/// `distributed/fsdp.py`); otherwise the parameters' dtype (no policy).
 fn reduce_dtype(run: &Run) -> DType {
-    match (run.t.precision.is_mixed(), run.t.reduce_dtype) {
+    let policy = run.t.precision.is_mixed() || run.t.implementation == Implementation::Torchtitan;
+    match (policy, run.t.reduce_dtype) {
         (true, ReduceDtype::Bf16) => DType::Bf16,
         (true, ReduceDtype::Fp32) => DType::F32,
         (false, _) => run.d.p,
