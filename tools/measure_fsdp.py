@@ -137,6 +137,9 @@ def configs():
     runs += [
         (A, _t(2, 256, "bf16"), _hw(2)),
         (T, _tt(2, 256, "bf16"), _hw(2)),
+        # Held out from torchtitan's fp32 reduction over pure bf16 (measured after it).
+        (TT, _tt(2, 256, "bf16"), _hw(4)),
+        (T2, _tt(1, 512, "bf16", "full"), _hw(2)),
     ]
     out = []
     for m, t, h in runs:

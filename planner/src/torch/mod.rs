@@ -266,11 +266,13 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let emb: Vec<&Param> = emb.collect();
     run.grads_of(&mut s, &mut grads, &emb, false);
     s.free(g);
-    shard::end_of_backward(&mut s, &run, &mut grads);
+    // The embedding group's post-backward reshards it before its reduce-scatter
+    // (`_fsdp_param_group.py`, `post_backward`: `reshard()`, then `foreach_reduce`).
     emb_prefetched
         .into_iter()
         .chain(fwd.embedding)
         .for_each(|id| s.free(id));
+    shard::end_of_backward(&mut s, &run, &mut grads);
     deepspeed::end_of_backward(&mut s, &mut grads);
     for id in fwd.stem.into_iter().chain(fwd.inputs) {
         s.free(id);
