@@ -13,7 +13,8 @@
 //!   node, replicate across nodes). torchtitan groups an untied model otherwise
 //!   ([`own_groups`]).
 //! - FSDP2's reduce (`_fsdp_collectives.py`, `foreach_reduce`), per parameter group: the
-//!   group's unsharded gradients wait for its post-backward hook, are copied into one flat
+//!   group's unsharded gradients (its own only: a tied head's waits for the root's hook)
+//!   wait for its post-backward hook, are copied into one flat
 //!   reduce-scatter input in `reduce_dtype` (kept until the next group's hook) and freed;
 //!   the output shard holds the sharded gradients ([`Reducer`]). The root's pre-backward
 //!   prefetches the last block when backward starts ([`root_prefetch`]). Measured on the
@@ -300,10 +301,20 @@ pub fn post_backward(s: &mut Step, run: &Run, grads: &mut Grads, block: Option<u
     let Some(mut r) = grads.fsdp2.take() else {
         return;
     };
-    if r.params.is_empty() {
+    // Only this group's gradients: a block's hook leaves the root's (a tied head's
+    // gradient, made before the blocks' backward) waiting for the root's.
+    let at = &grads.at;
+    let (group, later): (Vec<_>, Vec<_>) = r
+        .params
+        .iter()
+        .copied()
+        .zip(r.unsharded.iter().copied())
+        .partition(|&(i, _)| block.is_none() || at.params[i].layer == block);
+    if group.is_empty() {
         grads.fsdp2 = Some(r);
         return;
     }
+    (r.params, r.unsharded) = group.into_iter().unzip();
     let g = run.shards;
     let padded = r
         .params
@@ -361,6 +372,7 @@ pub fn post_backward(s: &mut Step, run: &Run, grads: &mut Grads, block: Option<u
         None => grads.ids[first] = Some(out),
     }
     r.input = Some(input);
+    (r.params, r.unsharded) = later.into_iter().unzip();
     grads.fsdp2 = Some(r);
 }
 
