@@ -242,13 +242,13 @@ pub fn play(spec: &RunSpec) -> Timeline {
     let room = (run.params.len() * 6 + layers * 40 + 64, layers * 2 + 16);
     let (mut s, mut grads) = shared_model_state(spec, &run, room);
     let mut fwd = forward(&mut s, &run, &mut grads);
-    let prefetched = shard::root_prefetch(&mut s, &run);
+    let mut prefetched = shard::root_prefetch(&mut s, &run);
     let head_group = fwd
         .head
         .gathered
         .take()
         .or_else(|| shard::head_gathered(&mut s, &run));
-    let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads);
+    let g = head_backward(&mut s, &run, fwd.head, fwd.x, &mut grads, &mut prefetched);
     let final_norm = |p: &&Param| p.layer.is_none() && p.role == Role::Vector;
     if let Some(id) = head_group {
         // torchtitan's [norm, lm_head] group: its post-backward follows the norm's.
@@ -669,17 +669,22 @@ fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
 }
 
 /// The loss backward, the head's gradients and the final norm's backward; returns the
-/// gradient flowing into the last block.
+/// gradient flowing into the last block. Under torchtitan's own FSDP2 groups the head's
+/// pre-backward makes the last block's prefetch (`prefetched`).
 fn head_backward(
     s: &mut Step,
     run: &Run,
     head: Head,
     x: Option<TensorId>,
     grads: &mut Grads,
+    prefetched: &mut Option<TensorId>,
 ) -> TensorId {
     let d = &run.d;
     let grad_hidden_fwd = head.loss.grad_hidden;
     let g_logits = loss::backward(s, run.m, run.t, d.c, head.loss);
+    if prefetched.is_none() {
+        *prefetched = shard::head_prefetch(s, run);
+    }
     s.phase("backward: head");
     let grad_hidden = |s: &mut Step| {
         s.alloc(

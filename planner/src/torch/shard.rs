@@ -432,6 +432,19 @@ pub fn prefetch(s: &mut Step, run: &Run, l: u64) -> Option<TensorId> {
 /// (`FSDPParamGroup._backward_prefetch`), so that block's gathered parameters are live
 /// through the loss and head backward.
 pub fn root_prefetch(s: &mut Step, run: &Run) -> Option<TensorId> {
+    if own_groups(run) {
+        return None;
+    }
+    prefetch(s, run, run.layers)
+}
+
+/// Under [`own_groups`] the root holds no parameter group and prefetches nothing: the
+/// last block's all-gather is prefetched by the [norm, lm_head] group's pre-backward,
+/// when backward reaches `lm_head` (after the loss's own backward).
+pub fn head_prefetch(s: &mut Step, run: &Run) -> Option<TensorId> {
+    if !own_groups(run) {
+        return None;
+    }
     prefetch(s, run, run.layers)
 }
 
