@@ -533,12 +533,9 @@ fn chunks_backward(
 ) -> TensorId {
     let per_chunk = if compiled { 2 } else { 1 };
     let mut saved = saved;
-    let mut last = None;
+    let mut first = true;
     while !saved.is_empty() {
         let mut chunk: Vec<TensorId> = saved.split_off(saved.len().saturating_sub(per_chunk));
-        if let Some(g) = last.take() {
-            s.free(g);
-        }
         let g = if compiled {
             s.alloc(
                 "grad of logits chunk (fused)",
@@ -549,17 +546,23 @@ fn chunks_backward(
             log_softmax_backward(s, &CHUNK, &[rows, v], c, chunk.pop())
         };
         chunk.into_iter().for_each(|id| s.free(id));
-        if last.is_some() || !saved.is_empty() {
-            // The output projection's weight is used once per chunk: autograd sums its
-            // gradients in the engine's input buffer, out of place (the sum so far, this
-            // chunk's, and the new sum at once).
+        if saved.is_empty() {
+            // The last chunk's gradient goes to the head's backward (`head_backward`).
+            return g;
+        }
+        // The chunk's `mm` backward releases the logits' gradient once it has made the
+        // weight's; the output projection's weight is used once per chunk, and from the
+        // second chunk on autograd sums its gradients in the engine's input buffer, out
+        // of place (the sum so far, this chunk's, and the new sum at once).
+        s.free(g);
+        if !first {
             s.transient(
                 "lm_head weight gradient sum (autograd input buffer)",
                 Component::Temporaries,
                 head.clone(),
             );
         }
-        last = Some(g);
+        first = false;
     }
-    last.unwrap_or_else(|| s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c)))
+    s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c))
 }
