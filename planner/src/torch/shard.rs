@@ -237,9 +237,7 @@ impl Reducer {
             full,
         ));
     }
-}
 
-impl Reducer {
     /// lm_head's gradient (parameter `i`, `full` its layout) in one chunk of torchtitan's
     /// chunked loss under [`own_groups`]. `ChunkedLossWrapper` (`components/loss.py`)
     /// turns lm_head's gradient sync off for every chunk but the last
@@ -289,6 +287,20 @@ impl Reducer {
         }
         s.free(made);
     }
+
+    /// Keeps pending only the gradients of `block`'s group (every one for the root's
+    /// hook, `None`) and returns the others: a block's hook leaves the root's (a tied
+    /// head's gradient, made before the blocks' backward) to the root's hook.
+    fn keep_group(&mut self, params: &[Param], block: Option<u64>) -> Vec<(usize, TensorId)> {
+        let (group, later): (Vec<_>, Vec<_>) = self
+            .params
+            .iter()
+            .copied()
+            .zip(self.unsharded.iter().copied())
+            .partition(|&(i, _)| block.is_none() || params[i].layer == block);
+        (self.params, self.unsharded) = group.into_iter().unzip();
+        later
+    }
 }
 
 /// The post-backward hook of the group whose gradients are pending (see [`Reducer`]).
@@ -301,20 +313,12 @@ pub fn post_backward(s: &mut Step, run: &Run, grads: &mut Grads, block: Option<u
     let Some(mut r) = grads.fsdp2.take() else {
         return;
     };
-    // Only this group's gradients: a block's hook leaves the root's (a tied head's
-    // gradient, made before the blocks' backward) waiting for the root's.
-    let at = &grads.at;
-    let (group, later): (Vec<_>, Vec<_>) = r
-        .params
-        .iter()
-        .copied()
-        .zip(r.unsharded.iter().copied())
-        .partition(|&(i, _)| block.is_none() || at.params[i].layer == block);
-    if group.is_empty() {
+    let later = r.keep_group(&grads.at.params, block);
+    if r.params.is_empty() {
+        (r.params, r.unsharded) = later.into_iter().unzip();
         grads.fsdp2 = Some(r);
         return;
     }
-    (r.params, r.unsharded) = group.into_iter().unzip();
     let g = run.shards;
     let padded = r
         .params
