@@ -82,8 +82,9 @@ fn framework_and_compiled_peaks_are_predicted_within_bound() {
     }
     let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
     assert!(errs.len() >= 22 && compiled >= 18, "{} runs", errs.len());
-    // Every compiled configuration within 3 %; torchtune's eager chunked loss in fp32 is
-    // at +3.8 % (docs/accuracy.md), so eager runs are held to 4 %.
+    // Every compiled configuration within 3 %; torchtune's eager chunked loss over pure
+    // bf16, a run held out from its backward order, is at +3.6 % (docs/accuracy.md), so
+    // eager runs are held to 4 %.
     assert!(worst.0 <= 0.03, "compiled: worst {:.2} %", worst.0 * 100.0);
     assert!(worst.1 <= 0.04, "eager: worst {:.2} %", worst.1 * 100.0);
 }
