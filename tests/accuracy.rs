@@ -82,11 +82,10 @@ fn framework_and_compiled_peaks_are_predicted_within_bound() {
     }
     let compiled = errs.iter().filter(|e| e.0.ends_with("-compiled")).count();
     assert!(errs.len() >= 22 && compiled >= 18, "{} runs", errs.len());
-    // Every compiled configuration within 3 %; torchtune's eager chunked loss over pure
-    // bf16, a run held out from its backward order, is at +3.6 % (docs/accuracy.md), so
-    // eager runs are held to 4 %.
+    // Every configuration within 3 %, compiled and eager (torchtune's eager chunked loss,
+    // once at +3.8 %, is within 1.3 % since its backward order is modelled).
     assert!(worst.0 <= 0.03, "compiled: worst {:.2} %", worst.0 * 100.0);
-    assert!(worst.1 <= 0.04, "eager: worst {:.2} %", worst.1 * 100.0);
+    assert!(worst.1 <= 0.03, "eager: worst {:.2} %", worst.1 * 100.0);
 }
 
 /// `tests/data/torch_nanochat_wte.json` (`tools/measure_frameworks.py --only wte-bf16`):

@@ -533,10 +533,13 @@ fn chunks_backward(
 ) -> TensorId {
     let per_chunk = if compiled { 2 } else { 1 };
     let mut saved = saved;
-    let mut first = true;
+    // Every chunk's cross-entropy ran after every chunk's output projection, so autograd
+    // (by sequence number) takes all the cross-entropies' backward first, last chunk
+    // first: each chunk's logits gradient in compute precision, its saved tensors freed.
+    let mut grads = Vec::with_capacity(saved.len() / per_chunk + 1);
     while !saved.is_empty() {
         let mut chunk: Vec<TensorId> = saved.split_off(saved.len().saturating_sub(per_chunk));
-        let g = if compiled {
+        grads.push(if compiled {
             s.alloc(
                 "grad of logits chunk (fused)",
                 Component::Logits,
@@ -544,25 +547,24 @@ fn chunks_backward(
             )
         } else {
             log_softmax_backward(s, &CHUNK, &[rows, v], c, chunk.pop())
-        };
+        });
         chunk.into_iter().for_each(|id| s.free(id));
-        if saved.is_empty() {
-            // The last chunk's gradient goes to the head's backward (`head_backward`).
-            return g;
-        }
-        // The chunk's `mm` backward releases the logits' gradient once it has made the
-        // weight's; the output projection's weight is used once per chunk, and from the
-        // second chunk on autograd sums its gradients in the engine's input buffer, out
-        // of place (the sum so far, this chunk's, and the new sum at once).
+    }
+    // Then the projections' backward, one chunk at a time: each `mm` backward releases its
+    // chunk's gradient once it has made the weight's; the weight is used once per chunk,
+    // and from the second chunk on autograd sums its gradients in the engine's input
+    // buffer, out of place (the sum so far, this chunk's, and the new sum at once). The
+    // last chunk's gradient goes to the head's backward (`head_backward`).
+    let last = grads.pop();
+    for (k, g) in grads.into_iter().enumerate() {
         s.free(g);
-        if !first {
+        if k > 0 {
             s.transient(
                 "lm_head weight gradient sum (autograd input buffer)",
                 Component::Temporaries,
                 head.clone(),
             );
         }
-        first = false;
     }
-    s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c))
+    last.unwrap_or_else(|| s.alloc("grad of logits chunk", Component::Logits, rv(rows, v, c)))
 }
