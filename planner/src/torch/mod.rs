@@ -617,13 +617,13 @@ fn head_forward(
     };
     // torchtitan's chunked loss reshards the [norm, lm_head] group after its loop
     // (`lm_head.reshard()`); the norm's pre-backward gathers it again (`play`).
-    let gathered = gathered.and_then(|id| {
-        if loss::grads_head(run.t) {
+    let gathered = match gathered {
+        Some(id) if loss::grads_head(run.t) => {
             s.free(id);
-            return None;
+            None
         }
-        Some(id)
-    });
+        g => g,
+    };
     let head = Head {
         gathered,
         saved,

@@ -12,8 +12,8 @@
 
 use crate::error::{quote, PlanError, Result};
 use crate::spec::{
-    Arch, Checkpointing, Choice, Engine, Implementation, Offload, Optimizer, Precision,
-    ReduceDtype, RunSpec, Sharding,
+    Arch, Checkpointing, Choice, Engine, Offload, Optimizer, Precision, ReduceDtype, RunSpec,
+    Sharding,
 };
 
 /// Refuses combinations no framework runs, one key at a time.
@@ -80,10 +80,7 @@ pub fn check_regime(spec: &RunSpec) -> Result<()> {
             ),
         ));
     }
-    // torchtitan's policy reduces in `mixed_precision_reduce` over any parameters.
-    let policy =
-        t.precision == Precision::Bf16Mixed || t.implementation == Implementation::Torchtitan;
-    if t.reduce_dtype != ReduceDtype::Fp32 && !policy {
+    if t.reduce_dtype != ReduceDtype::Fp32 && !super::shard::reduce_policy(t) {
         return Err(PlanError::invalid(
             "train.reduce_dtype",
             quote(t.reduce_dtype.name()),
@@ -195,7 +192,7 @@ pub fn describe(spec: &RunSpec) -> String {
             "CPU processes"
         };
         let mut s = format!("FSDP2 over {group} {ranks}");
-        if t.precision != Precision::Bf16Mixed && t.implementation == Implementation::Torchtitan {
+        if t.precision != Precision::Bf16Mixed && super::shard::reduce_policy(t) {
             s.push_str(&format!(", gradients reduced in {}", t.reduce_dtype));
         }
         if group < h.gpus {

@@ -45,7 +45,7 @@
 use super::loss::HeadGrad;
 use super::{Grads, Run};
 use crate::params::{self, Param, Role};
-use crate::spec::{Implementation, Offload, ReduceDtype, RunSpec, Sharding};
+use crate::spec::{Implementation, Offload, ReduceDtype, RunSpec, Sharding, TrainSpec};
 use crate::timeline::{Component, Layout, Name, Step, TensorId};
 use crate::units::DType;
 use std::rc::Rc;
@@ -204,13 +204,17 @@ pub fn reducer(run: &Run) -> Option<Reducer> {
     })
 }
 
-/// FSDP2's reduce-scatter runs in this dtype: `reduce_dtype` under `bf16-mixed`, and
-/// under torchtitan whatever the parameters' dtype (its `MixedPrecisionPolicy` always
-/// carries `mixed_precision_reduce`, fp32 by default, over pure bf16 parameters too:
-/// `distributed/fsdp.py`); otherwise the parameters' dtype (no policy).
+/// Whether `reduce_dtype` applies: under `bf16-mixed`, and under torchtitan whatever the
+/// parameters' dtype (its `MixedPrecisionPolicy` always carries `mixed_precision_reduce`,
+/// fp32 by default, over pure bf16 parameters too: `distributed/fsdp.py`). Otherwise
+/// FSDP2 has no policy and reduces in the parameters' dtype.
+pub fn reduce_policy(t: &TrainSpec) -> bool {
+    t.precision.is_mixed() || t.implementation == Implementation::Torchtitan
+}
+
+/// FSDP2's reduce-scatter runs in this dtype ([`reduce_policy`]).
 fn reduce_dtype(run: &Run) -> DType {
-    let policy = run.t.precision.is_mixed() || run.t.implementation == Implementation::Torchtitan;
-    match (policy, run.t.reduce_dtype) {
+    match (reduce_policy(run.t), run.t.reduce_dtype) {
         (true, ReduceDtype::Bf16) => DType::Bf16,
         (true, ReduceDtype::Fp32) => DType::F32,
         (false, _) => run.d.p,
