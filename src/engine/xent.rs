@@ -6,8 +6,14 @@
 //! size): a chunk holds at most its logits and their gradient in f32, and under 16-bit
 //! compute their 16-bit copies. The same loss built from candle's tensor ops keeps every
 //! intermediate (the logits, `/cap`, `tanh`, `·cap`, the shifted and exponentiated copies)
-//! and their gradients, sixteen f32 copies (`docs/performance.md`). The price is the
-//! head's matmul once more in backward.
+//! and their gradients, sixteen f32 copies (`docs/performance.md`).
+//!
+//! The training step takes each chunk's backward right after its forward
+//! ([`super::step::loss_stage_weighted`]), so the op keeps the forward's logits for its
+//! backward rather than multiply the head again: nothing else is allocated between the
+//! two, so the chunk's peak is the same, and the head's matmul runs once a chunk instead
+//! of twice. A backward that finds them taken (a second backward of the same graph)
+//! computes them again.
 //!
 //! On the CPU the soft-cap, log-sum-exp and the target's logit are one pass over each
 //! row and the gradient one more ([`CrossEntropy`], [`CrossEntropyGrad`]); on other
@@ -19,6 +25,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// The cross-entropy of each row of `h·wᵀ` (`h` `(R, C)`, the head `w` `(V, C)`, both in
 /// the compute dtype) against `targets` `(R, 1)`, computed in at least f32, `(R, 1)`; with
@@ -33,13 +40,12 @@ pub fn head_losses(
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let z = logits(h, w)?;
     let value = losses(&z, &targets, softcap)?;
-    let dtype = z.dtype();
-    drop(z);
     let op = HeadLoss {
         targets,
         softcap,
         trains_w,
-        dtype,
+        dtype: z.dtype(),
+        kept: Mutex::new(Some(z)),
     };
     value + h.apply_op2(w, op)?
 }
@@ -119,12 +125,14 @@ fn lse(c: &Tensor) -> Result<Tensor> {
 }
 
 /// Zero in forward, of the losses' dtype; in backward the gradients of `h` and `w` from
-/// the logits' gradient, the logits computed again.
+/// the logits' gradient, of the logits the forward kept (taken, so they are freed with
+/// the gradient's pass), or computed again.
 struct HeadLoss {
     targets: Tensor,
     softcap: Option<f64>,
     trains_w: bool,
     dtype: DType,
+    kept: Mutex<Option<Tensor>>,
 }
 
 impl HeadLoss {
@@ -170,7 +178,11 @@ impl CustomOp2 for HeadLoss {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let z = logits(h, w)?;
+        let kept = self.kept.lock().ok().and_then(|mut k| k.take());
+        let z = match kept {
+            Some(z) => z,
+            None => logits(h, w)?,
+        };
         let dz = logits_grad(&z, &self.targets, &g.detach(), self.softcap)?;
         drop(z);
         let dz = dz.to_dtype(h.dtype())?;
@@ -294,9 +306,19 @@ impl<T: Float> Cap<T> {
 }
 
 /// The largest capped logit of a row: the cap is increasing, so the cap of the largest.
+/// The largest is taken in eight lanes (the loop vectorizes), then over the lanes and the
+/// tail.
 fn row_max<T: Float>(row: &[T], cap: &Option<Cap<T>>) -> T {
-    let mut m = row[0];
-    for &z in &row[1..] {
+    let mut acc = [row[0]; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc[0];
+    for &z in acc[1..].iter().chain(tail) {
         if z > m {
             m = z;
         }
@@ -525,6 +547,36 @@ mod tests {
         check(DType::F32, Some(15.0), 1e-5);
         check(DType::F64, None, 1e-12);
         check(DType::F64, Some(15.0), 1e-12);
+    }
+
+    /// The first backward takes the logits the forward kept; a second backward of the same
+    /// graph finds them gone, computes them again and gives the same gradients.
+    #[test]
+    fn a_second_backward_computes_the_logits_again() {
+        let dev = Device::Cpu;
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 4), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f64, 2.0, (11, 4), &dev).unwrap()).unwrap();
+        let t = Tensor::new(&[[0u32], [10], [4]], &dev).unwrap();
+        let l = head_losses(h.as_tensor(), w.as_tensor(), true, &t, Some(15.0))
+            .and_then(|l| l.sum_all())
+            .unwrap();
+        let (a, b) = (l.backward().unwrap(), l.backward().unwrap());
+        for v in [&h, &w] {
+            let (ga, gb) = (a.get(v.as_tensor()).unwrap(), b.get(v.as_tensor()).unwrap());
+            assert!(max_diff(ga, gb) < 1e-12, "{}", max_diff(ga, gb));
+        }
+    }
+
+    /// The row's largest logit over the lanes and the tail, wherever it lies.
+    #[test]
+    fn row_max_finds_the_largest_in_any_lane_or_the_tail() {
+        for len in [1, 7, 8, 9, 16, 23] {
+            for at in 0..len {
+                let mut row = vec![-1.0f32; len];
+                row[at] = 2.5;
+                assert_eq!(row_max(&row, &None), 2.5, "len {len}, at {at}");
+            }
+        }
     }
 
     /// The tensor-op path other devices take gives the CPU kernels' losses and gradient.
