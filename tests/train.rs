@@ -581,7 +581,7 @@ fn a_plan_over_the_memory_limit_is_refused() {
             32,
             256,
             4096,
-            32,
+            64,
             128,
             "none",
             "float-cast",

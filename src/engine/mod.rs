@@ -19,6 +19,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fused;
+pub mod head_grad;
 pub mod hf;
 pub mod lora;
 pub mod model;

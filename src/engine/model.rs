@@ -29,7 +29,9 @@
 //! run in f32. With `compute == dtype` every cast is a no-op and the graph is the plain
 //! f32 one.
 
+use crate::engine::head_grad::HeadGradSum;
 use crate::engine::rng::Rng;
+use crate::engine::xent::HeadGrad;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use vramplan_planner::{Arch, ModelSpec, Role};
@@ -601,16 +603,38 @@ impl Model {
     }
 
     /// Sum over rows of the cross-entropy `logsumexp(z) − z[target]`; targets `(R, 1)` u32.
-    pub fn loss_sum(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        self.token_losses(h, targets)?.sum_all()
+    /// A trained head's gradient goes into `sum` where given, else into candle's store.
+    pub fn loss_sum(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        sum: Option<&HeadGradSum>,
+    ) -> Result<Tensor> {
+        self.token_losses(h, targets, sum)?.sum_all()
     }
 
     /// The cross-entropy of each row, `(R, 1)`, in at least f32; targets `(R, 1)` u32.
-    pub fn token_losses(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    pub fn token_losses(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        sum: Option<&HeadGradSum>,
+    ) -> Result<Tensor> {
         let h = self.head_input(h)?;
         let w = self.w(self.head_name())?;
-        let trains = self.trains(self.head_name());
-        super::xent::head_losses(&h, &w, trains, targets, self.softcap())
+        let head = match sum {
+            _ if !self.trains(self.head_name()) => HeadGrad::None,
+            Some(s) => HeadGrad::Sum(s.clone()),
+            None => HeadGrad::Store,
+        };
+        super::xent::head_losses(&h, &w, head, targets, self.softcap())
+    }
+
+    /// A running sum for the head's gradient, starting at `start`, where the head trains.
+    pub fn head_grad_sum(&self, start: Option<Tensor>) -> Option<HeadGradSum> {
+        let name = self.head_name();
+        self.trains(name)
+            .then(|| HeadGradSum::new(start, self.p(name).dtype()))
     }
 
     /// Sum over rows of the cross-entropy times `weights` `(R, 1)` (of the losses' dtype).
@@ -619,8 +643,9 @@ impl Model {
         h: &Tensor,
         targets: &Tensor,
         weights: &Tensor,
+        sum: Option<&HeadGradSum>,
     ) -> Result<Tensor> {
-        let l = self.token_losses(h, targets)?;
+        let l = self.token_losses(h, targets, sum)?;
         let w = weights.to_dtype(l.dtype())?;
         (l * w)?.sum_all()
     }

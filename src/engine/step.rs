@@ -15,6 +15,7 @@
 //!
 //! Every gradient kept is `detach`ed so no graph outlives its stage (CANDLE_NOTES).
 
+use crate::engine::head_grad::HeadGradSum;
 use crate::engine::model::{causal_mask, Model, Rope};
 use crate::engine::probe::Probe;
 use candle_core::{Result, Tensor, Var};
@@ -218,6 +219,7 @@ pub fn loss_stage_weighted(
     let n = last.dim(0)?;
     let chunk = opts.chunk.clamp(1, n);
     let head = model.head_params();
+    let sum = model.head_grad_sum(grads.remove(model.head_name()));
     let mut parts = Vec::with_capacity(n.div_ceil(chunk));
     let mut total = 0.0;
     let mut start = 0;
@@ -225,7 +227,12 @@ pub fn loss_stage_weighted(
         let len = chunk.min(n - start);
         let leaf = Var::from_tensor(&last.narrow(0, start, len)?)?;
         let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let ls = chunk_loss(model, leaf.as_tensor(), &tg, weights, start, len)?;
+        let rows = Rows {
+            weights,
+            start,
+            len,
+        };
+        let ls = chunk_loss(model, leaf.as_tensor(), &tg, rows, sum.as_ref())?;
         total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let store = (ls * opts.scale)?.backward()?;
         collect(model, &store, &head, grads)?;
@@ -235,6 +242,9 @@ pub fn loss_stage_weighted(
         }
         start += len;
     }
+    if let Some(g) = sum.map(|s| s.take()).transpose()?.flatten() {
+        grads.insert(model.head_name().to_string(), g);
+    }
     let g = if parts.len() == 1 {
         parts.pop().expect("one part")
     } else {
@@ -243,22 +253,31 @@ pub fn loss_stage_weighted(
     Ok((total, g))
 }
 
-/// The summed loss of `h`, rows `start..start + len` of the batch, weighted by those rows
-/// of `weights` (which may be on the CPU) when given.
+/// Rows `start..start + len` of the batch, and the weight of every row when given.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    weights: Option<&'a Tensor>,
+    start: usize,
+    len: usize,
+}
+
+/// The summed loss of `h`, `rows` of the batch, weighted by those rows of `weights`
+/// (which may be on the CPU) when given; the head's gradient into `sum` where given.
 fn chunk_loss(
     model: &Model,
     h: &Tensor,
     targets: &Tensor,
-    weights: Option<&Tensor>,
-    start: usize,
-    len: usize,
+    rows: Rows,
+    sum: Option<&HeadGradSum>,
 ) -> Result<Tensor> {
-    match weights {
+    match rows.weights {
         Some(w) => {
-            let w = w.narrow(0, start, len)?.to_device(&model.device)?;
-            model.weighted_loss_sum(h, targets, &w.unsqueeze(1)?)
+            let w = w
+                .narrow(0, rows.start, rows.len)?
+                .to_device(&model.device)?;
+            model.weighted_loss_sum(h, targets, &w.unsqueeze(1)?, sum)
         }
-        None => model.loss_sum(h, targets),
+        None => model.loss_sum(h, targets, sum),
     }
 }
 
@@ -314,7 +333,17 @@ pub(crate) fn chunked_loss_sum(
         let len = chunk.min(n - start);
         let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
         let h = x.narrow(0, start, len)?.contiguous()?;
-        let ls = chunk_loss(model, &h, &tg, weights, start, len)?;
+        let ls = chunk_loss(
+            model,
+            &h,
+            &tg,
+            Rows {
+                weights,
+                start,
+                len,
+            },
+            None,
+        )?;
         total += ls.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         start += len;
     }

@@ -1,19 +1,18 @@
 //! The loss chunk: the head's matmul and the cross-entropy over the vocabulary as one
-//! node of candle's graph. Forward computes the logits, the losses and drops the logits;
-//! backward computes them again, their gradient, and from it the hidden states' and the
-//! head's. So nothing of the chunk's size lives from forward to backward and none passes
-//! through candle's gradient store (which adds each gradient to a zero tensor of its
-//! size): a chunk holds at most its logits and their gradient in f32, and under 16-bit
-//! compute their 16-bit copies. The same loss built from candle's tensor ops keeps every
+//! node of candle's graph. Forward computes the logits and the losses; backward the
+//! logits' gradient and from it the hidden states' and the head's. No chunk-sized tensor
+//! passes through candle's gradient store (which adds each gradient to a zero tensor of
+//! its size), and the head's gradient goes into a running sum outside it
+//! ([`super::head_grad`]). The same loss built from candle's tensor ops keeps every
 //! intermediate (the logits, `/cap`, `tanh`, `·cap`, the shifted and exponentiated copies)
 //! and their gradients, sixteen f32 copies (`docs/performance.md`).
 //!
 //! The training step takes each chunk's backward right after its forward
 //! ([`super::step::loss_stage_weighted`]), so the op keeps the forward's logits for its
-//! backward rather than multiply the head again: nothing else is allocated between the
-//! two, so the chunk's peak is the same, and the head's matmul runs once a chunk instead
-//! of twice. A backward that finds them taken (a second backward of the same graph)
-//! computes them again.
+//! backward rather than multiply the head again (a backward that finds them taken, a
+//! second backward of the same graph, computes them again). On the CPU their gradient is
+//! written over them: a chunk holds one f32 copy of its logits, and under 16-bit compute
+//! its gradient's 16-bit copy; elsewhere the gradient is a second copy.
 //!
 //! On the CPU the soft-cap, log-sum-exp and the target's logit are one pass over each
 //! row and the gradient one more ([`CrossEntropy`], [`CrossEntropyGrad`]); on other
@@ -22,28 +21,47 @@
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+use super::head_grad::HeadGradSum;
+
+/// Where the loss chunk's backward puts the head's gradient.
+#[derive(Clone)]
+pub enum HeadGrad {
+    /// The head is frozen.
+    None,
+    /// Into candle's gradient store, as `w`'s gradient.
+    Store,
+    /// Added into a running sum outside the store; `w` gets none.
+    Sum(HeadGradSum),
+}
+
 /// The cross-entropy of each row of `h·wᵀ` (`h` `(R, C)`, the head `w` `(V, C)`, both in
 /// the compute dtype) against `targets` `(R, 1)`, computed in at least f32, `(R, 1)`; with
-/// `softcap`, of the logits `cap·tanh(z/cap)`. `w` gets a gradient when `trains_w`.
+/// `softcap`, of the logits `cap·tanh(z/cap)`. `head` says where `w`'s gradient goes.
 pub fn head_losses(
     h: &Tensor,
     w: &Tensor,
-    trains_w: bool,
+    head: HeadGrad,
     targets: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let z = logits(h, w)?;
     let value = losses(&z, &targets, softcap)?;
+    // candle's backward wants a gradient for every node it walks through: a head whose
+    // gradient goes into a sum (a 16-bit cast of the master weight, say) stays outside.
+    let w = match head {
+        HeadGrad::Sum(_) => &w.detach(),
+        _ => w,
+    };
     let op = HeadLoss {
         targets,
         softcap,
-        trains_w,
+        head,
         dtype: z.dtype(),
         kept: Mutex::new(Some(z)),
     };
@@ -70,13 +88,15 @@ fn losses_by_ops(z: &Tensor, targets: &Tensor, softcap: Option<f64>) -> Result<T
 }
 
 /// The logits' gradient `g·(softmax(c) − onehot(target))·c'(z)` for the per-row loss
-/// gradients `g` `(R, 1)`.
-fn logits_grad(z: &Tensor, targets: &Tensor, g: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+/// gradients `g` `(R, 1)`. On the CPU it is written over `z` (whose only handle the
+/// caller gives up), so the chunk holds one copy of its logits, not two.
+fn logits_grad(z: Tensor, targets: &Tensor, g: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
     let g = g.to_dtype(z.dtype())?.contiguous()?;
     if z.device().is_cpu() {
-        return z.apply_op3_no_bwd(targets, &g, &CrossEntropyGrad { softcap });
+        z.inplace_op3(targets, &g, &CrossEntropyGrad { softcap })?;
+        return Ok(z);
     }
-    logits_grad_by_ops(z, targets, &g, softcap)
+    logits_grad_by_ops(&z, targets, &g, softcap)
 }
 
 /// [`logits_grad`] as tensor ops.
@@ -130,7 +150,7 @@ fn lse(c: &Tensor) -> Result<Tensor> {
 struct HeadLoss {
     targets: Tensor,
     softcap: Option<f64>,
-    trains_w: bool,
+    head: HeadGrad,
     dtype: DType,
     kept: Mutex<Option<Tensor>>,
 }
@@ -183,12 +203,18 @@ impl CustomOp2 for HeadLoss {
             Some(z) => z,
             None => logits(h, w)?,
         };
-        let dz = logits_grad(&z, &self.targets, &g.detach(), self.softcap)?;
-        drop(z);
+        let dz = logits_grad(z, &self.targets, &g.detach(), self.softcap)?;
         let dz = dz.to_dtype(h.dtype())?;
         let (h, w) = (h.detach(), w.detach());
         let dh = dz.matmul(&w)?;
-        let dw = self.trains_w.then(|| dz.t()?.matmul(&h)).transpose()?;
+        let dw = match &self.head {
+            HeadGrad::None => None,
+            HeadGrad::Store => Some(dz.t()?.matmul(&h)?),
+            HeadGrad::Sum(sum) => {
+                sum.add(&dz, &h)?;
+                None
+            }
+        };
         Ok((Some(dh), dw))
     }
 }
@@ -373,47 +399,25 @@ fn row_losses<T: Float>(
         .collect()
 }
 
-/// Each row's gradient `g·(softmax(c) − onehot(t))·c'(z)`: without a cap the row's
-/// exponentials are written once and scaled; with one, the row's `tanh` is kept in the
-/// output while the sum is taken, then turned into the gradient (one `tanh` and two
-/// `exp` an element).
-fn gradient<T: Float>(
-    z: &[T],
+/// Each row's gradient `g·(softmax(c) − onehot(t))·c'(z)`, written over the row's
+/// logits: without a cap the row's exponentials are written and scaled; with one, the
+/// row's `tanh` is written while the sum is taken, then turned into the gradient (one
+/// `tanh` and two `exp` an element). The target's `c'(z_t)` is taken before the row is
+/// overwritten.
+fn gradient_in_place<T: Float>(
+    z: &mut [T],
     targets: &[u32],
     g: &[T],
     v: usize,
     softcap: Option<f64>,
-) -> Result<Vec<T>> {
+) -> Result<()> {
     let cap = Cap::new(softcap);
-    let mut out = vec![T::from_f64(0.0); z.len()];
-    out.par_chunks_mut(v)
-        .zip(z.par_chunks(v))
+    z.par_chunks_mut(v)
         .zip(targets.par_iter().zip(g.par_iter()))
-        .try_for_each(|((dz, row), (&t, &g))| {
+        .try_for_each(|(row, (&t, &g))| {
             let t = target(t, v)?;
             let m = row_max(row, &cap);
             let one = T::from_f64(1.0);
-            match &cap {
-                None => {
-                    for (d, &z) in dz.iter_mut().zip(row) {
-                        *d = (z - m).exp();
-                    }
-                    let scale = T::from_f64(g.to_f64() / lane_sum(dz, |e| e));
-                    dz.iter_mut().for_each(|d| *d *= scale);
-                }
-                Some(c) => {
-                    for (d, &z) in dz.iter_mut().zip(row) {
-                        *d = c.tanh(z);
-                    }
-                    let s = lane_sum(dz, |th| (c.cap * th - m).exp());
-                    let scale = T::from_f64(g.to_f64() / s);
-                    for d in dz.iter_mut() {
-                        let th = *d;
-                        *d = (c.cap * th - m).exp() * scale * (one - th * th);
-                    }
-                }
-            }
-            // The target's `− g·c'(z_t)`.
             let dc = match &cap {
                 Some(c) => {
                     let th = c.tanh(row[t]);
@@ -421,10 +425,26 @@ fn gradient<T: Float>(
                 }
                 None => one,
             };
-            dz[t] -= g * dc;
+            match &cap {
+                None => {
+                    row.iter_mut().for_each(|z| *z = (*z - m).exp());
+                    let scale = T::from_f64(g.to_f64() / lane_sum(row, |e| e));
+                    row.iter_mut().for_each(|d| *d *= scale);
+                }
+                Some(c) => {
+                    row.iter_mut().for_each(|z| *z = c.tanh(*z));
+                    let s = lane_sum(row, |th| (c.cap * th - m).exp());
+                    let scale = T::from_f64(g.to_f64() / s);
+                    for d in row.iter_mut() {
+                        let th = *d;
+                        *d = (c.cap * th - m).exp() * scale * (one - th * th);
+                    }
+                }
+            }
+            // The target's `− g·c'(z_t)`.
+            row[t] -= g * dc;
             Ok::<(), candle_core::Error>(())
-        })?;
-    Ok(out)
+        })
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -455,33 +475,36 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
-impl CustomOp3 for CrossEntropyGrad {
+impl InplaceOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "cross-entropy-grad"
     }
 
     fn cpu_fwd(
         &self,
-        z: &CpuStorage,
+        z: &mut CpuStorage,
         lz: &Layout,
         t: &CpuStorage,
         lt: &Layout,
         g: &CpuStorage,
         lg: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> Result<()> {
         let (targets, _, _) = rows::<u32>(t, lt)?;
-        let out = match z {
-            CpuStorage::F32(_) => {
-                let ((z, _, v), (g, _, _)) = (rows::<f32>(z, lz)?, rows::<f32>(g, lg)?);
-                CpuStorage::F32(gradient(z, targets, g, v, self.softcap)?)
+        let (v, (a, b)) = match (lz.shape().dims2(), lz.contiguous_offsets()) {
+            (Ok((_, v)), Some(ab)) => (v, ab),
+            _ => candle_core::bail!("cross-entropy: non-contiguous (R, V) logits"),
+        };
+        match (z, g) {
+            (CpuStorage::F32(z), CpuStorage::F32(_)) => {
+                let (g, _, _) = rows::<f32>(g, lg)?;
+                gradient_in_place(&mut z[a..b], targets, g, v, self.softcap)
             }
-            CpuStorage::F64(_) => {
-                let ((z, _, v), (g, _, _)) = (rows::<f64>(z, lz)?, rows::<f64>(g, lg)?);
-                CpuStorage::F64(gradient(z, targets, g, v, self.softcap)?)
+            (CpuStorage::F64(z), CpuStorage::F64(_)) => {
+                let (g, _, _) = rows::<f64>(g, lg)?;
+                gradient_in_place(&mut z[a..b], targets, g, v, self.softcap)
             }
             _ => candle_core::bail!("cross-entropy: logits in f32 or f64"),
-        };
-        Ok((out, lz.shape().clone()))
+        }
     }
 }
 
@@ -506,7 +529,8 @@ mod tests {
             .unwrap()
     }
 
-    /// [`head_losses`]' losses and gradients of `h` and `w` equal the composed ones'.
+    /// [`head_losses`]' losses and gradients of `h` and `w` equal the composed ones', with
+    /// the head's gradient in candle's store or added into a running sum.
     fn check(dtype: DType, softcap: Option<f64>, tol: f64) {
         let dev = Device::Cpu;
         let r = |shape: (usize, usize)| {
@@ -519,25 +543,35 @@ mod tests {
         let g = Tensor::new(&[[1f32], [0.5], [-2.0], [0.0], [3.0]], &dev)
             .and_then(|g| g.to_dtype(dtype))
             .unwrap();
-        let run = |fused: bool| {
+        // The fused node with the head's gradient in the store, or in a running sum that
+        // starts at `start`, or the composed loss.
+        let start = r((37, 6));
+        let run = |head: Option<HeadGrad>| {
             let (vh, vw) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
             let (h, w) = (vh.as_tensor(), vw.as_tensor());
-            let l = if fused {
-                head_losses(h, w, true, &t, softcap).unwrap()
-            } else {
-                composed(h, w, &t, softcap).unwrap()
+            let l = match &head {
+                Some(head) => head_losses(h, w, head.clone(), &t, softcap).unwrap(),
+                None => composed(h, w, &t, softcap).unwrap(),
             };
             let grads = (&l * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let (dh, dw) = (grads.get(h).unwrap(), grads.get(w).unwrap());
-            (l, dh.clone(), dw.clone())
+            let dw = match head {
+                Some(HeadGrad::Sum(s)) => (s.take().unwrap().unwrap() - &start).unwrap(),
+                _ => grads.get(w).unwrap().clone(),
+            };
+            (l, grads.get(h).unwrap().clone(), dw)
         };
-        let ((l1, h1, w1), (l2, h2, w2)) = (run(true), run(false));
-        for (what, a, b) in [("losses", l1, l2), ("dh", h1, h2), ("dw", w1, w2)] {
-            assert!(
-                max_diff(&a, &b) < tol,
-                "{what} differ by {}",
-                max_diff(&a, &b)
-            );
+        let sum = HeadGradSum::new(Some(start.copy().unwrap()), dtype);
+        let composed = run(None);
+        for head in [HeadGrad::Store, HeadGrad::Sum(sum)] {
+            let (l1, h1, w1) = run(Some(head));
+            let (l2, h2, w2) = composed.clone();
+            for (what, a, b) in [("losses", l1, l2), ("dh", h1, h2), ("dw", w1, w2)] {
+                assert!(
+                    max_diff(&a, &b) < tol,
+                    "{what} differ by {}",
+                    max_diff(&a, &b)
+                );
+            }
         }
     }
 
@@ -557,9 +591,15 @@ mod tests {
         let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 4), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f64, 2.0, (11, 4), &dev).unwrap()).unwrap();
         let t = Tensor::new(&[[0u32], [10], [4]], &dev).unwrap();
-        let l = head_losses(h.as_tensor(), w.as_tensor(), true, &t, Some(15.0))
-            .and_then(|l| l.sum_all())
-            .unwrap();
+        let l = head_losses(
+            h.as_tensor(),
+            w.as_tensor(),
+            HeadGrad::Store,
+            &t,
+            Some(15.0),
+        )
+        .and_then(|l| l.sum_all())
+        .unwrap();
         let (a, b) = (l.backward().unwrap(), l.backward().unwrap());
         for v in [&h, &w] {
             let (ga, gb) = (a.get(v.as_tensor()).unwrap(), b.get(v.as_tensor()).unwrap());
@@ -589,7 +629,7 @@ mod tests {
         for cap in [None, Some(15.0)] {
             let (k, o) = (losses(&z, &t, cap), losses_by_ops(&z, &t, cap));
             assert!(max_diff(&k.unwrap(), &o.unwrap()) < 1e-12);
-            let k = logits_grad(&z, &t, &g, cap).unwrap();
+            let k = logits_grad(z.copy().unwrap(), &t, &g, cap).unwrap();
             let o = logits_grad_by_ops(&z, &t, &g, cap).unwrap();
             assert!(max_diff(&k, &o) < 1e-12);
         }
@@ -625,6 +665,6 @@ mod tests {
         let h = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
         let w = Tensor::zeros((4, 2), DType::F32, &dev).unwrap();
         let t = Tensor::new(&[[4u32]], &dev).unwrap();
-        assert!(head_losses(&h, &w, true, &t, None).is_err());
+        assert!(head_losses(&h, &w, HeadGrad::Store, &t, None).is_err());
     }
 }
