@@ -7,7 +7,9 @@
 //!
 //! On the CPU the update is in place, as PyTorch's fused AdamW: the moments and then the
 //! parameter are rewritten by one pass each over their storage ([`Moment`], [`Update`]),
-//! and the gradient norm is one reduction per gradient ([`SquaredSum`]); nothing of a
+//! split over rayon's threads in blocks of [`PAR_CHUNK`] elements (each element's
+//! arithmetic is the same on any number of threads), and the gradient norm is one
+//! reduction per gradient ([`SquaredSum`], on one thread, so its sum's order is fixed); nothing of a
 //! parameter's size is allocated. Built from tensor ops (on other devices) each parameter
 //! makes about four f32 copies of itself in fourteen passes.
 
@@ -16,7 +18,11 @@ use crate::engine::step::Grads;
 use candle_core::{
     CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor,
 };
+use rayon::prelude::*;
 use std::collections::BTreeMap;
+
+/// Elements of a moment or parameter one rayon task updates at most.
+const PAR_CHUNK: usize = 1 << 15;
 
 pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.95;
@@ -197,16 +203,20 @@ impl Moment {
         }
     }
 
-    fn apply<T: candle_core::WithDType>(&self, m: &mut [T], g: &[T]) {
+    fn apply<T: candle_core::WithDType + Send + Sync>(&self, m: &mut [T], g: &[T]) {
         let (b, c, one) = (
             T::from_f64(self.beta),
             T::from_f64(self.clip),
             T::from_f64(1.0 - self.beta),
         );
-        for (m, &g) in m.iter_mut().zip(g) {
-            let g = g * c;
-            *m = b * *m + one * if self.square { g * g } else { g };
-        }
+        m.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = g * c;
+                    *m = b * *m + one * if self.square { g * g } else { g };
+                }
+            });
     }
 }
 
@@ -256,16 +266,25 @@ struct Update {
 }
 
 impl Update {
-    fn apply<T: candle_core::WithDType + num_like::Sqrt>(&self, p: &mut [T], m: &[T], v: &[T]) {
+    fn apply<T: candle_core::WithDType + num_like::Sqrt + Send + Sync>(
+        &self,
+        p: &mut [T],
+        m: &[T],
+        v: &[T],
+    ) {
         let keep = T::from_f64(1.0 - self.lr * self.decay);
         let (lr1, ibc2, eps) = (
             T::from_f64(self.lr / self.bc1),
             T::from_f64(1.0 / self.bc2),
             T::from_f64(EPS),
         );
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            *p = *p * keep - lr1 * m / ((v * ibc2).sqrt() + eps);
-        }
+        p.par_chunks_mut(PAR_CHUNK)
+            .zip(m.par_chunks(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * keep - lr1 * m / ((v * ibc2).sqrt() + eps);
+                }
+            });
     }
 }
 
