@@ -231,7 +231,7 @@ mod tests {
     }
 
     /// Three chunks' products summed in place equal their sum by tensor ops, in f32 and
-    /// f64 and from a starting gradient; a 16-bit product is cast and added.
+    /// f64 and from a starting gradient; a 16-bit product is widened into an f32 sum.
     #[test]
     fn the_sum_equals_the_chunks_products_added() {
         let dev = Device::Cpu;

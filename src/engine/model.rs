@@ -31,6 +31,7 @@
 
 use crate::engine::head_grad::HeadGradSum;
 use crate::engine::rng::Rng;
+use crate::engine::step::Grads;
 use crate::engine::xent::HeadGrad;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -630,11 +631,12 @@ impl Model {
         super::xent::head_losses(&h, &w, head, targets, self.softcap())
     }
 
-    /// A running sum for the head's gradient, starting at `start`, where the head trains.
-    pub fn head_grad_sum(&self, start: Option<Tensor>) -> Option<HeadGradSum> {
+    /// A running sum for the head's gradient where the head trains, taking over what
+    /// `grads` accumulated for it in earlier micro-steps.
+    pub fn head_grad_sum(&self, grads: &mut Grads) -> Option<HeadGradSum> {
         let name = self.head_name();
         self.trains(name)
-            .then(|| HeadGradSum::new(start, self.p(name).dtype()))
+            .then(|| HeadGradSum::new(grads.remove(name), self.p(name).dtype()))
     }
 
     /// Sum over rows of the cross-entropy times `weights` `(R, 1)` (of the losses' dtype).

@@ -219,7 +219,7 @@ pub fn loss_stage_weighted(
     let n = last.dim(0)?;
     let chunk = opts.chunk.clamp(1, n);
     let head = model.head_params();
-    let sum = model.head_grad_sum(grads.remove(model.head_name()));
+    let sum = model.head_grad_sum(grads);
     let mut parts = Vec::with_capacity(n.div_ceil(chunk));
     let mut total = 0.0;
     let mut start = 0;

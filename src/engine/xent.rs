@@ -145,8 +145,8 @@ fn lse(c: &Tensor) -> Result<Tensor> {
 }
 
 /// Zero in forward, of the losses' dtype; in backward the gradients of `h` and `w` from
-/// the logits' gradient, of the logits the forward kept (taken, so they are freed with
-/// the gradient's pass), or computed again.
+/// the logits' gradient, taken of the logits the forward kept (on the CPU their storage
+/// becomes the gradient), or of the logits computed again where they were taken already.
 struct HeadLoss {
     targets: Tensor,
     softcap: Option<f64>,
