@@ -6,9 +6,10 @@
 //! of the chunks before it: four head-sized tensors at once. At 256 rows and a vocabulary
 //! of 65,536 over width 256 one chunk's logits are the head's size, so those were the
 //! loss stage's peak (`docs/performance.md`, "Chunked loss"). Here the loss chunk's
-//! backward ([`super::xent`]) hands `dzᵀ·h` to a [`HeadGradSum`]: the first chunk's
-//! product becomes the sum, and on the CPU each later one is multiplied into it in place
-//! (gemm with `dst += dzᵀ·h`), so no chunk makes a head-sized tensor beside the sum.
+//! backward ([`super::xent`]) hands `dzᵀ·h` to a [`HeadGradSum`]: on the CPU each chunk
+//! is multiplied into the sum in place (gemm with `dst += dzᵀ·h`, the first into zeros),
+//! so no chunk makes a head-sized tensor beside the sum; elsewhere the first chunk's
+//! product becomes the sum.
 //! Where the dtypes differ (16-bit compute over f32 master weights) the 16-bit product is
 //! added into the sum in place, widened element by element; off the CPU it is cast and
 //! added.
@@ -39,20 +40,31 @@ impl HeadGradSum {
         Ok(self.lock()?.take())
     }
 
-    /// Adds `dzᵀ·h` (`dz` `(R, V)`, `h` `(R, C)`, both in the compute dtype).
+    /// Adds `dzᵀ·h` (`dz` `(R, V)`, `h` `(R, C)`, both in the compute dtype). Where gemm
+    /// can multiply into the sum, the first chunk's product goes into zeros, as the later
+    /// ones do into the sum.
     pub fn add(&self, dz: &Tensor, h: &Tensor) -> Result<()> {
         let mut slot = self.lock()?;
-        *slot = Some(match slot.take() {
-            Some(sum) if in_place(&sum, dz, h) => {
+        let sum = match slot.take() {
+            Some(sum) => sum,
+            None if in_place(self.dtype, dz, h) => {
+                Tensor::zeros((dz.dim(1)?, h.dim(1)?), self.dtype, dz.device())?
+            }
+            None => {
+                *slot = Some(dz.t()?.matmul(h)?.to_dtype(self.dtype)?);
+                return Ok(());
+            }
+        };
+        *slot = Some(match sum {
+            sum if sum.is_contiguous() && in_place(sum.dtype(), dz, h) => {
                 sum.inplace_op3(dz, h, &AddTransposedProduct)?;
                 sum
             }
-            Some(sum) if sum.device().is_cpu() && sum.is_contiguous() => {
+            sum if sum.device().is_cpu() && sum.is_contiguous() => {
                 sum.inplace_op2(&dz.t()?.matmul(h)?.contiguous()?, &AddWidened)?;
                 sum
             }
-            Some(sum) => (&sum + dz.t()?.matmul(h)?.to_dtype(sum.dtype())?)?,
-            None => dz.t()?.matmul(h)?.to_dtype(self.dtype)?,
+            sum => (&sum + dz.t()?.matmul(h)?.to_dtype(sum.dtype())?)?,
         });
         Ok(())
     }
@@ -64,13 +76,12 @@ impl HeadGradSum {
     }
 }
 
-/// Whether gemm can multiply into `sum` itself: all three on the CPU, contiguous, in one
-/// float dtype gemm takes.
-fn in_place(sum: &Tensor, dz: &Tensor, h: &Tensor) -> bool {
-    let cpu = [sum, dz, h]
+/// Whether gemm can multiply `dzᵀ·h` into a contiguous CPU sum of `dtype`: both on the
+/// CPU, contiguous, of that dtype, f32 or f64.
+fn in_place(dtype: DType, dz: &Tensor, h: &Tensor) -> bool {
+    let cpu = [dz, h]
         .iter()
         .all(|t| t.device().is_cpu() && t.is_contiguous());
-    let dtype = sum.dtype();
     cpu && matches!(dtype, DType::F32 | DType::F64) && dz.dtype() == dtype && h.dtype() == dtype
 }
 
@@ -155,6 +166,9 @@ fn add_widened<S: std::ops::AddAssign, P: Copy>(sum: &mut [S], p: &[P], widen: i
     }
 }
 
+/// Rows of a chunk one gemm call multiplies into the sum.
+const ROWS: usize = 128;
+
 #[derive(Clone, Copy)]
 struct Dims {
     v: usize,
@@ -188,32 +202,39 @@ fn add_product<T: 'static + Copy>(d: Dims, sum: &mut [T], dz: &[T], h: &[T], one
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three slices hold exactly `V·C`, `R·V` and `R·C` elements (checked
-    // above) and the strides address row-major `(V, C)`, `dzᵀ` as `(V, R)` with rows 1
-    // apart and columns `V` apart, and `(R, C)`; `sum` is borrowed mutably, so it does not
-    // overlap the inputs.
-    unsafe {
-        gemm::gemm(
-            d.v,
-            d.c,
-            d.r,
-            sum.as_mut_ptr(),
-            1,
-            d.c as isize,
-            true,
-            dz.as_ptr(),
-            d.v as isize,
-            1,
-            h.as_ptr(),
-            1,
-            d.c as isize,
-            one,
-            one,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    // `ROWS` rows of `dz` and `h` at a time: with its AVX2 kernels gemm packs all of
+    // `dz`'s rows it is given into scratch (one more copy of the chunk's logits), with
+    // its AVX-512 ones none.
+    for start in (0..d.r).step_by(ROWS) {
+        let k = ROWS.min(d.r - start);
+        let (dz, h) = (&dz[start * d.v..], &h[start * d.c..]);
+        // SAFETY: `sum` holds `V·C` elements, and from `start` on `dz` and `h` hold at
+        // least `k` rows of `V` and of `C` (sizes checked above). The strides address
+        // row-major `(V, C)`, `dzᵀ` as `(V, k)` with rows 1 apart and columns `V` apart,
+        // and `(k, C)`; `sum` is borrowed mutably, so it does not overlap the inputs.
+        unsafe {
+            gemm::gemm(
+                d.v,
+                d.c,
+                k,
+                sum.as_mut_ptr(),
+                1,
+                d.c as isize,
+                true,
+                dz.as_ptr(),
+                d.v as isize,
+                1,
+                h.as_ptr(),
+                1,
+                d.c as isize,
+                one,
+                one,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     }
     Ok(())
 }
