@@ -6,7 +6,7 @@ use crate::launch;
 use crate::nvml;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
-use vramplan_planner::{Bytes, Context, Presets, RawConfig, RawModel, RunSpec};
+use vramplan_planner::{Bytes, Context, CpuKernels, Presets, RawConfig, RawModel, RunSpec};
 
 /// The built-in default run: the seed's stable nanochat d16 configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../presets/examples/nanochat-d16-stable.toml");
@@ -57,6 +57,7 @@ pub fn resolve_raw(env: &Env, name: &str, raw: RawConfig, dir: &Path) -> Result<
     let presets = env.presets()?;
     let mut ctx = Context {
         host_memory: host_memory(),
+        cpu_kernels: Some(cpu_kernels()),
         ..Context::default()
     };
     if let Some(hf) = &raw.model.hf_config {
@@ -342,6 +343,22 @@ pub fn read_hf(path: &Path) -> Result<vramplan_planner::ModelSpec> {
     let name = path.display().to_string();
     let text = read_text(path)?;
     vramplan_planner::hf_config(&text).map_err(|e| bad(&name, e))
+}
+
+/// The matmul kernels the candle engine runs on this machine: gemm's AVX-512 kernels
+/// where the CPU has avx512f and the engine was built with them (feature `avx512`; a
+/// binary without the engine plans for the default build), else its AVX2/FMA kernels.
+/// Off x86-64 (NEON on ARM) neither fit was measured; the AVX2 one, whose scratch is the
+/// larger, is taken.
+pub fn cpu_kernels() -> CpuKernels {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let built = cfg!(feature = "avx512") || !cfg!(feature = "engine");
+        if built && std::arch::is_x86_feature_detected!("avx512f") {
+            return CpuKernels::Avx512;
+        }
+    }
+    CpuKernels::Avx2
 }
 
 /// Total host memory from /proc/meminfo (Linux); None elsewhere.

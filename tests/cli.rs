@@ -368,7 +368,8 @@ fn candle_outside_the_calibrated_domain_warns() {
         "[model]\nname = \"t\"\narch = \"nanochat\"\nhidden_size = 64\nnum_layers = 2\n\
          num_heads = 2\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 256\nvocab_size = 256\n\
          [train]\nmicro_batch = 2\nseq_len = 64\nprecision = \"fp32\"\ncheckpointing = \"full\"\n\
-         loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n",
+         loss = \"chunked\"\nloss_chunk = 256\nengine = \"candle\"\n[hardware]\ngpu = \"cpu\"\n\
+         cpu_kernels = \"avx2\"\n",
     )
     .unwrap();
     let p = path.to_str().unwrap();
@@ -381,7 +382,9 @@ fn candle_outside_the_calibrated_domain_warns() {
     );
     let table = stdout(&vramplan(&["estimate", p]));
     assert!(
-        table.contains("warning: candle working sets (f32 compute, nanochat) are calibrated"),
+        table.contains(
+            "warning: candle working sets (f32 compute, avx2 kernels, nanochat) are calibrated"
+        ),
         "{table}"
     );
     std::fs::remove_file(&path).unwrap();
@@ -389,6 +392,52 @@ fn candle_outside_the_calibrated_domain_warns() {
         json(&["estimate", "--json"])["warnings"],
         serde_json::json!([])
     );
+}
+
+/// The candle engine's CPU kernels are a plan value: at width 64 gemm's AVX2 kernels pack
+/// the head-gradient product's block of the logits' gradient (128 rows × 4,096 entries ×
+/// 4 B) and its AVX-512 ones do not, so the AVX2 plan's peak (the whole loss at 1,024
+/// rows) is that much higher; the first line names the kernels the prediction is for.
+#[test]
+fn the_cpu_kernels_pick_the_candle_fits() {
+    let dir = std::env::temp_dir().join(format!("vramplan-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = |kernels: &str| {
+        let path = dir.join(format!("{kernels}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[model]\nname = \"t\"\narch = \"llama\"\nhidden_size = 64\nnum_layers = 1\n\
+                 num_heads = 2\nnum_kv_heads = 2\nhead_dim = 32\nintermediate_size = 128\n\
+                 vocab_size = 4096\n[train]\nmicro_batch = 16\nseq_len = 64\nprecision = \"fp32\"\n\
+                 checkpointing = \"full\"\nloss = \"float-cast\"\nengine = \"candle\"\n\
+                 [hardware]\ngpu = \"cpu\"\ncpu_kernels = \"{kernels}\"\n"
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (avx2, avx512) = (plan("avx2"), plan("avx512"));
+    let peak = |p: &str| {
+        json(&["estimate", "--json", p])["peak_allocated_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (peak(&avx2), peak(&avx512));
+    let block = (128 * 4096 * 4) as f64;
+    assert!(
+        a - b > 0.8 * block && a - b < 1.5 * block,
+        "avx2 {a}, avx512 {b}"
+    );
+    for (p, name) in [(&avx2, "avx2"), (&avx512, "avx512")] {
+        let first = stdout(&vramplan(&["estimate", p]))
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(first, format!("t on cpu ({name} kernels), candle engine"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Regression: `estimate --json | head -c 100` panicked on the closed pipe (exit 101).

@@ -7,7 +7,9 @@
         --append --out docs/data/candle_f16_stages.tsv
     python3 tools/calibrate_candle.py fit docs/data/candle_f16_stages.tsv --write planner/data/candle_f16.toml
     python3 tools/calibrate_candle.py check docs/data/candle_f16_stages.tsv --binary target/release/vramplan
-    (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml)
+    (the same with --dtype f32, without --tensors, for docs/data/candle_f32_stages.tsv and candle_f32.toml;
+    measured with a binary built without feature avx512, gemm's AVX2 kernels, for
+    docs/data/candle_f32_avx2_stages.tsv and candle_f32_avx2.toml)
     python3 tools/calibrate_candle.py remeasure docs/data/candle_f32_stages.tsv --out NEW.tsv --note "..."
         (the same configurations measured again, e.g. after an engine change)
     python3 tools/calibrate_candle.py measure --arch t5 --dtype f16 --tensors --count 400 --seed 12 \
@@ -122,8 +124,21 @@ def remeasure(args):
     print(f"{len(lines)} configurations measured again into {args.out}")
 
 
+# gemm's f32 kernel rows (MR): the loss's head-gradient product packs its block of the
+# logits' gradient when the width is above twice them (`hpack` below).
+KERNEL_ROWS = {"avx2": 16, "avx512": 64}
+
+
+def kernels(text):
+    """The f32 file's gemm kernels, from its header; None for 16-bit (tensors alone)."""
+    if "compute dtype f16" in text[:2000]:
+        return None
+    return "avx2" if "gemm's AVX2 kernels" in text[:2000] else "avx512"
+
+
 def parse(path):
     rows = []
+    k = kernels(open(path).read(4000))
     for line in open(path):
         if line.startswith("#") or not line.strip():
             continue
@@ -137,6 +152,7 @@ def parse(path):
             st[name] = (int(ws), int(live))
         c["stages"] = st
         c["step"] = int(step.split()[1])
+        c["mr"] = KERNEL_ROWS.get(k, 0)
         rows.append(c)
     return rows
 
@@ -164,6 +180,12 @@ def units(c):
         one=1.0,
     )
     u["mvc"] = u["vc"] if rows < n else 0.0
+    # The head-gradient product (src/engine/head_grad.rs) packs each call's block of the
+    # logits' gradient (at most 128 rows × 4096 entries) where the width is above twice
+    # the kernel's rows (gemm-common 0.19, `gemm_basic_generic`'s `do_pack_rhs` after it
+    # transposes the product): f32 on the CPU only.
+    packs = c.get("mr", 0) and c["hidden"] > 2 * c["mr"]
+    u["hpack"] = min(rows, 128) * min(c["vocab"], 4096) * F if packs else 0.0
     # T5: gated GELU's second MLP projection and its output; the query width again when
     # there is one head (candle then skips the heads' transposed copies); the position
     # biases and masks built once (`tables` in planner/src/candle_engine/t5.rs: per stack
@@ -238,7 +260,7 @@ def basis_t5(stage, c, u):
     if stage in ("enc_out", "dec_out", "bwd_dec_out", "bwd_enc_out"):
         return {k: u[k] for k in ["nc", "n"]}
     if stage == "loss":
-        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"] + (["hpack"] if c["mr"] else [])}
     if stage == "emb":
         return {k: u[k] for k in ["vc", "nc", "n"]}
     per_block = ["nc", "nq", "nq1", "ni", "gni", "s", "bht", "n", "cq", "ci", "gci"]
@@ -275,7 +297,7 @@ def basis_all(stage, c, u):
     if stage in ("fwd_mlp", "bwd_mlp"):
         return {k: u[k] for k in ["nc", "ni", "ci"]}
     if stage == "loss":
-        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"]}
+        return {k: u[k] for k in ["rv", "rc", "vc", "mvc", "nc", "n"] + (["hpack"] if c["mr"] else [])}
     if stage == "emb":
         return {k: u[k] for k in ["vc", "nc", "n"]}
     # Without checkpointing the graph keeps every block's weights (cast to 16 bits, if so).
@@ -348,8 +370,8 @@ T5_STAGE_NAMES = {"fwd_enc": "an encoder block's forward", "enc_out": "the encod
 
 # The variables whose calibrated range the data file records, in f32 elements (the
 # units' bytes / 4): the planner warns when a run falls outside it.
-DOMAIN = ["n", "nc", "nq", "nkv", "nq1", "nkv1", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam"]
-T5_DOMAIN = ["n", "nc", "nq", "nq1", "ni", "gni", "s", "rv", "rc", "vc", "bht", "cq", "ci", "gci", "tab", "adam"]
+DOMAIN = ["n", "nc", "nq", "nkv", "nq1", "nkv1", "ni", "s", "rv", "rc", "vc", "bht", "td", "cq", "ckv", "ci", "adam", "hpack"]
+T5_DOMAIN = ["n", "nc", "nq", "nq1", "ni", "gni", "s", "rv", "rc", "vc", "bht", "cq", "ci", "gci", "tab", "adam", "hpack"]
 
 
 def domain(rows, arch):
@@ -374,7 +396,7 @@ def toml_plane(keys, cf):
 def data_file(fits, quality, rows, args):
     """The planner's data file for one precision (planner/data/candle_{f32,f16}.toml)."""
     text = open(args.path).read()
-    half = "compute dtype f16" in text[:400]
+    half = kernels(text) is None
     data = os.path.relpath(args.path)
     if half:
         head = ["The candle engine's working sets with 16-bit compute over f32 master weights",
@@ -383,9 +405,11 @@ def data_file(fits, quality, rows, args):
                 f"same graph) over {len(rows)} configurations, counting tensors alone: gemm's CPU packing",
                 "scratch is left out, since a GPU's matmul has none."]
     else:
+        k = kernels(text)
         head = ['The candle engine\'s working sets in f32 (precision = "fp32"), fitted to the engine',
                 f"on the CPU over {len(rows)} configurations, counting the whole heap: on the CPU gemm's",
-                "packing scratch is real memory."]
+                f"packing scratch is real memory, and differs with its kernels (these: {dict(avx2='AVX2', avx512='AVX-512')[k]},",
+                f'`cpu_kernels = "{k}"`).']
     head += [f"Written by `python3 tools/calibrate_candle.py fit {data} --write <this file>`.",
              "Each stage's working set (bytes above the live bytes before it) is the largest of its",
              "planes; a plane is an intercept plus (coefficient, unit) terms over the step's sizes",
@@ -395,7 +419,9 @@ def data_file(fits, quality, rows, args):
              "order. rms and worst: the fit's relative error over the calibration set, in percent.",
              "domain: each unit's min and max over the calibration set, in f32 elements (bytes / 4)."]
     out = ["# " + l for l in head]
-    out += ["", f'compute = "{"f16" if half else "f32"}"', f'data = "{data}"', f"configurations = {len(rows)}"]
+    out += ["", f'compute = "{"f16" if half else "f32"}"']
+    out += [] if half else [f'kernels = "{kernels(text)}"']
+    out += [f'data = "{data}"', f"configurations = {len(rows)}"]
     for arch in fits:
         out += ["", f"[{arch}.domain]"]
         for k, (lo, hi) in domain(rows, arch).items():

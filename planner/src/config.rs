@@ -143,6 +143,10 @@ pub struct RawHardware {
     /// memory against (its own reading of the machine when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_ram_gib: Option<f64>,
+    /// With `gpu = "cpu"`: the matmul kernels the candle engine runs, "avx512" or "avx2"
+    /// (the machine's, as the binary reads it, when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_kernels: Option<String>,
     /// DeepSpeed's `offload_optimizer.device`: "none" or "cpu" (ZeRO stage 1–3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offload_optimizer: Option<String>,
@@ -219,6 +223,9 @@ pub mod defaults {
     pub const REDUCE_DTYPE: &str = "fp32";
     /// Host memory assumed for `gpu = "cpu"` when neither the caller nor the config says.
     pub const CPU_MEMORY_GIB: f64 = 64.0;
+    /// The CPU kernels assumed when neither the caller nor the config says: the default
+    /// build's on a CPU with avx512f.
+    pub const CPU_KERNELS: &str = "avx512";
 }
 
 fn positive(key: &str, v: Option<u64>, default: Option<u64>, max: u64) -> Result<u64> {
@@ -255,6 +262,9 @@ pub struct Context {
     pub host_memory: Option<Bytes>,
     /// The device NVML found, for `gpu = "auto"`.
     pub detected_gpu: Option<GpuSpec>,
+    /// The CPU matmul kernels this machine's engine runs, for `gpu = "cpu"` without
+    /// `cpu_kernels`.
+    pub cpu_kernels: Option<CpuKernels>,
 }
 
 /// Where named GPUs and models come from. `Presets` implements it; the config layer only
@@ -568,7 +578,18 @@ impl RawHardware {
                 capacity: memory_override.or(ctx.host_memory).unwrap_or(Bytes(
                     (defaults::CPU_MEMORY_GIB * crate::units::GIB as f64) as u64,
                 )),
+                kernels: match (&self.cpu_kernels, ctx.cpu_kernels) {
+                    (None, Some(k)) => k,
+                    (given, _) => choice("hardware.cpu_kernels", given, defaults::CPU_KERNELS)?,
+                },
             },
+            _ if self.cpu_kernels.is_some() => {
+                return Err(PlanError::invalid(
+                    "hardware.cpu_kernels",
+                    quote(self.cpu_kernels.as_deref().unwrap_or_default()),
+                    "no value with a GPU: the key applies to gpu = \"cpu\" only",
+                ))
+            }
             "auto" => gpu(ctx.detected_gpu.clone().ok_or_else(|| {
                 PlanError::invalid(
                     "hardware.gpu",

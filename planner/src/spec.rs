@@ -423,6 +423,17 @@ pub struct GpuSpec {
     pub bandwidth_gbs: f64,
 }
 
+choice!(
+    /// The matmul kernels the candle engine's CPU build runs (gemm dispatches at run time:
+    /// AVX-512 where the CPU has avx512f and the binary was built with feature `avx512`,
+    /// else AVX2/FMA). Their packing scratch differs, so the f32 working sets have one fit
+    /// for each.
+    CpuKernels {
+        Avx512 = "avx512",
+        Avx2 = "avx2",
+    }
+);
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Device {
@@ -430,6 +441,7 @@ pub enum Device {
     /// Host memory: no CUDA context, no caching allocator.
     Cpu {
         capacity: Bytes,
+        kernels: CpuKernels,
     },
 }
 
@@ -437,7 +449,7 @@ impl Device {
     pub fn capacity(&self) -> Bytes {
         match self {
             Device::Gpu(g) => g.capacity,
-            Device::Cpu { capacity } => *capacity,
+            Device::Cpu { capacity, .. } => *capacity,
         }
     }
 

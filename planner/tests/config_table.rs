@@ -76,6 +76,8 @@ const ERRORS: &[(&str, &str)] = &[
     ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = -1.0\n", "hardware.memory_gib = -1: a positive number of GiB"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = nan\n", "hardware.memory_gib = NaN: a positive number of GiB"),
     ("[model]\npreset = \"gpt2\"\n[hardware]\nmemory_gib = 1e7\n", "hardware.memory_gib = 10000000: a positive number of GiB"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ncpu_kernels = \"neon\"\n", "hardware.cpu_kernels = \"neon\": expected one of avx512 | avx2"),
+    ("[model]\npreset = \"gpt2\"\n[hardware]\ngpu = \"h100-80gb\"\ncpu_kernels = \"avx2\"\n", "hardware.cpu_kernels = \"avx2\": no value with a GPU: the key applies to gpu = \"cpu\" only"),
 ];
 
 #[test]
@@ -106,9 +108,23 @@ const ACCEPTED: &[(&str, Check)] = &[
             && s.hardware.device
                 == Device::Cpu {
                     capacity: Bytes(16 * GIB),
+                    kernels: CpuKernels::Avx512,
                 }
             && (s.hardware.gpus, s.hardware.sharding) == (1, Sharding::Ddp)
     }),
+    // The config's kernels, else the caller's reading of the machine (none here).
+    (
+        "[model]\npreset = \"gpt2\"\n[hardware]\ncpu_kernels = \"AVX2\"\n",
+        |s| {
+            matches!(
+                s.hardware.device,
+                Device::Cpu {
+                    kernels: CpuKernels::Avx2,
+                    ..
+                }
+            )
+        },
+    ),
     ("[model]\npreset = \"nanochat-d4\"\n", |s| {
         s.train.seq_len == 2048 && s.train.optimizer == Optimizer::Muon && !s.model.tie_embeddings
     }),

@@ -166,8 +166,12 @@ fn add_widened<S: std::ops::AddAssign, P: Copy>(sum: &mut [S], p: &[P], widen: i
     }
 }
 
-/// Rows of a chunk one gemm call multiplies into the sum.
+/// Rows of a chunk, and vocabulary entries, one gemm call multiplies into the sum. Where
+/// the width is above twice its kernels' rows (32 with AVX2, 128 with AVX-512), gemm
+/// packs the block of `dz` it is given into scratch: at most `ROWS × VOCAB` elements
+/// (2 MiB in f32), where all of a chunk's `dz` would be another copy of its logits.
 const ROWS: usize = 128;
+const VOCAB: usize = 4096;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -202,38 +206,41 @@ fn add_product<T: 'static + Copy>(d: Dims, sum: &mut [T], dz: &[T], h: &[T], one
     } else {
         gemm::Parallelism::None
     };
-    // `ROWS` rows of `dz` and `h` at a time: with its AVX2 kernels gemm packs all of
-    // `dz`'s rows it is given into scratch (one more copy of the chunk's logits), with
-    // its AVX-512 ones none.
     for start in (0..d.r).step_by(ROWS) {
         let k = ROWS.min(d.r - start);
-        let (dz, h) = (&dz[start * d.v..], &h[start * d.c..]);
-        // SAFETY: `sum` holds `V·C` elements, and from `start` on `dz` and `h` hold at
-        // least `k` rows of `V` and of `C` (sizes checked above). The strides address
-        // row-major `(V, C)`, `dzᵀ` as `(V, k)` with rows 1 apart and columns `V` apart,
-        // and `(k, C)`; `sum` is borrowed mutably, so it does not overlap the inputs.
-        unsafe {
-            gemm::gemm(
-                d.v,
-                d.c,
-                k,
-                sum.as_mut_ptr(),
-                1,
-                d.c as isize,
-                true,
-                dz.as_ptr(),
-                d.v as isize,
-                1,
-                h.as_ptr(),
-                1,
-                d.c as isize,
-                one,
-                one,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+        for first in (0..d.v).step_by(VOCAB) {
+            let m = VOCAB.min(d.v - first);
+            let sum = &mut sum[first * d.c..];
+            let (dz, h) = (&dz[start * d.v + first..], &h[start * d.c..]);
+            // SAFETY: from `first` on, `sum` holds at least `m` rows of `C`; from `start`
+            // on, `dz` holds `k` rows of `V` (less `first`, the block's first column) and
+            // `h` `k` rows of `C` (sizes checked above). The strides address row-major
+            // `(m, C)` in `sum`, `dzᵀ` as `(m, k)` with rows 1 apart and columns `V`
+            // apart, and `(k, C)`; `sum` is borrowed mutably, so it does not overlap the
+            // inputs.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    d.c,
+                    k,
+                    sum.as_mut_ptr(),
+                    1,
+                    d.c as isize,
+                    true,
+                    dz.as_ptr(),
+                    d.v as isize,
+                    1,
+                    h.as_ptr(),
+                    1,
+                    d.c as isize,
+                    one,
+                    one,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
         }
     }
     Ok(())
@@ -292,6 +299,23 @@ mod tests {
             );
             assert!(sum.take().unwrap().is_none());
         }
+    }
+
+    /// A chunk of more rows than one gemm call takes, over a vocabulary of more entries
+    /// than one call takes (neither a multiple of its block), is summed whole.
+    #[test]
+    fn the_blocks_cover_every_row_and_vocabulary_entry() {
+        let dev = Device::Cpu;
+        let (rows, vocab, width) = (ROWS * 2 + 3, VOCAB * 2 + 5, 3);
+        let dz = Tensor::randn(0f32, 1.0, (rows, vocab), &dev).unwrap();
+        let h = Tensor::randn(0f32, 1.0, (rows, width), &dev).unwrap();
+        let sum = HeadGradSum::new(
+            Some(Tensor::zeros((vocab, width), DType::F32, &dev).unwrap()),
+            DType::F32,
+        );
+        sum.add(&dz, &h).unwrap();
+        let expected = dz.t().unwrap().matmul(&h).unwrap();
+        assert!(max_diff(&sum.take().unwrap().unwrap(), &expected) < 1e-3);
     }
 
     /// Without a starting gradient the first product is the sum, in the master's dtype.

@@ -163,6 +163,10 @@ pub fn headline(s: &RunSpec) -> String {
     let t = &s.train;
     let dev = match &s.hardware.device {
         Device::Gpu(g) => format!("{} × {} ({})", s.hardware.gpus, g.name, g.display),
+        // The candle engine's CPU working sets depend on its matmul kernels.
+        Device::Cpu { kernels, .. } if t.engine == Engine::Candle => {
+            format!("cpu ({kernels} kernels)")
+        }
         Device::Cpu { .. } => "cpu".into(),
     };
     // On the CPU, gpus = N is N processes on one host (FSDP2 over gloo).

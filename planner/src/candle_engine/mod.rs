@@ -22,8 +22,10 @@
 //! error) against the engine's own counting allocator over 700 configurations with at
 //! least 256 rows (2 cores, candle 0.11.1; `tools/calibrate_candle.py`, data in
 //! `docs/data/`). The fits are data, one file per compute precision
-//! (`planner/data/candle_f32.toml`: the CPU's whole heap; `candle_f16.toml`: 16-bit
-//! compute over f32 masters, tensors alone, as a GPU allocates them), each with the
+//! (`planner/data/candle_f32.toml`: the CPU's whole heap with gemm's AVX-512 kernels,
+//! `candle_f32_avx2.toml` with its AVX2 ones, chosen by the plan's `cpu_kernels`;
+//! `candle_f16.toml`: 16-bit compute over f32 masters, tensors alone, as a GPU allocates
+//! them), each with the
 //! domain it was calibrated on; `working_sets` reads them and says when a run is
 //! outside. Over the calibration set the step's peak is within 2 % for every checkpointed
 //! configuration and for 97–98 % of the others; `tests/train.rs` asserts 2 % over fourteen
@@ -40,7 +42,7 @@ mod t5;
 mod working_sets;
 
 use crate::params::{self, Role};
-use crate::spec::{Arch, Checkpointing, Device, LossMode, Precision, RunSpec};
+use crate::spec::{Arch, Checkpointing, CpuKernels, Device, LossMode, Precision, RunSpec};
 use crate::timeline::{Component, Name, Step, TensorId, Timeline};
 use crate::units::Bytes;
 use std::rc::Rc;
@@ -119,6 +121,15 @@ fn adam_peak(params: &[params::Param]) -> f64 {
     peak.max(largest).max(0.0)
 }
 
+/// The fitted working sets for the run's precision and, on the CPU, its matmul kernels.
+fn fits(spec: &RunSpec) -> &'static working_sets::Fits {
+    let kernels = match spec.hardware.device {
+        Device::Cpu { kernels, .. } => kernels,
+        Device::Gpu(_) => CpuKernels::Avx512,
+    };
+    working_sets::fits(spec.train.precision, kernels)
+}
+
 /// The optimizer's working set: the CPU's fitted in-place update, or off the CPU the
 /// tensor-op update's computed peak ([`adam_peak`]).
 fn optimizer_working_set(spec: &RunSpec, u: &Units, fitted: u64) -> u64 {
@@ -179,7 +190,28 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
             0.0
         },
         tab: t5::tables(b, seq, h),
+        hpack: head_grad_scratch(spec, rows),
     }
+}
+
+/// gemm's packing scratch in the loss's head-gradient product on the CPU
+/// (`src/engine/head_grad.rs`, which multiplies at most 128 rows × 4096 vocabulary
+/// entries a call): gemm transposes `dzᵀ·h` into `hᵀ·dz` and packs the call's block of
+/// `dz` when the width is above twice its kernels' rows (gemm-common 0.19,
+/// `gemm_basic_generic`'s `do_pack_rhs`; 16 rows with AVX2 in f32, 64 with AVX-512).
+/// None where the fits count tensors alone (16-bit compute), off the CPU, or where the
+/// head does not train (LoRA).
+fn head_grad_scratch(spec: &RunSpec, rows: f64) -> f64 {
+    let kernel_rows = match fits(spec).kernels() {
+        Some(CpuKernels::Avx2) => 16,
+        Some(CpuKernels::Avx512) => 64,
+        None => return 0.0,
+    };
+    let packs = spec.model.hidden_size > 2 * kernel_rows;
+    if !packs || spec.lora.is_some() || spec.hardware.device.is_cuda() {
+        return 0.0;
+    }
+    rows.min(128.0) * (spec.model.vocab_size as f64).min(4096.0) * F
 }
 
 /// Where the run leaves the domain the working sets were calibrated on (empty inside it).
@@ -189,8 +221,7 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
 /// block (whose only block's input needs no gradient), that is said.
 pub fn warnings(spec: &RunSpec) -> Vec<String> {
     let params = params::shared(&spec.model);
-    let mut w =
-        working_sets::fits(spec.train.precision).warnings(spec.model.arch, &units(spec, &params));
+    let mut w = fits(spec).warnings(spec.model.arch, &units(spec, &params));
     if let Some(l) = &spec.lora {
         let attention = ["q_proj", "k_proj", "v_proj", "o_proj"];
         let mlp_only = !l.targets.iter().any(|t| attention.contains(&t.as_str()));
@@ -448,7 +479,7 @@ impl<'a> Plan<'a> {
         };
         let trained: Vec<params::Param> = params.iter().filter(|p| p.trainable).cloned().collect();
         let u = units(spec, &trained);
-        let mut ws = working_sets::fits(spec.train.precision).working_sets(m.arch, &u);
+        let mut ws = fits(spec).working_sets(m.arch, &u);
         ws.optimizer = optimizer_working_set(spec, &u, ws.optimizer);
         let half = spec.train.precision != Precision::Fp32;
         arch_extras(m.arch, &u, half, &mut ws);

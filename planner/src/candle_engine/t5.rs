@@ -12,7 +12,7 @@
 //! stack forward, its recompute and backward, each stack's end; without, the whole graph
 //! kept, the forward's and the backward's peaks; the loss chunk; AdamW's update.
 
-use super::working_sets::{self, T5WorkingSets, F};
+use super::working_sets::{T5WorkingSets, F};
 use super::{
     bytes, loss_rows, micro_step_and_update, model_state, optimizer_working_set, units,
     whole_graph_step,
@@ -68,7 +68,7 @@ pub(super) fn play(spec: &RunSpec) -> Timeline {
             *b = b.saturating_add(p.numel().saturating_mul(4));
         }
     }
-    let mut ws = working_sets::fits(spec.train.precision).t5_working_sets(&u);
+    let mut ws = super::fits(spec).t5_working_sets(&u);
     ws.optimizer = optimizer_working_set(spec, &u, ws.optimizer);
     let plan = Plan {
         spec,

@@ -1,15 +1,16 @@
-//! The candle engine's fitted working sets: data, not code. `planner/data/candle_f32.toml`
-//! and `candle_f16.toml` (written by `tools/calibrate_candle.py fit --write`) hold, per
+//! The candle engine's fitted working sets: data, not code. `planner/data/candle_f32.toml`,
+//! `candle_f32_avx2.toml` (the same engine with gemm's AVX2 kernels, whose packing scratch
+//! is larger) and `candle_f16.toml` (written by `tools/calibrate_candle.py fit --write`) hold, per
 //! arch and stage, the planes of a fit — each an intercept plus (coefficient, unit) terms
 //! over the step's tensor sizes — and the stage's working set is the largest plane,
 //! `max_k (c_k + Σ a_ki · u_i)`, clamped at zero. Each file also records the domain it
 //! was calibrated on (every unit's min and max over the calibration set), so a run
 //! outside it is reported as extrapolated rather than trusted silently.
 //!
-//! The files are parsed once (`LazyLock`); a unit test proves both parse and name only
+//! The files are parsed once (`LazyLock`); a unit test proves all three parse and name only
 //! known units, so the `expect` on the embedded text cannot fire at run time.
 
-use crate::spec::{Arch, Precision};
+use crate::spec::{Arch, CpuKernels, Precision};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -59,6 +60,9 @@ pub(super) struct Units {
     /// The key/value width again with one key/value head (decoders: candle then makes no
     /// transposed copies of k and v), and `nq1` likewise for the queries.
     pub nkv1: f64,
+    /// gemm's packing scratch in the loss's head-gradient product (`hpack`,
+    /// [`super::head_grad_scratch`]).
+    pub hpack: f64,
 }
 
 /// T5's calibrated working sets (`src/engine/t5.rs`), each above the live bytes before its
@@ -129,10 +133,11 @@ enum Unit {
     Nq1,
     Tab,
     Nkv1,
+    Hpack,
 }
 
 /// (name in the files, what users would call it).
-const UNITS: [(Unit, &str, &str); 23] = [
+const UNITS: [(Unit, &str, &str); 24] = [
     (Unit::N, "n", "rows (micro_batch × seq_len)"),
     (Unit::Nc, "nc", "rows × hidden_size"),
     (Unit::Nq, "nq", "rows × query width"),
@@ -167,6 +172,11 @@ const UNITS: [(Unit, &str, &str); 23] = [
         Unit::Nkv1,
         "nkv1",
         "rows × key/value width with one key/value head",
+    ),
+    (
+        Unit::Hpack,
+        "hpack",
+        "the head gradient's packed block of the logits' gradient",
     ),
 ];
 
@@ -204,6 +214,7 @@ impl Unit {
             Unit::Nq1 => u.nq1,
             Unit::Tab => u.tab,
             Unit::Nkv1 => u.nkv1,
+            Unit::Hpack => u.hpack,
         }
     }
 
@@ -320,6 +331,9 @@ const T5_STAGES: [&str; 14] = [
 pub(super) struct Fits {
     /// The compute dtype it was measured in (`f32` or `f16`).
     compute: String,
+    /// The CPU matmul kernels whose scratch it counts (f32: the whole heap); none for
+    /// tensors alone (f16).
+    kernels: Option<CpuKernels>,
     nanochat: ArchFit,
     llama: ArchFit,
     t5: ArchFit,
@@ -329,6 +343,7 @@ pub(super) struct Fits {
 #[serde(deny_unknown_fields)]
 struct RawFits {
     compute: String,
+    kernels: Option<String>,
     #[allow(dead_code)] // provenance, read by people
     data: String,
     #[allow(dead_code)]
@@ -453,8 +468,13 @@ fn arch_fit(
 /// Parses and validates one data file.
 pub(super) fn parse(text: &str) -> Result<Fits, String> {
     let raw: RawFits = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    use crate::spec::Choice;
+    let kernels = raw.kernels.as_deref();
     Ok(Fits {
         compute: raw.compute,
+        kernels: kernels
+            .map(|k| CpuKernels::parse("kernels", k).map_err(|e| e.to_string()))
+            .transpose()?,
         nanochat: arch_fit("nanochat", &STAGES, raw.nanochat)?,
         llama: arch_fit("llama", &STAGES, raw.llama)?,
         t5: arch_fit("t5", &T5_STAGES, raw.t5)?,
@@ -462,23 +482,33 @@ pub(super) fn parse(text: &str) -> Result<Fits, String> {
 }
 
 pub(super) const F32_TEXT: &str = include_str!("../../data/candle_f32.toml");
+pub(super) const F32_AVX2_TEXT: &str = include_str!("../../data/candle_f32_avx2.toml");
 pub(super) const F16_TEXT: &str = include_str!("../../data/candle_f16.toml");
 
 static F32: LazyLock<Fits> =
     LazyLock::new(|| parse(F32_TEXT).expect("candle_f32.toml parses (unit-tested)"));
+static F32_AVX2: LazyLock<Fits> =
+    LazyLock::new(|| parse(F32_AVX2_TEXT).expect("candle_f32_avx2.toml parses (unit-tested)"));
 static HALF: LazyLock<Fits> =
     LazyLock::new(|| parse(F16_TEXT).expect("candle_f16.toml parses (unit-tested)"));
 
-/// The fits for a run's precision: f32, or 16-bit compute over f32 masters.
-pub(super) fn fits(precision: Precision) -> &'static Fits {
-    if precision == Precision::Fp32 {
-        &F32
-    } else {
-        &HALF
+/// The fits for a run's precision and CPU kernels: f32 with the kernels' packing scratch
+/// (off the CPU, the AVX-512 fits, whose scratch is next to none), or 16-bit compute over
+/// f32 masters (tensors alone, whatever the kernels).
+pub(super) fn fits(precision: Precision, kernels: CpuKernels) -> &'static Fits {
+    match (precision, kernels) {
+        (Precision::Fp32, CpuKernels::Avx512) => &F32,
+        (Precision::Fp32, CpuKernels::Avx2) => &F32_AVX2,
+        _ => &HALF,
     }
 }
 
 impl Fits {
+    /// The CPU kernels whose scratch the fits count (none: tensors alone).
+    pub fn kernels(&self) -> Option<CpuKernels> {
+        self.kernels
+    }
+
     /// Only nanochat, llama, qwen2, qwen3 and t5 run on the candle engine (validated with
     /// the config); llama's block is the general one, used for qwen2 (q/k/v biases) and
     /// qwen3 (per-head q/k norms) too, whose extra tensors are added from the shapes
@@ -538,7 +568,13 @@ impl Fits {
     /// those above it: there the fitted planes are extrapolated (below, the intercepts
     /// dominate and the error grows; the planner does not claim the calibrated accuracy).
     pub fn warnings(&self, arch: Arch, u: &Units) -> Vec<String> {
-        let what = format!("candle working sets ({} compute, {arch})", self.compute);
+        let kernels = self
+            .kernels
+            .map_or(String::new(), |k| format!(", {k} kernels"));
+        let what = format!(
+            "candle working sets ({} compute{kernels}, {arch})",
+            self.compute
+        );
         let mut out = Vec::new();
         let mut above = Vec::new();
         for r in &self.arch(arch).domain {
@@ -573,13 +609,18 @@ impl Fits {
 mod tests {
     use super::*;
 
-    /// Both embedded files parse, fit every stage of both archs and record the domain of
+    /// The embedded files parse, fit every stage of every arch and record the domain of
     /// every unit the planes use.
     #[test]
-    fn both_data_files_parse_and_cover_every_stage() {
-        for (name, text) in [("f32", F32_TEXT), ("f16", F16_TEXT)] {
+    fn every_data_file_parses_and_covers_every_stage() {
+        for (name, text, kernels) in [
+            ("f32", F32_TEXT, Some(CpuKernels::Avx512)),
+            ("f32", F32_AVX2_TEXT, Some(CpuKernels::Avx2)),
+            ("f16", F16_TEXT, None),
+        ] {
             let f = parse(text).unwrap_or_else(|e| panic!("candle_{name}.toml: {e}"));
             assert_eq!(f.compute, name);
+            assert_eq!(f.kernels, kernels, "candle_{name}.toml");
             for (arch, a, names) in [
                 ("nanochat", &f.nanochat, &STAGES[..]),
                 ("llama", &f.llama, &STAGES[..]),
