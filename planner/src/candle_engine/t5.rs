@@ -308,12 +308,22 @@ fn replace(s: &mut Step, old: TensorId, name: &'static str, bytes: Bytes) -> Ten
 }
 
 /// Without checkpointing: the whole forward graph of both stacks kept for one backward.
+/// Its working set is the larger of the fitted peak and the backward's end, the graph
+/// still held: every block's gradient made (also when accumulating: the micro-step's
+/// own, before they are added to the sums) and the shared embedding's two, one per
+/// stack's lookup. Over the calibration sizes the fitted peak is the larger; at full
+/// size, where vocabulary × width dwarfs the activations, the end is (ChatLM-mini-Chinese,
+/// docs/sft.md).
 fn whole_graph(s: &mut Step, plan: &Plan, kept: &mut Vec<TensorId>) {
     let ws = &plan.ws;
     let grads = plan.blocks.iter().sum::<u64>() + 2 * plan.spec.model.hidden_size * 4;
     whole_graph_step(
         s,
-        (ws.graph, ws.fwd_peak, ws.bwd_peak),
+        (
+            ws.graph,
+            ws.fwd_peak,
+            ws.bwd_peak.max(grads + 2 * plan.shared),
+        ),
         (
             "grads of blocks and final norms",
             (!plan.accum).then_some(grads),
