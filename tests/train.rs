@@ -549,6 +549,46 @@ fn jsonl_prompt_response_data_trains() {
     assert_eq!(losses(&out).len(), 3);
 }
 
+/// A plan that names CPU kernels this binary does not run trains planned with the ones it
+/// runs, and says so in one line.
+#[test]
+fn a_plan_naming_other_cpu_kernels_is_planned_with_this_binarys() {
+    let dir = tmp("kernels");
+    let plan = small_plan(&dir);
+    let first = text(&run(&["estimate", plan.to_str().unwrap()]));
+    let other = if first.contains("(avx512 kernels)") {
+        "avx2"
+    } else {
+        "avx512"
+    };
+    let named = dir.join("named.toml");
+    let body = std::fs::read_to_string(&plan).unwrap();
+    std::fs::write(&named, format!("{body}cpu_kernels = \"{other}\"\n")).unwrap();
+    let out = dir.join("out");
+    let o = run(&[
+        "train",
+        named.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--eval-every",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.lines().any(|l| l.contains(&format!(
+            "cpu_kernels = \"{other}\", but this binary runs gemm's"
+        ))),
+        "{t}"
+    );
+    let predicted = summary(&out)["predicted_peak_bytes"].clone();
+    let want = run(&["estimate", "--json", plan.to_str().unwrap()]);
+    let want: serde_json::Value = serde_json::from_slice(&want.stdout).unwrap();
+    assert_eq!(predicted, want["peak_allocated_bytes"], "{t}");
+}
+
 #[test]
 fn a_plan_over_the_memory_limit_is_refused() {
     let dir = tmp("limit");

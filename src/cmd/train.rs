@@ -213,6 +213,16 @@ fn runnable(
         // The planner checks the plan against the GPU the engine will use.
         raw.hardware.gpu = Some("auto".into());
     }
+    // The run is planned with the CPU kernels this binary runs, whatever the plan names.
+    if let Some(named) = raw.hardware.cpu_kernels.take() {
+        let here = load::cpu_kernels();
+        if !on_gpu && !named.eq_ignore_ascii_case(&here.to_string()) {
+            eprintln!(
+                "note: {}: cpu_kernels = \"{named}\", but this binary runs gemm's {here} kernels; planned with them",
+                loaded.name
+            );
+        }
+    }
     if loaded.spec.train.optimizer != vramplan_planner::Optimizer::AdamW {
         eprintln!(
             "note: {}: optimizer = \"{}\"; the candle engine trains with AdamW",
