@@ -25,6 +25,7 @@ mod timeline;
 mod torch;
 mod units;
 
+pub use candle_engine::{HEAD_GRAD_ROWS, HEAD_GRAD_VOCAB};
 pub use compare::{compare, fp32_logits, gib2, Comparison, ComponentDiff, ConfigDiff};
 pub use config::{
     check_run, defaults, Context, PresetSource, RawConfig, RawHardware, RawModel, RawTrain,

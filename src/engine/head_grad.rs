@@ -170,8 +170,9 @@ fn add_widened<S: std::ops::AddAssign, P: Copy>(sum: &mut [S], p: &[P], widen: i
 /// the width is above twice its kernels' rows (32 with AVX2, 128 with AVX-512), gemm
 /// packs the block of `dz` it is given into scratch: at most `ROWS × VOCAB` elements
 /// (2 MiB in f32), where all of a chunk's `dz` would be another copy of its logits.
-const ROWS: usize = 128;
-const VOCAB: usize = 4096;
+/// The planner counts that block (`hpack`) from the same constants.
+const ROWS: usize = vramplan_planner::HEAD_GRAD_ROWS;
+const VOCAB: usize = vramplan_planner::HEAD_GRAD_VOCAB;
 
 #[derive(Clone, Copy)]
 struct Dims {

@@ -194,9 +194,14 @@ fn units(spec: &RunSpec, params: &[params::Param]) -> Units {
     }
 }
 
+/// Rows of a loss chunk, and vocabulary entries, that the engine's head-gradient product
+/// multiplies in one gemm call (`src/engine/head_grad.rs` takes them from here).
+pub const HEAD_GRAD_ROWS: usize = 128;
+pub const HEAD_GRAD_VOCAB: usize = 4096;
+
 /// gemm's packing scratch in the loss's head-gradient product on the CPU
-/// (`src/engine/head_grad.rs`, which multiplies at most 128 rows × 4096 vocabulary
-/// entries a call): gemm transposes `dzᵀ·h` into `hᵀ·dz` and packs the call's block of
+/// (`src/engine/head_grad.rs`, which multiplies at most [`HEAD_GRAD_ROWS`] ×
+/// [`HEAD_GRAD_VOCAB`] a call): gemm transposes `dzᵀ·h` into `hᵀ·dz` and packs the call's block of
 /// `dz` when the width is above twice its kernels' rows (gemm-common 0.19,
 /// `gemm_basic_generic`'s `do_pack_rhs`; 16 rows with AVX2 in f32, 64 with AVX-512).
 /// None where the fits count tensors alone (16-bit compute), off the CPU, or where the
@@ -211,7 +216,8 @@ fn head_grad_scratch(spec: &RunSpec, rows: f64) -> f64 {
     if !packs || spec.lora.is_some() || spec.hardware.device.is_cuda() {
         return 0.0;
     }
-    rows.min(128.0) * (spec.model.vocab_size as f64).min(4096.0) * F
+    let vocab = spec.model.vocab_size.min(HEAD_GRAD_VOCAB as u64) as f64;
+    rows.min(HEAD_GRAD_ROWS as f64) * vocab * F
 }
 
 /// Where the run leaves the domain the working sets were calibrated on (empty inside it).

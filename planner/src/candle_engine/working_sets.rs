@@ -10,7 +10,7 @@
 //! The files are parsed once (`LazyLock`); a unit test proves all three parse and name only
 //! known units, so the `expect` on the embedded text cannot fire at run time.
 
-use crate::spec::{Arch, CpuKernels, Precision};
+use crate::spec::{Arch, Choice, CpuKernels, Precision};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -468,11 +468,11 @@ fn arch_fit(
 /// Parses and validates one data file.
 pub(super) fn parse(text: &str) -> Result<Fits, String> {
     let raw: RawFits = toml::from_str(text).map_err(|e| e.message().to_string())?;
-    use crate::spec::Choice;
-    let kernels = raw.kernels.as_deref();
     Ok(Fits {
         compute: raw.compute,
-        kernels: kernels
+        kernels: raw
+            .kernels
+            .as_deref()
             .map(|k| CpuKernels::parse("kernels", k).map_err(|e| e.to_string()))
             .transpose()?,
         nanochat: arch_fit("nanochat", &STAGES, raw.nanochat)?,
