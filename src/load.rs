@@ -122,6 +122,10 @@ impl Overrides {
         }
         if let Some(g) = &self.gpu {
             raw.hardware.gpu = Some(g.clone());
+            // The file's CPU kernels mean nothing on the GPU named in its place.
+            if g != "cpu" {
+                raw.hardware.cpu_kernels = None;
+            }
         }
         if let Some(n) = self.gpus {
             raw.hardware.gpus = Some(n);

@@ -437,6 +437,9 @@ fn the_cpu_kernels_pick_the_candle_fits() {
             .to_string();
         assert_eq!(first, format!("t on cpu ({name} kernels), candle engine"));
     }
+    // `--gpu` in place of the file's "cpu" drops its CPU kernels.
+    let o = vramplan(&["estimate", &avx2, "--gpu", "h100-80gb"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
