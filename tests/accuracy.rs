@@ -131,8 +131,9 @@ fn torchtitan_peaks_are_predicted_within_3_percent() {
     assert!(sac >= 7, "{sac} runs compiled over SelectiveAC");
 }
 
-/// The bound this model meets today; the target of the issue is 5 %.
-const BOUND: f64 = 0.05;
+/// The bound this model meets today (worst 2.02 %, GPT-2 with full checkpointing); the
+/// target of the issue is 5 %.
+const BOUND: f64 = 0.03;
 
 /// `tests/data/torch_lora.json` (`tools/measure_lora.py`: peft 0.21, transformers 5.23.0,
 /// torch 2.15.0, CPU): LoRA ranks, targets, dropout and precisions, checkpointing, and

@@ -186,9 +186,9 @@ impl Implementation for Transformers {
             .then(|| Layout::new(&[2, d.t, m.head_dim], DType::F32));
         let mut stem = vec![("embedding output", d.tok(d.h, d.r))];
         if m.arch == Arch::Nanochat {
-            // `norm(wte(idx))`: the un-normed embedding stays saved for the norm's backward
-            // (a bf16 embedding as the norm's fp32 copy of it).
-            stem[0] = ("embedding output", d.tok(d.h, norm_saved(&d)));
+            // `norm(wte(idx))`: the norm keeps fp32 of the un-normed embedding (a bf16
+            // one as its fp32 copy).
+            stem[0] = ("embedding output", d.tok(d.h, DType::F32));
             stem.push(("norm(embedding)", d.tok(d.h, d.r)));
         }
         let (encoder, decoder) = match m.arch {
@@ -337,69 +337,79 @@ pub(super) fn llama_normed(d: &Dims, attention: Attention, gqa: bool, normalized
     blk
 }
 
-/// What nanochat's parameter-free `F.rms_norm` saves of its input: an fp32 stream itself,
-/// a bf16 stream under autocast the fp32 copy its decomposition computes in.
-fn norm_saved(d: &Dims) -> DType {
-    if d.autocast {
-        DType::F32
-    } else {
-        d.r
-    }
-}
-
+/// nanochat's block. Its `norm` is `F.rms_norm` without a weight, which keeps fp32 of its
+/// input: an fp32 input itself, a bf16 input the fp32 copy its decomposition computes in;
+/// its output has the input's dtype. An fp32 output feeding linears under autocast is
+/// cast to one bf16 copy per linear (each saves its copy) and then freed; any other
+/// output the linears save as it is (measured, tests/data/torch_cpu.json: fp32, bf16
+/// autocast over an fp32 stream, pure bf16; torch_nanochat_wte.json: autocast over a
+/// bf16 stream).
 fn nanochat(d: &Dims, attention: Attention) -> Block {
     let mut blk = Block::default();
-    let (c, r) = (d.c, d.r);
-    let bf16_stream = d.autocast && r != DType::F32;
-    // F.rms_norm without weight: saves its input (fp32: a bf16 stream's fp32 copy) and the
-    // reciprocal RMS; the output feeds c_q, c_k, c_v: under autocast one bf16 copy each of
-    // an fp32 output, none of a bf16 one (all three save the norm's output).
-    blk.keep("norm output", d.tok(d.h, norm_saved(d)));
-    if bf16_stream {
-        blk.keep("c_q/c_k/c_v input (the bf16 norm output)", d.tok(d.h, d.c));
-    } else if d.autocast {
+    let (c, r, f32) = (d.c, d.r, DType::F32);
+    let cast = d.autocast && r == f32;
+    // The attention norm keeps a bf16 stream's fp32 copy (an fp32 stream is the block
+    // input itself, which the frame keeps); c_q, c_k and c_v save its output or copies.
+    if r != f32 {
+        blk.keep("norm input (fp32 copy)", d.tok(d.h, f32));
+    }
+    if cast {
         blk.keep("c_q input (bf16 copy)", d.tok(d.h, d.c));
         blk.keep("c_k input (bf16 copy)", d.tok(d.h, d.c));
         blk.keep("c_v input (bf16 copy)", d.tok(d.h, d.c));
+    } else {
+        blk.keep("norm output", d.tok(d.h, r));
     }
-    // RoPE multiplies by cos/sin (no gradient needed): q and k themselves are not saved.
-    // nanochat keeps cos/sin in bf16 and casts the rotated halves back to q's dtype, so
-    // from here to the attention output everything stays in compute precision.
-    blk.keep("q rotated (cat)", d.tok(d.q, c));
-    blk.keep("k rotated (cat)", d.tok(d.k, c));
+    // RoPE multiplies by cos/sin (no gradient needed), so it saves neither q nor k; the
+    // norms of q and k keep fp32 of the rotated q and k. nanochat keeps cos/sin in bf16
+    // and casts the rotated halves back to q's dtype, so from here to the attention
+    // output everything stays in compute precision.
+    blk.keep("q rotated (fp32, kept by its norm)", d.tok(d.q, f32));
+    blk.keep("k rotated (fp32, kept by its norm)", d.tok(d.k, f32));
     blk.keep_core("q normed", d.tok(d.q, c));
     blk.keep_core("k normed", d.tok(d.k, c));
     blk.keep_core("v", d.tok(d.k, c));
     let attn = Dims { r: c, ..*d };
     attention_core(&mut blk, &attn, attention, false);
-    blk.keep("residual after attention", d.tok(d.h, norm_saved(d)));
-    blk.keep("norm output (mlp)", d.tok(d.h, r));
-    if d.autocast {
+    // The MLP norm keeps fp32 of the residual: an fp32 one itself, a bf16 one its copy.
+    blk.keep("residual after attention (fp32)", d.tok(d.h, f32));
+    if cast {
         blk.keep("c_fc input (bf16 copy)", d.tok(d.h, d.c));
+    } else {
+        blk.keep("norm output (mlp)", d.tok(d.h, r));
     }
     // relu saves its output (which square saves too); c_proj saves relu².
     blk.keep("relu", d.tok(d.i, c));
     blk.keep("relu²", d.tok(d.i, c));
     blk.fwd_transient = d.tok_n(3, d.q, r);
     blk.bwd_transient = Layout::concat(&[d.tok_n(3, d.i, c), d.tok(d.h, r)]);
+    blk.input_saved = r == f32;
     blk
 }
 
 fn gpt2(d: &Dims, attention: Attention) -> Block {
     let mut blk = Block::default();
     let (c, r) = (d.c, d.r);
-    // LayerNorm saves its input, mean and rstd; its output feeds c_attn (Conv1D: addmm).
-    blk.keep("ln_1 output", d.tok(d.h, r));
-    if d.autocast {
-        blk.keep("c_attn input (bf16 copy)", d.tok(d.h, d.c));
-    }
+    // LayerNorm saves its input, mean and rstd, not its output; the output is what
+    // c_attn (Conv1D: addmm) saves, or under autocast (where layer_norm runs in fp32)
+    // the bf16 copy addmm makes of it, the fp32 output then freed (measured,
+    // tests/data/torch_cpu.json).
+    let ln_output = |blk: &mut Block, name: &'static str, copy: &'static str| {
+        if d.autocast {
+            blk.keep(copy, d.tok(d.h, d.c));
+        } else {
+            blk.keep(name, d.tok(d.h, r));
+        }
+    };
+    ln_output(
+        &mut blk,
+        "ln_1 output",
+        "c_attn input (bf16 copy of ln_1's)",
+    );
     blk.keep_core("qkv", d.tok(d.q.saturating_add(2 * d.k), c));
     attention_core(&mut blk, d, attention, false);
     blk.keep("residual after attention", d.tok(d.h, r));
-    blk.keep("ln_2 output", d.tok(d.h, r));
-    if d.autocast {
-        blk.keep("c_fc input (bf16 copy)", d.tok(d.h, d.c));
-    }
+    ln_output(&mut blk, "ln_2 output", "c_fc input (bf16 copy of ln_2's)");
     blk.keep("c_fc output", d.tok(d.i, c));
     blk.keep("gelu_new intermediates", d.tok_n(3, d.i, c));
     blk.keep("gelu output", d.tok(d.i, c));

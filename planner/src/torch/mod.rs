@@ -33,7 +33,7 @@ pub use regime::{check_regime, describe as describe_regime};
 pub use shard::{host_buffers, host_bytes as offloaded_state_bytes, offload_traffic, HostBuffer};
 
 use crate::params::{self, Param, Role};
-use crate::spec::{Checkpointing, ModelSpec, RunSpec, Sharding, TrainSpec};
+use crate::spec::{Arch, Checkpointing, ModelSpec, RunSpec, Sharding, TrainSpec};
 use crate::timeline::{Component, Extent, Layout, Name, Step, TensorId, Timeline};
 use crate::units::DType;
 use block::{Block, Dims, Saved};
@@ -633,8 +633,10 @@ fn head_forward(
     (head, x)
 }
 
-/// Eager's final norm: its normalized input and the head's input (autocast's copy), each
-/// kept only where a trained weight needs it (LoRA freezes the norm, and may the head).
+/// Eager's final norm: its normalized input (RMSNorm's; GPT-2's LayerNorm and nanochat's
+/// weightless norm keep none) and
+/// the head's input (autocast's copy), each kept only where a trained weight needs it
+/// (LoRA freezes the norm, and may the head).
 fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
     let d = &run.d;
     let normed = ("final norm normalized", d.tok(d.h, d.r));
@@ -655,8 +657,11 @@ fn eager_head(s: &mut Step, run: &Run) -> Vec<TensorId> {
             d.tok(d.h, DType::F32),
         ));
     }
+    // GPT-2's LayerNorm is one op that saves its input and statistics, and nanochat's
+    // norm has no weight: neither keeps a normalized tensor of its own.
+    let no_normed = matches!(run.m.arch, Arch::Gpt2 | Arch::Nanochat);
     for (keep, (name, layout)) in [
-        (run.lora.is_none(), normed),
+        (run.lora.is_none() && !no_normed, normed),
         (lora::head_trains(&run.params, run.m), input),
     ] {
         if keep {
