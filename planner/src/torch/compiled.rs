@@ -138,6 +138,11 @@ impl Implementation for CompiledTransformers {
         let d = Dims::new(m, t);
         let eager = block::Transformers.recipe(m, t);
         let mut stem = eager.stem;
+        if m.arch == Arch::Nanochat {
+            // The partitioner saves the embedding itself, in its own dtype, and recomputes
+            // the norm's fp32 upcast in backward (eager keeps that upcast).
+            stem[0] = ("embedding output", d.tok(d.h, d.r));
+        }
         if let Some(mask) = causal_mask(m, t, &d) {
             stem.insert(0, ("causal mask (materialized)", mask));
         }
