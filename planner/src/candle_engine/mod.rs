@@ -242,7 +242,7 @@ pub fn warnings(spec: &RunSpec) -> Vec<String> {
 
 /// What `warnings` says of a LoRA plan without checkpointing whose adapters are all on
 /// the MLP, or that has one block.
-pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: without checkpointing, adapters on the MLP alone (none on q_proj, k_proj, v_proj or o_proj), or a model of one block, are outside the calibrated inventory: the backward's peak then lies elsewhere than the fitted one, since the first block's input needs no gradient; measured with the MLP alone on llama and qwen2 plans of 2 blocks from -7.9 % (gate_proj without up_proj) to +2.4 % of the engine's peak, and on plans of one block from -11 % to +98 % (-4.4 % to +7.1 % with adapters on the attention); with checkpointing, or with more blocks and an adapter on any attention projection, the 58 held-out plans measured are within -1.5 % to +4.6 % (docs/sft.md; the worst a qwen3 in 16-bit compute with adapters on some of its attention's projections), the loosest terms, v_proj's and up_proj's without checkpointing, -1.1 % to +2.7 %";
+pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: without checkpointing, adapters on the MLP alone (none on q_proj, k_proj, v_proj or o_proj), or a model of one block, are outside the calibrated inventory: the backward's peak then lies elsewhere than the fitted one, since the first block's input needs no gradient; measured with the MLP alone on llama and qwen2 plans of 2 blocks from -7.9 % (gate_proj without up_proj) to +2.4 % of the engine's peak, and on plans of one block from -11 % to +98 % (-4.4 % to +7.1 % with adapters on the attention); with checkpointing, or with more blocks and an adapter on any attention projection, the 58 held-out plans measured are within -1.5 % to +1.7 % (docs/sft.md), the loosest terms, v_proj's and up_proj's without checkpointing, -1.1 % to +2.7 %";
 
 /// What LoRA changes in the fitted working sets (`src/engine/model.rs`, `lin`), from
 /// measurements of the engine's stages (`VRAMPLAN_MEM_DEBUG=1|census`, docs/sft.md; each
@@ -488,10 +488,12 @@ impl<'a> Plan<'a> {
         let mut ws = fits(spec).working_sets(m.arch, &u);
         ws.optimizer = optimizer_working_set(spec, &u, ws.optimizer);
         let half = spec.train.precision != Precision::Fp32;
-        arch_extras(m.arch, &u, half, &mut ws);
+        // LoRA's terms first: which half holds a whole-graph backward's peak is read off
+        // llama's halves, without the arch's kept forward copies (already in the graph).
         if let Some(l) = &spec.lora {
             lora_extras(spec, l, &params, &u, &mut ws);
         }
+        arch_extras(m.arch, &u, half, &mut ws);
         let mut blocks = vec![BlockBytes::default(); m.num_layers as usize];
         for p in params.iter().filter(|p| p.trainable) {
             let Some(b) = p.layer.and_then(|l| blocks.get_mut(l as usize)) else {
