@@ -1,6 +1,7 @@
-//! Three graph nodes of candle's with their backward, each replacing a chain of tensor ops
+//! Graph nodes of candle's with their backward, each replacing a chain of tensor ops
 //! whose every step was one more pass over the activation and one more tensor kept for
-//! backward: the attention's softmax, RMSNorm and the rotary embedding.
+//! backward: the attention's softmax, RMSNorm (alone, and with its weight in
+//! [`scaled_norm`]) and the rotary embedding.
 //!
 //! **The attention's softmax**, `softmax(scale·S + causal mask)` over each row of the raw
 //! scores `S = q·kᵀ` `(B, H, T, T)`. Built from tensor ops (`* scale`, the mask's add,
@@ -36,6 +37,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
+
+mod scaled_norm;
+pub use scaled_norm::rms_norm_scaled;
 
 /// Rows handed to one rayon task at least (a row is a few hundred elements).
 const MIN_ROWS: usize = 64;

@@ -439,11 +439,12 @@ impl Model {
         }
     }
 
+    /// RMSNorm with the weight `weight` (nanochat's has none), one node
+    /// ([`super::fused::rms_norm_scaled`]).
     fn norm(&self, x: &Tensor, weight: &str) -> Result<Tensor> {
-        let y = rms(x, self.numerics.rms_eps)?;
         match self.spec.arch {
-            Arch::Nanochat => Ok(y),
-            _ => self.broadcast_op(&y, weight, false),
+            Arch::Nanochat => rms(x, self.numerics.rms_eps),
+            _ => super::fused::rms_norm_scaled(x, &self.w(weight)?, self.numerics.rms_eps),
         }
     }
 
@@ -527,8 +528,8 @@ impl Model {
                     format!("layers.{l}.self_attn.q_norm.weight"),
                     format!("layers.{l}.self_attn.k_norm.weight"),
                 );
-                q = rope.apply(&self.broadcast_op(&rms(&q, eps)?, &qn, false)?)?;
-                k = rope.apply(&self.broadcast_op(&rms(&k, eps)?, &kn, false)?)?;
+                q = rope.apply(&self.norm(&q, &qn)?)?;
+                k = rope.apply(&self.norm(&k, &kn)?)?;
             }
             _ => {
                 q = rope.apply(&q)?;

@@ -63,14 +63,11 @@ impl Block {
         }
     }
 
-    /// `rms` over rows of `width` (`rows · width` elements), one node keeping its input
-    /// (read in place, also as a transposed view) and its output (`src/engine/fused.rs`),
-    /// and the weight's product.
+    /// `rms(x)·w` over rows of `width` (`rows · width` elements): one node keeping its
+    /// input (read in place, also as a transposed view) and the weight
+    /// (`src/engine/fused/scaled_norm.rs`).
     fn norm(&mut self, x: usize, rows: f64, width: f64) -> usize {
-        let xf = self.wide(x, rows * width);
-        let y = self.add(rows * width * WIDE, &[xf]);
-        let y = self.narrow(y, rows * width);
-        self.add(rows * width * self.act, &[y])
+        self.add(rows * width * self.act, &[x])
     }
 
     /// A linear of `out` elements from `x`, adapted or frozen.
@@ -218,14 +215,14 @@ mod tests {
         t.iter().map(|s| s.to_string()).collect()
     }
 
-    /// With q_proj and v_proj adapted the first norm keeps nothing but its weighted output
-    /// (the fused norm's own output, `N·C`, is gone) and the k path nothing but its
-    /// transposed copy (the projection and the rotation, `2·N·KV·D`, and the copy
+    /// With q_proj and v_proj adapted the first norm keeps what the full fine-tune's does
+    /// (its input is the block's, its output the adapters' input) and the k path nothing
+    /// but its transposed copy (the projection and the rotation, `2·N·KV·D`, and the copy
     /// repeating it to every head, `N·H·D`).
     #[test]
-    fn q_and_v_leave_the_first_norm_and_the_k_path_untracked() {
-        let (n, c, kv, q) = (1024.0 * 4.0, 64.0, 32.0, 64.0);
-        let want = n * c + 2.0 * n * kv + n * q;
+    fn q_and_v_leave_the_k_path_untracked() {
+        let (n, kv, q) = (1024.0 * 4.0, 32.0, 64.0);
+        let want = 2.0 * n * kv + n * q;
         let got = first_block_untracked(&spec(), &targets(&["q_proj", "v_proj"]));
         assert_eq!(got, want);
     }
