@@ -27,7 +27,8 @@ stage's peak moves between ops, by least squares on the relative error (the opti
 from the parameters' sizes in update order), and prints the fit quality; `--write`
 writes the planner's data file: the planes, their quality and the calibrated domain (each
 unit's min and max over the set), which the planner embeds and interprets. `check`
-compares `vramplan estimate` with every measured step. Needs numpy.
+compares `vramplan estimate` with every measured step. Needs numpy, and scipy for the
+loss stage's non-negative fits.
 """
 
 import argparse
@@ -325,6 +326,13 @@ ARCH_PLANES = {"nanochat": dict(PLANES, bwd_peak=4), "llama": dict(PLANES, bwd_p
                "t5": dict(PLANES, bwd_peak=3)}
 
 
+# Stages whose planes are fitted with non-negative coefficients: every unit of the loss
+# grows with the step, and least squares over its noise (gemm's scratch for the head's
+# matmuls, blocked by cache sizes) gave planes that fell as the rows grew (-309 bytes a
+# row in one, and a peak 2.6 % lower at 272 rows than at 256; planner/tests/properties.rs).
+NONNEG = {"loss"}
+
+
 def fit(args):
     import numpy as np
 
@@ -341,7 +349,7 @@ def fit(args):
             X = np.array([[b.get(k, 1.0) for k in keys] for b, _ in data])
             y = np.array([float(t) for _, t in data])
             planes = ARCH_PLANES[arch].get(stage, 1)
-            coef, pred = fit_planes(np, X, y, planes)
+            coef, pred = fit_planes(np, X, y, planes, nonneg=stage in NONNEG)
             fits[arch][stage] = (keys, coef)
             rel = (pred - y) / y
             quality[arch][stage] = (100 * np.sqrt(np.mean(rel ** 2)), 100 * np.max(np.abs(rel)))
@@ -437,15 +445,22 @@ def data_file(fits, quality, rows, args):
     return "\n".join(out) + "\n"
 
 
-def fit_planes(np, X, y, planes, restarts=40):
+def fit_planes(np, X, y, planes, restarts=40, nonneg=False):
     """The larger of `planes` linear forms, by alternating assignment (each point to the
     plane that is largest there, each plane refitted on its points) from seeded random
-    starts; relative least squares."""
+    starts; relative least squares. With `nonneg` every coefficient but the intercept (the
+    last column) is at least 0 (scipy's `nnls`)."""
     w = 1.0 / y
 
     def lsq(idx):
         A = X[idx] * w[idx, None]
-        return np.linalg.lstsq(A, np.ones(idx.sum()), rcond=None)[0]
+        b = np.ones(idx.sum())
+        if not nonneg:
+            return np.linalg.lstsq(A, b, rcond=None)[0]
+        from scipy.optimize import nnls
+        # The intercept as the difference of two non-negative columns.
+        c = nnls(np.hstack([A, -A[:, -1:]]), b, maxiter=50 * A.shape[1])[0]
+        return np.concatenate([c[:-2], [c[-2] - c[-1]]])
 
     if planes == 1:
         c = lsq(np.ones(len(y), bool))
@@ -468,7 +483,7 @@ def fit_planes(np, X, y, planes, restarts=40):
                 break
             assign = new
     if best is None:  # too few points for this many planes
-        return fit_planes(np, X, y, planes - 1, restarts)
+        return fit_planes(np, X, y, planes - 1, restarts, nonneg)
     return best[1], best[2]
 
 
