@@ -14,8 +14,9 @@ const QUICK: Duration = Duration::from_secs(1);
 
 /// The inventory and the allocator's replay are linear in blocks: an estimate may take
 /// `QUICK` more for each this many blocks (a 4,096-block estimate takes about 1.2 s in a
-/// debug build).
-const BLOCKS_PER_QUICK: u64 = 1024;
+/// debug build, and 5.5 s with ZeRO-3 over two processes, which drew 5.1 s against a
+/// limit of 5 s when this was 1,024; 0.5 s in a release build).
+const BLOCKS_PER_QUICK: u64 = 512;
 
 /// Values that hit each class of bad input, in TOML syntax.
 fn hostile() -> impl Strategy<Value = String> {
