@@ -578,7 +578,7 @@ mod tests {
         candle_nn::ops::softmax(&(s * scale)?.broadcast_add(mask)?, D::Minus1)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    pub(super) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
             .abs()

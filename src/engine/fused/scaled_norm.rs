@@ -322,20 +322,9 @@ impl CustomOp2 for GradW {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_diff as diff;
     use super::*;
     use candle_core::{Device, Var};
-
-    fn diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The chain the node replaces: widen, normalize, narrow, the broadcast product.
     fn chain(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
@@ -384,17 +373,7 @@ mod tests {
                     fs.get(v.as_tensor()).unwrap(),
                     ps.get(v.as_tensor()).unwrap(),
                 );
-                let scale = b
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let scale = diff(b, &b.zeros_like().unwrap());
                 assert!(
                     diff(a, b) <= tol * scale.max(1.0) * 4.0,
                     "{dtype:?} gradient"
