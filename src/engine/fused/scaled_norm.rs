@@ -41,16 +41,17 @@ pub fn rms_norm_scaled(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// The node's output as tensor ops (off the CPU).
 fn by_ops(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    normalized(x, eps)?.to_dtype(x.dtype())?.broadcast_mul(w)
+    normalized(x, eps)?.0.to_dtype(x.dtype())?.broadcast_mul(w)
 }
 
-/// `x / sqrt(mean(x²) + eps)` in f32, as tensor ops.
-fn normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
+/// `x / sqrt(mean(x²) + eps)` in f32, and each row's `1/sqrt(mean(x²) + eps)`, as tensor
+/// ops.
+fn normalized(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let xf = x.to_dtype(DType::F32)?;
     let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
         .sqrt()?
         .recip()?;
-    xf.broadcast_mul(&r)
+    Ok((xf.broadcast_mul(&r)?, r))
 }
 
 struct ScaledRms {
@@ -239,11 +240,7 @@ impl ScaledRms {
         g: &Tensor,
         trained: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let xf = x.to_dtype(DType::F32)?;
-        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let xh = xf.broadcast_mul(&r)?;
+        let (xh, r) = normalized(x, self.eps)?;
         let gw = g
             .to_dtype(DType::F32)?
             .broadcast_mul(&w.to_dtype(DType::F32)?)?;
