@@ -1,7 +1,7 @@
 //! Graph nodes of candle's with their backward, each replacing a chain of tensor ops
 //! whose every step was one more pass over the activation and one more tensor kept for
 //! backward: the attention's softmax, RMSNorm (alone, and with its weight in
-//! [`scaled_norm`]) and the rotary embedding.
+//! [`scaled_norm`]), the rotary embedding and nanochat's `relu(x)²` ([`relu_sqr`]).
 //!
 //! **The attention's softmax**, `softmax(scale·S + causal mask)` over each row of the raw
 //! scores `S = q·kᵀ` `(B, H, T, T)`. Built from tensor ops (`* scale`, the mask's add,
@@ -38,7 +38,9 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+mod relu_sqr;
 mod scaled_norm;
+pub use relu_sqr::relu_sqr;
 pub use scaled_norm::rms_norm_scaled;
 
 /// Rows handed to one rayon task at least (a row is a few hundred elements).

@@ -559,7 +559,7 @@ impl Model {
         let lin = |x: &Tensor, n: &str| self.lin(x, &format!("layers.{l}.mlp.{n}"));
         match self.spec.arch {
             Arch::Nanochat => {
-                let h = lin(x, "c_fc")?.relu()?.sqr()?;
+                let h = super::fused::relu_sqr(&lin(x, "c_fc")?)?;
                 lin(&h, "c_proj")
             }
             _ => {
