@@ -26,7 +26,7 @@
 //! `shared.weight`; block 0 of each stack has `self_attn.relative_attention_bias`, stored
 //! as transformers' `(buckets, heads)`.
 
-use crate::engine::model::{causal_mask, frozen_op, rms, wide, Model};
+use crate::engine::model::{causal_mask, frozen_op, wide, Model};
 use crate::engine::probe::Probe;
 use crate::engine::rng::Rng;
 use crate::engine::sft::Micro;
@@ -217,9 +217,11 @@ impl Tables {
     }
 }
 
-/// `w · rms(x)`: T5LayerNorm with the weight `name`.
+/// `w · rms(x)`: T5LayerNorm with the weight `name`, as one node keeping `x` and `w`
+/// ([`crate::engine::fused::rms_norm_scaled`]: the same values as the fused RMSNorm
+/// narrowed to `x`'s dtype, then the product).
 fn norm(model: &Model, x: &Tensor, name: &str) -> Result<Tensor> {
-    rms(x, model.numerics.rms_eps)?.broadcast_mul(&model.w(name)?)
+    crate::engine::fused::rms_norm_scaled(x, &model.w(name)?, model.numerics.rms_eps)
 }
 
 /// Attention `stem` (`layers.N.self_attn`) of rows `x` `(B·tq, C)` over rows `kv`
