@@ -38,6 +38,36 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+/// `f` over two CPU storages of one float dtype, with `T` the element type and `A` the
+/// arithmetic type (f32; f64 for f64 storages). Defined before the submodules that use it.
+macro_rules! by_dtype {
+    ($x:expr, $w:expr, $name:literal, |$t:ident, $a:ident| $body:expr) => {
+        match ($x, $w) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32({
+                type $t = f32;
+                type $a = f32;
+                $body
+            }),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => CpuStorage::F16({
+                type $t = half::f16;
+                type $a = f32;
+                $body
+            }),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => CpuStorage::BF16({
+                type $t = half::bf16;
+                type $a = f32;
+                $body
+            }),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64({
+                type $t = f64;
+                type $a = f64;
+                $body
+            }),
+            _ => candle_core::bail!(concat!($name, ": inputs of one float dtype")),
+        }
+    };
+}
+
 mod relu_sqr;
 mod scaled_norm;
 pub use relu_sqr::relu_sqr;

@@ -28,35 +28,6 @@ struct ReluSqr {
     ready: Precomputed,
 }
 
-/// `f` over the storage of one float dtype, computed in `A` (f32; f64 for f64).
-macro_rules! by_dtype {
-    ($x:expr, |$t:ident, $a:ident| $body:expr) => {
-        match $x {
-            CpuStorage::F32(_) => CpuStorage::F32({
-                type $t = f32;
-                type $a = f32;
-                $body
-            }),
-            CpuStorage::F16(_) => CpuStorage::F16({
-                type $t = half::f16;
-                type $a = f32;
-                $body
-            }),
-            CpuStorage::BF16(_) => CpuStorage::BF16({
-                type $t = half::bf16;
-                type $a = f32;
-                $body
-            }),
-            CpuStorage::F64(_) => CpuStorage::F64({
-                type $t = f64;
-                type $a = f64;
-                $body
-            }),
-            _ => candle_core::bail!("relu squared: an input of a float dtype"),
-        }
-    };
-}
-
 /// The elements of a contiguous tensor's storage.
 fn elements<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -104,7 +75,9 @@ impl CustomOp1 for ReluSqr {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(x, |T, A| forward::<T, A>(elements(x, l)?));
+        let out = by_dtype!(x, x, "relu squared", |T, A| forward::<T, A>(elements(
+            x, l
+        )?));
         Ok((out, Shape::from(l.dims())))
     }
 
@@ -139,7 +112,7 @@ impl CustomOp2 for ReluSqrGrad {
         if lx.dims() != lg.dims() {
             candle_core::bail!("relu squared: a gradient of another shape");
         }
-        let out = by_dtype!(x, |T, A| backward::<T, A>(
+        let out = by_dtype!(x, g, "relu squared", |T, A| backward::<T, A>(
             elements(x, lx)?,
             elements(g, lg)?
         ));

@@ -143,35 +143,6 @@ fn grad_w<T: WithDType, A: Float>(x: &Rows<T>, g: &Rows<T>, eps: f64) -> Vec<T> 
     sums.into_iter().map(T::from_f64).collect()
 }
 
-/// `f` over the storages of `x` and `w` of one float dtype.
-macro_rules! by_dtype {
-    ($x:expr, $w:expr, $name:literal, |$t:ident, $a:ident| $body:expr) => {
-        match ($x, $w) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32({
-                type $t = f32;
-                type $a = f32;
-                $body
-            }),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => CpuStorage::F16({
-                type $t = half::f16;
-                type $a = f32;
-                $body
-            }),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => CpuStorage::BF16({
-                type $t = half::bf16;
-                type $a = f32;
-                $body
-            }),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64({
-                type $t = f64;
-                type $a = f64;
-                $body
-            }),
-            _ => candle_core::bail!(concat!($name, ": rows and weight of one float dtype")),
-        }
-    };
-}
-
 /// The weight's elements, contiguous.
 fn weight<'a, T: WithDType>(w: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
