@@ -68,6 +68,18 @@ macro_rules! by_dtype {
     };
 }
 
+/// The elements of a contiguous tensor's CPU storage; `what` names the tensor in the error.
+fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{what}: not contiguous"),
+    }
+}
+
 mod relu_sqr;
 mod scaled_norm;
 pub use relu_sqr::relu_sqr;

@@ -30,10 +30,7 @@ struct ReluSqr {
 
 /// The elements of a contiguous tensor's storage.
 fn elements<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("relu squared: a non-contiguous tensor"),
-    }
+    super::contiguous(s, l, "relu squared: an input")
 }
 
 /// `relu(x)` in `A`.

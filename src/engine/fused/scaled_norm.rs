@@ -10,7 +10,7 @@
 //! their sum before reducing it (at a checkpointed attention half's norm, its backward's
 //! largest moment at short sequences).
 
-use super::{inv_rms, rows_in_place, Float, Precomputed, Rows, MIN_ROWS};
+use super::{contiguous, inv_rms, rows_in_place, Float, Precomputed, Rows, MIN_ROWS};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
     D,
@@ -145,10 +145,7 @@ fn grad_w<T: WithDType, A: Float>(x: &Rows<T>, g: &Rows<T>, eps: f64) -> Vec<T> 
 
 /// The weight's elements, contiguous.
 fn weight<'a, T: WithDType>(w: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&w.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("scaled rms norm: a non-contiguous weight"),
-    }
+    contiguous(w, l, "scaled rms norm: the weight")
 }
 
 impl CustomOp2 for ScaledRms {
