@@ -308,8 +308,8 @@ def basis_all(stage, c, u):
         b["nc"] = u["nc"]
         return b
     if stage == "bwd_peak":
-        b = {k: u[k] for k in per_block + ["vc", "n"]}
-        b.update({f"L1*{k}": l1 * u[k] for k in per_block})
+        b = {k: u[k] for k in per_block + ["nq1", "nkv1", "vc", "n"]}
+        b.update({f"L1*{k}": l1 * u[k] for k in per_block + ["nq1", "nkv1"]})
         return b
     if stage == "opt":
         return {"adam": adam_peak(c)}
@@ -331,6 +331,7 @@ ARCH_PLANES = {"nanochat": dict(PLANES, bwd_peak=4), "llama": dict(PLANES, bwd_p
 # matmuls, blocked by cache sizes) gave planes that fell as the rows grew (-309 bytes a
 # row in one, and a peak 2.6 % lower at 272 rows than at 256; planner/tests/properties.rs).
 NONNEG = {"loss"}
+ARCH_NONNEG = {("t5", "bwd_peak")}
 
 
 def fit(args):
@@ -349,7 +350,7 @@ def fit(args):
             X = np.array([[b.get(k, 1.0) for k in keys] for b, _ in data])
             y = np.array([float(t) for _, t in data])
             planes = ARCH_PLANES[arch].get(stage, 1)
-            coef, pred = fit_planes(np, X, y, planes, nonneg=stage in NONNEG)
+            coef, pred = fit_planes(np, X, y, planes, nonneg=stage in NONNEG or (arch, stage) in ARCH_NONNEG)
             fits[arch][stage] = (keys, coef)
             rel = (pred - y) / y
             quality[arch][stage] = (100 * np.sqrt(np.mean(rel ** 2)), 100 * np.max(np.abs(rel)))
@@ -445,7 +446,7 @@ def data_file(fits, quality, rows, args):
     return "\n".join(out) + "\n"
 
 
-def fit_planes(np, X, y, planes, restarts=40, nonneg=False):
+def fit_planes(np, X, y, planes, restarts=400, nonneg=False):
     """The larger of `planes` linear forms, by alternating assignment (each point to the
     plane that is largest there, each plane refitted on its points) from seeded random
     starts; relative least squares. With `nonneg` every coefficient but the intercept (the

@@ -22,6 +22,7 @@ pub mod fused;
 pub mod head_grad;
 pub mod hf;
 pub mod lora;
+pub mod matmul;
 pub mod model;
 pub mod optim;
 pub mod overrides;

@@ -102,7 +102,7 @@ pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `x · wᵀ`.
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)
+    super::matmul::matmul(x, &w.t()?)
 }
 
 /// A frozen op's `cpu_fwd` and `cuda_fwd`: its generic `fwd` over the storage of the
@@ -166,10 +166,38 @@ impl candle_core::CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    storage_forwards!();
+    /// On the CPU through [`super::matmul::cpu_product`], as a trained linear multiplies.
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let wt = self.w.t()?;
+        let (storage, wl) = wt.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(w) if !matches!(x, candle_core::CpuStorage::BF16(_)) => {
+                super::matmul::cpu_product(x, l, w, wl)
+            }
+            _ => self.fwd(x, l, |s| match s {
+                candle_core::Storage::Cpu(w) => Some(w),
+                _ => None,
+            }),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.fwd(x, l, |s| match s {
+            candle_core::Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
+    }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.w)?))
+        Ok(Some(super::matmul::matmul(g, &self.w)?))
     }
 }
 
@@ -547,10 +575,10 @@ impl Model {
             v = expand(&v)?;
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let att = super::matmul::matmul(&q.contiguous()?, &k.t()?.contiguous()?)?;
         let att = super::fused::causal_softmax(&wide(&att)?, scale, self.window(), mask)?
             .to_dtype(self.compute)?;
-        let y = att.matmul(&v.contiguous()?)?;
+        let y = super::matmul::matmul(&att, &v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((n, nh * hd))?;
         self.lin(&y, &stem(3))
     }

@@ -240,10 +240,12 @@ fn attention(
     let q = heads(&model.lin(x, &format!("{stem}.q"))?, tq)?;
     let k = heads(&model.lin(kv, &format!("{stem}.k"))?, tk)?;
     let v = heads(&model.lin(kv, &format!("{stem}.v"))?, tk)?;
-    let s = q.matmul(&k.t()?.contiguous()?)?;
+    let s = super::matmul::matmul(&q, &k.t()?.contiguous()?)?;
     let att =
         candle_nn::ops::softmax(&scores.add(&wide(&s)?)?, D::Minus1)?.to_dtype(model.compute)?;
-    let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * tq, h * d))?;
+    let y = super::matmul::matmul(&att, &v)?
+        .transpose(1, 2)?
+        .reshape((b * tq, h * d))?;
     model.lin(&y, &format!("{stem}.o"))
 }
 

@@ -70,7 +70,7 @@ pub fn head_losses(
 
 /// `h·wᵀ` outside the graph, in at least f32.
 fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
-    super::model::wide(&h.detach().matmul(&w.detach().t()?)?)
+    super::model::wide(&super::matmul::matmul(&h.detach(), &w.detach().t()?)?)
 }
 
 /// The per-row losses of the logits `z`.
@@ -206,10 +206,10 @@ impl CustomOp2 for HeadLoss {
         let dz = logits_grad(z, &self.targets, &g.detach(), self.softcap)?;
         let dz = dz.to_dtype(h.dtype())?;
         let (h, w) = (h.detach(), w.detach());
-        let dh = dz.matmul(&w)?;
+        let dh = super::matmul::matmul(&dz, &w)?;
         let dw = match &self.head {
             HeadGrad::None => None,
-            HeadGrad::Store => Some(dz.t()?.matmul(&h)?),
+            HeadGrad::Store => Some(super::matmul::matmul(&dz.t()?, &h)?),
             HeadGrad::Sum(sum) => {
                 sum.add(&dz, &h)?;
                 None

@@ -252,9 +252,10 @@ pub const LORA_UNMODELLED: &str = "[lora] on the candle engine: without checkpoi
 /// - Each adapted linear's graph keeps `A·x` (`N·r`), `B·(A·x)`, its scaled copy and the
 ///   sum (`3·N·out`) beside what the full fine-tune keeps ([`BlockTerms::attn_kept`],
 ///   [`BlockTerms::mlp_kept`]).
-/// - Each half's backward holds less than the full fine-tune's at its peak
-///   ([`BlockTerms::frozen_attn`], [`BlockTerms::frozen_mlp`]): a frozen weight makes
-///   neither a gradient nor the transposed copy of its input that a weight gradient needs.
+/// - Each half's backward holds less than the full fine-tune's at its peak: a frozen
+///   weight makes no gradient ([`BlockTerms::attn_grads`], [`BlockTerms::mlp_grads`]).
+///   (A weight's gradient reads its input transposed in place, `src/engine/matmul.rs`,
+///   so the full fine-tune makes no transposed copy a frozen weight would save.)
 /// - Each half's backward peaks while one linear's input gradient is taken, v_proj's in
 ///   the attention half (the attention probabilities' gradient still alive), up_proj's in
 ///   the MLP half: an adapter there holds more at the peak ([`adapter_at_peak`]).
@@ -290,16 +291,13 @@ fn lora_extras(
     let b = |x: f64| x.round() as u64;
     ws.fwd_attn = ws.fwd_attn.saturating_add(b(fa));
     ws.fwd_mlp = ws.fwd_mlp.saturating_add(b(fm));
-    let frozen_attn = act(t.frozen_attn) + t.attn_grads;
-    ws.bwd_attn = b((ws.bwd_attn as f64 - frozen_attn + act(t.attn_kept) + v).max(0.0));
-    let frozen_mlp = act(t.frozen_mlp) + t.mlp_grads;
-    ws.bwd_mlp = b((ws.bwd_mlp as f64 + fm - frozen_mlp + up).max(0.0));
+    ws.bwd_attn = b((ws.bwd_attn as f64 - t.attn_grads + act(t.attn_kept) + v).max(0.0));
+    ws.bwd_mlp = b((ws.bwd_mlp as f64 + fm - t.mlp_grads + up).max(0.0));
     let graph = u.layers * act(t.attn_kept + t.mlp_kept)
         - lora_graph::first_block_untracked(spec, &l.targets);
     ws.graph = b((ws.graph as f64 + graph).max(0.0));
     ws.fwd_peak = b((ws.fwd_peak as f64 + graph).max(0.0));
-    let bwd_peak =
-        ws.bwd_peak as f64 + grads_at_peak(spec, adapted) - act(t.frozen_mlp) + v_at_peak + up;
+    let bwd_peak = ws.bwd_peak as f64 + grads_at_peak(spec, adapted) + v_at_peak + up;
     ws.bwd_peak = b(bwd_peak.max(0.0));
     ws.embedding = 0;
 }
@@ -311,17 +309,9 @@ struct BlockTerms {
     attn_kept: f64,
     /// The same for the MLP's linears.
     mlp_kept: f64,
-    /// What the attention half's backward holds less with frozen projections: two `N·C`
-    /// and one `N·KV·D` (measured on three shapes whose query and key/value widths differ
-    /// from the hidden width and from each other; not traced op by op).
-    frozen_attn: f64,
     /// The gradients of o_proj and v_proj, which the full fine-tune's backward has made
     /// by the attention half's peak.
     attn_grads: f64,
-    /// The transposed copies no frozen MLP weight makes: `N·C` for each of gate and up,
-    /// `N·I` for down, adapted or not (the adapter's own `Aᵀ` gradient is taken after the
-    /// peak, or over `N·r`).
-    frozen_mlp: f64,
     /// The gradients of down_proj and up_proj, made by the MLP half's peak in the full
     /// fine-tune.
     mlp_grads: f64,
@@ -333,9 +323,7 @@ impl BlockTerms {
         let mut t = BlockTerms {
             attn_kept: 0.0,
             mlp_kept: 0.0,
-            frozen_attn: 2.0 * u.nc + u.nkv,
             attn_grads: 0.0,
-            frozen_mlp: 0.0,
             mlp_grads: 0.0,
         };
         let named = |p: &params::Param, names: [&str; 2]| names.iter().any(|n| p.name.contains(n));
@@ -344,9 +332,6 @@ impl BlockTerms {
             .filter(|p| p.layer == Some(0))
         {
             let mlp_linear = crate::lora::module_of(p).is_some() && p.name.contains("mlp");
-            if mlp_linear {
-                t.frozen_mlp += rows * p.cols as f64 * F;
-            }
             let grad = p.numel() as f64 * F;
             if named(p, ["self_attn.o_proj", "self_attn.v_proj"]) {
                 t.attn_grads += grad;
@@ -369,13 +354,12 @@ impl BlockTerms {
 }
 
 /// What the adapter of `module` (`mlp.up_proj`, `self_attn.v_proj`) holds at its half's
-/// backward peak, which comes while that linear's input gradient is taken (census of
-/// tests/train.rs's plan 7: three `N·I` and four `N·C` tensors more than with a frozen
-/// up_proj; the attention half's peak measured on six shapes with v_proj: four `N·C`
-/// more than its kept tensors): four `N·C` (the input's gradient along the frozen and the
-/// adapter's path, their sum, the input's transposed copy for `A`'s gradient, and one
-/// more measured but not traced) and `N·r` in the compute dtype, and the f32 gradients of
-/// its `A` and `B`; 0 without an adapter there.
+/// backward peak, which comes while that linear's input gradient is taken: its `N·r` in
+/// the compute dtype and the f32 gradients of its `A` and `B`; 0 without an adapter there.
+/// With candle's matmul it also held four `N·C` (the input's transposed copy for `A`'s
+/// gradient among them); since the engine's matmul reads transposed operands in place
+/// (`src/engine/matmul.rs`) `tests/train.rs`'s LoRA plans and the held-out ones
+/// (docs/sft.md) are closest with none.
 fn adapter_at_peak(
     l: &crate::lora::LoraSpec,
     adapted: &[params::Param],
@@ -392,7 +376,7 @@ fn adapter_at_peak(
         return 0.0;
     }
     let rows = u.n / F;
-    let a = 4.0 * u.nc + rows * l.rank as f64 * F;
+    let a = rows * l.rank as f64 * F;
     grads + if half { a / 2.0 } else { a }
 }
 
