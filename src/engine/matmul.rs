@@ -91,7 +91,7 @@ fn dims(la: &Layout, lb: &Layout) -> Result<(Dims, Shape)> {
 /// [`MIN_ROWS`], so that every thread gets as many rows as the others.
 fn rows_per_task(d: Dims, threads: usize) -> usize {
     let threads = threads.max(1);
-    if d.n % threads == 0 || d.n >= 4 * threads {
+    if d.n.is_multiple_of(threads) || d.n >= 4 * threads {
         return d.m.max(1);
     }
     d.m.div_ceil(threads).max(MIN_ROWS).min(d.m).max(1)

@@ -107,6 +107,7 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// A frozen op's `cpu_fwd` and `cuda_fwd`: its generic `fwd` over the storage of the
 /// input's device, with the weight's storage picked from the same device.
+/// `storage_forwards!(cuda)` writes the `cuda_fwd` alone.
 macro_rules! storage_forwards {
     () => {
         fn cpu_fwd(
@@ -120,6 +121,9 @@ macro_rules! storage_forwards {
             })
         }
 
+        storage_forwards!(cuda);
+    };
+    (cuda) => {
         fn cuda_fwd(
             &self,
             x: &candle_core::CudaStorage,
@@ -143,7 +147,7 @@ struct FrozenLinear {
 
 impl FrozenLinear {
     /// `x` `(m, k)` by `Wᵀ` through the storage's own matmul (the kernel `Tensor::matmul`
-    /// runs).
+    /// runs): on CUDA, and for bf16 on the CPU.
     fn fwd<S: candle_core::backend::BackendStorage>(
         &self,
         x: &S,
@@ -185,16 +189,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
         }
     }
 
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.fwd(x, l, |s| match s {
-            candle_core::Storage::Cuda(w) => Some(w),
-            _ => None,
-        })
-    }
+    storage_forwards!(cuda);
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(super::matmul::matmul(g, &self.w)?))
