@@ -152,28 +152,25 @@ fn main() -> candle_core::Result<()> {
     println!("f32 matmuls, candle's `Tensor::matmul` against `engine::matmul`, median of 41 calls");
     println!("| product | threads | candle GFLOP/s | engine GFLOP/s | engine / candle |");
     println!("|---|---:|---:|---:|---:|");
-    {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| candle_core::Error::msg(e.to_string()))?;
-        for c in CASES {
-            let (a, b) = operands(c)?;
-            let ours = pool.install(|| vramplan::engine::matmul::matmul(&a, &b))?;
-            let diff = (ours - a.matmul(&b)?)?.abs()?.flatten_all()?.max(0)?;
-            assert!(diff.to_dtype(DType::F64)?.to_scalar::<f64>()? < 1e-3);
-            let flops = 2.0 * (c.batch.iter().product::<usize>() * c.m * c.k * c.n) as f64;
-            let theirs = pool.install(|| seconds(41, &|| a.matmul(&b)))?;
-            let ours =
-                pool.install(|| seconds(41, &|| vramplan::engine::matmul::matmul(&a, &b)))?;
-            println!(
-                "| {} | {n} | {:.0} | {:.0} | {:.2} |",
-                c.name,
-                flops / theirs / 1e9,
-                flops / ours / 1e9,
-                theirs / ours
-            );
-        }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| candle_core::Error::msg(e.to_string()))?;
+    for c in CASES {
+        let (a, b) = operands(c)?;
+        let ours = pool.install(|| vramplan::engine::matmul::matmul(&a, &b))?;
+        let diff = (ours - a.matmul(&b)?)?.abs()?.flatten_all()?.max(0)?;
+        assert!(diff.to_dtype(DType::F64)?.to_scalar::<f64>()? < 1e-3);
+        let flops = 2.0 * (c.batch.iter().product::<usize>() * c.m * c.k * c.n) as f64;
+        let theirs = pool.install(|| seconds(41, &|| a.matmul(&b)))?;
+        let ours = pool.install(|| seconds(41, &|| vramplan::engine::matmul::matmul(&a, &b)))?;
+        println!(
+            "| {} | {n} | {:.0} | {:.0} | {:.2} |",
+            c.name,
+            flops / theirs / 1e9,
+            flops / ours / 1e9,
+            theirs / ours
+        );
     }
     Ok(())
 }
