@@ -216,6 +216,9 @@ mod tests {
 
     /// Values and both gradients are candle's matmul's, for 2-D, 3-D and 4-D operands,
     /// contiguous and transposed, fewer and more matrices than threads, one-row matrices.
+    /// In f16 to a few units in the last place of the largest element: gemm's f16 kernels
+    /// round partial sums, and a split of the rows changes how it blocks them (seen: up
+    /// to 2.4e-3 of the largest over 100 runs).
     #[test]
     fn matches_candles_matmul_and_its_gradients() {
         let dev = Device::Cpu;
@@ -230,7 +233,7 @@ mod tests {
             (&[2, 3], 20, 12, 20, true),
             (&[5, 1], 3, 7, 4, false),
         ];
-        for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-13), (DType::F16, 2e-3)] {
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-13), (DType::F16, 1e-2)] {
             for &(batch, m, k, n, transposed) in cases {
                 let shape = |r: usize, c: usize| [batch, &[r, c]].concat();
                 let a = Tensor::randn(0f32, 1., shape(m, k), &dev).unwrap();
@@ -260,7 +263,8 @@ mod tests {
                         fs.get(v.as_tensor()).unwrap(),
                         ps.get(v.as_tensor()).unwrap(),
                     );
-                    assert!(max_rel(x, y) <= tol, "{dtype:?} {batch:?} gradient");
+                    let e = max_rel(x, y);
+                    assert!(e <= tol, "{dtype:?} {batch:?} {m}x{k}x{n} gradient {e:e}");
                 }
             }
         }
