@@ -1,4 +1,4 @@
-//! **Batched matmuls split over the CPU's threads by batch.** candle-core 0.11 multiplies
+//! **Batched matmuls split over the CPU's threads by matrix or row block.** candle-core 0.11 multiplies
 //! a batch one matrix at a time, each gemm call split over all threads; the attention's
 //! products are many small matrices (`B·H` of `T × D` by `D × T`), which gemm splits so
 //! finely that on 2 threads they ran slower than on one (`docs/performance.md`). Here each
@@ -100,6 +100,9 @@ fn rows_per_task(d: Dims, threads: usize) -> usize {
 fn product<T: WithDType>(d: Dims, a: &[T], oa: Operand, b: &[T], ob: Operand) -> Vec<T> {
     let len = d.n * d.m * d.p;
     let mut out: Vec<T> = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
     if d.k == 0 {
         out.resize(len, T::zero());
         return out;
@@ -283,6 +286,18 @@ mod tests {
         assert_eq!(rows_per_task(d(1, 40), 4), 32);
         assert_eq!(rows_per_task(d(1, 1), 8), 1);
         assert_eq!(rows_per_task(d(5, 7), 1), 7);
+    }
+
+    /// Empty products: no rows or columns is an empty output; no inner dimension, zeros.
+    #[test]
+    fn empty_products_are_empty_or_zero() {
+        let dev = Device::Cpu;
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev).unwrap();
+        assert_eq!(matmul(&z(&[0, 4]), &z(&[4, 3])).unwrap().dims(), &[0, 3]);
+        assert_eq!(matmul(&z(&[2, 4]), &z(&[4, 0])).unwrap().dims(), &[2, 0]);
+        let ones = Tensor::ones((2, 0), DType::F32, &dev).unwrap();
+        let y = matmul(&ones, &Tensor::ones((0, 3), DType::F32, &dev).unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![0f32; 3]; 2]);
     }
 
     /// Leading dimensions that do not step as one (two batch dimensions swapped) are
