@@ -88,13 +88,14 @@ fn dims(la: &Layout, lb: &Layout) -> Result<(Dims, Shape)> {
 
 /// The rows of one matrix a task multiplies: all of them where the matrices share out
 /// evenly over the threads (or are many), else a `1/threads` share of each, of at least
-/// [`MIN_ROWS`], so that every thread gets as many rows as the others.
+/// [`MIN_ROWS`], so that every thread gets as many rows as the others. For a product with
+/// at least one row (empty ones return before they split).
 fn rows_per_task(d: Dims, threads: usize) -> usize {
     let threads = threads.max(1);
     if d.n.is_multiple_of(threads) || d.n >= 4 * threads {
-        return d.m.max(1);
+        return d.m;
     }
-    d.m.div_ceil(threads).max(MIN_ROWS).min(d.m).max(1)
+    d.m.div_ceil(threads).max(MIN_ROWS).min(d.m)
 }
 
 fn product<T: WithDType>(d: Dims, a: &[T], oa: Operand, b: &[T], ob: Operand) -> Vec<T> {
